@@ -1,0 +1,28 @@
+//! ft-model: the Llama-family decoder on burn and everything needed to load and feed it.
+//!
+//! Owns the model ([`llama`]), its configuration ([`config`]), the KV cache ([`cache`]), the
+//! checkpoint readers ([`gguf`], [`safetensors_dir`]), the tokenizer and chat template, model
+//! sources ([`source`]) and perplexity. Builds on ft-quant (block formats) and ft-adapters
+//! (LoRA layers); must not import ft-distill, ft-serve or ft-trainer.
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod llama;
+pub mod load;
+pub mod perplexity;
+pub mod pretrained;
+pub mod safetensors_dir;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use config::LlamaConfig;
+pub use error::ModelError;
+pub use llama::LlamaForCausalLM;
+pub use pretrained::Pretrained;
+pub use tokenizer::TextTokenizer;

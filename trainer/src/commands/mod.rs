@@ -1,0 +1,18 @@
+//! One module per subcommand; each validates its flags and calls into the library crates.
+
+mod bench;
+mod generate;
+mod perplexity;
+mod tokenize;
+
+use crate::cli::{BenchCommand, Command};
+
+/// Runs one parsed command.
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Tokenize(args) => tokenize::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
+        Command::Bench(BenchCommand::Generate(args)) => bench::generate(args),
+    }
+}

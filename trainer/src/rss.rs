@@ -1,0 +1,13 @@
+//! Peak resident memory of this process, as the kernel reports it.
+
+/// Peak resident set size in bytes (`VmHWM` of `/proc/self/status`), or 0 where unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
