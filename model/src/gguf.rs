@@ -62,10 +62,11 @@ impl GgufValue {
         }
     }
 
-    /// The value as a float, if it is numeric.
+    /// The value as a float, if it is numeric. An f32 becomes the f64 of its shortest decimal
+    /// form (1e-5 stays 1e-5, not 9.99999974e-6), the value the converter was given.
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
-            Self::F32(v) => Some(v.into()),
+            Self::F32(v) => Some(v.to_string().parse().unwrap_or(v.into())),
             Self::F64(v) => Some(v),
             _ => self.as_u64().map(|v| v as f64),
         }
@@ -462,42 +463,68 @@ impl TensorSource for GgufTensors {
     }
 }
 
+/// GGUF module names of a decoder layer and their HF names.
+const LAYER_MODULES: &[(&str, &str)] = &[
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
+/// GGUF and HF names of the tensors outside the layers.
+const GLOBAL_TENSORS: &[(&str, &str)] = &[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
 /// The HF checkpoint name of a GGUF tensor of a llama-family model.
-fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Some(name.to_string());
+pub fn hf_name(gguf: &str) -> Option<String> {
+    if let Some((_, hf)) = GLOBAL_TENSORS.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.to_string());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    let (layer, rest) = gguf.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let module = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    if kind != "weight" && kind != "bias" {
-        return None;
+    let (_, hf) = LAYER_MODULES.iter().find(|(g, _)| *g == module)?;
+    (kind == "weight" || kind == "bias").then(|| format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The GGUF name of an HF checkpoint tensor of a llama-family model.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = GLOBAL_TENSORS.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
     }
-    Some(format!("model.layers.{layer}.{module}.{kind}"))
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let (g, _) = LAYER_MODULES.iter().find(|(_, h)| *h == module)?;
+    (kind == "weight" || kind == "bias").then(|| format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// Puts q/k rows from HF's half-split order into llama.cpp's interleaved order (what
+/// `convert_hf_to_gguf.py` does): GGUF row 2i = HF row i, GGUF row 2i + 1 = HF row i + d/2.
+pub fn permute_rows(t: HostTensor, heads: usize) -> HostTensor {
+    reorder_rows(t, heads, |hf, gguf| (gguf, hf))
 }
 
 /// Puts q/k rows from llama.cpp's interleaved order back into HF's half-split order:
 /// within each head of d rows, HF row i = GGUF row 2i and HF row i + d/2 = GGUF row 2i + 1.
-fn unpermute_rows(t: HostTensor, heads: usize) -> HostTensor {
+pub fn unpermute_rows(t: HostTensor, heads: usize) -> HostTensor {
+    reorder_rows(t, heads, |hf, gguf| (hf, gguf))
+}
+
+/// Copies rows within each head: `pick(hf_row, gguf_row)` returns (destination, source).
+fn reorder_rows(
+    t: HostTensor,
+    heads: usize,
+    pick: impl Fn(usize, usize) -> (usize, usize),
+) -> HostTensor {
     let rows = t.shape[0];
     let cols: usize = t.shape[1..].iter().product();
     let d = rows / heads;
@@ -505,8 +532,9 @@ fn unpermute_rows(t: HostTensor, heads: usize) -> HostTensor {
     for h in 0..heads {
         for i in 0..d / 2 {
             for (hf_row, gguf_row) in [(i, 2 * i), (i + d / 2, 2 * i + 1)] {
-                let src = (h * d + gguf_row) * cols;
-                let dst = (h * d + hf_row) * cols;
+                let (dst_row, src_row) = pick(hf_row, gguf_row);
+                let src = (h * d + src_row) * cols;
+                let dst = (h * d + dst_row) * cols;
                 out[dst..dst + cols].copy_from_slice(&t.data[src..src + cols]);
             }
         }
@@ -523,7 +551,12 @@ mod tests {
         // One head of 4 rows: GGUF order [r0 r2 r1 r3] in HF terms means HF row 0 = GGUF 0,
         // HF 1 = GGUF 2, HF 2 = GGUF 1, HF 3 = GGUF 3.
         let t = HostTensor::new(vec![4, 1], vec![0.0, 1.0, 2.0, 3.0]);
-        assert_eq!(unpermute_rows(t, 1).data, vec![0.0, 2.0, 1.0, 3.0]);
+        assert_eq!(unpermute_rows(t.clone(), 1).data, vec![0.0, 2.0, 1.0, 3.0]);
+        let two_heads = HostTensor::new(vec![8, 2], (0..16).map(|v| v as f32).collect());
+        assert_eq!(
+            unpermute_rows(permute_rows(two_heads.clone(), 2), 2),
+            two_heads
+        );
     }
 
     #[test]
@@ -538,5 +571,12 @@ mod tests {
         );
         assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        for hf in [
+            "model.layers.3.self_attn.o_proj.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+        ] {
+            assert_eq!(hf_name(&gguf_name(hf).unwrap()).as_deref(), Some(hf));
+        }
     }
 }

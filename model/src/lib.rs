@@ -10,13 +10,16 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod gguf;
+pub mod gguf_write;
 pub mod llama;
 pub mod load;
 pub mod perplexity;
 pub mod pretrained;
 pub mod safetensors_dir;
 pub mod source;
+pub mod tiny;
 pub mod tokenizer;
 pub mod weights;
 

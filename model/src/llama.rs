@@ -340,3 +340,116 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.logits(self.forward_hidden(ids, cache))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::Tolerance;
+
+    use super::*;
+    use crate::tiny::tiny_config;
+
+    type B = NdArray<f32>;
+
+    fn ids(values: &[u32]) -> Tensor<B, 2, Int> {
+        let v: Vec<i64> = values.iter().map(|&x| x as i64).collect();
+        Tensor::from_data(TensorData::new(v, [1, values.len()]), &Default::default())
+    }
+
+    fn variant(kv_heads: usize, tied: bool, bias: bool) -> (LlamaConfig, LlamaForCausalLM<B>) {
+        let mut c = tiny_config();
+        c.num_key_value_heads = kv_heads;
+        c.tie_word_embeddings = tied;
+        c.attention_bias = bias;
+        B::seed(&Default::default(), 7);
+        let m = LlamaForCausalLM::init_random(&c, &Default::default());
+        (c, m)
+    }
+
+    #[test]
+    fn rms_norm_matches_hand_computation() {
+        let device = Default::default();
+        let norm = RmsNorm::<B> {
+            weight: Param::from_tensor(Tensor::from_floats([1.0, 2.0], &device)),
+            eps: 0.0,
+        };
+        // x = [3, 4]: rms = sqrt((9 + 16) / 2); y = x / rms * w.
+        let y = norm.forward(Tensor::from_floats([[[3.0, 4.0]]], &device));
+        let rms = (12.5f32).sqrt();
+        y.into_data().assert_approx_eq::<f32>(
+            &TensorData::from([[[3.0 / rms, 8.0 / rms]]]),
+            Tolerance::absolute(1e-6),
+        );
+    }
+
+    #[test]
+    fn rope_rotates_pairs_of_the_two_halves() {
+        let mut c = tiny_config();
+        c.head_dim = 4;
+        let rope = RotaryEmbedding::<B>::new(&c, &Default::default());
+        // d = 4: pairs (0, 2) with frequency 1 and (1, 3) with frequency theta^(-1/2).
+        let x = Tensor::<B, 4>::from_floats([[[[1.0, 0.0, 0.0, 0.0]]]], &Default::default());
+        let y: Vec<f32> = rope.apply(x, 3).into_data().to_vec().unwrap();
+        let expected = [3f32.cos(), 0.0, 3f32.sin(), 0.0];
+        for (a, b) in y.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-6, "{y:?}");
+        }
+    }
+
+    #[test]
+    fn kv_cache_decoding_matches_a_full_forward() {
+        let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 259).collect();
+        for (kv_heads, tied, bias) in [(4, true, false), (2, false, false), (1, true, true)] {
+            let (c, m) = variant(kv_heads, tied, bias);
+            let full = m.forward(ids(&tokens), None);
+            let mut cache = KvCache::new(&c);
+            // A prefill of 5, a chunk of 3, then one token at a time.
+            let mut parts = vec![m.forward(ids(&tokens[..5]), Some(&mut cache))];
+            parts.push(m.forward(ids(&tokens[5..8]), Some(&mut cache)));
+            for t in &tokens[8..] {
+                parts.push(m.forward(ids(&[*t]), Some(&mut cache)));
+            }
+            assert_eq!(cache.len(), tokens.len());
+            let incremental = Tensor::cat(parts, 1);
+            incremental
+                .into_data()
+                .assert_approx_eq::<f32>(&full.into_data(), Tolerance::absolute(1e-4));
+        }
+    }
+
+    #[test]
+    fn grouped_heads_equal_repeated_kv_heads() {
+        // A GQA model must equal the MHA model whose k/v heads are the GQA heads repeated.
+        let (c, gqa) = variant(2, true, false);
+        let mut mha_config = c.clone();
+        mha_config.num_key_value_heads = c.num_attention_heads;
+        let mut mha = LlamaForCausalLM::<B>::init_random(&mha_config, &Default::default());
+        mha.model.embed_tokens = Param::from_tensor(gqa.model.embed_tokens.val());
+        let g = c.num_attention_heads / c.num_key_value_heads;
+        let repeat = |w: Tensor<B, 2>| {
+            let [rows, cols] = w.dims();
+            let kv = rows / c.head_dim;
+            w.reshape([kv, 1, c.head_dim, cols])
+                .repeat_dim(1, g)
+                .reshape([kv * g * c.head_dim, cols])
+        };
+        for (dst, src) in mha.model.layers.iter_mut().zip(&gqa.model.layers) {
+            dst.self_attn.q_proj.weight = Param::from_tensor(src.self_attn.q_proj.weight.val());
+            dst.self_attn.k_proj.weight =
+                Param::from_tensor(repeat(src.self_attn.k_proj.weight.val()));
+            dst.self_attn.v_proj.weight =
+                Param::from_tensor(repeat(src.self_attn.v_proj.weight.val()));
+            dst.self_attn.o_proj.weight = Param::from_tensor(src.self_attn.o_proj.weight.val());
+            dst.mlp.gate_proj.weight = Param::from_tensor(src.mlp.gate_proj.weight.val());
+            dst.mlp.up_proj.weight = Param::from_tensor(src.mlp.up_proj.weight.val());
+            dst.mlp.down_proj.weight = Param::from_tensor(src.mlp.down_proj.weight.val());
+        }
+        let tokens = [1, 2, 3, 250, 7, 9];
+        mha.forward(ids(&tokens), None)
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &gqa.forward(ids(&tokens), None).into_data(),
+                Tolerance::absolute(1e-5),
+            );
+    }
+}

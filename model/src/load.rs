@@ -268,3 +268,97 @@ impl<B: Backend> LlamaForCausalLM<B> {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::{Int, Tensor, TensorData, Tolerance};
+
+    use crate::pretrained::Pretrained;
+    use crate::tiny::{tiny_config, write_gguf, write_hf_folder};
+
+    use super::*;
+
+    type B = NdArray<f32>;
+
+    fn logits(m: &LlamaForCausalLM<B>) -> TensorData {
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(vec![3i64, 100, 257, 42, 7], [1, 5]),
+            &Default::default(),
+        );
+        m.forward(ids, None).into_data()
+    }
+
+    #[test]
+    fn hf_folder_and_gguf_round_trips_give_the_same_logits() {
+        let dir = tempfile::tempdir().unwrap();
+        for (tied, bias) in [(true, false), (false, true)] {
+            let mut c = tiny_config();
+            c.tie_word_embeddings = tied;
+            c.attention_bias = bias;
+            let m = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
+            let folder = dir.path().join(format!("hf-{tied}-{bias}"));
+            write_hf_folder(&m, &c, &folder).unwrap();
+            let from_hf = Pretrained::<B>::load(&folder, &Default::default()).unwrap();
+            assert_eq!(from_hf.config, c);
+            logits(&from_hf.model).assert_approx_eq::<f32>(&logits(&m), Tolerance::absolute(1e-6));
+            if !bias {
+                // GGUF stores q/k permuted as llama.cpp does; loading must undo it exactly.
+                let file = dir.path().join("tiny.gguf");
+                write_gguf(&m, &c, &file).unwrap();
+                let from_gguf = Pretrained::<B>::load(&file, &Default::default()).unwrap();
+                assert_eq!(from_gguf.config, c);
+                logits(&from_gguf.model)
+                    .assert_approx_eq::<f32>(&logits(&m), Tolerance::absolute(1e-6));
+                assert_eq!(
+                    from_gguf.tokenizer.encode("hi<|im_end|>").unwrap(),
+                    vec![104, 105, 258]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn missing_unused_and_misshapen_tensors_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = tiny_config();
+        let m = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
+        let path = dir.path().join("model.safetensors");
+        let mut tensors = m.named_tensors();
+        let source = |tensors: &[(String, HostTensor)]| {
+            crate::export::write_safetensors(&path, tensors).unwrap();
+            crate::safetensors_dir::SafetensorsDir::open(dir.path()).unwrap()
+        };
+        let removed = tensors.remove(3);
+        let err =
+            LlamaForCausalLM::<B>::load(&c, &source(&tensors), &Default::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("tensor {} is missing", removed.0)),
+            "{err}"
+        );
+
+        tensors.insert(3, removed);
+        tensors.push((
+            "model.extra.weight".into(),
+            HostTensor::new(vec![1], vec![0.0]),
+        ));
+        let err =
+            LlamaForCausalLM::<B>::load(&c, &source(&tensors), &Default::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unused tensors [\"model.extra.weight\"]"),
+            "{err}"
+        );
+
+        tensors.pop();
+        tensors[0].1 = HostTensor::new(vec![2, 2], vec![0.0; 4]);
+        let err =
+            LlamaForCausalLM::<B>::load(&c, &source(&tensors), &Default::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("model.embed_tokens.weight has shape [2, 2], expected [259, 32]"),
+            "{err}"
+        );
+    }
+}

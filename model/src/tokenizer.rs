@@ -95,51 +95,12 @@ impl TextTokenizer {
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.as_str())
             .unwrap_or("default");
-        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
-        let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
-        let pre_tokenizer = match pre {
-            "smollm" => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            "default" | "gpt2" => byte_level(true),
-            "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}),
-            "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}),
-            other => {
-                return Err(ModelError::Unsupported {
-                    path: path.to_path_buf(),
-                    what: format!(
-                        "tokenizer.ggml.pre {other:?} (ft knows smollm, gpt2, llama-bpe, qwen2); use an HF folder with tokenizer.json"
-                    ),
-                })
+        let spec = bpe_tokenizer_json(&tokens, &merges, &types, pre).map_err(|what| {
+            ModelError::Unsupported {
+                path: path.to_path_buf(),
+                what,
             }
-        };
-        let vocab: serde_json::Map<String, Value> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), json!(i)))
-            .collect();
-        let added: Vec<Value> = tokens
-            .iter()
-            .zip(&types)
-            .enumerate()
-            .filter(|(_, (_, &t))| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
-            .map(|(i, (content, &t))| {
-                json!({"id": i, "content": content, "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": t == TOKEN_TYPE_CONTROL})
-            })
-            .collect();
-        let spec = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": false, "vocab": vocab, "merges": merges},
-        });
+        })?;
         let inner = tokenizers::Tokenizer::from_str(&spec.to_string())
             .map_err(|e| ModelError::format(path, format!("tokenizer metadata: {e}")))?;
         let token = |key: &str| {
@@ -188,4 +149,75 @@ impl TextTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+}
+
+/// The `tokenizer.json` of a byte-level BPE tokenizer (GPT-2 style, as GGUF files describe
+/// them): `tokens` by id, `merges` as "a b", GGUF token types (3 = control, 4 = user-defined
+/// become added tokens) and llama.cpp's pre-tokenizer name.
+pub fn bpe_tokenizer_json(
+    tokens: &[String],
+    merges: &[String],
+    types: &[u64],
+    pre: &str,
+) -> Result<Value, String> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+    let pre_tokenizer = match pre {
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "default" | "gpt2" => byte_level(true),
+        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}),
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}),
+        other => {
+            return Err(format!(
+                "tokenizer.ggml.pre {other:?} (ft knows smollm, gpt2, llama-bpe, qwen2); use an HF folder with tokenizer.json"
+            ))
+        }
+    };
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let added: Vec<Value> = tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, &t))| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+        .map(|(i, (content, &t))| {
+            json!({"id": i, "content": content, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": t == TOKEN_TYPE_CONTROL})
+        })
+        .collect();
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": merges},
+    }))
+}
+
+/// GPT-2's byte-to-character table: the 256 single-byte tokens of a byte-level BPE, by byte.
+pub fn byte_level_alphabet() -> Vec<String> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(c).map(String::from).unwrap_or_default()
+        })
+        .collect()
 }
