@@ -16,8 +16,13 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     /// An empty cache for a model with this configuration.
     pub fn new(config: &LlamaConfig) -> Self {
+        Self::with_layers(config.num_hidden_layers)
+    }
+
+    /// An empty cache for `layers` decoder layers.
+    pub fn with_layers(layers: usize) -> Self {
         Self {
-            layers: vec![None; config.num_hidden_layers],
+            layers: vec![None; layers],
             len: 0,
         }
     }

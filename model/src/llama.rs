@@ -315,6 +315,16 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.model.norm.forward(x)
     }
 
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::with_layers(self.model.layers.len())
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> B::Device {
+        self.model.embed_tokens.val().device()
+    }
+
     /// Next-token logits from hidden states.
     ///
     /// # Shapes

@@ -252,10 +252,8 @@ mod tests {
         let sc = [33u8, 2, 47, 5, 60, 17, 41, 63];
         let mn = [0u8, 50, 3, 19, 36, 63, 8, 22];
         let mut scales = [0u8; 12];
-        for j in 0..4 {
-            scales[j] = sc[j];
-            scales[j + 4] = mn[j];
-        }
+        scales[..4].copy_from_slice(&sc[..4]);
+        scales[4..8].copy_from_slice(&mn[..4]);
         for j in 4..8 {
             scales[j + 4] = (sc[j] & 0x0f) | ((mn[j] & 0x0f) << 4);
             scales[j - 4] |= (sc[j] >> 4) << 6;
@@ -270,7 +268,7 @@ mod tests {
         for chunk in 0..4 {
             let (s1, s2) = (2 * chunk, 2 * chunk + 1);
             for l in 0..32 {
-                let lo = (l % 15 + 1) as f32;
+                let lo = ((chunk * 32 + l) % 15 + 1) as f32;
                 let i = chunk * 64 + l;
                 assert_eq!(y[i], 0.5 * sc[s1] as f32 * lo - 0.25 * mn[s1] as f32);
                 assert_eq!(y[i + 32], 0.5 * sc[s2] as f32 * 2.0 - 0.25 * mn[s2] as f32);

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use ft_model::{KvCache, LlamaConfig, LlamaForCausalLM};
+use ft_model::{KvCache, LlamaForCausalLM};
 
 use crate::sampling::Sampler;
 
@@ -68,15 +68,14 @@ fn next_logits<B: Backend>(
 /// tokens, fit the context: callers check), calling `on_token` for each new id.
 pub fn generate<B: Backend>(
     model: &LlamaForCausalLM<B>,
-    config: &LlamaConfig,
     prompt: &[u32],
     max_new_tokens: usize,
     stop_ids: &[u32],
     sampler: &mut Sampler,
-    device: &B::Device,
     mut on_token: impl FnMut(u32),
 ) -> Generation {
-    let mut cache = KvCache::new(config);
+    let device = &model.device();
+    let mut cache = model.new_cache();
     let mut out = Generation {
         ids: Vec::new(),
         prompt_tokens: prompt.len(),

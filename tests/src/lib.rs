@@ -1,1 +1,132 @@
-//! placeholder
+//! ft-tests: helpers for the end-to-end tests in `tests/e2e`, which run the `ft` binary in
+//! temporary folders exactly as a user would and check its output, files and exit codes.
+#![warn(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use burn::backend::NdArray;
+use ft_model::tiny::{tiny_config, write_gguf, write_hf_folder};
+use ft_model::{LlamaConfig, LlamaForCausalLM};
+
+/// The `ft` binary next to this test executable (`target/<profile>/ft`), or `$FT_BIN`.
+pub fn ft_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("FT_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/ft
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(format!("ft{}", std::env::consts::EXE_SUFFIX)))
+        .expect("target folder");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the suite with `cargo test --workspace`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// The result of one `ft` run.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Self {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// Asserts success and parses stdout as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        assert_eq!(self.code, 0, "ft failed: {}", self.stderr);
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+
+    /// Asserts the exit code and that stderr mentions every one of `needles`.
+    pub fn fails_with(&self, code: i32, needles: &[&str]) {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}; stderr: {}",
+            self.stderr
+        );
+        for n in needles {
+            assert!(
+                self.stderr.contains(n),
+                "stderr lacks {n:?}: {}",
+                self.stderr
+            );
+        }
+        assert!(
+            !self.stderr.contains("panicked"),
+            "ft panicked: {}",
+            self.stderr
+        );
+    }
+}
+
+/// Runs `ft` with `args`.
+pub fn ft(args: &[&str]) -> Run {
+    Command::new(ft_bin())
+        .args(args)
+        .output()
+        .expect("spawn ft")
+        .into()
+}
+
+/// A file of the reference set in `fixtures/reference/`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/reference")
+        .join(name)
+}
+
+/// The reference JSON `name`.
+pub fn fixture_json(name: &str) -> serde_json::Value {
+    let path = fixture(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("fixture JSON")
+}
+
+/// Ids from a JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id"))
+        .collect()
+}
+
+/// A tiny random model (seeded) with `config`, written both as an HF folder `dir/hf` and as a
+/// GGUF file `dir/tiny.gguf`.
+pub fn tiny_model(dir: &Path, config: &LlamaConfig) -> (PathBuf, PathBuf) {
+    type B = NdArray<f32>;
+    use burn::tensor::backend::Backend;
+    B::seed(&Default::default(), 11);
+    let model = LlamaForCausalLM::<B>::init_random(config, &Default::default());
+    let folder = dir.join("hf");
+    let gguf = dir.join("tiny.gguf");
+    write_hf_folder(&model, config, &folder).expect("write folder");
+    write_gguf(&model, config, &gguf).expect("write gguf");
+    (folder, gguf)
+}
+
+/// The default tiny configuration.
+pub fn tiny() -> LlamaConfig {
+    tiny_config()
+}

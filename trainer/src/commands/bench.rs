@@ -48,16 +48,7 @@ impl Job for BenchGenerateArgs {
 
         let run = || {
             let mut sampler = Sampler::new(SamplingParams::default());
-            let g = run_generation(
-                &pretrained.model,
-                &pretrained.config,
-                &prompt,
-                n_new,
-                &[],
-                &mut sampler,
-                &device,
-                |_| {},
-            );
+            let g = run_generation(&pretrained.model, &prompt, n_new, &[], &mut sampler, |_| {});
             (g.prefill_tokens_per_s(), g.decode_tokens_per_s())
         };
         run(); // warm-up: first-touch of weights and allocator pools

@@ -45,12 +45,10 @@ impl Job for GenerateArgs {
         let mut stdout = std::io::stdout();
         let generation = generate(
             &pretrained.model,
-            &pretrained.config,
             &prompt,
             self.max_new_tokens,
             &tokenizer.eos_ids,
             &mut sampler,
-            &device,
             |id| {
                 if self.json {
                     return;

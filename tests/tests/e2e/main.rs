@@ -1,0 +1,5 @@
+//! End-to-end tests: each runs the `ft` binary as a user does.
+
+mod bad_input;
+mod reference;
+mod tiny_models;
