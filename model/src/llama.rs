@@ -35,15 +35,28 @@ impl<B: Backend> Linear<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, n_in] = x.dims();
         let [n_out, _] = self.weight.dims();
-        // One GEMM over all rows: [b*s, in] x [in, out].
-        let y = x
-            .reshape([b * s, n_in])
-            .matmul(self.weight.val().transpose());
+        let y = project(x.reshape([b * s, n_in]), self.weight.val()); // [b*s, out]
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze_dim(0),
             None => y,
         };
         y.reshape([b, s, n_out])
+    }
+}
+
+/// Rows below which [`project`] multiplies from the weight's side.
+const FEW_ROWS: usize = 16;
+
+/// x W^T for x [m, in] and W [out, in], as one GEMM over all rows.
+///
+/// burn's ndarray matmul (matrixmultiply) is fastest with the weight as the left operand when
+/// m is small (decoding: W x^T is 2-5x faster than x W^T for one row, measured on SmolLM2's
+/// shapes), and with the weight on the right when m is large (prefill, training).
+fn project<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    if x.dims()[0] < FEW_ROWS {
+        weight.matmul(x.transpose()).transpose() // [out, m] -> [m, out]
+    } else {
+        x.matmul(weight.transpose())
     }
 }
 
@@ -336,10 +349,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             None => self.model.embed_tokens.val(),
         };
         let vocab = head.dims()[0];
-        hidden
-            .reshape([b * s, e])
-            .matmul(head.transpose())
-            .reshape([b, s, vocab])
+        project(hidden.reshape([b * s, e]), head).reshape([b, s, vocab])
     }
 
     /// Logits at every position of `ids`.

@@ -131,6 +131,13 @@ try:
     import llama_cpp, numpy as np
 except ImportError as e:
     sys.exit(f"llama-cpp-python is not installed ({e}); pip install llama-cpp-python")
+def peak_rss():
+    # VmHWM is reset by exec; ru_maxrss would carry over the parent's peak.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 path, ids, n_new, threads, runs = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 t = time.perf_counter()
 llm = Llama(model_path=path, n_ctx=len(ids) + n_new + 8, n_batch=512, n_threads=threads,
@@ -148,7 +155,7 @@ for _ in range(runs + 1):
     pre.append(len(ids) / (t1 - t0)); dec.append((n_new - 1) / (t3 - t2))
 print(json.dumps({"version": llama_cpp.__version__, "load_s": load_s,
                   "prefill": statistics.median(pre[1:]), "decode": statistics.median(dec[1:]),
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": peak_rss()}))
 "#;
     anyhow::ensure!(
         path.is_file(),
