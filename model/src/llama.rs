@@ -15,50 +15,11 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+use ft_quant::linear::project;
+pub use ft_quant::Linear;
+
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
-
-/// A linear layer in HF layout: y = x W^T + b with W [out, in].
-#[derive(Module, Debug)]
-pub struct Linear<B: Backend> {
-    /// [out, in]
-    pub weight: Param<Tensor<B, 2>>,
-    /// [out]
-    pub bias: Option<Param<Tensor<B, 1>>>,
-}
-
-impl<B: Backend> Linear<B> {
-    /// Applies the layer to the last dimension.
-    ///
-    /// # Shapes
-    /// - x: `[b, s, in]` -> `[b, s, out]`
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, s, n_in] = x.dims();
-        let [n_out, _] = self.weight.dims();
-        let y = project(x.reshape([b * s, n_in]), self.weight.val()); // [b*s, out]
-        let y = match &self.bias {
-            Some(bias) => y + bias.val().unsqueeze_dim(0),
-            None => y,
-        };
-        y.reshape([b, s, n_out])
-    }
-}
-
-/// Rows below which [`project`] multiplies from the weight's side.
-const FEW_ROWS: usize = 16;
-
-/// x W^T for x [m, in] and W [out, in], as one GEMM over all rows.
-///
-/// burn's ndarray matmul (matrixmultiply) is fastest with the weight as the left operand when
-/// m is small (decoding: W x^T is 2-5x faster than x W^T for one row, measured on SmolLM2's
-/// shapes), and with the weight on the right when m is large (prefill, training).
-fn project<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
-    if x.dims()[0] < FEW_ROWS {
-        weight.matmul(x.transpose()).transpose() // [out, m] -> [m, out]
-    } else {
-        x.matmul(weight.transpose())
-    }
-}
 
 /// Root-mean-square layer norm: x / sqrt(mean(x^2) + eps) * weight.
 #[derive(Module, Debug)]
@@ -453,16 +414,17 @@ mod tests {
                 .repeat_dim(1, g)
                 .reshape([kv * g * c.head_dim, cols])
         };
+        let device = Default::default();
+        let copy = |l: &Linear<B>| Linear::dense(l.weight(&device), None);
         for (dst, src) in mha.model.layers.iter_mut().zip(&gqa.model.layers) {
-            dst.self_attn.q_proj.weight = Param::from_tensor(src.self_attn.q_proj.weight.val());
-            dst.self_attn.k_proj.weight =
-                Param::from_tensor(repeat(src.self_attn.k_proj.weight.val()));
-            dst.self_attn.v_proj.weight =
-                Param::from_tensor(repeat(src.self_attn.v_proj.weight.val()));
-            dst.self_attn.o_proj.weight = Param::from_tensor(src.self_attn.o_proj.weight.val());
-            dst.mlp.gate_proj.weight = Param::from_tensor(src.mlp.gate_proj.weight.val());
-            dst.mlp.up_proj.weight = Param::from_tensor(src.mlp.up_proj.weight.val());
-            dst.mlp.down_proj.weight = Param::from_tensor(src.mlp.down_proj.weight.val());
+            let (a, m) = (&src.self_attn, &src.mlp);
+            dst.self_attn.q_proj = copy(&a.q_proj);
+            dst.self_attn.k_proj = Linear::dense(repeat(a.k_proj.weight(&device)), None);
+            dst.self_attn.v_proj = Linear::dense(repeat(a.v_proj.weight(&device)), None);
+            dst.self_attn.o_proj = copy(&a.o_proj);
+            dst.mlp.gate_proj = copy(&m.gate_proj);
+            dst.mlp.up_proj = copy(&m.up_proj);
+            dst.mlp.down_proj = copy(&m.down_proj);
         }
         let tokens = [1, 2, 3, 250, 7, 9];
         mha.forward(ids(&tokens), None)

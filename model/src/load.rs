@@ -1,12 +1,14 @@
 //! Builds a [`LlamaForCausalLM`] from a checkpoint by walking its HF tensor names, checking
-//! every shape, and reporting missing and unused tensors; also random initialization for tests
-//! and the reverse walk that names every tensor for export.
+//! every shape, and reporting missing and unused tensors; the block linear weights are packed
+//! into a quantized format on the way in when asked. Also random initialization for tests and
+//! the reverse walk that names every tensor for export.
 
 use std::collections::BTreeSet;
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
+use ft_quant::QuantSpec;
 
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
@@ -17,12 +19,38 @@ use crate::weights::{HostTensor, TensorSource};
 
 /// Where the weights of a model under construction come from.
 trait Weights<B: Backend> {
+    /// A tensor of the given shape.
     fn tensor<const D: usize>(
         &mut self,
         name: &str,
         shape: [usize; D],
     ) -> Result<Tensor<B, D>, ModelError>;
+    /// Whether the checkpoint holds `name`.
     fn has(&self, name: &str) -> bool;
+    /// The weight of a block linear layer: stored as the checkpoint has it when `quant` is
+    /// `None`, else in that format.
+    fn linear_weight(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+        quant: Option<QuantSpec>,
+    ) -> Result<Linear<B>, ModelError>;
+}
+
+/// A linear layer from a dense host weight, packed if `quant` asks for a packed format.
+fn linear_from_host<B: Backend>(
+    data: Vec<f32>,
+    shape: [usize; 2],
+    quant: Option<QuantSpec>,
+    device: &B::Device,
+) -> Linear<B> {
+    match quant.and_then(|q| q.pack(&data, shape)) {
+        Some(packed) => Linear::packed(packed, None),
+        None => Linear::dense(
+            Tensor::from_data(TensorData::new(data, shape), device),
+            None,
+        ),
+    }
 }
 
 /// Reads tensors from a checkpoint, tracking which ones were used.
@@ -33,22 +61,33 @@ struct CheckpointWeights<'a, B: Backend> {
     device: B::Device,
 }
 
+impl<B: Backend> CheckpointWeights<'_, B> {
+    fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor, ModelError> {
+        let t = self.source.load(name)?;
+        if t.shape != shape {
+            return Err(self.shape_error(name, shape, t.shape));
+        }
+        self.used.insert(name.to_string());
+        Ok(t)
+    }
+
+    fn shape_error(&self, name: &str, expected: &[usize], found: Vec<usize>) -> ModelError {
+        ModelError::Shape {
+            path: self.source.location().to_path_buf(),
+            tensor: name.to_string(),
+            expected: expected.to_vec(),
+            found,
+        }
+    }
+}
+
 impl<B: Backend> Weights<B> for CheckpointWeights<'_, B> {
     fn tensor<const D: usize>(
         &mut self,
         name: &str,
         shape: [usize; D],
     ) -> Result<Tensor<B, D>, ModelError> {
-        let t = self.source.load(name)?;
-        if t.shape != shape {
-            return Err(ModelError::Shape {
-                path: self.source.location().to_path_buf(),
-                tensor: name.to_string(),
-                expected: shape.to_vec(),
-                found: t.shape,
-            });
-        }
-        self.used.insert(name.to_string());
+        let t = self.host(name, &shape)?;
         Ok(Tensor::from_data(
             TensorData::new(t.data, shape),
             &self.device,
@@ -57,6 +96,27 @@ impl<B: Backend> Weights<B> for CheckpointWeights<'_, B> {
 
     fn has(&self, name: &str) -> bool {
         self.names.contains(name)
+    }
+
+    fn linear_weight(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+        quant: Option<QuantSpec>,
+    ) -> Result<Linear<B>, ModelError> {
+        let Some(packed) = self.source.packed(name)? else {
+            let t = self.host(name, &shape)?;
+            return Ok(linear_from_host(t.data, shape, quant, &self.device));
+        };
+        if packed.shape != shape {
+            return Err(self.shape_error(name, &shape, packed.shape.to_vec()));
+        }
+        self.used.insert(name.to_string());
+        Ok(match quant {
+            // Stored packed, used as stored: no quantization step at all.
+            None => Linear::packed(packed, None),
+            Some(spec) => linear_from_host(packed.dequantize(), shape, Some(spec), &self.device),
+        })
     }
 }
 
@@ -82,6 +142,21 @@ impl<B: Backend> Weights<B> for RandomWeights<B> {
     fn has(&self, name: &str) -> bool {
         self.bias && name.ends_with(".bias")
     }
+
+    fn linear_weight(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+        quant: Option<QuantSpec>,
+    ) -> Result<Linear<B>, ModelError> {
+        let dense = self.tensor(name, shape)?;
+        let data = dense
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap_or_default();
+        Ok(linear_from_host(data, shape, quant, &self.device))
+    }
 }
 
 fn param<B: Backend, const D: usize>(
@@ -95,9 +170,9 @@ fn param<B: Backend, const D: usize>(
 fn linear<B: Backend>(
     w: &mut impl Weights<B>,
     prefix: &str,
-    n_out: usize,
-    n_in: usize,
+    [n_out, n_in]: [usize; 2],
     bias: bool,
+    quant: Option<QuantSpec>,
 ) -> Result<Linear<B>, ModelError> {
     let bias_name = format!("{prefix}.bias");
     let bias = if bias && w.has(&bias_name) {
@@ -105,10 +180,9 @@ fn linear<B: Backend>(
     } else {
         None
     };
-    Ok(Linear {
-        weight: param(w, &format!("{prefix}.weight"), [n_out, n_in])?,
-        bias,
-    })
+    let mut layer = w.linear_weight(&format!("{prefix}.weight"), [n_out, n_in], quant)?;
+    layer.bias = bias;
+    Ok(layer)
 }
 
 fn rms_norm<B: Backend>(
@@ -122,9 +196,12 @@ fn rms_norm<B: Backend>(
     })
 }
 
+/// Builds the model. Embeddings, norms and the output head stay in f32, as bitsandbytes keeps
+/// them; `quant` applies to the seven linear layers of each block.
 fn build<B: Backend>(
     c: &LlamaConfig,
     w: &mut impl Weights<B>,
+    quant: Option<QuantSpec>,
     device: &B::Device,
 ) -> Result<LlamaForCausalLM<B>, ModelError> {
     let (e, f, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
@@ -133,21 +210,25 @@ fn build<B: Backend>(
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let bias = c.attention_bias;
+        let mut lin =
+            |name: &str, shape, bias| linear(w, &format!("{p}.{name}"), shape, bias, quant);
+        let self_attn = Attention {
+            q_proj: lin("self_attn.q_proj", [h * d, e], bias)?,
+            k_proj: lin("self_attn.k_proj", [kv * d, e], bias)?,
+            v_proj: lin("self_attn.v_proj", [kv * d, e], bias)?,
+            o_proj: lin("self_attn.o_proj", [e, h * d], false)?,
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: d,
+        };
+        let mlp = Mlp {
+            gate_proj: lin("mlp.gate_proj", [f, e], false)?,
+            up_proj: lin("mlp.up_proj", [f, e], false)?,
+            down_proj: lin("mlp.down_proj", [e, f], false)?,
+        };
         layers.push(DecoderLayer {
-            self_attn: Attention {
-                q_proj: linear(w, &format!("{p}.self_attn.q_proj"), h * d, e, bias)?,
-                k_proj: linear(w, &format!("{p}.self_attn.k_proj"), kv * d, e, bias)?,
-                v_proj: linear(w, &format!("{p}.self_attn.v_proj"), kv * d, e, bias)?,
-                o_proj: linear(w, &format!("{p}.self_attn.o_proj"), e, h * d, false)?,
-                num_heads: h,
-                num_kv_heads: kv,
-                head_dim: d,
-            },
-            mlp: Mlp {
-                gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), f, e, false)?,
-                up_proj: linear(w, &format!("{p}.mlp.up_proj"), f, e, false)?,
-                down_proj: linear(w, &format!("{p}.mlp.down_proj"), e, f, false)?,
-            },
+            self_attn,
+            mlp,
             input_layernorm: rms_norm(w, &format!("{p}.input_layernorm"), c)?,
             post_attention_layernorm: rms_norm(w, &format!("{p}.post_attention_layernorm"), c)?,
         });
@@ -171,9 +252,11 @@ fn build<B: Backend>(
 
 impl<B: Backend> LlamaForCausalLM<B> {
     /// Loads every weight from `source`; a missing, misshapen or unused tensor is an error.
+    /// `quant`: the storage of the block linear weights (`None`: as the checkpoint stores them).
     pub fn load(
         config: &LlamaConfig,
         source: &dyn TensorSource,
+        quant: Option<QuantSpec>,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
         let mut w = CheckpointWeights::<B> {
@@ -182,7 +265,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             used: BTreeSet::new(),
             device: device.clone(),
         };
-        let model = build(config, &mut w, device)?;
+        let model = build(config, &mut w, quant, device)?;
         let unused: Vec<String> = w
             .names
             .difference(&w.used)
@@ -206,10 +289,31 @@ impl<B: Backend> LlamaForCausalLM<B> {
             device: device.clone(),
             bias: config.attention_bias,
         };
-        build(config, &mut w, device).expect("random initialization cannot fail")
+        build(config, &mut w, None, device).expect("random initialization cannot fail")
     }
 
-    /// Every weight with its HF checkpoint name, copied to host memory.
+    /// The block linear layers with their HF names (`model.layers.0.self_attn.q_proj`).
+    pub fn linears(&self) -> Vec<(String, &Linear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for (n, l) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{n}"), l));
+            }
+        }
+        out
+    }
+
+    /// Every weight with its HF checkpoint name, copied to host memory in f32 (packed
+    /// weights dequantized).
     pub fn named_tensors(&self) -> Vec<(String, HostTensor)> {
         fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
             let shape = t.dims().to_vec();
@@ -220,43 +324,26 @@ impl<B: Backend> LlamaForCausalLM<B> {
                 .unwrap_or_default();
             HostTensor::new(shape, data)
         }
+        let device = self.device();
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
             host(self.model.embed_tokens.val()),
         )];
-        let lin = |out: &mut Vec<(String, HostTensor)>, name: String, l: &Linear<B>| {
-            out.push((format!("{name}.weight"), host(l.weight.val())));
-            if let Some(b) = &l.bias {
-                out.push((format!("{name}.bias"), host(b.val())));
-            }
-        };
+        let linears = self.linears();
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &layer.self_attn;
-            for (n, l) in [
-                ("q_proj", &a.q_proj),
-                ("k_proj", &a.k_proj),
-                ("v_proj", &a.v_proj),
-                ("o_proj", &a.o_proj),
-            ] {
-                lin(&mut out, format!("{p}.self_attn.{n}"), l);
+            let prefix = format!("model.layers.{i}.");
+            for (name, l) in linears.iter().filter(|(n, _)| n.starts_with(&prefix)) {
+                out.push((format!("{name}.weight"), host(l.weight(&device))));
+                if let Some(b) = &l.bias {
+                    out.push((format!("{name}.bias"), host(b.val())));
+                }
             }
-            let m = &layer.mlp;
-            for (n, l) in [
-                ("gate_proj", &m.gate_proj),
-                ("up_proj", &m.up_proj),
-                ("down_proj", &m.down_proj),
+            for (name, norm) in [
+                ("input_layernorm", &layer.input_layernorm),
+                ("post_attention_layernorm", &layer.post_attention_layernorm),
             ] {
-                lin(&mut out, format!("{p}.mlp.{n}"), l);
+                out.push((format!("{prefix}{name}.weight"), host(norm.weight.val())));
             }
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                host(layer.input_layernorm.weight.val()),
-            ));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                host(layer.post_attention_layernorm.weight.val()),
-            ));
         }
         out.push((
             "model.norm.weight".to_string(),
@@ -299,14 +386,14 @@ mod tests {
             let m = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
             let folder = dir.path().join(format!("hf-{tied}-{bias}"));
             write_hf_folder(&m, &c, &folder).unwrap();
-            let from_hf = Pretrained::<B>::load(&folder, &Default::default()).unwrap();
+            let from_hf = Pretrained::<B>::load(&folder, None, &Default::default()).unwrap();
             assert_eq!(from_hf.config, c);
             logits(&from_hf.model).assert_approx_eq::<f32>(&logits(&m), Tolerance::absolute(1e-6));
             if !bias {
                 // GGUF stores q/k permuted as llama.cpp does; loading must undo it exactly.
                 let file = dir.path().join("tiny.gguf");
                 write_gguf(&m, &c, &file).unwrap();
-                let from_gguf = Pretrained::<B>::load(&file, &Default::default()).unwrap();
+                let from_gguf = Pretrained::<B>::load(&file, None, &Default::default()).unwrap();
                 assert_eq!(from_gguf.config, c);
                 logits(&from_gguf.model)
                     .assert_approx_eq::<f32>(&logits(&m), Tolerance::absolute(1e-6));
@@ -330,8 +417,8 @@ mod tests {
             crate::safetensors_dir::SafetensorsDir::open(dir.path()).unwrap()
         };
         let removed = tensors.remove(3);
-        let err =
-            LlamaForCausalLM::<B>::load(&c, &source(&tensors), &Default::default()).unwrap_err();
+        let err = LlamaForCausalLM::<B>::load(&c, &source(&tensors), None, &Default::default())
+            .unwrap_err();
         assert!(
             err.to_string()
                 .contains(&format!("tensor {} is missing", removed.0)),
@@ -343,8 +430,8 @@ mod tests {
             "model.extra.weight".into(),
             HostTensor::new(vec![1], vec![0.0]),
         ));
-        let err =
-            LlamaForCausalLM::<B>::load(&c, &source(&tensors), &Default::default()).unwrap_err();
+        let err = LlamaForCausalLM::<B>::load(&c, &source(&tensors), None, &Default::default())
+            .unwrap_err();
         assert!(
             err.to_string()
                 .contains("unused tensors [\"model.extra.weight\"]"),
@@ -353,8 +440,8 @@ mod tests {
 
         tensors.pop();
         tensors[0].1 = HostTensor::new(vec![2, 2], vec![0.0; 4]);
-        let err =
-            LlamaForCausalLM::<B>::load(&c, &source(&tensors), &Default::default()).unwrap_err();
+        let err = LlamaForCausalLM::<B>::load(&c, &source(&tensors), None, &Default::default())
+            .unwrap_err();
         assert!(
             err.to_string()
                 .contains("model.embed_tokens.weight has shape [2, 2], expected [259, 32]"),

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
+use ft_quant::QuantSpec;
 
 use crate::chat::{ChatTemplate, Message};
 use crate::config::{HfConfig, LlamaConfig};
@@ -31,21 +32,35 @@ pub struct Pretrained<B: Backend> {
 
 impl<B: Backend> Pretrained<B> {
     /// Resolves a model source string ([`source::resolve`]) and loads it.
-    pub fn from_source(source: &str, device: &B::Device) -> Result<Self, ModelError> {
+    pub fn from_source(
+        source: &str,
+        quant: Option<QuantSpec>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
         let path = source::resolve(source)?;
-        Self::load(&path, device)
+        Self::load(&path, quant, device)
     }
 
-    /// Loads a GGUF file or an HF folder.
-    pub fn load(path: &Path, device: &B::Device) -> Result<Self, ModelError> {
+    /// Loads a GGUF file or an HF folder. `quant` is the storage of the block linear weights;
+    /// `None` keeps what the checkpoint stores (f32 for dense checkpoints; GGUF blocks are
+    /// dequantized to f32).
+    pub fn load(
+        path: &Path,
+        quant: Option<QuantSpec>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
         if path.is_dir() {
-            Self::load_hf_dir(path, device)
+            Self::load_hf_dir(path, quant, device)
         } else {
-            Self::load_gguf(path, device)
+            Self::load_gguf(path, quant, device)
         }
     }
 
-    fn load_gguf(path: &Path, device: &B::Device) -> Result<Self, ModelError> {
+    fn load_gguf(
+        path: &Path,
+        quant: Option<QuantSpec>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
         let file = GgufFile::open(path)?;
         let config = LlamaConfig::from_gguf(&file)?;
         let tokenizer = TextTokenizer::from_gguf(&file)?;
@@ -60,7 +75,7 @@ impl<B: Backend> Pretrained<B> {
         let permuted = (file.get_str("general.architecture")? == "llama")
             .then_some((config.num_attention_heads, config.num_key_value_heads));
         let tensors = GgufTensors::new(file, permuted)?;
-        let model = LlamaForCausalLM::load(&config, &tensors, device)?;
+        let model = LlamaForCausalLM::load(&config, &tensors, quant, device)?;
         Ok(Self {
             path: path.to_path_buf(),
             config,
@@ -70,7 +85,11 @@ impl<B: Backend> Pretrained<B> {
         })
     }
 
-    fn load_hf_dir(dir: &Path, device: &B::Device) -> Result<Self, ModelError> {
+    fn load_hf_dir(
+        dir: &Path,
+        quant: Option<QuantSpec>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
         let config_path = dir.join("config.json");
         let config = HfConfig::load(&config_path)?;
         let raw = read_json(&config_path)?;
@@ -101,7 +120,7 @@ impl<B: Backend> Pretrained<B> {
             _ => None,
         };
         let tensors = SafetensorsDir::open(dir)?;
-        let model = LlamaForCausalLM::load(&config, &tensors, device)?;
+        let model = LlamaForCausalLM::load(&config, &tensors, quant, device)?;
         Ok(Self {
             path: dir.to_path_buf(),
             config,

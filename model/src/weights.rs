@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use ft_quant::PackedWeight;
+
 use crate::error::ModelError;
 
 /// A row-major f32 tensor in host memory, as read from a checkpoint.
@@ -35,4 +37,10 @@ pub trait TensorSource {
     fn location(&self) -> &Path;
     /// Reads one tensor, converted to f32.
     fn load(&self, name: &str) -> Result<HostTensor, ModelError>;
+    /// Reads a weight the checkpoint stores packed (a saved quantized model), or `None` when
+    /// it is stored dense.
+    fn packed(&self, name: &str) -> Result<Option<PackedWeight>, ModelError> {
+        let _ = name;
+        Ok(None)
+    }
 }

@@ -20,7 +20,7 @@ fn fixture(name: &str) -> String {
 }
 
 fn load() -> Pretrained<B> {
-    Pretrained::from_source(DEFAULT_MODEL, &Default::default()).expect("default model")
+    Pretrained::from_source(DEFAULT_MODEL, None, &Default::default()).expect("default model")
 }
 
 fn ids_tensor(ids: &[u32]) -> Tensor<B, 2, Int> {

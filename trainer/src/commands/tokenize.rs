@@ -8,7 +8,7 @@ use crate::cli::TokenizeArgs;
 
 /// Prints the ids of `args.text` as a JSON array.
 pub fn run(args: TokenizeArgs) -> anyhow::Result<()> {
-    let path = source::resolve(&args.model.model)?;
+    let path = source::resolve(&args.model)?;
     let tokenizer = if path.is_dir() {
         TextTokenizer::from_file(&path.join("tokenizer.json"), Vec::new(), None, None)?
     } else {
