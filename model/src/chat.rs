@@ -19,6 +19,7 @@ pub struct Message {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -39,7 +40,15 @@ impl ChatTemplate {
         });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::ChatTemplate(format!("{e:#}")))?;
-        Ok(Self { env })
+        Ok(Self {
+            env,
+            source: source.to_string(),
+        })
+    }
+
+    /// The Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `messages`, ending with the assistant's turn opener when `add_generation_prompt`.

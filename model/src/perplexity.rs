@@ -26,6 +26,18 @@ pub fn perplexity<B: Backend>(
     window: usize,
     device: &B::Device,
 ) -> Perplexity {
+    perplexity_with_predictions(model, ids, window, device).0
+}
+
+/// [`perplexity`], plus the model's top-1 prediction at every scored position (in order), to
+/// compare two models position by position.
+pub fn perplexity_with_predictions<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    ids: &[u32],
+    window: usize,
+    device: &B::Device,
+) -> (Perplexity, Vec<u32>) {
+    let mut predictions = Vec::with_capacity(ids.len());
     let mut nll = 0.0f64;
     let mut scored = 0usize;
     for chunk in ids.chunks(window.max(2)) {
@@ -39,7 +51,16 @@ pub fn perplexity<B: Backend>(
         let targets: Vec<i64> = chunk[1..].iter().map(|&t| t as i64).collect();
         let targets =
             Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, n - 1, 1]), device);
-        let picked = logp.narrow(1, 0, n - 1).gather(2, targets); // [1, n-1, 1]
+        let scored_logp = logp.narrow(1, 0, n - 1); // [1, n-1, vocab]
+        let top1 = scored_logp
+            .clone()
+            .argmax(2)
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .unwrap_or_default();
+        predictions.extend(top1.into_iter().map(|t| t as u32));
+        let picked = scored_logp.gather(2, targets); // [1, n-1, 1]
         let values = picked
             .into_data()
             .convert::<f32>()
@@ -48,9 +69,10 @@ pub fn perplexity<B: Backend>(
         nll -= values.iter().map(|&v| v as f64).sum::<f64>();
         scored += n - 1;
     }
-    Perplexity {
+    let result = Perplexity {
         perplexity: (nll / scored.max(1) as f64).exp(),
         tokens: ids.len(),
         scored,
-    }
+    };
+    (result, predictions)
 }

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use ft_quant::PackedWeight;
+
+use crate::bnb_format::{is_part, read_packed};
 use crate::error::ModelError;
 use crate::weights::{HostTensor, TensorSource};
 
@@ -63,7 +66,17 @@ impl SafetensorsDir {
 
 impl TensorSource for SafetensorsDir {
     fn names(&self) -> Vec<String> {
-        self.index.keys().cloned().collect()
+        self.index.keys().filter(|n| !is_part(n)).cloned().collect()
+    }
+
+    fn packed(&self, name: &str) -> Result<Option<PackedWeight>, ModelError> {
+        let Some(&i) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let (path, mmap) = &self.files[i];
+        let st = SafeTensors::deserialize(mmap)
+            .map_err(|e| ModelError::format(path, format!("not a valid safetensors file: {e}")))?;
+        read_packed(&st, name, path)
     }
 
     fn location(&self) -> &Path {

@@ -140,6 +140,13 @@ impl TextTokenizer {
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
+    /// The tokenizer as `tokenizer.json` text.
+    pub fn to_json(&self) -> Result<String, ModelError> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -94,6 +94,22 @@ impl QuantSpec {
     }
 }
 
+impl FromStr for QuantSpec {
+    type Err = String;
+
+    /// `nf4`, or `nf4+dq` for double quantization.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, double_quant) = match s.strip_suffix("+dq") {
+            Some(name) => (name, true),
+            None => (s, false),
+        };
+        Ok(Self {
+            format: name.parse()?,
+            double_quant,
+        })
+    }
+}
+
 impl fmt::Display for QuantSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let four_bit = matches!(self.format, QuantFormat::Nf4 | QuantFormat::Fp4);
@@ -428,5 +444,8 @@ mod tests {
             assert_eq!(f.name().parse::<QuantFormat>(), Ok(f));
         }
         assert!("q4".parse::<QuantFormat>().is_err());
+        let spec: QuantSpec = "nf4+dq".parse().unwrap();
+        assert_eq!((spec.format, spec.double_quant), (QuantFormat::Nf4, true));
+        assert_eq!(spec.to_string(), "nf4+dq");
     }
 }

@@ -29,6 +29,91 @@ pub enum Command {
     /// Benchmarks that print a table.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Quantized bases: compare formats, save a quantized model.
+    #[command(subcommand)]
+    Quant(QuantCommand),
+}
+
+/// `ft quant ...`.
+#[derive(Debug, Subcommand)]
+pub enum QuantCommand {
+    /// Load the model in each format and print one table of size, speed and quality.
+    Compare(QuantCompareArgs),
+    /// Store a quantized model (bitsandbytes layout) so later loads skip quantization.
+    Save(QuantSaveArgs),
+    /// One format of `compare`, measured in its own process (prints JSON).
+    #[command(hide = true)]
+    Measure(QuantMeasureArgs),
+}
+
+/// `ft quant compare`.
+#[derive(Debug, Args)]
+pub struct QuantCompareArgs {
+    /// Model to quantize.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Formats to compare; `+dq` double-quantizes a 4-bit format's absmax values. f32 is the
+    /// baseline and is always measured.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f32,bf16,int8,nf4,nf4+dq,fp4"
+    )]
+    pub formats: Vec<QuantSpec>,
+    /// Text to score (default: Genesis 1-3, King James Version, built in).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Perplexity window in tokens.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(2..))]
+    pub window: u64,
+    /// Folder for the Markdown table and the plot.
+    #[arg(long, default_value = "quant-compare")]
+    pub out: PathBuf,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+}
+
+/// `ft quant measure` (internal).
+#[derive(Debug, Args)]
+pub struct QuantMeasureArgs {
+    /// Model to quantize.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// The format.
+    #[arg(long)]
+    pub spec: QuantSpec,
+    /// Text to score (default: the built-in Genesis text).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Perplexity window.
+    #[arg(long, default_value_t = 256)]
+    pub window: u64,
+    /// Where to write the top-1 predictions (JSON array).
+    #[arg(long)]
+    pub predictions: PathBuf,
+}
+
+/// `ft quant save`.
+#[derive(Debug, Args)]
+pub struct QuantSaveArgs {
+    /// Model to quantize.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Format: bf16, int8, nf4 or fp4 (`+dq` for double quantization).
+    #[arg(long)]
+    pub format: QuantSpec,
+    /// Double-quantize the absmax values of nf4/fp4.
+    #[arg(long)]
+    pub double_quant: bool,
+    /// Output folder (config.json, tokenizer.json, model.safetensors).
+    pub out: PathBuf,
 }
 
 /// Where the model comes from and where it runs.

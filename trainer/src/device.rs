@@ -30,6 +30,15 @@ impl FromStr for DeviceSpec {
     }
 }
 
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 /// Work that runs on any backend.
 pub trait Job {
     /// What the job returns.

@@ -1,7 +1,6 @@
 //! `ft bench generate`: prefill and decode tokens/s at batch 1 and peak RSS, optionally with
 //! llama.cpp (through llama-cpp-python) measured on the same GGUF in the same run.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -12,6 +11,7 @@ use ft_model::{source, Pretrained};
 use ft_serve::{generate as run_generation, Sampler, SamplingParams};
 
 use crate::cli::BenchGenerateArgs;
+use crate::commands::report::record;
 use crate::device::{dispatch, Job};
 use crate::rss::peak_rss_bytes;
 
@@ -67,7 +67,8 @@ impl Job for BenchGenerateArgs {
         let table = render(&rows, n_prompt, n_new, self.runs);
         print!("{table}");
         if let Some(file) = &self.record {
-            record(file, &table).with_context(|| format!("--record {}", file.display()))?;
+            record(file, "`ft bench generate`", &table)
+                .with_context(|| format!("--record {}", file.display()))?;
         }
         Ok(())
     }
@@ -190,47 +191,4 @@ print(json.dumps({"version": llama_cpp.__version__, "load_s": load_s,
         decode: num("decode"),
         peak_rss: num("peak_rss") as u64,
     })
-}
-
-/// Appends the table under a heading with the command line, machine and date.
-fn record(file: &Path, table: &str) -> anyhow::Result<()> {
-    let command: Vec<String> = std::env::args().collect();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-            })
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(file)?;
-    write!(
-        f,
-        "\n### `ft bench generate`, {}\n\nCommand: `{}`  \nMachine: {cpu}, {cores} cores\n\n{table}",
-        today(),
-        command.join(" ")
-    )?;
-    Ok(())
-}
-
-/// Today's UTC date as YYYY-MM-DD (Hinnant's civil-from-days).
-fn today() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let z = secs.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }

@@ -3,9 +3,11 @@
 mod bench;
 mod generate;
 mod perplexity;
+mod quant;
+mod report;
 mod tokenize;
 
-use crate::cli::{BenchCommand, Command};
+use crate::cli::{BenchCommand, Command, QuantCommand};
 
 /// Runs one parsed command.
 pub fn run(command: Command) -> anyhow::Result<()> {
@@ -14,5 +16,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Bench(BenchCommand::Generate(args)) => bench::generate(args),
+        Command::Quant(QuantCommand::Compare(args)) => quant::compare(args),
+        Command::Quant(QuantCommand::Measure(args)) => quant::measure(args),
+        Command::Quant(QuantCommand::Save(args)) => quant::save(args),
     }
 }

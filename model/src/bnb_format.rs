@@ -1,0 +1,447 @@
+//! Quantized checkpoints in the layout transformers gives bitsandbytes models, so a model
+//! saved by `ft quant save` loads without a quantization step, here and in transformers:
+//!
+//! - 4-bit (`Linear4bit`): `weight` (u8 [(n+1)/2, 1], packed codes), `weight.absmax`
+//!   (f32 per block, or u8 codes when double-quantized), `weight.quant_map` (f32 [16]),
+//!   `weight.nested_absmax` and `weight.nested_quant_map` (double quantization), and
+//!   `weight.quant_state.bitsandbytes__nf4` (u8 bytes of a JSON object: quant_type,
+//!   blocksize, dtype, shape, nested_blocksize, nested_offset, nested_dtype);
+//! - int8 (`Linear8bitLt`): `weight` (i8 [out, in]), `SCB` (f32 row absmax), `weight_format`;
+//! - bf16: the weight in BF16.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use ft_quant::bnb4::{FourBit, BLOCK};
+use ft_quant::packed::{dynamic_map, Absmax, PackedData};
+use ft_quant::{PackedWeight, QuantFormat, QuantSpec};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::json;
+
+use crate::error::ModelError;
+use crate::export::hf_config_json;
+use crate::gguf_write::write_atomic;
+use crate::pretrained::Pretrained;
+
+/// Suffixes of the tensors that accompany a packed weight (after `...q_proj.`).
+const PARTS: [&str; 7] = [
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+    "weight.quant_state.bitsandbytes__nf4",
+    "weight.quant_state.bitsandbytes__fp4",
+    "SCB",
+];
+
+/// Whether `name` is a companion tensor of a packed weight rather than a weight itself.
+pub fn is_part(name: &str) -> bool {
+    PARTS.iter().any(|p| name.ends_with(&format!(".{p}"))) || name.ends_with(".weight_format")
+}
+
+/// One tensor to write: name, dtype, shape, bytes.
+type Entry = (String, Dtype, Vec<usize>, Vec<u8>);
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The tensors that store one packed weight named `name` (`...q_proj.weight`).
+fn packed_entries(name: &str, w: &PackedWeight) -> Result<Vec<Entry>, String> {
+    let n = w.len();
+    Ok(match &w.data {
+        PackedData::Bf16(bits) => {
+            vec![(
+                name.into(),
+                Dtype::BF16,
+                w.shape.to_vec(),
+                bits.iter().flat_map(|b| b.to_le_bytes()).collect(),
+            )]
+        }
+        PackedData::Int8 { q, absmax, group } if *group == w.shape[1] => {
+            let prefix = name.strip_suffix(".weight").unwrap_or(name);
+            vec![
+                (
+                    name.into(),
+                    Dtype::I8,
+                    w.shape.to_vec(),
+                    q.iter().map(|v| *v as u8).collect(),
+                ),
+                (
+                    format!("{prefix}.SCB"),
+                    Dtype::F32,
+                    vec![absmax.len()],
+                    f32_bytes(absmax),
+                ),
+                (
+                    format!("{prefix}.weight_format"),
+                    Dtype::U8,
+                    vec![],
+                    vec![0],
+                ),
+            ]
+        }
+        PackedData::Int8 { .. } => {
+            return Err("int8-block has no bitsandbytes layout; save int8 (per row)".into())
+        }
+        PackedData::FourBit {
+            kind,
+            codes,
+            absmax,
+        } => {
+            let quant_type = match kind {
+                FourBit::Nf4 => "nf4",
+                FourBit::Fp4 => "fp4",
+            };
+            let mut state = json!({"quant_type": quant_type, "blocksize": BLOCK, "dtype": "float32", "shape": w.shape});
+            let mut out = vec![
+                (
+                    name.into(),
+                    Dtype::U8,
+                    vec![n.div_ceil(2), 1],
+                    codes.clone(),
+                ),
+                (
+                    format!("{name}.quant_map"),
+                    Dtype::F32,
+                    vec![16],
+                    f32_bytes(kind.code()),
+                ),
+            ];
+            match absmax {
+                Absmax::Plain(v) => out.push((
+                    format!("{name}.absmax"),
+                    Dtype::F32,
+                    vec![v.len()],
+                    f32_bytes(v),
+                )),
+                Absmax::Double {
+                    codes,
+                    scales,
+                    offset,
+                } => {
+                    out.push((
+                        format!("{name}.absmax"),
+                        Dtype::U8,
+                        vec![codes.len()],
+                        codes.clone(),
+                    ));
+                    out.push((
+                        format!("{name}.nested_absmax"),
+                        Dtype::F32,
+                        vec![scales.len()],
+                        f32_bytes(scales),
+                    ));
+                    out.push((
+                        format!("{name}.nested_quant_map"),
+                        Dtype::F32,
+                        vec![256],
+                        f32_bytes(dynamic_map()),
+                    ));
+                    state["nested_blocksize"] = json!(ft_quant::dynamic8::BLOCK);
+                    state["nested_offset"] = json!(offset);
+                    state["nested_dtype"] = json!("float32");
+                }
+            }
+            let state = state.to_string().into_bytes();
+            out.push((
+                format!("{name}.quant_state.bitsandbytes__{quant_type}"),
+                Dtype::U8,
+                vec![state.len()],
+                state,
+            ));
+            out
+        }
+    })
+}
+
+/// Writes `p` (loaded with `spec`) to `dir` as an HF folder in bitsandbytes' layout.
+pub fn save_quantized<B: Backend>(
+    p: &Pretrained<B>,
+    spec: QuantSpec,
+    dir: &Path,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let weights = dir.join("model.safetensors");
+    let packed: HashMap<String, PackedWeight> = p
+        .model
+        .linears()
+        .into_iter()
+        .filter_map(|(name, l)| {
+            l.packed
+                .as_ref()
+                .map(|w| (format!("{name}.weight"), (*w.0).clone()))
+        })
+        .collect();
+    let mut entries: Vec<Entry> = Vec::new();
+    for (name, t) in p.model.named_tensors() {
+        match packed.get(&name) {
+            Some(w) => entries
+                .extend(packed_entries(&name, w).map_err(|e| ModelError::format(&weights, e))?),
+            None => entries.push((name, Dtype::F32, t.shape, f32_bytes(&t.data))),
+        }
+    }
+    let views = entries
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ModelError::format(&weights, format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = safetensors::serialize(
+        views,
+        Some(HashMap::from([("format".to_string(), "pt".to_string())])),
+    )
+    .map_err(|e| ModelError::format(&weights, e.to_string()))?;
+    write_atomic(&weights, &bytes)?;
+
+    let mut config = hf_config_json(&p.config, p.tokenizer.eos_ids.first().copied());
+    let four_bit = |t: &str| {
+        json!({"quant_method": "bitsandbytes", "load_in_4bit": true, "load_in_8bit": false,
+               "bnb_4bit_quant_type": t, "bnb_4bit_use_double_quant": spec.double_quant,
+               "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8"})
+    };
+    match spec.format {
+        QuantFormat::Nf4 => config["quantization_config"] = four_bit("nf4"),
+        QuantFormat::Fp4 => config["quantization_config"] = four_bit("fp4"),
+        QuantFormat::Int8 => {
+            config["quantization_config"] =
+                json!({"quant_method": "bitsandbytes", "load_in_8bit": true, "load_in_4bit": false})
+        }
+        QuantFormat::Bf16 => config["torch_dtype"] = json!("bfloat16"),
+        QuantFormat::F32 | QuantFormat::Int8Block => {}
+    }
+    let tokenizer_config = json!({
+        "chat_template": p.chat_template.as_ref().map(|t| t.source()),
+        "bos_token": p.tokenizer.bos_token,
+        "eos_token": p.tokenizer.eos_token,
+    });
+    for (name, text) in [
+        ("config.json", config.to_string()),
+        ("tokenizer.json", p.tokenizer.to_json()?),
+        ("tokenizer_config.json", tokenizer_config.to_string()),
+    ] {
+        write_atomic(&dir.join(name), text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Reads the packed weight `name` from a safetensors file, if it is stored packed.
+pub fn read_packed(
+    st: &SafeTensors,
+    name: &str,
+    path: &Path,
+) -> Result<Option<PackedWeight>, ModelError> {
+    let fault = |what: String| ModelError::format(path, format!("{name}: {what}"));
+    let get = |key: &str| st.tensor(key).ok();
+    let f32s = |key: &str| -> Result<Vec<f32>, ModelError> {
+        let t = get(key).ok_or_else(|| fault(format!("{key} is missing")))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(fault(format!("{key} should be F32, found {:?}", t.dtype())));
+        }
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    };
+    let prefix = name.strip_suffix(".weight").unwrap_or(name);
+    if let Some(scb) = get(&format!("{prefix}.SCB")) {
+        let w = get(name).ok_or_else(|| fault("weight is missing".into()))?;
+        let shape = w.shape();
+        if w.dtype() != Dtype::I8 || shape.len() != 2 || scb.shape() != [shape[0]] {
+            return Err(fault(format!(
+                "int8 weight {:?} {:?} with SCB {:?} does not fit",
+                w.dtype(),
+                shape,
+                scb.shape()
+            )));
+        }
+        let absmax = f32s(&format!("{prefix}.SCB"))?;
+        return Ok(Some(PackedWeight {
+            shape: [shape[0], shape[1]],
+            data: PackedData::Int8 {
+                q: w.data().iter().map(|b| *b as i8).collect(),
+                absmax,
+                group: shape[1],
+            },
+        }));
+    }
+    let state = ["nf4", "fp4"]
+        .iter()
+        .find_map(|t| get(&format!("{name}.quant_state.bitsandbytes__{t}")));
+    let Some(state) = state else {
+        return Ok(None);
+    };
+    let state: serde_json::Value =
+        serde_json::from_slice(state.data()).map_err(|e| fault(format!("quant_state: {e}")))?;
+    let kind = match state["quant_type"].as_str() {
+        Some("nf4") => FourBit::Nf4,
+        Some("fp4") => FourBit::Fp4,
+        other => return Err(fault(format!("quant_type {other:?}"))),
+    };
+    if state["blocksize"].as_u64() != Some(BLOCK as u64) {
+        return Err(fault(format!(
+            "blocksize {} (ft reads 64)",
+            state["blocksize"]
+        )));
+    }
+    let shape: Vec<usize> = state["shape"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_u64().map(|d| d as usize))
+                .collect()
+        })
+        .unwrap_or_default();
+    let [rows, cols] = shape[..] else {
+        return Err(fault(format!("shape {shape:?} is not 2-D")));
+    };
+    let map = f32s(&format!("{name}.quant_map"))?;
+    if map
+        .iter()
+        .zip(kind.code())
+        .any(|(a, b)| (a - b).abs() > 1e-6)
+        || map.len() != 16
+    {
+        return Err(fault(
+            "quant_map differs from the standard code book".into(),
+        ));
+    }
+    let codes = get(name).ok_or_else(|| fault("weight is missing".into()))?;
+    let n = rows * cols;
+    if codes.data().len() != n.div_ceil(2) {
+        return Err(fault(format!(
+            "{} code bytes for {n} weights",
+            codes.data().len()
+        )));
+    }
+    let absmax_key = format!("{name}.absmax");
+    let absmax_t = get(&absmax_key).ok_or_else(|| fault("absmax is missing".into()))?;
+    let absmax = if absmax_t.dtype() == Dtype::U8 {
+        let nested = f32s(&format!("{name}.nested_quant_map"))?;
+        if nested
+            .iter()
+            .zip(dynamic_map())
+            .any(|(a, b)| (a - b).abs() > 1e-6)
+        {
+            return Err(fault(
+                "nested_quant_map differs from the signed dynamic map".into(),
+            ));
+        }
+        Absmax::Double {
+            codes: absmax_t.data().to_vec(),
+            scales: f32s(&format!("{name}.nested_absmax"))?,
+            offset: state["nested_offset"]
+                .as_f64()
+                .ok_or_else(|| fault("nested_offset is missing".into()))?
+                as f32,
+        }
+    } else {
+        Absmax::Plain(f32s(&absmax_key)?)
+    };
+    Ok(Some(PackedWeight {
+        shape: [rows, cols],
+        data: PackedData::FourBit {
+            kind,
+            codes: codes.data().to_vec(),
+            absmax,
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::{Int, Tensor, TensorData};
+
+    use super::*;
+    use crate::tiny::{tiny_config, write_hf_folder};
+    use crate::LlamaForCausalLM;
+
+    type B = NdArray<f32>;
+
+    fn logits(p: &Pretrained<B>) -> Vec<f32> {
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(vec![3i64, 100, 257, 42], [1, 4]),
+            &Default::default(),
+        );
+        p.model.forward(ids, None).into_data().to_vec().unwrap()
+    }
+
+    #[test]
+    fn saved_quantized_models_reload_packed_and_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = tiny_config();
+        let m = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
+        let folder = dir.path().join("f32");
+        write_hf_folder(&m, &c, &folder).unwrap();
+        for spec in ["bf16", "int8", "nf4", "nf4+dq", "fp4+dq"] {
+            let spec: QuantSpec = spec.parse().unwrap();
+            let quantized =
+                Pretrained::<B>::load(&folder, Some(spec), &Default::default()).unwrap();
+            let out = dir.path().join(spec.to_string());
+            save_quantized(&quantized, spec, &out).unwrap();
+            // Loaded as stored: packed, no quantization step, same bytes.
+            let reloaded = Pretrained::<B>::load(&out, None, &Default::default()).unwrap();
+            let (before, after) = (quantized.model.linears(), reloaded.model.linears());
+            for ((name, a), (_, b)) in before.iter().zip(&after) {
+                if spec.format == QuantFormat::Bf16 {
+                    // BF16 is an ordinary dtype: it reloads dense, with the same values.
+                    assert_eq!(
+                        a.weight(&Default::default()).into_data(),
+                        b.weight(&Default::default()).into_data()
+                    );
+                } else {
+                    assert_eq!(
+                        a.packed.as_ref().unwrap().0,
+                        b.packed.as_ref().unwrap().0,
+                        "{spec} {name}"
+                    );
+                }
+            }
+            assert_eq!(logits(&quantized), logits(&reloaded), "{spec}");
+            let config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                    .unwrap();
+            if matches!(spec.format, QuantFormat::Nf4 | QuantFormat::Fp4) {
+                assert_eq!(
+                    config["quantization_config"]["bnb_4bit_use_double_quant"],
+                    spec.double_quant
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_4bit_layout_is_bitsandbytes_own() {
+        let w: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) / 128.0).collect();
+        let packed = PackedWeight::quantize(QuantFormat::Nf4, true, &w, [2, 128]).unwrap();
+        let entries = packed_entries("m.q_proj.weight", &packed).unwrap();
+        let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "m.q_proj.weight",
+                "m.q_proj.weight.quant_map",
+                "m.q_proj.weight.absmax",
+                "m.q_proj.weight.nested_absmax",
+                "m.q_proj.weight.nested_quant_map",
+                "m.q_proj.weight.quant_state.bitsandbytes__nf4"
+            ]
+        );
+        assert_eq!(
+            (entries[0].1, entries[0].2.clone()),
+            (Dtype::U8, vec![128, 1])
+        );
+        assert_eq!((entries[2].1, entries[2].2.clone()), (Dtype::U8, vec![4]));
+        let state: serde_json::Value = serde_json::from_slice(&entries[5].3).unwrap();
+        assert_eq!(state["quant_type"], "nf4");
+        assert_eq!(state["blocksize"], 64);
+        assert_eq!(state["shape"], json!([2, 128]));
+        assert_eq!(state["nested_blocksize"], 256);
+        assert!(is_part("m.q_proj.weight.absmax") && !is_part("m.q_proj.weight"));
+    }
+}
