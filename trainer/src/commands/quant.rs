@@ -114,9 +114,10 @@ pub fn compare(args: QuantCompareArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
     source::resolve(&args.model)?; // fetch once, before the children start
     let exe = std::env::current_exe().context("locating the ft binary")?;
+    let scratch = tempfile::tempdir().context("creating a temporary folder")?;
     let mut rows = Vec::new();
     for spec in &specs {
-        let predictions = args.out.join(format!("predictions-{spec}.json"));
+        let predictions = scratch.path().join(format!("predictions-{spec}.json"));
         let mut cmd = Command::new(&exe);
         cmd.args([
             "quant",
@@ -218,23 +219,29 @@ fn plot(rows: &[(Measurement, Vec<u32>)], path: &Path) -> anyhow::Result<()> {
             .caption("Perplexity against linear weight size", ("sans-serif", 20))
             .margin(16)
             .x_label_area_size(40)
-            .y_label_area_size(56)
+            .y_label_area_size(64)
             .build_cartesian_2d(0.0..max_x, (min_y - pad)..(max_y + pad))?;
         chart
             .configure_mesh()
+            .light_line_style(TRANSPARENT)
+            .bold_line_style(BLACK.mix(0.08))
             .x_desc("linear weights (MiB)")
             .y_desc("perplexity")
             .draw()?;
-        chart.draw_series(
-            points
+        // Points of nearly equal size get their labels stacked so they stay readable.
+        chart.draw_series(points.iter().enumerate().map(|(i, (x, y, label))| {
+            let stacked = points[..i]
                 .iter()
-                .map(|(x, y, _)| Circle::new((*x, *y), 5, BLUE.filled())),
-        )?;
-        chart.draw_series(
-            points
-                .iter()
-                .map(|(x, y, label)| Text::new(label.to_string(), (*x, *y), ("sans-serif", 14))),
-        )?;
+                .filter(|p| (p.0 - x).abs() < max_x * 0.04)
+                .count() as i32;
+            EmptyElement::at((*x, *y))
+                + Circle::new((0, 0), 5, BLUE.filled())
+                + Text::new(
+                    label.to_string(),
+                    (10, -6 + 16 * stacked),
+                    ("sans-serif", 14),
+                )
+        }))?;
         root.present()?;
         Ok(())
     };
