@@ -1,9 +1,55 @@
 //! ft-adapters: everything about LoRA adapters.
 //!
-//! Will hold the LoRA layer (A [r, in], B [out, r], PEFT's init and scaling, single and batched
-//! multi-adapter forward) wrapping ft-quant's frozen linear layers, the PEFT format
-//! (`adapter_config.json`, `adapter_model.safetensors`), merging into a base, the SQLite adapter
-//! registry and Hub publishing. Empty until the LoRA training work lands.
+//! Holds the LoRA layer ([`lora`]: A [r, in], B [out, r], PEFT's init and scaling) wrapping
+//! ft-quant's base [`ft_quant::Linear`], and the PEFT format ([`peft`]). Later: batched
+//! multi-adapter forward, merging, the SQLite adapter registry and Hub publishing.
 //!
 //! Depends only on ft-quant among ft crates; must not import ft-model or anything above it.
 #![warn(missing_docs)]
+
+pub mod lora;
+pub mod peft;
+
+pub use lora::{Lora, LoraConfig, LoraLinear};
+pub use peft::PeftAdapter;
+
+use std::path::{Path, PathBuf};
+
+/// Errors of this crate; each names the file or tensor at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file does not have the expected structure.
+    #[error("{path}: {what}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// An adapter does not fit the model it is applied to.
+    #[error("adapter {path}: {what}")]
+    Mismatch {
+        /// The adapter folder.
+        path: PathBuf,
+        /// Which tensor and why.
+        what: String,
+    },
+}
+
+impl AdapterError {
+    /// Wraps an I/O error with its path.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

@@ -170,7 +170,8 @@ pub fn save_quantized<B: Backend>(
         .linears()
         .into_iter()
         .filter_map(|(name, l)| {
-            l.packed
+            l.base
+                .packed
                 .as_ref()
                 .map(|w| (format!("{name}.weight"), (*w.0).clone()))
         })
@@ -391,13 +392,13 @@ mod tests {
                 if spec.format == QuantFormat::Bf16 {
                     // BF16 is an ordinary dtype: it reloads dense, with the same values.
                     assert_eq!(
-                        a.weight(&Default::default()).into_data(),
-                        b.weight(&Default::default()).into_data()
+                        a.base.weight(&Default::default()).into_data(),
+                        b.base.weight(&Default::default()).into_data()
                     );
                 } else {
                     assert_eq!(
-                        a.packed.as_ref().unwrap().0,
-                        b.packed.as_ref().unwrap().0,
+                        a.base.packed.as_ref().unwrap().0,
+                        b.base.packed.as_ref().unwrap().0,
                         "{spec} {name}"
                     );
                 }

@@ -79,6 +79,10 @@ pub enum ModelError {
         what: String,
     },
 
+    /// A LoRA adapter could not be read or does not fit the model.
+    #[error(transparent)]
+    Adapter(#[from] ft_adapters::AdapterError),
+
     // --- text ---
     /// Tokenizer construction or encoding failed.
     #[error("tokenizer: {0}")]

@@ -6,6 +6,7 @@
 //! (LoRA layers); must not import ft-distill, ft-serve or ft-trainer.
 #![warn(missing_docs)]
 
+pub mod adapter;
 pub mod bnb_format;
 pub mod cache;
 pub mod chat;

@@ -15,6 +15,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
+pub use ft_adapters::LoraLinear;
 use ft_quant::linear::project;
 pub use ft_quant::Linear;
 
@@ -92,13 +93,13 @@ impl<B: Backend> RotaryEmbedding<B> {
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// [h*d, e]
-    pub q_proj: Linear<B>,
+    pub q_proj: LoraLinear<B>,
     /// [kv*d, e]
-    pub k_proj: Linear<B>,
+    pub k_proj: LoraLinear<B>,
     /// [kv*d, e]
-    pub v_proj: Linear<B>,
+    pub v_proj: LoraLinear<B>,
     /// [e, h*d]
-    pub o_proj: Linear<B>,
+    pub o_proj: LoraLinear<B>,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads.
@@ -186,11 +187,11 @@ impl<B: Backend> Attention<B> {
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// [f, e]
-    pub gate_proj: Linear<B>,
+    pub gate_proj: LoraLinear<B>,
     /// [f, e]
-    pub up_proj: Linear<B>,
+    pub up_proj: LoraLinear<B>,
     /// [e, f]
-    pub down_proj: Linear<B>,
+    pub down_proj: LoraLinear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -415,12 +416,15 @@ mod tests {
                 .reshape([kv * g * c.head_dim, cols])
         };
         let device = Default::default();
-        let copy = |l: &Linear<B>| Linear::dense(l.weight(&device), None);
+        let copy = |l: &LoraLinear<B>| LoraLinear::new(Linear::dense(l.base.weight(&device), None));
+        let repeated = |l: &LoraLinear<B>| {
+            LoraLinear::new(Linear::dense(repeat(l.base.weight(&device)), None))
+        };
         for (dst, src) in mha.model.layers.iter_mut().zip(&gqa.model.layers) {
             let (a, m) = (&src.self_attn, &src.mlp);
             dst.self_attn.q_proj = copy(&a.q_proj);
-            dst.self_attn.k_proj = Linear::dense(repeat(a.k_proj.weight(&device)), None);
-            dst.self_attn.v_proj = Linear::dense(repeat(a.v_proj.weight(&device)), None);
+            dst.self_attn.k_proj = repeated(&a.k_proj);
+            dst.self_attn.v_proj = repeated(&a.v_proj);
             dst.self_attn.o_proj = copy(&a.o_proj);
             dst.mlp.gate_proj = copy(&m.gate_proj);
             dst.mlp.up_proj = copy(&m.up_proj);

@@ -13,7 +13,8 @@ use ft_quant::QuantSpec;
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
 use crate::llama::{
-    Attention, DecoderLayer, Linear, LlamaForCausalLM, LlamaModel, Mlp, RmsNorm, RotaryEmbedding,
+    Attention, DecoderLayer, Linear, LlamaForCausalLM, LlamaModel, LoraLinear, Mlp, RmsNorm,
+    RotaryEmbedding,
 };
 use crate::weights::{HostTensor, TensorSource};
 
@@ -173,7 +174,7 @@ fn linear<B: Backend>(
     [n_out, n_in]: [usize; 2],
     bias: bool,
     quant: Option<QuantSpec>,
-) -> Result<Linear<B>, ModelError> {
+) -> Result<LoraLinear<B>, ModelError> {
     let bias_name = format!("{prefix}.bias");
     let bias = if bias && w.has(&bias_name) {
         Some(param(w, &bias_name, [n_out])?)
@@ -182,7 +183,7 @@ fn linear<B: Backend>(
     };
     let mut layer = w.linear_weight(&format!("{prefix}.weight"), [n_out, n_in], quant)?;
     layer.bias = bias;
-    Ok(layer)
+    Ok(LoraLinear::new(layer))
 }
 
 fn rms_norm<B: Backend>(
@@ -293,7 +294,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     }
 
     /// The block linear layers with their HF names (`model.layers.0.self_attn.q_proj`).
-    pub fn linears(&self) -> Vec<(String, &Linear<B>)> {
+    pub fn linears(&self) -> Vec<(String, &LoraLinear<B>)> {
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
             let (a, m) = (&layer.self_attn, &layer.mlp);
@@ -333,8 +334,8 @@ impl<B: Backend> LlamaForCausalLM<B> {
         for (i, layer) in self.model.layers.iter().enumerate() {
             let prefix = format!("model.layers.{i}.");
             for (name, l) in linears.iter().filter(|(n, _)| n.starts_with(&prefix)) {
-                out.push((format!("{name}.weight"), host(l.weight(&device))));
-                if let Some(b) = &l.bias {
+                out.push((format!("{name}.weight"), host(l.base.weight(&device))));
+                if let Some(b) = &l.base.bias {
                     out.push((format!("{name}.bias"), host(b.val())));
                 }
             }

@@ -130,6 +130,12 @@ impl<B: Backend> Pretrained<B> {
         })
     }
 
+    /// Reads the PEFT LoRA adapter in `dir` and attaches it to the model.
+    pub fn attach_adapter(&mut self, dir: &Path) -> Result<(), ModelError> {
+        let adapter = ft_adapters::PeftAdapter::read(dir)?;
+        self.model.attach_adapter(&adapter, dir)
+    }
+
     /// The prompt text for a single user message, through the chat template.
     pub fn chat_prompt(&self, user: &str) -> Result<String, ModelError> {
         let template = self.chat_template.as_ref().ok_or_else(|| {

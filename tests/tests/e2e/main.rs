@@ -1,5 +1,6 @@
 //! End-to-end tests: each runs the `ft` binary as a user does.
 
+mod adapters;
 mod bad_input;
 mod quant;
 mod reference;

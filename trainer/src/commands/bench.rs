@@ -41,7 +41,10 @@ impl Job for BenchGenerateArgs {
         let (n_prompt, n_new) = (self.prompt_tokens as usize, self.new_tokens as usize);
         let path = source::resolve(&self.model.model)?;
         let t0 = Instant::now();
-        let pretrained = Pretrained::<B>::load(&path, self.model.quant(), &device)?;
+        let mut pretrained = Pretrained::<B>::load(&path, self.model.quant(), &device)?;
+        if let Some(dir) = &self.model.adapter {
+            pretrained.attach_adapter(dir)?;
+        }
         let load_s = t0.elapsed().as_secs_f64();
         pretrained.check_context("--prompt-tokens plus --new-tokens", n_prompt + n_new)?;
         let prompt = bench_prompt(&pretrained, n_prompt)?;

@@ -4,7 +4,6 @@ use std::io::Write;
 
 use anyhow::Context;
 use burn::tensor::backend::Backend;
-use ft_model::Pretrained;
 use ft_serve::{generate, Sampler, SamplingParams};
 
 use crate::cli::GenerateArgs;
@@ -19,8 +18,7 @@ impl Job for GenerateArgs {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        let pretrained =
-            Pretrained::<B>::from_source(&self.model.model, self.model.quant(), &device)?;
+        let pretrained = self.model.load::<B>(&device)?;
         let text = if self.chat {
             pretrained.chat_prompt(&self.prompt)?
         } else {

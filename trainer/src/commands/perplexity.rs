@@ -2,7 +2,6 @@
 
 use burn::tensor::backend::Backend;
 use ft_model::perplexity::perplexity;
-use ft_model::Pretrained;
 
 use crate::cli::PerplexityArgs;
 use crate::device::{dispatch, Job};
@@ -19,8 +18,7 @@ impl Job for PerplexityArgs {
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&self.file)
             .map_err(|e| anyhow::anyhow!("--file {}: {e}", self.file.display()))?;
-        let pretrained =
-            Pretrained::<B>::from_source(&self.model.model, self.model.quant(), &device)?;
+        let pretrained = self.model.load::<B>(&device)?;
         let window = self.window as usize;
         let context = pretrained.config.max_position_embeddings;
         if window > context {

@@ -63,9 +63,9 @@ impl Job for QuantMeasureArgs {
         let linears = p.model.linears();
         let linear_params = linears
             .iter()
-            .map(|(_, l)| l.shape()[0] * l.shape()[1])
+            .map(|(_, l)| l.base.shape()[0] * l.base.shape()[1])
             .sum();
-        let linear_bytes = linears.iter().map(|(_, l)| l.weight_bytes()).sum();
+        let linear_bytes = linears.iter().map(|(_, l)| l.base.weight_bytes()).sum();
         let ids = p.tokenizer.encode(&text)?;
         anyhow::ensure!(ids.len() >= 2, "--file: fewer than 2 tokens to score");
         let context = p.config.max_position_embeddings;

@@ -1,0 +1,217 @@
+//! Applying PEFT LoRA adapters to a loaded model: each adapted module is found by its HF name
+//! and its A/B shapes are checked against the base layer before anything is attached.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use ft_adapters::peft::{Matrix, PeftAdapter};
+use ft_adapters::AdapterError;
+
+use crate::error::ModelError;
+use crate::llama::{LlamaForCausalLM, LoraLinear};
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// The block linear layers, mutable, with their HF names.
+    fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            for (n, l) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{n}"), l));
+            }
+        }
+        out
+    }
+
+    /// Attaches the adapter read from `dir`; a module the base lacks, or a tensor whose shape
+    /// does not fit its layer, is an error naming the tensor, and leaves the model unchanged.
+    pub fn attach_adapter(&mut self, adapter: &PeftAdapter, dir: &Path) -> Result<(), ModelError> {
+        let config = adapter.config.lora_config();
+        let device = self.device();
+        let mismatch = |what: String| {
+            ModelError::Adapter(AdapterError::Mismatch {
+                path: dir.to_path_buf(),
+                what,
+            })
+        };
+        let mut layers = self.linears_mut();
+        // Check everything first, so that a bad adapter attaches nothing.
+        let mut plan = Vec::with_capacity(adapter.modules.len());
+        for (module, w) in &adapter.modules {
+            let key = |half: &str| format!("base_model.model.{module}.{half}.weight");
+            let index = layers
+                .iter()
+                .position(|(name, _)| name == module)
+                .ok_or_else(|| {
+                    mismatch(format!(
+                        "{} targets {module}, which the base model lacks",
+                        key("lora_A")
+                    ))
+                })?;
+            let [n_out, n_in] = layers[index].1.base.shape();
+            if w.a.shape[1] != n_in {
+                return Err(mismatch(format!(
+                    "{} has shape {:?}; the base layer takes {n_in} inputs",
+                    key("lora_A"),
+                    w.a.shape
+                )));
+            }
+            if w.b.shape[0] != n_out {
+                return Err(mismatch(format!(
+                    "{} has shape {:?}; the base layer has {n_out} outputs",
+                    key("lora_B"),
+                    w.b.shape
+                )));
+            }
+            plan.push((index, w));
+        }
+        let tensor = |m: &Matrix| {
+            Tensor::<B, 2>::from_data(TensorData::new(m.data.clone(), m.shape), &device)
+        };
+        for (index, w) in plan {
+            layers[index]
+                .1
+                .attach_in_place(config.with_weights(tensor(&w.a), tensor(&w.b)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use burn::backend::NdArray;
+    use burn::tensor::{Int, Tolerance};
+    use ft_adapters::peft::{LoraWeights, PeftConfig};
+
+    use super::*;
+    use crate::tiny::{tiny_config, write_hf_folder};
+    use crate::Pretrained;
+
+    type B = NdArray<f32>;
+
+    fn matrix(shape: [usize; 2], seed: usize) -> Matrix {
+        let data = (0..shape[0] * shape[1])
+            .map(|i| (((i + seed) * 7919 % 97) as f32 - 48.0) * 0.002)
+            .collect();
+        Matrix { shape, data }
+    }
+
+    /// A rank-4 adapter on q_proj and down_proj of every layer of the tiny model.
+    fn random_adapter() -> PeftAdapter {
+        let c = tiny_config();
+        let mut modules = BTreeMap::new();
+        for i in 0..c.num_hidden_layers {
+            modules.insert(
+                format!("model.layers.{i}.self_attn.q_proj"),
+                LoraWeights {
+                    a: matrix([4, 32], i),
+                    b: matrix([32, 4], i + 1),
+                },
+            );
+            modules.insert(
+                format!("model.layers.{i}.mlp.down_proj"),
+                LoraWeights {
+                    a: matrix([4, 48], i + 2),
+                    b: matrix([32, 4], i + 3),
+                },
+            );
+        }
+        let config: PeftConfig = serde_json::from_value(serde_json::json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+            "target_modules": ["q_proj", "down_proj"], "bias": "none"
+        }))
+        .unwrap();
+        PeftAdapter { config, modules }
+    }
+
+    #[test]
+    fn an_adapted_model_equals_the_merged_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = tiny_config();
+        let base = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
+        let adapter = random_adapter();
+        // Merge by hand: W + (alpha / r) B A.
+        let mut tensors = base.named_tensors();
+        for (name, t) in tensors.iter_mut() {
+            let Some(w) = name
+                .strip_suffix(".weight")
+                .and_then(|m| adapter.modules.get(m))
+            else {
+                continue;
+            };
+            let (r, n_in, n_out) = (4, w.a.shape[1], w.b.shape[0]);
+            for o in 0..n_out {
+                for i in 0..n_in {
+                    let delta: f32 = (0..r)
+                        .map(|k| w.b.data[o * r + k] * w.a.data[k * n_in + i])
+                        .sum();
+                    t.data[o * n_in + i] += 2.0 * delta;
+                }
+            }
+        }
+        let merged_dir = dir.path().join("merged");
+        write_hf_folder(&base, &c, &merged_dir).unwrap();
+        crate::export::write_safetensors(&merged_dir.join("model.safetensors"), &tensors).unwrap();
+        let merged = Pretrained::<B>::load(&merged_dir, None, &Default::default()).unwrap();
+
+        let mut adapted = base;
+        adapted.attach_adapter(&adapter, dir.path()).unwrap();
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(vec![5i64, 80, 257, 33], [1, 4]),
+            &Default::default(),
+        );
+        adapted
+            .forward(ids.clone(), None)
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &merged.model.forward(ids, None).into_data(),
+                Tolerance::absolute(1e-5),
+            );
+    }
+
+    #[test]
+    fn modules_the_base_lacks_and_misfit_shapes_name_the_tensor() {
+        let c = tiny_config();
+        let mut model = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
+        let mut adapter = random_adapter();
+        adapter.modules.insert(
+            "model.layers.9.self_attn.q_proj".into(),
+            LoraWeights {
+                a: matrix([4, 32], 0),
+                b: matrix([32, 4], 0),
+            },
+        );
+        let err = model
+            .attach_adapter(&adapter, Path::new("a"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight targets model.layers.9.self_attn.q_proj, which the base model lacks"), "{err}");
+        assert!(
+            model.linears().iter().all(|(_, l)| l.lora.is_none()),
+            "nothing attached"
+        );
+
+        let mut adapter = random_adapter();
+        adapter
+            .modules
+            .get_mut("model.layers.0.mlp.down_proj")
+            .unwrap()
+            .a = matrix([4, 32], 0);
+        let err = model
+            .attach_adapter(&adapter, Path::new("a"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.layers.0.mlp.down_proj.lora_A.weight has shape [4, 32]; the base layer takes 48 inputs"), "{err}");
+    }
+}
