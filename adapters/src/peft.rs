@@ -11,6 +11,8 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use ft_quant::GgmlType;
+
 use crate::lora::LoraConfig;
 use crate::AdapterError;
 
@@ -133,26 +135,19 @@ fn parse_key(key: &str) -> Option<(String, char)> {
 }
 
 fn to_f32(path: &Path, key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, AdapterError> {
-    Ok(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+    let ty = match dtype {
+        Dtype::F32 => GgmlType::F32,
+        Dtype::F16 => GgmlType::F16,
+        Dtype::BF16 => GgmlType::Bf16,
         other => {
             return Err(fault(
                 path,
                 format!("tensor {key} has dtype {other:?}; PEFT adapters are f32, f16 or bf16"),
             ))
         }
-    })
+    };
+    let n = bytes.len() / ty.block_bytes();
+    ft_quant::dequantize(ty, bytes, n).map_err(|e| fault(path, format!("tensor {key}: {e}")))
 }
 
 impl PeftAdapter {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use ft_quant::PackedWeight;
+use ft_quant::{GgmlType, PackedWeight};
 
 use crate::bnb_format::{is_part, read_packed};
 use crate::error::ModelError;
@@ -98,19 +98,10 @@ impl TensorSource for SafetensorsDir {
             .tensor(name)
             .map_err(|e| ModelError::format(path, format!("tensor {name}: {e}")))?;
         let bytes = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+        let ty = match view.dtype() {
+            Dtype::F32 => GgmlType::F32,
+            Dtype::F16 => GgmlType::F16,
+            Dtype::BF16 => GgmlType::Bf16,
             other => {
                 return Err(ModelError::format(
                     path,
@@ -118,6 +109,9 @@ impl TensorSource for SafetensorsDir {
                 ))
             }
         };
+        let elements = bytes.len() / ty.block_bytes();
+        let data = ft_quant::dequantize(ty, bytes, elements)
+            .map_err(|e| ModelError::format(path, format!("tensor {name}: {e}")))?;
         Ok(HostTensor::new(view.shape().to_vec(), data))
     }
 }
