@@ -116,6 +116,17 @@ impl<B: Backend> LoraLinear<B> {
         self.lora = Some(lora);
     }
 
+    /// Folds the adapter into the base weight (W + scale * B A, dequantizing a packed base) and
+    /// drops it; the layer then computes the same function without an adapter.
+    pub fn merge(&mut self) {
+        if let Some(lora) = self.lora.take() {
+            let device = lora.lora_a.val().device();
+            let merged = self.base.weight(&device) + lora.delta();
+            let bias = self.base.bias.take().map(|b| b.val());
+            self.base = Linear::dense(merged, bias);
+        }
+    }
+
     /// # Shapes
     /// - x: `[b, s, in]` -> `[b, s, out]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -187,10 +198,18 @@ mod tests {
         let merged = Linear::dense(w.clone() + lora.delta(), None);
         let layer = LoraLinear::new(Linear::dense(w, None)).attach(lora);
         let x = Tensor::<B, 3>::random([1, 4, 5], Distribution::Default, &device);
+        let expected = merged.forward(x.clone()).into_data();
         layer
             .forward(x.clone())
             .into_data()
-            .assert_approx_eq::<f64>(&merged.forward(x).into_data(), Tolerance::absolute(1e-10));
+            .assert_approx_eq::<f64>(&expected, Tolerance::absolute(1e-10));
+        let mut folded = layer;
+        folded.merge();
+        assert!(folded.lora.is_none());
+        folded
+            .forward(x)
+            .into_data()
+            .assert_approx_eq::<f64>(&expected, Tolerance::absolute(1e-10));
     }
 
     /// Loss = sum(y * c) for a fixed random c, as a function of the adapter weights.

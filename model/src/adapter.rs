@@ -32,6 +32,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
         out
     }
 
+    /// Folds every attached adapter into its base weight (packed bases become dense f32).
+    pub fn merge_adapters(&mut self) {
+        for (_, layer) in self.linears_mut() {
+            layer.merge();
+        }
+    }
+
     /// Attaches the adapter read from `dir`; a module the base lacks, or a tensor whose shape
     /// does not fit its layer, is an error naming the tensor, and leaves the model unchanged.
     pub fn attach_adapter(&mut self, adapter: &PeftAdapter, dir: &Path) -> Result<(), ModelError> {

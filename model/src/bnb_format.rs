@@ -157,8 +157,9 @@ fn packed_entries(name: &str, w: &PackedWeight) -> Result<Vec<Entry>, String> {
     })
 }
 
-/// Writes `p` (loaded with `spec`) to `dir` as an HF folder in bitsandbytes' layout.
-pub fn save_quantized<B: Backend>(
+/// Writes `p` to `dir` as an HF folder: dense weights in f32, packed ones in bitsandbytes'
+/// layout; `spec`, the storage `p` was loaded with, goes into `config.json`.
+pub fn save_pretrained<B: Backend>(
     p: &Pretrained<B>,
     spec: QuantSpec,
     dir: &Path,
@@ -384,7 +385,7 @@ mod tests {
             let quantized =
                 Pretrained::<B>::load(&folder, Some(spec), &Default::default()).unwrap();
             let out = dir.path().join(spec.to_string());
-            save_quantized(&quantized, spec, &out).unwrap();
+            save_pretrained(&quantized, spec, &out).unwrap();
             // Loaded as stored: packed, no quantization step, same bytes.
             let reloaded = Pretrained::<B>::load(&out, None, &Default::default()).unwrap();
             let (before, after) = (quantized.model.linears(), reloaded.model.linears());

@@ -29,9 +29,25 @@ pub enum Command {
     /// Benchmarks that print a table.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Fold a LoRA adapter into the base and write an HF folder.
+    Merge(MergeArgs),
     /// Quantized bases: compare formats, save a quantized model.
     #[command(subcommand)]
     Quant(QuantCommand),
+}
+
+/// `ft merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base model.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// The PEFT LoRA adapter folder.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output folder (config.json, tokenizer.json, tokenizer_config.json, model.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `ft quant ...`.

@@ -105,3 +105,55 @@ fn a_misfit_adapter_is_named() {
     ])
     .fails_with(1, &["/no/such/adapter/adapter_config.json"]);
 }
+
+#[test]
+fn a_merged_model_scores_like_the_base_with_its_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    let adapter = dir.path().join("adapter");
+    write_adapter(&adapter);
+    let merged = dir.path().join("merged");
+    let out = ft(&[
+        "merge",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        assert!(merged.join(file).exists(), "{file}");
+    }
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "merging folds the adapter into the weights").unwrap();
+    let score = |extra: &[&str]| {
+        let mut args = vec![
+            "perplexity",
+            "--json",
+            "--window",
+            "32",
+            "--file",
+            text.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        ft(&args).json()["perplexity"].as_f64().unwrap()
+    };
+    let adapted = score(&[
+        "--model",
+        gguf.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ]);
+    let folded = score(&["--model", merged.to_str().unwrap()]);
+    assert!(
+        (adapted - folded).abs() < 1e-4 * adapted,
+        "{adapted} vs {folded}"
+    );
+}

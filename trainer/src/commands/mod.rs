@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod merge;
 mod perplexity;
 mod quant;
 mod report;
@@ -16,6 +17,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Bench(BenchCommand::Generate(args)) => bench::generate(args),
+        Command::Merge(args) => merge::run(args),
         Command::Quant(QuantCommand::Compare(args)) => quant::compare(args),
         Command::Quant(QuantCommand::Measure(args)) => quant::measure(args),
         Command::Quant(QuantCommand::Save(args)) => quant::save(args),

@@ -257,7 +257,7 @@ pub fn save(args: QuantSaveArgs) -> anyhow::Result<()> {
     let path = source::resolve(&args.model)?;
     let device = Default::default();
     let p = Pretrained::<crate::device::Cpu>::load(&path, Some(spec), &device)?;
-    ft_model::bnb_format::save_quantized(&p, spec, &args.out)?;
+    ft_model::bnb_format::save_pretrained(&p, spec, &args.out)?;
     println!("saved {spec} model to {}", args.out.display());
     Ok(())
 }
