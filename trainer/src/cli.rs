@@ -10,7 +10,7 @@ use crate::device::DeviceSpec;
 
 /// ft: fine-tune open LLMs cheaply and measure what the fine-tune bought.
 #[derive(Debug, Parser)]
-#[command(name = "ft", version, about)]
+#[command(name = "ft", version)]
 pub struct Cli {
     /// The subcommand.
     #[command(subcommand)]
