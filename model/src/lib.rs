@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod gguf;
+pub mod gguf_export;
 pub mod gguf_write;
 pub mod llama;
 pub mod load;

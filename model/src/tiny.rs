@@ -11,8 +11,8 @@ use serde_json::json;
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
 use crate::export::{hf_config_json, write_safetensors};
-use crate::gguf::{gguf_name, permute_rows, GgufValue};
-use crate::gguf_write::{write_atomic, GgufWriter};
+use crate::gguf_export::{self, GgufExportType, GgufTokenizer};
+use crate::gguf_write::write_atomic;
 use crate::llama::LlamaForCausalLM;
 use crate::tokenizer::{bpe_tokenizer_json, byte_level_alphabet};
 
@@ -90,57 +90,21 @@ pub fn write_gguf<B: Backend>(
     config: &LlamaConfig,
     path: &Path,
 ) -> Result<(), ModelError> {
-    let c = config;
     let (tokens, types) = tiny_tokens();
-    let u32v = |v: usize| GgufValue::U32(v as u32);
-    let mut w = GgufWriter::new();
-    w.metadata("general.architecture", GgufValue::String("llama".into()))
-        .metadata("general.alignment", GgufValue::U32(32))
-        .metadata("llama.context_length", u32v(c.max_position_embeddings))
-        .metadata("llama.embedding_length", u32v(c.hidden_size))
-        .metadata("llama.block_count", u32v(c.num_hidden_layers))
-        .metadata("llama.feed_forward_length", u32v(c.intermediate_size))
-        .metadata("llama.attention.head_count", u32v(c.num_attention_heads))
-        .metadata("llama.attention.head_count_kv", u32v(c.num_key_value_heads))
-        .metadata("llama.rope.dimension_count", u32v(c.head_dim))
-        .metadata("llama.rope.freq_base", GgufValue::F32(c.rope_theta as f32))
-        .metadata(
-            "llama.attention.layer_norm_rms_epsilon",
-            GgufValue::F32(c.rms_norm_eps as f32),
-        )
-        .metadata("llama.vocab_size", u32v(c.vocab_size))
-        .metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
-        .metadata("tokenizer.ggml.pre", GgufValue::String("gpt2".into()))
-        .metadata(
-            "tokenizer.ggml.tokens",
-            GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect()),
-        )
-        .metadata(
-            "tokenizer.ggml.token_type",
-            GgufValue::Array(
-                types
-                    .into_iter()
-                    .map(|t| GgufValue::I32(t as i32))
-                    .collect(),
-            ),
-        )
-        .metadata("tokenizer.ggml.merges", GgufValue::Array(Vec::new()))
-        .metadata("tokenizer.ggml.eos_token_id", GgufValue::U32(tiny_eos()))
-        .metadata(
-            "tokenizer.chat_template",
-            GgufValue::String(CHATML_TEMPLATE.into()),
-        );
-    for (name, t) in model.named_tensors() {
-        let gguf = gguf_name(&name)
-            .ok_or_else(|| ModelError::format(path, format!("no GGUF name for {name}")))?;
-        let t = if name.contains("self_attn.q_proj.") {
-            permute_rows(t, c.num_attention_heads)
-        } else if name.contains("self_attn.k_proj.") {
-            permute_rows(t, c.num_key_value_heads)
-        } else {
-            t
-        };
-        w.tensor_f32(&gguf, t.shape.clone(), &t.data);
-    }
-    w.write(path)
+    let tokenizer = GgufTokenizer {
+        tokens,
+        types: types.into_iter().map(|t| t as i32).collect(),
+        merges: Vec::new(),
+        pre: "gpt2".into(),
+        eos: Some(tiny_eos()),
+        bos: None,
+    };
+    gguf_export::write_gguf(
+        model,
+        config,
+        &tokenizer,
+        Some(CHATML_TEMPLATE),
+        GgufExportType::F32,
+        path,
+    )
 }

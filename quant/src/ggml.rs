@@ -119,6 +119,27 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], elements: usize) -> Result<Vec<f32
     Ok(out)
 }
 
+/// Encodes f32 values as GGUF F16 bytes.
+pub fn quantize_f16(data: &[f32]) -> Vec<u8> {
+    data.iter()
+        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+        .collect()
+}
+
+/// Encodes f32 values (a multiple of 32) as Q8_0 blocks, as llama.cpp's
+/// `quantize_row_q8_0_ref`: d = absmax / 127, q = round(x / d).
+pub fn quantize_q8_0(data: &[f32]) -> Result<Vec<u8>, QuantError> {
+    let mut out = Vec::with_capacity(GgmlType::Q8_0.bytes_for(data.len())?);
+    for block in data.chunks_exact(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    Ok(out)
+}
+
 /// Q4_0: x = (q - 8) * d; low nibbles hold elements 0..16, high nibbles 16..32.
 fn dequantize_q4_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
@@ -306,6 +327,24 @@ mod tests {
         assert_eq!(dequantize(GgmlType::Bf16, &b, 2).unwrap(), vec![3.0, -0.5]);
         let b: Vec<u8> = [7.25f32].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(dequantize(GgmlType::F32, &b, 1).unwrap(), vec![7.25]);
+    }
+
+    #[test]
+    fn q8_0_and_f16_encoders_round_trip() {
+        let data: Vec<f32> = (0..64).map(|i| (i as f32 - 30.0) * 0.37).collect();
+        let back = dequantize(GgmlType::Q8_0, &quantize_q8_0(&data).unwrap(), 64).unwrap();
+        for (block, chunk) in data.chunks(32).zip(back.chunks(32)) {
+            let step = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (a, b) in block.iter().zip(chunk) {
+                assert!((a - b).abs() <= step * 0.51, "{a} vs {b}");
+            }
+        }
+        assert!(quantize_q8_0(&data[..40]).is_err());
+        let back = dequantize(GgmlType::F16, &quantize_f16(&data), 64).unwrap();
+        assert!(data
+            .iter()
+            .zip(&back)
+            .all(|(a, b)| (a - b).abs() <= a.abs() * 1e-3));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use ft_model::gguf_export::GgufExportType;
 use ft_model::source::DEFAULT_MODEL;
 use ft_quant::{QuantFormat, QuantSpec};
 
@@ -45,9 +46,16 @@ pub struct MergeArgs {
     /// The PEFT LoRA adapter folder.
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Output folder (config.json, tokenizer.json, tokenizer_config.json, model.safetensors).
+    /// Output: an HF folder (config.json, tokenizer.json, tokenizer_config.json,
+    /// model.safetensors), or with `--format gguf` a GGUF file.
     #[arg(long)]
     pub out: PathBuf,
+    /// hf or gguf.
+    #[arg(long, default_value = "hf", value_parser = ["hf", "gguf"])]
+    pub format: String,
+    /// Matrix storage of a GGUF: f32, f16 or q8_0.
+    #[arg(long, default_value = "f16")]
+    pub gguf_type: GgufExportType,
 }
 
 /// `ft quant ...`.

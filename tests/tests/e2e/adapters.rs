@@ -157,3 +157,53 @@ fn a_merged_model_scores_like_the_base_with_its_adapter() {
         "{adapted} vs {folded}"
     );
 }
+
+#[test]
+fn a_merged_gguf_in_f16_or_q8_0_scores_like_the_adapted_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    let adapter = dir.path().join("adapter");
+    write_adapter(&adapter);
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "merging folds the adapter into the weights").unwrap();
+    let score = |extra: &[&str]| {
+        let mut args = vec![
+            "perplexity",
+            "--json",
+            "--window",
+            "32",
+            "--file",
+            text.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        ft(&args).json()["perplexity"].as_f64().unwrap()
+    };
+    let adapted = score(&[
+        "--model",
+        gguf.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ]);
+    for (ty, tolerance) in [("f16", 1e-3), ("q8_0", 2e-2)] {
+        let out = dir.path().join(format!("merged-{ty}.gguf"));
+        let run = ft(&[
+            "merge",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--format",
+            "gguf",
+            "--gguf-type",
+            ty,
+        ]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let merged = score(&["--model", out.to_str().unwrap()]);
+        assert!(
+            (merged / adapted - 1.0).abs() < tolerance,
+            "{ty}: {merged} vs {adapted}"
+        );
+    }
+}
