@@ -1,6 +1,7 @@
 //! PEFT LoRA adapters applied with `--adapter`.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use ft_adapters::peft::{LoraWeights, Matrix, PeftConfig};
 use ft_adapters::PeftAdapter;
@@ -106,23 +107,65 @@ fn a_misfit_adapter_is_named() {
     .fails_with(1, &["/no/such/adapter/adapter_config.json"]);
 }
 
+/// A tiny GGUF, an adapter for it and a text to score, in one temporary folder.
+struct MergeFixture {
+    dir: tempfile::TempDir,
+    gguf: PathBuf,
+    adapter: PathBuf,
+    text: PathBuf,
+}
+
+impl MergeFixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, gguf) = tiny_model(dir.path(), &tiny());
+        let adapter = dir.path().join("adapter");
+        write_adapter(&adapter);
+        let text = dir.path().join("t.txt");
+        std::fs::write(&text, "merging folds the adapter into the weights").unwrap();
+        Self {
+            dir,
+            gguf,
+            adapter,
+            text,
+        }
+    }
+
+    /// Perplexity of `model` on the text, with the adapter attached when asked.
+    fn score(&self, model: &Path, with_adapter: bool) -> f64 {
+        let mut args = vec!["perplexity", "--json", "--window", "32"];
+        args.extend([
+            "--file",
+            self.text.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ]);
+        if with_adapter {
+            args.extend(["--adapter", self.adapter.to_str().unwrap()]);
+        }
+        ft(&args).json()["perplexity"].as_f64().unwrap()
+    }
+
+    /// Runs `ft merge` into `out` with `extra` flags.
+    fn merge(&self, out: &Path, extra: &[&str]) {
+        let mut args = vec!["merge", "--model", self.gguf.to_str().unwrap()];
+        args.extend([
+            "--adapter",
+            self.adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        args.extend(extra);
+        let run = ft(&args);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+}
+
 #[test]
 fn a_merged_model_scores_like_the_base_with_its_adapter() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, gguf) = tiny_model(dir.path(), &tiny());
-    let adapter = dir.path().join("adapter");
-    write_adapter(&adapter);
-    let merged = dir.path().join("merged");
-    let out = ft(&[
-        "merge",
-        "--model",
-        gguf.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    let f = MergeFixture::new();
+    let merged = f.dir.path().join("merged");
+    f.merge(&merged, &[]);
     for file in [
         "config.json",
         "tokenizer.json",
@@ -131,27 +174,7 @@ fn a_merged_model_scores_like_the_base_with_its_adapter() {
     ] {
         assert!(merged.join(file).exists(), "{file}");
     }
-    let text = dir.path().join("t.txt");
-    std::fs::write(&text, "merging folds the adapter into the weights").unwrap();
-    let score = |extra: &[&str]| {
-        let mut args = vec![
-            "perplexity",
-            "--json",
-            "--window",
-            "32",
-            "--file",
-            text.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        ft(&args).json()["perplexity"].as_f64().unwrap()
-    };
-    let adapted = score(&[
-        "--model",
-        gguf.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-    ]);
-    let folded = score(&["--model", merged.to_str().unwrap()]);
+    let (adapted, folded) = (f.score(&f.gguf, true), f.score(&merged, false));
     assert!(
         (adapted - folded).abs() < 1e-4 * adapted,
         "{adapted} vs {folded}"
@@ -160,47 +183,12 @@ fn a_merged_model_scores_like_the_base_with_its_adapter() {
 
 #[test]
 fn a_merged_gguf_in_f16_or_q8_0_scores_like_the_adapted_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, gguf) = tiny_model(dir.path(), &tiny());
-    let adapter = dir.path().join("adapter");
-    write_adapter(&adapter);
-    let text = dir.path().join("t.txt");
-    std::fs::write(&text, "merging folds the adapter into the weights").unwrap();
-    let score = |extra: &[&str]| {
-        let mut args = vec![
-            "perplexity",
-            "--json",
-            "--window",
-            "32",
-            "--file",
-            text.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        ft(&args).json()["perplexity"].as_f64().unwrap()
-    };
-    let adapted = score(&[
-        "--model",
-        gguf.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-    ]);
+    let f = MergeFixture::new();
+    let adapted = f.score(&f.gguf, true);
     for (ty, tolerance) in [("f16", 1e-3), ("q8_0", 2e-2)] {
-        let out = dir.path().join(format!("merged-{ty}.gguf"));
-        let run = ft(&[
-            "merge",
-            "--model",
-            gguf.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--format",
-            "gguf",
-            "--gguf-type",
-            ty,
-        ]);
-        assert_eq!(run.code, 0, "{}", run.stderr);
-        let merged = score(&["--model", out.to_str().unwrap()]);
+        let out = f.dir.path().join(format!("merged-{ty}.gguf"));
+        f.merge(&out, &["--format", "gguf", "--gguf-type", ty]);
+        let merged = f.score(&out, false);
         assert!(
             (merged / adapted - 1.0).abs() < tolerance,
             "{ty}: {merged} vs {adapted}"
