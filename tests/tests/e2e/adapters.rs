@@ -39,33 +39,11 @@ fn write_adapter(dir: &std::path::Path) {
 
 #[test]
 fn an_adapter_applies_identically_to_the_gguf_and_the_hf_folder() {
-    let dir = tempfile::tempdir().unwrap();
-    let (folder, gguf) = tiny_model(dir.path(), &tiny());
-    let adapter = dir.path().join("adapter");
-    write_adapter(&adapter);
-    let run = |model: &std::path::Path, with_adapter: bool| {
-        let mut args = vec![
-            "perplexity",
-            "--model",
-            model.to_str().unwrap(),
-            "--json",
-            "--window",
-            "32",
-        ];
-        let text = dir.path().join("t.txt");
-        std::fs::write(&text, "adapters change what the model predicts").unwrap();
-        let text = text.to_str().unwrap().to_string();
-        args.extend(["--file", &text]);
-        let a = adapter.to_str().unwrap().to_string();
-        if with_adapter {
-            args.extend(["--adapter", &a]);
-        }
-        ft(&args).json()["perplexity"].as_f64().unwrap()
-    };
-    let (hf, gg) = (run(&folder, true), run(&gguf, true));
+    let f = AdapterFixture::new();
+    let (hf, gg) = (f.score(&f.folder, true), f.score(&f.gguf, true));
     assert!((hf - gg).abs() < 1e-4 * hf, "{hf} vs {gg}");
     assert!(
-        (hf - run(&folder, false)).abs() > 1e-3,
+        (hf - f.score(&f.folder, false)).abs() > 1e-3,
         "the adapter changes the model"
     );
 }
@@ -107,24 +85,27 @@ fn a_misfit_adapter_is_named() {
     .fails_with(1, &["/no/such/adapter/adapter_config.json"]);
 }
 
-/// A tiny GGUF, an adapter for it and a text to score, in one temporary folder.
-struct MergeFixture {
+/// A tiny model (HF folder and GGUF), an adapter for it and a text to score, in one
+/// temporary folder.
+struct AdapterFixture {
     dir: tempfile::TempDir,
+    folder: PathBuf,
     gguf: PathBuf,
     adapter: PathBuf,
     text: PathBuf,
 }
 
-impl MergeFixture {
+impl AdapterFixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (_, gguf) = tiny_model(dir.path(), &tiny());
+        let (folder, gguf) = tiny_model(dir.path(), &tiny());
         let adapter = dir.path().join("adapter");
         write_adapter(&adapter);
         let text = dir.path().join("t.txt");
-        std::fs::write(&text, "merging folds the adapter into the weights").unwrap();
+        std::fs::write(&text, "adapters change what the model predicts").unwrap();
         Self {
             dir,
+            folder,
             gguf,
             adapter,
             text,
@@ -163,7 +144,7 @@ impl MergeFixture {
 
 #[test]
 fn a_merged_model_scores_like_the_base_with_its_adapter() {
-    let f = MergeFixture::new();
+    let f = AdapterFixture::new();
     let merged = f.dir.path().join("merged");
     f.merge(&merged, &[]);
     for file in [
@@ -183,7 +164,7 @@ fn a_merged_model_scores_like_the_base_with_its_adapter() {
 
 #[test]
 fn a_merged_gguf_in_f16_or_q8_0_scores_like_the_adapted_model() {
-    let f = MergeFixture::new();
+    let f = AdapterFixture::new();
     let adapted = f.score(&f.gguf, true);
     for (ty, tolerance) in [("f16", 1e-3), ("q8_0", 2e-2)] {
         let out = f.dir.path().join(format!("merged-{ty}.gguf"));
