@@ -11,7 +11,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
-use ft_quant::Linear;
+use ft_quant::{Linear, QuantBackend};
 
 /// Hyperparameters of one adapter.
 #[derive(Config, Debug, PartialEq)]
@@ -126,7 +126,9 @@ impl<B: Backend> LoraLinear<B> {
             self.base = Linear::dense(merged, bias);
         }
     }
+}
 
+impl<B: QuantBackend> LoraLinear<B> {
     /// # Shapes
     /// - x: `[b, s, in]` -> `[b, s, out]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {

@@ -29,6 +29,8 @@ pub mod weights;
 pub use cache::KvCache;
 pub use config::LlamaConfig;
 pub use error::ModelError;
+/// The backend trait every model forward needs (packed weights under autodiff).
+pub use ft_quant::QuantBackend;
 pub use llama::LlamaForCausalLM;
 pub use pretrained::Pretrained;
 pub use tokenizer::TextTokenizer;

@@ -14,6 +14,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
+use ft_quant::QuantBackend;
 
 pub use ft_adapters::LoraLinear;
 use ft_quant::linear::project;
@@ -74,18 +75,100 @@ impl<B: Backend> RotaryEmbedding<B> {
         }
     }
 
-    /// Rotates queries or keys at positions `start..start + s`.
+    /// The rotation of `s` consecutive positions from `start` (incremental decoding).
+    pub fn at(&self, start: usize, s: usize) -> Rotation<B> {
+        Rotation {
+            cos: self.cos.clone().narrow(0, start, s).unsqueeze::<4>(), // [1, 1, s, d]
+            sin: self.sin.clone().narrow(0, start, s).unsqueeze::<4>(),
+        }
+    }
+
+    /// The rotation of explicit position ids (packed sequences restart at 0 per document).
+    ///
+    /// # Shapes
+    /// - positions: `[b, s]` -> cos, sin `[b, 1, s, d]`
+    pub fn at_positions(&self, positions: Tensor<B, 2, Int>) -> Rotation<B> {
+        let [b, s] = positions.dims();
+        let d = self.cos.dims()[1];
+        let flat = positions.reshape([b * s]);
+        Rotation {
+            cos: self
+                .cos
+                .clone()
+                .select(0, flat.clone())
+                .reshape([b, 1, s, d]),
+            sin: self.sin.clone().select(0, flat).reshape([b, 1, s, d]),
+        }
+    }
+}
+
+/// cos and sin of the angles of a run of tokens, `[b or 1, 1, s, d]`, shared by all layers.
+#[derive(Debug, Clone)]
+pub struct Rotation<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rotation<B> {
+    /// Rotates queries or keys.
     ///
     /// # Shapes
     /// - x: `[b, heads, s, d]` -> `[b, heads, s, d]`
-    pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
-        let [_, _, s, d] = x.dims();
-        let cos = self.cos.clone().narrow(0, start, s).unsqueeze::<4>(); // [1, 1, s, d]
-        let sin = self.sin.clone().narrow(0, start, s).unsqueeze::<4>();
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let d = x.dims()[3];
         let x1 = x.clone().narrow(3, 0, d / 2);
         let x2 = x.clone().narrow(3, d / 2, d / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // rotate_half(x)
-        x * cos + rotated * sin
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// Which keys each new token may see, with the rotation of the new tokens: built once per
+/// forward and shared by every layer.
+#[derive(Debug, Clone)]
+pub struct Attend<B: Backend> {
+    /// RoPE angles of the new tokens.
+    pub rotation: Rotation<B>,
+    /// `[b or 1, 1, s, t]`, true where attention is blocked; `None` when every key is visible.
+    pub mask: Option<Tensor<B, 4, Bool>>,
+}
+
+impl<B: Backend> Attend<B> {
+    /// Causal attention for `s` new tokens after `start` cached ones.
+    pub fn causal(rope: &RotaryEmbedding<B>, start: usize, s: usize, device: &B::Device) -> Self {
+        // Position i (cached offset `start`) sees keys 0..=start+i.
+        let mask = (s > 1).then(|| {
+            Tensor::<B, 2, Bool>::tril_mask([s, start + s], start as i64, device).unsqueeze::<4>()
+        });
+        Self {
+            rotation: rope.at(start, s),
+            mask,
+        }
+    }
+
+    /// Causal attention within documents: `segments` `[b, s]` gives each token's document id,
+    /// and a token sees only earlier tokens of its own document; positions restart per document.
+    pub fn segmented(
+        rope: &RotaryEmbedding<B>,
+        segments: &[Vec<u32>],
+        positions: &[Vec<u32>],
+        device: &B::Device,
+    ) -> Self {
+        let (b, s) = (segments.len(), segments.first().map_or(0, Vec::len));
+        let mut blocked = Vec::with_capacity(b * s * s);
+        for seg in segments {
+            for i in 0..s {
+                blocked.extend((0..s).map(|j| j > i || seg[j] != seg[i]));
+            }
+        }
+        let pos: Vec<i64> = positions.iter().flatten().map(|&p| p as i64).collect();
+        Self {
+            rotation: rope.at_positions(Tensor::from_data(TensorData::new(pos, [b, s]), device)),
+            mask: Some(Tensor::from_data(
+                TensorData::new(blocked, [b, 1, s, s]),
+                device,
+            )),
+        }
     }
 }
 
@@ -108,7 +191,7 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: QuantBackend> Attention<B> {
     /// Attends from the new tokens to every cached token and to themselves, causally.
     ///
     /// # Shapes
@@ -116,9 +199,8 @@ impl<B: Backend> Attention<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &RotaryEmbedding<B>,
+        attend: &Attend<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-        start: usize,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -139,8 +221,8 @@ impl<B: Backend> Attention<B> {
             .forward(x)
             .reshape([b, s, kv, d])
             .swap_dims(1, 2); // [b, kv, s, d]
-        let q = rope.apply(q, start);
-        let k = rope.apply(k, start);
+        let q = attend.rotation.apply(q);
+        let k = attend.rotation.apply(k);
 
         let (k, v) = match cache {
             Some(slot) => {
@@ -162,16 +244,17 @@ impl<B: Backend> Attention<B> {
         // of each kv head into the row dimension lets one matmul serve them without copying k, v.
         let q = q.reshape([b, kv, g * s, d]); // rows: (group member, position)
         let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt(); // [b, kv, g*s, t]
-        let scores = if s > 1 {
-            // Position i (cached offset `start`) sees keys 0..=start+i.
-            let device = scores.device();
-            let mask = Tensor::<B, 2, Bool>::tril_mask([s, t], start as i64, &device) // [s, t]
-                .unsqueeze::<3>()
-                .repeat_dim(0, g)
-                .reshape([1, 1, g * s, t]);
-            scores.mask_fill(mask, f32::NEG_INFINITY)
-        } else {
-            scores
+        let scores = match &attend.mask {
+            Some(mask) => {
+                let [mb, _, _, _] = mask.dims();
+                let mask = mask
+                    .clone()
+                    .unsqueeze_dim::<5>(2) // [mb, 1, 1, s, t]
+                    .repeat_dim(2, g)
+                    .reshape([mb, 1, g * s, t]);
+                scores.mask_fill(mask, f32::NEG_INFINITY)
+            }
+            None => scores,
         };
         let probs = softmax(scores, 3);
         let out = probs.matmul(v); // [b, kv, g*s, d]
@@ -194,7 +277,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: LoraLinear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: QuantBackend> Mlp<B> {
     /// # Shapes
     /// - x: `[b, s, e]` -> `[b, s, e]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -216,19 +299,18 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: QuantBackend> DecoderLayer<B> {
     /// # Shapes
     /// - x: `[b, s, e]` -> `[b, s, e]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &RotaryEmbedding<B>,
+        attend: &Attend<B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-        start: usize,
     ) -> Tensor<B, 3> {
-        let attn =
-            self.self_attn
-                .forward(self.input_layernorm.forward(x.clone()), rope, cache, start);
+        let attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), attend, cache);
         let x = x + attn;
         let mlp = self
             .mlp
@@ -262,6 +344,18 @@ pub struct LlamaForCausalLM<B: Backend> {
 }
 
 impl<B: Backend> LlamaForCausalLM<B> {
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::with_layers(self.model.layers.len())
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> B::Device {
+        self.model.embed_tokens.val().device()
+    }
+}
+
+impl<B: QuantBackend> LlamaForCausalLM<B> {
     /// Final hidden states of the new tokens `ids`, continuing the sequences in `cache`.
     ///
     /// # Shapes
@@ -271,18 +365,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
         ids: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let [b, s] = ids.dims();
+        let s = ids.dims()[1];
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let e = self.model.embed_tokens.dims()[1];
-        let mut x = self
-            .model
-            .embed_tokens
-            .val()
-            .select(0, ids.reshape([b * s]))
-            .reshape([b, s, e]);
+        let attend = Attend::causal(&self.model.rotary_emb, start, s, &ids.device());
+        let mut x = self.embed(ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let entry = cache.as_deref_mut().map(|c| c.layer(i));
-            x = layer.forward(x, &self.model.rotary_emb, entry, start);
+            x = layer.forward(x, &attend, entry);
         }
         if let Some(c) = cache {
             c.advance(s);
@@ -290,14 +379,31 @@ impl<B: Backend> LlamaForCausalLM<B> {
         self.model.norm.forward(x)
     }
 
-    /// An empty KV cache for this model.
-    pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::with_layers(self.model.layers.len())
+    /// Final hidden states of a whole batch under an explicit attention layout (training:
+    /// padded or packed sequences), without a cache.
+    ///
+    /// # Shapes
+    /// - ids: `[b, s]` -> `[b, s, e]`
+    pub fn forward_attend(&self, ids: Tensor<B, 2, Int>, attend: &Attend<B>) -> Tensor<B, 3> {
+        let mut x = self.embed(ids);
+        for layer in &self.model.layers {
+            x = layer.forward(x, attend, None);
+        }
+        self.model.norm.forward(x)
     }
 
-    /// The device the weights live on.
-    pub fn device(&self) -> B::Device {
-        self.model.embed_tokens.val().device()
+    /// Token embeddings.
+    ///
+    /// # Shapes
+    /// - ids: `[b, s]` -> `[b, s, e]`
+    fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
+        let e = self.model.embed_tokens.dims()[1];
+        self.model
+            .embed_tokens
+            .val()
+            .select(0, ids.reshape([b * s]))
+            .reshape([b, s, e])
     }
 
     /// Next-token logits from hidden states.
@@ -371,7 +477,7 @@ mod tests {
         let rope = RotaryEmbedding::<B>::new(&c, &Default::default());
         // d = 4: pairs (0, 2) with frequency 1 and (1, 3) with frequency theta^(-1/2).
         let x = Tensor::<B, 4>::from_floats([[[[1.0, 0.0, 0.0, 0.0]]]], &Default::default());
-        let y: Vec<f32> = rope.apply(x, 3).into_data().to_vec().unwrap();
+        let y: Vec<f32> = rope.at(3, 1).apply(x).into_data().to_vec().unwrap();
         let expected = [3f32.cos(), 0.0, 3f32.sin(), 0.0];
         for (a, b) in y.iter().zip(expected) {
             assert!((a - b).abs() < 1e-6, "{y:?}");
@@ -437,5 +543,24 @@ mod tests {
                 &gqa.forward(ids(&tokens), None).into_data(),
                 Tolerance::absolute(1e-5),
             );
+    }
+
+    #[test]
+    fn packed_documents_equal_separate_forwards() {
+        // Two documents in one row, positions restarting at 0, must not see each other.
+        let (_, m) = variant(2, true, false);
+        let (a, b) = ([5u32, 9, 13, 200], [7u32, 8, 100]);
+        let packed: Vec<u32> = a.iter().chain(&b).copied().collect();
+        let attend = Attend::segmented(
+            &m.model.rotary_emb,
+            &[vec![0, 0, 0, 0, 1, 1, 1]],
+            &[vec![0, 1, 2, 3, 0, 1, 2]],
+            &Default::default(),
+        );
+        let together = m.logits(m.forward_attend(ids(&packed), &attend));
+        let apart = Tensor::cat(vec![m.forward(ids(&a), None), m.forward(ids(&b), None)], 1);
+        together
+            .into_data()
+            .assert_approx_eq::<f32>(&apart.into_data(), Tolerance::absolute(1e-4));
     }
 }

@@ -3,8 +3,8 @@
 //! 1..len-1 of each window; perplexity = exp(mean NLL).
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use ft_quant::QuantBackend;
 
 use crate::llama::LlamaForCausalLM;
 
@@ -20,7 +20,7 @@ pub struct Perplexity {
 }
 
 /// Scores `ids` in windows of `window` tokens.
-pub fn perplexity<B: Backend>(
+pub fn perplexity<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     ids: &[u32],
     window: usize,
@@ -31,7 +31,7 @@ pub fn perplexity<B: Backend>(
 
 /// [`perplexity`], plus the model's top-1 prediction at every scored position (in order), to
 /// compare two models position by position.
-pub fn perplexity_with_predictions<B: Backend>(
+pub fn perplexity_with_predictions<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     ids: &[u32],
     window: usize,

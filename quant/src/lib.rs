@@ -10,6 +10,7 @@
 //! Must not import any other ft crate: it knows nothing of LoRA, models or training.
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod bnb4;
 pub mod dynamic8;
 pub mod ggml;
@@ -17,6 +18,7 @@ pub mod int8;
 pub mod linear;
 pub mod packed;
 
+pub use backend::QuantBackend;
 pub use ggml::{dequantize, GgmlType};
 pub use linear::Linear;
 pub use packed::{PackedWeight, QuantFormat, QuantSpec};

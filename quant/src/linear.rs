@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use crate::backend::{dequantized, QuantBackend};
 
 use crate::packed::{PackedWeight, QuantFormat};
 
@@ -74,22 +76,32 @@ impl<B: Backend> Linear<B> {
     pub fn weight(&self, device: &B::Device) -> Tensor<B, 2> {
         match (&self.weight, &self.packed) {
             (Some(w), _) => w.val(),
-            (None, Some(p)) => {
-                Tensor::from_data(TensorData::new(p.0.dequantize(), p.0.shape), device)
-            }
+            (None, Some(p)) => dequantized(&p.0, device),
             (None, None) => Tensor::zeros([0, 0], device),
         }
     }
+}
 
-    /// Applies the layer to the last dimension.
+impl<B: QuantBackend> Linear<B> {
+    /// Applies the layer to the last dimension. A packed weight goes through
+    /// [`QuantBackend::packed_project`], so under autodiff its f32 form is not kept for backward.
     ///
     /// # Shapes
     /// - x: `[b, s, in]` -> `[b, s, out]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, n_in] = x.dims();
-        let w = self.weight(&x.device());
-        let n_out = w.dims()[0];
-        let y = project(x.reshape([b * s, n_in]), w); // [b*s, out]
+        let n_out = self.shape()[0];
+        let x = x.reshape([b * s, n_in]);
+        let y = match (&self.weight, &self.packed) {
+            (None, Some(p)) => Tensor::from_primitive(TensorPrimitive::Float(B::packed_project(
+                x.into_primitive().tensor(),
+                &p.0,
+            ))),
+            _ => {
+                let w = self.weight(&x.device());
+                project(x, w)
+            }
+        }; // [b*s, out]
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze_dim(0),
             None => y,
@@ -117,7 +129,7 @@ pub fn project<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, NdArray};
-    use burn::tensor::{Distribution, Tolerance};
+    use burn::tensor::{Distribution, TensorData, Tolerance};
 
     use super::*;
 

@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use ft_model::QuantBackend;
 use ft_model::{KvCache, LlamaForCausalLM};
 
 use crate::sampling::Sampler;
@@ -45,7 +45,7 @@ fn rate(n: usize, s: f64) -> f64 {
 }
 
 /// Logits of the last position after feeding `ids` through the cache.
-fn next_logits<B: Backend>(
+fn next_logits<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     ids: &[u32],
     cache: &mut KvCache<B>,
@@ -66,7 +66,7 @@ fn next_logits<B: Backend>(
 
 /// Generates up to `max_new_tokens` after `prompt` (which must be non-empty and, with the new
 /// tokens, fit the context: callers check), calling `on_token` for each new id.
-pub fn generate<B: Backend>(
+pub fn generate<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     prompt: &[u32],
     max_new_tokens: usize,

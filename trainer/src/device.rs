@@ -3,7 +3,7 @@
 
 use std::str::FromStr;
 
-use burn::tensor::backend::Backend;
+use ft_quant::QuantBackend;
 
 /// A device named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub trait Job {
     /// What the job returns.
     type Output;
     /// Runs on backend `B`.
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+    fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
 }
 
 /// The CPU backend.

@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::tensor::backend::Backend;
 use ft_model::{source, Pretrained};
+use ft_quant::QuantBackend;
 use ft_serve::{generate as run_generation, Sampler, SamplingParams};
 
 use crate::cli::BenchGenerateArgs;
@@ -37,7 +37,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 impl Job for BenchGenerateArgs {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<()> {
         let (n_prompt, n_new) = (self.prompt_tokens as usize, self.new_tokens as usize);
         let path = source::resolve(&self.model.model)?;
         let t0 = Instant::now();
@@ -77,7 +77,7 @@ impl Job for BenchGenerateArgs {
     }
 }
 
-fn backend_name<B: Backend>() -> &'static str {
+fn backend_name<B: QuantBackend>() -> &'static str {
     let name = std::any::type_name::<B>();
     if name.contains("NdArray") {
         "ndarray"
@@ -89,7 +89,7 @@ fn backend_name<B: Backend>() -> &'static str {
 }
 
 /// A deterministic prompt of exactly `n` tokens: a fixed English text, repeated.
-fn bench_prompt<B: Backend>(p: &Pretrained<B>, n: usize) -> anyhow::Result<Vec<u32>> {
+fn bench_prompt<B: QuantBackend>(p: &Pretrained<B>, n: usize) -> anyhow::Result<Vec<u32>> {
     const TEXT: &str = "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness was upon the face of the deep. ";
     let unit = p.tokenizer.encode(TEXT)?;
     Ok(unit.iter().copied().cycle().take(n).collect())

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::Context;
-use burn::tensor::backend::Backend;
+use ft_quant::QuantBackend;
 use ft_serve::{generate, Sampler, SamplingParams};
 
 use crate::cli::GenerateArgs;
@@ -17,7 +17,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 impl Job for GenerateArgs {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<()> {
         let pretrained = self.model.load::<B>(&device)?;
         let text = if self.chat {
             pretrained.chat_prompt(&self.prompt)?

@@ -1,7 +1,7 @@
 //! `ft perplexity`: the reference protocol over a text file.
 
-use burn::tensor::backend::Backend;
 use ft_model::perplexity::perplexity;
+use ft_quant::QuantBackend;
 
 use crate::cli::PerplexityArgs;
 use crate::device::{dispatch, Job};
@@ -15,7 +15,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
 impl Job for PerplexityArgs {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&self.file)
             .map_err(|e| anyhow::anyhow!("--file {}: {e}", self.file.display()))?;
         let pretrained = self.model.load::<B>(&device)?;

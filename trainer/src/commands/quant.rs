@@ -8,9 +8,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::tensor::backend::Backend;
 use ft_model::perplexity::perplexity_with_predictions;
 use ft_model::{source, Pretrained};
+use ft_quant::QuantBackend;
 use ft_quant::QuantSpec;
 use ft_serve::{generate, Sampler, SamplingParams};
 use plotters::prelude::*;
@@ -54,7 +54,7 @@ pub fn measure(args: QuantMeasureArgs) -> anyhow::Result<()> {
 impl Job for QuantMeasureArgs {
     type Output = ();
 
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<()> {
         let path = source::resolve(&self.model)?;
         let text = read_text(&self.file)?;
         let t0 = Instant::now();
