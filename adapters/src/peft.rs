@@ -55,6 +55,9 @@ pub struct PeftConfig {
     /// Whether the adapter was saved for inference.
     #[serde(default)]
     pub inference_mode: bool,
+    /// The layers adapted, when not all are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<Vec<usize>>,
 }
 
 fn none() -> String {
@@ -315,6 +318,7 @@ mod tests {
             fan_in_fan_out: false,
             base_model_name_or_path: Some("smollm2-135m-instruct".into()),
             inference_mode: true,
+            layers_to_transform: None,
         };
         let w = LoraWeights {
             a: Matrix {

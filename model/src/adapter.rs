@@ -3,10 +3,12 @@
 
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
-use ft_adapters::peft::{Matrix, PeftAdapter};
-use ft_adapters::AdapterError;
+use ft_adapters::peft::{LoraWeights, Matrix, PeftAdapter, PeftConfig};
+use ft_adapters::{AdapterError, Lora, LoraConfig};
 
 use crate::error::ModelError;
 use crate::llama::{LlamaForCausalLM, LoraLinear};
@@ -30,6 +32,74 @@ impl<B: Backend> LlamaForCausalLM<B> {
             }
         }
         out
+    }
+
+    /// Attaches fresh adapters (PEFT init) to the modules named in `targets` (`q_proj`, ...,
+    /// `down_proj`) of the chosen layers (all when `layers` is `None`), freezing their bases.
+    /// Returns the adapted module names. An unknown target or layer is an error naming it.
+    pub fn add_lora(
+        &mut self,
+        config: &LoraConfig,
+        targets: &[String],
+        layers: Option<&[usize]>,
+    ) -> Result<Vec<String>, ModelError> {
+        let n_layers = self.model.layers.len();
+        for t in targets {
+            if !TARGETS.contains(&t.as_str()) {
+                return Err(ModelError::Config(format!(
+                    "lora target {t:?} is not a module of this model; expected one of {TARGETS:?}"
+                )));
+            }
+        }
+        if let Some(bad) = layers.and_then(|l| l.iter().find(|&&i| i >= n_layers)) {
+            return Err(ModelError::Config(format!(
+                "lora layer {bad} does not exist; the model has layers 0..{n_layers}"
+            )));
+        }
+        let device = self.device();
+        let mut adapted = Vec::new();
+        for (name, layer) in self.linears_mut() {
+            let (index, module) = split_name(&name);
+            let chosen_layer = layers.is_none_or(|l| l.contains(&index));
+            if chosen_layer && targets.iter().any(|t| t == module) {
+                layer.attach_in_place(config.init(layer.base.shape(), &device));
+                adapted.push(name);
+            }
+        }
+        Ok(adapted)
+    }
+
+    /// The attached adapters with their module names, mutable (the optimizer updates them).
+    pub fn loras_mut(&mut self) -> Vec<(String, &mut Lora<B>)> {
+        self.linears_mut()
+            .into_iter()
+            .filter_map(|(name, l)| l.lora.as_mut().map(|lora| (name, lora)))
+            .collect()
+    }
+
+    /// The attached adapters as a PEFT adapter (host f32 copies) with `config`.
+    pub fn to_peft(&self, config: PeftConfig) -> PeftAdapter {
+        let matrix = |t: Tensor<B, 2>| Matrix {
+            shape: t.dims(),
+            data: t
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .unwrap_or_default(),
+        };
+        let modules: BTreeMap<String, LoraWeights> = self
+            .linears()
+            .into_iter()
+            .filter_map(|(name, l)| {
+                let lora = l.lora.as_ref()?;
+                let w = LoraWeights {
+                    a: matrix(lora.lora_a.val()),
+                    b: matrix(lora.lora_b.val()),
+                };
+                Some((name, w))
+            })
+            .collect();
+        PeftAdapter { config, modules }
     }
 
     /// Folds every attached adapter into its base weight (packed bases become dense f32).
@@ -82,7 +152,10 @@ impl<B: Backend> LlamaForCausalLM<B> {
             plan.push((index, w));
         }
         let tensor = |m: &Matrix| {
-            Tensor::<B, 2>::from_data(TensorData::new(m.data.clone(), m.shape), &device)
+            Tensor::<B, 2>::from_data(
+                TensorData::new(m.data.clone(), m.shape).convert::<B::FloatElem>(),
+                &device,
+            )
         };
         for (index, w) in plan {
             layers[index]
@@ -91,6 +164,27 @@ impl<B: Backend> LlamaForCausalLM<B> {
         }
         Ok(())
     }
+}
+
+/// The module names LoRA can target, as PEFT's `target_modules` spells them.
+pub const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// `model.layers.{i}.self_attn.q_proj` -> (i, "q_proj").
+fn split_name(name: &str) -> (usize, &str) {
+    let mut parts = name.split('.');
+    let index = parts
+        .nth(2)
+        .and_then(|i| i.parse().ok())
+        .unwrap_or(usize::MAX);
+    (index, name.rsplit('.').next().unwrap_or(name))
 }
 
 #[cfg(test)]

@@ -31,6 +31,10 @@ pub enum ModelError {
         what: String,
     },
 
+    /// A setting does not fit the model (an unknown LoRA target, a layer it lacks).
+    #[error("{0}")]
+    Config(String),
+
     // --- weights ---
     /// A GGUF tensor type ft cannot read.
     #[error("{path}: tensor {tensor} has unsupported type id {ty} (ft reads F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)")]

@@ -70,8 +70,14 @@ impl<B: Backend> RotaryEmbedding<B> {
             }
         }
         Self {
-            cos: Tensor::from_data(TensorData::new(cos, [max_pos, d]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [max_pos, d]), device),
+            cos: Tensor::from_data(
+                TensorData::new(cos, [max_pos, d]).convert::<B::FloatElem>(),
+                device,
+            ),
+            sin: Tensor::from_data(
+                TensorData::new(sin, [max_pos, d]).convert::<B::FloatElem>(),
+                device,
+            ),
         }
     }
 

@@ -48,7 +48,10 @@ fn linear_from_host<B: Backend>(
     match quant.and_then(|q| q.pack(&data, shape)) {
         Some(packed) => Linear::packed(packed, None),
         None => Linear::dense(
-            Tensor::from_data(TensorData::new(data, shape), device),
+            Tensor::from_data(
+                TensorData::new(data, shape).convert::<B::FloatElem>(),
+                device,
+            ),
             None,
         ),
     }
@@ -90,7 +93,7 @@ impl<B: Backend> Weights<B> for CheckpointWeights<'_, B> {
     ) -> Result<Tensor<B, D>, ModelError> {
         let t = self.host(name, &shape)?;
         Ok(Tensor::from_data(
-            TensorData::new(t.data, shape),
+            TensorData::new(t.data, shape).convert::<B::FloatElem>(),
             &self.device,
         ))
     }

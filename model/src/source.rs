@@ -24,6 +24,19 @@ const ALIASES: &[(&str, &str, &str)] = &[(
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )];
 
+/// The Hugging Face Hub id of the model behind a source string, for adapter configs
+/// (`base_model_name_or_path`) that PEFT and the Hub understand: the alias names the
+/// upstream model, `hf:org/name[@rev]` gives `org/name`, anything else is kept as given.
+pub fn hub_id(source: &str) -> String {
+    if source == DEFAULT_MODEL {
+        return "HuggingFaceTB/SmolLM2-135M-Instruct".into();
+    }
+    match source.strip_prefix("hf:") {
+        Some(id) => id.split('@').next().unwrap_or(id).to_string(),
+        None => source.to_string(),
+    }
+}
+
 /// ft's cache and data folder: `$FT_HOME`, else `~/.cache/ft`.
 pub fn ft_home() -> PathBuf {
     if let Some(home) = std::env::var_os("FT_HOME").filter(|h| !h.is_empty()) {

@@ -7,7 +7,9 @@
 //! implementation here is a custom op whose saved state is the packed weight alone: backward
 //! dequantizes W again to compute dL/dx, and W gets no gradient.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -34,9 +36,22 @@ pub trait QuantBackend: Backend {
     }
 }
 
+/// Nanoseconds this process has spent in [`dequantized`].
+static DEQUANT_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Seconds this process has spent dequantizing packed weights for matmuls, forward and
+/// backward (the trainer reports it as a share of the step time).
+pub fn dequant_seconds() -> f64 {
+    DEQUANT_NANOS.load(Ordering::Relaxed) as f64 * 1e-9
+}
+
 /// W [out, in] as an f32 tensor on `device`.
 pub fn dequantized<B: Backend>(weight: &PackedWeight, device: &B::Device) -> Tensor<B, 2> {
-    Tensor::from_data(TensorData::new(weight.dequantize(), weight.shape), device)
+    let start = Instant::now();
+    let data = TensorData::new(weight.dequantize(), weight.shape).convert::<B::FloatElem>();
+    let w = Tensor::from_data(data, device);
+    DEQUANT_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    w
 }
 
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> QuantBackend

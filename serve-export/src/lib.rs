@@ -6,8 +6,10 @@
 //! ft-distill or ft-trainer.
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod generate;
 pub mod sampling;
 
+pub use batch::greedy_batch;
 pub use generate::{generate, Generation};
 pub use sampling::{Sampler, SamplingParams};

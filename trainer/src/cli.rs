@@ -35,6 +35,89 @@ pub enum Command {
     /// Quantized bases: compare formats, save a quantized model.
     #[command(subcommand)]
     Quant(QuantCommand),
+    /// Train a LoRA/QLoRA adapter as a TOML recipe says.
+    Train(TrainArgs),
+    /// Check or print a recipe.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
+    /// Score a model (with an adapter) on bundled tasks by exact match.
+    Eval(EvalArgs),
+    /// Bundled data.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+/// `ft train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The recipe (TOML).
+    pub recipe: PathBuf,
+    /// Override a recipe key: `--set section.key=value` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Continue the run in DIR (its newest checkpoint) or from the checkpoint DIR.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+/// `ft recipe ...`.
+#[derive(Debug, Subcommand)]
+pub enum RecipeCommand {
+    /// Validate a recipe; prints `ok` or the first error.
+    Check(RecipeArgs),
+    /// Print the effective recipe, defaults included.
+    Show(RecipeArgs),
+}
+
+/// A recipe and its overrides.
+#[derive(Debug, Args)]
+pub struct RecipeArgs {
+    /// The recipe (TOML).
+    pub recipe: PathBuf,
+    /// Override a recipe key: `--set section.key=value` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+/// `ft eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model to score.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Bundled tasks to score, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
+    /// List the bundled tasks, one a line, and exit.
+    #[arg(long)]
+    pub list_tasks: bool,
+    /// Score only the first N held-out examples of each task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Most tokens generated per answer.
+    #[arg(long, default_value_t = 24)]
+    pub max_new_tokens: usize,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ft data ...`.
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Regenerate the bundled task splits (deterministic) into DIR/<task>/{train,test}.jsonl.
+    Tasks(DataTasksArgs),
+}
+
+/// `ft data tasks`.
+#[derive(Debug, Args)]
+pub struct DataTasksArgs {
+    /// Output folder.
+    #[arg(long, default_value = "data/tasks")]
+    pub out: PathBuf,
 }
 
 /// `ft merge`.
@@ -247,6 +330,25 @@ pub struct PerplexityArgs {
 pub enum BenchCommand {
     /// Prefill and decode tokens/s at batch 1, and peak RSS.
     Generate(BenchGenerateArgs),
+    /// Train recipes one after another and tabulate memory, speed and exact match.
+    Train(BenchTrainArgs),
+}
+
+/// `ft bench train`.
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// Recipes to run, in order.
+    #[arg(required = true)]
+    pub recipes: Vec<PathBuf>,
+    /// Override applied to every recipe (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Folder for the runs (one subfolder per recipe).
+    #[arg(long, default_value = "runs/bench")]
+    pub out: PathBuf,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 /// `ft bench generate`.

@@ -5,8 +5,17 @@
 //! the top of the stack: the only crate that uses clap and anyhow.
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod cli;
 pub mod commands;
+pub mod data;
 pub mod device;
 pub mod error;
+pub mod eval;
+pub mod metrics;
+pub mod optim;
+pub mod recipe;
 pub mod rss;
+pub mod schedule;
+pub mod tasks;
+pub mod train;

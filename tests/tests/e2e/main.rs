@@ -5,3 +5,4 @@ mod bad_input;
 mod quant;
 mod reference;
 mod tiny_models;
+mod train;

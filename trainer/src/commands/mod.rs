@@ -1,14 +1,19 @@
 //! One module per subcommand; each validates its flags and calls into the library crates.
 
 mod bench;
+mod bench_train;
+mod data;
+mod eval;
 mod generate;
 mod merge;
 mod perplexity;
 mod quant;
+mod recipe;
 mod report;
 mod tokenize;
+mod train;
 
-use crate::cli::{BenchCommand, Command, QuantCommand};
+use crate::cli::{BenchCommand, Command, DataCommand, QuantCommand, RecipeCommand};
 
 /// Runs one parsed command.
 pub fn run(command: Command) -> anyhow::Result<()> {
@@ -17,9 +22,15 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Bench(BenchCommand::Generate(args)) => bench::generate(args),
+        Command::Bench(BenchCommand::Train(args)) => bench_train::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Quant(QuantCommand::Compare(args)) => quant::compare(args),
         Command::Quant(QuantCommand::Measure(args)) => quant::measure(args),
         Command::Quant(QuantCommand::Save(args)) => quant::save(args),
+        Command::Train(args) => train::run(args),
+        Command::Recipe(RecipeCommand::Check(args)) => recipe::check(args),
+        Command::Recipe(RecipeCommand::Show(args)) => recipe::show(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Data(DataCommand::Tasks(args)) => data::tasks(args),
     }
 }

@@ -1,0 +1,119 @@
+//! Greedy generation for many prompts at once, as evaluation needs: prompts of equal length
+//! share one batch and one KV cache, so each decode step reads the weights once for the whole
+//! batch instead of once per prompt. Equal lengths need no padding, so the result for each
+//! prompt is exactly what [`crate::generate`] gives it alone with greedy sampling.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use ft_model::{LlamaForCausalLM, QuantBackend};
+
+use crate::sampling::argmax;
+
+/// Greedy continuations of `prompts` (each non-empty), at most `max_new_tokens` each, ending
+/// before the first stop id; `batch_size` rows at most per forward. Returns them in order.
+pub fn greedy_batch<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+    batch_size: usize,
+) -> Vec<Vec<u32>> {
+    let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, p) in prompts.iter().enumerate() {
+        by_len.entry(p.len()).or_default().push(i);
+    }
+    let mut out = vec![Vec::new(); prompts.len()];
+    for (len, rows) in by_len {
+        if len == 0 {
+            continue;
+        }
+        for chunk in rows.chunks(batch_size.max(1)) {
+            let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
+            for (&i, ids) in chunk
+                .iter()
+                .zip(decode(model, &batch, max_new_tokens, stop_ids))
+            {
+                out[i] = ids;
+            }
+        }
+    }
+    out
+}
+
+/// One batch of equal-length prompts.
+fn decode<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    prompts: &[&[u32]],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+) -> Vec<Vec<u32>> {
+    let device = model.device();
+    let (b, n) = (prompts.len(), prompts[0].len());
+    let mut out = vec![Vec::new(); b];
+    let mut done = vec![max_new_tokens == 0; b];
+    let mut cache = model.new_cache();
+    let mut input: Vec<i64> = prompts
+        .iter()
+        .flat_map(|p| p.iter().map(|&t| t as i64))
+        .collect();
+    let mut width = n;
+    while done.iter().any(|d| !d) {
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [b, width]), &device);
+        let hidden = model.forward_hidden(ids, Some(&mut cache)); // [b, width, e]
+        let last = hidden.narrow(1, width - 1, 1); // [b, 1, e]
+        let logits: Vec<f32> = model
+            .logits(last)
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap_or_default(); // [b * vocab]
+        let vocab = logits.len() / b;
+        input = Vec::with_capacity(b);
+        for (row, chunk) in logits.chunks(vocab).enumerate() {
+            let next = argmax(chunk);
+            if !done[row] {
+                if stop_ids.contains(&next) {
+                    done[row] = true;
+                } else {
+                    out[row].push(next);
+                    done[row] = out[row].len() >= max_new_tokens;
+                }
+            }
+            input.push(next as i64);
+        }
+        width = 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::backend::Backend;
+    use ft_model::tiny::tiny_config;
+
+    use super::*;
+    use crate::{generate, Sampler, SamplingParams};
+
+    type B = NdArray<f32>;
+
+    #[test]
+    fn batched_greedy_equals_one_prompt_at_a_time() {
+        B::seed(&Default::default(), 3);
+        let model = LlamaForCausalLM::<B>::init_random(&tiny_config(), &Default::default());
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![5, 6, 7],
+            vec![100, 3],
+            vec![9, 9, 9],
+            vec![40, 41, 42],
+            vec![200, 1],
+        ];
+        let batched = greedy_batch(&model, &prompts, 6, &[258], 2);
+        for (p, got) in prompts.iter().zip(&batched) {
+            let mut sampler = Sampler::new(SamplingParams::default());
+            let alone = generate(&model, p, 6, &[258], &mut sampler, |_| {});
+            assert_eq!(&alone.ids, got, "prompt {p:?}");
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! `ft train`, `ft recipe` and `ft eval` on a tiny model, as a user runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ft_tests::{ft, ft_bin, tiny, tiny_model};
+
+/// A tiny model, a completion dataset and a recipe in one temporary folder.
+struct TrainFixture {
+    dir: tempfile::TempDir,
+    recipe: PathBuf,
+}
+
+impl TrainFixture {
+    fn new(train: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (folder, _) = tiny_model(dir.path(), &tiny());
+        let lines: Vec<String> = (0..24)
+            .map(|i| {
+                serde_json::json!({"prompt": format!("{i} plus one is"), "completion": format!(" {}", i + 1)})
+                    .to_string()
+            })
+            .collect();
+        std::fs::write(dir.path().join("train.jsonl"), lines.join("\n")).unwrap();
+        let recipe = dir.path().join("recipe.toml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "[model]\nsource = {folder:?}\n\n[lora]\nr = 8\nalpha = 16\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n\n[data]\ntrain = \"train.jsonl\"\nformat = \"completion\"\nval_fraction = 0.25\n\n[train]\n{train}\n\n[output]\ndir = \"run\"\n"
+            ),
+        )
+        .unwrap();
+        Self { dir, recipe }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn train(&self, out: &Path, extra: &[&str]) -> ft_tests::Run {
+        let set = format!("output.dir={}", out.display());
+        let mut args = vec!["train", self.recipe.to_str().unwrap(), "--set", &set];
+        args.extend_from_slice(extra);
+        ft(&args)
+    }
+}
+
+/// `(step, loss, lr)` of every line of a run's metrics.jsonl.
+fn losses(run: &Path) -> Vec<(u64, f64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["train/loss"].as_f64().unwrap(),
+                v["train/lr"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn train_leaves_a_peft_adapter_that_generate_and_perplexity_load() {
+    let f = TrainFixture::new("max_steps = 12\nmicro_batch_size = 4\nlr = 0.005\neval_every = 4");
+    let out = f.path("run");
+    let run = f.train(&out, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "train_loss",
+        "val_loss",
+        "exact_match_before",
+        "exact_match_after",
+        "train_tokens_per_s",
+        "peak_rss_bytes",
+        "wall_s",
+    ] {
+        assert!(summary.get(key).is_some(), "summary.json lacks {key}");
+    }
+    assert!(summary["val_loss"].as_f64().unwrap() < summary["val_loss_before"].as_f64().unwrap());
+
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert_eq!(config["r"], 8);
+    assert_eq!(config["lora_alpha"], 16.0);
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["down_proj", "q_proj", "v_proj"])
+    );
+    assert_eq!(config["bias"], "none");
+    assert_eq!(config["fan_in_fan_out"], false);
+    assert_eq!(config["inference_mode"], true);
+    let adapter = ft_adapters::PeftAdapter::read(&out).unwrap();
+    let names: Vec<&String> = adapter.modules.keys().collect();
+    assert_eq!(names.len(), 6);
+    assert_eq!(names[0], "model.layers.0.mlp.down_proj");
+    assert_eq!(
+        adapter.modules["model.layers.1.self_attn.v_proj"].a.shape,
+        [8, 32]
+    );
+    assert_eq!(
+        adapter.modules["model.layers.1.self_attn.v_proj"].b.shape,
+        [16, 8]
+    );
+
+    let metrics = losses(&out);
+    assert_eq!(metrics.len(), 12);
+    let events: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .collect();
+    assert_eq!(events.len(), 1, "one TensorBoard event file");
+    let recipe = std::fs::read_to_string(out.join("recipe.toml")).unwrap();
+    assert!(
+        recipe.contains("micro_batch_size = 4") && recipe.contains("scheduler = \"cosine\""),
+        "{recipe}"
+    );
+
+    let model = f.path("hf");
+    let text = f.path("text.txt");
+    std::fs::write(&text, "3 plus one is 4\n7 plus one is 8\n").unwrap();
+    let score = |adapter: Option<&Path>| {
+        let mut args = vec![
+            "perplexity",
+            "--model",
+            model.to_str().unwrap(),
+            "--file",
+            text.to_str().unwrap(),
+            "--window",
+            "16",
+            "--json",
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        ft(&args).json()["perplexity"].as_f64().unwrap()
+    };
+    assert!(
+        score(Some(&out)) < score(None),
+        "the trained adapter fits this text better"
+    );
+    let g = ft(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--prompt",
+        "5 plus one is",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(g.code, 0, "{}", g.stderr);
+}
+
+#[test]
+fn resume_after_a_kill_gives_the_losses_of_a_straight_run() {
+    let f = TrainFixture::new("max_steps = 300\nmicro_batch_size = 6\ngrad_accum = 2\nlr = 0.002\nwarmup_steps = 5\nsave_every = 10");
+    let straight = f.path("straight");
+    assert_eq!(f.train(&straight, &[]).code, 0);
+
+    let killed = f.path("killed");
+    let mut child = Command::new(ft_bin())
+        .args([
+            "train",
+            f.recipe.to_str().unwrap(),
+            "--set",
+            &format!("output.dir={}", killed.display()),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !killed.join("checkpoints/step-000020").exists()
+        && start.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if killed.join("summary.json").exists() {
+        eprintln!(
+            "the run finished before it could be killed; resuming from its last checkpoint instead"
+        );
+    }
+    let run = f.train(&killed, &["--resume", killed.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("resuming from"), "{}", run.stdout);
+    assert_eq!(losses(&killed), losses(&straight));
+}
+
+#[test]
+fn recipe_errors_name_the_key_the_line_and_the_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str, sets: &[&str]| {
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut args = vec!["recipe", "check", path.to_str().unwrap()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let run = ft(&args);
+        assert_eq!(run.code, 2, "{}", run.stderr);
+        run.stderr.trim().replace(path.to_str().unwrap(), "r.toml")
+    };
+    let ok = "[data]\ntask = \"dates\"\n";
+    assert_eq!(check("[data]\ntask = \"dates\"\n[train]\nlearning_rate = 0.1\n", &[]), "error: r.toml:4: train.learning_rate: unknown field `learning_rate`, expected one of `max_steps`, `epochs`, `micro_batch_size`, `grad_accum`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `eval_every`, `save_every`, `resume`");
+    assert_eq!(
+        check("[data]\ntask = \"dates\"\n[lora]\nr = \"sixteen\"\n", &[]),
+        "error: r.toml:4: lora.r: invalid type: string \"sixteen\", expected usize"
+    );
+    assert_eq!(
+        check("[data]\ntask = \"dates\"\n[lora]\ndropout = 1.5\n", &[]),
+        "error: r.toml:4: lora.dropout: expected a number in [0, 1), got 1.5"
+    );
+    assert_eq!(check("[data]\ntask = \"dates\"\n[quant]\nbase = \"nf5\"\n", &[]), "error: r.toml:4: quant.base: expected none, bf16, int8, int8-block, nf4 or fp4, got \"nf5\"");
+    assert_eq!(check("[data]\ntask = \"dates\"\n[train]\nscheduler = \"step\"\n", &[]), "error: r.toml:4: train.scheduler: unknown variant `step`, expected one of `constant`, `linear`, `cosine`");
+    assert_eq!(
+        check("[data\ntask = 1\n", &[])
+            .lines()
+            .next()
+            .unwrap()
+            .split(':')
+            .take(2)
+            .collect::<Vec<_>>(),
+        ["error", " r.toml"]
+    );
+    assert_eq!(
+        check(ok, &["train.lr=-2"]),
+        "error: --set train.lr=-2: expected a number > 0, got -2"
+    );
+    assert_eq!(check(ok, &["train.steps=2"]), "error: --set train.steps=2: unknown field `steps`, expected one of `max_steps`, `epochs`, `micro_batch_size`, `grad_accum`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `eval_every`, `save_every`, `resume`");
+    let path = dir.path().join("r.toml");
+    std::fs::write(&path, ok).unwrap();
+    let run = ft(&["train", path.to_str().unwrap(), "--set", "data.task=poetry"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("data.task: unknown task \"poetry\"; bundled tasks: dates, units, sort"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn recipe_show_prints_every_default_and_the_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.toml");
+    std::fs::write(&path, "[data]\ntask = \"units\"\n").unwrap();
+    let run = ft(&[
+        "recipe",
+        "show",
+        path.to_str().unwrap(),
+        "--set",
+        "train.lr=0.003",
+        "--set",
+        "train.optimizer=paged_adamw",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for line in [
+        "[model]",
+        "source = \"smollm2-135m-instruct\"",
+        "[quant]",
+        "base = \"none\"",
+        "r = 16",
+        "task = \"units\"",
+        "lr = 0.003",
+        "optimizer = \"paged_adamw\"",
+        "[output]",
+    ] {
+        assert!(
+            run.stdout.lines().any(|l| l == line),
+            "{line:?} missing from\n{}",
+            run.stdout
+        );
+    }
+    assert_eq!(
+        ft(&["recipe", "check", path.to_str().unwrap()])
+            .stdout
+            .trim(),
+        format!("{}: ok", path.display())
+    );
+}
+
+#[test]
+fn every_shipped_recipe_checks() {
+    let recipes = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&recipes).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let run = ft(&["recipe", "check", path.to_str().unwrap()]);
+            assert_eq!(run.code, 0, "{}: {}", path.display(), run.stderr);
+            n += 1;
+        }
+    }
+    assert!(n >= 5, "qlora, lora and one recipe per task");
+}
+
+#[test]
+fn eval_lists_the_bundled_tasks() {
+    let run = ft(&["eval", "--list-tasks"]);
+    assert_eq!(run.code, 0);
+    let names: Vec<&str> = run
+        .stdout
+        .lines()
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    assert_eq!(names, ["dates", "units", "sort"]);
+    ft(&["eval", "--tasks", "poetry"]).fails_with(
+        2,
+        &["--tasks: expected names among dates, units, sort, got poetry"],
+    );
+}

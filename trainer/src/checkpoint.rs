@@ -1,0 +1,202 @@
+//! Checkpoints of a run: `checkpoints/step-NNNNNN/` in the output folder holds the adapter
+//! (PEFT files), the optimizer moments (`optimizer.safetensors`) and `trainer_state.json`
+//! (step, data position, scheduler and RNG inputs, the losses so far). A checkpoint is written
+//! into a temporary folder and renamed into place, so a run killed mid-write leaves the
+//! previous checkpoints intact and never a partial one; the two newest are kept.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use burn::module::Param;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
+use ft_adapters::peft::PeftConfig;
+use ft_adapters::PeftAdapter;
+use ft_model::LlamaForCausalLM;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::AdamW;
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const KEEP: usize = 2;
+
+/// Everything besides tensors that a resumed run needs to continue exactly.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps taken; also the scheduler's position and the dropout seed's input.
+    pub step: usize,
+    /// Data epoch of the next micro-batch.
+    pub epoch: usize,
+    /// Row index of the next micro-batch within its epoch.
+    pub position: usize,
+    /// Adam's t.
+    pub optimizer_t: u64,
+    /// Parameters whose moments are paged.
+    pub paged: Vec<String>,
+    /// Training loss of every step so far.
+    pub losses: Vec<f64>,
+    /// Latest validation loss.
+    pub val_loss: f64,
+    /// Validation loss before training.
+    pub val_loss_before: f64,
+    /// Exact match before training.
+    pub exact_match_before: Option<f64>,
+    /// Seconds of training steps so far.
+    pub train_s: f64,
+    /// Non-padding tokens trained on so far.
+    pub train_tokens: usize,
+}
+
+/// The checkpoint to resume from: `dir` itself when it is one, else the newest in
+/// `dir/checkpoints`.
+pub fn find(dir: &Path) -> anyhow::Result<PathBuf> {
+    if dir.join(STATE_FILE).is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let list = dir.join("checkpoints");
+    newest(&list)?
+        .last()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("train.resume: {} holds no checkpoint", dir.display()))
+}
+
+/// Finished checkpoints in `list`, oldest first.
+fn newest(list: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> = match std::fs::read_dir(list) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-"))
+                    && p.join(STATE_FILE).is_file()
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    found.sort();
+    Ok(found)
+}
+
+/// Writes a checkpoint of `step` atomically under `out/checkpoints`.
+pub fn save<B: AutodiffBackend>(
+    out: &Path,
+    model: &LlamaForCausalLM<B>,
+    optimizer: &AdamW<B::InnerBackend>,
+    state: &TrainerState,
+    peft: &PeftConfig,
+) -> anyhow::Result<()> {
+    let list = out.join("checkpoints");
+    std::fs::create_dir_all(&list).with_context(|| format!("creating {}", list.display()))?;
+    let name = format!("step-{:06}", state.step);
+    let tmp = list.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    model.to_peft(peft.clone()).write(&tmp)?;
+
+    let moments = optimizer.export();
+    let bytes: Vec<(String, [usize; 2], Vec<u8>)> = moments
+        .iter()
+        .flat_map(|(n, shape, m, v)| {
+            [("exp_avg", m), ("exp_avg_sq", v)].map(|(kind, x)| {
+                (
+                    format!("{kind}.{n}"),
+                    *shape,
+                    x.iter().flat_map(|f| f.to_le_bytes()).collect(),
+                )
+            })
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(k, shape, b)| TensorView::new(Dtype::F32, shape.to_vec(), b).map(|v| (k.clone(), v)))
+        .collect::<Result<Vec<_>, _>>()?;
+    std::fs::write(
+        tmp.join(OPTIMIZER_FILE),
+        safetensors::serialize(views, None)?,
+    )?;
+    let mut state = state.clone();
+    state.optimizer_t = optimizer.t;
+    state.paged = optimizer.paged_names();
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
+
+    let dest = list.join(&name);
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::rename(&tmp, &dest).with_context(|| format!("writing {}", dest.display()))?;
+    let all = newest(&list)?;
+    for old in all.iter().take(all.len().saturating_sub(KEEP)) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(())
+}
+
+/// Restores the adapter weights and optimizer moments of checkpoint `dir`; returns its state.
+pub fn load<B: AutodiffBackend>(
+    dir: &Path,
+    model: &mut LlamaForCausalLM<B>,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    device: &B::Device,
+) -> anyhow::Result<TrainerState> {
+    let state: TrainerState = serde_json::from_slice(
+        &std::fs::read(dir.join(STATE_FILE))
+            .with_context(|| format!("reading {}", dir.display()))?,
+    )
+    .with_context(|| format!("{}: not a trainer state", dir.join(STATE_FILE).display()))?;
+    let adapter = PeftAdapter::read(dir)?;
+    let mut loras = model.loras_mut();
+    anyhow::ensure!(
+        loras.len() == adapter.modules.len(),
+        "{}: the checkpoint adapts {} modules, the recipe {}",
+        dir.display(),
+        adapter.modules.len(),
+        loras.len()
+    );
+    for (name, lora) in loras.iter_mut() {
+        let w = adapter
+            .modules
+            .get(name.as_str())
+            .ok_or_else(|| anyhow::anyhow!("{}: no weights for {name}", dir.display()))?;
+        let t = |m: &ft_adapters::peft::Matrix| {
+            Tensor::<B, 2>::from_data(
+                TensorData::new(m.data.clone(), m.shape).convert::<B::FloatElem>(),
+                device,
+            )
+        };
+        lora.lora_a = Param::from_tensor(t(&w.a));
+        lora.lora_b = Param::from_tensor(t(&w.b));
+    }
+    let path = dir.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}", path.display()))?;
+    let mut moments = Vec::new();
+    for name in st.names() {
+        let Some(param) = name.strip_prefix("exp_avg.") else {
+            continue;
+        };
+        let read = |key: &str| -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+            let t = st
+                .tensor(key)
+                .with_context(|| format!("{}: {key}", path.display()))?;
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Ok((t.shape().to_vec(), v))
+        };
+        let (shape, m) = read(name)?;
+        let (_, v) = read(&format!("exp_avg_sq.{param}"))?;
+        anyhow::ensure!(
+            shape.len() == 2,
+            "{}: {name} is not a matrix",
+            path.display()
+        );
+        moments.push((param.to_string(), [shape[0], shape[1]], m, v));
+    }
+    optimizer.import(state.optimizer_t, moments, &state.paged, device);
+    Ok(state)
+}

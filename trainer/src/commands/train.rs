@@ -1,0 +1,41 @@
+//! `ft train RECIPE`: runs the training loop on the recipe's device.
+
+use burn::backend::Autodiff;
+use ft_quant::QuantBackend;
+
+use crate::cli::{RecipeArgs, TrainArgs};
+use crate::device::{dispatch, DeviceSpec, Job};
+use crate::error::usage;
+use crate::recipe::LoadedRecipe;
+
+/// Runs `ft train`.
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let mut loaded = super::recipe::load(&RecipeArgs {
+        recipe: args.recipe.clone(),
+        sets: args.sets.clone(),
+    })?;
+    if let Some(dir) = args.resume {
+        loaded.recipe.train.resume = Some(dir);
+    }
+    let device: DeviceSpec = loaded
+        .recipe
+        .model
+        .device
+        .parse()
+        .map_err(|e: String| usage("model.device", "cpu, cuda or cuda:N", e))?;
+    let out = loaded.recipe.output.dir.clone();
+    let summary = dispatch(device, TrainJob(loaded))?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    println!("adapter written to {}", out.display());
+    Ok(())
+}
+
+struct TrainJob(LoadedRecipe);
+
+impl Job for TrainJob {
+    type Output = crate::train::Summary;
+
+    fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<Self::Output> {
+        crate::train::train::<Autodiff<B>>(&self.0, &device).map(|t| t.summary)
+    }
+}

@@ -1,0 +1,484 @@
+//! Training data: JSONL records in four formats, turned into token ids with a loss mask, then
+//! into padded or packed micro-batches.
+//!
+//! - `text`: `{"text": ...}`, every token trained.
+//! - `completion`: `{"prompt": ..., "completion": ...}`, the completion trained.
+//! - `alpaca`: `{"instruction", "input", "output"}`, rendered with the Alpaca prompt (Taori et
+//!   al. 2023), the output trained.
+//! - `chat`: `{"messages": [{"role", "content"}, ...]}`, rendered with the model's chat template;
+//!   only assistant turns are trained.
+//!
+//! EOS ends every text, completion and alpaca example (a chat template ends turns itself).
+//! Prompt tokens are masked out of the loss unless `train_on_prompt`.
+
+use std::path::Path;
+
+use ft_model::chat::{ChatTemplate, Message};
+use ft_model::TextTokenizer;
+use serde::{Deserialize, Serialize};
+
+/// The record layout of a JSONL file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// `{"text"}`
+    Text,
+    /// `{"prompt", "completion"}`
+    Completion,
+    /// `{"instruction", "input", "output"}`
+    Alpaca,
+    /// `{"messages": [{"role", "content"}]}`
+    Chat,
+}
+
+/// One record: text pieces, each with whether its tokens are trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// Plain text.
+    Text(String),
+    /// A prompt and the completion to learn.
+    Completion {
+        /// Conditioning text.
+        prompt: String,
+        /// Text to learn.
+        completion: String,
+    },
+    /// A conversation.
+    Chat(Vec<Message>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TextRow {
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct CompletionRow {
+    prompt: String,
+    completion: String,
+}
+
+#[derive(Deserialize)]
+struct AlpacaRow {
+    instruction: String,
+    #[serde(default)]
+    input: String,
+    output: String,
+}
+
+#[derive(Deserialize)]
+struct ChatRow {
+    messages: Vec<Message>,
+}
+
+/// The Alpaca prompt (Stanford Alpaca's `PROMPT_DICT`), with and without input.
+fn alpaca_prompt(instruction: &str, input: &str) -> String {
+    if input.is_empty() {
+        format!(
+            "Below is an instruction that describes a task. Write a response that appropriately \
+             completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+        )
+    } else {
+        format!(
+            "Below is an instruction that describes a task, paired with an input that provides \
+             further context. Write a response that appropriately completes the request.\n\n\
+             ### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        )
+    }
+}
+
+/// A data error naming the file and line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DataError(pub String);
+
+/// Parses JSONL `text` (named `file` in errors) in `format`.
+pub fn parse_jsonl(text: &str, format: Format, file: &str) -> Result<Vec<Record>, DataError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |e: serde_json::Error| {
+            DataError(format!("{file}:{}: not a {format:?} record: {e}", i + 1))
+        };
+        let record = match format {
+            Format::Text => Record::Text(serde_json::from_str::<TextRow>(line).map_err(bad)?.text),
+            Format::Completion => {
+                let r: CompletionRow = serde_json::from_str(line).map_err(bad)?;
+                Record::Completion {
+                    prompt: r.prompt,
+                    completion: r.completion,
+                }
+            }
+            Format::Alpaca => {
+                let r: AlpacaRow = serde_json::from_str(line).map_err(bad)?;
+                Record::Completion {
+                    prompt: alpaca_prompt(&r.instruction, &r.input),
+                    completion: r.output,
+                }
+            }
+            Format::Chat => {
+                let r: ChatRow = serde_json::from_str(line).map_err(bad)?;
+                if !r.messages.iter().any(|m| m.role == "assistant") {
+                    return Err(DataError(format!(
+                        "{file}:{}: a chat record needs at least one assistant message",
+                        i + 1
+                    )));
+                }
+                Record::Chat(r.messages)
+            }
+        };
+        out.push(record);
+    }
+    if out.is_empty() {
+        return Err(DataError(format!("{file}: no records")));
+    }
+    Ok(out)
+}
+
+/// Reads a JSONL file in `format`.
+pub fn read_jsonl(path: &Path, format: Format) -> Result<Vec<Record>, DataError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| DataError(format!("{}: {e}", path.display())))?;
+    parse_jsonl(&text, format, &path.display().to_string())
+}
+
+/// Token ids with, for each, whether the model is trained to predict it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokenized {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// `train[i]`: the loss includes predicting `ids[i]` from `ids[..i]`.
+    pub train: Vec<bool>,
+}
+
+/// What tokenization needs from the model.
+pub struct Encoder<'a> {
+    /// The tokenizer.
+    pub tokenizer: &'a TextTokenizer,
+    /// The chat template (for `chat` records).
+    pub template: Option<&'a ChatTemplate>,
+    /// Appended to text/completion examples.
+    pub eos: Option<u32>,
+    /// Train on prompt tokens too.
+    pub train_on_prompt: bool,
+    /// Longer examples are cut to this many tokens.
+    pub max_seq_len: usize,
+}
+
+impl Encoder<'_> {
+    /// Tokenizes one record; returns it and whether it was truncated.
+    pub fn encode(&self, record: &Record) -> Result<(Tokenized, bool), DataError> {
+        let mut t = Tokenized {
+            ids: Vec::new(),
+            train: Vec::new(),
+        };
+        let mut push = |text: &str, train: bool| -> Result<(), DataError> {
+            let ids = self
+                .tokenizer
+                .encode(text)
+                .map_err(|e| DataError(e.to_string()))?;
+            t.train.extend(std::iter::repeat_n(train, ids.len()));
+            t.ids.extend(ids);
+            Ok(())
+        };
+        match record {
+            Record::Text(text) => push(text, true)?,
+            Record::Completion { prompt, completion } => {
+                push(prompt, self.train_on_prompt)?;
+                push(completion, true)?;
+            }
+            Record::Chat(messages) => {
+                let template = self.template.ok_or_else(|| {
+                    DataError("chat data needs a model with a chat template".into())
+                })?;
+                let render = |m: &[Message], gen: bool| {
+                    template
+                        .render(
+                            m,
+                            gen,
+                            self.tokenizer.bos_token.as_deref(),
+                            self.tokenizer.eos_token.as_deref(),
+                        )
+                        .map_err(|e| DataError(e.to_string()))
+                };
+                // Each assistant turn is the difference between the conversation rendered
+                // through it and the one rendered up to its opener.
+                let mut done = String::new();
+                for (k, m) in messages.iter().enumerate() {
+                    if m.role != "assistant" {
+                        continue;
+                    }
+                    let opener = render(&messages[..k], true)?;
+                    let through = render(&messages[..=k], false)?;
+                    let prompt = opener.strip_prefix(done.as_str()).unwrap_or(&opener);
+                    push(prompt, self.train_on_prompt)?;
+                    let answer = through.strip_prefix(opener.as_str()).unwrap_or(&through);
+                    push(answer, true)?;
+                    done = through;
+                }
+            }
+        }
+        if !matches!(record, Record::Chat(_)) {
+            if let Some(eos) = self.eos {
+                t.ids.push(eos);
+                t.train.push(true);
+            }
+        }
+        let truncated = t.ids.len() > self.max_seq_len;
+        t.ids.truncate(self.max_seq_len);
+        t.train.truncate(self.max_seq_len);
+        Ok((t, truncated))
+    }
+}
+
+/// One micro-batch, laid out on the host: `b` rows of `s` tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Rows.
+    pub b: usize,
+    /// Tokens per row.
+    pub s: usize,
+    /// `[b * s]` token ids (padding repeats `pad`).
+    pub ids: Vec<u32>,
+    /// Per row, the document id of each token (padding has its own).
+    pub segments: Vec<Vec<u32>>,
+    /// Per row, each token's position within its document.
+    pub positions: Vec<Vec<u32>>,
+    /// `(flat index of the predicting position, target id)` for every trained token.
+    pub targets: Vec<(usize, u32)>,
+    /// Tokens that are not padding.
+    pub real_tokens: usize,
+}
+
+impl Batch {
+    /// Lays out `rows`, each a list of documents, padded to the longest row with `pad`.
+    pub fn new(rows: &[Vec<&Tokenized>], pad: u32) -> Self {
+        let s = rows
+            .iter()
+            .map(|docs| docs.iter().map(|d| d.ids.len()).sum::<usize>())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let b = rows.len();
+        let mut batch = Batch {
+            b,
+            s,
+            ids: Vec::with_capacity(b * s),
+            segments: Vec::with_capacity(b),
+            positions: Vec::with_capacity(b),
+            targets: Vec::new(),
+            real_tokens: 0,
+        };
+        for (r, docs) in rows.iter().enumerate() {
+            let (mut segments, mut positions) = (Vec::with_capacity(s), Vec::with_capacity(s));
+            for (d, doc) in docs.iter().enumerate() {
+                let start = r * s + segments.len();
+                for (i, (&id, &train)) in doc.ids.iter().zip(&doc.train).enumerate() {
+                    if i > 0 && train {
+                        batch.targets.push((start + i - 1, id));
+                    }
+                    batch.ids.push(id);
+                    segments.push(d as u32);
+                    positions.push(i as u32);
+                }
+            }
+            let used = segments.len();
+            batch.real_tokens += used;
+            for i in used..s {
+                batch.ids.push(pad);
+                segments.push(docs.len() as u32);
+                positions.push((i - used) as u32);
+            }
+            batch.segments.push(segments);
+            batch.positions.push(positions);
+        }
+        batch
+    }
+
+    /// Trained tokens in the batch.
+    pub fn loss_tokens(&self) -> usize {
+        self.targets.len()
+    }
+}
+
+/// Groups examples into micro-batch rows: one example per row, or packed into rows of at most
+/// `max_seq_len` tokens in the given order (an example never spans two rows).
+pub fn rows<'a>(
+    examples: &[&'a Tokenized],
+    packing: bool,
+    max_seq_len: usize,
+) -> Vec<Vec<&'a Tokenized>> {
+    if !packing {
+        return examples.iter().map(|e| vec![*e]).collect();
+    }
+    let mut out: Vec<Vec<&Tokenized>> = Vec::new();
+    let mut used = 0;
+    for e in examples {
+        let n = e.ids.len();
+        match out.last_mut() {
+            Some(row) if used + n <= max_seq_len => {
+                row.push(e);
+                used += n;
+            }
+            _ => {
+                out.push(vec![e]);
+                used = n;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use ft_model::tiny::{tiny_config, write_hf_folder, CHATML_TEMPLATE};
+    use ft_model::LlamaForCausalLM;
+
+    use super::*;
+
+    /// The tiny model's byte-level tokenizer: byte b is id b; 258 is `<|im_end|>`.
+    fn tokenizer() -> TextTokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        let model =
+            LlamaForCausalLM::<NdArray<f32>>::init_random(&tiny_config(), &Default::default());
+        write_hf_folder(&model, &tiny_config(), dir.path()).unwrap();
+        let path = dir.path().join("tokenizer.json");
+        TextTokenizer::from_file(&path, vec![258], None, Some("<|im_end|>".into())).unwrap()
+    }
+
+    fn encoder<'a>(
+        t: &'a TextTokenizer,
+        template: Option<&'a ChatTemplate>,
+        train_on_prompt: bool,
+    ) -> Encoder<'a> {
+        Encoder {
+            tokenizer: t,
+            template,
+            eos: Some(258),
+            train_on_prompt,
+            max_seq_len: 64,
+        }
+    }
+
+    #[test]
+    fn each_format_parses_and_bad_lines_name_file_and_line() {
+        let r = parse_jsonl(
+            "{\"text\": \"hi\"}\n\n{\"text\": \"yo\"}\n",
+            Format::Text,
+            "a.jsonl",
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            vec![Record::Text("hi".into()), Record::Text("yo".into())]
+        );
+        let r = parse_jsonl(
+            "{\"instruction\": \"Add\", \"input\": \"1 2\", \"output\": \"3\"}",
+            Format::Alpaca,
+            "a",
+        )
+        .unwrap();
+        let Record::Completion { prompt, completion } = &r[0] else {
+            panic!()
+        };
+        assert!(prompt.ends_with("### Instruction:\nAdd\n\n### Input:\n1 2\n\n### Response:\n"));
+        assert_eq!(completion, "3");
+        let e = parse_jsonl(
+            "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 1}\n",
+            Format::Completion,
+            "c.jsonl",
+        )
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("c.jsonl:2: not a Completion record"),
+            "{}",
+            e.0
+        );
+        let e = parse_jsonl(
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}",
+            Format::Chat,
+            "d.jsonl",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.0,
+            "d.jsonl:1: a chat record needs at least one assistant message"
+        );
+    }
+
+    #[test]
+    fn prompts_are_masked_and_eos_appended() {
+        let t = tokenizer();
+        let rec = Record::Completion {
+            prompt: "ab".into(),
+            completion: "cd".into(),
+        };
+        let (x, cut) = encoder(&t, None, false).encode(&rec).unwrap();
+        assert_eq!(x.ids, vec![97, 98, 99, 100, 258]);
+        assert_eq!(x.train, vec![false, false, true, true, true]);
+        assert!(!cut);
+        let (x, _) = encoder(&t, None, true).encode(&rec).unwrap();
+        assert!(x.train.iter().all(|&b| b));
+        let mut short = encoder(&t, None, false);
+        short.max_seq_len = 3;
+        let (x, cut) = short.encode(&rec).unwrap();
+        assert_eq!((x.ids.len(), cut), (3, true));
+    }
+
+    #[test]
+    fn chat_trains_only_assistant_turns() {
+        let t = tokenizer();
+        let template = ChatTemplate::new(CHATML_TEMPLATE).unwrap();
+        let msg = |role: &str, content: &str| Message {
+            role: role.into(),
+            content: content.into(),
+        };
+        let rec = Record::Chat(vec![
+            msg("user", "hi"),
+            msg("assistant", "yo"),
+            msg("user", "q"),
+            msg("assistant", "a"),
+        ]);
+        let (x, _) = encoder(&t, Some(&template), false).encode(&rec).unwrap();
+        let text = t.decode(&x.ids).unwrap();
+        assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n");
+        let trained: Vec<u32> = x
+            .ids
+            .iter()
+            .zip(&x.train)
+            .filter(|(_, &t)| t)
+            .map(|(&i, _)| i)
+            .collect();
+        assert_eq!(t.decode(&trained).unwrap(), "yo<|im_end|>\na<|im_end|>\n");
+    }
+
+    #[test]
+    fn padded_and_packed_batches_lay_out_targets_segments_and_positions() {
+        let a = Tokenized {
+            ids: vec![1, 2, 3],
+            train: vec![false, true, true],
+        };
+        let b = Tokenized {
+            ids: vec![4, 5],
+            train: vec![true, true],
+        };
+        let padded = Batch::new(&[vec![&a], vec![&b]], 0);
+        assert_eq!((padded.b, padded.s), (2, 3));
+        assert_eq!(padded.ids, vec![1, 2, 3, 4, 5, 0]);
+        assert_eq!(padded.targets, vec![(0, 2), (1, 3), (3, 5)]);
+        assert_eq!(padded.segments[1], vec![0, 0, 1]);
+        assert_eq!(padded.real_tokens, 5);
+        let rows = rows(&[&a, &b, &a], true, 5);
+        assert_eq!(rows.len(), 2);
+        let packed = Batch::new(&rows, 0);
+        assert_eq!(packed.s, 5);
+        assert_eq!(packed.segments[0], vec![0, 0, 0, 1, 1]);
+        assert_eq!(packed.positions[0], vec![0, 1, 2, 0, 1]);
+        // No target crosses from one document into the next.
+        assert_eq!(&packed.targets[..3], &[(0, 2), (1, 3), (3, 5)]);
+    }
+}

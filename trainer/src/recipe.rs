@@ -1,0 +1,647 @@
+//! Training recipes: TOML files in the sections of DESIGN.md (`[model]`, `[quant]`, `[lora]`,
+//! `[data]`, `[train]`, `[eval]`, `[output]`). Every key has a default, unknown keys are errors,
+//! and every error names the file, the line, the key and what was expected. `--set
+//! section.key=value` overrides any key after the file is read.
+
+use std::path::{Path, PathBuf};
+
+use ft_model::source::DEFAULT_MODEL;
+use serde::{Deserialize, Serialize};
+
+use crate::data::Format;
+
+/// A whole recipe with every default filled in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
+pub struct Recipe {
+    /// The base model.
+    pub model: ModelSection,
+    /// Storage of the frozen base.
+    pub quant: QuantSection,
+    /// The adapters to train.
+    pub lora: LoraSection,
+    /// Training and validation data.
+    pub data: DataSection,
+    /// The optimization loop.
+    pub train: TrainSection,
+    /// Exact-match evaluation of a task before and after training.
+    pub eval: EvalSection,
+    /// Where the run goes.
+    pub output: OutputSection,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A GGUF file, an HF folder, `hf:org/name`, `pypi:pkg==ver#path`, or an alias.
+    pub source: String,
+    /// `cpu` or `cuda[:N]`.
+    pub device: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            source: DEFAULT_MODEL.into(),
+            device: "cpu".into(),
+        }
+    }
+}
+
+/// `[quant]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantSection {
+    /// `none` (f32), `bf16`, `int8`, `int8-block`, `nf4` or `fp4`.
+    pub base: String,
+    /// Double-quantize the absmax values of nf4/fp4.
+    pub double_quant: bool,
+}
+
+impl Default for QuantSection {
+    fn default() -> Self {
+        Self {
+            base: "none".into(),
+            double_quant: false,
+        }
+    }
+}
+
+/// `[lora]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    /// Rank.
+    pub r: usize,
+    /// Scaling numerator.
+    pub alpha: f64,
+    /// Dropout on the adapter input.
+    pub dropout: f64,
+    /// Target modules, PEFT's names.
+    pub targets: Vec<String>,
+    /// Layers to adapt (all when absent).
+    pub layers: Option<Vec<usize>>,
+    /// alpha / sqrt(r) scaling.
+    pub rslora: bool,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            targets: ft_model::adapter::TARGETS.map(String::from).to_vec(),
+            layers: None,
+            rslora: false,
+        }
+    }
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// A bundled task (`ft eval --list-tasks`): its train split trains, its test split is
+    /// scored by exact match. Replaces `train` and `format`.
+    pub task: Option<String>,
+    /// Training JSONL (relative paths are relative to the recipe file).
+    pub train: Option<PathBuf>,
+    /// Validation JSONL; when absent, `val_fraction` of the training examples is held out.
+    pub val: Option<PathBuf>,
+    /// `text`, `completion`, `alpaca` or `chat`.
+    pub format: Format,
+    /// Longer examples are truncated (and counted).
+    pub max_seq_len: usize,
+    /// Pack several examples per row, each attending only to itself.
+    pub packing: bool,
+    /// Compute the loss on prompt tokens too.
+    pub train_on_prompt: bool,
+    /// Share of the training examples held out for validation when `val` is absent.
+    pub val_fraction: f64,
+    /// Most validation examples scored at each evaluation.
+    pub val_limit: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            task: None,
+            train: None,
+            val: None,
+            format: Format::Completion,
+            max_seq_len: 256,
+            packing: false,
+            train_on_prompt: false,
+            val_fraction: 0.05,
+            val_limit: 64,
+        }
+    }
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Optimizer steps; when absent, `epochs` over the training data.
+    pub max_steps: Option<usize>,
+    /// Passes over the training data when `max_steps` is absent.
+    pub epochs: usize,
+    /// Examples (or packed rows) per forward.
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// `constant`, `linear` or `cosine` (after warmup).
+    pub scheduler: Scheduler,
+    /// Linear warmup steps from 0 to `lr`.
+    pub warmup_steps: usize,
+    /// Decoupled weight decay (AdamW).
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    /// `adamw` or `paged_adamw`.
+    pub optimizer: OptimizerKind,
+    /// Adam's beta1 and beta2.
+    pub betas: [f64; 2],
+    /// Adam's epsilon.
+    pub eps: f64,
+    /// A parameter group whose states have at least this many elements is paged to host
+    /// memory by `paged_adamw` (bitsandbytes pages tensors of 1e5 elements and more).
+    pub page_min_elements: usize,
+    /// Seed of initialization, shuffling and dropout.
+    pub seed: u64,
+    /// Validation loss every N steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: never).
+    pub save_every: usize,
+    /// Continue the run in this folder (its latest checkpoint) or from this checkpoint.
+    pub resume: Option<PathBuf>,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            max_steps: None,
+            epochs: 1,
+            micro_batch_size: 8,
+            grad_accum: 1,
+            lr: 2e-4,
+            scheduler: Scheduler::Cosine,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            optimizer: OptimizerKind::AdamW,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            page_min_elements: 100_000,
+            seed: 42,
+            eval_every: 0,
+            save_every: 0,
+            resume: None,
+        }
+    }
+}
+
+/// Learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    /// Stays at the peak.
+    Constant,
+    /// Linear decay to 0 at the last step.
+    Linear,
+    /// Half-cosine decay to 0 at the last step.
+    Cosine,
+}
+
+/// The optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// AdamW with moments on the device.
+    #[serde(rename = "adamw")]
+    AdamW,
+    /// AdamW with moments in host pages, brought to the device one group at a time.
+    #[serde(rename = "paged_adamw")]
+    PagedAdamW,
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Score the task's held-out split by exact match before and after training.
+    pub exact_match: bool,
+    /// Most held-out examples to score (all when absent).
+    pub limit: Option<usize>,
+    /// Most tokens generated per answer.
+    pub max_new_tokens: usize,
+    /// Prompts decoded together.
+    pub batch_size: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            exact_match: true,
+            limit: None,
+            max_new_tokens: 24,
+            batch_size: 32,
+        }
+    }
+}
+
+/// `[output]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    /// The run folder (relative paths are relative to the current directory).
+    pub dir: PathBuf,
+    /// The adapter's name (the registry's key).
+    pub adapter_name: String,
+    /// Metric sinks: `jsonl`, `tensorboard`.
+    pub loggers: Vec<String>,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("runs/default"),
+            adapter_name: "default".into(),
+            loggers: vec!["jsonl".into(), "tensorboard".into()],
+        }
+    }
+}
+
+/// A recipe that could not be read; the message names file, line, key and expectation.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RecipeError(pub String);
+
+/// A recipe with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedRecipe {
+    /// The effective recipe.
+    pub recipe: Recipe,
+    /// The folder relative data paths are resolved against.
+    pub base_dir: PathBuf,
+}
+
+impl LoadedRecipe {
+    /// Reads `path`, applies `sets` (`section.key=value`) and validates.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RecipeError(format!("{}: {e}", path.display())))?;
+        let recipe = parse(&text, sets, &path.display().to_string())?;
+        let base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        Ok(Self { recipe, base_dir })
+    }
+
+    /// A data path from the recipe, resolved against the recipe's folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+}
+
+/// Parses recipe text (named `file` in errors), applies `sets` and validates.
+pub fn parse(text: &str, sets: &[String], file: &str) -> Result<Recipe, RecipeError> {
+    // The file alone first, so that errors carry its line numbers.
+    let recipe: Recipe = toml::from_str(text).map_err(|e| located(text, file, &e))?;
+    let mut recipe = recipe;
+    if !sets.is_empty() {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| located(text, file, &e))?;
+        for set in sets {
+            apply_set(&mut table, set)?;
+            recipe = Recipe::deserialize(toml::Value::Table(table.clone()))
+                .map_err(|e| RecipeError(format!("--set {set}: {}", e.message())))?;
+        }
+    }
+    validate(&recipe).map_err(|(key, what)| {
+        let from_set = sets
+            .iter()
+            .rev()
+            .find(|s| s.split('=').next().map(str::trim) == Some(key.as_str()));
+        if let Some(set) = from_set {
+            return RecipeError(format!("--set {set}: {what}"));
+        }
+        let line = locate(text, &key);
+        match line {
+            Some(n) => RecipeError(format!("{file}:{n}: {key}: {what}")),
+            None => RecipeError(format!("{file}: {key}: {what}")),
+        }
+    })?;
+    Ok(recipe)
+}
+
+/// A TOML error as `file:line: section.key: message`.
+fn located(text: &str, file: &str, e: &toml::de::Error) -> RecipeError {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return RecipeError(format!("{file}: {message}"));
+    };
+    let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line.split('=').next().unwrap_or("").trim();
+    let section = text
+        .lines()
+        .take(line_no)
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix('[')
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_string)
+        })
+        .last();
+    let key = match (section, key.starts_with('[')) {
+        (Some(s), false) if !key.is_empty() => format!("{s}.{key}: "),
+        (None, false) if !key.is_empty() => format!("{key}: "),
+        _ => String::new(),
+    };
+    RecipeError(format!("{file}:{line_no}: {key}{message}"))
+}
+
+/// The line where `section.key` is set, if the text sets it.
+fn locate(text: &str, dotted: &str) -> Option<usize> {
+    let (section, key) = dotted.split_once('.')?;
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if let Some(s) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            current = s.trim().to_string();
+        } else if current == section && l.split('=').next().map(str::trim) == Some(key) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Applies one `section.key=value` override; the value is read as TOML, else as a string.
+fn apply_set(table: &mut toml::Table, set: &str) -> Result<(), RecipeError> {
+    let bad = |what: &str| RecipeError(format!("--set {set}: {what}"));
+    let (key, value) = set
+        .split_once('=')
+        .ok_or_else(|| bad("expected section.key=value"))?;
+    let (section, name) = key
+        .trim()
+        .split_once('.')
+        .ok_or_else(|| bad("expected section.key=value"))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(section_table) = entry else {
+        return Err(bad(&format!("{section} is not a section")));
+    };
+    section_table.insert(name.to_string(), value);
+    Ok(())
+}
+
+/// A finite number above zero (NaN is not).
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+/// A finite number at or above zero.
+fn non_negative(x: f64) -> bool {
+    x.is_finite() && x >= 0.0
+}
+
+/// Range checks serde cannot express: `(section.key, what was expected and found)`.
+fn validate(r: &Recipe) -> Result<(), (String, String)> {
+    let fail = |key: &str, what: String| Err((key.to_string(), what));
+    if !["none", "f32", "bf16", "int8", "int8-block", "nf4", "fp4"].contains(&r.quant.base.as_str())
+    {
+        return fail(
+            "quant.base",
+            format!(
+                "expected none, bf16, int8, int8-block, nf4 or fp4, got {:?}",
+                r.quant.base
+            ),
+        );
+    }
+    if r.lora.r == 0 {
+        return fail("lora.r", "expected a rank of at least 1, got 0".into());
+    }
+    if !positive(r.lora.alpha) {
+        return fail(
+            "lora.alpha",
+            format!("expected a number > 0, got {}", r.lora.alpha),
+        );
+    }
+    if !(0.0..1.0).contains(&r.lora.dropout) {
+        return fail(
+            "lora.dropout",
+            format!("expected a number in [0, 1), got {}", r.lora.dropout),
+        );
+    }
+    if r.lora.targets.is_empty() {
+        return fail("lora.targets", "expected at least one module name".into());
+    }
+    if let Some(t) = r
+        .lora
+        .targets
+        .iter()
+        .find(|t| !ft_model::adapter::TARGETS.contains(&t.as_str()))
+    {
+        return fail(
+            "lora.targets",
+            format!(
+                "expected names among {:?}, got {t:?}",
+                ft_model::adapter::TARGETS
+            ),
+        );
+    }
+    if r.data.task.is_none() && r.data.train.is_none() {
+        return fail(
+            "data.train",
+            "expected a JSONL file (or data.task = a bundled task)".into(),
+        );
+    }
+    if r.data.task.is_some() && r.data.train.is_some() {
+        return fail(
+            "data.task",
+            "give either data.task or data.train, not both".into(),
+        );
+    }
+    if r.data.max_seq_len < 2 {
+        return fail(
+            "data.max_seq_len",
+            format!("expected at least 2, got {}", r.data.max_seq_len),
+        );
+    }
+    if !(0.0..1.0).contains(&r.data.val_fraction) {
+        return fail(
+            "data.val_fraction",
+            format!("expected a number in [0, 1), got {}", r.data.val_fraction),
+        );
+    }
+    if r.train.max_steps == Some(0) {
+        return fail("train.max_steps", "expected at least 1, got 0".into());
+    }
+    if r.train.max_steps.is_none() && r.train.epochs == 0 {
+        return fail("train.epochs", "expected at least 1, got 0".into());
+    }
+    if r.train.micro_batch_size == 0 {
+        return fail(
+            "train.micro_batch_size",
+            "expected at least 1, got 0".into(),
+        );
+    }
+    if r.train.grad_accum == 0 {
+        return fail("train.grad_accum", "expected at least 1, got 0".into());
+    }
+    if !positive(r.train.lr) {
+        return fail(
+            "train.lr",
+            format!("expected a number > 0, got {}", r.train.lr),
+        );
+    }
+    if !non_negative(r.train.weight_decay) {
+        return fail(
+            "train.weight_decay",
+            format!("expected a number >= 0, got {}", r.train.weight_decay),
+        );
+    }
+    if !non_negative(r.train.max_grad_norm) {
+        return fail(
+            "train.max_grad_norm",
+            format!("expected a number >= 0, got {}", r.train.max_grad_norm),
+        );
+    }
+    if r.train.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+        return fail(
+            "train.betas",
+            format!("expected two numbers in [0, 1), got {:?}", r.train.betas),
+        );
+    }
+    if !positive(r.train.eps) {
+        return fail(
+            "train.eps",
+            format!("expected a number > 0, got {}", r.train.eps),
+        );
+    }
+    if let Some(l) = r
+        .output
+        .loggers
+        .iter()
+        .find(|l| !["jsonl", "tensorboard"].contains(&l.as_str()))
+    {
+        return fail(
+            "output.loggers",
+            format!("expected jsonl and/or tensorboard, got {l:?}"),
+        );
+    }
+    if r.eval.batch_size == 0 {
+        return fail("eval.batch_size", "expected at least 1, got 0".into());
+    }
+    Ok(())
+}
+
+impl Recipe {
+    /// The effective recipe as TOML (what `ft recipe show` prints and a run records).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the recipe: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[data]\ntask = \"dates\"\n";
+
+    fn err(text: &str, sets: &[&str]) -> String {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        parse(text, &sets, "r.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_fill_everything_a_file_leaves_out() {
+        let r = parse(MINIMAL, &[], "r.toml").unwrap();
+        assert_eq!(r.lora.r, 16);
+        assert_eq!(r.train.optimizer, OptimizerKind::AdamW);
+        assert_eq!(r.data.task.as_deref(), Some("dates"));
+        let again = parse(&r.to_toml(), &[], "shown.toml").unwrap();
+        assert_eq!(again, r, "show prints a recipe that reads back the same");
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_line() {
+        let e = err(
+            "[data]\ntask = \"dates\"\n\n[train]\nlr = 1e-3\nlrr = 2\n",
+            &[],
+        );
+        assert!(
+            e.starts_with("r.toml:6: train.lrr: unknown field `lrr`, expected one of"),
+            "{e}"
+        );
+        let e = err("[data]\ntask = \"dates\"\n[trian]\n", &[]);
+        assert!(
+            e.starts_with("r.toml:3: unknown field `trian`, expected one of"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_ranges_name_key_line_and_expectation() {
+        let e = err("[data]\ntask = \"dates\"\n[train]\nlr = \"fast\"\n", &[]);
+        assert!(
+            e.starts_with("r.toml:4: train.lr: invalid type: string \"fast\", expected f64"),
+            "{e}"
+        );
+        let e = err("[data]\ntask = \"dates\"\n[train]\nlr = -1.0\n", &[]);
+        assert_eq!(e, "r.toml:4: train.lr: expected a number > 0, got -1");
+        let e = err(
+            "[data]\ntask = \"dates\"\n[train]\noptimizer = \"sgd\"\n",
+            &[],
+        );
+        assert!(e.contains("r.toml:4: train.optimizer: unknown variant `sgd`, expected `adamw` or `paged_adamw`"), "{e}");
+        let e = err(
+            "[lora]\ntargets = [\"q_proj\", \"qkv\"]\n[data]\ntask = \"dates\"\n",
+            &[],
+        );
+        assert!(
+            e.starts_with("r.toml:2: lora.targets: expected names among"),
+            "{e}"
+        );
+        let e = err("[train]\nlr = 1e-3\n", &[]);
+        assert_eq!(
+            e,
+            "r.toml: data.train: expected a JSONL file (or data.task = a bundled task)"
+        );
+    }
+
+    #[test]
+    fn set_overrides_any_key_and_names_itself_in_errors() {
+        let sets = [
+            "train.lr=0.01".to_string(),
+            "output.dir=/tmp/run".to_string(),
+        ];
+        let r = parse(MINIMAL, &sets, "r.toml").unwrap();
+        assert_eq!(r.train.lr, 0.01);
+        assert_eq!(r.output.dir, PathBuf::from("/tmp/run"));
+        let e = err(MINIMAL, &["train.lrr=1"]);
+        assert!(
+            e.starts_with("--set train.lrr=1: unknown field `lrr`"),
+            "{e}"
+        );
+        let e = err(MINIMAL, &["train.lr"]);
+        assert_eq!(e, "--set train.lr: expected section.key=value");
+        let e = err(MINIMAL, &["train.max_steps=0"]);
+        assert_eq!(e, "--set train.max_steps=0: expected at least 1, got 0");
+    }
+}

@@ -1,0 +1,923 @@
+//! The training loop: a recipe in, a PEFT adapter, metrics and a summary out.
+//!
+//! Each optimizer step runs `grad_accum` micro-batches; the loss of each is its summed token
+//! NLL divided by the trained tokens of the whole step, so the accumulated gradient is that of
+//! the mean over the step's tokens whatever the padding. Then global-norm clipping (PyTorch's
+//! `clip_grad_norm_`), the scheduled learning rate and AdamW. Dropout draws from the backend
+//! RNG seeded with (seed, step), and the data order from (seed, epoch), so a run resumed from a
+//! checkpoint continues exactly as the uninterrupted run would.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::module::{AutodiffModule, Module, Param};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use ft_adapters::peft::PeftConfig;
+use ft_adapters::LoraConfig;
+use ft_model::llama::Attend;
+use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, TextTokenizer};
+use ft_quant::{QuantFormat, QuantSpec};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::data::{self, Batch, Encoder, Record, Tokenized};
+use crate::eval::{exact_match, ExactMatch};
+use crate::metrics::Metrics;
+use crate::optim::{AdamW, AdamWParams, ParamGrad, StateBytes};
+use crate::recipe::{LoadedRecipe, OptimizerKind, Recipe};
+use crate::schedule::lr_at;
+use crate::tasks::{self, SplitMix64};
+
+/// What a finished run reports in `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Summary {
+    /// Mean training loss over the last 10% of steps (at least one).
+    pub train_loss: f64,
+    /// Validation loss after training.
+    pub val_loss: f64,
+    /// exp(val_loss).
+    pub val_perplexity: f64,
+    /// Validation loss before training.
+    pub val_loss_before: f64,
+    /// Exact match on the task's held-out split before training (fraction), if a task.
+    pub exact_match_before: Option<f64>,
+    /// The same after training.
+    pub exact_match_after: Option<f64>,
+    /// Held-out examples scored.
+    pub exact_match_examples: usize,
+    /// Non-padding tokens per second of training (forward, backward, update).
+    pub train_tokens_per_s: f64,
+    /// Peak resident set size of the process.
+    pub peak_rss_bytes: u64,
+    /// Wall time of the whole run.
+    pub wall_s: f64,
+    /// Seconds of training steps.
+    pub train_s: f64,
+    /// Seconds spent dequantizing packed base weights during training steps.
+    pub dequant_s: f64,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Trainable (LoRA) parameters.
+    pub trainable_params: usize,
+    /// Bytes of the frozen block linear weights as stored.
+    pub base_weight_bytes: usize,
+    /// Storage of the base: f32, nf4, ...
+    pub base_format: String,
+    /// Where the optimizer state lives.
+    pub optimizer_state: StateBytes,
+    /// Examples truncated to max_seq_len.
+    pub truncated_examples: usize,
+}
+
+/// The data of a run, tokenized.
+struct Dataset {
+    train: Vec<Tokenized>,
+    val: Vec<Tokenized>,
+    truncated: usize,
+    task: Option<&'static tasks::Task>,
+}
+
+/// A finished run: its summary and the model with its trained adapters.
+pub struct Trained<B: AutodiffBackend> {
+    /// What `summary.json` holds.
+    pub summary: Summary,
+    /// The base with the trained adapters attached.
+    pub model: LlamaForCausalLM<B>,
+}
+
+/// Runs the recipe on backend `B` (an autodiff backend).
+pub fn train<B>(loaded: &LoadedRecipe, device: &B::Device) -> anyhow::Result<Trained<B>>
+where
+    B: AutodiffBackend + QuantBackend,
+    B::InnerBackend: QuantBackend,
+{
+    let started = Instant::now();
+    let r = &loaded.recipe;
+    let out = r.output.dir.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("output.dir {}", out.display()))?;
+    let resume = match &r.train.resume {
+        Some(dir) => Some(checkpoint::find(dir)?),
+        None => None,
+    };
+    write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
+
+    let quant = quant_spec(r)?;
+    let pretrained = Pretrained::<B>::from_source(&r.model.source, quant, device)
+        .with_context(|| format!("model.source {}", r.model.source))?;
+    let data = load_data(loaded, &pretrained)?;
+    let mut model = pretrained.model.clone().no_grad();
+    B::seed(device, r.train.seed);
+    let lora = LoraConfig::new(r.lora.r, r.lora.alpha)
+        .with_dropout(r.lora.dropout)
+        .with_rslora(r.lora.rslora);
+    let adapted = model.add_lora(&lora, &r.lora.targets, r.lora.layers.as_deref())?;
+    anyhow::ensure!(
+        !adapted.is_empty(),
+        "lora.targets and lora.layers select no module"
+    );
+    let trainable: usize = model
+        .linears()
+        .iter()
+        .filter_map(|(_, l)| l.lora.as_ref())
+        .map(|l| l.num_params())
+        .sum();
+    let base_weight_bytes: usize = model
+        .linears()
+        .iter()
+        .map(|(_, l)| l.base.weight_bytes())
+        .sum();
+    let base_format = model
+        .linears()
+        .first()
+        .map_or(QuantFormat::F32, |(_, l)| l.base.format());
+
+    let mut optimizer = AdamW::<B::InnerBackend>::new(
+        r.train.optimizer == OptimizerKind::PagedAdamW,
+        r.train.page_min_elements,
+    );
+    let mut state = TrainerState::default();
+    if let Some(dir) = &resume {
+        state = checkpoint::load(dir, &mut model, &mut optimizer, device)?;
+        println!("resuming from {} at step {}", dir.display(), state.step);
+    }
+
+    let plan = Plan::new(r, &data);
+    let total = plan.total_steps;
+    let pad = pretrained.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let mut metrics = Metrics::open(&out, &r.output.loggers, resume.as_ref().map(|_| state.step))?;
+
+    let val_batches = plan.val_batches(&data.val, pad);
+    if resume.is_none() {
+        state.val_loss_before = val_loss(&model.valid(), &val_batches, device);
+        state.exact_match_before = match (data.task, r.eval.exact_match) {
+            (Some(task), true) => {
+                let em = score(&model.valid(), &pretrained.tokenizer, task, r)?;
+                println!(
+                    "exact match before training ({}): {:.3}",
+                    task.name, em.accuracy
+                );
+                Some(em.accuracy)
+            }
+            _ => None,
+        };
+    }
+
+    let bar = progress(total, state.step);
+    let (mut train_s, mut train_tokens) = (state.train_s, state.train_tokens);
+    let dequant_start = ft_quant::backend::dequant_seconds();
+    let mut cursor = plan.cursor(state.epoch, state.position);
+    while state.step < total {
+        let step_start = Instant::now();
+        B::seed(
+            device,
+            r.train
+                .seed
+                .wrapping_add(1_000_003 * (state.step as u64 + 1)),
+        );
+        let micro: Vec<Batch> = (0..r.train.grad_accum)
+            .map(|_| cursor.next_batch(&data.train, pad))
+            .collect();
+        let step_tokens: usize = micro.iter().map(Batch::loss_tokens).sum::<usize>().max(1);
+        let mut loss_sum = 0.0;
+        let mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
+        for batch in &micro {
+            if batch.loss_tokens() == 0 {
+                continue;
+            }
+            let loss = batch_nll(&model, batch, device) / step_tokens as f64;
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let g = loss.backward();
+            for (name, l) in model.linears() {
+                let Some(lora) = &l.lora else { continue };
+                for (half, p) in [("lora_A", &lora.lora_a), ("lora_B", &lora.lora_b)] {
+                    if let Some(grad) = p.val().grad(&g) {
+                        let key = format!("{name}.{half}");
+                        let sum = match grads.remove(&key) {
+                            Some(acc) => acc + grad,
+                            None => grad,
+                        };
+                        grads.insert(key, sum);
+                    }
+                }
+            }
+            train_tokens += batch.real_tokens;
+        }
+        let grad_norm = clip(&mut grads, r.train.max_grad_norm);
+        let lr = lr_at(
+            r.train.scheduler,
+            r.train.lr,
+            r.train.warmup_steps,
+            total,
+            state.step,
+        );
+        update(&mut model, &mut optimizer, grads, lr, r);
+        state.step += 1;
+        (state.epoch, state.position) = cursor.position();
+        train_s += step_start.elapsed().as_secs_f64();
+        let tok_s = train_tokens as f64 / train_s.max(1e-9);
+        let mut scalars = vec![
+            ("train/loss", loss_sum),
+            ("train/lr", lr),
+            ("train/grad_norm", grad_norm),
+            ("train/tokens_per_s", tok_s),
+        ];
+        state.losses.push(loss_sum);
+        let last = state.step == total;
+        if last || (r.train.eval_every > 0 && state.step % r.train.eval_every == 0) {
+            let v = val_loss(&model.valid(), &val_batches, device);
+            state.val_loss = v;
+            scalars.push(("val/loss", v));
+            scalars.push(("val/perplexity", v.exp()));
+        }
+        metrics.log(state.step, &scalars)?;
+        bar.set_position(state.step as u64);
+        bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
+        state.train_s = train_s;
+        state.train_tokens = train_tokens;
+        if r.train.save_every > 0 && state.step % r.train.save_every == 0 {
+            checkpoint::save(&out, &model, &optimizer, &state, &peft_config(r, &adapted))?;
+        }
+    }
+    bar.finish_and_clear();
+    let dequant_s = ft_quant::backend::dequant_seconds() - dequant_start;
+
+    let adapter = model.to_peft(peft_config(r, &adapted));
+    adapter.write(&out)?;
+
+    let exact_match_after = match (data.task, r.eval.exact_match) {
+        (Some(task), true) => {
+            let em = score(&model.valid(), &pretrained.tokenizer, task, r)?;
+            println!(
+                "exact match after training ({}): {:.3}",
+                task.name, em.accuracy
+            );
+            Some(em)
+        }
+        _ => None,
+    };
+    let tail = (state.losses.len() / 10)
+        .max(1)
+        .min(state.losses.len().max(1));
+    let train_loss = state.losses.iter().rev().take(tail).sum::<f64>() / tail as f64;
+    let summary = Summary {
+        train_loss,
+        val_loss: state.val_loss,
+        val_perplexity: state.val_loss.exp(),
+        val_loss_before: state.val_loss_before,
+        exact_match_before: state.exact_match_before,
+        exact_match_examples: exact_match_after.as_ref().map_or(0, |e| e.examples),
+        exact_match_after: exact_match_after.map(|e| e.accuracy),
+        train_tokens_per_s: train_tokens as f64 / train_s.max(1e-9),
+        peak_rss_bytes: crate::rss::peak_rss_bytes(),
+        wall_s: started.elapsed().as_secs_f64(),
+        train_s,
+        dequant_s,
+        steps: state.step,
+        trainable_params: trainable,
+        base_weight_bytes,
+        base_format: base_format.to_string(),
+        optimizer_state: optimizer.state_bytes(),
+        truncated_examples: data.truncated,
+    };
+    let json = serde_json::to_string_pretty(&summary)?;
+    write_atomic(&out.join("summary.json"), json.as_bytes())?;
+    Ok(Trained { summary, model })
+}
+
+/// The quantization a recipe asks for (`None`: f32 as loaded).
+fn quant_spec(r: &Recipe) -> anyhow::Result<Option<QuantSpec>> {
+    if matches!(r.quant.base.as_str(), "none" | "f32") {
+        return Ok(None);
+    }
+    let format: QuantFormat = r
+        .quant
+        .base
+        .parse()
+        .map_err(|e| anyhow::anyhow!("quant.base: {e}"))?;
+    Ok(Some(QuantSpec {
+        format,
+        double_quant: r.quant.double_quant,
+    }))
+}
+
+/// PEFT's `adapter_config.json` for this run.
+fn peft_config(r: &Recipe, adapted: &[String]) -> PeftConfig {
+    let mut targets: Vec<String> = r
+        .lora
+        .targets
+        .iter()
+        .filter(|t| adapted.iter().any(|a| a.ends_with(&format!(".{t}"))))
+        .cloned()
+        .collect();
+    targets.sort();
+    PeftConfig {
+        peft_type: "LORA".into(),
+        task_type: Some("CAUSAL_LM".into()),
+        r: r.lora.r,
+        lora_alpha: r.lora.alpha,
+        target_modules: targets,
+        lora_dropout: r.lora.dropout,
+        bias: "none".into(),
+        use_rslora: r.lora.rslora,
+        fan_in_fan_out: false,
+        base_model_name_or_path: Some(ft_model::source::hub_id(&r.model.source)),
+        inference_mode: true,
+        layers_to_transform: r.lora.layers.clone(),
+    }
+}
+
+/// Summed next-token NLL over the batch's trained tokens (a scalar tensor).
+pub fn batch_nll<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let ids: Vec<i64> = batch.ids.iter().map(|&t| t as i64).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.b, batch.s]), device);
+    let attend = Attend::segmented(
+        &model.model.rotary_emb,
+        &batch.segments,
+        &batch.positions,
+        device,
+    );
+    let hidden = model.forward_attend(ids, &attend); // [b, s, e]
+    let e = hidden.dims()[2];
+    let n = batch.targets.len();
+    let rows: Vec<i64> = batch.targets.iter().map(|&(i, _)| i as i64).collect();
+    let targets: Vec<i64> = batch.targets.iter().map(|&(_, t)| t as i64).collect();
+    // Only the positions that predict a trained token reach the LM head.
+    let hidden = hidden
+        .reshape([batch.b * batch.s, e])
+        .select(0, Tensor::from_data(TensorData::new(rows, [n]), device)); // [n, e]
+    let logits = model.logits(hidden.unsqueeze::<3>()); // [1, n, vocab]
+    let vocab = logits.dims()[2];
+    let logits = logits.reshape([n, vocab]);
+    let logp = log_softmax(logits, 1);
+    let picked = logp.gather(
+        1,
+        Tensor::from_data(TensorData::new(targets, [n, 1]), device),
+    ); // [n, 1]
+    picked.sum().neg()
+}
+
+/// Mean NLL per trained token over `batches` (0 when there are none).
+fn val_loss<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    batches: &[Batch],
+    device: &B::Device,
+) -> f64 {
+    let (mut nll, mut tokens) = (0.0, 0);
+    for b in batches.iter().filter(|b| b.loss_tokens() > 0) {
+        nll += batch_nll(model, b, device).into_scalar().elem::<f64>();
+        tokens += b.loss_tokens();
+    }
+    if tokens == 0 {
+        0.0
+    } else {
+        nll / tokens as f64
+    }
+}
+
+/// Scales the gradients so their global L2 norm is at most `max_norm` (0: no clipping);
+/// returns the norm before clipping.
+fn clip<B: burn::tensor::backend::Backend>(
+    grads: &mut BTreeMap<String, Tensor<B, 2>>,
+    max_norm: f64,
+) -> f64 {
+    let norm = grads
+        .values()
+        .map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>())
+        .sum::<f64>()
+        .sqrt();
+    if max_norm > 0.0 && norm > max_norm {
+        let coef = max_norm / (norm + 1e-6);
+        for g in grads.values_mut() {
+            *g = g.clone() * coef;
+        }
+    }
+    norm
+}
+
+/// One AdamW step over the adapters, grouped by decoder layer.
+fn update<B>(
+    model: &mut LlamaForCausalLM<B>,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>>,
+    lr: f64,
+    r: &Recipe,
+) where
+    B: AutodiffBackend + QuantBackend,
+{
+    let mut groups: BTreeMap<usize, Vec<ParamGrad<B::InnerBackend>>> = BTreeMap::new();
+    for (name, l) in model.linears() {
+        let Some(lora) = &l.lora else { continue };
+        let layer = name
+            .split('.')
+            .nth(2)
+            .and_then(|i| i.parse().ok())
+            .unwrap_or(0);
+        for (half, p) in [("lora_A", &lora.lora_a), ("lora_B", &lora.lora_b)] {
+            let key = format!("{name}.{half}");
+            if let Some(grad) = grads.remove(&key) {
+                groups.entry(layer).or_default().push(ParamGrad {
+                    name: key,
+                    value: p.val().inner(),
+                    grad,
+                });
+            }
+        }
+    }
+    let hp = AdamWParams {
+        lr,
+        betas: r.train.betas,
+        eps: r.train.eps,
+        weight_decay: r.train.weight_decay,
+    };
+    let mut new: BTreeMap<String, Tensor<B::InnerBackend, 2>> = optimizer
+        .step(groups.into_values().collect(), &hp)
+        .into_iter()
+        .collect();
+    for (name, lora) in model.loras_mut() {
+        if let Some(a) = new.remove(&format!("{name}.lora_A")) {
+            lora.lora_a = Param::from_tensor(Tensor::from_inner(a));
+        }
+        if let Some(b) = new.remove(&format!("{name}.lora_B")) {
+            lora.lora_b = Param::from_tensor(Tensor::from_inner(b));
+        }
+    }
+}
+
+/// Exact match of the task's held-out split (first `eval.limit` examples).
+fn score<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    tokenizer: &TextTokenizer,
+    task: &tasks::Task,
+    r: &Recipe,
+) -> anyhow::Result<ExactMatch> {
+    let mut examples = task.test_examples();
+    if let Some(limit) = r.eval.limit {
+        examples.truncate(limit);
+    }
+    exact_match(
+        model,
+        tokenizer,
+        &examples,
+        r.eval.max_new_tokens,
+        r.eval.batch_size,
+    )
+}
+
+/// Reads and tokenizes the recipe's data.
+fn load_data<B: burn::tensor::backend::Backend>(
+    loaded: &LoadedRecipe,
+    pretrained: &Pretrained<B>,
+) -> anyhow::Result<Dataset> {
+    let d = &loaded.recipe.data;
+    let (records, val_records, task) = match &d.task {
+        Some(name) => {
+            let task = tasks::find(name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "data.task: unknown task {name:?}; bundled tasks: {}",
+                    tasks::names()
+                )
+            })?;
+            let records = data::parse_jsonl(task.train, data::Format::Completion, name)?;
+            (records, None, Some(task))
+        }
+        None => {
+            let path = loaded.resolve(d.train.as_deref().unwrap_or(Path::new("")));
+            let records =
+                data::read_jsonl(&path, d.format).with_context(|| "data.train".to_string())?;
+            let val = match &d.val {
+                Some(v) => {
+                    Some(data::read_jsonl(&loaded.resolve(v), d.format).context("data.val")?)
+                }
+                None => None,
+            };
+            (records, val, None)
+        }
+    };
+    let encoder = Encoder {
+        tokenizer: &pretrained.tokenizer,
+        template: pretrained.chat_template.as_ref(),
+        eos: pretrained.tokenizer.eos_ids.first().copied(),
+        train_on_prompt: d.train_on_prompt,
+        max_seq_len: d.max_seq_len.min(pretrained.config.max_position_embeddings),
+    };
+    let mut truncated = 0;
+    let mut encode = |rs: &[Record]| -> anyhow::Result<Vec<Tokenized>> {
+        rs.iter()
+            .map(|rec| {
+                let (t, cut) = encoder.encode(rec)?;
+                truncated += cut as usize;
+                Ok(t)
+            })
+            .collect()
+    };
+    let all = encode(&records)?;
+    let (train, val) = match val_records {
+        Some(v) => (all, encode(&v)?),
+        None => {
+            // A seeded share of the training examples is held out.
+            let n_val = ((all.len() as f64 * d.val_fraction).round() as usize).min(all.len() - 1);
+            let mut order: Vec<usize> = (0..all.len()).collect();
+            shuffle(&mut order, loaded.recipe.train.seed ^ 0x7A1);
+            let held: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
+            let (mut train, mut val) = (Vec::new(), Vec::new());
+            for (i, t) in all.into_iter().enumerate() {
+                if held.contains(&i) {
+                    val.push(t);
+                } else {
+                    train.push(t);
+                }
+            }
+            (train, val)
+        }
+    };
+    if truncated > 0 {
+        println!(
+            "{truncated} examples were truncated to data.max_seq_len = {}",
+            d.max_seq_len
+        );
+    }
+    Ok(Dataset {
+        train,
+        val,
+        truncated,
+        task,
+    })
+}
+
+/// Fisher-Yates with SplitMix64.
+fn shuffle(v: &mut [usize], seed: u64) {
+    let mut rng = SplitMix64(seed);
+    for i in (1..v.len()).rev() {
+        let j = rng.below(i + 1);
+        v.swap(i, j);
+    }
+}
+
+/// The order of micro-batches: epochs of seeded shuffles, grouped into rows and micro-batches.
+struct Plan {
+    seed: u64,
+    micro_batch_size: usize,
+    packing: bool,
+    max_seq_len: usize,
+    val_limit: usize,
+    total_steps: usize,
+}
+
+impl Plan {
+    fn new(r: &Recipe, data: &Dataset) -> Self {
+        let mut plan = Self {
+            seed: r.train.seed,
+            micro_batch_size: r.train.micro_batch_size,
+            packing: r.data.packing,
+            max_seq_len: r.data.max_seq_len,
+            val_limit: r.data.val_limit,
+            total_steps: 0,
+        };
+        plan.total_steps = r.train.max_steps.unwrap_or_else(|| {
+            let per_epoch = plan
+                .epoch_rows(&data.train, 0)
+                .len()
+                .div_ceil(plan.micro_batch_size);
+            (per_epoch * r.train.epochs)
+                .div_ceil(r.train.grad_accum)
+                .max(1)
+        });
+        plan
+    }
+
+    /// Rows of epoch `epoch`: indices into the training examples.
+    fn epoch_rows(&self, train: &[Tokenized], epoch: usize) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        shuffle(
+            &mut order,
+            self.seed.wrapping_add(0x9E37 * (epoch as u64 + 1)),
+        );
+        if !self.packing {
+            return order.into_iter().map(|i| vec![i]).collect();
+        }
+        let mut rows: Vec<Vec<usize>> = Vec::new();
+        let mut used = 0;
+        for i in order {
+            let n = train[i].ids.len();
+            match rows.last_mut() {
+                Some(row) if used + n <= self.max_seq_len => {
+                    row.push(i);
+                    used += n;
+                }
+                _ => {
+                    rows.push(vec![i]);
+                    used = n;
+                }
+            }
+        }
+        rows
+    }
+
+    fn cursor(&self, epoch: usize, position: usize) -> Cursor<'_> {
+        Cursor {
+            plan: self,
+            epoch,
+            position,
+            rows: None,
+        }
+    }
+
+    fn val_batches(&self, val: &[Tokenized], pad: u32) -> Vec<Batch> {
+        let refs: Vec<&Tokenized> = val.iter().take(self.val_limit).collect();
+        data::rows(&refs, self.packing, self.max_seq_len)
+            .chunks(self.micro_batch_size)
+            .map(|rows| Batch::new(rows, pad))
+            .collect()
+    }
+}
+
+/// A position in the micro-batch stream: (epoch, row index within the epoch).
+struct Cursor<'a> {
+    plan: &'a Plan,
+    epoch: usize,
+    position: usize,
+    rows: Option<Vec<Vec<usize>>>,
+}
+
+impl Cursor<'_> {
+    fn next_batch(&mut self, train: &[Tokenized], pad: u32) -> Batch {
+        let rows = self
+            .rows
+            .get_or_insert_with(|| self.plan.epoch_rows(train, self.epoch));
+        if self.position >= rows.len() {
+            self.epoch += 1;
+            self.position = 0;
+            *rows = self.plan.epoch_rows(train, self.epoch);
+        }
+        let end = (self.position + self.plan.micro_batch_size).min(rows.len());
+        let picked: Vec<Vec<&Tokenized>> = rows[self.position..end]
+            .iter()
+            .map(|row| row.iter().map(|&i| &train[i]).collect())
+            .collect();
+        self.position = end;
+        Batch::new(&picked, pad)
+    }
+
+    fn position(&self) -> (usize, usize) {
+        (self.epoch, self.position)
+    }
+}
+
+fn progress(total: usize, at: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("step {pos}/{len} {msg} [{elapsed_precise}, ETA {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(at as u64);
+    bar
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp: PathBuf = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::backend::Backend;
+    use burn::tensor::Distribution;
+    use ft_model::tiny::{tiny_config, write_hf_folder};
+    use ft_quant::Linear;
+
+    use super::*;
+    use crate::recipe;
+
+    fn tokens(ids: &[u32]) -> Tokenized {
+        Tokenized {
+            ids: ids.to_vec(),
+            train: vec![true; ids.len()],
+        }
+    }
+
+    /// A tiny model with rank-4 adapters on every target, B randomized so that every LoRA
+    /// parameter has a gradient.
+    fn adapted<B: AutodiffBackend + QuantBackend>(device: &B::Device) -> LlamaForCausalLM<B> {
+        B::seed(device, 5);
+        let mut model = LlamaForCausalLM::<B>::init_random(&tiny_config(), device).no_grad();
+        let targets = ft_model::adapter::TARGETS.map(String::from);
+        model
+            .add_lora(&LoraConfig::new(4, 8.0), &targets, None)
+            .unwrap();
+        for (_, lora) in model.loras_mut() {
+            let shape = lora.lora_b.dims();
+            lora.lora_b = Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, 0.1),
+                device,
+            ));
+        }
+        model
+    }
+
+    #[test]
+    fn lora_gradients_match_finite_differences() {
+        type A = Autodiff<NdArray<f64>>;
+        let device = Default::default();
+        let model = adapted::<A>(&device);
+        let batch = Batch::new(
+            &[
+                vec![&tokens(&[5, 70, 200, 9, 33, 100])],
+                vec![&tokens(&[8, 1, 2])],
+            ],
+            0,
+        );
+        let loss = batch_nll(&model, &batch, &device);
+        let grads = loss.backward();
+        // L(p + t u) for one LoRA matrix p moved along direction u.
+        let loss_along = |name: &str, half: usize, u: &[f64], t: f64| {
+            let mut m = model.clone();
+            for (n, lora) in m.loras_mut() {
+                if n == name {
+                    let p = if half == 0 {
+                        &mut lora.lora_a
+                    } else {
+                        &mut lora.lora_b
+                    };
+                    let v: Vec<f64> = p.val().into_data().convert::<f64>().to_vec().unwrap();
+                    let v: Vec<f64> = v.iter().zip(u).map(|(x, d)| x + t * d).collect();
+                    *p = Param::from_tensor(Tensor::from_data(
+                        TensorData::new(v, p.dims()),
+                        &device,
+                    ));
+                }
+            }
+            batch_nll(&m, &batch, &device).into_scalar().elem::<f64>()
+        };
+        // Directional derivatives, along the gradient and along a fixed pseudo-random unit
+        // direction, by central differences: burn's CPU kernels compute some activations (exp)
+        // in f32 even on an f64 backend, so single-element differences drown in that rounding;
+        // a whole-matrix direction keeps the signal far above it.
+        let mut checked = 0;
+        for (name, l) in model.linears() {
+            let lora = l.lora.as_ref().unwrap();
+            for (half, p) in [&lora.lora_a, &lora.lora_b].into_iter().enumerate() {
+                let g: Vec<f64> = p
+                    .val()
+                    .grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .convert::<f64>()
+                    .to_vec()
+                    .unwrap();
+                let unit = |v: Vec<f64>| {
+                    let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+                    v.into_iter().map(|x| x / n).collect::<Vec<f64>>()
+                };
+                let random: Vec<f64> = (0..g.len())
+                    .map(|i| ((i * 7919 + 13) % 101) as f64 - 50.0)
+                    .collect();
+                for u in [unit(g.clone()), unit(random)] {
+                    let central = |h: f64| {
+                        (loss_along(&name, half, &u, h) - loss_along(&name, half, &u, -h))
+                            / (2.0 * h)
+                    };
+                    // Richardson extrapolation cancels the O(h^2) error of the quotient.
+                    let fd = (4.0 * central(0.025) - central(0.05)) / 3.0;
+                    let an: f64 = g.iter().zip(&u).map(|(a, b)| a * b).sum();
+                    assert!(
+                        (fd - an).abs() <= 3e-4 + 1e-2 * an.abs(),
+                        "{name} {half}: fd {fd} vs {an}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 2 * 7 * 2 * 2);
+    }
+
+    #[test]
+    fn a_packed_base_gives_the_lora_gradients_of_its_dense_copy() {
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let dir = tempfile::tempdir().unwrap();
+        let base = LlamaForCausalLM::<NdArray<f32>>::init_random(&tiny_config(), &device);
+        write_hf_folder(&base, &tiny_config(), dir.path()).unwrap();
+        let spec = QuantSpec {
+            format: QuantFormat::Nf4,
+            double_quant: true,
+        };
+        let packed = Pretrained::<A>::load(dir.path(), Some(spec), &device)
+            .unwrap()
+            .model
+            .no_grad();
+        let mut dense = packed.clone();
+        for layer in dense.model.layers.iter_mut() {
+            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
+            for l in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                assert_eq!(l.base.format(), QuantFormat::Nf4);
+                l.base = Linear::dense(l.base.weight(&device), None).no_grad();
+            }
+        }
+        let targets = ft_model::adapter::TARGETS.map(String::from);
+        let batch = Batch::new(&[vec![&tokens(&[5, 70, 200, 9, 33, 100, 4])]], 0);
+        let grads_of = |mut model: LlamaForCausalLM<A>| {
+            A::seed(&device, 9);
+            model
+                .add_lora(&LoraConfig::new(4, 8.0), &targets, None)
+                .unwrap();
+            for (_, lora) in model.loras_mut() {
+                let shape = lora.lora_b.dims();
+                lora.lora_b = Param::from_tensor(Tensor::random(
+                    shape,
+                    Distribution::Normal(0.0, 0.1),
+                    &device,
+                ));
+            }
+            let g = batch_nll(&model, &batch, &device).backward();
+            model
+                .linears()
+                .iter()
+                .flat_map(|(_, l)| {
+                    let lora = l.lora.as_ref().unwrap();
+                    [
+                        lora.lora_a.val().grad(&g).unwrap(),
+                        lora.lora_b.val().grad(&g).unwrap(),
+                    ]
+                })
+                .map(|t| t.into_data().to_vec::<f32>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let (from_packed, from_dense) = (grads_of(packed), grads_of(dense));
+        for (p, d) in from_packed.iter().zip(&from_dense) {
+            for (x, y) in p.iter().zip(d) {
+                assert!((x - y).abs() <= 1e-5 + 1e-4 * y.abs(), "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_tiny_run_overfits_and_leaves_the_base_bit_identical() {
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let dir = tempfile::tempdir().unwrap();
+        let mut base = LlamaForCausalLM::<NdArray<f32>>::init_random(&tiny_config(), &device);
+        // Embeddings large enough that the (frozen, tied) head can put most mass on one token.
+        base.model.embed_tokens = Param::from_tensor(base.model.embed_tokens.val() * 30.0);
+        write_hf_folder(&base, &tiny_config(), &dir.path().join("model")).unwrap();
+        let lines: Vec<String> = [
+            "the cat sat",
+            "a dog ran far",
+            "birds sing",
+            "fish swim deep",
+        ]
+        .iter()
+        .map(|t| serde_json::json!({ "text": t }).to_string())
+        .collect();
+        std::fs::write(dir.path().join("train.jsonl"), lines.join("\n")).unwrap();
+        std::fs::write(dir.path().join("val.jsonl"), &lines[0]).unwrap();
+        let text = format!(
+            "[model]\nsource = {:?}\n[lora]\nr = 8\nalpha = 16\ndropout = 0.0\n[data]\ntrain = \"train.jsonl\"\nval = \"val.jsonl\"\nformat = \"text\"\n[train]\nmax_steps = 150\nmicro_batch_size = 4\nlr = 0.05\nscheduler = \"constant\"\n[output]\ndir = {:?}\n",
+            dir.path().join("model"),
+            dir.path().join("run")
+        );
+        let recipe = recipe::parse(&text, &[], "tiny.toml").unwrap();
+        let loaded = LoadedRecipe {
+            recipe,
+            base_dir: dir.path().to_path_buf(),
+        };
+        let trained = train::<A>(&loaded, &device).unwrap();
+        let s = &trained.summary;
+        assert!(s.val_loss < 0.3 * s.val_loss_before, "{s:?}");
+        assert_eq!(
+            s.optimizer_state.params,
+            2 * 7 * 2,
+            "state for the 28 LoRA matrices only"
+        );
+        let before = base.named_tensors();
+        let after = trained.model.valid().named_tensors();
+        assert_eq!(before.len(), after.len());
+        for ((n1, t1), (n2, t2)) in before.iter().zip(&after) {
+            assert_eq!(n1, n2);
+            assert!(t1.data == t2.data, "{n1} changed");
+        }
+        let adapter = ft_adapters::PeftAdapter::read(&dir.path().join("run")).unwrap();
+        assert_eq!(adapter.modules.len(), 14);
+    }
+}
