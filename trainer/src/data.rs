@@ -304,27 +304,23 @@ impl Batch {
     }
 }
 
-/// Groups examples into micro-batch rows: one example per row, or packed into rows of at most
-/// `max_seq_len` tokens in the given order (an example never spans two rows).
-pub fn rows<'a>(
-    examples: &[&'a Tokenized],
-    packing: bool,
-    max_seq_len: usize,
-) -> Vec<Vec<&'a Tokenized>> {
+/// Groups items of the given token lengths into rows: one item per row, or packed greedily
+/// in order into rows of at most `max_seq_len` tokens (an item never spans two rows).
+/// Returns the item indices of each row.
+pub fn rows(lengths: &[usize], packing: bool, max_seq_len: usize) -> Vec<Vec<usize>> {
     if !packing {
-        return examples.iter().map(|e| vec![*e]).collect();
+        return (0..lengths.len()).map(|i| vec![i]).collect();
     }
-    let mut out: Vec<Vec<&Tokenized>> = Vec::new();
+    let mut out: Vec<Vec<usize>> = Vec::new();
     let mut used = 0;
-    for e in examples {
-        let n = e.ids.len();
+    for (i, &n) in lengths.iter().enumerate() {
         match out.last_mut() {
             Some(row) if used + n <= max_seq_len => {
-                row.push(e);
+                row.push(i);
                 used += n;
             }
             _ => {
-                out.push(vec![e]);
+                out.push(vec![i]);
                 used = n;
             }
         }
@@ -472,8 +468,10 @@ mod tests {
         assert_eq!(padded.targets, vec![(0, 2), (1, 3), (3, 5)]);
         assert_eq!(padded.segments[1], vec![0, 0, 1]);
         assert_eq!(padded.real_tokens, 5);
-        let rows = rows(&[&a, &b, &a], true, 5);
-        assert_eq!(rows.len(), 2);
+        let docs = [&a, &b, &a];
+        let rows = rows(&[3, 2, 3], true, 5);
+        assert_eq!(rows, vec![vec![0, 1], vec![2]]);
+        let rows: Vec<Vec<&Tokenized>> = rows.iter().map(|r| r.iter().map(|&i| docs[i]).collect()).collect();
         let packed = Batch::new(&rows, 0);
         assert_eq!(packed.s, 5);
         assert_eq!(packed.segments[0], vec![0, 0, 0, 1, 1]);

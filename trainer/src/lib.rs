@@ -14,6 +14,7 @@ pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod optim;
+pub mod plan;
 pub mod recipe;
 pub mod rss;
 pub mod schedule;

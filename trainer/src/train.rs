@@ -31,7 +31,8 @@ use crate::metrics::Metrics;
 use crate::optim::{AdamW, AdamWParams, ParamGrad, StateBytes};
 use crate::recipe::{LoadedRecipe, OptimizerKind, Recipe};
 use crate::schedule::lr_at;
-use crate::tasks::{self, SplitMix64};
+use crate::plan::{shuffle, Plan};
+use crate::tasks;
 
 /// What a finished run reports in `summary.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -146,7 +147,7 @@ where
         println!("resuming from {} at step {}", dir.display(), state.step);
     }
 
-    let plan = Plan::new(r, &data);
+    let plan = Plan::new(r, &data.train);
     let total = plan.total_steps;
     let pad = pretrained.tokenizer.eos_ids.first().copied().unwrap_or(0);
     let mut metrics = Metrics::open(&out, &r.output.loggers, resume.as_ref().map(|_| state.step))?;
@@ -553,125 +554,6 @@ fn load_data<B: burn::tensor::backend::Backend>(
     })
 }
 
-/// Fisher-Yates with SplitMix64.
-fn shuffle(v: &mut [usize], seed: u64) {
-    let mut rng = SplitMix64(seed);
-    for i in (1..v.len()).rev() {
-        let j = rng.below(i + 1);
-        v.swap(i, j);
-    }
-}
-
-/// The order of micro-batches: epochs of seeded shuffles, grouped into rows and micro-batches.
-struct Plan {
-    seed: u64,
-    micro_batch_size: usize,
-    packing: bool,
-    max_seq_len: usize,
-    val_limit: usize,
-    total_steps: usize,
-}
-
-impl Plan {
-    fn new(r: &Recipe, data: &Dataset) -> Self {
-        let mut plan = Self {
-            seed: r.train.seed,
-            micro_batch_size: r.train.micro_batch_size,
-            packing: r.data.packing,
-            max_seq_len: r.data.max_seq_len,
-            val_limit: r.data.val_limit,
-            total_steps: 0,
-        };
-        plan.total_steps = r.train.max_steps.unwrap_or_else(|| {
-            let per_epoch = plan
-                .epoch_rows(&data.train, 0)
-                .len()
-                .div_ceil(plan.micro_batch_size);
-            (per_epoch * r.train.epochs)
-                .div_ceil(r.train.grad_accum)
-                .max(1)
-        });
-        plan
-    }
-
-    /// Rows of epoch `epoch`: indices into the training examples.
-    fn epoch_rows(&self, train: &[Tokenized], epoch: usize) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        shuffle(
-            &mut order,
-            self.seed.wrapping_add(0x9E37 * (epoch as u64 + 1)),
-        );
-        if !self.packing {
-            return order.into_iter().map(|i| vec![i]).collect();
-        }
-        let mut rows: Vec<Vec<usize>> = Vec::new();
-        let mut used = 0;
-        for i in order {
-            let n = train[i].ids.len();
-            match rows.last_mut() {
-                Some(row) if used + n <= self.max_seq_len => {
-                    row.push(i);
-                    used += n;
-                }
-                _ => {
-                    rows.push(vec![i]);
-                    used = n;
-                }
-            }
-        }
-        rows
-    }
-
-    fn cursor(&self, epoch: usize, position: usize) -> Cursor<'_> {
-        Cursor {
-            plan: self,
-            epoch,
-            position,
-            rows: None,
-        }
-    }
-
-    fn val_batches(&self, val: &[Tokenized], pad: u32) -> Vec<Batch> {
-        let refs: Vec<&Tokenized> = val.iter().take(self.val_limit).collect();
-        data::rows(&refs, self.packing, self.max_seq_len)
-            .chunks(self.micro_batch_size)
-            .map(|rows| Batch::new(rows, pad))
-            .collect()
-    }
-}
-
-/// A position in the micro-batch stream: (epoch, row index within the epoch).
-struct Cursor<'a> {
-    plan: &'a Plan,
-    epoch: usize,
-    position: usize,
-    rows: Option<Vec<Vec<usize>>>,
-}
-
-impl Cursor<'_> {
-    fn next_batch(&mut self, train: &[Tokenized], pad: u32) -> Batch {
-        let rows = self
-            .rows
-            .get_or_insert_with(|| self.plan.epoch_rows(train, self.epoch));
-        if self.position >= rows.len() {
-            self.epoch += 1;
-            self.position = 0;
-            *rows = self.plan.epoch_rows(train, self.epoch);
-        }
-        let end = (self.position + self.plan.micro_batch_size).min(rows.len());
-        let picked: Vec<Vec<&Tokenized>> = rows[self.position..end]
-            .iter()
-            .map(|row| row.iter().map(|&i| &train[i]).collect())
-            .collect();
-        self.position = end;
-        Batch::new(&picked, pad)
-    }
-
-    fn position(&self) -> (usize, usize) {
-        (self.epoch, self.position)
-    }
-}
-
 fn progress(total: usize, at: usize) -> ProgressBar {
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
@@ -712,7 +594,15 @@ mod tests {
     /// parameter has a gradient.
     fn adapted<B: AutodiffBackend + QuantBackend>(device: &B::Device) -> LlamaForCausalLM<B> {
         B::seed(device, 5);
-        let mut model = LlamaForCausalLM::<B>::init_random(&tiny_config(), device).no_grad();
+        let model = LlamaForCausalLM::<B>::init_random(&tiny_config(), device).no_grad();
+        with_adapters(model, device)
+    }
+
+    /// `model` with rank-4 adapters on every target, B drawn at random.
+    fn with_adapters<B: AutodiffBackend + QuantBackend>(
+        mut model: LlamaForCausalLM<B>,
+        device: &B::Device,
+    ) -> LlamaForCausalLM<B> {
         let targets = ft_model::adapter::TARGETS.map(String::from);
         model
             .add_lora(&LoraConfig::new(4, 8.0), &targets, None)
@@ -835,21 +725,10 @@ mod tests {
                 l.base = Linear::dense(l.base.weight(&device), None).no_grad();
             }
         }
-        let targets = ft_model::adapter::TARGETS.map(String::from);
         let batch = Batch::new(&[vec![&tokens(&[5, 70, 200, 9, 33, 100, 4])]], 0);
-        let grads_of = |mut model: LlamaForCausalLM<A>| {
+        let grads_of = |model: LlamaForCausalLM<A>| {
             A::seed(&device, 9);
-            model
-                .add_lora(&LoraConfig::new(4, 8.0), &targets, None)
-                .unwrap();
-            for (_, lora) in model.loras_mut() {
-                let shape = lora.lora_b.dims();
-                lora.lora_b = Param::from_tensor(Tensor::random(
-                    shape,
-                    Distribution::Normal(0.0, 0.1),
-                    &device,
-                ));
-            }
+            let model = with_adapters(model, &device);
             let g = batch_nll(&model, &batch, &device).backward();
             model
                 .linears()
