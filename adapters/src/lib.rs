@@ -1,17 +1,19 @@
 //! ft-adapters: everything about LoRA adapters.
 //!
 //! Holds the LoRA layer ([`lora`]: A [r, in], B [out, r], PEFT's init and scaling) wrapping
-//! ft-quant's base [`ft_quant::Linear`], and the PEFT format ([`peft`]). Later: batched
-//! multi-adapter forward, merging, the SQLite adapter registry and Hub publishing.
+//! ft-quant's base [`ft_quant::Linear`], the PEFT format ([`peft`]) and the SQLite adapter
+//! registry ([`registry`]). Later: batched multi-adapter forward and Hub publishing.
 //!
 //! Depends only on ft-quant among ft crates; must not import ft-model or anything above it.
 #![warn(missing_docs)]
 
 pub mod lora;
 pub mod peft;
+pub mod registry;
 
 pub use lora::{Lora, LoraConfig, LoraLinear};
 pub use peft::PeftAdapter;
+pub use registry::Registry;
 
 use std::path::{Path, PathBuf};
 
@@ -42,6 +44,20 @@ pub enum AdapterError {
         /// Which tensor and why.
         what: String,
     },
+    /// The registry database failed.
+    #[error("registry {path}: {what}")]
+    Registry {
+        /// The database or blob.
+        path: PathBuf,
+        /// What went wrong.
+        what: String,
+    },
+    /// No such adapter (version) in the registry.
+    #[error("no adapter {0} in the registry")]
+    NotFound(String),
+    /// A name, version or path that is not allowed.
+    #[error("{0}")]
+    BadName(String),
 }
 
 impl AdapterError {

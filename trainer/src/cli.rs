@@ -45,6 +45,84 @@ pub enum Command {
     /// Bundled data.
     #[command(subcommand)]
     Data(DataCommand),
+    /// The adapter registry: add, list, show, remove, export.
+    #[command(subcommand)]
+    Adapters(AdaptersCommand),
+}
+
+/// `ft adapters ...`.
+#[derive(Debug, Subcommand)]
+pub enum AdaptersCommand {
+    /// Add a PEFT LoRA folder as the next version of NAME.
+    Add(AdaptersAddArgs),
+    /// List every version.
+    List(AdaptersListArgs),
+    /// Print one version (the newest without `:VERSION`) as JSON.
+    Show(AdaptersRefArgs),
+    /// Remove one version, or every version of a name.
+    Rm(AdaptersRefArgs),
+    /// Write a version's PEFT files into DIR.
+    Export(AdaptersExportArgs),
+}
+
+/// Where the registry is.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// The registry folder (default: $FT_HOME/registry).
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+}
+
+/// `ft adapters add`.
+#[derive(Debug, Args)]
+pub struct AdaptersAddArgs {
+    /// The PEFT folder (adapter_config.json, adapter_model.safetensors).
+    pub dir: PathBuf,
+    /// The adapter's name.
+    #[arg(long)]
+    pub name: String,
+    /// The task it was trained for.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// The base model (default: the config's base_model_name_or_path).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `ft adapters list`.
+#[derive(Debug, Args)]
+pub struct AdaptersListArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `NAME[:VERSION]` in a registry.
+#[derive(Debug, Args)]
+pub struct AdaptersRefArgs {
+    /// NAME or NAME:VERSION.
+    pub adapter: String,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `ft adapters export`.
+#[derive(Debug, Args)]
+pub struct AdaptersExportArgs {
+    /// NAME or NAME:VERSION.
+    pub adapter: String,
+    /// Output folder.
+    pub dir: PathBuf,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 /// `ft train`.

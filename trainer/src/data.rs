@@ -471,7 +471,10 @@ mod tests {
         let docs = [&a, &b, &a];
         let rows = rows(&[3, 2, 3], true, 5);
         assert_eq!(rows, vec![vec![0, 1], vec![2]]);
-        let rows: Vec<Vec<&Tokenized>> = rows.iter().map(|r| r.iter().map(|&i| docs[i]).collect()).collect();
+        let rows: Vec<Vec<&Tokenized>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&i| docs[i]).collect())
+            .collect();
         let packed = Batch::new(&rows, 0);
         assert_eq!(packed.s, 5);
         assert_eq!(packed.segments[0], vec![0, 0, 0, 1, 1]);

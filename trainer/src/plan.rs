@@ -121,4 +121,3 @@ impl Cursor<'_> {
         (self.epoch, self.position)
     }
 }
-

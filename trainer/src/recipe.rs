@@ -265,6 +265,8 @@ pub struct OutputSection {
     pub adapter_name: String,
     /// Metric sinks: `jsonl`, `tensorboard`.
     pub loggers: Vec<String>,
+    /// An adapter registry folder to add the trained adapter to, as `adapter_name`.
+    pub registry: Option<PathBuf>,
 }
 
 impl Default for OutputSection {
@@ -273,6 +275,7 @@ impl Default for OutputSection {
             dir: PathBuf::from("runs/default"),
             adapter_name: "default".into(),
             loggers: vec!["jsonl".into(), "tensorboard".into()],
+            registry: None,
         }
     }
 }
@@ -544,6 +547,9 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
             "output.loggers",
             format!("expected jsonl and/or tensorboard, got {l:?}"),
         );
+    }
+    if let Err(e) = ft_adapters::registry::validate_name(&r.output.adapter_name) {
+        return fail("output.adapter_name", e.to_string());
     }
     if r.eval.batch_size == 0 {
         return fail("eval.batch_size", "expected at least 1, got 0".into());

@@ -17,7 +17,8 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use ft_adapters::peft::PeftConfig;
-use ft_adapters::LoraConfig;
+use ft_adapters::registry::AddInfo;
+use ft_adapters::{LoraConfig, Registry};
 use ft_model::llama::Attend;
 use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, TextTokenizer};
 use ft_quant::{QuantFormat, QuantSpec};
@@ -29,9 +30,9 @@ use crate::data::{self, Batch, Encoder, Record, Tokenized};
 use crate::eval::{exact_match, ExactMatch};
 use crate::metrics::Metrics;
 use crate::optim::{AdamW, AdamWParams, ParamGrad, StateBytes};
+use crate::plan::{shuffle, Plan};
 use crate::recipe::{LoadedRecipe, OptimizerKind, Recipe};
 use crate::schedule::lr_at;
-use crate::plan::{shuffle, Plan};
 use crate::tasks;
 
 /// What a finished run reports in `summary.json`.
@@ -287,7 +288,27 @@ where
     };
     let json = serde_json::to_string_pretty(&summary)?;
     write_atomic(&out.join("summary.json"), json.as_bytes())?;
+    if let Some(dir) = &r.output.registry {
+        let info = AddInfo {
+            task: r.data.task.clone(),
+            base_model: Some(ft_model::source::hub_id(&r.model.source)),
+            base_sha256: base_sha256(&pretrained.path),
+            recipe: Some(r.to_toml()),
+            metrics: Some(serde_json::to_value(&summary)?),
+        };
+        let record = Registry::open(dir)
+            .and_then(|mut reg| reg.add(&out, &r.output.adapter_name, info))
+            .with_context(|| format!("output.registry {}", dir.display()))?;
+        println!("registered {} in {}", record.id(), dir.display());
+    }
     Ok(Trained { summary, model })
+}
+
+/// sha256 of the base model when it is one file (a GGUF); `None` for folders.
+fn base_sha256(path: &Path) -> Option<String> {
+    path.is_file()
+        .then(|| ft_model::source::sha256_file(path).ok())
+        .flatten()
 }
 
 /// The quantization a recipe asks for (`None`: f32 as loaded).

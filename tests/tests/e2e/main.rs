@@ -4,5 +4,6 @@ mod adapters;
 mod bad_input;
 mod quant;
 mod reference;
+mod registry;
 mod tiny_models;
 mod train;

@@ -1,5 +1,6 @@
 //! One module per subcommand; each validates its flags and calls into the library crates.
 
+mod adapters;
 mod bench;
 mod bench_train;
 mod data;
@@ -13,7 +14,9 @@ mod report;
 mod tokenize;
 mod train;
 
-use crate::cli::{BenchCommand, Command, DataCommand, QuantCommand, RecipeCommand};
+use crate::cli::{
+    AdaptersCommand, BenchCommand, Command, DataCommand, QuantCommand, RecipeCommand,
+};
 
 /// Runs one parsed command.
 pub fn run(command: Command) -> anyhow::Result<()> {
@@ -32,5 +35,10 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Recipe(RecipeCommand::Show(args)) => recipe::show(args),
         Command::Eval(args) => eval::run(args),
         Command::Data(DataCommand::Tasks(args)) => data::tasks(args),
+        Command::Adapters(AdaptersCommand::Add(args)) => adapters::add(args),
+        Command::Adapters(AdaptersCommand::List(args)) => adapters::list(args),
+        Command::Adapters(AdaptersCommand::Show(args)) => adapters::show(args),
+        Command::Adapters(AdaptersCommand::Rm(args)) => adapters::rm(args),
+        Command::Adapters(AdaptersCommand::Export(args)) => adapters::export(args),
     }
 }

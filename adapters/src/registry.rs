@@ -1,0 +1,602 @@
+//! The adapter registry: one folder holding an SQLite database (`registry.sqlite`) of adapter
+//! versions and their files, stored once each by content (`blobs/sha256/<hex>`).
+//!
+//! A version records its name, number, task, base model (source and sha256), rank, alpha,
+//! target modules, the recipe text, metrics (JSON), creation time, the sha256 of each file,
+//! and where it was published. Adding writes the blobs first (each through a temporary file and
+//! a rename), then inserts the row in one `BEGIN IMMEDIATE` transaction that also picks the
+//! version number, so concurrent adds from several processes serialize on SQLite's lock and
+//! none is lost, and a failed add leaves no row (an unreferenced blob at most, which the next
+//! removal collects).
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::peft::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use crate::AdapterError;
+
+const DB_FILE: &str = "registry.sqlite";
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    task TEXT,
+    base_model TEXT,
+    base_sha256 TEXT,
+    r INTEGER NOT NULL,
+    alpha REAL NOT NULL,
+    target_modules TEXT NOT NULL,
+    recipe TEXT,
+    metrics TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    files TEXT NOT NULL,
+    published TEXT NOT NULL DEFAULT '[]',
+    PRIMARY KEY (name, version)
+)";
+
+/// One adapter version as the registry records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterRecord {
+    /// The adapter's name.
+    pub name: String,
+    /// 1, 2, ... per name.
+    pub version: u32,
+    /// The task it was trained for, if any.
+    pub task: Option<String>,
+    /// The base model (source string or hub id).
+    pub base_model: Option<String>,
+    /// sha256 of the base model file, when known.
+    pub base_sha256: Option<String>,
+    /// Rank.
+    pub r: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// Target modules.
+    pub target_modules: Vec<String>,
+    /// The recipe that trained it (TOML), if known.
+    pub recipe: Option<String>,
+    /// Metrics (a JSON object).
+    pub metrics: serde_json::Value,
+    /// Seconds since the Unix epoch, UTC, as RFC 3339.
+    pub created_at: String,
+    /// File name -> sha256 of its content.
+    pub files: BTreeMap<String, String>,
+    /// Hub repositories it was published to.
+    pub published: Vec<String>,
+}
+
+impl AdapterRecord {
+    /// `name:version`.
+    pub fn id(&self) -> String {
+        format!("{}:{}", self.name, self.version)
+    }
+}
+
+/// What an add records besides the adapter files.
+#[derive(Debug, Clone, Default)]
+pub struct AddInfo {
+    /// The task.
+    pub task: Option<String>,
+    /// Base model source (defaults to the adapter config's `base_model_name_or_path`).
+    pub base_model: Option<String>,
+    /// sha256 of the base model file.
+    pub base_sha256: Option<String>,
+    /// The recipe text.
+    pub recipe: Option<String>,
+    /// Metrics (a JSON object).
+    pub metrics: Option<serde_json::Value>,
+}
+
+/// A registry folder.
+#[derive(Debug)]
+pub struct Registry {
+    dir: PathBuf,
+    conn: Connection,
+}
+
+fn db_err(dir: &Path) -> impl Fn(rusqlite::Error) -> AdapterError + '_ {
+    move |e| AdapterError::Registry {
+        path: dir.join(DB_FILE),
+        what: e.to_string(),
+    }
+}
+
+/// Checks an adapter name: letters, digits, `.`, `_`, `-`; not starting with `.`; at most 96.
+pub fn validate_name(name: &str) -> Result<(), AdapterError> {
+    let ok = !name.is_empty()
+        && name.len() <= 96
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AdapterError::BadName(format!(
+            "adapter name {name:?}: use letters, digits, '.', '_' and '-' (not first '.'), at most 96"
+        )))
+    }
+}
+
+/// Parses `NAME[:VERSION]`.
+pub fn parse_ref(s: &str) -> Result<(String, Option<u32>), AdapterError> {
+    let (name, version) = match s.split_once(':') {
+        Some((n, v)) => {
+            let v: u32 = v.parse().ok().filter(|&v| v > 0).ok_or_else(|| {
+                AdapterError::BadName(format!(
+                    "{s:?}: the version after ':' must be a number >= 1"
+                ))
+            })?;
+            (n, Some(v))
+        }
+        None => (s, None),
+    };
+    validate_name(name)?;
+    Ok((name.to_string(), version))
+}
+
+/// A relative path with no `..`, root or prefix components (for files named by users or
+/// servers).
+pub fn safe_relative(path: &str) -> Result<PathBuf, AdapterError> {
+    let p = Path::new(path);
+    let ok = !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if ok {
+        Ok(p.to_path_buf())
+    } else {
+        Err(AdapterError::BadName(format!(
+            "path {path:?} must be relative, without '..'"
+        )))
+    }
+}
+
+/// sha256 of `bytes` as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Registry {
+    /// Opens (creating if needed) the registry in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, AdapterError> {
+        std::fs::create_dir_all(dir.join("blobs/sha256")).map_err(|e| AdapterError::io(dir, e))?;
+        let conn = Connection::open(dir.join(DB_FILE)).map_err(db_err(dir))?;
+        conn.busy_timeout(Duration::from_secs(60))
+            .map_err(db_err(dir))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err(dir))?;
+        conn.execute_batch(SCHEMA).map_err(db_err(dir))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            conn,
+        })
+    }
+
+    /// The registry folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Adds the PEFT adapter in `src` as the next version of `name`; returns its record.
+    pub fn add(
+        &mut self,
+        src: &Path,
+        name: &str,
+        info: AddInfo,
+    ) -> Result<AdapterRecord, AdapterError> {
+        validate_name(name)?;
+        let adapter = PeftAdapter::read(src)?;
+        let mut files = BTreeMap::new();
+        for file in [CONFIG_FILE, WEIGHTS_FILE] {
+            let path = src.join(file);
+            let bytes = std::fs::read(&path).map_err(|e| AdapterError::io(&path, e))?;
+            files.insert(file.to_string(), self.put_blob(&bytes)?);
+        }
+        let c = &adapter.config;
+        let mut record = AdapterRecord {
+            name: name.to_string(),
+            version: 0,
+            task: info.task,
+            base_model: info
+                .base_model
+                .or_else(|| c.base_model_name_or_path.clone()),
+            base_sha256: info.base_sha256,
+            r: c.r,
+            alpha: c.lora_alpha,
+            target_modules: c.target_modules.clone(),
+            recipe: info.recipe,
+            metrics: info.metrics.unwrap_or_else(|| serde_json::json!({})),
+            created_at: now_rfc3339(),
+            files,
+            published: Vec::new(),
+        };
+        let dir = self.dir.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err(&dir))?;
+        let last: Option<u32> = tx
+            .query_row(
+                "SELECT MAX(version) FROM adapters WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .map_err(db_err(&dir))?;
+        record.version = last.unwrap_or(0) + 1;
+        insert(&tx, &record).map_err(db_err(&dir))?;
+        tx.commit().map_err(db_err(&dir))?;
+        Ok(record)
+    }
+
+    /// Stores `bytes` under their sha256 (once); returns the hex digest.
+    fn put_blob(&self, bytes: &[u8]) -> Result<String, AdapterError> {
+        let hex = sha256_hex(bytes);
+        let path = self.blob_path(&hex);
+        if !path.exists() {
+            let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+            std::fs::write(&tmp, bytes).map_err(|e| AdapterError::io(&tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| AdapterError::io(&path, e))?;
+        }
+        Ok(hex)
+    }
+
+    fn blob_path(&self, hex: &str) -> PathBuf {
+        self.dir.join("blobs/sha256").join(hex)
+    }
+
+    /// Every version, by name then version.
+    pub fn list(&self) -> Result<Vec<AdapterRecord>, AdapterError> {
+        let dir = self.dir.clone();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT * FROM adapters ORDER BY name, version")
+            .map_err(db_err(&dir))?;
+        let rows = stmt
+            .query_map([], row_to_record)
+            .map_err(db_err(&dir))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db_err(&dir))?;
+        Ok(rows)
+    }
+
+    /// The version `name:version`, or the newest of `name`.
+    pub fn get(&self, name: &str, version: Option<u32>) -> Result<AdapterRecord, AdapterError> {
+        validate_name(name)?;
+        let dir = self.dir.clone();
+        let found = match version {
+            Some(v) => self
+                .conn
+                .query_row(
+                    "SELECT * FROM adapters WHERE name = ?1 AND version = ?2",
+                    params![name, v],
+                    row_to_record,
+                )
+                .optional(),
+            None => self
+                .conn
+                .query_row(
+                    "SELECT * FROM adapters WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+                    [name],
+                    row_to_record,
+                )
+                .optional(),
+        }
+        .map_err(db_err(&dir))?;
+        found.ok_or_else(|| {
+            AdapterError::NotFound(match version {
+                Some(v) => format!("{name}:{v}"),
+                None => name.to_string(),
+            })
+        })
+    }
+
+    /// Removes `name:version` (every version when `version` is `None`) and the blobs no
+    /// version uses any more; returns the removed ids.
+    pub fn remove(
+        &mut self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Vec<String>, AdapterError> {
+        let doomed: Vec<AdapterRecord> = match version {
+            Some(v) => vec![self.get(name, Some(v))?],
+            None => {
+                let all: Vec<AdapterRecord> = self
+                    .list()?
+                    .into_iter()
+                    .filter(|r| r.name == name)
+                    .collect();
+                if all.is_empty() {
+                    return Err(AdapterError::NotFound(name.to_string()));
+                }
+                all
+            }
+        };
+        let dir = self.dir.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err(&dir))?;
+        for r in &doomed {
+            tx.execute(
+                "DELETE FROM adapters WHERE name = ?1 AND version = ?2",
+                params![r.name, r.version],
+            )
+            .map_err(db_err(&dir))?;
+        }
+        tx.commit().map_err(db_err(&dir))?;
+        self.collect_garbage()?;
+        Ok(doomed.iter().map(AdapterRecord::id).collect())
+    }
+
+    /// Deletes blobs that no version references.
+    fn collect_garbage(&self) -> Result<(), AdapterError> {
+        let used: std::collections::HashSet<String> = self
+            .list()?
+            .into_iter()
+            .flat_map(|r| r.files.into_values())
+            .collect();
+        let blobs = self.dir.join("blobs/sha256");
+        let entries = std::fs::read_dir(&blobs).map_err(|e| AdapterError::io(&blobs, e))?;
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.len() == 64 && !used.contains(&name) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the files of `record` into `dest` (a PEFT folder), checking each sha256.
+    pub fn export(&self, record: &AdapterRecord, dest: &Path) -> Result<(), AdapterError> {
+        std::fs::create_dir_all(dest).map_err(|e| AdapterError::io(dest, e))?;
+        for (file, hex) in &record.files {
+            let rel = safe_relative(file)?;
+            let bytes = self.blob(hex)?;
+            let path = dest.join(rel);
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &bytes).map_err(|e| AdapterError::io(&tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| AdapterError::io(&path, e))?;
+        }
+        Ok(())
+    }
+
+    /// The content of blob `hex`, verified against its name.
+    pub fn blob(&self, hex: &str) -> Result<Vec<u8>, AdapterError> {
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(AdapterError::BadName(format!("{hex:?} is not a sha256")));
+        }
+        let path = self.blob_path(hex);
+        let bytes = std::fs::read(&path).map_err(|e| AdapterError::io(&path, e))?;
+        if sha256_hex(&bytes) != hex {
+            return Err(AdapterError::Registry {
+                path,
+                what: "blob content does not match its sha256".into(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Merges `metrics` (a JSON object) into the record's metrics.
+    pub fn add_metrics(
+        &mut self,
+        name: &str,
+        version: u32,
+        metrics: &serde_json::Value,
+    ) -> Result<(), AdapterError> {
+        let mut record = self.get(name, Some(version))?;
+        if let (Some(into), Some(from)) = (record.metrics.as_object_mut(), metrics.as_object()) {
+            for (k, v) in from {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+        let dir = self.dir.clone();
+        self.conn
+            .execute(
+                "UPDATE adapters SET metrics = ?3 WHERE name = ?1 AND version = ?2",
+                params![name, version, record.metrics.to_string()],
+            )
+            .map_err(db_err(&dir))?;
+        Ok(())
+    }
+
+    /// Records that `name:version` was published to `repo`.
+    pub fn mark_published(
+        &mut self,
+        name: &str,
+        version: u32,
+        repo: &str,
+    ) -> Result<(), AdapterError> {
+        let mut record = self.get(name, Some(version))?;
+        if !record.published.iter().any(|r| r == repo) {
+            record.published.push(repo.to_string());
+        }
+        let dir = self.dir.clone();
+        self.conn
+            .execute(
+                "UPDATE adapters SET published = ?3 WHERE name = ?1 AND version = ?2",
+                params![
+                    name,
+                    version,
+                    serde_json::to_string(&record.published).unwrap_or_default()
+                ],
+            )
+            .map_err(db_err(&dir))?;
+        Ok(())
+    }
+}
+
+fn insert(tx: &rusqlite::Transaction<'_>, r: &AdapterRecord) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO adapters (name, version, task, base_model, base_sha256, r, alpha, target_modules, recipe, metrics, created_at, files, published)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        params![
+            r.name,
+            r.version,
+            r.task,
+            r.base_model,
+            r.base_sha256,
+            r.r as i64,
+            r.alpha,
+            serde_json::to_string(&r.target_modules).unwrap_or_default(),
+            r.recipe,
+            r.metrics.to_string(),
+            r.created_at,
+            serde_json::to_string(&r.files).unwrap_or_default(),
+            serde_json::to_string(&r.published).unwrap_or_default(),
+        ],
+    )
+}
+
+fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<AdapterRecord> {
+    fn parse<T: serde::de::DeserializeOwned>(
+        row: &rusqlite::Row<'_>,
+        i: usize,
+    ) -> rusqlite::Result<T> {
+        let s: String = row.get(i)?;
+        serde_json::from_str(&s).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+        })
+    }
+    Ok(AdapterRecord {
+        name: row.get(0)?,
+        version: row.get(1)?,
+        task: row.get(2)?,
+        base_model: row.get(3)?,
+        base_sha256: row.get(4)?,
+        r: row.get::<_, i64>(5)? as usize,
+        alpha: row.get(6)?,
+        target_modules: parse(row, 7)?,
+        recipe: row.get(8)?,
+        metrics: parse(row, 9)?,
+        created_at: row.get(10)?,
+        files: parse(row, 11)?,
+        published: parse(row, 12)?,
+    })
+}
+
+/// Now as RFC 3339 UTC (second precision), from the civil date of the Unix day.
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peft::{LoraWeights, Matrix, PeftConfig};
+
+    fn adapter(dir: &Path, seed: f32) {
+        let config: PeftConfig = serde_json::from_value(serde_json::json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
+            "target_modules": ["q_proj"], "base_model_name_or_path": "org/base"
+        }))
+        .unwrap();
+        let m = |shape: [usize; 2]| Matrix {
+            shape,
+            data: (0..shape[0] * shape[1]).map(|i| i as f32 * seed).collect(),
+        };
+        let mut modules = BTreeMap::new();
+        modules.insert(
+            "model.layers.0.self_attn.q_proj".to_string(),
+            LoraWeights {
+                a: m([2, 4]),
+                b: m([4, 2]),
+            },
+        );
+        PeftAdapter { config, modules }.write(dir).unwrap();
+    }
+
+    #[test]
+    fn add_list_show_export_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        adapter(&a, 0.5);
+        adapter(&b, 0.25);
+        let mut reg = Registry::open(&dir.path().join("reg")).unwrap();
+        let info = AddInfo {
+            task: Some("dates".into()),
+            metrics: Some(serde_json::json!({"em": 0.9})),
+            ..Default::default()
+        };
+        let r1 = reg.add(&a, "dates", info.clone()).unwrap();
+        let r2 = reg.add(&b, "dates", info).unwrap();
+        assert_eq!((r1.version, r2.version), (1, 2));
+        assert_eq!(r1.base_model.as_deref(), Some("org/base"));
+        assert_eq!(reg.get("dates", None).unwrap().version, 2);
+        assert_eq!(reg.list().unwrap().len(), 2);
+        let out = dir.path().join("out");
+        reg.export(&reg.get("dates", Some(1)).unwrap(), &out)
+            .unwrap();
+        assert_eq!(
+            PeftAdapter::read(&out).unwrap(),
+            PeftAdapter::read(&a).unwrap()
+        );
+        reg.add_metrics("dates", 1, &serde_json::json!({"latency": 3}))
+            .unwrap();
+        assert_eq!(
+            reg.get("dates", Some(1)).unwrap().metrics,
+            serde_json::json!({"em": 0.9, "latency": 3})
+        );
+        assert_eq!(reg.remove("dates", Some(1)).unwrap(), vec!["dates:1"]);
+        let blobs = std::fs::read_dir(dir.path().join("reg/blobs/sha256"))
+            .unwrap()
+            .count();
+        assert_eq!(
+            blobs, 2,
+            "the removed version's weights are collected; the config is shared"
+        );
+        assert!(matches!(
+            reg.get("dates", Some(1)),
+            Err(AdapterError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn names_and_paths_are_validated() {
+        for bad in ["", "../x", ".hidden", "a/b", "a b", "x:0", "x:y"] {
+            assert!(parse_ref(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            parse_ref("dates-v2:3").unwrap(),
+            ("dates-v2".to_string(), Some(3))
+        );
+        for bad in ["../a", "/etc/passwd", "a/../../b", ""] {
+            assert!(safe_relative(bad).is_err(), "{bad:?}");
+        }
+        assert!(safe_relative("adapter_model.safetensors").is_ok());
+    }
+
+    #[test]
+    fn a_failed_add_leaves_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        adapter(&a, 1.0);
+        std::fs::write(a.join(WEIGHTS_FILE), b"not safetensors").unwrap();
+        let mut reg = Registry::open(&dir.path().join("reg")).unwrap();
+        assert!(reg.add(&a, "x", AddInfo::default()).is_err());
+        assert!(reg.list().unwrap().is_empty());
+    }
+}
