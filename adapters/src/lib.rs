@@ -2,11 +2,12 @@
 //!
 //! Holds the LoRA layer ([`lora`]: A [r, in], B [out, r], PEFT's init and scaling) wrapping
 //! ft-quant's base [`ft_quant::Linear`], the PEFT format ([`peft`]) and the SQLite adapter
-//! registry ([`registry`]). Later: batched multi-adapter forward and Hub publishing.
+//! registry ([`registry`]) and Hub publishing ([`hub`]). Later: batched multi-adapter forward.
 //!
 //! Depends only on ft-quant among ft crates; must not import ft-model or anything above it.
 #![warn(missing_docs)]
 
+pub mod hub;
 pub mod lora;
 pub mod peft;
 pub mod registry;

@@ -48,6 +48,51 @@ pub enum Command {
     /// The adapter registry: add, list, show, remove, export.
     #[command(subcommand)]
     Adapters(AdaptersCommand),
+    /// Upload a registry adapter and its model card to the Hugging Face Hub.
+    Publish(PublishArgs),
+    /// Bring an adapter from the Hugging Face Hub into the registry.
+    Pull(PullArgs),
+}
+
+/// `ft publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// NAME or NAME:VERSION in the registry.
+    pub adapter: String,
+    /// The Hub repository, OWNER/NAME (created if missing).
+    #[arg(long)]
+    pub repo: String,
+    /// Create the repository private.
+    #[arg(long)]
+    pub private: bool,
+    /// The Hub's address.
+    #[arg(long, default_value = ft_adapters::hub::DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// The licence named in the model card.
+    #[arg(long, default_value = "apache-2.0")]
+    pub license: String,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `ft pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// hf:OWNER/NAME
+    pub source: String,
+    /// The name in the registry (default: the repository's NAME).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// The Hub's address.
+    #[arg(long, default_value = ft_adapters::hub::DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 /// `ft adapters ...`.

@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bad_input;
+mod hub;
 mod quant;
 mod reference;
 mod registry;

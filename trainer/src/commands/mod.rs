@@ -6,6 +6,7 @@ mod bench_train;
 mod data;
 mod eval;
 mod generate;
+mod hub;
 mod merge;
 mod perplexity;
 mod quant;
@@ -40,5 +41,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Adapters(AdaptersCommand::Show(args)) => adapters::show(args),
         Command::Adapters(AdaptersCommand::Rm(args)) => adapters::rm(args),
         Command::Adapters(AdaptersCommand::Export(args)) => adapters::export(args),
+        Command::Publish(args) => hub::publish(args),
+        Command::Pull(args) => hub::pull(args),
     }
 }
