@@ -176,6 +176,19 @@ impl PeftAdapter {
         if config.r == 0 {
             return Err(fault(&config_path, "r must be positive"));
         }
+        // Features that change the math: refuse rather than apply the adapter wrongly.
+        let raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if raw[key].as_object().is_some_and(|m| !m.is_empty()) {
+                return Err(fault(
+                    &config_path,
+                    format!("{key} gives modules their own r or alpha; ft reads adapters with one r and alpha"),
+                ));
+            }
+        }
+        if raw["use_dora"].as_bool() == Some(true) {
+            return Err(fault(&config_path, "use_dora: ft reads plain LoRA, not DoRA"));
+        }
         let weights_path = dir.join(WEIGHTS_FILE);
         let bytes = std::fs::read(&weights_path).map_err(|e| AdapterError::io(&weights_path, e))?;
         let st = SafeTensors::deserialize(&bytes)
@@ -367,7 +380,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join(CONFIG_FILE),
-            r#"{"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": "q_proj", "bias": "none", "revision": null}"#,
+            r#"{"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": "q_proj", "bias": "none", "revision": null, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": false, "fan_in_fan_out": true}"#,
         )
         .unwrap();
         let a: Vec<u8> = [1.5f32, -2.0]
@@ -400,6 +413,16 @@ mod tests {
             (w.a.data.clone(), w.b.data.clone()),
             (vec![1.5, -2.0], vec![0.25, 3.0])
         );
+        // Per-module ranks or DoRA would change the math: refused, naming the key.
+        for (extra, key) in [(r#""rank_pattern": {"q_proj": 4}"#, "rank_pattern"), (r#""use_dora": true"#, "use_dora")] {
+            std::fs::write(
+                dir.path().join(CONFIG_FILE),
+                format!(r#"{{"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": "q_proj", {extra}}}"#),
+            )
+            .unwrap();
+            let e = PeftAdapter::read(dir.path()).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]
