@@ -187,7 +187,10 @@ impl PeftAdapter {
             }
         }
         if raw["use_dora"].as_bool() == Some(true) {
-            return Err(fault(&config_path, "use_dora: ft reads plain LoRA, not DoRA"));
+            return Err(fault(
+                &config_path,
+                "use_dora: ft reads plain LoRA, not DoRA",
+            ));
         }
         let weights_path = dir.join(WEIGHTS_FILE);
         let bytes = std::fs::read(&weights_path).map_err(|e| AdapterError::io(&weights_path, e))?;
@@ -414,7 +417,10 @@ mod tests {
             (vec![1.5, -2.0], vec![0.25, 3.0])
         );
         // Per-module ranks or DoRA would change the math: refused, naming the key.
-        for (extra, key) in [(r#""rank_pattern": {"q_proj": 4}"#, "rank_pattern"), (r#""use_dora": true"#, "use_dora")] {
+        for (extra, key) in [
+            (r#""rank_pattern": {"q_proj": 4}"#, "rank_pattern"),
+            (r#""use_dora": true"#, "use_dora"),
+        ] {
             std::fs::write(
                 dir.path().join(CONFIG_FILE),
                 format!(r#"{{"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": "q_proj", {extra}}}"#),

@@ -1,12 +1,15 @@
 //! ft-distill: teacher-student distillation.
 //!
 //! Holds the distillation losses ([`losses`]: forward and reverse KL, generalized JSD,
-//! temperature with T^2 scaling, the cross-entropy mix, top-k renormalization). Later: student
-//! initialization from teacher layers and the teacher's top-k logit cache.
+//! temperature with T^2 scaling, the cross-entropy mix, top-k renormalization) and students
+//! built from teacher layers ([`student`]). Later: the teacher's top-k logit cache and the
+//! distillation loop.
 //!
 //! Builds on ft-model; must not import ft-serve or ft-trainer.
 #![warn(missing_docs)]
 
 pub mod losses;
+pub mod student;
 
 pub use losses::{DistillLoss, Divergence, TeacherLogits};
+pub use student::{check_same_tokenizer, student_from_teacher, StudentInit};

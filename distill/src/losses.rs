@@ -73,7 +73,11 @@ fn kl<B: Backend>(log_p: Tensor<B, 2>, log_q: Tensor<B, 2>) -> Tensor<B, 1> {
 }
 
 /// The divergence between two row-wise log-distributions (teacher, student), summed.
-pub fn divergence<B: Backend>(d: Divergence, log_t: Tensor<B, 2>, log_s: Tensor<B, 2>) -> Tensor<B, 1> {
+pub fn divergence<B: Backend>(
+    d: Divergence,
+    log_t: Tensor<B, 2>,
+    log_s: Tensor<B, 2>,
+) -> Tensor<B, 1> {
     match d {
         Divergence::ForwardKl => kl(log_t, log_s),
         Divergence::ReverseKl => kl(log_s, log_t),
@@ -116,7 +120,8 @@ impl DistillLoss {
                 (log_teacher, log_student)
             }
         };
-        let kd = divergence(self.divergence, log_teacher, log_student) * ((1.0 - self.alpha) * t * t);
+        let kd =
+            divergence(self.divergence, log_teacher, log_student) * ((1.0 - self.alpha) * t * t);
         match ce {
             Some(ce) => ce + kd,
             None => kd,
@@ -142,7 +147,10 @@ mod tests {
     fn t2(rows: &[&[f64]]) -> Tensor<B, 2> {
         let cols = rows[0].len();
         let data: Vec<f64> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-        Tensor::from_data(TensorData::new(data, [rows.len(), cols]), &Default::default())
+        Tensor::from_data(
+            TensorData::new(data, [rows.len(), cols]),
+            &Default::default(),
+        )
     }
 
     fn value(t: Tensor<B, 1>) -> f64 {
@@ -150,7 +158,10 @@ mod tests {
     }
 
     fn labels(ids: &[i64]) -> Tensor<B, 1, Int> {
-        Tensor::from_data(TensorData::new(ids.to_vec(), [ids.len()]), &Default::default())
+        Tensor::from_data(
+            TensorData::new(ids.to_vec(), [ids.len()]),
+            &Default::default(),
+        )
     }
 
     const ALL: [Divergence; 4] = [
@@ -164,8 +175,16 @@ mod tests {
     fn identical_distributions_diverge_by_zero() {
         let logits = t2(&[&[1.0, 2.0, -1.0, 0.5], &[300.0, -200.0, 299.0, 0.0]]);
         for d in ALL {
-            let loss = DistillLoss { divergence: d, temperature: 2.0, alpha: 0.0 };
-            let v = value(loss.forward(logits.clone(), TeacherLogits::Full(logits.clone()), labels(&[0, 0])));
+            let loss = DistillLoss {
+                divergence: d,
+                temperature: 2.0,
+                alpha: 0.0,
+            };
+            let v = value(loss.forward(
+                logits.clone(),
+                TeacherLogits::Full(logits.clone()),
+                labels(&[0, 0]),
+            ));
             assert!(v.abs() < 1e-12, "{d:?}: {v}");
         }
     }
@@ -178,8 +197,16 @@ mod tests {
         let forward = 0.25 * (0.5f64).ln() + 0.75 * (1.5f64).ln();
         let reverse = 0.5 * (2.0f64).ln() + 0.5 * (2.0f64 / 3.0).ln();
         let at = |d, t: f64| {
-            let loss = DistillLoss { divergence: d, temperature: t, alpha: 0.0 };
-            value(loss.forward(student.clone() * t, TeacherLogits::Full(teacher.clone() * t), labels(&[1])))
+            let loss = DistillLoss {
+                divergence: d,
+                temperature: t,
+                alpha: 0.0,
+            };
+            value(loss.forward(
+                student.clone() * t,
+                TeacherLogits::Full(teacher.clone() * t),
+                labels(&[1]),
+            ))
         };
         assert!((at(Divergence::ForwardKl, 1.0) - forward).abs() < 1e-12);
         assert!((at(Divergence::ReverseKl, 1.0) - reverse).abs() < 1e-12);
@@ -198,9 +225,20 @@ mod tests {
     #[test]
     fn alpha_mixes_in_the_label_cross_entropy() {
         let student = t2(&[&[0.0, 0.0, 0.0, 0.0]]);
-        let loss = DistillLoss { divergence: Divergence::ForwardKl, temperature: 1.0, alpha: 1.0 };
-        let ce = value(loss.forward(student.clone(), TeacherLogits::Full(t2(&[&[5.0, 0.0, 0.0, 0.0]])), labels(&[2])));
-        assert!((ce - 4f64.ln()).abs() < 1e-12, "CE of a uniform 4-way guess is ln 4");
+        let loss = DistillLoss {
+            divergence: Divergence::ForwardKl,
+            temperature: 1.0,
+            alpha: 1.0,
+        };
+        let ce = value(loss.forward(
+            student.clone(),
+            TeacherLogits::Full(t2(&[&[5.0, 0.0, 0.0, 0.0]])),
+            labels(&[2]),
+        ));
+        assert!(
+            (ce - 4f64.ln()).abs() < 1e-12,
+            "CE of a uniform 4-way guess is ln 4"
+        );
     }
 
     #[test]
@@ -211,10 +249,17 @@ mod tests {
             logits: t2(&[&[2.0, 1.0]]),
             ids: Tensor::from_data(TensorData::new(vec![0i64, 1], [1, 2]), &Default::default()),
         };
-        let loss = DistillLoss { divergence: Divergence::ForwardKl, temperature: 1.0, alpha: 0.0 };
+        let loss = DistillLoss {
+            divergence: Divergence::ForwardKl,
+            temperature: 1.0,
+            alpha: 0.0,
+        };
         let got = value(loss.forward(student, topk, labels(&[0])));
         // p over {0, 1} = softmax([2, 1]); q renormalized over {0, 1} = softmax([0, 1]).
-        let p = [1.0 / (1.0 + (-1f64).exp()), (-1f64).exp() / (1.0 + (-1f64).exp())];
+        let p = [
+            1.0 / (1.0 + (-1f64).exp()),
+            (-1f64).exp() / (1.0 + (-1f64).exp()),
+        ];
         let q = [1.0 / (1.0 + 1f64.exp()), 1f64.exp() / (1.0 + 1f64.exp())];
         let expected = p[0] * (p[0] / q[0]).ln() + p[1] * (p[1] / q[1]).ln();
         assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
@@ -223,7 +268,10 @@ mod tests {
         let s = t2(&[&[0.0, 1.0, 3.0, 3.0]]);
         let all = TeacherLogits::TopK {
             logits: full_teacher.clone(),
-            ids: Tensor::from_data(TensorData::new(vec![0i64, 1, 2, 3], [1, 4]), &Default::default()),
+            ids: Tensor::from_data(
+                TensorData::new(vec![0i64, 1, 2, 3], [1, 4]),
+                &Default::default(),
+            ),
         };
         let a = value(loss.forward(s.clone(), all, labels(&[0])));
         let b = value(loss.forward(s, TeacherLogits::Full(full_teacher), labels(&[0])));
@@ -234,28 +282,52 @@ mod tests {
     fn gradients_match_finite_differences() {
         type A = Autodiff<B>;
         let device = Default::default();
-        let s: Vec<f64> = (0..12).map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.7).collect();
+        let s: Vec<f64> = (0..12)
+            .map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.7)
+            .collect();
         let teacher: Vec<f64> = (0..12).map(|i| ((i * 53 % 7) as f64 - 3.0) * 1.3).collect();
         for d in ALL {
-            let loss = DistillLoss { divergence: d, temperature: 1.7, alpha: 0.3 };
+            let loss = DistillLoss {
+                divergence: d,
+                temperature: 1.7,
+                alpha: 0.3,
+            };
             let f = |x: &[f64]| -> Tensor<A, 1> {
-                let st = Tensor::<A, 2>::from_data(TensorData::new(x.to_vec(), [3, 4]), &device).require_grad();
-                let tt = Tensor::<A, 2>::from_data(TensorData::new(teacher.clone(), [3, 4]), &device);
-                let l = Tensor::<A, 1, Int>::from_data(TensorData::new(vec![1i64, 3, 0], [3]), &device);
+                let st = Tensor::<A, 2>::from_data(TensorData::new(x.to_vec(), [3, 4]), &device)
+                    .require_grad();
+                let tt =
+                    Tensor::<A, 2>::from_data(TensorData::new(teacher.clone(), [3, 4]), &device);
+                let l =
+                    Tensor::<A, 1, Int>::from_data(TensorData::new(vec![1i64, 3, 0], [3]), &device);
                 loss.forward(st, TeacherLogits::Full(tt), l)
             };
-            let st = Tensor::<A, 2>::from_data(TensorData::new(s.clone(), [3, 4]), &device).require_grad();
+            let st = Tensor::<A, 2>::from_data(TensorData::new(s.clone(), [3, 4]), &device)
+                .require_grad();
             let tt = Tensor::<A, 2>::from_data(TensorData::new(teacher.clone(), [3, 4]), &device);
             let l = Tensor::<A, 1, Int>::from_data(TensorData::new(vec![1i64, 3, 0], [3]), &device);
-            let grads = loss.forward(st.clone(), TeacherLogits::Full(tt), l).backward();
-            let g: Vec<f64> = st.grad(&grads).unwrap().into_data().convert::<f64>().to_vec().unwrap();
+            let grads = loss
+                .forward(st.clone(), TeacherLogits::Full(tt), l)
+                .backward();
+            let g: Vec<f64> = st
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .convert::<f64>()
+                .to_vec()
+                .unwrap();
             for i in 0..12 {
                 let eps = 1e-4;
                 let (mut up, mut down) = (s.clone(), s.clone());
                 up[i] += eps;
                 down[i] -= eps;
-                let fd = (f(&up).into_scalar().elem::<f64>() - f(&down).into_scalar().elem::<f64>()) / (2.0 * eps);
-                assert!((fd - g[i]).abs() < 1e-5 + 1e-4 * g[i].abs(), "{d:?} [{i}]: fd {fd} vs {}", g[i]);
+                let fd = (f(&up).into_scalar().elem::<f64>()
+                    - f(&down).into_scalar().elem::<f64>())
+                    / (2.0 * eps);
+                assert!(
+                    (fd - g[i]).abs() < 1e-5 + 1e-4 * g[i].abs(),
+                    "{d:?} [{i}]: fd {fd} vs {}",
+                    g[i]
+                );
             }
         }
     }

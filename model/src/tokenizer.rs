@@ -156,6 +156,11 @@ impl TextTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+
+    /// The token string of `id`, if the vocabulary has it.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
 }
 
 /// The `tokenizer.json` of a byte-level BPE tokenizer (GPT-2 style, as GGUF files describe
