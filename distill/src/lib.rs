@@ -2,14 +2,16 @@
 //!
 //! Holds the distillation losses ([`losses`]: forward and reverse KL, generalized JSD,
 //! temperature with T^2 scaling, the cross-entropy mix, top-k renormalization) and students
-//! built from teacher layers ([`student`]). Later: the teacher's top-k logit cache and the
-//! distillation loop.
+//! built from teacher layers ([`student`]), and the offline teacher's top-k logit cache
+//! ([`cache`]). Later: the distillation loop itself.
 //!
 //! Builds on ft-model; must not import ft-serve or ft-trainer.
 #![warn(missing_docs)]
 
+pub mod cache;
 pub mod losses;
 pub mod student;
 
+pub use cache::TopKCache;
 pub use losses::{DistillLoss, Divergence, TeacherLogits};
 pub use student::{check_same_tokenizer, student_from_teacher, StudentInit};
