@@ -82,6 +82,16 @@ fn newest(list: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(found)
 }
 
+/// Removes `out/checkpoints`; returns whether there was one.
+pub fn clear(out: &Path) -> anyhow::Result<bool> {
+    let list = out.join("checkpoints");
+    if !list.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(&list).with_context(|| format!("removing {}", list.display()))?;
+    Ok(true)
+}
+
 /// Writes a checkpoint of `step` atomically under `out/checkpoints`.
 pub fn save<B: AutodiffBackend>(
     out: &Path,

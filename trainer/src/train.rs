@@ -106,6 +106,16 @@ where
         Some(dir) => Some(checkpoint::find(dir)?),
         None => None,
     };
+    if resume.is_none() {
+        // A fresh run replaces the folder's run: stale checkpoints would otherwise outrank
+        // this run's on a later --resume.
+        if checkpoint::clear(&out)? {
+            println!(
+                "removed the checkpoints of an earlier run in {}",
+                out.display()
+            );
+        }
+    }
     write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
 
     let quant = quant_spec(r)?;
