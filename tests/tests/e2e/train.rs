@@ -325,3 +325,25 @@ fn eval_lists_the_bundled_tasks() {
         &["--tasks: expected names among dates, units, sort, got poetry"],
     );
 }
+
+#[test]
+fn a_fresh_run_replaces_the_checkpoints_of_an_earlier_one() {
+    let f = TrainFixture::new("max_steps = 6\nmicro_batch_size = 4\nsave_every = 3");
+    let out = f.path("run");
+    assert_eq!(f.train(&out, &[]).code, 0);
+    assert!(out.join("checkpoints/step-000006").exists());
+    let again = f.train(&out, &["--set", "train.max_steps=3"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(
+        again
+            .stdout
+            .contains("removed the checkpoints of an earlier run"),
+        "{}",
+        again.stdout
+    );
+    assert!(
+        !out.join("checkpoints/step-000006").exists(),
+        "a later --resume must not find the old run's step 6"
+    );
+    assert!(out.join("checkpoints/step-000003").exists());
+}
