@@ -106,16 +106,6 @@ where
         Some(dir) => Some(checkpoint::find(dir)?),
         None => None,
     };
-    if resume.is_none() {
-        // A fresh run replaces the folder's run: stale checkpoints would otherwise outrank
-        // this run's on a later --resume.
-        if checkpoint::clear(&out)? {
-            println!(
-                "removed the checkpoints of an earlier run in {}",
-                out.display()
-            );
-        }
-    }
     write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
 
     let quant = quant_spec(r)?;
@@ -179,6 +169,17 @@ where
         };
     }
 
+    if resume.is_none() {
+        // A fresh run replaces the folder's run: stale checkpoints would otherwise outrank
+        // this run's on a later --resume. Only now, once the model and data have loaded, so a
+        // run that fails to start destroys nothing.
+        if checkpoint::clear(&out)? {
+            println!(
+                "removed the checkpoints of an earlier run in {}",
+                out.display()
+            );
+        }
+    }
     let bar = progress(total, state.step);
     let (mut train_s, mut train_tokens) = (state.train_s, state.train_tokens);
     let dequant_start = ft_quant::backend::dequant_seconds();
