@@ -480,7 +480,7 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<AdapterRecord> {
 }
 
 /// Now as RFC 3339 UTC (second precision), from the civil date of the Unix day.
-fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs()) as i64;

@@ -57,14 +57,14 @@ pub fn find(dir: &Path) -> anyhow::Result<PathBuf> {
         return Ok(dir.to_path_buf());
     }
     let list = dir.join("checkpoints");
-    newest(&list)?
+    finished(&list)
         .last()
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("train.resume: {} holds no checkpoint", dir.display()))
 }
 
 /// Finished checkpoints in `list`, oldest first.
-fn newest(list: &Path) -> anyhow::Result<Vec<PathBuf>> {
+fn finished(list: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = match std::fs::read_dir(list) {
         Ok(entries) => entries
             .filter_map(Result::ok)
@@ -79,7 +79,7 @@ fn newest(list: &Path) -> anyhow::Result<Vec<PathBuf>> {
         Err(_) => Vec::new(),
     };
     found.sort();
-    Ok(found)
+    found
 }
 
 /// Removes `out/checkpoints`; returns whether there was one.
@@ -137,7 +137,7 @@ pub fn save<B: AutodiffBackend>(
     let dest = list.join(&name);
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::rename(&tmp, &dest).with_context(|| format!("writing {}", dest.display()))?;
-    let all = newest(&list)?;
+    let all = finished(&list);
     for old in all.iter().take(all.len().saturating_sub(KEEP)) {
         let _ = std::fs::remove_dir_all(old);
     }

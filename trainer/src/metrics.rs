@@ -57,7 +57,7 @@ impl Metrics {
         Ok(Self { jsonl, tensorboard })
     }
 
-    /// Records the scalars of `step` (and `extra` non-scalar fields in the JSONL only).
+    /// Records the scalars of `step` in every sink.
     pub fn log(&mut self, step: usize, scalars: &[(&str, f64)]) -> std::io::Result<()> {
         if let Some(f) = &mut self.jsonl {
             let mut obj = Map::new();

@@ -426,8 +426,7 @@ fn non_negative(x: f64) -> bool {
 /// Range checks serde cannot express: `(section.key, what was expected and found)`.
 fn validate(r: &Recipe) -> Result<(), (String, String)> {
     let fail = |key: &str, what: String| Err((key.to_string(), what));
-    if !["none", "f32", "bf16", "int8", "int8-block", "nf4", "fp4"].contains(&r.quant.base.as_str())
-    {
+    if r.quant.base != "none" && r.quant.base.parse::<ft_quant::QuantFormat>().is_err() {
         return fail(
             "quant.base",
             format!(

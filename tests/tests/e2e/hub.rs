@@ -283,6 +283,23 @@ fn ft_with_token(token: &str, args: &[&str]) -> Run {
         .into()
 }
 
+/// `ft publish ADAPTER --repo REPO` against `hub` with `HF_TOKEN=token`.
+fn publish(hub: &FakeHub, reg: &Path, token: &str, adapter: &str, repo: &str) -> Run {
+    ft_with_token(
+        token,
+        &[
+            "publish",
+            adapter,
+            "--repo",
+            repo,
+            "--endpoint",
+            &hub.url,
+            "--registry",
+            reg.to_str().unwrap(),
+        ],
+    )
+}
+
 fn published(reg: &Path) -> serde_json::Value {
     ft(&[
         "adapters",
@@ -300,19 +317,7 @@ fn publish_uploads_through_lfs_and_commits_then_pull_brings_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let reg = registry(dir.path());
     let hub = FakeHub::start(200, false);
-    let run = ft_with_token(
-        TOKEN,
-        &[
-            "publish",
-            "dates:1",
-            "--repo",
-            "me/dates-lora",
-            "--endpoint",
-            &hub.url,
-            "--registry",
-            reg.to_str().unwrap(),
-        ],
-    );
+    let run = publish(&hub, &reg, TOKEN, "dates:1", "me/dates-lora");
     assert_eq!(run.code, 0, "{}", run.stderr);
     let seen = hub.seen();
     let calls: Vec<(String, String)> = seen
@@ -424,19 +429,7 @@ fn an_existing_repository_is_reused() {
     let dir = tempfile::tempdir().unwrap();
     let reg = registry(dir.path());
     let hub = FakeHub::start(409, false);
-    let run = ft_with_token(
-        TOKEN,
-        &[
-            "publish",
-            "dates",
-            "--repo",
-            "me/dates-lora",
-            "--endpoint",
-            &hub.url,
-            "--registry",
-            reg.to_str().unwrap(),
-        ],
-    );
+    let run = publish(&hub, &reg, TOKEN, "dates", "me/dates-lora");
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(
         hub.seen().last().unwrap().path,
@@ -449,19 +442,7 @@ fn a_refused_token_fails_without_showing_it_and_marks_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let reg = registry(dir.path());
     let hub = FakeHub::start(200, false);
-    let run = ft_with_token(
-        "hf_wrong_token_value",
-        &[
-            "publish",
-            "dates:1",
-            "--repo",
-            "me/x",
-            "--endpoint",
-            &hub.url,
-            "--registry",
-            reg.to_str().unwrap(),
-        ],
-    );
+    let run = publish(&hub, &reg, "hf_wrong_token_value", "dates:1", "me/x");
     run.fails_with(
         1,
         &["create repository: the Hub refused the token (HTTP 401)"],
@@ -501,19 +482,7 @@ fn a_connection_cut_mid_upload_marks_nothing_published() {
     let dir = tempfile::tempdir().unwrap();
     let reg = registry(dir.path());
     let hub = FakeHub::start(200, true);
-    let run = ft_with_token(
-        TOKEN,
-        &[
-            "publish",
-            "dates:1",
-            "--repo",
-            "me/x",
-            "--endpoint",
-            &hub.url,
-            "--registry",
-            reg.to_str().unwrap(),
-        ],
-    );
+    let run = publish(&hub, &reg, TOKEN, "dates:1", "me/x");
     run.fails_with(1, &["lfs upload of adapter_model.safetensors"]);
     assert!(
         hub.seen().iter().all(|s| !s.path.ends_with("/commit/main")),
