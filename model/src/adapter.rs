@@ -18,16 +18,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
     fn linears_mut(&mut self) -> Vec<(String, &mut LoraLinear<B>)> {
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter_mut().enumerate() {
-            let (a, m) = (&mut layer.self_attn, &mut layer.mlp);
-            for (n, l) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
+            for (n, l) in layer.parts_mut().0 {
                 out.push((format!("model.layers.{i}.{n}"), l));
             }
         }

@@ -1,5 +1,6 @@
 //! Writing models out in HF layout: `config.json` from a [`LlamaConfig`] and
-//! `model.safetensors` from named host tensors, each written atomically.
+//! `model.safetensors` from named host tensors, each written atomically, and a whole model
+//! folder (config, weights, tokenizer, chat template) that transformers and `ft` load.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,9 +9,12 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::json;
 
+use burn::tensor::backend::Backend;
+
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::ModelError;
 use crate::gguf_write::write_atomic;
+use crate::pretrained::Pretrained;
 use crate::weights::HostTensor;
 
 /// Writes f32 tensors to a safetensors file with `{"format": "pt"}` metadata, as transformers does.
@@ -74,4 +78,56 @@ pub fn hf_config_json(c: &LlamaConfig, eos_token_id: Option<u32>) -> serde_json:
         "torch_dtype": "float32",
         "eos_token_id": eos_token_id,
     })
+}
+
+impl<B: Backend> Pretrained<B> {
+    /// Writes the model as an HF folder: `config.json`, `generation_config.json`,
+    /// `model.safetensors` (f32), `tokenizer.json` and `tokenizer_config.json` (special tokens
+    /// and chat template). The folder is assembled beside `dir` and renamed into place, so
+    /// `dir` is either the previous folder or the complete new one.
+    pub fn save_hf(&self, dir: &Path) -> Result<(), ModelError> {
+        let name = dir
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        let result = (|| {
+            if staging.exists() {
+                std::fs::remove_dir_all(&staging).map_err(|e| ModelError::io(&staging, e))?;
+            }
+            std::fs::create_dir_all(&staging).map_err(|e| ModelError::io(&staging, e))?;
+            let eos = self.tokenizer.eos_ids.first().copied();
+            let tokenizer_config = json!({
+                "chat_template": self.chat_template.as_ref().map(|t| t.source()),
+                "bos_token": self.tokenizer.bos_token,
+                "eos_token": self.tokenizer.eos_token,
+            });
+            let generation = json!({ "eos_token_id": self.tokenizer.eos_ids });
+            for (file, text) in [
+                ("config.json", hf_config_json(&self.config, eos).to_string()),
+                ("generation_config.json", generation.to_string()),
+                ("tokenizer.json", self.tokenizer.to_json()?),
+                ("tokenizer_config.json", tokenizer_config.to_string()),
+            ] {
+                write_atomic(&staging.join(file), text.as_bytes())?;
+            }
+            write_safetensors(
+                &staging.join("model.safetensors"),
+                &self.model.named_tensors(),
+            )?;
+            if dir.exists() {
+                std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
+            }
+            std::fs::rename(&staging, dir).map_err(|e| ModelError::io(dir, e))?;
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
+            }
+            Ok(())
+        })();
+        if result.is_err() && staging.exists() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        result
+    }
 }

@@ -18,6 +18,7 @@ pub mod gguf_export;
 pub mod gguf_write;
 pub mod llama;
 pub mod load;
+pub mod params;
 pub mod perplexity;
 pub mod pretrained;
 pub mod safetensors_dir;

@@ -305,6 +305,37 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
+impl<B: Backend> DecoderLayer<B> {
+    /// The seven linear layers and the two norms, mutable, with their names within the layer.
+    #[allow(clippy::type_complexity)]
+    pub fn parts_mut(
+        &mut self,
+    ) -> (
+        [(&'static str, &mut LoraLinear<B>); 7],
+        [(&'static str, &mut RmsNorm<B>); 2],
+    ) {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        (
+            [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ],
+            [
+                ("input_layernorm", &mut self.input_layernorm),
+                (
+                    "post_attention_layernorm",
+                    &mut self.post_attention_layernorm,
+                ),
+            ],
+        )
+    }
+}
+
 impl<B: QuantBackend> DecoderLayer<B> {
     /// # Shapes
     /// - x: `[b, s, e]` -> `[b, s, e]`
