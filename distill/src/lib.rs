@@ -3,7 +3,8 @@
 //! Holds the distillation losses ([`losses`]: forward and reverse KL, generalized JSD,
 //! temperature with T^2 scaling, the cross-entropy mix, top-k renormalization) and students
 //! built from teacher layers ([`student`]), and the offline teacher's top-k logit cache
-//! ([`cache`]). Later: the distillation loop itself.
+//! ([`cache`]). The distillation loop that uses them is the trainer's (`ft train` with a
+//! `[distill]` recipe section), which owns data, optimizer and schedule.
 //!
 //! Builds on ft-model; must not import ft-serve or ft-trainer.
 #![warn(missing_docs)]

@@ -89,6 +89,16 @@ pub fn ft(args: &[&str]) -> Run {
         .into()
 }
 
+/// Every line of a run's `metrics.jsonl`, parsed.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    let path = run.join("metrics.jsonl");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON metrics line"))
+        .collect()
+}
+
 /// A file of the reference set in `fixtures/reference/`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

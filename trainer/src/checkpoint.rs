@@ -1,5 +1,6 @@
-//! Checkpoints of a run: `checkpoints/step-NNNNNN/` in the output folder holds the adapter
-//! (PEFT files), the optimizer moments (`optimizer.safetensors`) and `trainer_state.json`
+//! Checkpoints of a run: `checkpoints/step-NNNNNN/` in the output folder holds the trained
+//! weights (the PEFT adapter; a distilled student trained in full as an HF folder `student/`),
+//! the optimizer moments (`optimizer.safetensors`) and `trainer_state.json`
 //! (step, data position, scheduler and RNG inputs, the losses so far). A checkpoint is written
 //! into a temporary folder and renamed into place, so a run killed mid-write leaves the
 //! previous checkpoints intact and never a partial one; the two newest are kept.
@@ -8,9 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::module::Param;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use ft_adapters::peft::PeftConfig;
 use ft_adapters::PeftAdapter;
 use ft_model::LlamaForCausalLM;
 use safetensors::tensor::TensorView;
@@ -48,6 +48,9 @@ pub struct TrainerState {
     pub train_s: f64,
     /// Non-padding tokens trained on so far.
     pub train_tokens: usize,
+    /// Distillation runs: what was measured before training, and on-policy steps so far.
+    #[serde(default)]
+    pub distill: Option<crate::distill::DistillState>,
 }
 
 /// The checkpoint to resume from: `dir` itself when it is one, else the newest in
@@ -92,13 +95,13 @@ pub fn clear(out: &Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// Writes a checkpoint of `step` atomically under `out/checkpoints`.
-pub fn save<B: AutodiffBackend>(
+/// Writes a checkpoint of `step` atomically under `out/checkpoints`: `write_weights` puts the
+/// trained weights into the folder it is given, then come the optimizer and the state.
+pub fn save<B: Backend>(
     out: &Path,
-    model: &LlamaForCausalLM<B>,
-    optimizer: &AdamW<B::InnerBackend>,
+    write_weights: impl FnOnce(&Path) -> anyhow::Result<()>,
+    optimizer: &AdamW<B>,
     state: &TrainerState,
-    peft: &PeftConfig,
 ) -> anyhow::Result<()> {
     let list = out.join("checkpoints");
     std::fs::create_dir_all(&list).with_context(|| format!("creating {}", list.display()))?;
@@ -106,7 +109,7 @@ pub fn save<B: AutodiffBackend>(
     let tmp = list.join(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    model.to_peft(peft.clone()).write(&tmp)?;
+    write_weights(&tmp)?;
 
     let moments = optimizer.export();
     let bytes: Vec<(String, [usize; 2], Vec<u8>)> = moments
@@ -151,11 +154,27 @@ pub fn load<B: AutodiffBackend>(
     optimizer: &mut AdamW<B::InnerBackend>,
     device: &B::Device,
 ) -> anyhow::Result<TrainerState> {
-    let state: TrainerState = serde_json::from_slice(
+    let state = load_state(dir)?;
+    load_adapters(dir, model, device)?;
+    load_optimizer(dir, optimizer, &state, device)?;
+    Ok(state)
+}
+
+/// The trainer state of checkpoint `dir`.
+pub fn load_state(dir: &Path) -> anyhow::Result<TrainerState> {
+    serde_json::from_slice(
         &std::fs::read(dir.join(STATE_FILE))
             .with_context(|| format!("reading {}", dir.display()))?,
     )
-    .with_context(|| format!("{}: not a trainer state", dir.join(STATE_FILE).display()))?;
+    .with_context(|| format!("{}: not a trainer state", dir.join(STATE_FILE).display()))
+}
+
+/// Puts the adapter weights of checkpoint `dir` into the model's adapters (same modules).
+pub fn load_adapters<B: Backend>(
+    dir: &Path,
+    model: &mut LlamaForCausalLM<B>,
+    device: &B::Device,
+) -> anyhow::Result<()> {
     let adapter = PeftAdapter::read(dir)?;
     let mut loras = model.loras_mut();
     anyhow::ensure!(
@@ -179,6 +198,16 @@ pub fn load<B: AutodiffBackend>(
         lora.lora_a = Param::from_tensor(t(&w.a));
         lora.lora_b = Param::from_tensor(t(&w.b));
     }
+    Ok(())
+}
+
+/// Restores the optimizer moments of checkpoint `dir`.
+pub fn load_optimizer<B: Backend>(
+    dir: &Path,
+    optimizer: &mut AdamW<B>,
+    state: &TrainerState,
+    device: &B::Device,
+) -> anyhow::Result<()> {
     let path = dir.join(OPTIMIZER_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}", path.display()))?;
@@ -208,5 +237,5 @@ pub fn load<B: AutodiffBackend>(
         moments.push((param.to_string(), [shape[0], shape[1]], m, v));
     }
     optimizer.import(state.optimizer_t, moments, &state.paged, device);
-    Ok(state)
+    Ok(())
 }

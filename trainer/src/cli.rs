@@ -455,6 +455,28 @@ pub enum BenchCommand {
     Generate(BenchGenerateArgs),
     /// Train recipes one after another and tabulate memory, speed and exact match.
     Train(BenchTrainArgs),
+    /// Run a distillation recipe and its cross-entropy-only twin; tabulate perplexity, decode
+    /// speed and weight bytes of teacher and students.
+    Distill(BenchDistillArgs),
+}
+
+/// `ft bench distill`.
+#[derive(Debug, Args)]
+pub struct BenchDistillArgs {
+    /// A recipe with a `[distill]` section.
+    pub recipe: PathBuf,
+    /// Override applied to both runs (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Folder for the two runs (`distill/` and `ce-only/`).
+    #[arg(long, default_value = "runs/bench-distill")]
+    pub out: PathBuf,
+    /// Tokens decoded (greedy, batch 1) to time teacher and student.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub new_tokens: u64,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 /// `ft bench train`.

@@ -251,6 +251,9 @@ pub struct Batch {
     pub targets: Vec<(usize, u32)>,
     /// Tokens that are not padding.
     pub real_tokens: usize,
+    /// Indices of the training examples laid out, in document order (empty when the batch
+    /// was not drawn from the training set): the offline teacher cache is keyed by them.
+    pub examples: Vec<usize>,
 }
 
 impl Batch {
@@ -271,6 +274,7 @@ impl Batch {
             positions: Vec::with_capacity(b),
             targets: Vec::new(),
             real_tokens: 0,
+            examples: Vec::new(),
         };
         for (r, docs) in rows.iter().enumerate() {
             let (mut segments, mut positions) = (Vec::with_capacity(s), Vec::with_capacity(s));

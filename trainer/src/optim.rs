@@ -40,6 +40,8 @@ pub struct ParamGrad<B: Backend> {
     pub value: Tensor<B, 2>,
     /// Gradient of the loss.
     pub grad: Tensor<B, 2>,
+    /// Whether weight decay applies (HF's Trainer exempts norms and biases).
+    pub decay: bool,
 }
 
 /// Host memory in fixed-size pages, addressed as one flat f32 array.
@@ -149,7 +151,11 @@ impl<B: Backend> AdamW<B> {
             let page = self.paged && elements >= self.page_min_elements;
             for p in group {
                 let (m, v) = self.take(&p.name, &p.value, page);
-                let (value, m, v) = update(p.value, p.grad, m, v, self.t, hp);
+                let hp = AdamWParams {
+                    weight_decay: if p.decay { hp.weight_decay } else { 0.0 },
+                    ..*hp
+                };
+                let (value, m, v) = update(p.value, p.grad, m, v, self.t, &hp);
                 self.put(&p.name, m, v);
                 out.push((p.name, value));
             }
@@ -315,6 +321,7 @@ mod tests {
             name: name.into(),
             value: Tensor::from_data(TensorData::new(value.to_vec(), [1, value.len()]), &d),
             grad: Tensor::from_data(TensorData::new(grad.to_vec(), [1, grad.len()]), &d),
+            decay: true,
         }
     }
 

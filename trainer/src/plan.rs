@@ -112,8 +112,10 @@ impl Cursor<'_> {
             .iter()
             .map(|row| row.iter().map(|&i| &train[i]).collect())
             .collect();
+        let mut batch = Batch::new(&picked, pad);
+        batch.examples = rows[self.position..end].concat();
         self.position = end;
-        Batch::new(&picked, pad)
+        batch
     }
 
     /// Where the next micro-batch starts.

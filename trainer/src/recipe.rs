@@ -1,5 +1,5 @@
 //! Training recipes: TOML files in the sections of DESIGN.md (`[model]`, `[quant]`, `[lora]`,
-//! `[data]`, `[train]`, `[eval]`, `[output]`). Every key has a default, unknown keys are errors,
+//! `[distill]`, `[data]`, `[train]`, `[eval]`, `[output]`). Every key has a default, unknown keys are errors,
 //! and every error names the file, the line, the key and what was expected. `--set
 //! section.key=value` overrides any key after the file is read.
 
@@ -21,6 +21,8 @@ pub struct Recipe {
     pub quant: QuantSection,
     /// The adapters to train.
     pub lora: LoraSection,
+    /// Present: the run distills `[model]` (the teacher) into a student.
+    pub distill: Option<DistillSection>,
     /// Training and validation data.
     pub data: DataSection,
     /// The optimization loop.
@@ -100,6 +102,115 @@ impl Default for LoraSection {
     }
 }
 
+/// `[distill]`: `[model]` is the frozen teacher (stored as `[quant]` says); the student is
+/// built from its layers (`init`) or is another model with the same tokenizer (`student`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillSection {
+    /// The student's teacher layers: `"every_other_layer"` or an explicit list.
+    pub init: StudentLayers,
+    /// A model source for the student instead of teacher layers (same tokenizer).
+    pub student: Option<String>,
+    /// `full` trains every student weight; `lora` trains `[lora]` adapters on it.
+    pub method: DistillMethod,
+    /// `online` runs the teacher per batch; `offline` caches its top-k logits once.
+    pub mode: DistillMode,
+    /// Teacher logits kept per position by the offline cache.
+    pub top_k: usize,
+    /// `forward_kl`, `reverse_kl` or `jsd`.
+    pub loss: DivergenceKind,
+    /// JSD's weight on the teacher (0: forward KL, 1: reverse KL).
+    pub beta: f64,
+    /// Softening temperature of both distributions.
+    pub temperature: f64,
+    /// Weight of the cross-entropy on labels; the divergence gets 1 - alpha (1: no teacher).
+    pub alpha: f64,
+    /// Share of steps trained on completions sampled from the student (GKD's lambda).
+    pub lmbda: f64,
+    /// Longest sampled completion of an on-policy step.
+    pub max_new_tokens: usize,
+    /// Sampling temperature of on-policy completions.
+    pub sample_temperature: f64,
+    /// Held-out texts scored by perplexity (windows of 256 tokens) before and after, and by
+    /// the teacher: plain text files, or JSONL files read in `data.format`-like layouts
+    /// (`.jsonl` chat records are rendered through the chat template).
+    pub eval_texts: Vec<PathBuf>,
+}
+
+impl Default for DistillSection {
+    fn default() -> Self {
+        Self {
+            init: StudentLayers::Named("every_other_layer".into()),
+            student: None,
+            method: DistillMethod::Full,
+            mode: DistillMode::Online,
+            top_k: 32,
+            loss: DivergenceKind::ForwardKl,
+            beta: 0.5,
+            temperature: 2.0,
+            alpha: 0.5,
+            lmbda: 0.0,
+            max_new_tokens: 32,
+            sample_temperature: 1.0,
+            eval_texts: Vec::new(),
+        }
+    }
+}
+
+/// Which teacher layers make the student.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StudentLayers {
+    /// `"every_other_layer"`.
+    Named(String),
+    /// Layer indices in increasing order.
+    List(Vec<usize>),
+}
+
+/// What of the student trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillMethod {
+    /// Every weight.
+    Full,
+    /// LoRA adapters as `[lora]` says; the student's weights stay frozen.
+    Lora,
+}
+
+/// Where the teacher's logits come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillMode {
+    /// A teacher forward per batch, all logits.
+    Online,
+    /// Top-k logits computed once into a cache file.
+    Offline,
+}
+
+/// The divergence between teacher and student.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DivergenceKind {
+    /// KL(teacher || student).
+    ForwardKl,
+    /// KL(student || teacher).
+    ReverseKl,
+    /// Generalized Jensen-Shannon with `beta`.
+    Jsd,
+}
+
+/// One dataset of a mixture: a training file, its optional validation file, its layout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixSource {
+    /// Training JSONL (relative to the recipe file).
+    pub train: PathBuf,
+    /// Validation JSONL; when absent, `data.val_fraction` of `train` is held out.
+    pub val: Option<PathBuf>,
+    /// `text`, `completion`, `alpaca` or `chat`.
+    pub format: Format,
+}
+
 /// `[data]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -113,6 +224,8 @@ pub struct DataSection {
     pub val: Option<PathBuf>,
     /// `text`, `completion`, `alpaca` or `chat`.
     pub format: Format,
+    /// Several datasets trained together, each in its own layout (instead of `train`).
+    pub mix: Vec<MixSource>,
     /// Longer examples are truncated (and counted).
     pub max_seq_len: usize,
     /// Pack several examples per row, each attending only to itself.
@@ -132,6 +245,7 @@ impl Default for DataSection {
             train: None,
             val: None,
             format: Format::Completion,
+            mix: Vec::new(),
             max_seq_len: 256,
             packing: false,
             train_on_prompt: false,
@@ -467,10 +581,16 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
             ),
         );
     }
-    if r.data.task.is_none() && r.data.train.is_none() {
+    if r.data.task.is_none() && r.data.train.is_none() && r.data.mix.is_empty() {
         return fail(
             "data.train",
-            "expected a JSONL file (or data.task = a bundled task)".into(),
+            "expected a JSONL file (or data.task = a bundled task, or data.mix)".into(),
+        );
+    }
+    if !r.data.mix.is_empty() && (r.data.train.is_some() || r.data.task.is_some()) {
+        return fail(
+            "data.mix",
+            "give data.mix or one of data.train and data.task, not both".into(),
         );
     }
     if r.data.task.is_some() && r.data.train.is_some() {
@@ -553,6 +673,78 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
     if r.eval.batch_size == 0 {
         return fail("eval.batch_size", "expected at least 1, got 0".into());
     }
+    match &r.distill {
+        Some(d) => validate_distill(d),
+        None => Ok(()),
+    }
+}
+
+/// The `[distill]` checks.
+fn validate_distill(d: &DistillSection) -> Result<(), (String, String)> {
+    let fail = |key: &str, what: String| Err((key.to_string(), what));
+    if let StudentLayers::Named(name) = &d.init {
+        if name != "every_other_layer" {
+            return fail(
+                "distill.init",
+                format!("expected \"every_other_layer\" or a list of layers, got {name:?}"),
+            );
+        }
+    }
+    if d.student.is_some() && d.init != DistillSection::default().init {
+        return fail(
+            "distill.student",
+            "give distill.student (another model) or distill.init (teacher layers), not both"
+                .into(),
+        );
+    }
+    if d.mode == DistillMode::Offline && d.top_k == 0 {
+        return fail(
+            "distill.top_k",
+            "expected at least 1 logit per position, got 0".into(),
+        );
+    }
+    if d.mode == DistillMode::Offline && d.lmbda > 0.0 {
+        return fail(
+            "distill.lmbda",
+            "on-policy batches need the teacher online (distill.mode = \"online\")".into(),
+        );
+    }
+    if !(0.0..=1.0).contains(&d.beta) {
+        return fail(
+            "distill.beta",
+            format!("expected a number in [0, 1], got {}", d.beta),
+        );
+    }
+    if !positive(d.temperature) {
+        return fail(
+            "distill.temperature",
+            format!("expected a number > 0, got {}", d.temperature),
+        );
+    }
+    if !(0.0..=1.0).contains(&d.alpha) {
+        return fail(
+            "distill.alpha",
+            format!("expected a number in [0, 1], got {}", d.alpha),
+        );
+    }
+    if !(0.0..=1.0).contains(&d.lmbda) {
+        return fail(
+            "distill.lmbda",
+            format!("expected a number in [0, 1], got {}", d.lmbda),
+        );
+    }
+    if d.lmbda > 0.0 && d.max_new_tokens == 0 {
+        return fail(
+            "distill.max_new_tokens",
+            "expected at least 1 when distill.lmbda > 0, got 0".into(),
+        );
+    }
+    if !positive(d.sample_temperature) {
+        return fail(
+            "distill.sample_temperature",
+            format!("expected a number > 0, got {}", d.sample_temperature),
+        );
+    }
     Ok(())
 }
 
@@ -626,7 +818,40 @@ mod tests {
         let e = err("[train]\nlr = 1e-3\n", &[]);
         assert_eq!(
             e,
-            "r.toml: data.train: expected a JSONL file (or data.task = a bundled task)"
+            "r.toml: data.train: expected a JSONL file (or data.task = a bundled task, or data.mix)"
+        );
+    }
+
+    #[test]
+    fn a_distill_section_reads_back_and_checks_its_keys() {
+        let text = "[distill]\ninit = [0, 4, 8]\nmode = \"offline\"\ntop_k = 16\n[data]\n\n[[data.mix]]\ntrain = \"a.jsonl\"\nformat = \"text\"\n\n[[data.mix]]\ntrain = \"b.jsonl\"\nval = \"c.jsonl\"\nformat = \"chat\"\n";
+        let r = parse(text, &[], "r.toml").unwrap();
+        let d = r.distill.clone().unwrap();
+        assert_eq!(d.init, StudentLayers::List(vec![0, 4, 8]));
+        assert_eq!(d.mode, DistillMode::Offline);
+        assert_eq!(d.loss, DivergenceKind::ForwardKl);
+        assert_eq!(r.data.mix.len(), 2);
+        assert_eq!(r.data.mix[1].format, Format::Chat);
+        let again = parse(&r.to_toml(), &[], "shown.toml").unwrap();
+        assert_eq!(again, r, "show prints a recipe that reads back the same");
+        assert!(parse(MINIMAL, &[], "r.toml").unwrap().distill.is_none());
+
+        let e = err(text, &["distill.student=other.gguf"]);
+        assert!(
+            e.contains("distill.student") && e.contains("not both"),
+            "{e}"
+        );
+        let e = err(text, &["distill.top_k=0"]);
+        assert!(e.contains("distill.top_k=0: expected at least 1"), "{e}");
+        let e = err(text, &["data.train=x.jsonl"]);
+        assert!(
+            e.contains("data.mix or one of data.train and data.task"),
+            "{e}"
+        );
+        let e = err("[distill]\nalpha = 1.5\n[data]\ntask = \"dates\"\n", &[]);
+        assert_eq!(
+            e,
+            "r.toml:2: distill.alpha: expected a number in [0, 1], got 1.5"
         );
     }
 

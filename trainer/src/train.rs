@@ -77,11 +77,15 @@ pub struct Summary {
 }
 
 /// The data of a run, tokenized.
-struct Dataset {
-    train: Vec<Tokenized>,
-    val: Vec<Tokenized>,
-    truncated: usize,
-    task: Option<&'static tasks::Task>,
+pub(crate) struct Dataset {
+    /// Training examples.
+    pub train: Vec<Tokenized>,
+    /// Validation examples.
+    pub val: Vec<Tokenized>,
+    /// Examples cut at `data.max_seq_len`.
+    pub truncated: usize,
+    /// The bundled task, if the data is one.
+    pub task: Option<&'static tasks::Task>,
 }
 
 /// A finished run: its summary and the model with its trained adapters.
@@ -106,12 +110,12 @@ where
         Some(dir) => Some(checkpoint::find(dir)?),
         None => None,
     };
-    write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
 
     let quant = quant_spec(r)?;
     let pretrained = Pretrained::<B>::from_source(&r.model.source, quant, device)
         .with_context(|| format!("model.source {}", r.model.source))?;
     let data = load_data(loaded, &pretrained)?;
+    write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
     let mut model = pretrained.model.clone().no_grad();
     B::seed(device, r.train.seed);
     let lora = LoraConfig::new(r.lora.r, r.lora.alpha)
@@ -205,19 +209,7 @@ where
             let loss = batch_nll(&model, batch, device) / step_tokens as f64;
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             let g = loss.backward();
-            for (name, l) in model.linears() {
-                let Some(lora) = &l.lora else { continue };
-                for (half, p) in [("lora_A", &lora.lora_a), ("lora_B", &lora.lora_b)] {
-                    if let Some(grad) = p.val().grad(&g) {
-                        let key = format!("{name}.{half}");
-                        let sum = match grads.remove(&key) {
-                            Some(acc) => acc + grad,
-                            None => grad,
-                        };
-                        grads.insert(key, sum);
-                    }
-                }
-            }
+            accumulate_lora_grads(&model, &g, &mut grads);
             train_tokens += batch.real_tokens;
         }
         let grad_norm = clip(&mut grads, r.train.max_grad_norm);
@@ -253,7 +245,9 @@ where
         state.train_s = train_s;
         state.train_tokens = train_tokens;
         if r.train.save_every > 0 && state.step % r.train.save_every == 0 {
-            checkpoint::save(&out, &model, &optimizer, &state, &peft_config(r, &adapted))?;
+            let peft = peft_config(r, &adapted);
+            let write = |dir: &Path| Ok(model.to_peft(peft).write(dir)?);
+            checkpoint::save(&out, write, &optimizer, &state)?;
         }
     }
     bar.finish_and_clear();
@@ -316,14 +310,14 @@ where
 }
 
 /// sha256 of the base model when it is one file (a GGUF); `None` for folders.
-fn base_sha256(path: &Path) -> Option<String> {
+pub(crate) fn base_sha256(path: &Path) -> Option<String> {
     path.is_file()
         .then(|| ft_model::source::sha256_file(path).ok())
         .flatten()
 }
 
 /// The quantization a recipe asks for (`None`: f32 as loaded).
-fn quant_spec(r: &Recipe) -> anyhow::Result<Option<QuantSpec>> {
+pub(crate) fn quant_spec(r: &Recipe) -> anyhow::Result<Option<QuantSpec>> {
     if matches!(r.quant.base.as_str(), "none" | "f32") {
         return Ok(None);
     }
@@ -339,7 +333,7 @@ fn quant_spec(r: &Recipe) -> anyhow::Result<Option<QuantSpec>> {
 }
 
 /// PEFT's `adapter_config.json` for this run.
-fn peft_config(r: &Recipe, adapted: &[String]) -> PeftConfig {
+pub(crate) fn peft_config(r: &Recipe, adapted: &[String]) -> PeftConfig {
     let mut targets: Vec<String> = r
         .lora
         .targets
@@ -364,12 +358,13 @@ fn peft_config(r: &Recipe, adapted: &[String]) -> PeftConfig {
     }
 }
 
-/// Summed next-token NLL over the batch's trained tokens (a scalar tensor).
-pub fn batch_nll<B: QuantBackend>(
+/// Next-token logits `[n, vocab]` at the batch's n trained positions, in target order: only
+/// those positions reach the LM head.
+pub fn target_logits<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     batch: &Batch,
     device: &B::Device,
-) -> Tensor<B, 1> {
+) -> Tensor<B, 2> {
     let ids: Vec<i64> = batch.ids.iter().map(|&t| t as i64).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.b, batch.s]), device);
     let attend = Attend::segmented(
@@ -382,24 +377,49 @@ pub fn batch_nll<B: QuantBackend>(
     let e = hidden.dims()[2];
     let n = batch.targets.len();
     let rows: Vec<i64> = batch.targets.iter().map(|&(i, _)| i as i64).collect();
-    let targets: Vec<i64> = batch.targets.iter().map(|&(_, t)| t as i64).collect();
-    // Only the positions that predict a trained token reach the LM head.
     let hidden = hidden
         .reshape([batch.b * batch.s, e])
         .select(0, Tensor::from_data(TensorData::new(rows, [n]), device)); // [n, e]
     let logits = model.logits(hidden.unsqueeze::<3>()); // [1, n, vocab]
     let vocab = logits.dims()[2];
-    let logits = logits.reshape([n, vocab]);
-    let logp = log_softmax(logits, 1);
-    let picked = logp.gather(
-        1,
-        Tensor::from_data(TensorData::new(targets, [n, 1]), device),
-    ); // [n, 1]
-    picked.sum().neg()
+    logits.reshape([n, vocab])
+}
+
+/// The batch's target ids `[n]`, in target order.
+pub fn target_ids<B: burn::tensor::backend::Backend>(
+    batch: &Batch,
+    device: &B::Device,
+) -> Tensor<B, 1, Int> {
+    let targets: Vec<i64> = batch.targets.iter().map(|&(_, t)| t as i64).collect();
+    Tensor::from_data(TensorData::new(targets, [batch.targets.len()]), device)
+}
+
+/// Summed NLL of `labels` `[n]` under `logits` `[n, vocab]` (a scalar tensor).
+pub fn nll<B: burn::tensor::backend::Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    let n = labels.dims()[0];
+    log_softmax(logits, 1)
+        .gather(1, labels.reshape([n, 1]))
+        .sum()
+        .neg()
+}
+
+/// Summed next-token NLL over the batch's trained tokens (a scalar tensor).
+pub fn batch_nll<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    nll(
+        target_logits(model, batch, device),
+        target_ids(batch, device),
+    )
 }
 
 /// Mean NLL per trained token over `batches` (0 when there are none).
-fn val_loss<B: QuantBackend>(
+pub(crate) fn val_loss<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     batches: &[Batch],
     device: &B::Device,
@@ -416,9 +436,38 @@ fn val_loss<B: QuantBackend>(
     }
 }
 
+/// Adds the adapters' gradients in `g` to `grads`, keyed `{module}.lora_A` / `.lora_B`.
+pub(crate) fn accumulate_lora_grads<B: AutodiffBackend>(
+    model: &LlamaForCausalLM<B>,
+    g: &B::Gradients,
+    grads: &mut BTreeMap<String, Tensor<B::InnerBackend, 2>>,
+) {
+    for (name, l) in model.linears() {
+        let Some(lora) = &l.lora else { continue };
+        for (half, p) in [("lora_A", &lora.lora_a), ("lora_B", &lora.lora_b)] {
+            if let Some(grad) = p.val().grad(g) {
+                accumulate(grads, format!("{name}.{half}"), grad);
+            }
+        }
+    }
+}
+
+/// Adds `grad` to the running sum under `key`.
+pub(crate) fn accumulate<B: burn::tensor::backend::Backend>(
+    grads: &mut BTreeMap<String, Tensor<B, 2>>,
+    key: String,
+    grad: Tensor<B, 2>,
+) {
+    let sum = match grads.remove(&key) {
+        Some(acc) => acc + grad,
+        None => grad,
+    };
+    grads.insert(key, sum);
+}
+
 /// Scales the gradients so their global L2 norm is at most `max_norm` (0: no clipping);
 /// returns the norm before clipping.
-fn clip<B: burn::tensor::backend::Backend>(
+pub(crate) fn clip<B: burn::tensor::backend::Backend>(
     grads: &mut BTreeMap<String, Tensor<B, 2>>,
     max_norm: f64,
 ) -> f64 {
@@ -437,7 +486,7 @@ fn clip<B: burn::tensor::backend::Backend>(
 }
 
 /// One AdamW step over the adapters, grouped by decoder layer.
-fn update<B>(
+pub(crate) fn update<B>(
     model: &mut LlamaForCausalLM<B>,
     optimizer: &mut AdamW<B::InnerBackend>,
     mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>>,
@@ -461,6 +510,7 @@ fn update<B>(
                     name: key,
                     value: p.val().inner(),
                     grad,
+                    decay: true,
                 });
             }
         }
@@ -505,36 +555,47 @@ fn score<B: QuantBackend>(
     )
 }
 
-/// Reads and tokenizes the recipe's data.
-fn load_data<B: burn::tensor::backend::Backend>(
+/// Reads and tokenizes the recipe's data: a bundled task, one file, or a mixture of files
+/// (each with its own layout and validation split).
+pub(crate) fn load_data<B: burn::tensor::backend::Backend>(
     loaded: &LoadedRecipe,
     pretrained: &Pretrained<B>,
 ) -> anyhow::Result<Dataset> {
     let d = &loaded.recipe.data;
-    let (records, val_records, task) = match &d.task {
-        Some(name) => {
-            let task = tasks::find(name).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "data.task: unknown task {name:?}; bundled tasks: {}",
-                    tasks::names()
-                )
-            })?;
-            let records = data::parse_jsonl(task.train, data::Format::Completion, name)?;
-            (records, None, Some(task))
-        }
-        None => {
-            let path = loaded.resolve(d.train.as_deref().unwrap_or(Path::new("")));
-            let records =
-                data::read_jsonl(&path, d.format).with_context(|| "data.train".to_string())?;
-            let val = match &d.val {
-                Some(v) => {
-                    Some(data::read_jsonl(&loaded.resolve(v), d.format).context("data.val")?)
-                }
-                None => None,
-            };
-            (records, val, None)
-        }
-    };
+    let mut task = None;
+    // (train records, validation records if a file gives them, the key named in errors)
+    let mut sources: Vec<(Vec<Record>, Option<Vec<Record>>, String)> = Vec::new();
+    if let Some(name) = &d.task {
+        let t = tasks::find(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "data.task: unknown task {name:?}; bundled tasks: {}",
+                tasks::names()
+            )
+        })?;
+        let records = data::parse_jsonl(t.train, data::Format::Completion, name)?;
+        sources.push((records, None, "data.task".into()));
+        task = Some(t);
+    } else if let Some(train) = &d.train {
+        let records = data::read_jsonl(&loaded.resolve(train), d.format).context("data.train")?;
+        let val = match &d.val {
+            Some(v) => Some(data::read_jsonl(&loaded.resolve(v), d.format).context("data.val")?),
+            None => None,
+        };
+        sources.push((records, val, "data.train".into()));
+    }
+    for (i, m) in d.mix.iter().enumerate() {
+        let key = format!("data.mix[{i}]");
+        let records = data::read_jsonl(&loaded.resolve(&m.train), m.format)
+            .with_context(|| format!("{key}.train"))?;
+        let val = match &m.val {
+            Some(v) => Some(
+                data::read_jsonl(&loaded.resolve(v), m.format)
+                    .with_context(|| format!("{key}.val"))?,
+            ),
+            None => None,
+        };
+        sources.push((records, val, key));
+    }
     let encoder = Encoder {
         tokenizer: &pretrained.tokenizer,
         template: pretrained.chat_template.as_ref(),
@@ -552,26 +613,33 @@ fn load_data<B: burn::tensor::backend::Backend>(
             })
             .collect()
     };
-    let all = encode(&records)?;
-    let (train, val) = match val_records {
-        Some(v) => (all, encode(&v)?),
-        None => {
-            // A seeded share of the training examples is held out.
-            let n_val = ((all.len() as f64 * d.val_fraction).round() as usize).min(all.len() - 1);
-            let mut order: Vec<usize> = (0..all.len()).collect();
-            shuffle(&mut order, loaded.recipe.train.seed ^ 0x7A1);
-            let held: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
-            let (mut train, mut val) = (Vec::new(), Vec::new());
-            for (i, t) in all.into_iter().enumerate() {
-                if held.contains(&i) {
-                    val.push(t);
-                } else {
-                    train.push(t);
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (records, val_records, key) in sources {
+        let all = encode(&records).with_context(|| key.clone())?;
+        anyhow::ensure!(!all.is_empty(), "{key}: no training examples");
+        match val_records {
+            Some(v) => {
+                train.extend(all);
+                val.extend(encode(&v).with_context(|| key.clone())?);
+            }
+            None => {
+                // A seeded share of the training examples is held out.
+                let n_val =
+                    ((all.len() as f64 * d.val_fraction).round() as usize).min(all.len() - 1);
+                let mut order: Vec<usize> = (0..all.len()).collect();
+                shuffle(&mut order, loaded.recipe.train.seed ^ 0x7A1);
+                let held: std::collections::HashSet<usize> =
+                    order[..n_val].iter().copied().collect();
+                for (i, t) in all.into_iter().enumerate() {
+                    if held.contains(&i) {
+                        val.push(t);
+                    } else {
+                        train.push(t);
+                    }
                 }
             }
-            (train, val)
         }
-    };
+    }
     if truncated > 0 {
         println!(
             "{truncated} examples were truncated to data.max_seq_len = {}",
@@ -586,7 +654,8 @@ fn load_data<B: burn::tensor::backend::Backend>(
     })
 }
 
-fn progress(total: usize, at: usize) -> ProgressBar {
+/// The step progress bar.
+pub(crate) fn progress(total: usize, at: usize) -> ProgressBar {
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("step {pos}/{len} {msg} [{elapsed_precise}, ETA {eta}]")

@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bad_input;
+mod distill;
 mod hub;
 mod quant;
 mod reference;

@@ -48,11 +48,9 @@ impl TrainFixture {
 
 /// `(step, loss, lr)` of every line of a run's metrics.jsonl.
 fn losses(run: &Path) -> Vec<(u64, f64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    ft_tests::metrics(run)
+        .iter()
+        .map(|v| {
             (
                 v["step"].as_u64().unwrap(),
                 v["train/loss"].as_f64().unwrap(),
@@ -245,8 +243,20 @@ fn recipe_errors_name_the_key_the_line_and_the_expectation() {
     assert_eq!(check(ok, &["train.steps=2"]), "error: --set train.steps=2: unknown field `steps`, expected one of `max_steps`, `epochs`, `micro_batch_size`, `grad_accum`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `eval_every`, `save_every`, `resume`");
     let path = dir.path().join("r.toml");
     std::fs::write(&path, ok).unwrap();
-    let run = ft(&["train", path.to_str().unwrap(), "--set", "data.task=poetry"]);
+    let out = format!("output.dir={}", dir.path().join("run").display());
+    let run = ft(&[
+        "train",
+        path.to_str().unwrap(),
+        "--set",
+        "data.task=poetry",
+        "--set",
+        &out,
+    ]);
     assert_eq!(run.code, 1);
+    assert!(
+        !dir.path().join("run/recipe.toml").exists(),
+        "a run that cannot start records nothing"
+    );
     assert!(
         run.stderr
             .contains("data.task: unknown task \"poetry\"; bundled tasks: dates, units, sort"),

@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bench;
+mod bench_distill;
 mod bench_train;
 mod data;
 mod eval;
@@ -27,6 +28,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Perplexity(args) => perplexity::run(args),
         Command::Bench(BenchCommand::Generate(args)) => bench::generate(args),
         Command::Bench(BenchCommand::Train(args)) => bench_train::run(args),
+        Command::Bench(BenchCommand::Distill(args)) => bench_distill::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Quant(QuantCommand::Compare(args)) => quant::compare(args),
         Command::Quant(QuantCommand::Measure(args)) => quant::measure(args),

@@ -24,18 +24,28 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|e: String| usage("model.device", "cpu, cuda or cuda:N", e))?;
     let out = loaded.recipe.output.dir.clone();
+    let distill = loaded.recipe.distill.is_some();
     let summary = dispatch(device, TrainJob(loaded))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
-    println!("adapter written to {}", out.display());
+    if distill {
+        println!("distillation run written to {}", out.display());
+    } else {
+        println!("adapter written to {}", out.display());
+    }
     Ok(())
 }
 
 struct TrainJob(LoadedRecipe);
 
 impl Job for TrainJob {
-    type Output = crate::train::Summary;
+    /// The run's summary as JSON (a training or a distillation summary).
+    type Output = serde_json::Value;
 
     fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<Self::Output> {
-        crate::train::train::<Autodiff<B>>(&self.0, &device).map(|t| t.summary)
+        Ok(if self.0.recipe.distill.is_some() {
+            serde_json::to_value(crate::distill::distill::<Autodiff<B>>(&self.0, &device)?)?
+        } else {
+            serde_json::to_value(crate::train::train::<Autodiff<B>>(&self.0, &device)?.summary)?
+        })
     }
 }

@@ -1,0 +1,1045 @@
+//! The distillation run: `[model]` is the frozen teacher, the student is made of the teacher's
+//! layers (DistilBERT, Sanh et al. 2019, arXiv:1910.01108) or is another model with the same
+//! tokenizer, and each step trains the student on
+//! `alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher_T || student_T)` ([`ft_distill::losses`]).
+//!
+//! The teacher's logits come online (a teacher forward per batch, every logit) or offline (its
+//! top-k logits at every trained position computed once into a cache file that later epochs
+//! and later runs reuse). With `lmbda > 0`, that share of steps trains on completions the
+//! student samples itself, scored by the teacher (on-policy distillation, GKD: Agarwal et al.
+//! 2024, arXiv:2306.13649); those steps use the divergence alone, as labels are the student's
+//! own tokens. The student trains in full (every dense weight, AdamW, no weight decay on norms)
+//! or through `[lora]` adapters. The batching, schedule, clipping and accumulation are the
+//! training loop's.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::module::{AutodiffModule, Module, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use ft_adapters::registry::AddInfo;
+use ft_adapters::{LoraConfig, Registry};
+use ft_distill::{
+    check_same_tokenizer, student_from_teacher, DistillLoss, Divergence, StudentInit,
+    TeacherLogits, TopKCache,
+};
+use ft_model::params::ParamMut;
+use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend};
+use ft_serve::{generate, Sampler, SamplingParams};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::data::{self, Batch, Encoder, Format, Tokenized};
+use crate::metrics::Metrics;
+use crate::optim::{AdamW, AdamWParams, ParamGrad, StateBytes};
+use crate::plan::Plan;
+use crate::recipe::{
+    DistillMethod, DistillMode, DistillSection, DivergenceKind, LoadedRecipe, OptimizerKind,
+    StudentLayers,
+};
+use crate::schedule::lr_at;
+use crate::tasks::SplitMix64;
+use crate::train::{
+    accumulate, accumulate_lora_grads, batch_nll, clip, load_data, nll, peft_config, progress,
+    quant_spec, target_ids, target_logits, val_loss, write_atomic,
+};
+
+/// Tokens per perplexity window over `eval_texts`, as the reference protocol uses.
+const WINDOW: usize = 256;
+
+/// Perplexity of one held-out text under the teacher and the student before and after.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TextScore {
+    /// The file, as the recipe names it.
+    pub file: String,
+    /// Tokens scored.
+    pub scored: usize,
+    /// The teacher's perplexity.
+    pub teacher: f64,
+    /// The student's before training.
+    pub student_before: f64,
+    /// The student's after training.
+    pub student_after: f64,
+}
+
+/// What a finished distillation run reports in `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DistillSummary {
+    /// Mean training loss over the last 10% of steps (at least one).
+    pub train_loss: f64,
+    /// The student's validation cross-entropy after training.
+    pub val_loss: f64,
+    /// The same before training.
+    pub val_loss_before: f64,
+    /// The teacher's validation cross-entropy.
+    pub teacher_val_loss: f64,
+    /// Perplexity of each `distill.eval_texts` file.
+    pub texts: Vec<TextScore>,
+    /// Teacher decoder layers.
+    pub teacher_layers: usize,
+    /// Student decoder layers.
+    pub student_layers: usize,
+    /// Bytes of every teacher weight as stored (quantized blocks count packed).
+    pub teacher_weight_bytes: usize,
+    /// Bytes of every student weight (f32).
+    pub student_weight_bytes: usize,
+    /// Parameters trained.
+    pub trainable_params: usize,
+    /// Steps whose batches the student sampled (on-policy).
+    pub on_policy_steps: usize,
+    /// Seconds spent building the offline teacher cache (0 when reused or online).
+    pub cache_build_s: f64,
+    /// Non-padding tokens per second of training (teacher, student forward and backward,
+    /// update).
+    pub train_tokens_per_s: f64,
+    /// Peak resident set size of the process.
+    pub peak_rss_bytes: u64,
+    /// Seconds of training steps.
+    pub train_s: f64,
+    /// Wall time of the whole run.
+    pub wall_s: f64,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Where the optimizer's state lives.
+    pub optimizer_state: StateBytes,
+    /// Examples truncated to max_seq_len.
+    pub truncated_examples: usize,
+    /// The student folder written (full training, or a student made of teacher layers).
+    pub student_dir: Option<PathBuf>,
+}
+
+/// What a distillation run measured before training and counts along the way, kept in its
+/// checkpoints so that a resumed run reports the same figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DistillState {
+    /// The teacher's validation cross-entropy.
+    pub teacher_val_loss: f64,
+    /// Per `eval_texts` file: the teacher's perplexity and the student's before training.
+    pub texts_before: Vec<(f64, f64)>,
+    /// On-policy steps so far.
+    pub on_policy_steps: usize,
+    /// Seconds spent building the offline teacher cache.
+    pub cache_build_s: f64,
+}
+
+/// Runs a recipe with a `[distill]` section on backend `B` (an autodiff backend).
+pub fn distill<B>(loaded: &LoadedRecipe, device: &B::Device) -> anyhow::Result<DistillSummary>
+where
+    B: AutodiffBackend + QuantBackend,
+    B::InnerBackend: QuantBackend,
+{
+    let started = Instant::now();
+    let r = &loaded.recipe;
+    let d = r
+        .distill
+        .as_ref()
+        .context("distill: the recipe has no [distill] section")?;
+    let out = r.output.dir.clone();
+    if d.method == DistillMethod::Full && r.output.registry.is_some() {
+        anyhow::bail!(
+            "output.registry: the registry holds adapters; a student trained in full is written \
+             as a model folder (leave output.registry out or set distill.method = \"lora\")"
+        );
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("output.dir {}", out.display()))?;
+    let resume = match &r.train.resume {
+        Some(dir) => Some(checkpoint::find(dir)?),
+        None => None,
+    };
+
+    let teacher =
+        Pretrained::<B::InnerBackend>::from_source(&r.model.source, quant_spec(r)?, device)
+            .with_context(|| format!("model.source {}", r.model.source))?;
+    let mut student = load_student::<B>(r, d, resume.as_deref(), device)?;
+    let from_layers = d.student.is_none();
+    check_same_tokenizer(
+        (&teacher.config, &teacher.tokenizer),
+        (&student.config, &student.tokenizer),
+    )
+    .context("distill.student")?;
+    let data = load_data(loaded, &teacher)?;
+    write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
+    let context = student.config.max_position_embeddings;
+    if d.lmbda > 0.0 && r.data.max_seq_len + d.max_new_tokens > context {
+        anyhow::bail!(
+            "distill.max_new_tokens: data.max_seq_len ({}) plus {} sampled tokens exceed the \
+             student's context of {context}",
+            r.data.max_seq_len,
+            d.max_new_tokens
+        );
+    }
+    B::seed(device, r.train.seed);
+
+    let mut model = student.model.clone();
+    let adapted = match d.method {
+        DistillMethod::Full => Vec::new(),
+        DistillMethod::Lora => {
+            model = model.no_grad();
+            let lora = LoraConfig::new(r.lora.r, r.lora.alpha)
+                .with_dropout(r.lora.dropout)
+                .with_rslora(r.lora.rslora);
+            let adapted = model.add_lora(&lora, &r.lora.targets, r.lora.layers.as_deref())?;
+            anyhow::ensure!(
+                !adapted.is_empty(),
+                "lora.targets and lora.layers select no module of the student"
+            );
+            adapted
+        }
+    };
+    let trainable = trainable_params(&mut model, d.method);
+    let mut optimizer = AdamW::<B::InnerBackend>::new(
+        r.train.optimizer == OptimizerKind::PagedAdamW,
+        r.train.page_min_elements,
+    );
+    let mut state = TrainerState::default();
+    if let Some(dir) = &resume {
+        state = checkpoint::load_state(dir)?;
+        if d.method == DistillMethod::Lora {
+            checkpoint::load_adapters(dir, &mut model, device)?;
+        }
+        checkpoint::load_optimizer(dir, &mut optimizer, &state, device)?;
+        println!("resuming from {} at step {}", dir.display(), state.step);
+    }
+
+    let pad = teacher.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let cache = match d.mode {
+        DistillMode::Online => None,
+        DistillMode::Offline => {
+            let t0 = Instant::now();
+            let path = out.join("teacher-topk.safetensors");
+            let (cache, built) = teacher_cache(r, d, &teacher, &data.train, pad, &path)?;
+            if built {
+                state
+                    .distill
+                    .get_or_insert_with(Default::default)
+                    .cache_build_s += t0.elapsed().as_secs_f64();
+            }
+            Some(cache)
+        }
+    };
+
+    let plan = Plan::new(r, &data.train);
+    let total = plan.total_steps;
+    let val_batches = plan.val_batches(&data.val, pad);
+    let rows = r.train.micro_batch_size;
+    let eval_texts: Vec<EvalText> = d
+        .eval_texts
+        .iter()
+        .map(|f| eval_text(loaded, f, &student))
+        .collect::<anyhow::Result<_>>()?;
+    let measured = state
+        .distill
+        .as_ref()
+        .is_some_and(|s| !s.texts_before.is_empty());
+    if resume.is_none() || !measured {
+        state.val_loss_before = val_loss(&model.valid(), &val_batches, device);
+        let progress = state.distill.get_or_insert_with(Default::default);
+        progress.teacher_val_loss = val_loss(&teacher.model, &val_batches, device);
+        progress.texts_before = eval_texts
+            .iter()
+            .map(|t| {
+                (
+                    text_perplexity(&teacher.model, t, rows, device).0,
+                    text_perplexity(&model.valid(), t, rows, device).0,
+                )
+            })
+            .collect();
+    }
+    let before = state.distill.clone().unwrap_or_default();
+    println!(
+        "teacher val loss {:.4}, student before {:.4} ({} of {} layers)",
+        before.teacher_val_loss,
+        state.val_loss_before,
+        student.config.num_hidden_layers,
+        teacher.config.num_hidden_layers
+    );
+    if resume.is_none() && checkpoint::clear(&out)? {
+        // Only now, once everything has loaded, so a run that fails to start destroys nothing.
+        println!(
+            "removed the checkpoints of an earlier run in {}",
+            out.display()
+        );
+    }
+
+    let loss_fn = DistillLoss {
+        divergence: match d.loss {
+            DivergenceKind::ForwardKl => Divergence::ForwardKl,
+            DivergenceKind::ReverseKl => Divergence::ReverseKl,
+            DivergenceKind::Jsd => Divergence::Jsd { beta: d.beta },
+        },
+        temperature: d.temperature,
+        alpha: d.alpha,
+    };
+    let mut metrics = Metrics::open(&out, &r.output.loggers, resume.as_ref().map(|_| state.step))?;
+    let bar = progress(total, state.step);
+    let mut cursor = plan.cursor(state.epoch, state.position);
+    while state.step < total {
+        let step = state.step;
+        let step_start = Instant::now();
+        B::seed(
+            device,
+            r.train.seed.wrapping_add(1_000_003 * (step as u64 + 1)),
+        );
+        let on_policy = d.lmbda > 0.0 && unit(r.train.seed, step) < d.lmbda;
+        let micro: Vec<Batch> = (0..r.train.grad_accum)
+            .map(|i| {
+                let batch = cursor.next_batch(&data.train, pad);
+                if on_policy {
+                    let seed = r.train.seed ^ ((step as u64) << 16 | i as u64);
+                    let stops = &teacher.tokenizer.eos_ids;
+                    sampled_batch(&model.valid(), &batch, &data.train, d, stops, pad, seed)
+                } else {
+                    batch
+                }
+            })
+            .collect();
+        let step_tokens: usize = micro.iter().map(Batch::loss_tokens).sum::<usize>().max(1);
+        let step_loss = if on_policy {
+            DistillLoss {
+                alpha: 0.0,
+                ..loss_fn
+            }
+        } else {
+            loss_fn
+        };
+        let mut loss_sum = 0.0;
+        let mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
+        for batch in micro.iter().filter(|b| b.loss_tokens() > 0) {
+            let logits = target_logits(&model, batch, device);
+            let labels = target_ids::<B>(batch, device);
+            let summed = if step_loss.alpha >= 1.0 {
+                nll(logits, labels)
+            } else {
+                let teacher_logits = match &cache {
+                    Some(cache) => cached_logits::<B>(cache, batch, device),
+                    None => TeacherLogits::Full(Tensor::from_inner(target_logits(
+                        &teacher.model,
+                        batch,
+                        device,
+                    ))),
+                };
+                step_loss.forward(logits, teacher_logits, labels)
+            };
+            let loss = summed / step_tokens as f64;
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let g = loss.backward();
+            match d.method {
+                DistillMethod::Full => accumulate_param_grads(&mut model, &g, &mut grads),
+                DistillMethod::Lora => accumulate_lora_grads(&model, &g, &mut grads),
+            }
+            state.train_tokens += batch.real_tokens;
+        }
+        let grad_norm = clip(&mut grads, r.train.max_grad_norm);
+        let lr = lr_at(
+            r.train.scheduler,
+            r.train.lr,
+            r.train.warmup_steps,
+            total,
+            step,
+        );
+        match d.method {
+            DistillMethod::Full => {
+                let hp = AdamWParams {
+                    lr,
+                    betas: r.train.betas,
+                    eps: r.train.eps,
+                    weight_decay: r.train.weight_decay,
+                };
+                update_full(&mut model, &mut optimizer, grads, &hp);
+            }
+            DistillMethod::Lora => crate::train::update(&mut model, &mut optimizer, grads, lr, r),
+        }
+        state.step += 1;
+        (state.epoch, state.position) = cursor.position();
+        state.train_s += step_start.elapsed().as_secs_f64();
+        if on_policy {
+            state
+                .distill
+                .get_or_insert_with(Default::default)
+                .on_policy_steps += 1;
+        }
+        let tok_s = state.train_tokens as f64 / state.train_s.max(1e-9);
+        state.losses.push(loss_sum);
+        let mut scalars = vec![
+            ("train/loss", loss_sum),
+            ("train/lr", lr),
+            ("train/grad_norm", grad_norm),
+            ("train/tokens_per_s", tok_s),
+            ("train/on_policy", f64::from(u8::from(on_policy))),
+        ];
+        let last = state.step == total;
+        if last || (r.train.eval_every > 0 && state.step % r.train.eval_every == 0) {
+            state.val_loss = val_loss(&model.valid(), &val_batches, device);
+            scalars.push(("val/loss", state.val_loss));
+            scalars.push(("val/perplexity", state.val_loss.exp()));
+        }
+        metrics.log(state.step, &scalars)?;
+        bar.set_position(state.step as u64);
+        bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
+        if r.train.save_every > 0 && state.step % r.train.save_every == 0 {
+            let write = |dir: &Path| match d.method {
+                DistillMethod::Full => {
+                    student.model = model.clone();
+                    Ok(student.save_hf(&dir.join("student"))?)
+                }
+                DistillMethod::Lora => Ok(model.to_peft(peft_config(r, &adapted)).write(dir)?),
+            };
+            checkpoint::save(&out, write, &optimizer, &state)?;
+        }
+    }
+    bar.finish_and_clear();
+
+    let after = model.valid();
+    let progress = state.distill.clone().unwrap_or_default();
+    let texts: Vec<TextScore> = eval_texts
+        .iter()
+        .zip(&progress.texts_before)
+        .map(|(t, &(teacher, before))| {
+            let (ppl, scored) = text_perplexity(&after, t, rows, device);
+            TextScore {
+                file: t.file.clone(),
+                scored,
+                teacher,
+                student_before: before,
+                student_after: ppl,
+            }
+        })
+        .collect();
+    for t in &texts {
+        println!(
+            "perplexity of {}: teacher {:.3}, student before {:.3}, after {:.3}",
+            t.file, t.teacher, t.student_before, t.student_after
+        );
+    }
+
+    let student_layers = student.config.num_hidden_layers;
+    let mut student_dir = None;
+    if d.method == DistillMethod::Lora {
+        let mut config = peft_config(r, &adapted);
+        if let Some(source) = &d.student {
+            config.base_model_name_or_path = Some(ft_model::source::hub_id(source));
+        }
+        model.to_peft(config).write(&out)?;
+    }
+    if d.method == DistillMethod::Full || from_layers {
+        let dir = out.join("student");
+        if d.method == DistillMethod::Full {
+            student.model = model.clone();
+        }
+        student
+            .save_hf(&dir)
+            .with_context(|| format!("writing the student to {}", dir.display()))?;
+        println!("student written to {}", dir.display());
+        student_dir = Some(dir);
+    }
+
+    let tail = (state.losses.len() / 10)
+        .max(1)
+        .min(state.losses.len().max(1));
+    let summary = DistillSummary {
+        train_loss: state.losses.iter().rev().take(tail).sum::<f64>() / tail as f64,
+        val_loss: state.val_loss,
+        val_loss_before: state.val_loss_before,
+        teacher_val_loss: progress.teacher_val_loss,
+        texts,
+        teacher_layers: teacher.config.num_hidden_layers,
+        student_layers,
+        teacher_weight_bytes: teacher.model.weight_bytes(),
+        student_weight_bytes: after.weight_bytes(),
+        trainable_params: trainable,
+        on_policy_steps: progress.on_policy_steps,
+        cache_build_s: progress.cache_build_s,
+        train_tokens_per_s: state.train_tokens as f64 / state.train_s.max(1e-9),
+        peak_rss_bytes: crate::rss::peak_rss_bytes(),
+        train_s: state.train_s,
+        wall_s: started.elapsed().as_secs_f64(),
+        steps: total,
+        optimizer_state: optimizer.state_bytes(),
+        truncated_examples: data.truncated,
+        student_dir,
+    };
+    let json = serde_json::to_string_pretty(&summary)?;
+    write_atomic(&out.join("summary.json"), json.as_bytes())?;
+    if let (Some(dir), DistillMethod::Lora) = (&r.output.registry, d.method) {
+        let info = AddInfo {
+            task: r.data.task.clone(),
+            base_model: d.student.as_deref().map(ft_model::source::hub_id),
+            base_sha256: None,
+            recipe: Some(r.to_toml()),
+            metrics: Some(serde_json::to_value(&summary)?),
+        };
+        let record = Registry::open(dir)
+            .and_then(|mut reg| reg.add(&out, &r.output.adapter_name, info))
+            .with_context(|| format!("output.registry {}", dir.display()))?;
+        println!("registered {} in {}", record.id(), dir.display());
+    }
+    Ok(summary)
+}
+
+/// The student (dense f32, on the autodiff backend): a checkpoint's student folder when a run
+/// that trains in full resumes, else `distill.student`, else the chosen teacher layers.
+fn load_student<B>(
+    r: &crate::recipe::Recipe,
+    d: &DistillSection,
+    resume: Option<&Path>,
+    device: &B::Device,
+) -> anyhow::Result<Pretrained<B>>
+where
+    B: AutodiffBackend + QuantBackend,
+{
+    if let (Some(dir), DistillMethod::Full) = (resume, d.method) {
+        let folder = dir.join("student");
+        return Pretrained::<B>::load(&folder, None, device)
+            .with_context(|| format!("train.resume: {}", folder.display()));
+    }
+    if let Some(source) = &d.student {
+        return Pretrained::<B>::from_source(source, None, device)
+            .with_context(|| format!("distill.student {source}"));
+    }
+    let mut dense = Pretrained::<B>::from_source(&r.model.source, None, device)
+        .with_context(|| format!("model.source {}", r.model.source))?;
+    let init = match &d.init {
+        StudentLayers::Named(_) => StudentInit::EveryOtherLayer,
+        StudentLayers::List(layers) => StudentInit::Layers(layers.clone()),
+    };
+    let (model, config) =
+        student_from_teacher(&dense.model, &dense.config, &init).context("distill.init")?;
+    dense.model = model;
+    dense.config = config;
+    Ok(dense)
+}
+
+/// Parameters the run trains (every dense weight, or the adapters).
+fn trainable_params<B: Backend>(model: &mut LlamaForCausalLM<B>, method: DistillMethod) -> usize {
+    match method {
+        DistillMethod::Full => model
+            .params_mut()
+            .iter()
+            .map(|(_, p)| match p {
+                ParamMut::Matrix(p) => p.shape().num_elements(),
+                ParamMut::Vector(p) => p.shape().num_elements(),
+            })
+            .sum(),
+        DistillMethod::Lora => model
+            .linears()
+            .iter()
+            .filter_map(|(_, l)| l.lora.as_ref())
+            .map(|l| l.num_params())
+            .sum(),
+    }
+}
+
+/// A uniform draw in [0, 1) that depends only on the seed and the step (so a resumed run
+/// makes the same on-policy choices).
+fn unit(seed: u64, step: usize) -> f64 {
+    let mut rng = SplitMix64(seed ^ 0x6B2D_0000 ^ (step as u64).wrapping_mul(0x9E37_79B9));
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Adds the gradient of every dense weight in `g` to `grads` (vectors as `[1, n]`).
+fn accumulate_param_grads<B: AutodiffBackend>(
+    model: &mut LlamaForCausalLM<B>,
+    g: &B::Gradients,
+    grads: &mut BTreeMap<String, Tensor<B::InnerBackend, 2>>,
+) {
+    for (name, p) in model.params_mut() {
+        let grad = match p {
+            ParamMut::Matrix(p) => p.val().grad(g),
+            ParamMut::Vector(p) => p.val().grad(g).map(|t| {
+                let n = t.dims()[0];
+                t.reshape([1, n])
+            }),
+        };
+        if let Some(grad) = grad {
+            accumulate(grads, name, grad);
+        }
+    }
+}
+
+/// One AdamW step over every dense weight, grouped by decoder layer (embeddings, final norm
+/// and head form one more group); norms are not decayed.
+fn update_full<B: AutodiffBackend>(
+    model: &mut LlamaForCausalLM<B>,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>>,
+    hp: &AdamWParams,
+) {
+    let mut groups: BTreeMap<usize, Vec<ParamGrad<B::InnerBackend>>> = BTreeMap::new();
+    for (name, p) in model.params_mut() {
+        let Some(grad) = grads.remove(&name) else {
+            continue;
+        };
+        let (value, decay) = match p {
+            ParamMut::Matrix(p) => (p.val().inner(), true),
+            ParamMut::Vector(p) => {
+                let v = p.val().inner();
+                let n = v.dims()[0];
+                (v.reshape([1, n]), false)
+            }
+        };
+        let group = name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .map_or(0, |i| i + 1);
+        groups.entry(group).or_default().push(ParamGrad {
+            name,
+            value,
+            grad,
+            decay,
+        });
+    }
+    let mut new: BTreeMap<String, Tensor<B::InnerBackend, 2>> = optimizer
+        .step(groups.into_values().collect(), hp)
+        .into_iter()
+        .collect();
+    for (name, p) in model.params_mut() {
+        let Some(v) = new.remove(&name) else {
+            continue;
+        };
+        match p {
+            ParamMut::Matrix(p) => *p = Param::from_tensor(Tensor::from_inner(v)),
+            ParamMut::Vector(p) => {
+                let n = v.dims()[1];
+                *p = Param::from_tensor(Tensor::from_inner(v.reshape([n])));
+            }
+        }
+    }
+}
+
+/// Trained positions of one example (each predicts a trained token from the ones before).
+fn trained_positions(t: &Tokenized) -> usize {
+    t.train.iter().skip(1).filter(|&&x| x).count()
+}
+
+/// The offline teacher: read from `path` when it matches the teacher and the data, otherwise
+/// computed over the training examples in order and written. Returns whether it was built.
+fn teacher_cache<B: QuantBackend>(
+    r: &crate::recipe::Recipe,
+    d: &DistillSection,
+    teacher: &Pretrained<B>,
+    train: &[Tokenized],
+    pad: u32,
+    path: &Path,
+) -> anyhow::Result<(TopKCache, bool)> {
+    let id = format!("{} ({})", r.model.source, r.quant.base);
+    let vocab = teacher.config.vocab_size;
+    if path.is_file() {
+        match TopKCache::read(path, &id, vocab) {
+            Ok(cache) if cache.k == d.top_k && matches_data(&cache, train) => {
+                println!(
+                    "reusing the teacher's top-{} logits in {}",
+                    cache.k,
+                    path.display()
+                );
+                return Ok((cache, false));
+            }
+            Ok(_) => println!(
+                "{} was made for other data or another k; computing it again",
+                path.display()
+            ),
+            Err(e) => println!("{e}; computing the teacher cache again"),
+        }
+    }
+    let device = teacher.model.device();
+    let mut cache = TopKCache::new(d.top_k, vocab, &id);
+    let bar = progress(train.len(), 0);
+    bar.set_message(format!("teacher top-{} logits", d.top_k));
+    let chunk = r.train.micro_batch_size.max(1);
+    for (c, examples) in train.chunks(chunk).enumerate() {
+        let rows: Vec<Vec<&Tokenized>> = examples.iter().map(|t| vec![t]).collect();
+        let batch = Batch::new(&rows, pad);
+        let logits: Vec<f32> = if batch.loss_tokens() == 0 {
+            Vec::new()
+        } else {
+            target_logits(&teacher.model, &batch, &device)
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .map_err(|e| anyhow::anyhow!("teacher logits: {e:?}"))?
+        };
+        let mut at = 0;
+        for t in examples {
+            let n = trained_positions(t) * vocab;
+            cache.push_example(&logits[at..at + n]);
+            at += n;
+        }
+        bar.set_position(((c + 1) * chunk).min(train.len()) as u64);
+    }
+    bar.finish_and_clear();
+    cache
+        .write(path)
+        .with_context(|| format!("writing the teacher cache {}", path.display()))?;
+    Ok((cache, true))
+}
+
+/// Whether `cache` holds exactly the trained positions of `train`.
+fn matches_data(cache: &TopKCache, train: &[Tokenized]) -> bool {
+    cache.len() == train.len()
+        && train.iter().enumerate().all(|(i, t)| {
+            cache
+                .example(i)
+                .is_some_and(|(ids, _)| ids.len() == trained_positions(t) * cache.k)
+        })
+}
+
+/// The cached top-k teacher logits of a training batch, in target order.
+fn cached_logits<B: AutodiffBackend>(
+    cache: &TopKCache,
+    batch: &Batch,
+    device: &B::Device,
+) -> TeacherLogits<B> {
+    let (mut ids, mut logits) = (Vec::new(), Vec::new());
+    for &e in &batch.examples {
+        if let Some((i, l)) = cache.example(e) {
+            ids.extend(i.iter().map(|&x| x as i64));
+            logits.extend_from_slice(l);
+        }
+    }
+    let (n, k) = (batch.loss_tokens(), cache.k);
+    TeacherLogits::TopK {
+        logits: Tensor::from_data(
+            TensorData::new(logits, [n, k]).convert::<B::FloatElem>(),
+            device,
+        ),
+        ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, k]), device),
+    }
+}
+
+/// The batch's examples with their completions replaced by ones the student samples: each
+/// keeps its prompt (the untrained head; for plain text, its first half up to 64 tokens) and
+/// trains on up to `max_new_tokens` sampled tokens (and the end token where sampling stopped).
+fn sampled_batch<B: QuantBackend>(
+    student: &LlamaForCausalLM<B>,
+    batch: &Batch,
+    train: &[Tokenized],
+    d: &DistillSection,
+    stops: &[u32],
+    pad: u32,
+    seed: u64,
+) -> Batch {
+    let docs: Vec<Tokenized> = batch
+        .examples
+        .iter()
+        .enumerate()
+        .map(|(row, &e)| {
+            let t = &train[e];
+            let first_trained = t.train.iter().position(|&x| x).unwrap_or(t.ids.len());
+            let cut = if first_trained <= 1 {
+                (t.ids.len() / 2).clamp(1, 64)
+            } else {
+                first_trained
+            };
+            let prompt = &t.ids[..cut.min(t.ids.len()).max(1)];
+            let mut sampler = Sampler::new(SamplingParams {
+                temperature: d.sample_temperature as f32,
+                top_k: 0,
+                top_p: 1.0,
+                seed: seed.wrapping_mul(31).wrapping_add(row as u64),
+            });
+            let sampled = generate(
+                student,
+                prompt,
+                d.max_new_tokens,
+                stops,
+                &mut sampler,
+                |_| {},
+            );
+            let mut ids = prompt.to_vec();
+            ids.extend(&sampled.ids);
+            if sampled.ids.len() < d.max_new_tokens {
+                ids.extend(stops.first());
+            }
+            let mut flags = vec![false; prompt.len()];
+            flags.resize(ids.len(), true);
+            Tokenized { ids, train: flags }
+        })
+        .collect();
+    let rows: Vec<Vec<&Tokenized>> = docs.iter().map(|t| vec![t]).collect();
+    Batch::new(&rows, pad)
+}
+
+/// A held-out text cut into documents, each scored on its own: windows of [`WINDOW`] tokens
+/// of a plain text file (the reference perplexity protocol), or one document per JSONL record
+/// (rendered in its own layout, chat records through the chat template).
+struct EvalText {
+    /// The file as the recipe names it.
+    file: String,
+    /// Every token of each document is scored from the ones before it.
+    docs: Vec<Tokenized>,
+}
+
+/// Reads and tokenizes one `distill.eval_texts` file.
+fn eval_text<B: Backend>(
+    loaded: &LoadedRecipe,
+    file: &Path,
+    model: &Pretrained<B>,
+) -> anyhow::Result<EvalText> {
+    let path = loaded.resolve(file);
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("distill.eval_texts: {}", path.display()))?;
+    let whole = |ids: Vec<u32>| Tokenized {
+        train: vec![true; ids.len()],
+        ids,
+    };
+    if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+        let ids = model.tokenizer.encode(&text)?;
+        let docs = ids.chunks(WINDOW).map(|w| whole(w.to_vec())).collect();
+        return Ok(EvalText { file: name, docs });
+    }
+    let format = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .and_then(|v| {
+            [
+                ("messages", Format::Chat),
+                ("text", Format::Text),
+                ("prompt", Format::Completion),
+                ("instruction", Format::Alpaca),
+            ]
+            .into_iter()
+            .find(|(key, _)| v.get(key).is_some())
+            .map(|(_, f)| f)
+        })
+        .with_context(|| {
+            format!(
+                "distill.eval_texts: {}: expected JSONL records with messages, text, prompt \
+                 or instruction",
+                path.display()
+            )
+        })?;
+    let records = data::parse_jsonl(&text, format, &name)?;
+    let encoder = Encoder {
+        tokenizer: &model.tokenizer,
+        template: model.chat_template.as_ref(),
+        eos: model.tokenizer.eos_ids.first().copied(),
+        train_on_prompt: true,
+        max_seq_len: WINDOW,
+    };
+    let docs = records
+        .iter()
+        .map(|rec| encoder.encode(rec).map(|(t, _)| whole(t.ids)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(EvalText { file: name, docs })
+}
+
+/// Perplexity of a held-out text and the tokens scored: its documents packed into rows of
+/// [`WINDOW`] tokens (each attending only to itself), `rows` rows per forward.
+fn text_perplexity<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    text: &EvalText,
+    rows: usize,
+    device: &B::Device,
+) -> (f64, usize) {
+    let lengths: Vec<usize> = text.docs.iter().map(|t| t.ids.len()).collect();
+    let layout: Vec<Vec<&Tokenized>> = data::rows(&lengths, true, WINDOW)
+        .into_iter()
+        .map(|row| row.into_iter().map(|i| &text.docs[i]).collect())
+        .collect();
+    let (mut nll_sum, mut scored) = (0.0, 0);
+    for chunk in layout.chunks(rows.max(1)) {
+        let batch = Batch::new(chunk, 0);
+        if batch.loss_tokens() > 0 {
+            nll_sum += batch_nll(model, &batch, device).into_scalar().elem::<f64>();
+            scored += batch.loss_tokens();
+        }
+    }
+    ((nll_sum / scored.max(1) as f64).exp(), scored)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use ft_model::tiny::tiny_config;
+
+    use super::*;
+    use crate::recipe;
+
+    fn tokens(ids: &[u32]) -> Tokenized {
+        Tokenized {
+            ids: ids.to_vec(),
+            train: vec![true; ids.len()],
+        }
+    }
+
+    /// Stores every weight of `m` as f64 (random initialization draws f32 values).
+    fn as_f64<B: Backend>(m: &mut LlamaForCausalLM<B>) {
+        for (_, p) in m.params_mut() {
+            match p {
+                ParamMut::Matrix(p) => {
+                    let data = p.val().into_data().convert::<f64>();
+                    *p = Param::from_tensor(Tensor::from_data(data, &p.device()));
+                }
+                ParamMut::Vector(p) => {
+                    let data = p.val().into_data().convert::<f64>();
+                    *p = Param::from_tensor(Tensor::from_data(data, &p.device()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn student_gradients_match_finite_differences() {
+        type A = Autodiff<NdArray<f64>>;
+        let device = Default::default();
+        A::seed(&device, 3);
+        let mut teacher = LlamaForCausalLM::<NdArray<f64>>::init_random(&tiny_config(), &device);
+        let mut config = tiny_config();
+        config.num_hidden_layers = 1;
+        let mut student = LlamaForCausalLM::<A>::init_random(&config, &device);
+        as_f64(&mut teacher);
+        as_f64(&mut student);
+        let (a, b) = (tokens(&[5, 70, 200, 9, 33]), tokens(&[8, 1, 2]));
+        let batch = Batch::new(&[vec![&a], vec![&b]], 0);
+        let loss_fn = DistillLoss {
+            divergence: Divergence::Jsd { beta: 0.3 },
+            temperature: 2.0,
+            alpha: 0.4,
+        };
+        let loss_of = |m: &LlamaForCausalLM<A>| {
+            let teacher_logits = target_logits(&teacher, &batch, &device);
+            loss_fn
+                .forward(
+                    target_logits(m, &batch, &device),
+                    TeacherLogits::Full(Tensor::from_inner(teacher_logits)),
+                    target_ids::<A>(&batch, &device),
+                )
+                .into_scalar()
+                .elem::<f64>()
+        };
+        let teacher_logits = target_logits(&teacher, &batch, &device);
+        let g = loss_fn
+            .forward(
+                target_logits(&student, &batch, &device),
+                TeacherLogits::Full(Tensor::from_inner(teacher_logits)),
+                target_ids::<A>(&batch, &device),
+            )
+            .backward();
+        let mut grads = BTreeMap::new();
+        accumulate_param_grads(&mut student, &g, &mut grads);
+        assert_eq!(grads.len(), student.params_mut().len());
+        // L(p + t u) for the weight `name` moved along u.
+        let loss_along = |name: &str, u: &[f64], t: f64| {
+            let mut m = student.clone();
+            for (n, p) in m.params_mut() {
+                if n != name {
+                    continue;
+                }
+                let moved =
+                    |v: Vec<f64>| -> Vec<f64> { v.iter().zip(u).map(|(x, d)| x + t * d).collect() };
+                match p {
+                    ParamMut::Matrix(p) => {
+                        let v = moved(p.val().into_data().convert::<f64>().to_vec().unwrap());
+                        *p = Param::from_tensor(Tensor::from_data(
+                            TensorData::new(v, p.dims()),
+                            &device,
+                        ));
+                    }
+                    ParamMut::Vector(p) => {
+                        let v = moved(p.val().into_data().convert::<f64>().to_vec().unwrap());
+                        *p = Param::from_tensor(Tensor::from_data(
+                            TensorData::new(v, p.dims()),
+                            &device,
+                        ));
+                    }
+                }
+            }
+            loss_of(&m)
+        };
+        for name in [
+            "model.embed_tokens.weight",
+            "model.norm.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+        ] {
+            let grad: Vec<f64> = grads[name]
+                .clone()
+                .into_data()
+                .convert::<f64>()
+                .to_vec()
+                .unwrap();
+            let raw: Vec<f64> = (0..grad.len())
+                .map(|i| ((i * 7919 + 13) % 101) as f64 - 50.0)
+                .collect();
+            let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let u: Vec<f64> = raw.iter().map(|x| x / norm).collect();
+            let central = |h: f64| (loss_along(name, &u, h) - loss_along(name, &u, -h)) / (2.0 * h);
+            // Richardson extrapolation cancels the O(h^2) error of the quotient.
+            let fd = (4.0 * central(0.1) - central(0.2)) / 3.0;
+            let an: f64 = grad.iter().zip(&u).map(|(a, b)| a * b).sum();
+            assert!(
+                an.abs() > 1e-5,
+                "{name}: the check needs a gradient to compare"
+            );
+            assert!(
+                (fd - an).abs() <= 1e-5 + 1e-2 * an.abs(),
+                "{name}: fd {fd} vs {an}"
+            );
+        }
+    }
+
+    #[test]
+    fn cached_logits_follow_the_batch_layout() {
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        A::seed(&device, 4);
+        let teacher = LlamaForCausalLM::<NdArray<f32>>::init_random(&tiny_config(), &device);
+        let train: Vec<Tokenized> = (0..7u32)
+            .map(|i| {
+                let ids: Vec<u32> = (0..3 + i).map(|j| (i * 31 + j * 7) % 250).collect();
+                let mut t = tokens(&ids);
+                t.train[1] = false;
+                t
+            })
+            .collect();
+        let text = "[model]\nsource = \"teacher\"\n[distill]\nmode = \"offline\"\ntop_k = 5\n[data]\ntrain = \"t.jsonl\"\npacking = true\nmax_seq_len = 16\n[train]\nmicro_batch_size = 2\nseed = 9\n";
+        let r = recipe::parse(text, &[], "r.toml").unwrap();
+        let d = r.distill.clone().unwrap();
+        let vocab = tiny_config().vocab_size;
+        let mut cache = TopKCache::new(d.top_k, vocab, "teacher");
+        for t in &train {
+            let batch = Batch::new(&[vec![t]], 0);
+            let logits: Vec<f32> = target_logits(&teacher, &batch, &device)
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap();
+            cache.push_example(&logits);
+        }
+        assert!(matches_data(&cache, &train));
+        let plan = Plan::new(&r, &train);
+        let mut cursor = plan.cursor(0, 0);
+        for _ in 0..4 {
+            let batch = cursor.next_batch(&train, 0);
+            assert!(batch.examples.len() > batch.b, "rows are packed");
+            let TeacherLogits::TopK { ids, logits } = cached_logits::<A>(&cache, &batch, &device)
+            else {
+                panic!("top-k logits expected");
+            };
+            let online: Vec<f32> = target_logits(&teacher, &batch, &device)
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap();
+            let ids: Vec<i64> = ids.into_data().to_vec().unwrap();
+            let logits: Vec<f32> = logits.into_data().convert::<f32>().to_vec().unwrap();
+            for (row, want) in online.chunks(vocab).enumerate() {
+                let (want_ids, want_logits) = ft_distill::cache::top_k(want, 5);
+                let got: Vec<u32> = ids[row * 5..row * 5 + 5]
+                    .iter()
+                    .map(|&i| i as u32)
+                    .collect();
+                assert_eq!(got, want_ids, "row {row}");
+                for (g, w) in logits[row * 5..row * 5 + 5].iter().zip(&want_logits) {
+                    assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+                }
+            }
+        }
+    }
+}
