@@ -181,6 +181,10 @@ pub struct TrainArgs {
     /// Continue the run in DIR (its newest checkpoint) or from the checkpoint DIR.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Where to train: cpu, or cuda[:N] in a build with `--features cuda` (overrides
+    /// `model.device`).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
 }
 
 /// `ft recipe ...`.

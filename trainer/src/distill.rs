@@ -205,9 +205,9 @@ where
     }
 
     let pad = teacher.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    // Labels alone (alpha = 1) need no teacher logits, cached or not.
     let cache = match d.mode {
-        DistillMode::Online => None,
-        DistillMode::Offline => {
+        DistillMode::Offline if d.alpha < 1.0 => {
             let t0 = Instant::now();
             let path = out.join("teacher-topk.safetensors");
             let (cache, built) = teacher_cache(r, d, &teacher, &data.train, pad, &path)?;
@@ -219,6 +219,7 @@ where
             }
             Some(cache)
         }
+        _ => None,
     };
 
     let plan = Plan::new(r, &data.train);
@@ -230,11 +231,8 @@ where
         .iter()
         .map(|f| eval_text(loaded, f, &student))
         .collect::<anyhow::Result<_>>()?;
-    let measured = state
-        .distill
-        .as_ref()
-        .is_some_and(|s| !s.texts_before.is_empty());
-    if resume.is_none() || !measured {
+    // A resumed run reports the figures its checkpoint kept from before training.
+    if resume.is_none() || state.distill.is_none() {
         state.val_loss_before = val_loss(&model.valid(), &val_batches, device);
         let progress = state.distill.get_or_insert_with(Default::default);
         progress.teacher_val_loss = val_loss(&teacher.model, &val_batches, device);

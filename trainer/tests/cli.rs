@@ -39,3 +39,17 @@ fn cuda_without_the_feature_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("built without CUDA"), "{err}");
 }
+
+#[test]
+fn training_on_cuda_without_the_feature_is_a_clear_error() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(&recipe, "[data]\ntask = \"dates\"\n").unwrap();
+    let out = ft(&["train", recipe.to_str().unwrap(), "--device", "cuda:1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("built without CUDA"), "{err}");
+}

@@ -17,6 +17,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(dir) = args.resume {
         loaded.recipe.train.resume = Some(dir);
     }
+    if let Some(device) = args.device {
+        loaded.recipe.model.device = device.to_string();
+    }
     let device: DeviceSpec = loaded
         .recipe
         .model
