@@ -119,7 +119,13 @@ impl<B: Backend> Pretrained<B> {
             if dir.exists() {
                 std::fs::rename(dir, &old).map_err(|e| ModelError::io(dir, e))?;
             }
-            std::fs::rename(&staging, dir).map_err(|e| ModelError::io(dir, e))?;
+            if let Err(e) = std::fs::rename(&staging, dir) {
+                // Put the previous folder back rather than leave none.
+                if old.exists() {
+                    let _ = std::fs::rename(&old, dir);
+                }
+                return Err(ModelError::io(dir, e));
+            }
             if old.exists() {
                 std::fs::remove_dir_all(&old).map_err(|e| ModelError::io(&old, e))?;
             }

@@ -47,7 +47,8 @@ use crate::train::{
     quant_spec, target_ids, target_logits, val_loss, write_atomic,
 };
 
-/// Tokens per perplexity window over `eval_texts`, as the reference protocol uses.
+/// Tokens per perplexity window over `eval_texts`, as the reference protocol uses (fewer
+/// when a model's context is shorter).
 const WINDOW: usize = 256;
 
 /// Perplexity of one held-out text under the teacher and the student before and after.
@@ -162,11 +163,27 @@ where
     .context("distill.student")?;
     let data = load_data(loaded, &teacher)?;
     write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
-    let context = student.config.max_position_embeddings;
+    let context = student
+        .config
+        .max_position_embeddings
+        .min(teacher.config.max_position_embeddings);
+    if r.data.max_seq_len > context {
+        anyhow::bail!(
+            "data.max_seq_len: {} exceeds the context both models share ({context} tokens)",
+            r.data.max_seq_len
+        );
+    }
+    if d.mode == DistillMode::Offline && d.top_k > teacher.config.vocab_size {
+        anyhow::bail!(
+            "distill.top_k: at most the teacher's vocabulary of {} tokens, got {}",
+            teacher.config.vocab_size,
+            d.top_k
+        );
+    }
     if d.lmbda > 0.0 && r.data.max_seq_len + d.max_new_tokens > context {
         anyhow::bail!(
             "distill.max_new_tokens: data.max_seq_len ({}) plus {} sampled tokens exceed the \
-             student's context of {context}",
+             context both models share ({context} tokens)",
             r.data.max_seq_len,
             d.max_new_tokens
         );
@@ -205,6 +222,31 @@ where
     }
 
     let pad = teacher.tokenizer.eos_ids.first().copied().unwrap_or(0);
+    let plan = Plan::new(r, &data.train);
+    let total = plan.total_steps;
+    let val_batches = plan.val_batches(&data.val, pad);
+    let rows = r.train.micro_batch_size;
+    let window = WINDOW.min(context);
+    let eval_texts: Vec<EvalText> = d
+        .eval_texts
+        .iter()
+        .map(|f| eval_text(loaded, f, &student, window))
+        .collect::<anyhow::Result<_>>()?;
+    // A resumed run reports the figures its checkpoint kept from before training.
+    if resume.is_none() || state.distill.is_none() {
+        state.val_loss_before = val_loss(&model.valid(), &val_batches, device);
+        let progress = state.distill.get_or_insert_with(Default::default);
+        progress.teacher_val_loss = val_loss(&teacher.model, &val_batches, device);
+        progress.texts_before = eval_texts
+            .iter()
+            .map(|t| {
+                (
+                    text_perplexity(&teacher.model, t, rows, device).0,
+                    text_perplexity(&model.valid(), t, rows, device).0,
+                )
+            })
+            .collect();
+    }
     // Labels alone (alpha = 1) need no teacher logits, cached or not.
     let cache = match d.mode {
         DistillMode::Offline if d.alpha < 1.0 => {
@@ -222,30 +264,6 @@ where
         _ => None,
     };
 
-    let plan = Plan::new(r, &data.train);
-    let total = plan.total_steps;
-    let val_batches = plan.val_batches(&data.val, pad);
-    let rows = r.train.micro_batch_size;
-    let eval_texts: Vec<EvalText> = d
-        .eval_texts
-        .iter()
-        .map(|f| eval_text(loaded, f, &student))
-        .collect::<anyhow::Result<_>>()?;
-    // A resumed run reports the figures its checkpoint kept from before training.
-    if resume.is_none() || state.distill.is_none() {
-        state.val_loss_before = val_loss(&model.valid(), &val_batches, device);
-        let progress = state.distill.get_or_insert_with(Default::default);
-        progress.teacher_val_loss = val_loss(&teacher.model, &val_batches, device);
-        progress.texts_before = eval_texts
-            .iter()
-            .map(|t| {
-                (
-                    text_perplexity(&teacher.model, t, rows, device).0,
-                    text_perplexity(&model.valid(), t, rows, device).0,
-                )
-            })
-            .collect();
-    }
     let before = state.distill.clone().unwrap_or_default();
     println!(
         "teacher val loss {:.4}, student before {:.4} ({} of {} layers)",
@@ -416,10 +434,13 @@ where
     let student_layers = student.config.num_hidden_layers;
     let mut student_dir = None;
     if d.method == DistillMethod::Lora {
+        // The adapter's layer numbers are the student's: its base is the student, never the
+        // teacher.
         let mut config = peft_config(r, &adapted);
-        if let Some(source) = &d.student {
-            config.base_model_name_or_path = Some(ft_model::source::hub_id(source));
-        }
+        config.base_model_name_or_path = Some(match &d.student {
+            Some(source) => ft_model::source::hub_id(source),
+            None => out.join("student").display().to_string(),
+        });
         model.to_peft(config).write(&out)?;
     }
     if d.method == DistillMethod::Full || from_layers {
@@ -464,7 +485,10 @@ where
     if let (Some(dir), DistillMethod::Lora) = (&r.output.registry, d.method) {
         let info = AddInfo {
             task: r.data.task.clone(),
-            base_model: d.student.as_deref().map(ft_model::source::hub_id),
+            base_model: Some(match &d.student {
+                Some(source) => ft_model::source::hub_id(source),
+                None => out.join("student").display().to_string(),
+            }),
             base_sha256: None,
             recipe: Some(r.to_toml()),
             metrics: Some(serde_json::to_value(&summary)?),
@@ -623,7 +647,12 @@ fn teacher_cache<B: QuantBackend>(
     pad: u32,
     path: &Path,
 ) -> anyhow::Result<(TopKCache, bool)> {
-    let id = format!("{} ({})", r.model.source, r.quant.base);
+    let id = format!(
+        "{} ({}), data {:016x}",
+        r.model.source,
+        r.quant.base,
+        fingerprint(train)
+    );
     let vocab = teacher.config.vocab_size;
     if path.is_file() {
         match TopKCache::read(path, &id, vocab) {
@@ -646,9 +675,16 @@ fn teacher_cache<B: QuantBackend>(
     let mut cache = TopKCache::new(d.top_k, vocab, &id);
     let bar = progress(train.len(), 0);
     bar.set_message(format!("teacher top-{} logits", d.top_k));
-    let chunk = r.train.micro_batch_size.max(1);
-    for (c, examples) in train.chunks(chunk).enumerate() {
-        let rows: Vec<Vec<&Tokenized>> = examples.iter().map(|t| vec![t]).collect();
+    // Examples packed in order into rows of max_seq_len (each attends only to itself), so
+    // the teacher reads no padding; targets come out in example order.
+    let lengths: Vec<usize> = train.iter().map(|t| t.ids.len()).collect();
+    let layout = data::rows(&lengths, true, r.data.max_seq_len);
+    let mut done = 0;
+    for chunk in layout.chunks(r.train.micro_batch_size.max(1)) {
+        let rows: Vec<Vec<&Tokenized>> = chunk
+            .iter()
+            .map(|row| row.iter().map(|&i| &train[i]).collect())
+            .collect();
         let batch = Batch::new(&rows, pad);
         let logits: Vec<f32> = if batch.loss_tokens() == 0 {
             Vec::new()
@@ -660,18 +696,37 @@ fn teacher_cache<B: QuantBackend>(
                 .map_err(|e| anyhow::anyhow!("teacher logits: {e:?}"))?
         };
         let mut at = 0;
-        for t in examples {
-            let n = trained_positions(t) * vocab;
+        for &i in chunk.iter().flatten() {
+            let n = trained_positions(&train[i]) * vocab;
             cache.push_example(&logits[at..at + n]);
             at += n;
         }
-        bar.set_position(((c + 1) * chunk).min(train.len()) as u64);
+        done += chunk.iter().map(Vec::len).sum::<usize>();
+        bar.set_position(done as u64);
     }
     bar.finish_and_clear();
     cache
         .write(path)
         .with_context(|| format!("writing the teacher cache {}", path.display()))?;
     Ok((cache, true))
+}
+
+/// FNV-1a over every token id and trained flag of `train`: a cache made from other data (or
+/// the same data tokenized or truncated differently) is not reused.
+fn fingerprint(train: &[Tokenized]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |x: u64| {
+        for b in x.to_le_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for t in train {
+        eat(t.ids.len() as u64);
+        for (&id, &trained) in t.ids.iter().zip(&t.train) {
+            eat(u64::from(id) << 1 | u64::from(trained));
+        }
+    }
+    h
 }
 
 /// Whether `cache` holds exactly the trained positions of `train`.
@@ -731,7 +786,10 @@ fn sampled_batch<B: QuantBackend>(
             } else {
                 first_trained
             };
-            let prompt = &t.ids[..cut.min(t.ids.len()).max(1)];
+            if t.ids.is_empty() {
+                return t.clone();
+            }
+            let prompt = &t.ids[..cut.min(t.ids.len())];
             let mut sampler = Sampler::new(SamplingParams {
                 temperature: d.sample_temperature as f32,
                 top_k: 0,
@@ -768,6 +826,8 @@ struct EvalText {
     file: String,
     /// Every token of each document is scored from the ones before it.
     docs: Vec<Tokenized>,
+    /// Longest document, and the row length documents are packed into.
+    window: usize,
 }
 
 /// Reads and tokenizes one `distill.eval_texts` file.
@@ -775,6 +835,7 @@ fn eval_text<B: Backend>(
     loaded: &LoadedRecipe,
     file: &Path,
     model: &Pretrained<B>,
+    window: usize,
 ) -> anyhow::Result<EvalText> {
     let path = loaded.resolve(file);
     let name = file.display().to_string();
@@ -786,8 +847,12 @@ fn eval_text<B: Backend>(
     };
     if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
         let ids = model.tokenizer.encode(&text)?;
-        let docs = ids.chunks(WINDOW).map(|w| whole(w.to_vec())).collect();
-        return Ok(EvalText { file: name, docs });
+        let docs = ids.chunks(window).map(|w| whole(w.to_vec())).collect();
+        return Ok(EvalText {
+            file: name,
+            docs,
+            window,
+        });
     }
     let format = text
         .lines()
@@ -817,17 +882,21 @@ fn eval_text<B: Backend>(
         template: model.chat_template.as_ref(),
         eos: model.tokenizer.eos_ids.first().copied(),
         train_on_prompt: true,
-        max_seq_len: WINDOW,
+        max_seq_len: window,
     };
     let docs = records
         .iter()
         .map(|rec| encoder.encode(rec).map(|(t, _)| whole(t.ids)))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(EvalText { file: name, docs })
+    Ok(EvalText {
+        file: name,
+        docs,
+        window,
+    })
 }
 
 /// Perplexity of a held-out text and the tokens scored: its documents packed into rows of
-/// [`WINDOW`] tokens (each attending only to itself), `rows` rows per forward.
+/// its window (each attending only to itself), `rows` rows per forward.
 fn text_perplexity<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     text: &EvalText,
@@ -835,7 +904,7 @@ fn text_perplexity<B: QuantBackend>(
     device: &B::Device,
 ) -> (f64, usize) {
     let lengths: Vec<usize> = text.docs.iter().map(|t| t.ids.len()).collect();
-    let layout: Vec<Vec<&Tokenized>> = data::rows(&lengths, true, WINDOW)
+    let layout: Vec<Vec<&Tokenized>> = data::rows(&lengths, true, text.window)
         .into_iter()
         .map(|row| row.into_iter().map(|i| &text.docs[i]).collect())
         .collect();

@@ -593,6 +593,12 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
             "give data.mix or one of data.train and data.task, not both".into(),
         );
     }
+    if !r.data.mix.is_empty() && r.data.val.is_some() {
+        return fail(
+            "data.val",
+            "with data.mix, give each source its own val".into(),
+        );
+    }
     if r.data.task.is_some() && r.data.train.is_some() {
         return fail(
             "data.task",
@@ -843,6 +849,8 @@ mod tests {
         );
         let e = err(text, &["distill.top_k=0"]);
         assert!(e.contains("distill.top_k=0: expected at least 1"), "{e}");
+        let e = err(text, &["data.val=v.jsonl"]);
+        assert!(e.contains("give each source its own val"), "{e}");
         let e = err(text, &["data.train=x.jsonl"]);
         assert!(
             e.contains("data.mix or one of data.train and data.task"),

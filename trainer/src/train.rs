@@ -613,10 +613,12 @@ pub(crate) fn load_data<B: burn::tensor::backend::Backend>(
             })
             .collect()
     };
-    let (mut train, mut val) = (Vec::new(), Vec::new());
+    let mut train = Vec::new();
+    let mut vals: Vec<Vec<Tokenized>> = Vec::new();
     for (records, val_records, key) in sources {
         let all = encode(&records).with_context(|| key.clone())?;
         anyhow::ensure!(!all.is_empty(), "{key}: no training examples");
+        let mut val = Vec::new();
         match val_records {
             Some(v) => {
                 train.extend(all);
@@ -638,6 +640,16 @@ pub(crate) fn load_data<B: burn::tensor::backend::Backend>(
                     }
                 }
             }
+        }
+        vals.push(val);
+    }
+    // The sources' validation examples take turns, so that `data.val_limit` samples them all.
+    let longest = vals.iter().map(Vec::len).max().unwrap_or(0);
+    let mut iters: Vec<_> = vals.into_iter().map(Vec::into_iter).collect();
+    let mut val = Vec::new();
+    for _ in 0..longest {
+        for it in iters.iter_mut() {
+            val.extend(it.next());
         }
     }
     if truncated > 0 {

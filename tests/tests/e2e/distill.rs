@@ -121,6 +121,16 @@ fn the_offline_teacher_cache_is_built_once_and_reused() {
     let other = f.train("run", &["--set", "distill.top_k=4"]);
     assert_eq!(other.code, 0, "{}", other.stderr);
     assert!(!other.stdout.contains("reusing"), "{}", other.stdout);
+    // Other training text: the cache of the same k is not reused either.
+    let text: Vec<String> = (0..16)
+        .map(|i| {
+            serde_json::json!({"text": format!("line {i}: the dog sat on log {i}")}).to_string()
+        })
+        .collect();
+    std::fs::write(f.path("text.jsonl"), text.join("\n")).unwrap();
+    let changed = f.train("run", &["--set", "distill.top_k=4"]);
+    assert_eq!(changed.code, 0, "{}", changed.stderr);
+    assert!(!changed.stdout.contains("reusing"), "{}", changed.stdout);
 }
 
 /// The teacher here is stored in NF4 (`[quant]`), the student made of its second layer.
@@ -138,6 +148,11 @@ fn on_policy_lora_distillation_samples_from_the_student() {
     let s = f.summary("run");
     assert_eq!(s["on_policy_steps"], 6);
     assert!(f.path("run/adapter_model.safetensors").is_file());
+    // The adapter's layers are the student's, so its base is the student folder.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.path("run/adapter_config.json")).unwrap()).unwrap();
+    let base = config["base_model_name_or_path"].as_str().unwrap();
+    assert!(base.ends_with("student"), "{base}");
     assert!(f.path("run/student/config.json").is_file());
 }
 

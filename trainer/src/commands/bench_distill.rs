@@ -29,7 +29,9 @@ pub fn run(args: BenchDistillArgs) -> anyhow::Result<()> {
         args.recipe.display()
     );
     let distilled = train(&args, "distill", &[])?;
-    let ce_only = train(&args, "ce-only", &["distill.alpha=1"])?;
+    // Labels alone: no divergence term and no on-policy steps (which would consult the
+    // teacher).
+    let ce_only = train(&args, "ce-only", &["distill.alpha=1", "distill.lmbda=0"])?;
     let student = distilled
         .student_dir
         .clone()
