@@ -14,6 +14,8 @@ use crate::sampling::Sampler;
 pub struct Generation {
     /// Generated ids (a stop token that ended generation is not included).
     pub ids: Vec<u32>,
+    /// The stop token that ended generation, if one did (not the token budget).
+    pub stop: Option<u32>,
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
     /// Seconds spent on the prompt (up to the first token's logits).
@@ -78,6 +80,7 @@ pub fn generate<B: QuantBackend>(
     let mut cache = model.new_cache();
     let mut out = Generation {
         ids: Vec::new(),
+        stop: None,
         prompt_tokens: prompt.len(),
         prefill_s: 0.0,
         decode_s: 0.0,
@@ -93,6 +96,7 @@ pub fn generate<B: QuantBackend>(
     loop {
         let next = sampler.sample(&logits);
         if stop_ids.contains(&next) {
+            out.stop = Some(next);
             break;
         }
         out.ids.push(next);
@@ -105,4 +109,32 @@ pub fn generate<B: QuantBackend>(
     }
     out.decode_s = t1.elapsed().as_secs_f64();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::backend::Backend;
+    use ft_model::tiny::tiny_config;
+
+    use super::*;
+    use crate::SamplingParams;
+
+    type B = NdArray<f32>;
+
+    #[test]
+    fn the_stop_token_that_ended_generation_is_reported() {
+        B::seed(&Default::default(), 3);
+        let model = LlamaForCausalLM::<B>::init_random(&tiny_config(), &Default::default());
+        let greedy = || Sampler::new(SamplingParams::default());
+        let free = generate(&model, &[5, 6, 7], 4, &[], &mut greedy(), |_| {});
+        assert_eq!(free.ids.len(), 4);
+        assert_eq!(free.stop, None, "the budget ended it");
+        // Stopping on the third token greedy decoding picks.
+        let third = free.ids[2];
+        let stopped = generate(&model, &[5, 6, 7], 4, &[third], &mut greedy(), |_| {});
+        let before = free.ids.iter().position(|&t| t == third).unwrap();
+        assert_eq!(stopped.ids, free.ids[..before]);
+        assert_eq!(stopped.stop, Some(third));
+    }
 }

@@ -764,7 +764,8 @@ fn cached_logits<B: AutodiffBackend>(
 
 /// The batch's examples with their completions replaced by ones the student samples: each
 /// keeps its prompt (the untrained head; for plain text, its first half up to 64 tokens) and
-/// trains on up to `max_new_tokens` sampled tokens (and the end token where sampling stopped).
+/// trains on up to `max_new_tokens` sampled tokens (and the stop token that ended them, if one
+/// did).
 fn sampled_batch<B: QuantBackend>(
     student: &LlamaForCausalLM<B>,
     batch: &Batch,
@@ -806,9 +807,7 @@ fn sampled_batch<B: QuantBackend>(
             );
             let mut ids = prompt.to_vec();
             ids.extend(&sampled.ids);
-            if sampled.ids.len() < d.max_new_tokens {
-                ids.extend(stops.first());
-            }
+            ids.extend(sampled.stop);
             let mut flags = vec![false; prompt.len()];
             flags.resize(ids.len(), true);
             Tokenized { ids, train: flags }
