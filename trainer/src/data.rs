@@ -154,6 +154,16 @@ pub struct Tokenized {
     pub train: Vec<bool>,
 }
 
+impl Tokenized {
+    /// Ids whose every token is predicted (scored) from the ones before it.
+    pub fn all_trained(ids: Vec<u32>) -> Self {
+        Self {
+            train: vec![true; ids.len()],
+            ids,
+        }
+    }
+}
+
 /// What tokenization needs from the model.
 pub struct Encoder<'a> {
     /// The tokenizer.

@@ -21,7 +21,7 @@ use burn::module::{AutodiffModule, Module, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use ft_adapters::registry::AddInfo;
-use ft_adapters::{LoraConfig, Registry};
+use ft_adapters::LoraConfig;
 use ft_distill::{
     check_same_tokenizer, student_from_teacher, DistillLoss, Divergence, StudentInit,
     TeacherLogits, TopKCache,
@@ -44,7 +44,7 @@ use crate::schedule::lr_at;
 use crate::tasks::SplitMix64;
 use crate::train::{
     accumulate, accumulate_lora_grads, batch_nll, clip, load_data, nll, peft_config, progress,
-    quant_spec, target_ids, target_logits, val_loss, write_atomic,
+    quant_spec, register, target_ids, target_logits, val_loss, write_atomic,
 };
 
 /// Tokens per perplexity window over `eval_texts`, as the reference protocol uses (fewer
@@ -493,10 +493,7 @@ where
             recipe: Some(r.to_toml()),
             metrics: Some(serde_json::to_value(&summary)?),
         };
-        let record = Registry::open(dir)
-            .and_then(|mut reg| reg.add(&out, &r.output.adapter_name, info))
-            .with_context(|| format!("output.registry {}", dir.display()))?;
-        println!("registered {} in {}", record.id(), dir.display());
+        register(dir, &out, &r.output.adapter_name, info)?;
     }
     Ok(summary)
 }
@@ -648,7 +645,7 @@ fn teacher_cache<B: QuantBackend>(
     path: &Path,
 ) -> anyhow::Result<(TopKCache, bool)> {
     let id = format!(
-        "{} ({}), data {:016x}",
+        "{} ({}), data sha256 {}",
         r.model.source,
         r.quant.base,
         fingerprint(train)
@@ -711,22 +708,17 @@ fn teacher_cache<B: QuantBackend>(
     Ok((cache, true))
 }
 
-/// FNV-1a over every token id and trained flag of `train`: a cache made from other data (or
+/// sha256 of every token id and trained flag of `train`: a cache made from other data (or
 /// the same data tokenized or truncated differently) is not reused.
-fn fingerprint(train: &[Tokenized]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |x: u64| {
-        for b in x.to_le_bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
+fn fingerprint(train: &[Tokenized]) -> String {
+    let mut bytes = Vec::new();
     for t in train {
-        eat(t.ids.len() as u64);
+        bytes.extend((t.ids.len() as u64).to_le_bytes());
         for (&id, &trained) in t.ids.iter().zip(&t.train) {
-            eat(u64::from(id) << 1 | u64::from(trained));
+            bytes.extend((u64::from(id) << 1 | u64::from(trained)).to_le_bytes());
         }
     }
-    h
+    ft_adapters::registry::sha256_hex(&bytes)
 }
 
 /// Whether `cache` holds exactly the trained positions of `train`.
@@ -840,13 +832,12 @@ fn eval_text<B: Backend>(
     let name = file.display().to_string();
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("distill.eval_texts: {}", path.display()))?;
-    let whole = |ids: Vec<u32>| Tokenized {
-        train: vec![true; ids.len()],
-        ids,
-    };
     if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
         let ids = model.tokenizer.encode(&text)?;
-        let docs = ids.chunks(window).map(|w| whole(w.to_vec())).collect();
+        let docs = ids
+            .chunks(window)
+            .map(|w| Tokenized::all_trained(w.to_vec()))
+            .collect();
         return Ok(EvalText {
             file: name,
             docs,
@@ -885,7 +876,11 @@ fn eval_text<B: Backend>(
     };
     let docs = records
         .iter()
-        .map(|rec| encoder.encode(rec).map(|(t, _)| whole(t.ids)))
+        .map(|rec| {
+            encoder
+                .encode(rec)
+                .map(|(t, _)| Tokenized::all_trained(t.ids))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(EvalText {
         file: name,
@@ -927,10 +922,7 @@ mod tests {
     use crate::recipe;
 
     fn tokens(ids: &[u32]) -> Tokenized {
-        Tokenized {
-            ids: ids.to_vec(),
-            train: vec![true; ids.len()],
-        }
+        Tokenized::all_trained(ids.to_vec())
     }
 
     /// Stores every weight of `m` as f64 (random initialization draws f32 values).

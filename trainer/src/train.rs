@@ -301,12 +301,18 @@ where
             recipe: Some(r.to_toml()),
             metrics: Some(serde_json::to_value(&summary)?),
         };
-        let record = Registry::open(dir)
-            .and_then(|mut reg| reg.add(&out, &r.output.adapter_name, info))
-            .with_context(|| format!("output.registry {}", dir.display()))?;
-        println!("registered {} in {}", record.id(), dir.display());
+        register(dir, &out, &r.output.adapter_name, info)?;
     }
     Ok(Trained { summary, model })
+}
+
+/// Adds the adapter in `out` to the registry `dir` as `name` (the recipe's `output.registry`).
+pub(crate) fn register(dir: &Path, out: &Path, name: &str, info: AddInfo) -> anyhow::Result<()> {
+    let record = Registry::open(dir)
+        .and_then(|mut reg| reg.add(out, name, info))
+        .with_context(|| format!("output.registry {}", dir.display()))?;
+    println!("registered {} in {}", record.id(), dir.display());
+    Ok(())
 }
 
 /// sha256 of the base model when it is one file (a GGUF); `None` for folders.
@@ -696,10 +702,7 @@ mod tests {
     use crate::recipe;
 
     fn tokens(ids: &[u32]) -> Tokenized {
-        Tokenized {
-            ids: ids.to_vec(),
-            train: vec![true; ids.len()],
-        }
+        Tokenized::all_trained(ids.to_vec())
     }
 
     /// A tiny model with rank-4 adapters on every target, B randomized so that every LoRA
