@@ -174,7 +174,7 @@ pub fn save_pretrained<B: Backend>(
             l.base
                 .packed
                 .as_ref()
-                .map(|w| (format!("{name}.weight"), (*w.0).clone()))
+                .map(|w| (format!("{name}.weight"), (*w.weight).clone()))
         })
         .collect();
     let mut entries: Vec<Entry> = Vec::new();
@@ -398,8 +398,8 @@ mod tests {
                     );
                 } else {
                     assert_eq!(
-                        a.base.packed.as_ref().unwrap().0,
-                        b.base.packed.as_ref().unwrap().0,
+                        a.base.packed.as_ref().unwrap().weight,
+                        b.base.packed.as_ref().unwrap().weight,
                         "{spec} {name}"
                     );
                 }

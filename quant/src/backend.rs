@@ -6,9 +6,12 @@
 //! that brings the f32 weights back. Like bitsandbytes' `MatMul4Bit`, the autodiff
 //! implementation here is a custom op whose saved state is the packed weight alone: backward
 //! dequantizes W again to compute dL/dx, and W gets no gradient.
+//!
+//! Where W is dequantized is the backend's choice: the CPU backend decodes the host bytes with
+//! plain Rust loops (fastest there); the CUDA backend keeps the packed codes on the GPU
+//! ([`DevicePacked`]) and decodes them there, so no f32 weight crosses PCIe.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -19,21 +22,72 @@ use burn::backend::ndarray::{
     FloatNdArrayElement, IntNdArrayElement, NdArrayTensor, QuantElement, SharedArray,
 };
 use burn::backend::{Autodiff, NdArray};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
-use crate::linear::project;
+use crate::device_packed::DevicePacked;
+use crate::linear::{project, Packed};
 use crate::packed::PackedWeight;
 
 /// A backend that can compute x W^T for a packed (quantized, frozen) weight W.
 pub trait QuantBackend: Backend {
+    /// W [out, in] as a transient f32 tensor on `device`. The default decodes on the host
+    /// and uploads the result.
+    fn packed_weight(weight: &Packed, device: &Self::Device) -> FloatTensor<Self> {
+        dequantized::<Self>(&weight.weight, device)
+            .into_primitive()
+            .tensor()
+    }
+
     /// x W^T for x [m, in] and W [out, in] packed: dequantizes W for this call only.
-    fn packed_project(x: FloatTensor<Self>, weight: &Arc<PackedWeight>) -> FloatTensor<Self> {
+    fn packed_project(x: FloatTensor<Self>, weight: &Packed) -> FloatTensor<Self> {
         let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
-        let w = dequantized::<Self>(weight, &x.device());
+        let w = Self::packed_weight(weight, &x.device());
+        let w = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(w));
         project(x, w).into_primitive().tensor()
     }
+
+    /// dL/dx = dL/dy W for dL/dy [m, out]: the backward of [`QuantBackend::packed_project`].
+    fn packed_grad_input(grad: FloatTensor<Self>, weight: &Packed) -> FloatTensor<Self> {
+        let grad = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(grad));
+        let w = Self::packed_weight(weight, &grad.device());
+        let w = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(w));
+        grad.matmul(w).into_primitive().tensor()
+    }
+
+    /// Whether this backend can multiply by packed weights in bf16 ([`set_bf16_compute`]).
+    fn bf16_compute_supported() -> bool {
+        false
+    }
+}
+
+/// Whether packed-weight matmuls run in bf16 on backends that support it.
+static BF16_COMPUTE: AtomicBool = AtomicBool::new(false);
+
+/// Makes the matmuls with packed (frozen) weights run in bf16, inputs cast down and results
+/// cast back to f32, as bitsandbytes' `bnb_4bit_compute_dtype = bfloat16` does; LoRA weights,
+/// gradients and optimizer stay f32. Only backends whose
+/// [`QuantBackend::bf16_compute_supported`] is true read it (the CPU backend has no bf16).
+pub fn set_bf16_compute(on: bool) {
+    BF16_COMPUTE.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_bf16_compute`] is on.
+pub fn bf16_compute() -> bool {
+    BF16_COMPUTE.load(Ordering::Relaxed)
+}
+
+/// W [out, in] decoded on `device` from its device-resident codes, uploaded on first use.
+pub fn device_dequantized<B: Backend>(weight: &Packed, device: &B::Device) -> Tensor<B, 2> {
+    let start = Instant::now();
+    let resident = weight.resident(
+        |r: &DevicePacked<B>| r.device() == device,
+        |w| DevicePacked::upload(w, device),
+    );
+    let w = resident.dequantize();
+    DEQUANT_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    w
 }
 
 /// Nanoseconds this process has spent in [`dequantized`].
@@ -63,27 +117,71 @@ where
 }
 
 #[cfg(feature = "cuda")]
-impl QuantBackend for burn::backend::Cuda {}
+impl QuantBackend for burn::backend::Cuda {
+    fn packed_weight(weight: &Packed, device: &Self::Device) -> FloatTensor<Self> {
+        device_dequantized::<Self>(weight, device)
+            .into_primitive()
+            .tensor()
+    }
+
+    fn packed_project(x: FloatTensor<Self>, weight: &Packed) -> FloatTensor<Self> {
+        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let w = device_dequantized::<Self>(weight, &x.device());
+        compute_dtype_matmul(x, w.transpose())
+    }
+
+    fn packed_grad_input(grad: FloatTensor<Self>, weight: &Packed) -> FloatTensor<Self> {
+        let grad = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(grad));
+        let w = device_dequantized::<Self>(weight, &grad.device());
+        compute_dtype_matmul(grad, w)
+    }
+
+    fn bf16_compute_supported() -> bool {
+        true
+    }
+}
+
+/// a b in f32, or in bf16 with an f32 result when [`bf16_compute`] is on.
+#[cfg(feature = "cuda")]
+fn compute_dtype_matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> FloatTensor<B> {
+    use burn::tensor::FloatDType;
+    let y = if bf16_compute() {
+        a.cast(FloatDType::BF16)
+            .matmul(b.cast(FloatDType::BF16))
+            .cast(FloatDType::F32)
+    } else {
+        a.matmul(b)
+    };
+    y.into_primitive().tensor()
+}
 
 /// Backward of x W^T for a packed W: the state is the packed weight, never its f32 form.
 #[derive(Debug)]
 struct PackedProject;
 
 impl<B: QuantBackend> Backward<B, 1> for PackedProject {
-    type State = Arc<PackedWeight>;
+    type State = Packed;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let weight = ops.state;
+        // dL/dx = dL/dy W: [m, out] -> [m, in]
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad)); // [m, out]
-            let w = dequantized::<B>(&weight, &grad.device()); // [out, in]
-            grad.matmul(w).into_primitive().tensor() // dL/dx = dL/dy W: [m, in]
+            B::packed_grad_input(grad, &weight)
         });
     }
 }
 
 impl<B: QuantBackend, C: CheckpointStrategy> QuantBackend for Autodiff<B, C> {
-    fn packed_project(x: FloatTensor<Self>, weight: &Arc<PackedWeight>) -> FloatTensor<Self> {
+    fn packed_weight(weight: &Packed, device: &Self::Device) -> FloatTensor<Self> {
+        let w = B::packed_weight(weight, device);
+        <Self as AutodiffBackend>::from_inner(w)
+    }
+
+    fn bf16_compute_supported() -> bool {
+        B::bf16_compute_supported()
+    }
+
+    fn packed_project(x: FloatTensor<Self>, weight: &Packed) -> FloatTensor<Self> {
         let node = x.node.clone();
         let output = B::packed_project(x.primitive, weight);
         match PackedProject

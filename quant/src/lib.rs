@@ -5,13 +5,15 @@
 //! quantized base for QLoRA ([`packed`]): bitsandbytes-compatible NF4 and FP4 ([`bnb4`]) with
 //! double quantization through the 8-bit dynamic map ([`dynamic8`]), int8 absmax ([`int8`])
 //! and bf16; and the base model's [`Linear`] layer that holds a weight dense or packed.
-//! Later: SIMD matvec kernels for decoding.
+//! [`device_packed`] keeps packed codes on a GPU and decodes them there. Later: SIMD matvec
+//! kernels for decoding.
 //!
 //! Must not import any other ft crate: it knows nothing of LoRA, models or training.
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod bnb4;
+pub mod device_packed;
 pub mod dynamic8;
 pub mod ggml;
 pub mod int8;

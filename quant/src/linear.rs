@@ -3,7 +3,9 @@
 //! extra memory is one layer's weight, never the whole model. A packed weight is a constant:
 //! gradients flow to the layer's input, never to it. The LoRA layer wraps this type.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
@@ -13,9 +15,60 @@ use crate::backend::{dequantized, QuantBackend};
 
 use crate::packed::{PackedWeight, QuantFormat};
 
-/// A shared packed weight: bytes and constants only; cloning the layer does not copy them.
-#[derive(Clone, Debug)]
-pub struct Packed(pub Arc<PackedWeight>);
+/// A shared packed weight: bytes and constants, and its copy on the compute device once a
+/// backend that dequantizes there ([`QuantBackend::packed_weight`]) has used it. Cloning the
+/// layer copies neither.
+#[derive(Clone)]
+pub struct Packed {
+    /// The bytes and constants, in host memory.
+    pub weight: Arc<PackedWeight>,
+    /// The backend's device-resident form (a `DevicePacked<B>`), made on first use.
+    resident: Arc<OnceLock<Box<dyn Any + Send + Sync>>>,
+}
+
+impl Packed {
+    /// Wraps a packed weight; nothing is on a device yet.
+    pub fn new(weight: PackedWeight) -> Self {
+        Self {
+            weight: Arc::new(weight),
+            resident: Arc::default(),
+        }
+    }
+
+    /// The device-resident form `T`, made by `make` on first use and kept while the layer
+    /// lives. `make` runs again (uncached) when the cached form is of another type or `keep`
+    /// rejects it (another device).
+    pub fn resident<T: Any + Send + Sync + Clone>(
+        &self,
+        keep: impl Fn(&T) -> bool,
+        make: impl FnOnce(&PackedWeight) -> T,
+    ) -> T {
+        if let Some(r) = self.resident.get().and_then(|r| r.downcast_ref::<T>()) {
+            if keep(r) {
+                return r.clone();
+            }
+            return make(&self.weight);
+        }
+        let made = make(&self.weight);
+        let _ = self.resident.set(Box::new(made.clone()));
+        made
+    }
+}
+
+impl fmt::Debug for Packed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?}{}",
+            self.weight,
+            if self.resident.get().is_some() {
+                " (on device)"
+            } else {
+                ""
+            }
+        )
+    }
+}
 
 /// y = x W^T + b with W [out, in] in HF layout.
 #[derive(Module, Debug)]
@@ -42,7 +95,7 @@ impl<B: Backend> Linear<B> {
     pub fn packed(weight: PackedWeight, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
             weight: None,
-            packed: Some(Packed(Arc::new(weight))),
+            packed: Some(Packed::new(weight)),
             bias: bias.map(Param::from_tensor),
         }
     }
@@ -51,7 +104,7 @@ impl<B: Backend> Linear<B> {
     pub fn shape(&self) -> [usize; 2] {
         match (&self.weight, &self.packed) {
             (Some(w), _) => w.dims(),
-            (None, Some(p)) => p.0.shape,
+            (None, Some(p)) => p.weight.shape,
             (None, None) => [0, 0],
         }
     }
@@ -60,13 +113,13 @@ impl<B: Backend> Linear<B> {
     pub fn format(&self) -> QuantFormat {
         self.packed
             .as_ref()
-            .map_or(QuantFormat::F32, |p| p.0.format())
+            .map_or(QuantFormat::F32, |p| p.weight.format())
     }
 
     /// Bytes the weight occupies (f32 for dense weights).
     pub fn weight_bytes(&self) -> usize {
         match &self.packed {
-            Some(p) => p.0.storage_bytes(),
+            Some(p) => p.weight.storage_bytes(),
             None => 4 * self.shape()[0] * self.shape()[1],
         }
     }
@@ -76,7 +129,7 @@ impl<B: Backend> Linear<B> {
     pub fn weight(&self, device: &B::Device) -> Tensor<B, 2> {
         match (&self.weight, &self.packed) {
             (Some(w), _) => w.val(),
-            (None, Some(p)) => dequantized(&p.0, device),
+            (None, Some(p)) => dequantized(&p.weight, device),
             (None, None) => Tensor::zeros([0, 0], device),
         }
     }
@@ -95,7 +148,7 @@ impl<B: QuantBackend> Linear<B> {
         let y = match (&self.weight, &self.packed) {
             (None, Some(p)) => Tensor::from_primitive(TensorPrimitive::Float(B::packed_project(
                 x.into_primitive().tensor(),
-                &p.0,
+                p,
             ))),
             _ => {
                 let w = self.weight(&x.device());

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{self, Batch, Encoder, Format, Tokenized};
+use crate::memory::MemoryReport;
 use crate::metrics::Metrics;
 use crate::optim::{AdamW, AdamWParams, ParamGrad, StateBytes};
 use crate::plan::Plan;
@@ -106,6 +107,8 @@ pub struct DistillSummary {
     pub steps: usize,
     /// Where the optimizer's state lives.
     pub optimizer_state: StateBytes,
+    /// Device-resident bytes (teacher and student weights, ...) against host bytes.
+    pub memory: MemoryReport,
     /// Examples truncated to max_seq_len.
     pub truncated_examples: usize,
     /// The student folder written (full training, or a student made of teacher layers).
@@ -151,6 +154,7 @@ where
         None => None,
     };
 
+    crate::train::apply_compute_dtype::<B>(r)?;
     let teacher =
         Pretrained::<B::InnerBackend>::from_source(&r.model.source, quant_spec(r)?, device)
             .with_context(|| format!("model.source {}", r.model.source))?;
@@ -477,6 +481,11 @@ where
         wall_s: started.elapsed().as_secs_f64(),
         steps: total,
         optimizer_state: optimizer.state_bytes(),
+        memory: MemoryReport::new(
+            teacher.model.weight_bytes() + after.weight_bytes(),
+            trainable,
+            optimizer.state_bytes(),
+        ),
         truncated_examples: data.truncated,
         student_dir,
     };

@@ -13,6 +13,7 @@ pub mod device;
 pub mod distill;
 pub mod error;
 pub mod eval;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod plan;

@@ -5,8 +5,9 @@
 //! - `adamw`: the first and second moments stay on the device as tensors.
 //! - `paged_adamw`: as bitsandbytes' paged optimizers (Dettmers et al. 2023), the moments of
 //!   every group with at least `page_min_elements` elements live in host memory, in fixed-size
-//!   pages; a group's moments are brought to the device for its update and written back, one
-//!   group at a time, so the device holds one group's states at most. On the CPU backend host
+//!   pages; a group's moments are brought to the device for its update and written back, the
+//!   next group's upload overlapping the previous group's write-back, so the device holds two
+//!   groups' states at most. On the CPU backend host
 //!   and device are the same memory; the report still says where each byte lives.
 //!
 //! Only the parameters handed to [`AdamW::step`] get state: frozen weights have none.
@@ -139,6 +140,10 @@ impl<B: Backend> AdamW<B> {
 
     /// One update of every group (parameters sharing a decoder layer form a group); returns
     /// the new values in the order given.
+    ///
+    /// Paged moments move as a pipeline: a group's moments are uploaded before the previous
+    /// group's are read back, so on a GPU the host-side page reads and upload of group i + 1
+    /// proceed while the device still computes group i's update (the read-back waits for it).
     pub fn step(
         &mut self,
         groups: Vec<Vec<ParamGrad<B>>>,
@@ -146,19 +151,29 @@ impl<B: Backend> AdamW<B> {
     ) -> Vec<(String, Tensor<B, 2>)> {
         self.t += 1;
         let mut out = Vec::new();
+        let mut written_back: Vec<(String, Tensor<B, 2>, Tensor<B, 2>)> = Vec::new();
         for group in groups {
             let elements: usize = group.iter().map(|p| p.value.shape().num_elements()).sum();
             let page = self.paged && elements >= self.page_min_elements;
-            for p in group {
-                let (m, v) = self.take(&p.name, &p.value, page);
+            let moments: Vec<_> = group
+                .iter()
+                .map(|p| self.take(&p.name, &p.value, page))
+                .collect();
+            for (name, m, v) in written_back.drain(..) {
+                self.put(&name, m, v);
+            }
+            for (p, (m, v)) in group.into_iter().zip(moments) {
                 let hp = AdamWParams {
                     weight_decay: if p.decay { hp.weight_decay } else { 0.0 },
                     ..*hp
                 };
                 let (value, m, v) = update(p.value, p.grad, m, v, self.t, &hp);
-                self.put(&p.name, m, v);
+                written_back.push((p.name.clone(), m, v));
                 out.push((p.name, value));
             }
+        }
+        for (name, m, v) in written_back {
+            self.put(&name, m, v);
         }
         out
     }

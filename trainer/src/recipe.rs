@@ -60,6 +60,9 @@ pub struct QuantSection {
     pub base: String,
     /// Double-quantize the absmax values of nf4/fp4.
     pub double_quant: bool,
+    /// `f32` or `bf16`: the dtype of the matmuls with the packed base weights
+    /// (bitsandbytes' `bnb_4bit_compute_dtype`); bf16 needs the CUDA backend.
+    pub compute_dtype: String,
 }
 
 impl Default for QuantSection {
@@ -67,6 +70,7 @@ impl Default for QuantSection {
         Self {
             base: "none".into(),
             double_quant: false,
+            compute_dtype: "f32".into(),
         }
     }
 }
@@ -547,6 +551,12 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
                 "expected none, bf16, int8, int8-block, nf4 or fp4, got {:?}",
                 r.quant.base
             ),
+        );
+    }
+    if !matches!(r.quant.compute_dtype.as_str(), "f32" | "bf16") {
+        return fail(
+            "quant.compute_dtype",
+            format!("expected f32 or bf16, got {:?}", r.quant.compute_dtype),
         );
     }
     if r.lora.r == 0 {

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{self, Batch, Encoder, Record, Tokenized};
 use crate::eval::{exact_match, ExactMatch};
+use crate::memory::MemoryReport;
 use crate::metrics::Metrics;
 use crate::optim::{AdamW, AdamWParams, ParamGrad, StateBytes};
 use crate::plan::{shuffle, Plan};
@@ -72,6 +73,8 @@ pub struct Summary {
     pub base_format: String,
     /// Where the optimizer state lives.
     pub optimizer_state: StateBytes,
+    /// Device-resident bytes against host bytes.
+    pub memory: MemoryReport,
     /// Examples truncated to max_seq_len.
     pub truncated_examples: usize,
 }
@@ -111,6 +114,7 @@ where
         None => None,
     };
 
+    apply_compute_dtype::<B>(r)?;
     let quant = quant_spec(r)?;
     let pretrained = Pretrained::<B>::from_source(&r.model.source, quant, device)
         .with_context(|| format!("model.source {}", r.model.source))?;
@@ -289,6 +293,7 @@ where
         base_weight_bytes,
         base_format: base_format.to_string(),
         optimizer_state: optimizer.state_bytes(),
+        memory: MemoryReport::new(model.weight_bytes(), trainable, optimizer.state_bytes()),
         truncated_examples: data.truncated,
     };
     let json = serde_json::to_string_pretty(&summary)?;
@@ -320,6 +325,21 @@ pub(crate) fn base_sha256(path: &Path) -> Option<String> {
     path.is_file()
         .then(|| ft_model::source::sha256_file(path).ok())
         .flatten()
+}
+
+/// Sets the dtype of the packed-weight matmuls from `quant.compute_dtype`; bf16 on a backend
+/// without it is a usage error.
+pub(crate) fn apply_compute_dtype<B: QuantBackend>(r: &Recipe) -> anyhow::Result<()> {
+    let bf16 = r.quant.compute_dtype == "bf16";
+    if bf16 && !B::bf16_compute_supported() {
+        return Err(crate::error::usage(
+            "quant.compute_dtype",
+            "f32 on the CPU backend (bf16 needs --device cuda)",
+            "\"bf16\"",
+        ));
+    }
+    ft_quant::backend::set_bf16_compute(bf16);
+    Ok(())
 }
 
 /// The quantization a recipe asks for (`None`: f32 as loaded).

@@ -225,6 +225,13 @@ fn recipe_errors_name_the_key_the_line_and_the_expectation() {
         "error: r.toml:4: lora.dropout: expected a number in [0, 1), got 1.5"
     );
     assert_eq!(check("[data]\ntask = \"dates\"\n[quant]\nbase = \"nf5\"\n", &[]), "error: r.toml:4: quant.base: expected none, bf16, int8, int8-block, nf4 or fp4, got \"nf5\"");
+    assert_eq!(
+        check(
+            "[data]\ntask = \"dates\"\n[quant]\ncompute_dtype = \"fp8\"\n",
+            &[]
+        ),
+        "error: r.toml:4: quant.compute_dtype: expected f32 or bf16, got \"fp8\""
+    );
     assert_eq!(check("[data]\ntask = \"dates\"\n[train]\nscheduler = \"step\"\n", &[]), "error: r.toml:4: train.scheduler: unknown variant `step`, expected one of `constant`, `linear`, `cosine`");
     assert_eq!(
         check("[data\ntask = 1\n", &[])
@@ -252,6 +259,16 @@ fn recipe_errors_name_the_key_the_line_and_the_expectation() {
         "--set",
         &out,
     ]);
+    assert_eq!(run.code, 1);
+    let bf16_on_cpu = ft(&[
+        "train",
+        path.to_str().unwrap(),
+        "--set",
+        "quant.compute_dtype=bf16",
+        "--set",
+        &out,
+    ]);
+    bf16_on_cpu.fails_with(2, &["quant.compute_dtype", "bf16 needs --device cuda"]);
     assert_eq!(run.code, 1);
     assert!(
         !dir.path().join("run/recipe.toml").exists(),
