@@ -86,6 +86,11 @@ fn packed_entries(name: &str, w: &PackedWeight) -> Result<Vec<Entry>, String> {
         PackedData::Int8 { .. } => {
             return Err("int8-block has no bitsandbytes layout; save int8 (per row)".into())
         }
+        PackedData::Blocks { ty, .. } => {
+            return Err(format!(
+                "{ty:?} is a GGUF block format for CPU inference with no bitsandbytes layout"
+            ))
+        }
         PackedData::FourBit {
             kind,
             codes,
@@ -214,7 +219,11 @@ pub fn save_pretrained<B: Backend>(
                 json!({"quant_method": "bitsandbytes", "load_in_8bit": true, "load_in_4bit": false})
         }
         QuantFormat::Bf16 => config["torch_dtype"] = json!("bfloat16"),
-        QuantFormat::F32 | QuantFormat::Int8Block => {}
+        QuantFormat::F32
+        | QuantFormat::Int8Block
+        | QuantFormat::Q8_0
+        | QuantFormat::Q4_0
+        | QuantFormat::Q4_1 => {}
     }
     let tokenizer_config = json!({
         "chat_template": p.chat_template.as_ref().map(|t| t.source()),

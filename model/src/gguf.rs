@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use ft_quant::GgmlType;
+use ft_quant::packed::PackedData;
+use ft_quant::{GgmlType, PackedWeight};
 use memmap2::Mmap;
 
 use crate::error::ModelError;
@@ -426,6 +427,20 @@ impl GgufTensors {
     pub fn file(&self) -> &GgufFile {
         &self.file
     }
+
+    /// The head count of `name` when its rows are stored permuted: llama.cpp's convert script
+    /// permutes q/k (weights and biases) into interleaved pairs.
+    fn q_k_heads(&self, name: &str) -> Option<usize> {
+        self.permuted_heads.and_then(|(n_head, n_kv_head)| {
+            if name.contains("self_attn.q_proj.") {
+                Some(n_head)
+            } else if name.contains("self_attn.k_proj.") {
+                Some(n_kv_head)
+            } else {
+                None
+            }
+        })
+    }
 }
 
 impl TensorSource for GgufTensors {
@@ -446,20 +461,44 @@ impl TensorSource for GgufTensors {
                 tensor: name.to_string(),
             })?;
         let tensor = self.file.tensor_f32(gguf)?;
-        // llama.cpp's convert script permutes q/k (weights and biases) into interleaved pairs.
-        let heads = self.permuted_heads.and_then(|(n_head, n_kv_head)| {
-            if name.contains("self_attn.q_proj.") {
-                Some(n_head)
-            } else if name.contains("self_attn.k_proj.") {
-                Some(n_kv_head)
-            } else {
-                None
-            }
-        });
-        Ok(match heads {
+        Ok(match self.q_k_heads(name) {
             Some(h) => unpermute_rows(tensor, h),
             None => tensor,
         })
+    }
+
+    fn blocks(&self, name: &str) -> Result<Option<PackedWeight>, ModelError> {
+        let Some(info) = self.names.get(name).and_then(|g| self.file.tensors.get(g)) else {
+            return Ok(None);
+        };
+        let &[rows, cols] = info.shape.as_slice() else {
+            return Ok(None);
+        };
+        if !ft_quant::matvec::supports(info.ty) {
+            return Ok(None);
+        }
+        let bytes = self.file.tensor_bytes(info);
+        let expected = info
+            .ty
+            .bytes_for(rows * cols)
+            .map_err(|e| ModelError::Format {
+                path: self.file.path.clone(),
+                what: format!("tensor {name}: {e}"),
+            })?;
+        if bytes.len() != expected {
+            return Err(ModelError::Format {
+                path: self.file.path.clone(),
+                what: format!("tensor {name}: {} bytes, expected {expected}", bytes.len()),
+            });
+        }
+        let bytes = match self.q_k_heads(name) {
+            Some(h) => reorder(bytes, rows, h, |hf, gguf| (hf, gguf)),
+            None => bytes.to_vec(),
+        };
+        Ok(Some(PackedWeight {
+            shape: [rows, cols],
+            data: PackedData::Blocks { ty: info.ty, bytes },
+        }))
     }
 }
 
@@ -525,21 +564,32 @@ fn reorder_rows(
     heads: usize,
     pick: impl Fn(usize, usize) -> (usize, usize),
 ) -> HostTensor {
-    let rows = t.shape[0];
-    let cols: usize = t.shape[1..].iter().product();
+    let data = reorder(&t.data, t.shape[0], heads, pick);
+    HostTensor::new(t.shape, data)
+}
+
+/// `data` as `rows` equal rows, reordered within each head as [`reorder_rows`] does; rows may
+/// be f32 values or the bytes of ggml blocks.
+fn reorder<T: Copy + Default>(
+    data: &[T],
+    rows: usize,
+    heads: usize,
+    pick: impl Fn(usize, usize) -> (usize, usize),
+) -> Vec<T> {
+    let cols = data.len() / rows.max(1);
     let d = rows / heads;
-    let mut out = vec![0f32; t.data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for i in 0..d / 2 {
             for (hf_row, gguf_row) in [(i, 2 * i), (i + d / 2, 2 * i + 1)] {
                 let (dst_row, src_row) = pick(hf_row, gguf_row);
                 let src = (h * d + src_row) * cols;
                 let dst = (h * d + dst_row) * cols;
-                out[dst..dst + cols].copy_from_slice(&t.data[src..src + cols]);
+                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
             }
         }
     }
-    HostTensor::new(t.shape, out)
+    out
 }
 
 #[cfg(test)]

@@ -13,14 +13,15 @@
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData, TensorPrimitive};
 use ft_quant::QuantBackend;
 
 pub use ft_adapters::LoraLinear;
-use ft_quant::linear::project;
+use ft_quant::linear::{project, Packed};
+use ft_quant::matvec::MAX_ROWS;
 pub use ft_quant::Linear;
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, LayerCache};
 use crate::config::LlamaConfig;
 
 /// Root-mean-square layer norm: x / sqrt(mean(x^2) + eps) * weight.
@@ -206,7 +207,7 @@ impl<B: QuantBackend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         attend: &Attend<B>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -231,17 +232,7 @@ impl<B: QuantBackend> Attention<B> {
         let k = attend.rotation.apply(k);
 
         let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((past_k, past_v)) => (
-                        Tensor::cat(vec![past_k, k], 2), // [b, kv, t, d]
-                        Tensor::cat(vec![past_v, v], 2),
-                    ),
-                    None => (k, v),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(slot) => LayerCache::append(slot, k, v), // [b, kv, t, d]
             None => (k, v),
         };
         let t = k.dims()[2];
@@ -343,7 +334,7 @@ impl<B: QuantBackend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         attend: &Attend<B>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let attn = self
             .self_attn
@@ -376,6 +367,9 @@ pub struct LlamaForCausalLM<B: Backend> {
     pub model: LlamaModel<B>,
     /// Output head [vocab, e]; `None` when tied to `model.embed_tokens`.
     pub lm_head: Option<Param<Tensor<B, 2>>>,
+    /// The output head in ggml blocks, for the CPU decoding kernels (inference weights q8 or
+    /// q4 only): logits of a few rows are computed from it.
+    pub head_blocks: Option<Packed>,
     /// Longest sequence the RoPE tables cover.
     pub max_position_embeddings: usize,
 }
@@ -449,12 +443,19 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
     /// - hidden: `[b, s, e]` -> `[b, s, vocab]`
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, e] = hidden.dims();
+        let hidden = hidden.reshape([b * s, e]);
+        if let Some(blocks) = self.head_blocks.as_ref().filter(|_| b * s <= MAX_ROWS) {
+            let vocab = blocks.weight.shape[0];
+            let logits = B::packed_project(hidden.into_primitive().tensor(), blocks);
+            return Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(logits))
+                .reshape([b, s, vocab]);
+        }
         let head = match &self.lm_head {
             Some(w) => w.val(),
             None => self.model.embed_tokens.val(),
         };
         let vocab = head.dims()[0];
-        project(hidden.reshape([b * s, e]), head).reshape([b, s, vocab])
+        project(hidden, head).reshape([b, s, vocab])
     }
 
     /// Logits at every position of `ids`.

@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
-use ft_quant::QuantSpec;
+use ft_quant::packed::PackedData;
+use ft_quant::{GgmlType, PackedWeight, QuantSpec};
 
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
@@ -36,6 +37,24 @@ trait Weights<B: Backend> {
         shape: [usize; 2],
         quant: Option<QuantSpec>,
     ) -> Result<Linear<B>, ModelError>;
+    /// The output head `head` (named `name` in the checkpoint) in ggml blocks for the
+    /// decoding kernels.
+    fn head_blocks(
+        &mut self,
+        name: &str,
+        head: Tensor<B, 2>,
+    ) -> Result<Option<PackedWeight>, ModelError> {
+        let _ = name;
+        Ok(q8_head(head))
+    }
+}
+
+/// The head as Q8_0 blocks made from its f32 values, which keeps the logits within the
+/// activations' own 8-bit rounding.
+fn q8_head<B: Backend>(head: Tensor<B, 2>) -> Option<PackedWeight> {
+    let shape = head.dims();
+    let data = head.into_data().convert::<f32>().into_vec::<f32>().ok()?;
+    PackedWeight::quantize(ft_quant::QuantFormat::Q8_0, false, &data, shape)
 }
 
 /// A linear layer from a dense host weight, packed if `quant` asks for a packed format.
@@ -75,6 +94,26 @@ impl<B: Backend> CheckpointWeights<'_, B> {
         Ok(t)
     }
 
+    /// The file's own ggml blocks of `name` when `quant` asks for a ggml format they can
+    /// serve: the same format, or either 4-bit format for a 4-bit request (a GGUF's Q4_1
+    /// is kept rather than requantized to Q4_0).
+    fn kept_blocks(
+        &self,
+        name: &str,
+        quant: Option<QuantSpec>,
+    ) -> Result<Option<PackedWeight>, ModelError> {
+        let Some(want) = quant.and_then(|q| q.format.ggml()) else {
+            return Ok(None);
+        };
+        let four_bit = |t: GgmlType| matches!(t, GgmlType::Q4_0 | GgmlType::Q4_1);
+        Ok(self.source.blocks(name)?.filter(|stored| {
+            let PackedData::Blocks { ty, .. } = stored.data else {
+                return false;
+            };
+            ty == want || (four_bit(ty) && four_bit(want))
+        }))
+    }
+
     fn shape_error(&self, name: &str, expected: &[usize], found: Vec<usize>) -> ModelError {
         ModelError::Shape {
             path: self.source.location().to_path_buf(),
@@ -108,6 +147,13 @@ impl<B: Backend> Weights<B> for CheckpointWeights<'_, B> {
         shape: [usize; 2],
         quant: Option<QuantSpec>,
     ) -> Result<Linear<B>, ModelError> {
+        if let Some(stored) = self.kept_blocks(name, quant)? {
+            if stored.shape != shape {
+                return Err(self.shape_error(name, &shape, stored.shape.to_vec()));
+            }
+            self.used.insert(name.to_string());
+            return Ok(Linear::packed(stored, None));
+        }
         let Some(packed) = self.source.packed(name)? else {
             let t = self.host(name, &shape)?;
             return Ok(linear_from_host(t.data, shape, quant, &self.device));
@@ -121,6 +167,18 @@ impl<B: Backend> Weights<B> for CheckpointWeights<'_, B> {
             None => Linear::packed(packed, None),
             Some(spec) => linear_from_host(packed.dequantize(), shape, Some(spec), &self.device),
         })
+    }
+
+    fn head_blocks(
+        &mut self,
+        name: &str,
+        head: Tensor<B, 2>,
+    ) -> Result<Option<PackedWeight>, ModelError> {
+        let shape = head.dims();
+        match self.source.blocks(name)? {
+            Some(stored) if stored.shape == shape => Ok(Some(stored)),
+            _ => Ok(q8_head(head)),
+        }
     }
 }
 
@@ -242,14 +300,29 @@ fn build<B: Backend>(
     } else {
         Some(param(w, "lm_head.weight", [c.vocab_size, e])?)
     };
+    let embed_tokens = param(w, "model.embed_tokens.weight", [c.vocab_size, e])?;
+    let head_name = if c.tie_word_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    let head_blocks = match quant.and_then(|q| q.format.ggml()) {
+        Some(_) => {
+            let head = lm_head.as_ref().unwrap_or(&embed_tokens).val();
+            w.head_blocks(head_name, head)?
+                .map(ft_quant::linear::Packed::new)
+        }
+        None => None,
+    };
     Ok(LlamaForCausalLM {
         model: LlamaModel {
-            embed_tokens: param(w, "model.embed_tokens.weight", [c.vocab_size, e])?,
+            embed_tokens,
             layers,
             norm: rms_norm(w, "model.norm", c)?,
             rotary_emb: RotaryEmbedding::new(c, device),
         },
         lm_head,
+        head_blocks,
         max_position_embeddings: c.max_position_embeddings,
     })
 }

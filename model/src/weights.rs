@@ -43,4 +43,10 @@ pub trait TensorSource {
         let _ = name;
         Ok(None)
     }
+    /// Reads a weight in the ggml block format the file stores it in (Q8_0, Q4_0, Q4_1), for
+    /// the CPU inference kernels; `None` when it is stored otherwise.
+    fn blocks(&self, name: &str) -> Result<Option<PackedWeight>, ModelError> {
+        let _ = name;
+        Ok(None)
+    }
 }

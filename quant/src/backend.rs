@@ -24,11 +24,12 @@ use burn::backend::ndarray::{
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
 use crate::device_packed::DevicePacked;
 use crate::linear::{project, Packed};
-use crate::packed::PackedWeight;
+use crate::matvec;
+use crate::packed::{PackedData, PackedWeight};
 
 /// A backend that can compute x W^T for a packed (quantized, frozen) weight W.
 pub trait QuantBackend: Backend {
@@ -114,6 +115,25 @@ where
     NdArrayTensor: From<SharedArray<E>>,
     NdArrayTensor: From<SharedArray<I>>,
 {
+    /// A few f32 rows against ggml blocks go through [`crate::matvec`]; the rest dequantize.
+    fn packed_project(x: FloatTensor<Self>, weight: &Packed) -> FloatTensor<Self> {
+        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let [m, k] = x.dims();
+        if let PackedData::Blocks { ty, bytes } = &weight.weight.data {
+            if m <= matvec::MAX_ROWS && E::dtype() == DType::F32 && matvec::supports(*ty) {
+                let device = x.device();
+                let rows = x.into_data().into_vec::<f32>().expect("an f32 tensor");
+                let n = weight.weight.shape[0];
+                let y = matvec::matmul(*ty, bytes, n, k, &rows, m);
+                return Tensor::<Self, 2>::from_data(TensorData::new(y, [m, n]), &device)
+                    .into_primitive()
+                    .tensor();
+            }
+        }
+        let w = Self::packed_weight(weight, &x.device());
+        let w = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(w));
+        project(x, w).into_primitive().tensor()
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -29,6 +29,8 @@ pub struct DevicePacked<B: Backend> {
 /// The device tensors of each storage format.
 #[derive(Clone, Debug)]
 enum Codes<B: Backend> {
+    /// ggml blocks (CPU inference formats), uploaded decoded.
+    Dense(Tensor<B, 2>),
     /// bf16 bits, two to a word; decoded through a table of the 256 exponents.
     Bf16 {
         words: Tensor<B, 1, Int>,
@@ -75,6 +77,10 @@ impl<B: Backend> DevicePacked<B> {
             )
         };
         let codes = match &weight.data {
+            PackedData::Blocks { .. } => Codes::Dense(Tensor::from_data(
+                TensorData::new(weight.dequantize(), weight.shape).convert::<B::FloatElem>(),
+                device,
+            )),
             PackedData::Bf16(bits) => {
                 let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_be_bytes()).collect();
                 Codes::Bf16 {
@@ -138,6 +144,7 @@ impl<B: Backend> DevicePacked<B> {
         let [rows, cols] = self.shape;
         let n = rows * cols;
         let flat = match &self.codes {
+            Codes::Dense(w) => return w.clone(),
             Codes::Bf16 { words, powers } => bf16_values(unpack(words.clone(), 16), powers, n),
             Codes::Int8 {
                 words,

@@ -140,6 +140,42 @@ pub fn quantize_q8_0(data: &[f32]) -> Result<Vec<u8>, QuantError> {
     Ok(out)
 }
 
+/// Encodes f32 values (a multiple of 32) as Q4_0 blocks, as llama.cpp's
+/// `quantize_row_q4_0_ref`: d = (the value of largest magnitude) / -8, q = x / d + 8.5
+/// truncated, at most 15.
+pub fn quantize_q4_0(data: &[f32]) -> Result<Vec<u8>, QuantError> {
+    let mut out = Vec::with_capacity(GgmlType::Q4_0.bytes_for(data.len())?);
+    for block in data.chunks_exact(32) {
+        let max = block
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+        out.extend(f16::from_f32(d).to_le_bytes());
+        out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
+    }
+    Ok(out)
+}
+
+/// Encodes f32 values (a multiple of 32) as Q4_1 blocks, as llama.cpp's
+/// `quantize_row_q4_1_ref`: d = (max - min) / 15, m = min, q = (x - min) / d + 0.5
+/// truncated, at most 15.
+pub fn quantize_q4_1(data: &[f32]) -> Result<Vec<u8>, QuantError> {
+    let mut out = Vec::with_capacity(GgmlType::Q4_1.bytes_for(data.len())?);
+    for block in data.chunks_exact(32) {
+        let min = block.iter().fold(f32::MAX, |m, &v| m.min(v));
+        let max = block.iter().fold(f32::MIN, |m, &v| m.max(v));
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let q = |v: f32| (((v - min) * id + 0.5) as i8).min(15) as u8;
+        out.extend(f16::from_f32(d).to_le_bytes());
+        out.extend(f16::from_f32(min).to_le_bytes());
+        out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
+    }
+    Ok(out)
+}
+
 /// Q4_0: x = (q - 8) * d; low nibbles hold elements 0..16, high nibbles 16..32.
 fn dequantize_q4_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
@@ -327,6 +363,32 @@ mod tests {
         assert_eq!(dequantize(GgmlType::Bf16, &b, 2).unwrap(), vec![3.0, -0.5]);
         let b: Vec<u8> = [7.25f32].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(dequantize(GgmlType::F32, &b, 1).unwrap(), vec![7.25]);
+    }
+
+    #[test]
+    fn q4_encoders_round_trip_within_half_a_step() {
+        let data: Vec<f32> = (0..64)
+            .map(|i| ((i * 37) % 64) as f32 * 0.05 - 1.3)
+            .collect();
+        for (ty, bytes) in [
+            (GgmlType::Q4_0, quantize_q4_0(&data).unwrap()),
+            (GgmlType::Q4_1, quantize_q4_1(&data).unwrap()),
+        ] {
+            let back = dequantize(ty, &bytes, 64).unwrap();
+            for (block, chunk) in data.chunks(32).zip(back.chunks(32)) {
+                let min = block.iter().fold(f32::MAX, |m, &v| m.min(v));
+                let max = block.iter().fold(f32::MIN, |m, &v| m.max(v));
+                let step = match ty {
+                    GgmlType::Q4_0 => max.abs().max(min.abs()) / 8.0,
+                    _ => (max - min) / 15.0,
+                };
+                for (a, b) in block.iter().zip(chunk) {
+                    // Q4_0 clamps the extreme opposite its scale a full step.
+                    assert!((a - b).abs() <= step * 1.01 + 1e-3, "{ty:?}: {a} vs {b}");
+                }
+            }
+        }
+        assert!(quantize_q4_0(&data[..40]).is_err());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! quantized base for QLoRA ([`packed`]): bitsandbytes-compatible NF4 and FP4 ([`bnb4`]) with
 //! double quantization through the 8-bit dynamic map ([`dynamic8`]), int8 absmax ([`int8`])
 //! and bf16; and the base model's [`Linear`] layer that holds a weight dense or packed.
-//! [`device_packed`] keeps packed codes on a GPU and decodes them there. Later: SIMD matvec
-//! kernels for decoding.
+//! [`device_packed`] keeps packed codes on a GPU and decodes them there; [`matvec`] multiplies
+//! a few rows by GGUF-blocked weights on the CPU without dequantizing them.
 //!
 //! Must not import any other ft crate: it knows nothing of LoRA, models or training.
 #![warn(missing_docs)]
@@ -18,6 +18,7 @@ pub mod dynamic8;
 pub mod ggml;
 pub mod int8;
 pub mod linear;
+pub mod matvec;
 pub mod packed;
 
 pub use backend::QuantBackend;

@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 use half::bf16;
 
 use crate::bnb4::{self, FourBit};
-use crate::{dynamic8, int8};
+use crate::ggml::{self, GgmlType};
+use crate::{dynamic8, int8, matvec};
 
 /// The storage format of the frozen linear weights of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,18 +27,37 @@ pub enum QuantFormat {
     Nf4,
     /// bitsandbytes' 4-bit float, blocks of 64.
     Fp4,
+    /// ggml's Q8_0: blocks of 32 signed bytes with an f16 scale (inference kernels).
+    Q8_0,
+    /// ggml's Q4_0: blocks of 32 nibbles with an f16 scale.
+    Q4_0,
+    /// ggml's Q4_1: blocks of 32 nibbles with an f16 scale and minimum.
+    Q4_1,
 }
 
 impl QuantFormat {
     /// Every format, in order of decreasing size.
-    pub const ALL: [QuantFormat; 6] = [
+    pub const ALL: [QuantFormat; 9] = [
         Self::F32,
         Self::Bf16,
+        Self::Q8_0,
         Self::Int8,
         Self::Int8Block,
+        Self::Q4_1,
         Self::Nf4,
         Self::Fp4,
+        Self::Q4_0,
     ];
+
+    /// The ggml block type of the inference formats.
+    pub fn ggml(self) -> Option<GgmlType> {
+        match self {
+            Self::Q8_0 => Some(GgmlType::Q8_0),
+            Self::Q4_0 => Some(GgmlType::Q4_0),
+            Self::Q4_1 => Some(GgmlType::Q4_1),
+            _ => None,
+        }
+    }
 
     /// The name used on the command line and in files.
     pub fn name(self) -> &'static str {
@@ -48,6 +68,9 @@ impl QuantFormat {
             Self::Int8Block => "int8-block",
             Self::Nf4 => "nf4",
             Self::Fp4 => "fp4",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
         }
     }
 }
@@ -66,7 +89,10 @@ impl FromStr for QuantFormat {
             .into_iter()
             .find(|f| f.name() == s)
             .ok_or_else(|| {
-                format!("expected one of f32, bf16, int8, int8-block, nf4, fp4, got {s:?}")
+                format!(
+                    "expected one of f32, bf16, int8, int8-block, nf4, fp4, q8_0, q4_0, q4_1, \
+                     got {s:?}"
+                )
             })
     }
 }
@@ -209,6 +235,13 @@ pub enum PackedData {
         /// One per block.
         absmax: Absmax,
     },
+    /// ggml blocks of 32 along each row, as a GGUF file stores them ([`crate::matvec`]).
+    Blocks {
+        /// Q8_0, Q4_0 or Q4_1.
+        ty: GgmlType,
+        /// rows * cols / 32 blocks.
+        bytes: Vec<u8>,
+    },
 }
 
 /// A frozen [rows, cols] weight in a packed format.
@@ -233,7 +266,8 @@ impl fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs a row-major [rows, cols] f32 weight; `None` for [`QuantFormat::F32`].
+    /// Packs a row-major [rows, cols] f32 weight; `None` for [`QuantFormat::F32`], and for
+    /// the ggml formats when rows are not whole blocks of 32 (the weight stays f32).
     /// `double_quant` applies to the 4-bit formats.
     pub fn quantize(
         format: QuantFormat,
@@ -263,6 +297,21 @@ impl PackedWeight {
             QuantFormat::Int8Block => int8(INT8_BLOCK),
             QuantFormat::Nf4 => four_bit(FourBit::Nf4),
             QuantFormat::Fp4 => four_bit(FourBit::Fp4),
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
+                if shape[1] % matvec::BLOCK != 0 {
+                    return None;
+                }
+                let ty = format.ggml()?;
+                let bytes = match ty {
+                    GgmlType::Q8_0 => ggml::quantize_q8_0(data),
+                    GgmlType::Q4_0 => ggml::quantize_q4_0(data),
+                    _ => ggml::quantize_q4_1(data),
+                };
+                PackedData::Blocks {
+                    ty,
+                    bytes: bytes.ok()?,
+                }
+            }
         };
         Some(Self { shape, data })
     }
@@ -283,6 +332,11 @@ impl PackedWeight {
             PackedData::FourBit {
                 kind: FourBit::Fp4, ..
             } => QuantFormat::Fp4,
+            PackedData::Blocks { ty, .. } => match ty {
+                GgmlType::Q8_0 => QuantFormat::Q8_0,
+                GgmlType::Q4_0 => QuantFormat::Q4_0,
+                _ => QuantFormat::Q4_1,
+            },
         }
     }
 
@@ -302,6 +356,7 @@ impl PackedWeight {
             PackedData::Bf16(v) => 2 * v.len(),
             PackedData::Int8 { q, absmax, .. } => q.len() + 4 * absmax.len(),
             PackedData::FourBit { codes, absmax, .. } => codes.len() + absmax.bytes(),
+            PackedData::Blocks { bytes, .. } => bytes.len(),
         }
     }
 
@@ -323,6 +378,11 @@ impl PackedWeight {
                 codes,
                 absmax,
             } => bnb4::dequantize_into(*kind, codes, &absmax.values(), out),
+            PackedData::Blocks { ty, bytes } => {
+                let values = ggml::dequantize(*ty, bytes, out.len())
+                    .expect("ggml blocks hold rows * cols values by construction");
+                out.copy_from_slice(&values);
+            }
         }
     }
 

@@ -30,10 +30,10 @@ pub fn greedy_batch<B: QuantBackend>(
         }
         for chunk in rows.chunks(batch_size.max(1)) {
             let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
-            for (&i, ids) in chunk
-                .iter()
-                .zip(decode(model, &batch, max_new_tokens, stop_ids))
-            {
+            let decoded = ft_quant::matvec::on_kernel_thread(|| {
+                decode(model, &batch, max_new_tokens, stop_ids)
+            });
+            for (&i, ids) in chunk.iter().zip(decoded) {
                 out[i] = ids;
             }
         }

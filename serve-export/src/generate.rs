@@ -67,8 +67,23 @@ fn next_logits<B: QuantBackend>(
 }
 
 /// Generates up to `max_new_tokens` after `prompt` (which must be non-empty and, with the new
-/// tokens, fit the context: callers check), calling `on_token` for each new id.
+/// tokens, fit the context: callers check), calling `on_token` for each new id. Runs on a
+/// kernel thread ([`ft_quant::matvec::on_kernel_thread`]).
 pub fn generate<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    stop_ids: &[u32],
+    sampler: &mut Sampler,
+    on_token: impl FnMut(u32) + Send,
+) -> Generation {
+    ft_quant::matvec::on_kernel_thread(|| {
+        generate_here(model, prompt, max_new_tokens, stop_ids, sampler, on_token)
+    })
+}
+
+/// [`generate`] on the calling thread.
+fn generate_here<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     prompt: &[u32],
     max_new_tokens: usize,

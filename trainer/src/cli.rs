@@ -359,10 +359,15 @@ pub struct ModelArgs {
     /// cpu, or cuda[:N] in a build with `--features cuda`.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
-    /// Storage of the block linear weights: f32, bf16, int8, int8-block, nf4 or fp4 (default:
-    /// as the checkpoint stores them; GGUF blocks become f32).
+    /// Storage of the block linear weights: f32, bf16, int8, int8-block, nf4, fp4, q8_0, q4_0
+    /// or q4_1 (default: as the checkpoint stores them; GGUF blocks become f32).
     #[arg(long)]
     pub quant: Option<QuantFormat>,
+    /// Inference weights of the block linears: q8 and q4 are multiplied by the CPU kernels
+    /// without dequantizing (q4 keeps a GGUF's own Q4_0/Q4_1 blocks, else makes Q4_0); f32
+    /// and bf16 go through burn's matmul.
+    #[arg(long, value_enum, conflicts_with = "quant")]
+    pub weights: Option<InferenceWeights>,
     /// Double-quantize the absmax values of nf4/fp4 (QLoRA's 4.127 bits per weight).
     #[arg(long)]
     pub double_quant: bool,
@@ -386,10 +391,39 @@ impl ModelArgs {
 
     /// The requested storage of the block linear weights.
     pub fn quant(&self) -> Option<QuantSpec> {
-        self.quant.map(|format| QuantSpec {
+        let format = match self.weights {
+            Some(w) => w.format(),
+            None => self.quant?,
+        };
+        Some(QuantSpec {
             format,
             double_quant: self.double_quant,
         })
+    }
+}
+
+/// `--weights`: the storage of the inference weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InferenceWeights {
+    /// f32 (GGUF blocks dequantized at load).
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// ggml Q8_0 blocks.
+    Q8,
+    /// ggml 4-bit blocks (Q4_0, or the file's Q4_1).
+    Q4,
+}
+
+impl InferenceWeights {
+    /// The storage format it stands for.
+    pub fn format(self) -> QuantFormat {
+        match self {
+            Self::F32 => QuantFormat::F32,
+            Self::Bf16 => QuantFormat::Bf16,
+            Self::Q8 => QuantFormat::Q8_0,
+            Self::Q4 => QuantFormat::Q4_0,
+        }
     }
 }
 
@@ -518,6 +552,9 @@ pub struct BenchGenerateArgs {
     /// Also measure llama.cpp (llama-cpp-python) on the same GGUF in this run.
     #[arg(long)]
     pub vs_llama_cpp: bool,
+    /// Measure every inference weight format (f32, q8, q4) in this run, one row each.
+    #[arg(long, conflicts_with_all = ["weights", "quant"])]
+    pub all_weights: bool,
     /// CPU threads for llama.cpp.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,

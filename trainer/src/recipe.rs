@@ -544,7 +544,14 @@ fn non_negative(x: f64) -> bool {
 /// Range checks serde cannot express: `(section.key, what was expected and found)`.
 fn validate(r: &Recipe) -> Result<(), (String, String)> {
     let fail = |key: &str, what: String| Err((key.to_string(), what));
-    if r.quant.base != "none" && r.quant.base.parse::<ft_quant::QuantFormat>().is_err() {
+    let inference_only = r
+        .quant
+        .base
+        .parse::<ft_quant::QuantFormat>()
+        .is_ok_and(|f| f.ggml().is_some());
+    if inference_only
+        || (r.quant.base != "none" && r.quant.base.parse::<ft_quant::QuantFormat>().is_err())
+    {
         return fail(
             "quant.base",
             format!(

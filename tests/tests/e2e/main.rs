@@ -4,6 +4,7 @@ mod adapters;
 mod bad_input;
 mod distill;
 mod hub;
+mod inference_weights;
 mod quant;
 mod reference;
 mod registry;

@@ -7,13 +7,14 @@ use std::time::Instant;
 
 use anyhow::Context;
 use ft_model::{source, Pretrained};
-use ft_quant::QuantBackend;
-use ft_serve::{generate as run_generation, Sampler, SamplingParams};
+use ft_quant::matvec::Isa;
+use ft_quant::{QuantBackend, QuantFormat, QuantSpec};
+use ft_serve::{generate as run_generation, greedy_batch, Sampler, SamplingParams};
 
-use crate::cli::BenchGenerateArgs;
+use crate::cli::{BenchGenerateArgs, InferenceWeights};
 use crate::commands::report::record;
 use crate::device::{dispatch, Job};
-use crate::rss::peak_rss_bytes;
+use crate::rss::rss_bytes;
 
 /// Runs `ft bench generate`.
 pub fn generate(args: BenchGenerateArgs) -> anyhow::Result<()> {
@@ -26,7 +27,12 @@ struct Row {
     load_s: f64,
     prefill: f64,
     decode: f64,
-    peak_rss: u64,
+    /// Aggregate tokens/s of greedy batches of 8 and 32 (ft only).
+    batches: Option<[f64; 2]>,
+    /// Weight bytes read per decode step times decode steps per second (ft only).
+    weight_gbps: Option<f64>,
+    /// Resident memory after the run (ft: this format's model; llama.cpp: its process peak).
+    rss: u64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -34,35 +40,53 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Rows of the batched-decode columns, and their prompt length.
+const BATCHES: [usize; 2] = [8, 32];
+const BATCH_PROMPT: usize = 16;
+
 impl Job for BenchGenerateArgs {
     type Output = ();
 
     fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<()> {
         let (n_prompt, n_new) = (self.prompt_tokens as usize, self.new_tokens as usize);
         let path = source::resolve(&self.model.model)?;
-        let t0 = Instant::now();
-        let mut pretrained = Pretrained::<B>::load(&path, self.model.quant(), &device)?;
-        if let Some(dir) = &self.model.adapter {
-            pretrained.attach_adapter(dir)?;
-        }
-        let load_s = t0.elapsed().as_secs_f64();
-        pretrained.check_context("--prompt-tokens plus --new-tokens", n_prompt + n_new)?;
-        let prompt = bench_prompt(&pretrained, n_prompt)?;
-
-        let run = || {
-            let mut sampler = Sampler::new(SamplingParams::default());
-            let g = run_generation(&pretrained.model, &prompt, n_new, &[], &mut sampler, |_| {});
-            (g.prefill_tokens_per_s(), g.decode_tokens_per_s())
+        let formats: Vec<Option<QuantSpec>> = if self.all_weights {
+            [
+                InferenceWeights::F32,
+                InferenceWeights::Q8,
+                InferenceWeights::Q4,
+            ]
+            .into_iter()
+            .map(|w| {
+                Some(QuantSpec {
+                    format: w.format(),
+                    double_quant: false,
+                })
+            })
+            .collect()
+        } else {
+            vec![self.model.quant()]
         };
-        run(); // warm-up: first-touch of weights and allocator pools
-        let (prefill, decode): (Vec<f64>, Vec<f64>) = (0..self.runs).map(|_| run()).unzip();
-        let mut rows = vec![Row {
-            engine: format!("ft (burn {}, f32 weights)", backend_name::<B>()),
-            load_s,
-            prefill: median(prefill),
-            decode: median(decode),
-            peak_rss: peak_rss_bytes(),
-        }];
+        let mut rows = Vec::new();
+        let mut prompt = Vec::new();
+        for quant in formats {
+            let t0 = Instant::now();
+            let mut pretrained = Pretrained::<B>::load(&path, quant, &device)?;
+            if let Some(dir) = &self.model.adapter {
+                pretrained.attach_adapter(dir)?;
+            }
+            let load_s = t0.elapsed().as_secs_f64();
+            pretrained.check_context("--prompt-tokens plus --new-tokens", n_prompt + n_new)?;
+            prompt = bench_prompt(&pretrained, n_prompt)?;
+            rows.push(measure(
+                &pretrained,
+                quant,
+                &prompt,
+                n_new,
+                self.runs,
+                load_s,
+            )?);
+        }
         if self.vs_llama_cpp {
             rows.push(llama_cpp(&path, &prompt, n_new, self.threads, self.runs)?);
         }
@@ -75,6 +99,71 @@ impl Job for BenchGenerateArgs {
         }
         Ok(())
     }
+}
+
+/// One ft row: batch-1 prefill and decode (median of `runs`), greedy batches, bandwidth.
+fn measure<B: QuantBackend>(
+    p: &Pretrained<B>,
+    quant: Option<QuantSpec>,
+    prompt: &[u32],
+    n_new: usize,
+    runs: u64,
+    load_s: f64,
+) -> anyhow::Result<Row> {
+    let run = || {
+        let mut sampler = Sampler::new(SamplingParams::default());
+        let g = run_generation(&p.model, prompt, n_new, &[], &mut sampler, |_| {});
+        (g.prefill_tokens_per_s(), g.decode_tokens_per_s())
+    };
+    run(); // warm-up: first-touch of weights and allocator pools
+    let (prefill, decode): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| run()).unzip();
+    let decode = median(decode);
+    let short = bench_prompt(p, BATCH_PROMPT)?;
+    let batches = BATCHES.map(|b| {
+        let prompts = vec![short.clone(); b];
+        let t = Instant::now();
+        let out = greedy_batch(&p.model, &prompts, n_new, &[], b);
+        out.iter().map(Vec::len).sum::<usize>() as f64 / t.elapsed().as_secs_f64()
+    });
+    let head_bytes = match &p.model.head_blocks {
+        Some(h) => h.weight.storage_bytes(),
+        None => {
+            let head = p
+                .model
+                .lm_head
+                .as_ref()
+                .map_or_else(|| p.model.model.embed_tokens.dims(), |h| h.dims());
+            4 * head[0] * head[1]
+        }
+    };
+    let linear_bytes: usize = p
+        .model
+        .linears()
+        .iter()
+        .map(|(_, l)| l.base.weight_bytes())
+        .sum();
+    Ok(Row {
+        engine: format!(
+            "ft (burn {}, {} weights{})",
+            backend_name::<B>(),
+            quant.map_or("f32".into(), |q| match q.format {
+                QuantFormat::Q8_0 => "q8".to_string(),
+                QuantFormat::Q4_0 | QuantFormat::Q4_1 => "q4".to_string(),
+                _ => q.to_string(),
+            }),
+            match (quant.and_then(|q| q.format.ggml()), Isa::active()) {
+                (None, _) => "",
+                (Some(_), Isa::Avx2) => ", avx2 kernels",
+                (Some(_), Isa::Portable) => ", portable kernels",
+            }
+        ),
+        load_s,
+        prefill: median(prefill),
+        decode,
+        batches: Some(batches),
+        weight_gbps: Some((linear_bytes + head_bytes) as f64 * decode / 1e9),
+        rss: rss_bytes(),
+    })
 }
 
 fn backend_name<B: QuantBackend>() -> &'static str {
@@ -96,27 +185,42 @@ fn bench_prompt<B: QuantBackend>(p: &Pretrained<B>, n: usize) -> anyhow::Result<
 }
 
 fn render(rows: &[Row], n_prompt: usize, n_new: usize, runs: u64) -> String {
+    let [b1, b2] = BATCHES;
     let mut out = format!(
-        "| engine | load s | prefill tok/s ({n_prompt} tokens) | decode tok/s ({n_new} tokens) | peak RSS MiB |\n|---|---|---|---|---|\n"
+        "| engine | load s | prefill tok/s ({n_prompt} tokens) | decode tok/s ({n_new} tokens) \
+         | batch {b1} tok/s | batch {b2} tok/s | weight reads GB/s | RSS MiB |\n\
+         |---|---|---|---|---|---|---|---|\n"
     );
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     for r in rows {
         out += &format!(
-            "| {} | {:.2} | {:.1} | {:.2} | {:.0} |\n",
+            "| {} | {:.2} | {:.1} | {:.2} | {} | {} | {} | {:.0} |\n",
             r.engine,
             r.load_s,
             r.prefill,
             r.decode,
-            r.peak_rss as f64 / (1 << 20) as f64
+            opt(r.batches.map(|b| b[0])),
+            opt(r.batches.map(|b| b[1])),
+            opt(r.weight_gbps),
+            r.rss as f64 / (1 << 20) as f64
         );
     }
-    if let [ft, other] = rows {
-        out += &format!(
-            "\nratio ft / llama.cpp: prefill {:.3}x, decode {:.3}x, peak RSS {:.2}x (median of {runs} runs each)\n",
-            ft.prefill / other.prefill,
-            ft.decode / other.decode,
-            ft.peak_rss as f64 / other.peak_rss as f64
-        );
+    if let Some(llama) = rows.iter().find(|r| r.batches.is_none()) {
+        out += &format!("\nratios to llama.cpp (median of {runs} runs each):\n");
+        for ft in rows.iter().filter(|r| r.batches.is_some()) {
+            out += &format!(
+                "- {}: prefill {:.3}x, decode {:.3}x\n",
+                ft.engine,
+                ft.prefill / llama.prefill,
+                ft.decode / llama.decode
+            );
+        }
     }
+    out += &format!(
+        "\nBatch columns: greedy batches of {BATCH_PROMPT}-token prompts, {n_new} new tokens each, \
+         prefill included. Weight reads: bytes of the block linears and the output head per \
+         decode step times batch-1 decode steps per second.\n"
+    );
     out
 }
 
@@ -192,6 +296,8 @@ print(json.dumps({"version": llama_cpp.__version__, "load_s": load_s,
         load_s: num("load_s"),
         prefill: num("prefill"),
         decode: num("decode"),
-        peak_rss: num("peak_rss") as u64,
+        batches: None,
+        weight_gbps: None,
+        rss: num("peak_rss") as u64,
     })
 }

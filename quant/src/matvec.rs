@@ -1,0 +1,407 @@
+//! y = x W^T for a few rows of x (decoding: one row per sequence) over W in its stored block
+//! format, reading each weight once per call.
+//!
+//! burn's CPU matmul dequantizes nothing and multiplies f32 at about 1 GB/s of weights; a
+//! decode step is a chain of matrix-vector products whose speed is the speed of reading W. As
+//! llama.cpp does (`ggml_vec_dot_q8_0_q8_0`, `..._q4_0_q8_0`, `..._q4_1_q8_1`), the rows of x
+//! are quantized to 8 bits in blocks of 32 once per call, and each weight block meets each
+//! activation block in an integer dot product scaled by the two block scales. The work is
+//! split over weight rows across rayon's threads. AVX2 (with FMA and F16C) is used where the
+//! CPU has it, chosen at run time; a portable version computes the same sums elsewhere.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::ggml::GgmlType;
+
+/// Weights per block of every format here.
+pub const BLOCK: usize = 32;
+
+/// Most rows of x for which [`matmul`] beats dequantize-then-GEMM.
+pub const MAX_ROWS: usize = 64;
+
+/// An instruction set a kernel is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// x86-64 AVX2 with FMA and F16C.
+    Avx2,
+}
+
+/// 0: detect; otherwise 1 + the forced variant's index.
+static FORCED: AtomicU8 = AtomicU8::new(0);
+
+impl Isa {
+    /// Every variant this CPU can run, portable first.
+    pub fn available() -> Vec<Isa> {
+        let mut out = vec![Isa::Portable];
+        if avx2_detected() {
+            out.push(Isa::Avx2);
+        }
+        out
+    }
+
+    /// The variant kernels use now: the forced one, or the best detected.
+    pub fn active() -> Isa {
+        match FORCED.load(Ordering::Relaxed) {
+            1 => Isa::Portable,
+            2 => Isa::Avx2,
+            _ if avx2_detected() => Isa::Avx2,
+            _ => Isa::Portable,
+        }
+    }
+
+    /// Makes every kernel use `isa` (`None`: detect again), for tests and benchmarks. Forcing
+    /// a variant the CPU lacks runs the portable one.
+    pub fn force(isa: Option<Isa>) {
+        let code = match isa {
+            None => 0,
+            Some(Isa::Portable) => 1,
+            Some(Isa::Avx2) if avx2_detected() => 2,
+            Some(Isa::Avx2) => 1,
+        };
+        FORCED.store(code, Ordering::Relaxed);
+    }
+}
+
+fn avx2_detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Runs `f` on one of the kernel threads: the products inside it then share their work with
+/// the other threads without parking and waking the calling thread at every call.
+pub fn on_kernel_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
+/// Whether [`matmul`] has a kernel for weights of type `ty`.
+pub fn supports(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
+}
+
+/// Rows of activations quantized like llama.cpp's Q8_1: per block of 32, signed 8-bit codes,
+/// the scale d = absmax / 127 and s = d * (sum of the codes).
+struct Q8Rows {
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl Q8Rows {
+    fn new(x: &[f32]) -> Self {
+        let blocks = x.len() / BLOCK;
+        let mut out = Self {
+            qs: Vec::with_capacity(x.len()),
+            d: Vec::with_capacity(blocks),
+            s: Vec::with_capacity(blocks),
+        };
+        for block in x.chunks_exact(BLOCK) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let start = out.qs.len();
+            out.qs.extend(block.iter().map(|v| (v * id).round() as i8));
+            let sum: i32 = out.qs[start..].iter().map(|&q| q as i32).sum();
+            out.d.push(d);
+            out.s.push(d * sum as f32);
+        }
+        out
+    }
+}
+
+/// y [m, n] = x [m, k] W^T for W [n, k] stored as `ty` blocks along k (`w`: n rows of
+/// k / 32 blocks, as in a GGUF file). `k` must be a multiple of 32 and `ty` one that
+/// [`supports`] accepts.
+pub fn matmul(ty: GgmlType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    assert!(
+        supports(ty) && k % BLOCK == 0,
+        "matmul: {ty:?} with k = {k}"
+    );
+    let row_bytes = k / BLOCK * ty.block_bytes();
+    assert_eq!(w.len(), n * row_bytes, "matmul: weight bytes");
+    assert_eq!(x.len(), m * k, "matmul: activation length");
+    let xq = Q8Rows::new(x);
+    let blocks = k / BLOCK;
+    let isa = Isa::active();
+    // Output transposed, [n, m]: each task owns a run of weight rows.
+    let mut yt = vec![0f32; n * m];
+    let rows_per_task = n.div_ceil(rayon::current_num_threads()).max(1);
+    yt.par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(t, out)| {
+            for (j, out_row) in out.chunks_mut(m).enumerate() {
+                let r = t * rows_per_task + j;
+                let wrow = &w[r * row_bytes..(r + 1) * row_bytes];
+                for (i, o) in out_row.iter_mut().enumerate() {
+                    let xr = i * blocks..(i + 1) * blocks;
+                    *o = dot(
+                        isa,
+                        ty,
+                        wrow,
+                        &xq.qs[i * k..(i + 1) * k],
+                        &xq.d[xr.clone()],
+                        &xq.s[xr],
+                    );
+                }
+            }
+        });
+    let mut y = vec![0f32; m * n];
+    for (r, row) in yt.chunks(m).enumerate() {
+        for (i, v) in row.iter().enumerate() {
+            y[i * n + r] = *v;
+        }
+    }
+    y
+}
+
+/// One weight row against one quantized activation row.
+fn dot(isa: Isa, ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is active only where AVX2, FMA and F16C were detected, and the
+        // slices hold whole blocks (checked by `matmul`).
+        Isa::Avx2 => unsafe { avx2::dot(ty, w, qs, d, s) },
+        _ => portable::dot(ty, w, qs, d, s),
+    }
+}
+
+/// The kernels in plain Rust: the reference the SIMD versions must match.
+mod portable {
+    use super::*;
+
+    pub fn dot(ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
+        let bytes = ty.block_bytes();
+        let mut acc = 0f32;
+        for (b, wb) in w.chunks_exact(bytes).enumerate() {
+            let x = &qs[b * BLOCK..(b + 1) * BLOCK];
+            let dw = f16_at(wb, 0);
+            acc += match ty {
+                GgmlType::Q8_0 => {
+                    let sum: i32 = wb[2..34]
+                        .iter()
+                        .zip(x)
+                        .map(|(&q, &v)| q as i8 as i32 * v as i32)
+                        .sum();
+                    dw * d[b] * sum as f32
+                }
+                GgmlType::Q4_0 => dw * d[b] * nibble_dot(&wb[2..18], x, 8) as f32,
+                GgmlType::Q4_1 => {
+                    dw * d[b] * nibble_dot(&wb[4..20], x, 0) as f32 + f16_at(wb, 2) * s[b]
+                }
+                _ => unreachable!("no kernel for {ty:?}"),
+            };
+        }
+        acc
+    }
+
+    /// sum (q - offset) * x over a block's 16 bytes of nibbles: low nibbles are elements
+    /// 0..16, high nibbles 16..32.
+    fn nibble_dot(q: &[u8], x: &[i8], offset: i32) -> i32 {
+        q.iter()
+            .enumerate()
+            .map(|(j, &b)| {
+                ((b & 0x0f) as i32 - offset) * x[j] as i32
+                    + ((b >> 4) as i32 - offset) * x[j + 16] as i32
+            })
+            .sum()
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// The kernels with AVX2 integer dot products (`maddubs`), as in llama.cpp's x86 path.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `w` holds whole blocks of `ty` and `qs`
+    /// 32 codes per block of `w`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot(ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
+        let bytes = ty.block_bytes();
+        let blocks = w.len() / bytes;
+        let mut acc = _mm256_setzero_ps();
+        let mut acc_min = 0f32;
+        let low = _mm256_set1_epi8(0x0f);
+        for b in 0..blocks {
+            let wb = w.as_ptr().add(b * bytes);
+            let x = _mm256_loadu_si256(qs.as_ptr().add(b * BLOCK) as *const __m256i);
+            let dw = half_to_f32(wb);
+            let (scale, products) = match ty {
+                GgmlType::Q8_0 => {
+                    let q = _mm256_loadu_si256(wb.add(2) as *const __m256i);
+                    (dw * d[b], signed_products(q, x))
+                }
+                GgmlType::Q4_0 => {
+                    let q = nibbles(wb.add(2), low);
+                    let q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+                    (dw * d[b], signed_products(q, x))
+                }
+                _ => {
+                    acc_min += half_to_f32(wb.add(2)) * s[b];
+                    let q = nibbles(wb.add(4), low);
+                    (dw * d[b], unsigned_products(q, x))
+                }
+            };
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), products, acc);
+        }
+        horizontal_sum(acc) + acc_min
+    }
+
+    /// The 32 nibbles of 16 bytes as bytes: low nibbles first, then high nibbles.
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(p: *const u8, low: __m256i) -> __m256i {
+        let raw = _mm_loadu_si128(p as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+        _mm256_and_si256(both, low)
+    }
+
+    /// Eight partial sums of q * x for signed q and x, as f32.
+    #[target_feature(enable = "avx2")]
+    unsafe fn signed_products(q: __m256i, x: __m256i) -> __m256 {
+        // maddubs multiplies unsigned by signed: move q's sign onto x.
+        let abs_q = _mm256_sign_epi8(q, q);
+        let signed_x = _mm256_sign_epi8(x, q);
+        unsigned_products(abs_q, signed_x)
+    }
+
+    /// Eight partial sums of q * x for unsigned q (at most 128) and signed x, as f32.
+    #[target_feature(enable = "avx2")]
+    unsafe fn unsigned_products(q: __m256i, x: __m256i) -> __m256 {
+        let pairs = _mm256_maddubs_epi16(q, x);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    #[target_feature(enable = "f16c")]
+    unsafe fn half_to_f32(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn horizontal_sum(v: __m256) -> f32 {
+        let sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+        let sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+        _mm_cvtss_f32(sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ggml::{dequantize, quantize_q4_0, quantize_q4_1, quantize_q8_0};
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn encode(ty: GgmlType, w: &[f32]) -> Vec<u8> {
+        match ty {
+            GgmlType::Q8_0 => quantize_q8_0(w),
+            GgmlType::Q4_0 => quantize_q4_0(w),
+            _ => quantize_q4_1(w),
+        }
+        .unwrap()
+    }
+
+    /// x W^T with W dequantized and x rounded through its 8-bit blocks, in f64: what the
+    /// integer kernels compute exactly, up to f32 summation.
+    fn reference(ty: GgmlType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f64> {
+        let wf = dequantize(ty, w, n * k).unwrap();
+        let xq = Q8Rows::new(x);
+        let xf: Vec<f64> = xq
+            .qs
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f64 * xq.d[i / BLOCK] as f64)
+            .collect();
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for r in 0..n {
+                y[i * n + r] = (0..k).map(|c| xf[i * k + c] * wf[r * k + c] as f64).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_kernel_matches_the_reference_on_every_isa() {
+        // Odd shapes: one block, row counts that leave partial tasks, batches of 1 to 64.
+        for &(n, k, m) in &[
+            (1, 32, 1),
+            (7, 64, 3),
+            (33, 96, 1),
+            (300, 576, 2),
+            (65, 160, 64),
+        ] {
+            let w = values(n * k, 1 + n as u64);
+            let x = values(m * k, 2 + k as u64);
+            for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+                let bytes = encode(ty, &w);
+                let want = reference(ty, &bytes, n, k, &x, m);
+                for isa in Isa::available() {
+                    Isa::force(Some(isa));
+                    let got = matmul(ty, &bytes, n, k, &x, m);
+                    Isa::force(None);
+                    for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                        let tolerance = 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt();
+                        assert!(
+                            (*g as f64 - e).abs() <= tolerance,
+                            "{ty:?} {isa:?} n={n} k={k} m={m} at {j}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_activations_stay_close_to_the_f32_product() {
+        let (n, k) = (16, 576);
+        let w = values(n * k, 3);
+        let x = values(k, 4);
+        let bytes = encode(GgmlType::Q8_0, &w);
+        let wf = dequantize(GgmlType::Q8_0, &bytes, n * k).unwrap();
+        let got = matmul(GgmlType::Q8_0, &bytes, n, k, &x, 1);
+        // Rounding x to steps of absmax / 127 (absmax <= 1) adds to each term an error
+        // uniform in half a step times |w| (rms 1 / sqrt(3)): four standard deviations of k.
+        let sigma = (k as f32).sqrt() * (1.0 / 127.0) / 12f32.sqrt() / 3f32.sqrt();
+        for r in 0..n {
+            let exact: f32 = (0..k).map(|c| x[c] * wf[r * k + c]).sum();
+            assert!(
+                (got[r] - exact).abs() < 4.0 * sigma,
+                "{r}: {} vs {exact}",
+                got[r]
+            );
+        }
+    }
+}
