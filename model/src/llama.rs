@@ -213,21 +213,9 @@ impl<B: QuantBackend> Attention<B> {
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let g = h / kv;
 
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, s, h, d])
-            .swap_dims(1, 2); // [b, h, s, d]
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, s, kv, d])
-            .swap_dims(1, 2); // [b, kv, s, d]
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, s, kv, d])
-            .swap_dims(1, 2); // [b, kv, s, d]
+        let q = heads_first(self.q_proj.forward(x.clone()), h, d); // [b, h, s, d]
+        let k = heads_first(self.k_proj.forward(x.clone()), kv, d); // [b, kv, s, d]
+        let v = heads_first(self.v_proj.forward(x), kv, d); // [b, kv, s, d]
         let q = attend.rotation.apply(q);
         let k = attend.rotation.apply(k);
 
@@ -255,11 +243,25 @@ impl<B: QuantBackend> Attention<B> {
         };
         let probs = softmax(scores, 3);
         let out = probs.matmul(v); // [b, kv, g*s, d]
-        let out = out
-            .reshape([b, h, s, d])
-            .swap_dims(1, 2)
-            .reshape([b, s, h * d]);
+        let out = if s == 1 {
+            out.reshape([b, s, h * d]) // one position: heads are already in order
+        } else {
+            out.reshape([b, h, s, d])
+                .swap_dims(1, 2)
+                .reshape([b, s, h * d])
+        };
         self.o_proj.forward(out)
+    }
+}
+
+/// `[b, s, n * d]` as `[b, n, s, d]`; one position (decoding) needs no transpose, which
+/// spares burn's CPU backend a copy per projection.
+fn heads_first<B: Backend>(x: Tensor<B, 3>, n: usize, d: usize) -> Tensor<B, 4> {
+    let [b, s, _] = x.dims();
+    if s == 1 {
+        x.reshape([b, n, 1, d])
+    } else {
+        x.reshape([b, s, n, d]).swap_dims(1, 2)
     }
 }
 
@@ -367,8 +369,8 @@ pub struct LlamaForCausalLM<B: Backend> {
     pub model: LlamaModel<B>,
     /// Output head [vocab, e]; `None` when tied to `model.embed_tokens`.
     pub lm_head: Option<Param<Tensor<B, 2>>>,
-    /// The output head in ggml blocks, for the CPU decoding kernels (inference weights q8 or
-    /// q4 only): logits of a few rows are computed from it.
+    /// The output head packed for the CPU decoding kernels (inference weights bf16, q8, q4):
+    /// logits of a few rows are computed from it, outside autodiff.
     pub head_blocks: Option<Packed>,
     /// Longest sequence the RoPE tables cover.
     pub max_position_embeddings: usize,
@@ -444,7 +446,10 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, e] = hidden.dims();
         let hidden = hidden.reshape([b * s, e]);
-        if let Some(blocks) = self.head_blocks.as_ref().filter(|_| b * s <= MAX_ROWS) {
+        // Inference only: under autodiff the head's f32 weights (tied to the embeddings, which
+        // full training updates) are the ones that count.
+        let decoding = !B::ad_enabled(&hidden.device()) && b * s <= MAX_ROWS;
+        if let Some(blocks) = self.head_blocks.as_ref().filter(|_| decoding) {
             let vocab = blocks.weight.shape[0];
             let logits = B::packed_project(hidden.into_primitive().tensor(), blocks);
             return Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(logits))

@@ -9,7 +9,7 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use ft_quant::packed::PackedData;
-use ft_quant::{GgmlType, PackedWeight, QuantSpec};
+use ft_quant::{GgmlType, PackedWeight, QuantFormat, QuantSpec};
 
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
@@ -52,9 +52,29 @@ trait Weights<B: Backend> {
 /// The head as Q8_0 blocks made from its f32 values, which keeps the logits within the
 /// activations' own 8-bit rounding.
 fn q8_head<B: Backend>(head: Tensor<B, 2>) -> Option<PackedWeight> {
+    packed_head(head, QuantFormat::Q8_0)
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// Packs the output head in `format` for the decoding kernels (`--weights bf16`), unless
+    /// it is packed already.
+    pub fn pack_head(&mut self, format: QuantFormat) {
+        if self.head_blocks.is_none() {
+            let head = self
+                .lm_head
+                .as_ref()
+                .unwrap_or(&self.model.embed_tokens)
+                .val();
+            self.head_blocks = packed_head(head, format).map(ft_quant::linear::Packed::new);
+        }
+    }
+}
+
+/// The head packed in `format` for the decoding kernels.
+fn packed_head<B: Backend>(head: Tensor<B, 2>, format: QuantFormat) -> Option<PackedWeight> {
     let shape = head.dims();
     let data = head.into_data().convert::<f32>().into_vec::<f32>().ok()?;
-    PackedWeight::quantize(ft_quant::QuantFormat::Q8_0, false, &data, shape)
+    PackedWeight::quantize(format, false, &data, shape)
 }
 
 /// A linear layer from a dense host weight, packed if `quant` asks for a packed format.
@@ -306,14 +326,15 @@ fn build<B: Backend>(
     } else {
         "lm_head.weight"
     };
+    // The ggml formats are for inference only: their head is packed with them.
     let head_blocks = match quant.and_then(|q| q.format.ggml()) {
         Some(_) => {
             let head = lm_head.as_ref().unwrap_or(&embed_tokens).val();
             w.head_blocks(head_name, head)?
-                .map(ft_quant::linear::Packed::new)
         }
         None => None,
-    };
+    }
+    .map(ft_quant::linear::Packed::new);
     Ok(LlamaForCausalLM {
         model: LlamaModel {
             embed_tokens,

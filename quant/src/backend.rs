@@ -115,20 +115,28 @@ where
     NdArrayTensor: From<SharedArray<E>>,
     NdArrayTensor: From<SharedArray<I>>,
 {
-    /// A few f32 rows against ggml blocks go through [`crate::matvec`]; the rest dequantize.
+    /// A few f32 rows against ggml blocks or bf16 go through [`crate::matvec`]; the rest
+    /// dequantize.
     fn packed_project(x: FloatTensor<Self>, weight: &Packed) -> FloatTensor<Self> {
         let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
         let [m, k] = x.dims();
-        if let PackedData::Blocks { ty, bytes } = &weight.weight.data {
-            if m <= matvec::MAX_ROWS && E::dtype() == DType::F32 && matvec::supports(*ty) {
-                let device = x.device();
-                let rows = x.into_data().into_vec::<f32>().expect("an f32 tensor");
-                let n = weight.weight.shape[0];
-                let y = matvec::matmul(*ty, bytes, n, k, &rows, m);
-                return Tensor::<Self, 2>::from_data(TensorData::new(y, [m, n]), &device)
-                    .into_primitive()
-                    .tensor();
-            }
+        let kernel = match &weight.weight.data {
+            PackedData::Blocks { ty, .. } => matvec::supports(*ty),
+            PackedData::Bf16(_) => true,
+            _ => false,
+        };
+        if kernel && m <= matvec::MAX_ROWS && E::dtype() == DType::F32 {
+            let device = x.device();
+            let rows = x.into_data().into_vec::<f32>().expect("an f32 tensor");
+            let n = weight.weight.shape[0];
+            let y = match &weight.weight.data {
+                PackedData::Blocks { ty, bytes } => matvec::matmul(*ty, bytes, n, k, &rows, m),
+                PackedData::Bf16(bits) => matvec::matmul_bf16(bits, n, k, &rows, m),
+                _ => unreachable!("checked above"),
+            };
+            return Tensor::<Self, 2>::from_data(TensorData::new(y, [m, n]), &device)
+                .into_primitive()
+                .tensor();
         }
         let w = Self::packed_weight(weight, &x.device());
         let w = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(w));

@@ -136,7 +136,7 @@ pub fn quantize(kind: FourBit, data: &[f32]) -> (Vec<u8>, Vec<f32>) {
         for (j, v) in block.iter().enumerate() {
             let i = b * BLOCK + j;
             let q = kind.encode(v * inv);
-            codes[i / 2] |= if i % 2 == 0 { q << 4 } else { q };
+            codes[i / 2] |= if i.is_multiple_of(2) { q << 4 } else { q };
         }
     }
     (codes, absmax)

@@ -73,7 +73,7 @@ impl GgmlType {
     /// Bytes needed to store `elements` values, or an error if they are not whole blocks.
     pub fn bytes_for(self, elements: usize) -> Result<usize, QuantError> {
         let block = self.block_elements();
-        if elements % block != 0 {
+        if !elements.is_multiple_of(block) {
             return Err(QuantError::PartialBlock {
                 ty: self,
                 block,

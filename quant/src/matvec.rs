@@ -6,8 +6,9 @@
 //! llama.cpp does (`ggml_vec_dot_q8_0_q8_0`, `..._q4_0_q8_0`, `..._q4_1_q8_1`), the rows of x
 //! are quantized to 8 bits in blocks of 32 once per call, and each weight block meets each
 //! activation block in an integer dot product scaled by the two block scales. The work is
-//! split over weight rows across rayon's threads. AVX2 (with FMA and F16C) is used where the
-//! CPU has it, chosen at run time; a portable version computes the same sums elsewhere.
+//! split over weight rows across rayon's threads. AVX-512 VNNI or AVX2 (with FMA and F16C) is
+//! used where the CPU has it, chosen at run time; a portable version computes the same sums
+//! elsewhere.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -29,6 +30,8 @@ pub enum Isa {
     Portable,
     /// x86-64 AVX2 with FMA and F16C.
     Avx2,
+    /// AVX2 plus AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, AVX512VL).
+    Avx512Vnni,
 }
 
 /// 0: detect; otherwise 1 + the forced variant's index.
@@ -41,6 +44,9 @@ impl Isa {
         if avx2_detected() {
             out.push(Isa::Avx2);
         }
+        if avx512_vnni_detected() {
+            out.push(Isa::Avx512Vnni);
+        }
         out
     }
 
@@ -49,21 +55,45 @@ impl Isa {
         match FORCED.load(Ordering::Relaxed) {
             1 => Isa::Portable,
             2 => Isa::Avx2,
-            _ if avx2_detected() => Isa::Avx2,
-            _ => Isa::Portable,
+            3 => Isa::Avx512Vnni,
+            _ => *Isa::available().last().unwrap_or(&Isa::Portable),
         }
     }
 
     /// Makes every kernel use `isa` (`None`: detect again), for tests and benchmarks. Forcing
-    /// a variant the CPU lacks runs the portable one.
+    /// a variant the CPU lacks runs the best one it has below it.
     pub fn force(isa: Option<Isa>) {
         let code = match isa {
             None => 0,
-            Some(Isa::Portable) => 1,
-            Some(Isa::Avx2) if avx2_detected() => 2,
-            Some(Isa::Avx2) => 1,
+            Some(Isa::Avx512Vnni) if avx512_vnni_detected() => 3,
+            Some(Isa::Avx512Vnni | Isa::Avx2) if avx2_detected() => 2,
+            Some(_) => 1,
         };
         FORCED.store(code, Ordering::Relaxed);
+    }
+
+    /// The variant's name, for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+fn avx512_vnni_detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2_detected()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -126,7 +156,7 @@ impl Q8Rows {
 /// [`supports`] accepts.
 pub fn matmul(ty: GgmlType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     assert!(
-        supports(ty) && k % BLOCK == 0,
+        supports(ty) && k.is_multiple_of(BLOCK),
         "matmul: {ty:?} with k = {k}"
     );
     let row_bytes = k / BLOCK * ty.block_bytes();
@@ -157,6 +187,40 @@ pub fn matmul(ty: GgmlType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
                 }
             }
         });
+    transpose(&yt, n, m)
+}
+
+/// y [m, n] = x [m, k] W^T for W [n, k] stored as bf16 bits, activations in f32 (bf16 has
+/// the range of f32, so nothing is rounded but the weights themselves).
+pub fn matmul_bf16(w: &[u16], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    assert_eq!(w.len(), n * k, "matmul_bf16: weight length");
+    assert_eq!(x.len(), m * k, "matmul_bf16: activation length");
+    let isa = Isa::active();
+    let mut yt = vec![0f32; n * m];
+    let rows_per_task = n.div_ceil(rayon::current_num_threads()).max(1);
+    yt.par_chunks_mut(rows_per_task * m)
+        .enumerate()
+        .for_each(|(t, out)| {
+            for (j, out_row) in out.chunks_mut(m).enumerate() {
+                let r = t * rows_per_task + j;
+                let wrow = &w[r * k..(r + 1) * k];
+                for (i, o) in out_row.iter_mut().enumerate() {
+                    let xrow = &x[i * k..(i + 1) * k];
+                    *o = match isa {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: AVX2 and FMA were detected for both variants; the rows
+                        // have the same length.
+                        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(wrow, xrow) },
+                        _ => portable::dot_bf16(wrow, xrow),
+                    };
+                }
+            }
+        });
+    transpose(&yt, n, m)
+}
+
+/// [n, m] to [m, n].
+fn transpose(yt: &[f32], n: usize, m: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     for (r, row) in yt.chunks(m).enumerate() {
         for (i, v) in row.iter().enumerate() {
@@ -173,6 +237,9 @@ fn dot(isa: Isa, ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32
         // SAFETY: `Isa::Avx2` is active only where AVX2, FMA and F16C were detected, and the
         // slices hold whole blocks (checked by `matmul`).
         Isa::Avx2 => unsafe { avx2::dot(ty, w, qs, d, s) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, with AVX-512 VNNI, VL and BW detected too.
+        Isa::Avx512Vnni => unsafe { avx2::dot_vnni(ty, w, qs, d, s) },
         _ => portable::dot(ty, w, qs, d, s),
     }
 }
@@ -206,6 +273,13 @@ mod portable {
         acc
     }
 
+    pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+        w.iter()
+            .zip(x)
+            .map(|(&b, &v)| f32::from_bits((b as u32) << 16) * v)
+            .sum()
+    }
+
     /// sum (q - offset) * x over a block's 16 bytes of nibbles: low nibbles are elements
     /// 0..16, high nibbles 16..32.
     fn nibble_dot(q: &[u8], x: &[i8], offset: i32) -> i32 {
@@ -223,7 +297,8 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// The kernels with AVX2 integer dot products (`maddubs`), as in llama.cpp's x86 path.
+/// The kernels with AVX2 integer dot products (`maddubs`), as in llama.cpp's x86 path, or
+/// AVX-512 VNNI's `vpdpbusd` where the CPU has it.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -235,6 +310,28 @@ mod avx2 {
     /// 32 codes per block of `w`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
+        dot_with::<false>(ty, w, qs, d, s)
+    }
+
+    /// [`dot`] with the byte products summed by AVX-512 VNNI's `vpdpbusd`.
+    ///
+    /// # Safety
+    /// As [`dot`], and the CPU must have AVX-512 F, BW, VL and VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_vnni(ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
+        dot_with::<true>(ty, w, qs, d, s)
+    }
+
+    /// The loop of both: per block, the byte products of weights and activations scaled by
+    /// both block scales, plus the Q4_1 minimum times the activations' scaled sum.
+    #[inline(always)]
+    unsafe fn dot_with<const VNNI: bool>(
+        ty: GgmlType,
+        w: &[u8],
+        qs: &[i8],
+        d: &[f32],
+        s: &[f32],
+    ) -> f32 {
         let bytes = ty.block_bytes();
         let blocks = w.len() / bytes;
         let mut acc = _mm256_setzero_ps();
@@ -244,25 +341,55 @@ mod avx2 {
             let wb = w.as_ptr().add(b * bytes);
             let x = _mm256_loadu_si256(qs.as_ptr().add(b * BLOCK) as *const __m256i);
             let dw = half_to_f32(wb);
-            let (scale, products) = match ty {
+            let (unsigned_q, signed_x) = match ty {
                 GgmlType::Q8_0 => {
                     let q = _mm256_loadu_si256(wb.add(2) as *const __m256i);
-                    (dw * d[b], signed_products(q, x))
+                    // The unsigned-by-signed product: move q's sign onto x.
+                    (_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q))
                 }
                 GgmlType::Q4_0 => {
-                    let q = nibbles(wb.add(2), low);
-                    let q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
-                    (dw * d[b], signed_products(q, x))
+                    let q = _mm256_sub_epi8(nibbles(wb.add(2), low), _mm256_set1_epi8(8));
+                    (_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q))
                 }
                 _ => {
                     acc_min += half_to_f32(wb.add(2)) * s[b];
-                    let q = nibbles(wb.add(4), low);
-                    (dw * d[b], unsigned_products(q, x))
+                    (nibbles(wb.add(4), low), x)
                 }
             };
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), products, acc);
+            let sums = if VNNI {
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned_q, signed_x)
+            } else {
+                let pairs = _mm256_maddubs_epi16(unsigned_q, signed_x);
+                _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+            };
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[b]), _mm256_cvtepi32_ps(sums), acc);
         }
         horizontal_sum(acc) + acc_min
+    }
+
+    /// sum w * x for bf16 `w` and f32 `x` of one length.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut i = 0;
+        while i + 16 <= n {
+            for (h, a) in acc.iter_mut().enumerate() {
+                let bits = _mm_loadu_si128(w.as_ptr().add(i + 8 * h) as *const __m128i);
+                let wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+                *a = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x.as_ptr().add(i + 8 * h)), *a);
+            }
+            i += 16;
+        }
+        let mut tail = 0f32;
+        while i < n {
+            tail += f32::from_bits((w[i] as u32) << 16) * x[i];
+            i += 1;
+        }
+        horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + tail
     }
 
     /// The 32 nibbles of 16 bytes as bytes: low nibbles first, then high nibbles.
@@ -271,22 +398,6 @@ mod avx2 {
         let raw = _mm_loadu_si128(p as *const __m128i);
         let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
         _mm256_and_si256(both, low)
-    }
-
-    /// Eight partial sums of q * x for signed q and x, as f32.
-    #[target_feature(enable = "avx2")]
-    unsafe fn signed_products(q: __m256i, x: __m256i) -> __m256 {
-        // maddubs multiplies unsigned by signed: move q's sign onto x.
-        let abs_q = _mm256_sign_epi8(q, q);
-        let signed_x = _mm256_sign_epi8(x, q);
-        unsigned_products(abs_q, signed_x)
-    }
-
-    /// Eight partial sums of q * x for unsigned q (at most 128) and signed x, as f32.
-    #[target_feature(enable = "avx2")]
-    unsafe fn unsigned_products(q: __m256i, x: __m256i) -> __m256 {
-        let pairs = _mm256_maddubs_epi16(q, x);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 
     #[target_feature(enable = "f16c")]
@@ -377,6 +488,37 @@ mod tests {
                         assert!(
                             (*g as f64 - e).abs() <= tolerance,
                             "{ty:?} {isa:?} n={n} k={k} m={m} at {j}: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_bf16_kernel_matches_the_reference_on_every_isa() {
+        for &(n, k, m) in &[(1, 1, 1), (5, 17, 2), (40, 200, 3), (9, 576, 64)] {
+            let w: Vec<u16> = values(n * k, 5 + k as u64)
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            let x = values(m * k, 6);
+            for isa in Isa::available() {
+                Isa::force(Some(isa));
+                let got = matmul_bf16(&w, n, k, &x, m);
+                Isa::force(None);
+                for i in 0..m {
+                    for r in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|c| {
+                                half::bf16::from_bits(w[r * k + c]).to_f32() as f64
+                                    * x[i * k + c] as f64
+                            })
+                            .sum();
+                        let g = got[i * n + r] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                            "{isa:?} n={n} k={k} m={m} ({i}, {r}): {g} vs {want}"
                         );
                     }
                 }

@@ -298,7 +298,7 @@ impl PackedWeight {
             QuantFormat::Nf4 => four_bit(FourBit::Nf4),
             QuantFormat::Fp4 => four_bit(FourBit::Fp4),
             QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
-                if shape[1] % matvec::BLOCK != 0 {
+                if !shape[1].is_multiple_of(matvec::BLOCK) {
                     return None;
                 }
                 let ty = format.ggml()?;

@@ -363,9 +363,9 @@ pub struct ModelArgs {
     /// or q4_1 (default: as the checkpoint stores them; GGUF blocks become f32).
     #[arg(long)]
     pub quant: Option<QuantFormat>,
-    /// Inference weights of the block linears: q8 and q4 are multiplied by the CPU kernels
-    /// without dequantizing (q4 keeps a GGUF's own Q4_0/Q4_1 blocks, else makes Q4_0); f32
-    /// and bf16 go through burn's matmul.
+    /// Inference weights of the block linears and the output head: bf16, q8 and q4 are
+    /// multiplied by the CPU kernels without dequantizing (q4 keeps a GGUF's own Q4_0/Q4_1
+    /// blocks, else makes Q4_0); f32 goes through burn's matmul.
     #[arg(long, value_enum, conflicts_with = "quant")]
     pub weights: Option<InferenceWeights>,
     /// Double-quantize the absmax values of nf4/fp4 (QLoRA's 4.127 bits per weight).
@@ -385,6 +385,9 @@ impl ModelArgs {
         let mut p = ft_model::Pretrained::<B>::from_source(&self.model, self.quant(), device)?;
         if let Some(dir) = &self.adapter {
             p.attach_adapter(dir)?;
+        }
+        if self.weights == Some(InferenceWeights::Bf16) {
+            p.model.pack_head(QuantFormat::Bf16);
         }
         Ok(p)
     }
@@ -552,7 +555,7 @@ pub struct BenchGenerateArgs {
     /// Also measure llama.cpp (llama-cpp-python) on the same GGUF in this run.
     #[arg(long)]
     pub vs_llama_cpp: bool,
-    /// Measure every inference weight format (f32, q8, q4) in this run, one row each.
+    /// Measure every inference weight format (f32, bf16, q8, q4) in this run, one row each.
     #[arg(long, conflicts_with_all = ["weights", "quant"])]
     pub all_weights: bool,
     /// CPU threads for llama.cpp.

@@ -53,6 +53,7 @@ impl Job for BenchGenerateArgs {
         let formats: Vec<Option<QuantSpec>> = if self.all_weights {
             [
                 InferenceWeights::F32,
+                InferenceWeights::Bf16,
                 InferenceWeights::Q8,
                 InferenceWeights::Q4,
             ]
@@ -75,6 +76,9 @@ impl Job for BenchGenerateArgs {
             if let Some(dir) = &self.model.adapter {
                 pretrained.attach_adapter(dir)?;
             }
+            if quant.is_some_and(|q| q.format == QuantFormat::Bf16) {
+                pretrained.model.pack_head(QuantFormat::Bf16);
+            }
             let load_s = t0.elapsed().as_secs_f64();
             pretrained.check_context("--prompt-tokens plus --new-tokens", n_prompt + n_new)?;
             prompt = bench_prompt(&pretrained, n_prompt)?;
@@ -91,7 +95,12 @@ impl Job for BenchGenerateArgs {
             rows.push(llama_cpp(&path, &prompt, n_new, self.threads, self.runs)?);
         }
 
-        let table = render(&rows, n_prompt, n_new, self.runs);
+        let mut table = render(&rows, n_prompt, n_new, self.runs);
+        table += &format!(
+            "Machine read bandwidth: {:.1} GB/s ({} threads summing 512 MiB, best of 3).\n",
+            read_bandwidth_gbps(self.threads),
+            self.threads
+        );
         print!("{table}");
         if let Some(file) = &self.record {
             record(file, "`ft bench generate`", &table)
@@ -151,10 +160,9 @@ fn measure<B: QuantBackend>(
                 QuantFormat::Q4_0 | QuantFormat::Q4_1 => "q4".to_string(),
                 _ => q.to_string(),
             }),
-            match (quant.and_then(|q| q.format.ggml()), Isa::active()) {
-                (None, _) => "",
-                (Some(_), Isa::Avx2) => ", avx2 kernels",
-                (Some(_), Isa::Portable) => ", portable kernels",
+            match quant.and_then(|q| q.format.ggml()) {
+                None => String::new(),
+                Some(_) => format!(", {} kernels", Isa::active().name()),
             }
         ),
         load_s,
@@ -164,6 +172,26 @@ fn measure<B: QuantBackend>(
         weight_gbps: Some((linear_bytes + head_bytes) as f64 * decode / 1e9),
         rss: rss_bytes(),
     })
+}
+
+/// GB/s at which `threads` threads read memory: each sums its share of a 512 MiB buffer.
+fn read_bandwidth_gbps(threads: usize) -> f64 {
+    let words = vec![1u64; 64 << 20];
+    let chunk = words.len().div_ceil(threads.max(1));
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let total: u64 = std::thread::scope(|scope| {
+                let parts: Vec<_> = words
+                    .chunks(chunk)
+                    .map(|part| scope.spawn(move || part.iter().fold(0u64, |a, &w| a ^ w)))
+                    .collect();
+                parts.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+            });
+            std::hint::black_box(total);
+            (words.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
 }
 
 fn backend_name<B: QuantBackend>() -> &'static str {
