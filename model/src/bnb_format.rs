@@ -413,7 +413,19 @@ mod tests {
                     );
                 }
             }
-            assert_eq!(logits(&quantized), logits(&reloaded), "{spec}");
+            let (a, b) = (logits(&quantized), logits(&reloaded));
+            if spec.format == QuantFormat::Bf16 {
+                // Same values, but packed bf16 goes through the decoding kernel and dense f32
+                // through burn's matmul: the sums differ in order only.
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                        "{spec}: {x} vs {y}"
+                    );
+                }
+            } else {
+                assert_eq!(a, b, "{spec}");
+            }
             let config: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
                     .unwrap();
