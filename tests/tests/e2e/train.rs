@@ -226,6 +226,11 @@ fn recipe_errors_name_the_key_the_line_and_the_expectation() {
     );
     assert_eq!(check("[data]\ntask = \"dates\"\n[quant]\nbase = \"nf5\"\n", &[]), "error: r.toml:4: quant.base: expected none, bf16, int8, int8-block, nf4 or fp4, got \"nf5\"");
     assert_eq!(
+        check("[data]\ntask = \"dates\"\n[quant]\nbase = \"q8_0\"\n", &[]),
+        "error: r.toml:4: quant.base: expected none, bf16, int8, int8-block, nf4 or fp4, \
+         got \"q8_0\""
+    );
+    assert_eq!(
         check(
             "[data]\ntask = \"dates\"\n[quant]\ncompute_dtype = \"fp8\"\n",
             &[]
