@@ -474,7 +474,8 @@ impl TensorSource for GgufTensors {
         let &[rows, cols] = info.shape.as_slice() else {
             return Ok(None);
         };
-        if !ft_quant::matvec::supports(info.ty) {
+        // Rows must be whole blocks for the kernels (and for moving q/k rows as bytes).
+        if !ft_quant::matvec::supports(info.ty) || !cols.is_multiple_of(ft_quant::matvec::BLOCK) {
             return Ok(None);
         }
         let bytes = self.file.tensor_bytes(info);

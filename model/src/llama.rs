@@ -18,7 +18,6 @@ use ft_quant::QuantBackend;
 
 pub use ft_adapters::LoraLinear;
 use ft_quant::linear::{project, Packed};
-use ft_quant::matvec::MAX_ROWS;
 pub use ft_quant::Linear;
 
 use crate::cache::{KvCache, LayerCache};
@@ -370,7 +369,7 @@ pub struct LlamaForCausalLM<B: Backend> {
     /// Output head [vocab, e]; `None` when tied to `model.embed_tokens`.
     pub lm_head: Option<Param<Tensor<B, 2>>>,
     /// The output head packed for the CPU decoding kernels (inference weights bf16, q8, q4):
-    /// logits of a few rows are computed from it, outside autodiff.
+    /// logits are computed from it outside autodiff.
     pub head_blocks: Option<Packed>,
     /// Longest sequence the RoPE tables cover.
     pub max_position_embeddings: usize,
@@ -447,9 +446,10 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
         let [b, s, e] = hidden.dims();
         let hidden = hidden.reshape([b * s, e]);
         // Inference only: under autodiff the head's f32 weights (tied to the embeddings, which
-        // full training updates) are the ones that count.
-        let decoding = !B::ad_enabled(&hidden.device()) && b * s <= MAX_ROWS;
-        if let Some(blocks) = self.head_blocks.as_ref().filter(|_| decoding) {
+        // full training updates) are the ones that count. Every row count uses the packed
+        // head, so a row's logits do not depend on its batch.
+        let inference = !B::ad_enabled(&hidden.device());
+        if let Some(blocks) = self.head_blocks.as_ref().filter(|_| inference) {
             let vocab = blocks.weight.shape[0];
             let logits = B::packed_project(hidden.into_primitive().tensor(), blocks);
             return Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(logits))

@@ -115,17 +115,20 @@ where
     NdArrayTensor: From<SharedArray<E>>,
     NdArrayTensor: From<SharedArray<I>>,
 {
-    /// A few f32 rows against ggml blocks or bf16 go through [`crate::matvec`]; the rest
-    /// dequantize.
+    /// f32 rows against ggml blocks, or a few against bf16, go through [`crate::matvec`]; the
+    /// rest dequantize.
     fn packed_project(x: FloatTensor<Self>, weight: &Packed) -> FloatTensor<Self> {
         let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
         let [m, k] = x.dims();
+        // ggml blocks (inference only) always take the kernels, so a row's result never
+        // depends on how many rows share the call; bf16 (also a training base) only for the
+        // few rows of decoding, where the kernel beats burn's GEMM.
         let kernel = match &weight.weight.data {
             PackedData::Blocks { ty, .. } => matvec::supports(*ty),
-            PackedData::Bf16(_) => true,
+            PackedData::Bf16(_) => m <= matvec::MAX_ROWS,
             _ => false,
         };
-        if kernel && m <= matvec::MAX_ROWS && E::dtype() == DType::F32 {
+        if kernel && m > 0 && E::dtype() == DType::F32 {
             let device = x.device();
             let rows = x.into_data().into_vec::<f32>().expect("an f32 tensor");
             let n = weight.weight.shape[0];

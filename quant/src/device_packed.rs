@@ -241,7 +241,7 @@ fn bf16_powers() -> Vec<f32> {
 }
 
 /// bf16 bit patterns [n..] to f32: sign * 2^(e-127) * (1 + m/128), or 2^-126 * m/128 for
-/// subnormals; exact in f32.
+/// subnormals; exact in f32. Exponent 255 gives infinities (m = 0) and NaN.
 fn bf16_values<B: Backend>(
     bits: Tensor<B, 1, Int>,
     powers: &Tensor<B, 1>,
@@ -258,8 +258,12 @@ fn bf16_values<B: Backend>(
         .float()
         .div_scalar(128.0);
     let implicit = exponent.clone().greater_elem(0).float();
+    let nan = exponent
+        .clone()
+        .equal_elem(255)
+        .bool_and(mantissa.clone().greater_elem(0.0));
     let magnitude = powers.clone().select(0, exponent) * (implicit + mantissa);
-    magnitude * (sign.mul_scalar(-2.0).add_scalar(1.0))
+    (magnitude * (sign.mul_scalar(-2.0).add_scalar(1.0))).mask_fill(nan, f32::NAN)
 }
 
 #[cfg(test)]
@@ -305,7 +309,19 @@ mod tests {
     #[test]
     fn bf16_specials_decode_exactly() {
         let device = Default::default();
-        let values = [0.0, -0.0, 1.0, -2.5, 1e-40, -3e38, 6.1e-5, 0.1];
+        let values = [
+            0.0,
+            -0.0,
+            1.0,
+            -2.5,
+            1e-40,
+            -3e38,
+            6.1e-5,
+            0.1,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
         let bits: Vec<u16> = values
             .iter()
             .map(|v| bf16::from_f32(*v).to_bits())
@@ -320,6 +336,8 @@ mod tests {
             .to_vec()
             .unwrap();
         let want: Vec<f32> = bits.iter().map(|b| bf16::from_bits(*b).to_f32()).collect();
-        assert_eq!(got, want);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(g == w || (g.is_nan() && w.is_nan()), "{g} vs {w}");
+        }
     }
 }

@@ -10,8 +10,6 @@
 //! used where the CPU has it, chosen at run time; a portable version computes the same sums
 //! elsewhere.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use half::f16;
 use rayon::prelude::*;
 
@@ -20,7 +18,7 @@ use crate::ggml::GgmlType;
 /// Weights per block of every format here.
 pub const BLOCK: usize = 32;
 
-/// Most rows of x for which [`matmul`] beats dequantize-then-GEMM.
+/// Most rows of x for which [`matmul_bf16`] beats dequantize-then-GEMM (decoding batches).
 pub const MAX_ROWS: usize = 64;
 
 /// An instruction set a kernel is written for.
@@ -33,9 +31,6 @@ pub enum Isa {
     /// AVX2 plus AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, AVX512VL).
     Avx512Vnni,
 }
-
-/// 0: detect; otherwise 1 + the forced variant's index.
-static FORCED: AtomicU8 = AtomicU8::new(0);
 
 impl Isa {
     /// Every variant this CPU can run, portable first.
@@ -50,26 +45,9 @@ impl Isa {
         out
     }
 
-    /// The variant kernels use now: the forced one, or the best detected.
+    /// The variant the kernels use: the best this CPU has.
     pub fn active() -> Isa {
-        match FORCED.load(Ordering::Relaxed) {
-            1 => Isa::Portable,
-            2 => Isa::Avx2,
-            3 => Isa::Avx512Vnni,
-            _ => *Isa::available().last().unwrap_or(&Isa::Portable),
-        }
-    }
-
-    /// Makes every kernel use `isa` (`None`: detect again), for tests and benchmarks. Forcing
-    /// a variant the CPU lacks runs the best one it has below it.
-    pub fn force(isa: Option<Isa>) {
-        let code = match isa {
-            None => 0,
-            Some(Isa::Avx512Vnni) if avx512_vnni_detected() => 3,
-            Some(Isa::Avx512Vnni | Isa::Avx2) if avx2_detected() => 2,
-            Some(_) => 1,
-        };
-        FORCED.store(code, Ordering::Relaxed);
+        *Isa::available().last().unwrap_or(&Isa::Portable)
     }
 
     /// The variant's name, for tables.
@@ -155,6 +133,19 @@ impl Q8Rows {
 /// k / 32 blocks, as in a GGUF file). `k` must be a multiple of 32 and `ty` one that
 /// [`supports`] accepts.
 pub fn matmul(ty: GgmlType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    matmul_on(Isa::active(), ty, w, n, k, x, m)
+}
+
+/// [`matmul`] with the kernels of `isa`, which must be one of [`Isa::available`].
+fn matmul_on(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Vec<f32> {
     assert!(
         supports(ty) && k.is_multiple_of(BLOCK),
         "matmul: {ty:?} with k = {k}"
@@ -162,9 +153,11 @@ pub fn matmul(ty: GgmlType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
     let row_bytes = k / BLOCK * ty.block_bytes();
     assert_eq!(w.len(), n * row_bytes, "matmul: weight bytes");
     assert_eq!(x.len(), m * k, "matmul: activation length");
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
     let xq = Q8Rows::new(x);
     let blocks = k / BLOCK;
-    let isa = Isa::active();
     // Output transposed, [n, m]: each task owns a run of weight rows.
     let mut yt = vec![0f32; n * m];
     let rows_per_task = n.div_ceil(rayon::current_num_threads()).max(1);
@@ -193,9 +186,16 @@ pub fn matmul(ty: GgmlType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
 /// y [m, n] = x [m, k] W^T for W [n, k] stored as bf16 bits, activations in f32 (bf16 has
 /// the range of f32, so nothing is rounded but the weights themselves).
 pub fn matmul_bf16(w: &[u16], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    matmul_bf16_on(Isa::active(), w, n, k, x, m)
+}
+
+/// [`matmul_bf16`] with the kernels of `isa`, which must be one of [`Isa::available`].
+fn matmul_bf16_on(isa: Isa, w: &[u16], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k, "matmul_bf16: weight length");
     assert_eq!(x.len(), m * k, "matmul_bf16: activation length");
-    let isa = Isa::active();
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
     let mut yt = vec![0f32; n * m];
     let rows_per_task = n.div_ceil(rayon::current_num_threads()).max(1);
     yt.par_chunks_mut(rows_per_task * m)
@@ -480,9 +480,7 @@ mod tests {
                 let bytes = encode(ty, &w);
                 let want = reference(ty, &bytes, n, k, &x, m);
                 for isa in Isa::available() {
-                    Isa::force(Some(isa));
-                    let got = matmul(ty, &bytes, n, k, &x, m);
-                    Isa::force(None);
+                    let got = matmul_on(isa, ty, &bytes, n, k, &x, m);
                     for (j, (g, e)) in got.iter().zip(&want).enumerate() {
                         let tolerance = 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt();
                         assert!(
@@ -504,9 +502,7 @@ mod tests {
                 .collect();
             let x = values(m * k, 6);
             for isa in Isa::available() {
-                Isa::force(Some(isa));
-                let got = matmul_bf16(&w, n, k, &x, m);
-                Isa::force(None);
+                let got = matmul_bf16_on(isa, &w, n, k, &x, m);
                 for i in 0..m {
                     for r in 0..n {
                         let want: f64 = (0..k)
@@ -524,6 +520,13 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn no_rows_give_no_output() {
+        let w = quantize_q8_0(&values(64, 7)).unwrap();
+        assert!(matmul(GgmlType::Q8_0, &w, 2, 32, &[], 0).is_empty());
+        assert!(matmul_bf16(&[0; 64], 2, 32, &[], 0).is_empty());
     }
 
     #[test]

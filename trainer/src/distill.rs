@@ -482,7 +482,12 @@ where
         steps: total,
         optimizer_state: optimizer.state_bytes(),
         memory: MemoryReport::new(
-            teacher.model.weight_bytes() + after.weight_bytes(),
+            // A student trained in full: its weights are the trainable parameters.
+            teacher.model.weight_bytes()
+                + match d.method {
+                    DistillMethod::Full => after.weight_bytes().saturating_sub(4 * trainable),
+                    DistillMethod::Lora => after.weight_bytes(),
+                },
             trainable,
             optimizer.state_bytes(),
         ),

@@ -80,7 +80,10 @@ impl Job for BenchGenerateArgs {
                 pretrained.model.pack_head(QuantFormat::Bf16);
             }
             let load_s = t0.elapsed().as_secs_f64();
-            pretrained.check_context("--prompt-tokens plus --new-tokens", n_prompt + n_new)?;
+            pretrained.check_context(
+                "--prompt-tokens plus --new-tokens",
+                n_prompt.max(BATCH_PROMPT) + n_new,
+            )?;
             prompt = bench_prompt(&pretrained, n_prompt)?;
             rows.push(measure(
                 &pretrained,
