@@ -168,9 +168,24 @@ impl Registry {
         let conn = Connection::open(dir.join(DB_FILE)).map_err(db_err(dir))?;
         conn.busy_timeout(Duration::from_secs(60))
             .map_err(db_err(dir))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db_err(dir))?;
-        conn.execute_batch(SCHEMA).map_err(db_err(dir))?;
+        // Switching to WAL and creating the schema while another process does the same can
+        // fail at once with "database is locked" (SQLite does not call the busy handler
+        // there): retry for up to a minute, as the busy timeout would.
+        let mut attempts = 0;
+        loop {
+            let setup = conn
+                .pragma_update(None, "journal_mode", "WAL")
+                .and_then(|_| conn.execute_batch(SCHEMA));
+            match setup {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && attempts < 600 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => break other.map_err(db_err(dir))?,
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             conn,
