@@ -158,29 +158,17 @@ fn matmul_on(
     }
     let xq = Q8Rows::new(x);
     let blocks = k / BLOCK;
-    // Output transposed, [n, m]: each task owns a run of weight rows.
-    let mut yt = vec![0f32; n * m];
-    let rows_per_task = n.div_ceil(rayon::current_num_threads()).max(1);
-    yt.par_chunks_mut(rows_per_task * m)
-        .enumerate()
-        .for_each(|(t, out)| {
-            for (j, out_row) in out.chunks_mut(m).enumerate() {
-                let r = t * rows_per_task + j;
-                let wrow = &w[r * row_bytes..(r + 1) * row_bytes];
-                for (i, o) in out_row.iter_mut().enumerate() {
-                    let xr = i * blocks..(i + 1) * blocks;
-                    *o = dot(
-                        isa,
-                        ty,
-                        wrow,
-                        &xq.qs[i * k..(i + 1) * k],
-                        &xq.d[xr.clone()],
-                        &xq.s[xr],
-                    );
-                }
-            }
-        });
-    transpose(&yt, n, m)
+    by_weight_rows(n, m, |r, i| {
+        let xr = i * blocks..(i + 1) * blocks;
+        dot(
+            isa,
+            ty,
+            &w[r * row_bytes..(r + 1) * row_bytes],
+            &xq.qs[i * k..(i + 1) * k],
+            &xq.d[xr.clone()],
+            &xq.s[xr],
+        )
+    })
 }
 
 /// y [m, n] = x [m, k] W^T for W [n, k] stored as bf16 bits, activations in f32 (bf16 has
@@ -196,23 +184,29 @@ fn matmul_bf16_on(isa: Isa, w: &[u16], n: usize, k: usize, x: &[f32], m: usize) 
     if m == 0 || n == 0 {
         return Vec::new();
     }
+    by_weight_rows(n, m, |r, i| {
+        let (wrow, xrow) = (&w[r * k..(r + 1) * k], &x[i * k..(i + 1) * k]);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 and FMA were detected for both variants; the rows have the same
+            // length.
+            Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(wrow, xrow) },
+            _ => portable::dot_bf16(wrow, xrow),
+        }
+    })
+}
+
+/// y [m, n] with y[i, r] = `dot(r, i)` for weight row r and activation row i, the weight rows
+/// split evenly over rayon's threads (each task owns a run of rows of the transposed output).
+fn by_weight_rows(n: usize, m: usize, dot: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
     let mut yt = vec![0f32; n * m];
     let rows_per_task = n.div_ceil(rayon::current_num_threads()).max(1);
     yt.par_chunks_mut(rows_per_task * m)
         .enumerate()
         .for_each(|(t, out)| {
             for (j, out_row) in out.chunks_mut(m).enumerate() {
-                let r = t * rows_per_task + j;
-                let wrow = &w[r * k..(r + 1) * k];
                 for (i, o) in out_row.iter_mut().enumerate() {
-                    let xrow = &x[i * k..(i + 1) * k];
-                    *o = match isa {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: AVX2 and FMA were detected for both variants; the rows
-                        // have the same length.
-                        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(wrow, xrow) },
-                        _ => portable::dot_bf16(wrow, xrow),
-                    };
+                    *o = dot(t * rows_per_task + j, i);
                 }
             }
         });
