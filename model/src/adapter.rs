@@ -103,16 +103,32 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// Attaches the adapter read from `dir`; a module the base lacks, or a tensor whose shape
     /// does not fit its layer, is an error naming the tensor, and leaves the model unchanged.
     pub fn attach_adapter(&mut self, adapter: &PeftAdapter, dir: &Path) -> Result<(), ModelError> {
+        let plan = self.plan_adapter(adapter, dir)?;
         let config = adapter.config.lora_config();
         let device = self.device();
+        let mut layers = self.linears_mut();
+        for (index, w) in plan {
+            layers[index]
+                .1
+                .attach_in_place(lora_from(&config, w, &device));
+        }
+        Ok(())
+    }
+
+    /// Where each of `adapter`'s modules goes: its index in [`Self::linears`] (layer * 7 +
+    /// module, in [`TARGETS`] order) with its weights, every shape checked against the base.
+    pub(crate) fn plan_adapter<'a>(
+        &self,
+        adapter: &'a PeftAdapter,
+        dir: &Path,
+    ) -> Result<Vec<(usize, &'a LoraWeights)>, ModelError> {
         let mismatch = |what: String| {
             ModelError::Adapter(AdapterError::Mismatch {
                 path: dir.to_path_buf(),
                 what,
             })
         };
-        let mut layers = self.linears_mut();
-        // Check everything first, so that a bad adapter attaches nothing.
+        let layers = self.linears();
         let mut plan = Vec::with_capacity(adapter.modules.len());
         for (module, w) in &adapter.modules {
             let key = |half: &str| format!("base_model.model.{module}.{half}.weight");
@@ -142,19 +158,23 @@ impl<B: Backend> LlamaForCausalLM<B> {
             }
             plan.push((index, w));
         }
-        let tensor = |m: &Matrix| {
-            Tensor::<B, 2>::from_data(
-                TensorData::new(m.data.clone(), m.shape).convert::<B::FloatElem>(),
-                &device,
-            )
-        };
-        for (index, w) in plan {
-            layers[index]
-                .1
-                .attach_in_place(config.with_weights(tensor(&w.a), tensor(&w.b)));
-        }
-        Ok(())
+        Ok(plan)
     }
+}
+
+/// A LoRA layer on `device` from host weights.
+pub(crate) fn lora_from<B: Backend>(
+    config: &LoraConfig,
+    w: &LoraWeights,
+    device: &B::Device,
+) -> Lora<B> {
+    let tensor = |m: &Matrix| {
+        Tensor::<B, 2>::from_data(
+            TensorData::new(m.data.clone(), m.shape).convert::<B::FloatElem>(),
+            device,
+        )
+    };
+    config.with_weights(tensor(&w.a), tensor(&w.b))
 }
 
 /// The module names LoRA can target, as PEFT's `target_modules` spells them.

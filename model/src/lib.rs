@@ -21,6 +21,7 @@ pub mod load;
 pub mod params;
 pub mod perplexity;
 pub mod pretrained;
+pub mod ragged;
 pub mod safetensors_dir;
 pub mod source;
 pub mod tiny;

@@ -208,10 +208,7 @@ impl<B: QuantBackend> Attention<B> {
         attend: &Attend<B>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let g = h / kv;
-
         let q = heads_first(self.q_proj.forward(x.clone()), h, d); // [b, h, s, d]
         let k = heads_first(self.k_proj.forward(x.clone()), kv, d); // [b, kv, s, d]
         let v = heads_first(self.v_proj.forward(x), kv, d); // [b, kv, s, d]
@@ -222,40 +219,55 @@ impl<B: QuantBackend> Attention<B> {
             Some(slot) => LayerCache::append(slot, k, v), // [b, kv, t, d]
             None => (k, v),
         };
-        let t = k.dims()[2];
+        self.o_proj
+            .forward(grouped_attention(q, k, v, attend.mask.as_ref()))
+    }
+}
 
-        // Query head j uses key/value head j / g (HF `repeat_kv`), so grouping the g query heads
-        // of each kv head into the row dimension lets one matmul serve them without copying k, v.
-        let q = q.reshape([b, kv, g * s, d]); // rows: (group member, position)
-        let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt(); // [b, kv, g*s, t]
-        let scores = match &attend.mask {
-            Some(mask) => {
-                let [mb, _, _, _] = mask.dims();
-                let mask = mask
-                    .clone()
-                    .unsqueeze_dim::<5>(2) // [mb, 1, 1, s, t]
-                    .repeat_dim(2, g)
-                    .reshape([mb, 1, g * s, t]);
-                scores.mask_fill(mask, f32::NEG_INFINITY)
-            }
-            None => scores,
-        };
-        let probs = softmax(scores, 3);
-        let out = probs.matmul(v); // [b, kv, g*s, d]
-        let out = if s == 1 {
-            out.reshape([b, s, h * d]) // one position: heads are already in order
-        } else {
-            out.reshape([b, h, s, d])
-                .swap_dims(1, 2)
-                .reshape([b, s, h * d])
-        };
-        self.o_proj.forward(out)
+/// softmax(q k^T / sqrt(d) + mask) v with grouped key/value heads, the new positions' heads
+/// concatenated back into rows.
+///
+/// # Shapes
+/// - q: `[b, h, s, d]`, k and v: `[b, kv, t, d]`, mask: `[b or 1, 1, s, t]` -> `[b, s, h*d]`
+pub fn grouped_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+) -> Tensor<B, 3> {
+    let [b, h, s, d] = q.dims();
+    let [_, kv, t, _] = k.dims();
+    let g = h / kv;
+    // Query head j uses key/value head j / g (HF `repeat_kv`), so grouping the g query heads
+    // of each kv head into the row dimension lets one matmul serve them without copying k, v.
+    let q = q.reshape([b, kv, g * s, d]); // rows: (group member, position)
+    let scores = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt(); // [b, kv, g*s, t]
+    let scores = match mask {
+        Some(mask) => {
+            let [mb, _, _, _] = mask.dims();
+            let mask = mask
+                .clone()
+                .unsqueeze_dim::<5>(2) // [mb, 1, 1, s, t]
+                .repeat_dim(2, g)
+                .reshape([mb, 1, g * s, t]);
+            scores.mask_fill(mask, f32::NEG_INFINITY)
+        }
+        None => scores,
+    };
+    let probs = softmax(scores, 3);
+    let out = probs.matmul(v); // [b, kv, g*s, d]
+    if s == 1 {
+        out.reshape([b, s, h * d]) // one position: heads are already in order
+    } else {
+        out.reshape([b, h, s, d])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * d])
     }
 }
 
 /// `[b, s, n * d]` as `[b, n, s, d]`; one position (decoding) needs no transpose, which
 /// spares burn's CPU backend a copy per projection.
-fn heads_first<B: Backend>(x: Tensor<B, 3>, n: usize, d: usize) -> Tensor<B, 4> {
+pub(crate) fn heads_first<B: Backend>(x: Tensor<B, 3>, n: usize, d: usize) -> Tensor<B, 4> {
     let [b, s, _] = x.dims();
     if s == 1 {
         x.reshape([b, n, 1, d])
@@ -428,7 +440,7 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
     ///
     /// # Shapes
     /// - ids: `[b, s]` -> `[b, s, e]`
-    fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    pub(crate) fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
         let e = self.model.embed_tokens.dims()[1];
         self.model

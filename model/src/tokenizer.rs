@@ -10,6 +10,7 @@ use crate::error::ModelError;
 use crate::gguf::GgufFile;
 
 /// A tokenizer plus the special tokens generation needs.
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     /// Ids that end generation.

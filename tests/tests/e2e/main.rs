@@ -8,5 +8,6 @@ mod inference_weights;
 mod quant;
 mod reference;
 mod registry;
+mod serve;
 mod tiny_models;
 mod train;

@@ -18,7 +18,7 @@ use crate::rss::rss_bytes;
 
 /// Runs `ft bench generate`.
 pub fn generate(args: BenchGenerateArgs) -> anyhow::Result<()> {
-    dispatch(args.model.device, args)
+    dispatch(args.model.base.device, args)
 }
 
 /// One row of the table.
@@ -49,7 +49,7 @@ impl Job for BenchGenerateArgs {
 
     fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<()> {
         let (n_prompt, n_new) = (self.prompt_tokens as usize, self.new_tokens as usize);
-        let path = source::resolve(&self.model.model)?;
+        let path = source::resolve(&self.model.base.model)?;
         let formats: Vec<Option<QuantSpec>> = if self.all_weights {
             [
                 InferenceWeights::F32,
@@ -66,7 +66,7 @@ impl Job for BenchGenerateArgs {
             })
             .collect()
         } else {
-            vec![self.model.quant()]
+            vec![self.model.base.quant()]
         };
         let mut rows = Vec::new();
         let mut prompt = Vec::new();

@@ -32,7 +32,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             ));
         }
     }
-    dispatch(args.model.device, args)
+    dispatch(args.model.base.device, args)
 }
 
 impl Job for EvalArgs {

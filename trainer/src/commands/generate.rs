@@ -11,7 +11,7 @@ use crate::device::{dispatch, Job};
 
 /// Runs `ft generate`.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    dispatch(args.model.device, args)
+    dispatch(args.model.base.device, args)
 }
 
 impl Job for GenerateArgs {

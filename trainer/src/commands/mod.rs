@@ -13,6 +13,7 @@ mod perplexity;
 mod quant;
 mod recipe;
 mod report;
+mod serve;
 mod tokenize;
 mod train;
 
@@ -29,6 +30,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Generate(args)) => bench::generate(args),
         Command::Bench(BenchCommand::Train(args)) => bench_train::run(args),
         Command::Bench(BenchCommand::Distill(args)) => bench_distill::run(args),
+        Command::Bench(BenchCommand::Serve(args)) => serve::bench(args),
         Command::Merge(args) => merge::run(args),
         Command::Quant(QuantCommand::Compare(args)) => quant::compare(args),
         Command::Quant(QuantCommand::Measure(args)) => quant::measure(args),
@@ -45,5 +47,6 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Adapters(AdaptersCommand::Export(args)) => adapters::export(args),
         Command::Publish(args) => hub::publish(args),
         Command::Pull(args) => hub::pull(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

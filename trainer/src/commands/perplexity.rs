@@ -9,7 +9,7 @@ use crate::error::usage;
 
 /// Runs `ft perplexity`.
 pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
-    dispatch(args.model.device, args)
+    dispatch(args.model.base.device, args)
 }
 
 impl Job for PerplexityArgs {

@@ -1,0 +1,430 @@
+//! The engine against single-sequence generation on a tiny random model: batching, mixed
+//! adapters, chunked prefill, the prefix cache, preemption and beam search must not change
+//! what a request gets, and every block must come back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use ft_adapters::peft::{LoraWeights, Matrix, PeftAdapter, PeftConfig};
+use ft_model::tiny::tiny_config;
+use ft_model::LlamaForCausalLM;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::{generate, GenerationParams, SamplingParams};
+
+type B = NdArray<f32>;
+
+const EOS: u32 = 258;
+
+fn model() -> LlamaForCausalLM<B> {
+    B::seed(&Default::default(), 5);
+    LlamaForCausalLM::init_random(&tiny_config(), &Default::default())
+}
+
+/// A rank-2 adapter on q, v, up and down of every layer, large enough to change tokens.
+fn peft(seed: usize) -> PeftAdapter {
+    let matrix = |shape: [usize; 2], s: usize| Matrix {
+        shape,
+        data: (0..shape[0] * shape[1])
+            .map(|i| (((i * 31 + s * 17) * 7919 % 101) as f32 - 50.0) * 0.02)
+            .collect(),
+    };
+    let mut modules = BTreeMap::new();
+    for i in 0..tiny_config().num_hidden_layers {
+        for (name, out, inp) in [
+            ("self_attn.q_proj", 32, 32),
+            ("self_attn.v_proj", 16, 32),
+            ("mlp.up_proj", 48, 32),
+            ("mlp.down_proj", 32, 48),
+        ] {
+            modules.insert(
+                format!("model.layers.{i}.{name}"),
+                LoraWeights {
+                    a: matrix([2, inp], seed + i),
+                    b: matrix([out, 2], seed + i + 7),
+                },
+            );
+        }
+    }
+    let config: PeftConfig = serde_json::from_value(serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
+        "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"], "bias": "none"
+    }))
+    .unwrap();
+    PeftAdapter { config, modules }
+}
+
+fn detokenize() -> Detokenize {
+    Box::new(|ids: &[u32]| ids.iter().map(|i| format!("<{i}>")).collect())
+}
+
+/// An engine with adapters "a" and "b" written to `dir`.
+fn engine(config: EngineConfig, dir: &Path) -> Engine<B> {
+    let mut e = Engine::new(model(), detokenize(), config);
+    for (name, seed) in [("a", 1), ("b", 40)] {
+        let path = dir.join(name);
+        peft(seed).write(&path).unwrap();
+        e.register_adapter(name, path).unwrap();
+    }
+    e
+}
+
+/// What `generate` gives `prompt` alone, with the adapter merged into the model.
+fn alone(prompt: &[u32], adapter: Option<&str>, max_tokens: usize) -> Vec<u32> {
+    let mut m = model();
+    if let Some(name) = adapter {
+        let seed = if name == "a" { 1 } else { 40 };
+        m.attach_adapter(&peft(seed), Path::new(name)).unwrap();
+    }
+    let mut sampler = Sampler::new(SamplingParams::default());
+    generate(&m, prompt, max_tokens, &[EOS], &mut sampler, |_| {}).ids
+}
+
+fn greedy(prompt: Vec<u32>, adapter: Option<&str>, max_tokens: usize) -> Request {
+    Request {
+        prompt,
+        adapter: adapter.map(String::from),
+        params: GenerationParams {
+            max_tokens,
+            stop_ids: vec![EOS],
+            ..Default::default()
+        },
+    }
+}
+
+/// Runs the engine until idle; the tokens and finish of each request.
+fn drain(e: &mut Engine<B>) -> HashMap<RequestId, (Vec<u32>, FinishReason)> {
+    let mut tokens: HashMap<RequestId, Vec<u32>> = HashMap::new();
+    let mut out = HashMap::new();
+    while e.has_work() {
+        for ev in e.step() {
+            match ev {
+                Event::Token { id, token, .. } => tokens.entry(id).or_default().push(token),
+                Event::Finished { id, reason, .. } => {
+                    out.insert(id, (tokens.remove(&id).unwrap_or_default(), reason));
+                }
+                Event::Failed { message, .. } => panic!("{message}"),
+            }
+        }
+    }
+    out
+}
+
+fn prompts() -> Vec<(Vec<u32>, Option<&'static str>)> {
+    vec![
+        ((1..12).collect(), None),
+        (vec![100, 3, 9], Some("a")),
+        ((20..41).collect(), Some("b")),
+        (vec![7], Some("a")),
+        ((50..59).collect(), None),
+        ((60..66).collect(), Some("b")),
+    ]
+}
+
+#[test]
+fn batched_mixed_adapter_requests_equal_each_request_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small blocks and a small token budget: prompts span blocks and prefill in chunks.
+    let config = EngineConfig {
+        block_size: 4,
+        kv_blocks: 64,
+        max_batch_tokens: 10,
+        ..Default::default()
+    };
+    let mut e = engine(config, dir.path());
+    let ids: Vec<_> = prompts()
+        .into_iter()
+        .map(|(p, a)| (e.submit(greedy(p.clone(), a, 9)).unwrap(), p, a))
+        .collect();
+    let out = drain(&mut e);
+    for (id, p, a) in ids {
+        assert_eq!(out[&id].0, alone(&p, a, 9), "prompt {p:?} adapter {a:?}");
+    }
+    assert_ne!(
+        alone(&[7], Some("a"), 9),
+        alone(&[7], None, 9),
+        "the adapter matters"
+    );
+    assert_eq!(e.stats().blocks_used, 0, "every block came back");
+}
+
+#[test]
+fn prefix_cache_hits_decode_as_a_full_recompute() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared: Vec<u32> = (1..30).collect();
+    let run = |prefix_cache: bool| {
+        let config = EngineConfig {
+            block_size: 4,
+            prefix_cache,
+            ..Default::default()
+        };
+        let mut e = engine(config, dir.path());
+        let mut got = Vec::new();
+        // One after another, so that later requests find the earlier ones' blocks.
+        for tail in [vec![200u32], vec![201, 202], vec![200]] {
+            for adapter in [None, Some("a")] {
+                let p: Vec<u32> = shared.iter().chain(&tail).copied().collect();
+                let id = e.submit(greedy(p, adapter, 6)).unwrap();
+                got.push(drain(&mut e)[&id].0.clone());
+            }
+        }
+        let stats = e.stats();
+        assert_eq!(stats.blocks_used, 0);
+        (got, stats.prefix_hits)
+    };
+    let (with, hits) = run(true);
+    let (without, no_hits) = run(false);
+    assert_eq!(with, without);
+    assert_eq!(no_hits, 0);
+    // 7 full blocks of the shared prefix reused by the 4 later requests.
+    assert_eq!(hits, 4 * 7);
+    let p: Vec<u32> = shared.iter().chain(&[201, 202]).copied().collect();
+    assert_eq!(with[3], alone(&p, Some("a"), 6));
+}
+
+#[test]
+fn preempted_requests_are_recomputed_to_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    // 14 blocks of 4 tokens: six requests of up to 21 + 12 tokens cannot all fit.
+    let config = EngineConfig {
+        block_size: 4,
+        kv_blocks: 14,
+        max_batch_tokens: 64,
+        ..Default::default()
+    };
+    let mut e = engine(config, dir.path());
+    let ids: Vec<_> = prompts()
+        .into_iter()
+        .map(|(p, a)| (e.submit(greedy(p.clone(), a, 12)).unwrap(), p, a))
+        .collect();
+    let out = drain(&mut e);
+    assert!(e.stats().preemptions > 0, "the cache was too small for all");
+    for (id, p, a) in ids {
+        assert_eq!(out[&id].0, alone(&p, a, 12), "prompt {p:?}");
+    }
+    assert_eq!(e.stats().blocks_used, 0);
+}
+
+/// Beam search by recomputing every beam from scratch: no cache, no forks.
+fn reference_beams(prompt: &[u32], n: usize, max_tokens: usize) -> Vec<u32> {
+    let m = model();
+    let logprobs = |seq: &[u32]| {
+        let v: Vec<i64> = seq.iter().map(|&t| t as i64).collect();
+        let ids =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, seq.len()]), &Default::default());
+        let logits = m.forward(ids, None);
+        let [_, s, vocab] = logits.dims();
+        let last: Vec<f32> = logits
+            .narrow(1, s - 1, 1)
+            .reshape([vocab])
+            .into_data()
+            .to_vec()
+            .unwrap();
+        beam::log_softmax(&last)
+    };
+    let mut beams: Vec<(Vec<u32>, f64)> = vec![(prompt.to_vec(), 0.0)];
+    let mut finished = Vec::new();
+    for gen in 1..=max_tokens {
+        let rows: Vec<Vec<f32>> = beams.iter().map(|(s, _)| logprobs(s)).collect();
+        let sums: Vec<f64> = beams.iter().map(|b| b.1).collect();
+        let step = beam::step(&rows, &sums, n, &[EOS]);
+        for &(b, sum) in &step.finished {
+            finished.push(Hypothesis {
+                tokens: beams[b].0[prompt.len()..].to_vec(),
+                score: sum / gen as f64,
+                stopped: true,
+            });
+        }
+        beams = step
+            .beams
+            .iter()
+            .map(|&(b, t, sum)| {
+                let mut s = beams[b].0.clone();
+                s.push(t);
+                (s, sum)
+            })
+            .collect();
+        let best_live = beams.iter().map(|b| b.1).fold(f64::NEG_INFINITY, f64::max);
+        if gen == max_tokens {
+            for (s, sum) in &beams {
+                finished.push(Hypothesis {
+                    tokens: s[prompt.len()..].to_vec(),
+                    score: sum / gen as f64,
+                    stopped: false,
+                });
+            }
+            break;
+        }
+        if beam::is_done(&finished, best_live, gen, n) {
+            break;
+        }
+    }
+    beam::best(&finished).unwrap().tokens.clone()
+}
+
+#[test]
+fn beam_search_with_shared_blocks_equals_recomputing_each_beam() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        block_size: 4,
+        ..Default::default()
+    };
+    let mut e = engine(config, dir.path());
+    let prompt: Vec<u32> = (3..9).collect();
+    let beam_request = |n| Request {
+        params: GenerationParams {
+            beams: n,
+            ..greedy(prompt.clone(), None, 10).params
+        },
+        ..greedy(prompt.clone(), None, 10)
+    };
+    let four = e.submit(beam_request(4)).unwrap();
+    let one = e.submit(beam_request(1)).unwrap();
+    let out = drain(&mut e);
+    assert_eq!(out[&four].0, reference_beams(&prompt, 4, 10));
+    assert_eq!(out[&one].0, alone(&prompt, None, 10), "one beam is greedy");
+    assert_eq!(e.stats().blocks_used, 0);
+}
+
+#[test]
+fn stop_strings_logprobs_and_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = engine(EngineConfig::default(), dir.path());
+    let prompt = vec![10u32, 11, 12];
+    let free = alone(&prompt, None, 8);
+    // Stop at the text of the third token.
+    let stop = format!("<{}>", free[2]);
+    let mut r = greedy(prompt.clone(), None, 8);
+    r.params.stop_strings = vec![stop];
+    r.params.logprobs = Some(3);
+    let id = e.submit(r).unwrap();
+    let mut text = String::new();
+    let mut logprobs = Vec::new();
+    let mut finish = None;
+    while e.has_work() {
+        for ev in e.step() {
+            match ev {
+                Event::Token {
+                    text: t,
+                    logprob,
+                    token,
+                    ..
+                } => {
+                    text.push_str(&t);
+                    logprobs.push((token, logprob.unwrap()));
+                }
+                Event::Finished {
+                    text: t,
+                    reason,
+                    completion_tokens,
+                    ..
+                } => {
+                    text.push_str(&t);
+                    finish = Some((reason, completion_tokens));
+                }
+                Event::Failed { message, .. } => panic!("{message}"),
+            }
+            let _ = id;
+        }
+    }
+    let first = free.iter().position(|&t| t == free[2]).unwrap();
+    let expected: String = free[..first].iter().map(|i| format!("<{i}>")).collect();
+    assert_eq!(text, expected);
+    // The token that completed the stop string counts as generated, as in vLLM.
+    assert_eq!(finish, Some((FinishReason::Stop, first + 1)));
+    for (token, lp) in logprobs {
+        assert_eq!(lp.top.len(), 3);
+        assert_eq!(lp.top[0].0, token, "greedy picks the most likely");
+        assert!((lp.top[0].1 - lp.logprob).abs() < 1e-6 && lp.logprob <= 0.0);
+    }
+}
+
+#[test]
+fn bad_requests_are_refused_with_their_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        max_waiting: 2,
+        ..Default::default()
+    };
+    let mut e = engine(config, dir.path());
+    let err = |e: &mut Engine<B>, r| e.submit(r).unwrap_err().to_string();
+    assert!(err(&mut e, greedy(vec![], None, 4)).contains("no tokens"));
+    assert!(err(&mut e, greedy(vec![9999], None, 4)).contains("outside the vocabulary"));
+    assert!(err(&mut e, greedy(vec![1], None, 64)).contains("more than the model's context of 64"));
+    assert_eq!(
+        e.submit(greedy(vec![1], Some("c"), 4)),
+        Err(EngineError::UnknownModel("c".into()))
+    );
+    e.submit(greedy(vec![1], None, 4)).unwrap();
+    e.submit(greedy(vec![1], None, 4)).unwrap();
+    assert_eq!(
+        e.submit(greedy(vec![1], None, 4)),
+        Err(EngineError::QueueFull(2))
+    );
+    drain(&mut e);
+}
+
+#[test]
+fn a_thousand_requests_with_random_cancellations_leak_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        block_size: 4,
+        kv_blocks: 20,
+        max_batch_tokens: 32,
+        max_running: 8,
+        max_waiting: 1000,
+        max_adapters: 1,
+        ..Default::default()
+    };
+    let mut e = engine(config, dir.path());
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut live: Vec<RequestId> = Vec::new();
+    let mut submitted = 0;
+    let mut finished = 0;
+    let mut cancelled = 0;
+    while submitted < 1000 || e.has_work() {
+        for _ in 0..rng.random_range(0..4) {
+            if submitted < 1000 {
+                // One of three 8-token prefixes, then a random tail.
+                let prefix = rng.random_range(0..3u32);
+                let len = rng.random_range(1..12);
+                let prompt: Vec<u32> = (0..8)
+                    .map(|i| prefix * 10 + i)
+                    .chain((0..len).map(|_| rng.random_range(0..250)))
+                    .collect();
+                let adapter = [None, Some("a"), Some("b")][rng.random_range(0..3)];
+                let mut r = greedy(prompt, adapter, rng.random_range(1..10));
+                r.params.beams = if rng.random_bool(0.1) { 2 } else { 1 };
+                r.params.sampling.temperature = if rng.random_bool(0.5) { 0.8 } else { 0.0 };
+                live.push(e.submit(r).unwrap());
+                submitted += 1;
+            }
+        }
+        if !live.is_empty() && rng.random_bool(0.2) {
+            let id = live.swap_remove(rng.random_range(0..live.len()));
+            if e.cancel(id) {
+                cancelled += 1;
+            }
+        }
+        for ev in e.step() {
+            match ev {
+                Event::Finished { id, .. } => {
+                    live.retain(|&l| l != id);
+                    finished += 1;
+                }
+                Event::Failed { message, .. } => panic!("{message}"),
+                Event::Token { .. } => {}
+            }
+        }
+    }
+    assert_eq!(finished + cancelled, 1000);
+    assert!(cancelled > 50, "{cancelled}");
+    let stats = e.stats();
+    assert_eq!((stats.blocks_used, stats.waiting, stats.running), (0, 0, 0));
+    assert!(stats.preemptions > 0 && stats.prefix_hits > 0, "{stats:?}");
+}

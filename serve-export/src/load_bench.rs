@@ -1,0 +1,270 @@
+//! A load generator for any OpenAI-compatible server (ours, llama.cpp's, vLLM): N streams
+//! send streamed completions back to back and time each token's arrival, for throughput,
+//! time to first token (TTFT) and time per output token (TPOT) percentiles.
+
+use std::io::{BufRead, BufReader};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// One measurement: how many streams, how many requests, what they ask for.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The server's base URL.
+    pub url: String,
+    /// Model names sent round-robin.
+    pub models: Vec<String>,
+    /// Concurrent streams.
+    pub concurrency: usize,
+    /// Requests in all.
+    pub requests: usize,
+    /// Prompt words (about one token each).
+    pub prompt_len: usize,
+    /// Leading words shared by every prompt.
+    pub shared_prefix: usize,
+    /// Tokens per request (end of sequence ignored).
+    pub max_tokens: usize,
+    /// Bearer key.
+    pub api_key: Option<String>,
+    /// Per request.
+    pub timeout: Duration,
+}
+
+/// What one measurement saw.
+#[derive(Debug, Clone, Default)]
+pub struct LoadResult {
+    /// Concurrent streams.
+    pub concurrency: usize,
+    /// Requests that completed.
+    pub completed: usize,
+    /// Requests that failed, and the first few messages.
+    pub errors: Vec<String>,
+    /// Wall time of the whole measurement.
+    pub wall_s: f64,
+    /// Output tokens of the completed requests.
+    pub output_tokens: usize,
+    /// Seconds to the first token, per completed request.
+    pub ttft: Vec<f64>,
+    /// Seconds per output token after the first, per request with two or more.
+    pub tpot: Vec<f64>,
+    /// Seconds end to end, per completed request.
+    pub latency: Vec<f64>,
+}
+
+impl LoadResult {
+    /// Completed requests per second.
+    pub fn requests_per_s(&self) -> f64 {
+        self.completed as f64 / self.wall_s.max(1e-9)
+    }
+
+    /// Output tokens per second over all streams.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.output_tokens as f64 / self.wall_s.max(1e-9)
+    }
+}
+
+/// The `p`-th percentile (0..=100) by nearest rank; 0 for no values.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+const WORDS: [&str; 64] = [
+    "the", "river", "house", "green", "light", "story", "water", "music", "table", "garden",
+    "winter", "summer", "mountain", "city", "people", "school", "morning", "evening", "paper",
+    "window", "friend", "family", "market", "village", "forest", "ocean", "bridge", "road",
+    "letter", "picture", "animal", "country", "history", "language", "number", "question",
+    "answer", "reason", "problem", "idea", "power", "money", "world", "night", "day", "year",
+    "time", "life", "hand", "part", "child", "eye", "woman", "man", "place", "week", "case",
+    "point", "work", "home", "room", "fact", "book", "word",
+];
+
+/// Prompt `i`: `shared` words common to all prompts, then words particular to `i`, `len`
+/// words in all.
+pub fn prompt(i: usize, len: usize, shared: usize) -> String {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut out = Vec::with_capacity(len);
+    for w in 0..len {
+        let index = if w < shared {
+            (w * 7 + 3) % WORDS.len()
+        } else {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % WORDS.len() as u64) as usize
+        };
+        out.push(WORDS[index]);
+    }
+    out.join(" ")
+}
+
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout(timeout).build()
+}
+
+fn with_key(req: ureq::Request, key: Option<&str>) -> ureq::Request {
+    match key {
+        Some(k) => req.set("Authorization", &format!("Bearer {k}")),
+        None => req,
+    }
+}
+
+/// The first model id the server lists.
+pub fn first_model(url: &str, api_key: Option<&str>) -> Result<String, String> {
+    let resp = with_key(
+        agent(Duration::from_secs(30)).get(&format!("{url}/v1/models")),
+        api_key,
+    )
+    .call()
+    .map_err(|e| format!("GET {url}/v1/models: {e}"))?;
+    let body: Value = resp
+        .into_string()
+        .map_err(|e| e.to_string())
+        .and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string()))
+        .map_err(|e| format!("GET {url}/v1/models: {e}"))?;
+    body["data"][0]["id"]
+        .as_str()
+        .map(String::from)
+        .ok_or_else(|| format!("GET {url}/v1/models: no model listed"))
+}
+
+/// One streamed request's timings.
+struct Timed {
+    ttft: f64,
+    tpot: Option<f64>,
+    latency: f64,
+    tokens: usize,
+}
+
+fn one(agent: &ureq::Agent, spec: &LoadSpec, i: usize) -> Result<Timed, String> {
+    let body = json!({
+        "model": spec.models[i % spec.models.len()],
+        "prompt": prompt(i, spec.prompt_len, spec.shared_prefix),
+        "max_tokens": spec.max_tokens,
+        "temperature": 0.0,
+        "stream": true,
+        "ignore_eos": true,
+        "stream_options": {"include_usage": true},
+    });
+    let start = Instant::now();
+    let resp = with_key(
+        agent.post(&format!("{}/v1/completions", spec.url)),
+        spec.api_key.as_deref(),
+    )
+    .set("Content-Type", "application/json")
+    .send_string(&body.to_string())
+    .map_err(|e| match e {
+        ureq::Error::Status(code, r) => {
+            format!("HTTP {code}: {}", r.into_string().unwrap_or_default())
+        }
+        other => other.to_string(),
+    })?;
+    let mut first = None;
+    let mut last = start;
+    let mut chunks = 0;
+    let mut usage = None;
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.map_err(|e| format!("reading the stream: {e}"))?;
+        let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value =
+            serde_json::from_str(data).map_err(|e| format!("bad event {data:?}: {e}"))?;
+        if let Some(err) = v.get("error") {
+            return Err(format!("error event: {err}"));
+        }
+        if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
+            usage = Some(u as usize);
+        }
+        let text = v["choices"][0]["text"].as_str().unwrap_or("");
+        if v["choices"][0]["finish_reason"].is_null()
+            && v["choices"].get(0).is_some()
+            && !text.is_empty()
+        {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+            chunks += 1;
+        }
+    }
+    let first = first.ok_or("the stream carried no token")?;
+    let tokens = usage.unwrap_or(chunks).max(1);
+    Ok(Timed {
+        ttft: (first - start).as_secs_f64(),
+        tpot: (tokens > 1).then(|| (last - first).as_secs_f64() / (tokens - 1) as f64),
+        latency: start.elapsed().as_secs_f64(),
+        tokens,
+    })
+}
+
+/// Runs `spec`: `concurrency` streams take requests until `requests` are done.
+pub fn run(spec: &LoadSpec) -> LoadResult {
+    let next = AtomicUsize::new(0);
+    let result = Mutex::new(LoadResult {
+        concurrency: spec.concurrency,
+        ..Default::default()
+    });
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..spec.concurrency.max(1) {
+            s.spawn(|| {
+                let agent = agent(spec.timeout);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= spec.requests {
+                        break;
+                    }
+                    let outcome = one(&agent, spec, i);
+                    let Ok(mut r) = result.lock() else { break };
+                    match outcome {
+                        Ok(t) => {
+                            r.completed += 1;
+                            r.output_tokens += t.tokens;
+                            r.ttft.push(t.ttft);
+                            r.tpot.extend(t.tpot);
+                            r.latency.push(t.latency);
+                        }
+                        Err(e) => r.errors.push(e),
+                    }
+                }
+            });
+        }
+    });
+    let mut r = result.into_inner().unwrap_or_default();
+    r.wall_s = start.elapsed().as_secs_f64();
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_share_exactly_their_prefix() {
+        let (a, b) = (prompt(1, 40, 30), prompt(2, 40, 30));
+        let (wa, wb): (Vec<_>, Vec<_>) = (a.split(' ').collect(), b.split(' ').collect());
+        assert_eq!(wa.len(), 40);
+        assert_eq!(wa[..30], wb[..30]);
+        assert_ne!(wa[30..], wb[30..]);
+        assert_eq!(prompt(1, 40, 30), a, "deterministic");
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+}

@@ -1,0 +1,125 @@
+//! What a client asks the engine for and what the engine reports back.
+
+use crate::sampling::SamplingParams;
+
+/// Identifies a request within one engine.
+pub type RequestId = u64;
+
+/// How to continue one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    /// New tokens at most.
+    pub max_tokens: usize,
+    /// Temperature, top-k, top-p and seed (ignored by beam search).
+    pub sampling: SamplingParams,
+    /// Beams of beam search; 1 samples (or decodes greedily) instead.
+    pub beams: usize,
+    /// Token ids that end generation (not part of the output).
+    pub stop_ids: Vec<u32>,
+    /// Strings that end generation where they first occur (not part of the output).
+    pub stop_strings: Vec<String>,
+    /// Log-probabilities of this many most likely tokens at each step, besides the chosen
+    /// token's; `None` reports none.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 16,
+            sampling: SamplingParams::default(),
+            beams: 1,
+            stop_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            logprobs: None,
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Prompt token ids (non-empty).
+    pub prompt: Vec<u32>,
+    /// The adapter to apply, by name; `None` runs the base model.
+    pub adapter: Option<String>,
+    /// How to generate.
+    pub params: GenerationParams,
+}
+
+/// The log-probability of a chosen token and of the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// log p(chosen token), from the model's logits before temperature.
+    pub logprob: f32,
+    /// The most likely tokens with their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// max_tokens (or the model's context).
+    Length,
+    /// The client cancelled it.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI API's `finish_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What one engine step reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A new token of request `id`, with the text it adds (possibly empty while a character
+    /// or a possible stop string is incomplete).
+    Token {
+        /// The request.
+        id: RequestId,
+        /// The token id.
+        token: u32,
+        /// Text that can be sent now.
+        text: String,
+        /// Its log-probabilities, if the request asked for them.
+        logprob: Option<TokenLogprob>,
+    },
+    /// Request `id` ended; `text` is the rest of its text that was held back.
+    Finished {
+        /// The request.
+        id: RequestId,
+        /// Why.
+        reason: FinishReason,
+        /// Held-back text, sent last.
+        text: String,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Generated tokens.
+        completion_tokens: usize,
+    },
+    /// Request `id` failed (an adapter that could not be loaded); it holds nothing any more.
+    Failed {
+        /// The request.
+        id: RequestId,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl Event {
+    /// The request the event belongs to.
+    pub fn id(&self) -> RequestId {
+        match self {
+            Self::Token { id, .. } | Self::Finished { id, .. } | Self::Failed { id, .. } => *id,
+        }
+    }
+}

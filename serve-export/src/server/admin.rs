@@ -1,0 +1,141 @@
+//! The routes around generation: models, adapter load and unload, health and metrics.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use ft_adapters::registry::{parse_ref, Registry};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::completions::parse;
+use super::worker::Command;
+use super::{ApiError, AppState};
+
+/// `GET /health`.
+pub(super) async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /metrics`.
+pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let live = state.live.lock().map(|l| *l).unwrap_or_default();
+    let text = state
+        .metrics
+        .lock()
+        .map(|m| m.render(&live))
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// `GET /v1/models`: the base, then each adapter with the base as its parent.
+pub(super) async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let (reply, names) = oneshot::channel();
+    state.send(Command::Adapters { reply })?;
+    let names = names
+        .await
+        .map_err(|_| ApiError::internal("the engine has stopped"))?;
+    let base = &state.config.model_id;
+    let entry = |id: &str, parent: Option<&str>| json!({"id": id, "object": "model", "created": 0, "owned_by": "ft", "root": base, "parent": parent});
+    let mut data = vec![entry(base, None)];
+    data.extend(names.iter().map(|n| entry(n, Some(base))));
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+#[derive(Deserialize)]
+struct LoadAdapter {
+    lora_name: String,
+    lora_path: String,
+}
+
+#[derive(Deserialize)]
+struct UnloadAdapter {
+    lora_name: String,
+}
+
+/// `POST /v1/load_lora_adapter` `{"lora_name", "lora_path"}`: a folder inside an allowed
+/// folder, or `registry:NAME[:VERSION]` from the registry.
+pub(super) async fn load_adapter(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: LoadAdapter = parse(&body)?;
+    ft_adapters::registry::validate_name(&req.lora_name)
+        .map_err(|e| ApiError::bad_request(format!("lora_name: {e}")))?;
+    if req.lora_name == state.config.model_id {
+        return Err(ApiError::bad_request(
+            "lora_name: that is the base model's name",
+        ));
+    }
+    let dir = resolve(&state, &req.lora_path)?;
+    let (reply, done) = oneshot::channel();
+    state.send(Command::Load {
+        name: req.lora_name.clone(),
+        dir,
+        reply,
+    })?;
+    done.await
+        .map_err(|_| ApiError::internal("the engine has stopped"))??;
+    Ok(Json(json!({"loaded": req.lora_name})))
+}
+
+/// `POST /v1/unload_lora_adapter` `{"lora_name"}`.
+pub(super) async fn unload_adapter(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: UnloadAdapter = parse(&body)?;
+    let (reply, done) = oneshot::channel();
+    state.send(Command::Unload {
+        name: req.lora_name.clone(),
+        reply,
+    })?;
+    done.await
+        .map_err(|_| ApiError::internal("the engine has stopped"))??;
+    Ok(Json(json!({"unloaded": req.lora_name})))
+}
+
+/// The folder `lora_path` names, if the server may load it.
+fn resolve(state: &AppState, lora_path: &str) -> Result<PathBuf, ApiError> {
+    if let Some(reference) = lora_path.strip_prefix("registry:") {
+        let root = state.config.registry.as_deref().ok_or_else(|| {
+            ApiError::bad_request("lora_path: this server was started without --registry")
+        })?;
+        return registry_adapter(root, reference)
+            .map_err(|e| ApiError::bad_request(format!("lora_path: {e}")));
+    }
+    let path = Path::new(lora_path)
+        .canonicalize()
+        .map_err(|e| ApiError::bad_request(format!("lora_path: {lora_path}: {e}")))?;
+    let allowed = state
+        .config
+        .allowed_adapter_dirs
+        .iter()
+        .filter_map(|d| d.canonicalize().ok())
+        .any(|d| path.starts_with(d));
+    if !allowed {
+        return Err(ApiError::bad_request(format!(
+            "lora_path: {lora_path} is not inside a folder the server allows \
+             (--allowed-adapter-dir), nor registry:NAME"
+        )));
+    }
+    Ok(path)
+}
+
+/// The PEFT folder of registry adapter `reference` (`NAME[:VERSION]`), written once under
+/// the registry's `served/` folder.
+pub fn registry_adapter(root: &Path, reference: &str) -> Result<PathBuf, String> {
+    let (name, version) = parse_ref(reference).map_err(|e| e.to_string())?;
+    let registry = Registry::open(root).map_err(|e| e.to_string())?;
+    let record = registry.get(&name, version).map_err(|e| e.to_string())?;
+    let dir = root.join("served").join(record.id().replace(':', "-v"));
+    if !dir.join("adapter_config.json").exists() {
+        registry.export(&record, &dir).map_err(|e| e.to_string())?;
+    }
+    Ok(dir)
+}

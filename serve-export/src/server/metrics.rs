@@ -1,0 +1,178 @@
+//! `/metrics` in the Prometheus text format: the engine's queue, running requests, KV
+//! blocks and throughput as gauges, token and request counters, and histograms of time to
+//! first token, time per output token and request latency.
+
+use std::fmt::Write;
+
+use super::worker::Live;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// A cumulative histogram.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&mut self, seconds: f64) {
+        for (c, le) in self.counts.iter_mut().zip(BUCKETS) {
+            if seconds <= le {
+                *c += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (c, le) in self.counts.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+    }
+}
+
+/// What the HTTP side measures.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// Seconds from arrival to the first token.
+    pub ttft: Histogram,
+    /// Seconds between output tokens after the first.
+    pub tpot: Histogram,
+    /// Seconds from arrival to the end.
+    pub latency: Histogram,
+    /// Finished requests by HTTP status.
+    pub requests: std::collections::BTreeMap<u16, u64>,
+}
+
+impl Metrics {
+    /// The exposition text.
+    pub fn render(&self, live: &Live) -> String {
+        let s = &live.stats;
+        let mut out = String::new();
+        let gauges = [
+            (
+                "ft_requests_waiting",
+                "Requests in the queue.",
+                s.waiting as f64,
+            ),
+            (
+                "ft_requests_running",
+                "Requests being generated.",
+                s.running as f64,
+            ),
+            (
+                "ft_kv_blocks_used",
+                "KV cache blocks referenced.",
+                s.blocks_used as f64,
+            ),
+            (
+                "ft_kv_blocks_total",
+                "KV cache blocks in all.",
+                s.blocks_total as f64,
+            ),
+            (
+                "ft_kv_blocks_cached",
+                "Blocks kept by the prefix cache.",
+                s.blocks_cached as f64,
+            ),
+            (
+                "ft_adapters_loaded",
+                "Adapters in memory.",
+                s.adapters_loaded as f64,
+            ),
+            (
+                "ft_generation_tokens_per_second",
+                "Generated tokens per second, last 5 s.",
+                live.tokens_per_s,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let counters = [
+            (
+                "ft_prompt_tokens_total",
+                "Prompt tokens run through the model.",
+                s.prompt_tokens,
+            ),
+            (
+                "ft_generation_tokens_total",
+                "Tokens generated.",
+                s.generated_tokens,
+            ),
+            (
+                "ft_preemptions_total",
+                "Requests preempted for lack of KV blocks.",
+                s.preemptions,
+            ),
+            (
+                "ft_prefix_cache_hits_total",
+                "Prompt blocks found in the prefix cache.",
+                s.prefix_hits,
+            ),
+            (
+                "ft_prefix_cache_queries_total",
+                "Prompt blocks looked up in the prefix cache.",
+                s.prefix_lookups,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
+        let name = "ft_http_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Generation requests by HTTP status.\n# TYPE {name} counter"
+        );
+        for (status, n) in &self.requests {
+            let _ = writeln!(out, "{name}{{status=\"{status}\"}} {n}");
+        }
+        self.ttft.write(
+            &mut out,
+            "ft_time_to_first_token_seconds",
+            "Time to first token.",
+        );
+        self.tpot.write(
+            &mut out,
+            "ft_time_per_output_token_seconds",
+            "Time between output tokens.",
+        );
+        self.latency.write(
+            &mut out,
+            "ft_request_latency_seconds",
+            "Request latency, end to end.",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(0.02);
+        h.observe(3.0);
+        let mut out = String::new();
+        h.write(&mut out, "x", "X.");
+        assert!(out.contains("x_bucket{le=\"0.01\"} 0\n"));
+        assert!(out.contains("x_bucket{le=\"0.025\"} 1\n"));
+        assert!(out.contains("x_bucket{le=\"5\"} 2\n"));
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 2\nx_sum 3.02\nx_count 2\n"));
+    }
+}

@@ -1,0 +1,410 @@
+//! The OpenAI API's request and response bodies for completions and chat completions, with
+//! vLLM's extensions (`top_k`, `ignore_eos`, `use_beam_search` with `best_of` beams), and
+//! their checks: a field out of range is a 400 naming the field.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::request::{FinishReason, GenerationParams, TokenLogprob};
+use crate::sampling::SamplingParams;
+
+/// A string or a list of strings (`prompt`, `stop`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Sampling {
+    /// New tokens at most (default 16 for completions, the context for chat).
+    pub max_tokens: Option<usize>,
+    /// Chat's newer name for max_tokens.
+    pub max_completion_tokens: Option<usize>,
+    /// 0 to 2; 0 is greedy (default 1).
+    pub temperature: Option<f32>,
+    /// (0, 1] (default 1).
+    pub top_p: Option<f32>,
+    /// Keep the k most likely tokens; 0 or -1 keeps all.
+    pub top_k: Option<i64>,
+    /// Seed of the draws.
+    pub seed: Option<u64>,
+    /// Stop strings (at most 4 as in the OpenAI API; more are accepted).
+    pub stop: Option<OneOrMany>,
+    /// Stream the result as server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// `{"include_usage": true}` adds usage to the last streamed chunk.
+    pub stream_options: Option<Value>,
+    /// Choices; only 1 is supported.
+    pub n: Option<usize>,
+    /// Keep generating past the end-of-sequence token (vLLM).
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Beam search (vLLM) with `best_of` beams.
+    #[serde(default)]
+    pub use_beam_search: bool,
+    /// Beams of beam search.
+    pub best_of: Option<usize>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// The base model's id or an adapter's name.
+    pub model: String,
+    /// The prompt (one string).
+    pub prompt: OneOrMany,
+    /// Log-probabilities of the top N tokens (0 to 20) besides the chosen one.
+    pub logprobs: Option<usize>,
+    /// Not supported: must be false.
+    #[serde(default)]
+    pub echo: bool,
+    /// Sampling.
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+/// One chat message of a request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessage {
+    /// system, user or assistant.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    /// The base model's id or an adapter's name.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Report log-probabilities.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// Most likely alternatives per token (0 to 20), with `logprobs`.
+    pub top_logprobs: Option<usize>,
+    /// Sampling.
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+/// A request's fault, for a 400.
+pub type Invalid = String;
+
+impl CompletionRequest {
+    /// The prompt text (exactly one).
+    pub fn prompt_text(&self) -> Result<String, Invalid> {
+        let mut prompts = self.prompt.clone().into_vec();
+        if prompts.len() != 1 {
+            return Err(format!(
+                "prompt: exactly one prompt is supported per request, got {}",
+                prompts.len()
+            ));
+        }
+        if self.echo {
+            return Err("echo: not supported".into());
+        }
+        Ok(prompts.remove(0))
+    }
+}
+
+impl Sampling {
+    /// The engine's parameters: `default_max` when max_tokens is absent, `logprobs` top-N,
+    /// `eos` as the stop ids unless `ignore_eos`.
+    pub fn params(
+        &self,
+        default_max: usize,
+        logprobs: Option<usize>,
+        eos: &[u32],
+        seed: u64,
+    ) -> Result<GenerationParams, Invalid> {
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(default_max);
+        if max_tokens == 0 {
+            return Err("max_tokens: must be at least 1".into());
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(format!("temperature: {temperature} is not in [0, 2]"));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(format!("top_p: {top_p} is not in (0, 1]"));
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => return Err(format!("top_k: {k} must be -1, 0 or positive")),
+        };
+        if self.n.is_some_and(|n| n != 1) {
+            return Err("n: only 1 choice per request is supported".into());
+        }
+        if let Some(k) = logprobs.filter(|&k| k > 20) {
+            return Err(format!("logprobs: {k} is more than 20"));
+        }
+        let beams = if self.use_beam_search {
+            match self.best_of {
+                Some(b) if (1..=16).contains(&b) => b,
+                Some(b) => return Err(format!("best_of: {b} beams is not in 1..=16")),
+                None => return Err("best_of: beam search needs the number of beams".into()),
+            }
+        } else {
+            1
+        };
+        Ok(GenerationParams {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed: self.seed.unwrap_or(seed),
+            },
+            beams,
+            stop_ids: if self.ignore_eos {
+                Vec::new()
+            } else {
+                eos.to_vec()
+            },
+            stop_strings: self
+                .stop
+                .clone()
+                .map(OneOrMany::into_vec)
+                .unwrap_or_default(),
+            logprobs,
+        })
+    }
+
+    /// Whether the last streamed chunk carries usage.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt: usize,
+    /// Generated tokens.
+    pub completion: usize,
+}
+
+impl Usage {
+    /// The `usage` object.
+    pub fn json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        })
+    }
+}
+
+/// Which endpoint a response is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/chat/completions`.
+    Chat,
+}
+
+/// One generated token with its text, for log-probabilities.
+#[derive(Debug, Clone)]
+pub struct TokenOut {
+    /// The token's own text.
+    pub piece: String,
+    /// Its log-probabilities.
+    pub logprob: TokenLogprob,
+    /// The alternatives' texts, in `logprob.top` order.
+    pub top_pieces: Vec<String>,
+}
+
+/// The `logprobs` object of a choice.
+pub fn logprobs_json(endpoint: Endpoint, tokens: &[TokenOut]) -> Value {
+    match endpoint {
+        Endpoint::Completions => {
+            let mut offset = 0;
+            let mut offsets = Vec::new();
+            for t in tokens {
+                offsets.push(offset);
+                offset += t.piece.len();
+            }
+            json!({
+                "tokens": tokens.iter().map(|t| &t.piece).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.logprob.logprob).collect::<Vec<_>>(),
+                "top_logprobs": tokens.iter().map(|t| {
+                    t.top_pieces.iter().zip(&t.logprob.top)
+                        .map(|(p, (_, lp))| (p.clone(), json!(lp)))
+                        .collect::<serde_json::Map<_, _>>()
+                }).collect::<Vec<_>>(),
+                "text_offset": offsets,
+            })
+        }
+        Endpoint::Chat => json!({
+            "content": tokens.iter().map(|t| json!({
+                "token": t.piece,
+                "logprob": t.logprob.logprob,
+                "bytes": t.piece.as_bytes(),
+                "top_logprobs": t.top_pieces.iter().zip(&t.logprob.top).map(|(p, (_, lp))| json!({
+                    "token": p, "logprob": lp, "bytes": p.as_bytes(),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+/// What every response to one request shares.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Which endpoint.
+    pub endpoint: Endpoint,
+    /// `cmpl-...` or `chatcmpl-...`.
+    pub id: String,
+    /// The model named in the request.
+    pub model: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+impl Reply {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.endpoint, chunk) {
+            (Endpoint::Completions, _) => "text_completion",
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+        }
+    }
+
+    /// A whole (non-streamed) response.
+    pub fn whole(
+        &self,
+        text: &str,
+        logprobs: Option<Value>,
+        finish: FinishReason,
+        usage: Usage,
+    ) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Completions => json!({
+                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str(),
+            }),
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish.as_str(),
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": self.object(false),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage.json(),
+        })
+    }
+
+    /// One streamed chunk: new `text`, or the end with its reason (and usage when asked).
+    pub fn chunk(
+        &self,
+        text: Option<&str>,
+        logprobs: Option<Value>,
+        finish: Option<FinishReason>,
+        usage: Option<Usage>,
+    ) -> Value {
+        let finish = finish.map(FinishReason::as_str);
+        let choice = match self.endpoint {
+            Endpoint::Completions => json!({
+                "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish,
+            }),
+            Endpoint::Chat => {
+                let delta = match text {
+                    Some(t) => json!({"role": "assistant", "content": t}),
+                    None => json!({}),
+                };
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            }
+        };
+        let mut out = json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if let Some(u) = usage {
+            out["usage"] = u.json();
+        }
+        out
+    }
+}
+
+/// An OpenAI error body.
+pub fn error_json(message: &str, kind: &str, param: Option<&str>) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": null}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(v: Value) -> Sampling {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn out_of_range_fields_are_named() {
+        let err = |v| sampling(v).params(16, None, &[2], 0).unwrap_err();
+        assert!(err(json!({"temperature": 3.0})).starts_with("temperature:"));
+        assert!(err(json!({"top_p": 0.0})).starts_with("top_p:"));
+        assert!(err(json!({"max_tokens": 0})).starts_with("max_tokens:"));
+        assert!(err(json!({"n": 2})).starts_with("n:"));
+        assert!(err(json!({"top_k": -3})).starts_with("top_k:"));
+        assert!(err(json!({"use_beam_search": true})).starts_with("best_of:"));
+        let e = sampling(json!({}))
+            .params(16, Some(21), &[2], 0)
+            .unwrap_err();
+        assert!(e.starts_with("logprobs:"));
+    }
+
+    #[test]
+    fn defaults_and_extensions() {
+        let p = sampling(json!({"stop": "\n", "ignore_eos": true, "seed": 4}))
+            .params(16, None, &[2], 0)
+            .unwrap();
+        assert_eq!(
+            (p.max_tokens, p.sampling.temperature, p.sampling.seed),
+            (16, 1.0, 4)
+        );
+        assert_eq!(p.stop_strings, vec!["\n".to_string()]);
+        assert!(p.stop_ids.is_empty());
+        let p =
+            sampling(json!({"use_beam_search": true, "best_of": 3, "max_completion_tokens": 5}))
+                .params(16, None, &[2], 0)
+                .unwrap();
+        assert_eq!((p.beams, p.max_tokens, p.stop_ids.clone()), (3, 5, vec![2]));
+    }
+}

@@ -1,0 +1,355 @@
+//! `ft serve` over HTTP, as a client sees it: mixed-adapter batches give each request what it
+//! gets alone, streams equal whole answers, bad requests get their status, adapters load and
+//! unload at run time, and a client that goes away frees its KV blocks.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ft_adapters::peft::{LoraWeights, Matrix, PeftConfig};
+use ft_adapters::PeftAdapter;
+use ft_tests::{ft, tiny, tiny_model, Server};
+use serde_json::{json, Value};
+
+/// A rank-4 adapter on q_proj and v_proj of `layers` layers, for a model of hidden size
+/// `hidden` and key/value width `kv`.
+fn write_adapter(dir: &Path, layers: usize, hidden: usize, kv: usize, seed: usize) {
+    let matrix = |shape: [usize; 2], s: usize| Matrix {
+        shape,
+        data: (0..shape[0] * shape[1])
+            .map(|i| (((i * 31 + s * 17) % 23) as f32 - 11.0) * 0.01)
+            .collect(),
+    };
+    let mut modules = BTreeMap::new();
+    for i in 0..layers {
+        for (m, out) in [("q_proj", hidden), ("v_proj", kv)] {
+            modules.insert(
+                format!("model.layers.{i}.self_attn.{m}"),
+                LoraWeights {
+                    a: matrix([4, hidden], seed + i),
+                    b: matrix([out, 4], seed + i + 3),
+                },
+            );
+        }
+    }
+    let config: PeftConfig = serde_json::from_value(json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"], "bias": "none"
+    }))
+    .unwrap();
+    PeftAdapter { config, modules }.write(dir).unwrap();
+}
+
+fn completion(model: &str, prompt: &str, max_tokens: usize) -> Value {
+    json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+}
+
+fn text(answer: &Value) -> String {
+    answer["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text in {answer}"))
+        .to_string()
+}
+
+/// The streamed events of a request, parsed, up to `[DONE]`.
+fn stream(server: &Server, path: &str, mut body: Value) -> Vec<Value> {
+    body["stream"] = json!(true);
+    let resp = ureq::post(&format!("{}{path}", server.url))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .expect("stream");
+    let mut events = Vec::new();
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.unwrap();
+        if let Some(data) = line.strip_prefix("data: ") {
+            if data == "[DONE]" {
+                return events;
+            }
+            events.push(serde_json::from_str(data).unwrap());
+        }
+    }
+    panic!("the stream ended without [DONE]: {events:?}");
+}
+
+/// Polls `/metrics` until `name` reads `value`.
+fn wait_for(server: &Server, name: &str, value: f64) {
+    let start = Instant::now();
+    while server.metric(name) != value {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{name} stayed at {}",
+            server.metric(name)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_default_model_serves_mixed_adapter_batches_as_each_request_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    // SmolLM2-135M: 30 layers, hidden 576, 3 key/value heads of 64.
+    for (name, seed) in [("alpha", 1), ("beta", 9)] {
+        write_adapter(&dir.path().join(name), 30, 576, 192, seed);
+    }
+    let alpha = format!("alpha={}", dir.path().join("alpha").display());
+    let beta = format!("beta={}", dir.path().join("beta").display());
+    let server = Server::start(&[
+        "--weights",
+        "q8",
+        "--adapter",
+        &alpha,
+        "--adapter",
+        &beta,
+        "--served-model-name",
+        "base",
+    ]);
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time, in a small village,",
+        "def fibonacci(n):",
+        "The three primary colors are",
+    ];
+    let requests: Vec<Value> = prompts
+        .iter()
+        .flat_map(|p| ["base", "alpha", "beta"].map(|m| completion(m, p, 12)))
+        .collect();
+    let alone: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            let (status, answer) = server.post("/v1/completions", r);
+            assert_eq!(status, 200, "{answer}");
+            text(&answer)
+        })
+        .collect();
+    let together: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|r| s.spawn(|| text(&server.post("/v1/completions", r).1)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    for chunk in alone.chunks(3) {
+        assert!(
+            chunk[0] != chunk[1] || chunk[0] != chunk[2],
+            "adapters change outputs: {chunk:?}"
+        );
+    }
+    assert!(alone[0].contains("Paris"), "{}", alone[0]);
+
+    // A stream carries the same text as the whole answer, then usage.
+    let mut body = completion("alpha", prompts[1], 12);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = stream(&server, "/v1/completions", body);
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, alone[4]);
+    let last = events.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["usage"]["completion_tokens"], 12);
+
+    // Chat through the model's template, whole and streamed.
+    let chat = json!({"model": "beta", "messages": [{"role": "user", "content": "Name a fruit."}],
+        "max_tokens": 10, "temperature": 0});
+    let (status, answer) = server.post("/v1/chat/completions", &chat);
+    assert_eq!(status, 200, "{answer}");
+    let content = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!content.is_empty());
+    let events = stream(&server, "/v1/chat/completions", chat);
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, content);
+
+    // Models: the base, then each adapter.
+    let models: Value = serde_json::from_str(&server.get("/v1/models")).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["base", "alpha", "beta"]);
+
+    // A client that goes away mid-stream: its request stops and its blocks come back.
+    let resp = ureq::post(&format!("{}/v1/completions", server.url))
+        .set("Content-Type", "application/json")
+        .send_string(
+            &json!({"model": "alpha", "prompt": "Tell me a long story.", "max_tokens": 1500,
+            "stream": true, "ignore_eos": true})
+            .to_string(),
+        )
+        .unwrap();
+    let mut reader = BufReader::new(resp.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    let generated = server.metric("ft_generation_tokens_total");
+    drop(reader);
+    wait_for(&server, "ft_requests_running", 0.0);
+    wait_for(&server, "ft_kv_blocks_used", 0.0);
+    let after = server.metric("ft_generation_tokens_total");
+    assert!(
+        after - generated < 1000.0,
+        "generation stopped early: {generated} -> {after}"
+    );
+}
+
+#[test]
+fn bad_requests_get_their_status_and_an_openai_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    let server = Server::start(&["--model", gguf.to_str().unwrap(), "--api-key", "sesame"]);
+    let post = |body: &Value| server.post_with("/v1/completions", body, Some("sesame"));
+    let model = gguf.to_str().unwrap();
+    let cases = [
+        (
+            json!({"model": model, "prompt": "hi", "temperature": 9}),
+            400,
+            "temperature",
+        ),
+        (
+            json!({"model": model, "prompt": "hi", "top_p": 0}),
+            400,
+            "top_p",
+        ),
+        (
+            json!({"model": model, "prompt": "hi", "max_tokens": 0}),
+            400,
+            "max_tokens",
+        ),
+        (
+            json!({"model": model, "prompt": "hi", "max_tokens": 500}),
+            400,
+            "context of 64",
+        ),
+        (
+            json!({"model": model, "prompt": "hi", "logprobs": 50}),
+            400,
+            "logprobs",
+        ),
+        (json!({"model": model, "prompt": ["a", "b"]}), 400, "prompt"),
+        (json!({"model": model}), 400, "prompt"),
+        (json!({"model": "nope", "prompt": "hi"}), 404, "nope"),
+    ];
+    for (body, status, needle) in cases {
+        let (got, answer) = post(&body);
+        assert_eq!(got, status, "{body} -> {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{body} -> {message}");
+    }
+    let (status, answer) = server.post_with(
+        "/v1/chat/completions",
+        &json!({"model": model, "messages": []}),
+        Some("sesame"),
+    );
+    assert_eq!(status, 400, "{answer}");
+    // Not JSON at all.
+    let (status, answer) = server.post_with("/v1/completions", &json!("{oops"), Some("sesame"));
+    assert_eq!(
+        (status, answer["error"]["type"].as_str()),
+        (400, Some("invalid_request_error"))
+    );
+    // The key is required on /v1 but not on /health.
+    let (status, answer) = server.post("/v1/completions", &completion(model, "hi", 2));
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(server.get("/health"), r#"{"status":"ok"}"#);
+    let (status, _) = post(&completion(model, "hi", 2));
+    assert_eq!(status, 200);
+    let metrics = server.get("/metrics");
+    assert!(
+        metrics.contains("ft_http_requests_total{status=\"400\"} 9"),
+        "{metrics}"
+    );
+
+    // A full queue: 429.
+    let full = Server::start(&["--model", model, "--max-queue", "0"]);
+    let (status, answer) = full.post("/v1/completions", &completion(model, "hi", 2));
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(answer["error"]["type"], "rate_limit_error");
+}
+
+#[test]
+fn adapters_load_and_unload_at_run_time_from_allowed_folders_and_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    let model = gguf.to_str().unwrap();
+    let allowed = dir.path().join("allowed");
+    write_adapter(&allowed.join("one"), 2, 32, 16, 1);
+    write_adapter(&dir.path().join("outside"), 2, 32, 16, 2);
+    let registry = dir.path().join("registry");
+    let add = ft(&[
+        "adapters",
+        "add",
+        dir.path().join("outside").to_str().unwrap(),
+        "--name",
+        "two",
+        "--registry",
+        registry.to_str().unwrap(),
+    ]);
+    assert_eq!(add.code, 0, "{}", add.stderr);
+
+    let server = Server::start(&[
+        "--model",
+        model,
+        "--allowed-adapter-dir",
+        allowed.to_str().unwrap(),
+        "--registry",
+        registry.to_str().unwrap(),
+        "--max-adapters",
+        "1",
+    ]);
+    let load = |name: &str, path: &Path| {
+        server.post(
+            "/v1/load_lora_adapter",
+            &json!({"lora_name": name, "lora_path": path}),
+        )
+    };
+    let (status, answer) = load("one", &allowed.join("one"));
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = load("three", &dir.path().join("outside"));
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lora_path"),
+        "{answer}"
+    );
+    let (status, answer) = server.post(
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "four", "lora_path": "registry:two:1"}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let models = server.get("/v1/models");
+    for name in ["\"one\"", "\"two\"", "\"four\""] {
+        assert!(models.contains(name), "{name} in {models}");
+    }
+    // Each adapter answers (one in memory at a time: the others are reloaded on use).
+    let mut answers = Vec::new();
+    for name in ["one", "two", "four", "one"] {
+        let (status, answer) = server.post("/v1/completions", &completion(name, "abc", 6));
+        assert_eq!(status, 200, "{answer}");
+        answers.push(text(&answer));
+    }
+    assert_eq!(answers[0], answers[3]);
+    assert_eq!(
+        answers[1], answers[2],
+        "the same registry adapter under two names"
+    );
+    let (status, _) = server.post("/v1/unload_lora_adapter", &json!({"lora_name": "one"}));
+    assert_eq!(status, 200);
+    let (status, _) = server.post("/v1/completions", &completion("one", "abc", 6));
+    assert_eq!(status, 404);
+    let (status, _) = server.post("/v1/unload_lora_adapter", &json!({"lora_name": "one"}));
+    assert_eq!(status, 404);
+    // "one" was the adapter in memory; unloading it leaves none.
+    wait_for(&server, "ft_adapters_loaded", 0.0);
+}
