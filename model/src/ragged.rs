@@ -8,14 +8,15 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use ft_adapters::peft::PeftAdapter;
-use ft_adapters::Lora;
 use ft_quant::QuantBackend;
 
 use crate::adapter::lora_from;
 use crate::error::ModelError;
-use crate::llama::{grouped_attention, heads_first, Attend, LlamaForCausalLM, LoraLinear};
+use crate::llama::{
+    grouped_attention, heads_first, Attend, LlamaForCausalLM, LoraLinear, Rotation,
+};
 
 /// One sequence's new tokens in a ragged batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,22 +31,43 @@ pub struct Segment {
 
 /// Where a ragged forward keeps the keys and values of its sequences.
 pub trait KvStore<B: Backend> {
-    /// Stores the rotated keys and the values `[1, kv, s, d]` of segment `seg`'s new tokens in
-    /// `layer`, and returns every key and value of that sequence, `[1, kv, start + s, d]`.
-    fn write_and_read(
+    /// Stores the rotated keys and the values `[1, kv, s, d]` of segment `seg`'s new tokens
+    /// in `layer`.
+    fn write(&mut self, layer: usize, seg: usize, k: Tensor<B, 4>, v: Tensor<B, 4>);
+
+    /// Every stored key and value of the sequences of segments `segs` in `layer`, one row
+    /// each, `[segs.len(), kv, t, d]` with t the longest; a shorter sequence's row is padded
+    /// with arbitrary finite values past its end.
+    fn read(&mut self, layer: usize, segs: &[usize]) -> (Tensor<B, 4>, Tensor<B, 4>);
+
+    /// The attention of one new token per segment of `segs` (queries `[m, h, 1, d]`, rotated)
+    /// over every stored position, `[m, 1, h*d]`, where the store can compute it in place;
+    /// `None` has the forward [`Self::read`] and attend with tensor ops.
+    fn attend_decode(
         &mut self,
-        layer: usize,
-        seg: usize,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>);
+        _layer: usize,
+        _segs: &[usize],
+        _q: Tensor<B, 4>,
+    ) -> Option<Tensor<B, 3>> {
+        None
+    }
 }
 
 /// One PEFT adapter held apart from the model, so that rows of one batch can each use their
 /// own: `layers[i][j]` is layer i's linear j in [`crate::adapter::TARGETS`] order.
 #[derive(Debug)]
 pub struct ServedAdapter<B: Backend> {
-    layers: Vec<[Option<Lora<B>>; 7]>,
+    layers: Vec<[Option<LowRank<B>>; 7]>,
+}
+
+/// One module's update scale * x A^T B^T, kept as A^T and scale * B^T so that a run of rows
+/// costs two products.
+#[derive(Debug)]
+struct LowRank<B: Backend> {
+    /// [in, r]
+    a_t: Tensor<B, 2>,
+    /// [r, out], the scale folded in.
+    b_t: Tensor<B, 2>,
 }
 
 impl<B: Backend> ServedAdapter<B> {
@@ -59,26 +81,22 @@ impl<B: Backend> ServedAdapter<B> {
         let plan = model.plan_adapter(adapter, dir)?;
         let config = adapter.config.lora_config();
         let device = model.device();
-        let mut layers: Vec<[Option<Lora<B>>; 7]> = (0..model.model.layers.len())
+        let mut layers: Vec<[Option<LowRank<B>>; 7]> = (0..model.model.layers.len())
             .map(|_| Default::default())
             .collect();
         for (index, w) in plan {
-            layers[index / 7][index % 7] = Some(lora_from(&config, w, &device));
+            let lora = lora_from::<B>(&config, w, &device);
+            let transposed = |t: Tensor<B, 2>| {
+                let [rows, cols] = t.dims();
+                let data = t.transpose().into_data();
+                Tensor::<B, 2>::from_data(data, &device).reshape([cols, rows])
+            };
+            layers[index / 7][index % 7] = Some(LowRank {
+                a_t: transposed(lora.lora_a.val()),
+                b_t: transposed(lora.lora_b.val() * lora.scale),
+            });
         }
         Ok(Self { layers })
-    }
-
-    /// Parameters held, for memory accounting.
-    pub fn num_params(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|l| {
-                l.lora_a.val().dims().iter().product::<usize>()
-                    + l.lora_b.val().dims().iter().product::<usize>()
-            })
-            .sum()
     }
 }
 
@@ -97,7 +115,8 @@ struct RowAdapters<'a, B: Backend> {
 }
 
 impl<B: QuantBackend> RowAdapters<'_, B> {
-    /// `linear` (module `module` of layer `layer`) on every row, plus each run's adapter.
+    /// `linear` (module `module` of layer `layer`) on every row, plus each run's adapter;
+    /// the updates of adjacent runs are added in one piece.
     ///
     /// # Shapes
     /// - x: `[1, n, in]` -> `[1, n, out]`
@@ -109,17 +128,80 @@ impl<B: QuantBackend> RowAdapters<'_, B> {
         x: Tensor<B, 3>,
     ) -> Tensor<B, 3> {
         let mut y = linear.forward(x.clone());
-        let out = y.dims()[2];
+        let [_, _, out] = y.dims();
+        let n_in = x.dims()[2];
+        let mut pending: Vec<Tensor<B, 2>> = Vec::new();
+        let mut span = 0..0;
+        let flush =
+            |y: Tensor<B, 3>, pending: &mut Vec<Tensor<B, 2>>, span: &std::ops::Range<usize>| {
+                if pending.is_empty() {
+                    return y;
+                }
+                let delta = Tensor::cat(std::mem::take(pending), 0).unsqueeze::<3>();
+                let rows = [0..1, span.clone(), 0..out];
+                let updated = y.clone().slice(rows.clone()) + delta;
+                y.slice_assign(rows, updated)
+            };
         for run in &self.runs {
-            let Some(lora) = &self.adapters[run.adapter].layers[layer][module] else {
+            let Some(w) = &self.adapters[run.adapter].layers[layer][module] else {
                 continue;
             };
-            let rows = [0..1, run.start..run.start + run.len, 0..out];
-            let delta = lora.forward(x.clone().narrow(1, run.start, run.len));
-            let updated = y.clone().slice(rows.clone()) + delta;
-            y = y.slice_assign(rows, updated);
+            if span.end != run.start {
+                y = flush(y, &mut pending, &span);
+                span = run.start..run.start;
+            }
+            let xs = x
+                .clone()
+                .narrow(1, run.start, run.len)
+                .reshape([run.len, n_in]);
+            pending.push(xs.matmul(w.a_t.clone()).matmul(w.b_t.clone()));
+            span.end = run.start + run.len;
         }
-        y
+        flush(y, &mut pending, &span)
+    }
+}
+
+/// What the decoding segments of one forward share across layers.
+struct DecodeBatch<B: Backend> {
+    /// Each decoding segment's row in the flattened batch.
+    rows: Tensor<B, 1, Int>,
+    /// Each one's RoPE angles, `[m, 1, 1, d]`.
+    rotation: Rotation<B>,
+    /// `[m, 1, 1, t]`: true past each sequence's end; `None` when all have the same length.
+    mask: Option<Tensor<B, 4, Bool>>,
+}
+
+impl<B: QuantBackend> DecodeBatch<B> {
+    fn new(
+        model: &LlamaForCausalLM<B>,
+        segments: &[Segment],
+        offsets: &[usize],
+        decode: &[usize],
+        device: &B::Device,
+    ) -> Option<Self> {
+        if decode.is_empty() {
+            return None;
+        }
+        let m = decode.len();
+        let rows: Vec<i64> = decode.iter().map(|&i| offsets[i] as i64).collect();
+        let positions: Vec<i64> = decode.iter().map(|&i| segments[i].start as i64).collect();
+        let lengths: Vec<usize> = decode.iter().map(|&i| segments[i].start + 1).collect();
+        let t = lengths.iter().copied().max().unwrap_or(1);
+        let mask = lengths.iter().any(|&l| l != t).then(|| {
+            let blocked: Vec<bool> = lengths
+                .iter()
+                .flat_map(|&l| (0..t).map(move |j| j >= l))
+                .collect();
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(blocked, [m, 1, 1, t]), device)
+        });
+        Some(Self {
+            rows: Tensor::from_data(TensorData::new(rows, [m]), device),
+            rotation: model.model.rotary_emb.at_positions(Tensor::from_data(
+                TensorData::new(positions, [m, 1]),
+                device,
+            )),
+            mask,
+        })
     }
 }
 
@@ -157,10 +239,43 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
             at += seg.len;
         }
         let rows = RowAdapters { runs, adapters };
-        let attends: Vec<Attend<B>> = segments
-            .iter()
-            .map(|s| Attend::causal(&self.model.rotary_emb, s.start, s.len, &device))
+        // Decoding segments (one new token each) attend together as one padded batch;
+        // longer ones (prompt chunks) one by one.
+        let decode: Vec<usize> = (0..segments.len())
+            .filter(|&i| segments[i].len == 1)
             .collect();
+        let chunks: Vec<usize> = (0..segments.len())
+            .filter(|&i| segments[i].len > 1)
+            .collect();
+        let decoding = DecodeBatch::new(self, segments, &offsets, &decode, &device);
+        let attends: Vec<Attend<B>> = chunks
+            .iter()
+            .map(|&i| {
+                Attend::causal(
+                    &self.model.rotary_emb,
+                    segments[i].start,
+                    segments[i].len,
+                    &device,
+                )
+            })
+            .collect();
+        // Attention outputs come decode rows first, then each chunk's rows: back to batch order.
+        let order: Vec<usize> = decode
+            .iter()
+            .map(|&i| offsets[i])
+            .chain(
+                chunks
+                    .iter()
+                    .flat_map(|&i| offsets[i]..offsets[i] + segments[i].len),
+            )
+            .collect();
+        let restore = (order.iter().enumerate().any(|(j, &o)| j != o)).then(|| {
+            let mut inverse = vec![0i64; n];
+            for (j, &o) in order.iter().enumerate() {
+                inverse[o] = j as i64;
+            }
+            Tensor::<B, 1, Int>::from_data(TensorData::new(inverse, [n]), &device)
+        });
         let input: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         let mut x = self.embed(Tensor::<B, 2, Int>::from_data(
             TensorData::new(input, [1, n]),
@@ -173,17 +288,47 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
             let q = rows.project(&a.q_proj, l, 0, normed.clone()); // [1, n, h*d]
             let k = rows.project(&a.k_proj, l, 1, normed.clone()); // [1, n, kv*d]
             let v = rows.project(&a.v_proj, l, 2, normed); // [1, n, kv*d]
-            let mut outs = Vec::with_capacity(segments.len());
-            for (i, (seg, attend)) in segments.iter().zip(&attends).enumerate() {
+            let mut outs = Vec::with_capacity(chunks.len() + 1);
+            if let Some(batch) = &decoding {
+                let m = decode.len();
+                let pick = |t: &Tensor<B, 3>, heads| {
+                    t.clone()
+                        .select(1, batch.rows.clone())
+                        .reshape([m, heads, 1, d])
+                };
+                let qd = batch.rotation.apply(pick(&q, h)); // [m, h, 1, d]
+                let kd = batch.rotation.apply(pick(&k, kvh)); // [m, kv, 1, d]
+                let vd = pick(&v, kvh);
+                for (j, &seg) in decode.iter().enumerate() {
+                    kv.write(
+                        l,
+                        seg,
+                        kd.clone().narrow(0, j, 1),
+                        vd.clone().narrow(0, j, 1),
+                    );
+                }
+                let out = kv.attend_decode(l, &decode, qd.clone()).unwrap_or_else(|| {
+                    let (keys, values) = kv.read(l, &decode); // [m, kv, t, d]
+                    grouped_attention(qd, keys, values, batch.mask.as_ref())
+                }); // [m, 1, h*d]
+                outs.push(out.reshape([1, m, h * d]));
+            }
+            for (&i, attend) in chunks.iter().zip(&attends) {
+                let seg = segments[i];
                 let part = |t: &Tensor<B, 3>, heads| {
                     heads_first(t.clone().narrow(1, offsets[i], seg.len), heads, d)
                 };
                 let qi = attend.rotation.apply(part(&q, h)); // [1, h, s, d]
                 let ki = attend.rotation.apply(part(&k, kvh)); // [1, kv, s, d]
-                let (keys, values) = kv.write_and_read(l, i, ki, part(&v, kvh));
+                kv.write(l, i, ki, part(&v, kvh));
+                let (keys, values) = kv.read(l, &[i]);
                 outs.push(grouped_attention(qi, keys, values, attend.mask.as_ref()));
             }
-            let attn = rows.project(&a.o_proj, l, 3, Tensor::cat(outs, 1));
+            let mut attn = Tensor::cat(outs, 1); // [1, n, h*d]
+            if let Some(inverse) = &restore {
+                attn = attn.select(1, inverse.clone());
+            }
+            let attn = rows.project(&a.o_proj, l, 3, attn);
             let x1 = x + attn;
             let normed = layer.post_attention_layernorm.forward(x1.clone());
             let m = &layer.mlp;
@@ -222,23 +367,41 @@ mod tests {
 
     type B = NdArray<f32>;
 
-    /// Each sequence's keys and values in a plain growing cache.
-    struct Caches(Vec<KvCache<B>>, Vec<usize>);
+    /// Each sequence's keys and values in a plain growing cache: `.1[seg]` is segment seg's
+    /// sequence, `.2` what each (layer, sequence) holds.
+    struct Caches(
+        Vec<KvCache<B>>,
+        Vec<usize>,
+        std::collections::HashMap<(usize, usize), (Tensor<B, 4>, Tensor<B, 4>)>,
+    );
 
     impl KvStore<B> for Caches {
-        fn write_and_read(
-            &mut self,
-            layer: usize,
-            seg: usize,
-            k: Tensor<B, 4>,
-            v: Tensor<B, 4>,
-        ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        fn write(&mut self, layer: usize, seg: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
             let seq = self.1[seg];
-            crate::cache::LayerCache::append(self.0[seq].layer(layer), k, v)
+            let all = crate::cache::LayerCache::append(self.0[seq].layer(layer), k, v);
+            self.2.insert((layer, seq), all);
+        }
+
+        fn read(&mut self, layer: usize, segs: &[usize]) -> (Tensor<B, 4>, Tensor<B, 4>) {
+            let parts: Vec<_> = segs
+                .iter()
+                .map(|&s| self.2[&(layer, self.1[s])].clone())
+                .collect();
+            let t = parts.iter().map(|(k, _)| k.dims()[2]).max().unwrap_or(0);
+            let pad = |x: Tensor<B, 4>| {
+                let [b, kv, len, d] = x.dims();
+                Tensor::cat(
+                    vec![x, Tensor::ones([b, kv, t - len, d], &Default::default())],
+                    2,
+                )
+            };
+            let (ks, vs): (Vec<_>, Vec<_>) =
+                parts.into_iter().map(|(k, v)| (pad(k), pad(v))).unzip();
+            (Tensor::cat(ks, 0), Tensor::cat(vs, 0))
         }
     }
 
-    fn adapter(seed: usize, model: &LlamaForCausalLM<B>) -> ServedAdapter<B> {
+    fn adapter(seed: usize) -> PeftAdapter {
         let matrix = |shape: [usize; 2], s: usize| Matrix {
             shape,
             data: (0..shape[0] * shape[1])
@@ -268,8 +431,7 @@ mod tests {
             "target_modules": ["v_proj", "up_proj"], "bias": "none"
         }))
         .unwrap();
-        let peft = PeftAdapter { config, modules };
-        ServedAdapter::new(model, &peft, Path::new("a")).unwrap()
+        PeftAdapter { config, modules }
     }
 
     #[test]
@@ -277,12 +439,16 @@ mod tests {
         B::seed(&Default::default(), 11);
         let c = tiny_config();
         let base = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
-        let adapters = [adapter(1, &base), adapter(50, &base)];
+        let pefts = [adapter(1), adapter(50)];
+        let adapters: Vec<ServedAdapter<B>> = pefts
+            .iter()
+            .map(|p| ServedAdapter::new(&base, p, Path::new("a")).unwrap())
+            .collect();
         let refs: Vec<&ServedAdapter<B>> = adapters.iter().collect();
         // Three sequences: base, adapter 0, adapter 1; prompts of different lengths.
         let prompts: [&[u32]; 3] = [&[5, 6, 7, 8, 9], &[100, 3], &[9, 9, 9, 40]];
         let which = [None, Some(0), Some(1)];
-        let mut store = Caches(vec![KvCache::new(&c); 3], vec![0, 1, 2]);
+        let mut store = Caches(vec![KvCache::new(&c); 3], vec![0, 1, 2], Default::default());
         let segments: Vec<Segment> = prompts
             .iter()
             .zip(which)
@@ -311,14 +477,7 @@ mod tests {
         for i in 0..3 {
             let mut alone = base.clone();
             if let Some(a) = which[i] {
-                for (l, layer) in alone.model.layers.iter_mut().enumerate() {
-                    let (linears, _) = layer.parts_mut();
-                    for (j, (_, linear)) in linears.into_iter().enumerate() {
-                        if let Some(lora) = &adapters[a].layers[l][j] {
-                            linear.attach_in_place(lora.clone());
-                        }
-                    }
-                }
+                alone.attach_adapter(&pefts[a], Path::new("a")).unwrap();
             }
             let mut seq: Vec<u32> = prompts[i].to_vec();
             let full = |seq: &[u32]| {

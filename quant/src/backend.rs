@@ -26,6 +26,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
+use crate::attention;
 use crate::device_packed::DevicePacked;
 use crate::linear::{project, Packed};
 use crate::matvec;
@@ -60,6 +61,19 @@ pub trait QuantBackend: Backend {
     /// Whether this backend can multiply by packed weights in bf16 ([`set_bf16_compute`]).
     fn bf16_compute_supported() -> bool {
         false
+    }
+
+    /// Attention of decoding rows straight from a paged KV cache ([`crate::attention`]):
+    /// q `[m, h, d]`, keys and values `[blocks, kv, block_size, d]`, `rows[i]` = row i's
+    /// block table and length; `[m, 1, h*d]`. `None` where the backend has no such kernel:
+    /// the caller then gathers the blocks and attends with tensor ops.
+    fn paged_decode_attention(
+        _q: FloatTensor<Self>,
+        _keys: &FloatTensor<Self>,
+        _values: &FloatTensor<Self>,
+        _rows: &[(&[usize], usize)],
+    ) -> Option<FloatTensor<Self>> {
+        None
     }
 }
 
@@ -144,6 +158,41 @@ where
         let w = Self::packed_weight(weight, &x.device());
         let w = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(w));
         project(x, w).into_primitive().tensor()
+    }
+
+    /// The host kernel, reading the pool's f32 storage in place.
+    fn paged_decode_attention(
+        q: FloatTensor<Self>,
+        keys: &FloatTensor<Self>,
+        values: &FloatTensor<Self>,
+        rows: &[(&[usize], usize)],
+    ) -> Option<FloatTensor<Self>> {
+        let (NdArrayTensor::F32(k), NdArrayTensor::F32(v)) = (keys, values) else {
+            return None;
+        };
+        let (k, v) = (k.view(), v.view());
+        let (&[_, kv_heads, block_size, head_dim], Some(ks), Some(vs)) =
+            (k.shape(), k.as_slice(), v.as_slice())
+        else {
+            return None;
+        };
+        let q = Tensor::<Self, 3>::from_primitive(TensorPrimitive::Float(q));
+        let [m, heads, _] = q.dims();
+        let device = q.device();
+        let q = q.into_data().into_vec::<f32>().ok()?;
+        let layout = attention::PagedLayout {
+            heads,
+            kv_heads,
+            block_size,
+            head_dim,
+        };
+        let out = attention::paged_decode_attention(&q, ks, vs, layout, rows);
+        let out = TensorData::new(out, [m, 1, heads * head_dim]).convert::<E>();
+        Some(
+            Tensor::<Self, 3>::from_data(out, &device)
+                .into_primitive()
+                .tensor(),
+        )
     }
 }
 

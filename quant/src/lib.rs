@@ -11,6 +11,7 @@
 //! Must not import any other ft crate: it knows nothing of LoRA, models or training.
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod backend;
 pub mod bnb4;
 pub mod device_packed;

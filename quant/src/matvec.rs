@@ -103,6 +103,8 @@ pub fn supports(ty: GgmlType) -> bool {
 /// the scale d = absmax / 127 and s = d * (sum of the codes).
 struct Q8Rows {
     qs: Vec<i8>,
+    /// The codes plus 128, as unsigned bytes (VNNI multiplies unsigned by signed).
+    qu: Vec<u8>,
     d: Vec<f32>,
     s: Vec<f32>,
 }
@@ -112,6 +114,7 @@ impl Q8Rows {
         let blocks = x.len() / BLOCK;
         let mut out = Self {
             qs: Vec::with_capacity(x.len()),
+            qu: Vec::with_capacity(x.len()),
             d: Vec::with_capacity(blocks),
             s: Vec::with_capacity(blocks),
         };
@@ -121,6 +124,8 @@ impl Q8Rows {
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let start = out.qs.len();
             out.qs.extend(block.iter().map(|v| (v * id).round() as i8));
+            out.qu
+                .extend(out.qs[start..].iter().map(|&q| (q as u8) ^ 0x80));
             let sum: i32 = out.qs[start..].iter().map(|&q| q as i32).sum();
             out.d.push(d);
             out.s.push(d * sum as f32);
@@ -158,17 +163,38 @@ fn matmul_on(
     }
     let xq = Q8Rows::new(x);
     let blocks = k / BLOCK;
-    by_weight_rows(n, m, |r, i| {
-        let xr = i * blocks..(i + 1) * blocks;
-        dot(
-            isa,
-            ty,
-            &w[r * row_bytes..(r + 1) * row_bytes],
-            &xq.qs[i * k..(i + 1) * k],
-            &xq.d[xr.clone()],
-            &xq.s[xr],
-        )
+    by_weight_rows(n, m, |r, out| {
+        let w = &w[r * row_bytes..(r + 1) * row_bytes];
+        let row = |i: usize| Q8Row {
+            qs: &xq.qs[i * k..(i + 1) * k],
+            qu: &xq.qu[i * k..(i + 1) * k],
+            d: &xq.d[i * blocks..(i + 1) * blocks],
+            s: &xq.s[i * blocks..(i + 1) * blocks],
+        };
+        // Four activation rows at a time share each decoded weight block; every row's sums
+        // are the same whichever rows it shares a tile with.
+        let mut i = 0;
+        while i + TILE <= m {
+            let rows: [Q8Row; TILE] = std::array::from_fn(|j| row(i + j));
+            out[i..i + TILE].copy_from_slice(&dots(isa, ty, w, rows));
+            i += TILE;
+        }
+        for (i, o) in out.iter_mut().enumerate().skip(i) {
+            *o = dots(isa, ty, w, [row(i)])[0];
+        }
     })
+}
+
+/// Activation rows one weight row meets at once.
+const TILE: usize = 4;
+
+/// One quantized activation row: codes, block scales, scaled code sums.
+#[derive(Clone, Copy)]
+struct Q8Row<'a> {
+    qs: &'a [i8],
+    qu: &'a [u8],
+    d: &'a [f32],
+    s: &'a [f32],
 }
 
 /// y [m, n] = x [m, k] W^T for W [n, k] stored as bf16 bits, activations in f32 (bf16 has
@@ -184,30 +210,31 @@ fn matmul_bf16_on(isa: Isa, w: &[u16], n: usize, k: usize, x: &[f32], m: usize) 
     if m == 0 || n == 0 {
         return Vec::new();
     }
-    by_weight_rows(n, m, |r, i| {
-        let (wrow, xrow) = (&w[r * k..(r + 1) * k], &x[i * k..(i + 1) * k]);
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AVX2 and FMA were detected for both variants; the rows have the same
-            // length.
-            Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(wrow, xrow) },
-            _ => portable::dot_bf16(wrow, xrow),
+    by_weight_rows(n, m, |r, out| {
+        let wrow = &w[r * k..(r + 1) * k];
+        for (i, o) in out.iter_mut().enumerate() {
+            let xrow = &x[i * k..(i + 1) * k];
+            *o = match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2 and FMA were detected for both variants; the rows have the
+                // same length.
+                Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(wrow, xrow) },
+                _ => portable::dot_bf16(wrow, xrow),
+            };
         }
     })
 }
 
-/// y [m, n] with y[i, r] = `dot(r, i)` for weight row r and activation row i, the weight rows
-/// split evenly over rayon's threads (each task owns a run of rows of the transposed output).
-fn by_weight_rows(n: usize, m: usize, dot: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
+/// y [m, n] where `row(r, out)` fills out[i] = y[i, r] for weight row r, the weight rows split
+/// evenly over rayon's threads (each task owns a run of rows of the transposed output).
+fn by_weight_rows(n: usize, m: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut yt = vec![0f32; n * m];
     let rows_per_task = n.div_ceil(rayon::current_num_threads()).max(1);
     yt.par_chunks_mut(rows_per_task * m)
         .enumerate()
         .for_each(|(t, out)| {
             for (j, out_row) in out.chunks_mut(m).enumerate() {
-                for (i, o) in out_row.iter_mut().enumerate() {
-                    *o = dot(t * rows_per_task + j, i);
-                }
+                row(t * rows_per_task + j, out_row);
             }
         });
     transpose(&yt, n, m)
@@ -224,17 +251,17 @@ fn transpose(yt: &[f32], n: usize, m: usize) -> Vec<f32> {
     y
 }
 
-/// One weight row against one quantized activation row.
-fn dot(isa: Isa, ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
+/// One weight row against R quantized activation rows.
+fn dots<const R: usize>(isa: Isa, ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is active only where AVX2, FMA and F16C were detected, and the
         // slices hold whole blocks (checked by `matmul`).
-        Isa::Avx2 => unsafe { avx2::dot(ty, w, qs, d, s) },
+        Isa::Avx2 => unsafe { avx2::dots(ty, w, rows) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, with AVX-512 VNNI, VL and BW detected too.
-        Isa::Avx512Vnni => unsafe { avx2::dot_vnni(ty, w, qs, d, s) },
-        _ => portable::dot(ty, w, qs, d, s),
+        Isa::Avx512Vnni => unsafe { avx2::dots_vnni(ty, w, rows) },
+        _ => rows.map(|x| portable::dot(ty, w, x.qs, x.d, x.s)),
     }
 }
 
@@ -300,65 +327,86 @@ mod avx2 {
     use super::*;
 
     /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; `w` holds whole blocks of `ty` and `qs`
+    /// The CPU must have AVX2, FMA and F16C; `w` holds whole blocks of `ty` and each row
     /// 32 codes per block of `w`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot(ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
-        dot_with::<false>(ty, w, qs, d, s)
+    pub unsafe fn dots<const R: usize>(ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
+        dots_with::<false, R>(ty, w, rows)
     }
 
-    /// [`dot`] with the byte products summed by AVX-512 VNNI's `vpdpbusd`.
+    /// [`dots`] with the byte products summed by AVX-512 VNNI's `vpdpbusd`.
     ///
     /// # Safety
-    /// As [`dot`], and the CPU must have AVX-512 F, BW, VL and VNNI.
+    /// As [`dots`], and the CPU must have AVX-512 F, BW, VL and VNNI.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn dot_vnni(ty: GgmlType, w: &[u8], qs: &[i8], d: &[f32], s: &[f32]) -> f32 {
-        dot_with::<true>(ty, w, qs, d, s)
+    pub unsafe fn dots_vnni<const R: usize>(ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
+        dots_with::<true, R>(ty, w, rows)
     }
 
-    /// The loop of both: per block, the byte products of weights and activations scaled by
-    /// both block scales, plus the Q4_1 minimum times the activations' scaled sum.
+    /// The loop of both: per weight block, decoded once, and per row, the byte products of
+    /// weights and activations scaled by both block scales, plus the Q4_1 minimum times the
+    /// activations' scaled sum.
     #[inline(always)]
-    unsafe fn dot_with<const VNNI: bool>(
+    unsafe fn dots_with<const VNNI: bool, const R: usize>(
         ty: GgmlType,
         w: &[u8],
-        qs: &[i8],
-        d: &[f32],
-        s: &[f32],
-    ) -> f32 {
+        rows: [Q8Row; R],
+    ) -> [f32; R] {
         let bytes = ty.block_bytes();
         let blocks = w.len() / bytes;
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_min = 0f32;
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc_min = [0f32; R];
         let low = _mm256_set1_epi8(0x0f);
         for b in 0..blocks {
             let wb = w.as_ptr().add(b * bytes);
-            let x = _mm256_loadu_si256(qs.as_ptr().add(b * BLOCK) as *const __m256i);
             let dw = half_to_f32(wb);
-            let (unsigned_q, signed_x) = match ty {
-                GgmlType::Q8_0 => {
-                    let q = _mm256_loadu_si256(wb.add(2) as *const __m256i);
-                    // The unsigned-by-signed product: move q's sign onto x.
-                    (_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q))
-                }
-                GgmlType::Q4_0 => {
-                    let q = _mm256_sub_epi8(nibbles(wb.add(2), low), _mm256_set1_epi8(8));
-                    (_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q))
-                }
-                _ => {
-                    acc_min += half_to_f32(wb.add(2)) * s[b];
-                    (nibbles(wb.add(4), low), x)
-                }
+            // Signed codes get the unsigned-by-signed product by moving their sign onto x.
+            let (q, signed, min) = match ty {
+                GgmlType::Q8_0 => (_mm256_loadu_si256(wb.add(2) as *const __m256i), true, 0.0),
+                GgmlType::Q4_0 => (
+                    _mm256_sub_epi8(nibbles(wb.add(2), low), _mm256_set1_epi8(8)),
+                    true,
+                    0.0,
+                ),
+                _ => (nibbles(wb.add(4), low), false, half_to_f32(wb.add(2))),
             };
-            let sums = if VNNI {
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned_q, signed_x)
+            let unsigned_q = if signed { _mm256_sign_epi8(q, q) } else { q };
+            // With VNNI, signed codes meet x + 128 (unsigned) and the block's 128 * sum(q)
+            // is taken off first: the same integer sum, one instruction per row.
+            let offset = if VNNI && signed {
+                let ones = _mm256_set1_epi8(-128i8);
+                _mm256_sub_epi32(
+                    _mm256_setzero_si256(),
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, q),
+                )
             } else {
-                let pairs = _mm256_maddubs_epi16(unsigned_q, signed_x);
-                _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+                _mm256_setzero_si256()
             };
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[b]), _mm256_cvtepi32_ps(sums), acc);
+            for (j, x) in rows.iter().enumerate() {
+                let sums = if VNNI && signed {
+                    let xu = _mm256_loadu_si256(x.qu.as_ptr().add(b * BLOCK) as *const __m256i);
+                    _mm256_dpbusd_epi32(offset, xu, q)
+                } else {
+                    let xv = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
+                    if !signed {
+                        acc_min[j] += min * x.s[b];
+                    }
+                    if VNNI {
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned_q, xv)
+                    } else {
+                        let signed_x = if signed { _mm256_sign_epi8(xv, q) } else { xv };
+                        let pairs = _mm256_maddubs_epi16(unsigned_q, signed_x);
+                        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+                    }
+                };
+                acc[j] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(dw * x.d[b]),
+                    _mm256_cvtepi32_ps(sums),
+                    acc[j],
+                );
+            }
         }
-        horizontal_sum(acc) + acc_min
+        std::array::from_fn(|j| horizontal_sum(acc[j]) + acc_min[j])
     }
 
     /// sum w * x for bf16 `w` and f32 `x` of one length.
@@ -482,6 +530,28 @@ mod tests {
                             "{ty:?} {isa:?} n={n} k={k} m={m} at {j}: {g} vs {e}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_in_a_tile_and_alone() {
+        // 7 rows: one tile of four, then three alone; each must equal its own m = 1 call.
+        let (n, k, m) = (9, 96, 7);
+        let w = values(n * k, 5);
+        let x = values(m * k, 6);
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let bytes = encode(ty, &w);
+            for isa in Isa::available() {
+                let batch = matmul_on(isa, ty, &bytes, n, k, &x, m);
+                for i in 0..m {
+                    let alone = matmul_on(isa, ty, &bytes, n, k, &x[i * k..(i + 1) * k], 1);
+                    assert_eq!(
+                        batch[i * n..(i + 1) * n],
+                        alone[..],
+                        "{ty:?} {isa:?} row {i}"
+                    );
                 }
             }
         }

@@ -457,7 +457,7 @@ impl<B: QuantBackend> Engine<B> {
         }
         let adapters: Vec<&ServedAdapter<B>> =
             names.iter().filter_map(|n| self.adapters.get(n)).collect();
-        let mut kv = self.pool.step(tables, starts, &lens);
+        let mut kv = self.pool.step(tables, starts, lens);
         let hidden = self
             .model
             .forward_ragged(&ids, &segments, &adapters, &mut kv); // [segments, e]

@@ -1,16 +1,18 @@
 //! The storage behind the paged KV cache: per layer, one key and one value tensor of
-//! `[kv, blocks * block_size, d]`, where block b holds slots `b * block_size ..`. A sequence's
-//! position p lives in slot `table[p / block_size] * block_size + p % block_size`.
+//! `[blocks, kv, block_size, d]`. A sequence's position p lives in block `table[p /
+//! block_size]` at offset `p % block_size`; reading a sequence gathers its blocks (one index
+//! per block, not per token) and lays them end to end.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use ft_model::ragged::KvStore;
+use ft_model::QuantBackend;
 
 /// Keys and values of every block, for every layer.
 #[derive(Debug)]
 pub struct KvPool<B: Backend> {
-    keys: Vec<Tensor<B, 3>>,
-    values: Vec<Tensor<B, 3>>,
+    keys: Vec<Tensor<B, 4>>,
+    values: Vec<Tensor<B, 4>>,
     block_size: usize,
 }
 
@@ -24,7 +26,7 @@ impl<B: Backend> KvPool<B> {
         block_size: usize,
         device: &B::Device,
     ) -> Self {
-        let empty = || Tensor::zeros([kv_heads, blocks * block_size, head_dim], device);
+        let empty = || Tensor::zeros([blocks, kv_heads, block_size, head_dim], device);
         Self {
             keys: (0..layers).map(|_| empty()).collect(),
             values: (0..layers).map(|_| empty()).collect(),
@@ -39,42 +41,29 @@ impl<B: Backend> KvPool<B> {
 
     /// Copies block `src` into block `dst` in every layer (copy on write of a shared block).
     pub fn copy_block(&mut self, src: usize, dst: usize) {
-        let bs = self.block_size;
         for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            let [kv, _, d] = t.dims();
-            let piece = t.clone().narrow(1, src * bs, bs);
+            let [_, kv, bs, d] = t.dims();
+            let piece = t.clone().narrow(0, src, 1);
             // A copy that shares nothing with the pool, so the assignment stays in place.
             let piece = Tensor::from_data(piece.into_data(), &t.device());
-            assign(t, [0..kv, dst * bs..dst * bs + bs, 0..d], piece);
+            assign(t, [dst..dst + 1, 0..kv, 0..bs, 0..d], piece);
         }
     }
 
     /// The view a ragged forward writes and reads through: segment i continues the sequence
-    /// whose block table is `tables[i]`, after `starts[i]` stored tokens.
+    /// whose block table is `tables[i]`, after `starts[i]` stored tokens, with `lens[i]` new.
     pub fn step<'a>(
         &'a mut self,
         tables: Vec<&'a [usize]>,
         starts: Vec<usize>,
-        lens: &[usize],
+        lens: Vec<usize>,
     ) -> StepKv<'a, B> {
-        let device = self.keys[0].device();
-        let bs = self.block_size;
-        let reads = tables
-            .iter()
-            .zip(starts.iter().zip(lens))
-            .map(|(table, (start, len))| {
-                let slots: Vec<i64> = (0..start + len)
-                    .map(|p| (table[p / bs] * bs + p % bs) as i64)
-                    .collect();
-                let n = slots.len();
-                Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [n]), &device)
-            })
-            .collect();
         StepKv {
             pool: self,
             tables,
             starts,
-            reads,
+            lens,
+            reads: Vec::new(),
         }
     }
 }
@@ -84,49 +73,107 @@ pub struct StepKv<'a, B: Backend> {
     pool: &'a mut KvPool<B>,
     tables: Vec<&'a [usize]>,
     starts: Vec<usize>,
-    /// Per segment: the slot of each of its positions, new ones included.
-    reads: Vec<Tensor<B, 1, Int>>,
+    lens: Vec<usize>,
+    /// The blocks each group of segments reads, padded to the most, built on first use.
+    reads: Vec<(Vec<usize>, BlockList<B>)>,
 }
 
-impl<B: Backend> KvStore<B> for StepKv<'_, B> {
-    fn write_and_read(
-        &mut self,
-        layer: usize,
-        seg: usize,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+/// Blocks of a group of sequences, each padded to the most: the block ids, blocks per
+/// sequence, and the longest sequence in tokens.
+type BlockList<B> = (Tensor<B, 1, Int>, usize, usize);
+
+impl<B: Backend> StepKv<'_, B> {
+    /// The blocks of `segs`' sequences, each list padded to the longest with its first block;
+    /// that many blocks; and the longest sequence in tokens.
+    fn blocks(&mut self, segs: &[usize]) -> BlockList<B> {
+        if let Some((_, list)) = self.reads.iter().find(|(s, _)| s == segs) {
+            return list.clone();
+        }
+        let bs = self.pool.block_size;
+        let len = |i: usize| self.starts[i] + self.lens[i];
+        let t = segs.iter().map(|&i| len(i)).max().unwrap_or(0);
+        let nb = t.div_ceil(bs);
+        let mut blocks = Vec::with_capacity(segs.len() * nb);
+        for &i in segs {
+            let table = &self.tables[i][..len(i).div_ceil(bs)];
+            blocks.extend(
+                (0..nb)
+                    .map(|b| table.get(b).unwrap_or(&table[0]))
+                    .map(|&b| b as i64),
+            );
+        }
+        let n = blocks.len();
+        let device = self.pool.keys[0].device();
+        let blocks = Tensor::<B, 1, Int>::from_data(TensorData::new(blocks, [n]), &device);
+        self.reads.push((segs.to_vec(), (blocks.clone(), nb, t)));
+        (blocks, nb, t)
+    }
+}
+
+impl<B: QuantBackend> KvStore<B> for StepKv<'_, B> {
+    fn write(&mut self, layer: usize, seg: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
         let [_, kv, s, d] = k.dims();
         let bs = self.pool.block_size;
         let (table, start) = (self.tables[seg], self.starts[seg]);
-        let k = k.reshape([kv, s, d]);
-        let v = v.reshape([kv, s, d]);
-        // Write the new positions block by block: within a block the slots are consecutive.
+        // Write the new positions block by block.
         let mut p = start;
         while p < start + s {
             let block = table[p / bs];
             let n = (bs - p % bs).min(start + s - p);
-            let slot = block * bs + p % bs;
-            let rows = [0..kv, slot..slot + n, 0..d];
-            let piece = |t: &Tensor<B, 3>| t.clone().narrow(1, p - start, n);
-            assign(&mut self.pool.keys[layer], rows.clone(), piece(&k));
-            assign(&mut self.pool.values[layer], rows, piece(&v));
+            let at = [block..block + 1, 0..kv, p % bs..p % bs + n, 0..d];
+            let piece = |t: &Tensor<B, 4>| t.clone().narrow(2, p - start, n);
+            assign(&mut self.pool.keys[layer], at.clone(), piece(&k));
+            assign(&mut self.pool.values[layer], at, piece(&v));
             p += n;
         }
-        let slots = self.reads[seg].clone();
-        let keys = self.pool.keys[layer].clone().select(1, slots.clone());
-        let values = self.pool.values[layer].clone().select(1, slots);
-        (keys.unsqueeze::<4>(), values.unsqueeze::<4>())
+    }
+
+    fn read(&mut self, layer: usize, segs: &[usize]) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let (blocks, nb, t) = self.blocks(segs);
+        let m = segs.len();
+        let gather = |pool: &Tensor<B, 4>| {
+            let [_, kv, bs, d] = pool.dims();
+            let picked = pool.clone().select(0, blocks.clone()); // [m*nb, kv, bs, d]
+            let rows =
+                picked
+                    .reshape([m, nb, kv, bs, d])
+                    .swap_dims(1, 2)
+                    .reshape([m, kv, nb * bs, d]);
+            if nb * bs > t {
+                rows.narrow(2, 0, t)
+            } else {
+                rows
+            }
+        };
+        (
+            gather(&self.pool.keys[layer]),
+            gather(&self.pool.values[layer]),
+        )
+    }
+
+    fn attend_decode(
+        &mut self,
+        layer: usize,
+        segs: &[usize],
+        q: Tensor<B, 4>,
+    ) -> Option<Tensor<B, 3>> {
+        let [m, h, _, d] = q.dims();
+        let rows: Vec<(&[usize], usize)> = segs
+            .iter()
+            .map(|&i| (self.tables[i], self.starts[i] + self.lens[i]))
+            .collect();
+        // The pool's tensors are borrowed for the call only, so later writes stay in place.
+        let keys = self.pool.keys[layer].clone().into_primitive().tensor();
+        let values = self.pool.values[layer].clone().into_primitive().tensor();
+        let q = q.reshape([m, h, d]).into_primitive().tensor();
+        let out = B::paged_decode_attention(q, &keys, &values, &rows)?;
+        Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 }
 
-/// Writes `piece` into `rows` of `t` in place: the pool's tensor is taken out first, so the
+/// Writes `piece` into `at` of `t` in place: the pool's tensor is taken out first, so the
 /// backend sees it uniquely owned and does not copy it.
-fn assign<B: Backend>(
-    t: &mut Tensor<B, 3>,
-    rows: [std::ops::Range<usize>; 3],
-    piece: Tensor<B, 3>,
-) {
-    let owned = std::mem::replace(t, Tensor::empty([0, 0, 0], &piece.device()));
-    *t = owned.slice_assign(rows, piece);
+fn assign<B: Backend>(t: &mut Tensor<B, 4>, at: [std::ops::Range<usize>; 4], piece: Tensor<B, 4>) {
+    let owned = std::mem::replace(t, Tensor::empty([0, 0, 0, 0], &piece.device()));
+    *t = owned.slice_assign(at, piece);
 }
