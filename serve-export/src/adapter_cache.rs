@@ -24,7 +24,9 @@ struct Loaded<B: Backend> {
 /// Known adapters (name -> folder) and the loaded ones.
 #[derive(Debug)]
 pub struct AdapterCache<B: Backend> {
-    known: BTreeMap<String, PathBuf>,
+    /// Folder and registration number of each known adapter.
+    known: BTreeMap<String, (PathBuf, u64)>,
+    registrations: u64,
     loaded: BTreeMap<String, Loaded<B>>,
     max_loaded: usize,
     clock: u64,
@@ -38,6 +40,7 @@ impl<B: Backend> AdapterCache<B> {
             known: BTreeMap::new(),
             loaded: BTreeMap::new(),
             max_loaded: max_loaded.max(1),
+            registrations: 0,
             clock: 0,
             loads: 0,
         }
@@ -57,7 +60,9 @@ impl<B: Backend> AdapterCache<B> {
             )));
         }
         let weights = load(&dir, model)?;
-        self.known.insert(name.to_string(), dir);
+        self.registrations += 1;
+        self.known
+            .insert(name.to_string(), (dir, self.registrations));
         if self.make_room() {
             self.clock += 1;
             self.loaded.insert(
@@ -86,6 +91,11 @@ impl<B: Backend> AdapterCache<B> {
     /// Names of the known adapters, sorted.
     pub fn names(&self) -> Vec<String> {
         self.known.keys().cloned().collect()
+    }
+
+    /// The number of `name`'s registration: a name registered again gets a new one.
+    pub fn generation(&self, name: &str) -> Option<u64> {
+        self.known.get(name).map(|(_, g)| *g)
     }
 
     /// Whether `name` is known.
@@ -120,6 +130,7 @@ impl<B: Backend> AdapterCache<B> {
             .known
             .get(name)
             .ok_or_else(|| EngineError::UnknownModel(name.to_string()))?
+            .0
             .clone();
         if self.loaded.len() >= self.max_loaded && !self.make_room() {
             return Ok(false);

@@ -157,15 +157,6 @@ impl BlockManager {
             }
         }
     }
-
-    /// Forgets every cached key (the prefix cache is switched off, or its contents are stale).
-    pub fn clear_cache(&mut self) {
-        for (_, b) in std::mem::take(&mut self.evictable) {
-            self.free.push_back(b);
-        }
-        self.cached.clear();
-        self.key.iter_mut().for_each(|k| *k = None);
-    }
 }
 
 #[cfg(test)]

@@ -70,7 +70,7 @@ pub struct EngineStats {
     pub blocks_total: usize,
     /// Blocks kept by the prefix cache.
     pub blocks_cached: usize,
-    /// Prefix cache block hits and lookups.
+    /// Prefix cache block hits.
     pub prefix_hits: u64,
     /// Prefix cache block lookups.
     pub prefix_lookups: u64,
@@ -82,6 +82,8 @@ pub struct EngineStats {
     pub preemptions: u64,
     /// Adapters in memory.
     pub adapters_loaded: usize,
+    /// Adapter loads from disk since the start.
+    pub adapter_loads: u64,
 }
 
 /// A request the engine holds.
@@ -99,6 +101,8 @@ struct Active {
     holds_adapter: bool,
     /// Whether a stop string ended it (its held-back text is the stop's).
     hit_stop_string: bool,
+    /// The prefix cache's name for its adapter registration (`None`: the base).
+    cache_key: Option<String>,
 }
 
 impl Active {
@@ -160,7 +164,7 @@ impl<B: QuantBackend> Engine<B> {
         &self.model
     }
 
-    /// The adapters: register and unregister them here.
+    /// The adapters (register and unregister them through the engine).
     pub fn adapters(&self) -> &AdapterCache<B> {
         &self.adapters
     }
@@ -191,8 +195,14 @@ impl<B: QuantBackend> Engine<B> {
             prefix_hits,
             prefix_lookups,
             adapters_loaded: self.adapters.loaded(),
+            adapter_loads: self.adapters.loads(),
             ..self.stats
         }
+    }
+
+    /// Tokens the KV cache holds in all.
+    pub fn capacity_tokens(&self) -> usize {
+        self.config.kv_blocks * self.config.block_size
     }
 
     /// Whether any request is waiting or running.
@@ -212,11 +222,14 @@ impl<B: QuantBackend> Engine<B> {
                 "prompt token {bad} is outside the vocabulary (0..{vocab})"
             )));
         }
-        if p.beams == 0 {
-            return Err(EngineError::BadRequest("n beams must be at least 1".into()));
+        if p.beams == 0 || p.beams > self.config.max_batch_tokens {
+            return Err(EngineError::BadRequest(format!(
+                "beams: {} is not in 1..={} (the tokens one step runs)",
+                p.beams, self.config.max_batch_tokens
+            )));
         }
-        let total = request.prompt.len() + p.max_tokens;
         let context = self.model.max_position_embeddings;
+        let total = request.prompt.len().saturating_add(p.max_tokens);
         if total > context {
             return Err(EngineError::BadRequest(format!(
                 "the prompt ({} tokens) plus max_tokens ({}) is {total} tokens, more than the \
@@ -243,13 +256,16 @@ impl<B: QuantBackend> Engine<B> {
         }
         let id = self.next_id;
         self.next_id += 1;
+        // Blocks computed with one registration of an adapter never serve another.
+        let cache_key = request
+            .adapter
+            .as_deref()
+            .map(|n| format!("{n}#{}", self.adapters.generation(n).unwrap_or(0)));
         self.waiting.push_back(Active {
             id,
             prompt_len: request.prompt.len(),
-            seqs: vec![Sequence::new(
-                request.prompt.clone(),
-                request.adapter.as_deref(),
-            )],
+            seqs: vec![Sequence::new(request.prompt.clone(), cache_key.as_deref())],
+            cache_key,
             sampler: Sampler::new(p.sampling),
             text: TextStream::new(&p.stop_strings),
             generated: 0,
@@ -310,10 +326,7 @@ impl<B: QuantBackend> Engine<B> {
                         if let Some(a) = self.waiting.pop_front() {
                             self.retire(a);
                         }
-                        events.push(Event::Failed {
-                            id,
-                            message: e.to_string(),
-                        });
+                        events.push(Event::Failed { id, error: e });
                         continue;
                     }
                 }
@@ -347,9 +360,11 @@ impl<B: QuantBackend> Engine<B> {
                     r += 1;
                     continue;
                 }
-                // A request's sequences run together (the beams of one step).
+                // A request's sequences run together (the beams of one step): if they do not
+                // fit what is left of this step, they wait for the next.
                 if decoding && pending > budget {
-                    break;
+                    r += 1;
+                    continue;
                 }
                 let lens: Vec<usize> = active
                     .seqs
@@ -367,7 +382,14 @@ impl<B: QuantBackend> Engine<B> {
                     // Preempt the latest request (possibly this one) and retry.
                     let victim = self.running.len() - 1;
                     self.preempt(victim);
-                    work.retain(|w| self.running.iter().any(|a| a.id == w.id));
+                    let running = &self.running;
+                    work.retain(|w| {
+                        let keep = running.iter().any(|a| a.id == w.id);
+                        if !keep {
+                            budget += w.len; // the preempted request's share comes back
+                        }
+                        keep
+                    });
                     continue;
                 }
                 for (s, &len) in lens.iter().enumerate() {
@@ -413,7 +435,7 @@ impl<B: QuantBackend> Engine<B> {
         if active.is_beam() {
             // Beams restart from the prompt: only the best one is ever sent.
             let prompt = active.request.prompt.clone();
-            active.seqs = vec![Sequence::new(prompt, active.request.adapter.as_deref())];
+            active.seqs = vec![Sequence::new(prompt, active.cache_key.as_deref())];
             active.finished_beams.clear();
             active.generated = 0;
         }

@@ -108,7 +108,7 @@ fn drain(e: &mut Engine<B>) -> HashMap<RequestId, (Vec<u32>, FinishReason)> {
                 Event::Finished { id, reason, .. } => {
                     out.insert(id, (tokens.remove(&id).unwrap_or_default(), reason));
                 }
-                Event::Failed { message, .. } => panic!("{message}"),
+                Event::Failed { error, .. } => panic!("{error}"),
             }
         }
     }
@@ -327,7 +327,7 @@ fn stop_strings_logprobs_and_lengths() {
                     text.push_str(&t);
                     finish = Some((reason, completion_tokens));
                 }
-                Event::Failed { message, .. } => panic!("{message}"),
+                Event::Failed { error, .. } => panic!("{error}"),
             }
             let _ = id;
         }
@@ -356,6 +356,10 @@ fn bad_requests_are_refused_with_their_reason() {
     assert!(err(&mut e, greedy(vec![], None, 4)).contains("no tokens"));
     assert!(err(&mut e, greedy(vec![9999], None, 4)).contains("outside the vocabulary"));
     assert!(err(&mut e, greedy(vec![1], None, 64)).contains("more than the model's context of 64"));
+    assert!(err(&mut e, greedy(vec![1], None, usize::MAX)).contains("model's context of 64"));
+    let mut wide = greedy(vec![1], None, 4);
+    wide.params.beams = 300;
+    assert!(err(&mut e, wide).contains("beams: 300 is not in 1..=256"));
     assert_eq!(
         e.submit(greedy(vec![1], Some("c"), 4)),
         Err(EngineError::UnknownModel("c".into()))
@@ -417,7 +421,7 @@ fn a_thousand_requests_with_random_cancellations_leak_nothing() {
                     live.retain(|&l| l != id);
                     finished += 1;
                 }
-                Event::Failed { message, .. } => panic!("{message}"),
+                Event::Failed { error, .. } => panic!("{error}"),
                 Event::Token { .. } => {}
             }
         }
@@ -427,4 +431,23 @@ fn a_thousand_requests_with_random_cancellations_leak_nothing() {
     let stats = e.stats();
     assert_eq!((stats.blocks_used, stats.waiting, stats.running), (0, 0, 0));
     assert!(stats.preemptions > 0 && stats.prefix_hits > 0, "{stats:?}");
+}
+
+#[test]
+fn an_adapter_registered_again_never_reuses_the_old_ones_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        block_size: 4,
+        ..Default::default()
+    };
+    let mut e = engine(config, dir.path());
+    let prompt: Vec<u32> = (1..20).collect();
+    let first = e.submit(greedy(prompt.clone(), Some("a"), 6)).unwrap();
+    assert_eq!(drain(&mut e)[&first].0, alone(&prompt, Some("a"), 6));
+    // "a" now names the weights of "b": the cached blocks of the old "a" must not serve it.
+    e.unregister_adapter("a").unwrap();
+    e.register_adapter("a", dir.path().join("b")).unwrap();
+    let second = e.submit(greedy(prompt.clone(), Some("a"), 6)).unwrap();
+    assert_eq!(drain(&mut e)[&second].0, alone(&prompt, Some("b"), 6));
+    assert_eq!(e.stats().blocks_used, 0);
 }

@@ -1,7 +1,7 @@
 //! Why the engine refused a request or an adapter.
 
 /// An engine error; the server maps each to an HTTP status.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum EngineError {
     /// The request is malformed or out of range (HTTP 400).
     #[error("{0}")]

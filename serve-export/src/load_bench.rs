@@ -39,7 +39,7 @@ pub struct LoadResult {
     pub concurrency: usize,
     /// Requests that completed.
     pub completed: usize,
-    /// Requests that failed, and the first few messages.
+    /// The message of each request that failed.
     pub errors: Vec<String>,
     /// Wall time of the whole measurement.
     pub wall_s: f64,

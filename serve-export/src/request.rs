@@ -1,5 +1,6 @@
 //! What a client asks the engine for and what the engine reports back.
 
+use crate::error::EngineError;
 use crate::sampling::SamplingParams;
 
 /// Identifies a request within one engine.
@@ -63,8 +64,6 @@ pub enum FinishReason {
     Stop,
     /// max_tokens (or the model's context).
     Length,
-    /// The client cancelled it.
-    Cancelled,
 }
 
 impl FinishReason {
@@ -73,7 +72,6 @@ impl FinishReason {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
-            Self::Cancelled => "cancelled",
         }
     }
 }
@@ -106,12 +104,13 @@ pub enum Event {
         /// Generated tokens.
         completion_tokens: usize,
     },
-    /// Request `id` failed (an adapter that could not be loaded); it holds nothing any more.
+    /// Request `id` failed (its adapter was unloaded, or could not be read, before it ran);
+    /// it holds nothing any more.
     Failed {
         /// The request.
         id: RequestId,
         /// What went wrong.
-        message: String,
+        error: EngineError,
     },
 }
 

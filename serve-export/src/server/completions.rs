@@ -81,11 +81,13 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Res
         let messages: Vec<Message> = req
             .messages
             .iter()
-            .map(|m| Message {
-                role: m.role.clone(),
-                content: m.content.clone(),
+            .map(|m| {
+                Ok(Message {
+                    role: m.role.clone(),
+                    content: m.content.text().map_err(ApiError::bad_request)?,
+                })
             })
-            .collect();
+            .collect::<Result<_, ApiError>>()?;
         let text = template
             .render(
                 &messages,
@@ -211,7 +213,7 @@ struct Progress {
 enum Step {
     Text(String, Option<TokenOut>),
     End(String, FinishReason, Usage),
-    Failed(String),
+    Failed(ApiError),
 }
 
 impl Progress {
@@ -256,14 +258,8 @@ impl Progress {
                     },
                 )
             }
-            Some(Event::Failed { message, .. }) => {
-                self.record(500);
-                Step::Failed(message)
-            }
-            None => {
-                self.record(500);
-                Step::Failed("the engine dropped the request".into())
-            }
+            Some(Event::Failed { error, .. }) => Step::Failed(error.into()),
+            None => Step::Failed(ApiError::internal("the engine dropped the request")),
         }
     }
 
@@ -303,7 +299,7 @@ async fn whole(mut progress: Progress, reply: Reply) -> Result<Response, ApiErro
                     .then(|| logprobs_json(reply.endpoint, &tokens));
                 return Ok(Json(reply.whole(&text, logprobs, reason, usage)).into_response());
             }
-            Step::Failed(message) => return Err(ApiError::internal(message)),
+            Step::Failed(error) => return Err(error),
         }
     }
 }
@@ -311,38 +307,38 @@ async fn whole(mut progress: Progress, reply: Reply) -> Result<Response, ApiErro
 /// The response as server-sent events, ending with `data: [DONE]`. Dropping the stream (the
 /// client went away) drops the event channel, and the engine cancels the request.
 fn stream(progress: Progress, reply: Reply, include_usage: bool) -> Response {
-    let events = futures_util::stream::unfold(Some((progress, reply)), move |state| async move {
-        let (mut progress, reply) = state?;
-        let data = |v: Value| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
-        match progress.next().await {
-            Step::Text(t, lp) => {
-                let logprobs = lp.map(|t| logprobs_json(reply.endpoint, &[t]));
-                let chunk = reply.chunk(Some(&t), logprobs, None, None);
-                Some((vec![data(chunk)], Some((progress, reply))))
-            }
-            Step::End(t, reason, usage) => {
-                let mut out = Vec::new();
-                if !t.is_empty() {
-                    out.push(data(reply.chunk(Some(&t), None, None, None)));
+    let events =
+        futures_util::stream::unfold(Some((progress, reply, true)), move |state| async move {
+            let (mut progress, reply, first) = state?;
+            let data = |v: Value| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
+            match progress.next().await {
+                Step::Text(t, lp) => {
+                    let logprobs = lp.map(|t| logprobs_json(reply.endpoint, &[t]));
+                    let chunk = reply.chunk(Some(&t), first, logprobs, None);
+                    Some((vec![data(chunk)], Some((progress, reply, false))))
                 }
-                out.push(data(reply.chunk(
-                    None,
-                    None,
-                    Some(reason),
-                    include_usage.then_some(usage),
-                )));
-                out.push(Ok(SseEvent::default().data("[DONE]")));
-                Some((out, None))
+                Step::End(t, reason, usage) => {
+                    let mut out = Vec::new();
+                    if !t.is_empty() {
+                        out.push(data(reply.chunk(Some(&t), first, None, None)));
+                    }
+                    out.push(data(reply.chunk(None, false, None, Some(reason))));
+                    if include_usage {
+                        out.push(data(reply.usage_chunk(usage)));
+                    }
+                    out.push(Ok(SseEvent::default().data("[DONE]")));
+                    Some((out, None))
+                }
+                Step::Failed(error) => {
+                    progress.record(error.status.as_u16());
+                    let err = super::openai::error_json(&error.message, error.kind, None);
+                    Some((
+                        vec![data(err), Ok(SseEvent::default().data("[DONE]"))],
+                        None,
+                    ))
+                }
             }
-            Step::Failed(message) => {
-                let err = super::openai::error_json(&message, "server_error", None);
-                Some((
-                    vec![data(err), Ok(SseEvent::default().data("[DONE]"))],
-                    None,
-                ))
-            }
-        }
-    });
+        });
     let flat = futures_util::StreamExt::flat_map(events, futures_util::stream::iter);
     Sse::new(flat)
         .keep_alive(KeepAlive::default())

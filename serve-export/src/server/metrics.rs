@@ -116,6 +116,11 @@ impl Metrics {
                 s.preemptions,
             ),
             (
+                "ft_adapter_loads_total",
+                "Adapters read from disk into memory.",
+                s.adapter_loads,
+            ),
+            (
                 "ft_prefix_cache_hits_total",
                 "Prompt blocks found in the prefix cache.",
                 s.prefix_hits,

@@ -51,6 +51,7 @@ pub(crate) struct AppState {
     tokenizer: TextTokenizer,
     chat: Option<ChatTemplate>,
     config: ServerConfig,
+    /// Tokens one request can hold (prompt and output).
     context: usize,
     live: Arc<Mutex<Live>>,
     metrics: Mutex<Metrics>,
@@ -76,7 +77,11 @@ pub fn serve<B: QuantBackend>(
     config: ServerConfig,
     listener: TcpListener,
 ) -> std::io::Result<()> {
-    let context = engine.model().max_position_embeddings;
+    // What one request can hold: the model's context, or the KV cache if smaller.
+    let context = engine
+        .model()
+        .max_position_embeddings
+        .min(engine.capacity_tokens());
     let (tx, rx) = mpsc::channel();
     let live = Arc::new(Mutex::new(Live::default()));
     let worker_live = live.clone();

@@ -83,8 +83,47 @@ pub struct CompletionRequest {
 pub struct ChatMessage {
     /// system, user or assistant.
     pub role: String,
+    /// The text, or a list of text parts.
+    pub content: Content,
+}
+
+/// A message's content: a string or OpenAI's list of parts (only text parts are accepted).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// `[{"type": "text", "text": ...}, ...]`.
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// Must be `text`.
+    #[serde(rename = "type")]
+    pub kind: String,
     /// The text.
-    pub content: String,
+    #[serde(default)]
+    pub text: String,
+}
+
+impl Content {
+    /// The text of the content; a part that is not text is an error naming its type.
+    pub fn text(&self) -> Result<String, Invalid> {
+        match self {
+            Self::Text(t) => Ok(t.clone()),
+            Self::Parts(parts) => parts
+                .iter()
+                .map(|p| match p.kind.as_str() {
+                    "text" => Ok(p.text.as_str()),
+                    other => Err(format!(
+                        "messages: content parts of type {other:?} are not supported"
+                    )),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// `POST /v1/chat/completions`.
@@ -161,6 +200,9 @@ impl Sampling {
             return Err(format!("logprobs: {k} is more than 20"));
         }
         let beams = if self.use_beam_search {
+            if logprobs.is_some() {
+                return Err("logprobs: not available with beam search".into());
+            }
             match self.best_of {
                 Some(b) if (1..=16).contains(&b) => b,
                 Some(b) => return Err(format!("best_of: {b} beams is not in 1..=16")),
@@ -168,6 +210,12 @@ impl Sampling {
             }
         } else {
             1
+        };
+        // Beam search is deterministic; one beam is greedy decoding.
+        let temperature = if self.use_beam_search {
+            0.0
+        } else {
+            temperature
         };
         Ok(GenerationParams {
             max_tokens,
@@ -327,13 +375,14 @@ impl Reply {
         })
     }
 
-    /// One streamed chunk: new `text`, or the end with its reason (and usage when asked).
+    /// One streamed chunk: new `text` (the first chat chunk also names the role), or the
+    /// end with its reason.
     pub fn chunk(
         &self,
         text: Option<&str>,
+        first: bool,
         logprobs: Option<Value>,
         finish: Option<FinishReason>,
-        usage: Option<Usage>,
     ) -> Value {
         let finish = finish.map(FinishReason::as_str);
         let choice = match self.endpoint {
@@ -341,24 +390,33 @@ impl Reply {
                 "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish,
             }),
             Endpoint::Chat => {
-                let delta = match text {
-                    Some(t) => json!({"role": "assistant", "content": t}),
-                    None => json!({}),
+                let delta = match (text, first) {
+                    (Some(t), true) => json!({"role": "assistant", "content": t}),
+                    (Some(t), false) => json!({"content": t}),
+                    (None, _) => json!({}),
                 };
                 json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
-        let mut out = json!({
+        json!({
             "id": self.id,
             "object": self.object(true),
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-        });
-        if let Some(u) = usage {
-            out["usage"] = u.json();
-        }
-        out
+        })
+    }
+
+    /// The last streamed chunk when usage was asked for: no choices, the usage.
+    pub fn usage_chunk(&self, usage: Usage) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(true),
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage.json(),
+        })
     }
 }
 

@@ -147,8 +147,9 @@ fn the_default_model_serves_mixed_adapter_batches_as_each_request_alone() {
         .filter_map(|e| e["choices"][0]["text"].as_str())
         .collect();
     assert_eq!(streamed, alone[4]);
-    let last = events.last().unwrap();
-    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    let (finish, last) = (&events[events.len() - 2], events.last().unwrap());
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["choices"], json!([]), "usage comes last, alone");
     assert_eq!(last["usage"]["completion_tokens"], 12);
 
     // Chat through the model's template, whole and streamed.
@@ -231,6 +232,16 @@ fn bad_requests_get_their_status_and_an_openai_error() {
             "context of 64",
         ),
         (
+            json!({"model": model, "prompt": "hi", "max_tokens": u64::MAX}),
+            400,
+            "context of 64",
+        ),
+        (
+            json!({"model": model, "prompt": "hi", "use_beam_search": true, "best_of": 2, "logprobs": 1}),
+            400,
+            "logprobs",
+        ),
+        (
             json!({"model": model, "prompt": "hi", "logprobs": 50}),
             400,
             "logprobs",
@@ -265,7 +276,7 @@ fn bad_requests_get_their_status_and_an_openai_error() {
     assert_eq!(status, 200);
     let metrics = server.get("/metrics");
     assert!(
-        metrics.contains("ft_http_requests_total{status=\"400\"} 9"),
+        metrics.contains("ft_http_requests_total{status=\"400\"} 11"),
         "{metrics}"
     );
 
