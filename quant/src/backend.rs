@@ -144,12 +144,25 @@ where
         };
         if kernel && m > 0 && E::dtype() == DType::F32 {
             let device = x.device();
-            let rows = x.into_data().into_vec::<f32>().expect("an f32 tensor");
             let n = weight.weight.shape[0];
-            let y = match &weight.weight.data {
-                PackedData::Blocks { ty, bytes } => matvec::matmul(*ty, bytes, n, k, &rows, m),
-                PackedData::Bf16(bits) => matvec::matmul_bf16(bits, n, k, &rows, m),
+            let product = |rows: &[f32]| match &weight.weight.data {
+                PackedData::Blocks { ty, bytes } => matvec::matmul(*ty, bytes, n, k, rows, m),
+                PackedData::Bf16(bits) => matvec::matmul_bf16(bits, n, k, rows, m),
                 _ => unreachable!("checked above"),
+            };
+            // Read the rows in place: x is often shared (the same activations feed several
+            // projections), and copying a shared array out goes element by element.
+            let x = x.into_primitive().tensor();
+            let in_place = match &x {
+                NdArrayTensor::F32(storage) => storage.view().as_slice().map(product),
+                _ => None,
+            };
+            let y = match in_place {
+                Some(y) => y,
+                None => {
+                    let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+                    product(&x.into_data().into_vec::<f32>().expect("an f32 tensor"))
+                }
             };
             return Tensor::<Self, 2>::from_data(TensorData::new(y, [m, n]), &device)
                 .into_primitive()

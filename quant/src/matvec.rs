@@ -107,6 +107,8 @@ struct Q8Rows {
     qu: Vec<u8>,
     d: Vec<f32>,
     s: Vec<f32>,
+    /// Each block's d repeated 8 times: two blocks' scales are one 512-bit load.
+    d8: Vec<f32>,
 }
 
 impl Q8Rows {
@@ -117,21 +119,32 @@ impl Q8Rows {
             qu: Vec::with_capacity(x.len()),
             d: Vec::with_capacity(blocks),
             s: Vec::with_capacity(blocks),
+            d8: Vec::with_capacity(blocks * 8),
         };
         for block in x.chunks_exact(BLOCK) {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let start = out.qs.len();
-            out.qs.extend(block.iter().map(|v| (v * id).round() as i8));
+            out.qs.extend(block.iter().map(|v| round(v * id) as i8));
             out.qu
                 .extend(out.qs[start..].iter().map(|&q| (q as u8) ^ 0x80));
             let sum: i32 = out.qs[start..].iter().map(|&q| q as i32).sum();
             out.d.push(d);
+            out.d8.extend([d; 8]);
             out.s.push(d * sum as f32);
         }
         out
     }
+}
+
+/// `x` rounded to the nearest integer, ties to even, for |x| < 2^22: adding and taking off
+/// 1.5 * 2^23 leaves no fraction bits (a libm call per value would cost more than the
+/// products it feeds).
+#[inline(always)]
+fn round(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
 }
 
 /// y [m, n] = x [m, k] W^T for W [n, k] stored as `ty` blocks along k (`w`: n rows of
@@ -163,30 +176,42 @@ fn matmul_on(
     }
     let xq = Q8Rows::new(x);
     let blocks = k / BLOCK;
-    by_weight_rows(n, m, |r, out| {
-        let w = &w[r * row_bytes..(r + 1) * row_bytes];
+    by_weight_rows(n, m, |r0, out| {
         let row = |i: usize| Q8Row {
             qs: &xq.qs[i * k..(i + 1) * k],
             qu: &xq.qu[i * k..(i + 1) * k],
             d: &xq.d[i * blocks..(i + 1) * blocks],
             s: &xq.s[i * blocks..(i + 1) * blocks],
+            d8: &xq.d8[i * blocks * 8..(i + 1) * blocks * 8],
         };
-        // Four activation rows at a time share each decoded weight block; every row's sums
-        // are the same whichever rows it shares a tile with.
+        let weight = |j: usize| &w[(r0 + j) * row_bytes..(r0 + j + 1) * row_bytes];
+        // Eight (then four) activation rows at a time share each decoded weight block; every
+        // row's sums are the same whichever rows it shares a tile with.
         let mut i = 0;
         while i + TILE <= m {
-            let rows: [Q8Row; TILE] = std::array::from_fn(|j| row(i + j));
-            out[i..i + TILE].copy_from_slice(&dots(isa, ty, w, rows));
+            let rows: [Q8Row; TILE] = std::array::from_fn(|t| row(i + t));
+            for (j, out_row) in out.chunks_mut(m).enumerate() {
+                out_row[i..i + TILE].copy_from_slice(&dots(isa, ty, weight(j), rows));
+            }
             i += TILE;
         }
-        for (i, o) in out.iter_mut().enumerate().skip(i) {
-            *o = dots(isa, ty, w, [row(i)])[0];
+        if i + TILE / 2 <= m {
+            let rows: [Q8Row; TILE / 2] = std::array::from_fn(|t| row(i + t));
+            for (j, out_row) in out.chunks_mut(m).enumerate() {
+                out_row[i..i + TILE / 2].copy_from_slice(&dots(isa, ty, weight(j), rows));
+            }
+            i += TILE / 2;
+        }
+        for i in i..m {
+            for (j, out_row) in out.chunks_mut(m).enumerate() {
+                out_row[i] = dots(isa, ty, weight(j), [row(i)])[0];
+            }
         }
     })
 }
 
-/// Activation rows one weight row meets at once.
-const TILE: usize = 4;
+/// Activation rows one decoded weight block meets at once (at most).
+const TILE: usize = 8;
 
 /// One quantized activation row: codes, block scales, scaled code sums.
 #[derive(Clone, Copy)]
@@ -195,6 +220,7 @@ struct Q8Row<'a> {
     qu: &'a [u8],
     d: &'a [f32],
     s: &'a [f32],
+    d8: &'a [f32],
 }
 
 /// y [m, n] = x [m, k] W^T for W [n, k] stored as bf16 bits, activations in f32 (bf16 has
@@ -210,35 +236,42 @@ fn matmul_bf16_on(isa: Isa, w: &[u16], n: usize, k: usize, x: &[f32], m: usize) 
     if m == 0 || n == 0 {
         return Vec::new();
     }
-    by_weight_rows(n, m, |r, out| {
-        let wrow = &w[r * k..(r + 1) * k];
-        for (i, o) in out.iter_mut().enumerate() {
-            let xrow = &x[i * k..(i + 1) * k];
-            *o = match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2 and FMA were detected for both variants; the rows have the
-                // same length.
-                Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(wrow, xrow) },
-                _ => portable::dot_bf16(wrow, xrow),
-            };
+    by_weight_rows(n, m, |r0, out| {
+        for (j, out_row) in out.chunks_mut(m).enumerate() {
+            let wrow = &w[(r0 + j) * k..(r0 + j + 1) * k];
+            for (i, o) in out_row.iter_mut().enumerate() {
+                let xrow = &x[i * k..(i + 1) * k];
+                *o = match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2 and FMA were detected for both variants; the rows have the
+                    // same length.
+                    Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(wrow, xrow) },
+                    _ => portable::dot_bf16(wrow, xrow),
+                };
+            }
         }
     })
 }
 
-/// y [m, n] where `row(r, out)` fills out[i] = y[i, r] for weight row r, the weight rows split
-/// evenly over rayon's threads (each task owns a run of rows of the transposed output).
-fn by_weight_rows(n: usize, m: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+/// y [m, n] where `rows(r0, out)` fills out[j * m + i] = y[i, r0 + j] for a run of weight rows
+/// from r0 (up to [`WEIGHT_ROWS`]), the weight rows split evenly over rayon's threads (each
+/// task owns a run of rows of the transposed output).
+fn by_weight_rows(n: usize, m: usize, rows: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut yt = vec![0f32; n * m];
     let rows_per_task = n.div_ceil(rayon::current_num_threads()).max(1);
     yt.par_chunks_mut(rows_per_task * m)
         .enumerate()
         .for_each(|(t, out)| {
-            for (j, out_row) in out.chunks_mut(m).enumerate() {
-                row(t * rows_per_task + j, out_row);
+            for (c, chunk) in out.chunks_mut(WEIGHT_ROWS * m).enumerate() {
+                rows(t * rows_per_task + c * WEIGHT_ROWS, chunk);
             }
         });
     transpose(&yt, n, m)
 }
+
+/// Weight rows a task hands to its kernel at once: together with one tile of activation
+/// rows they stay in the L1 cache while the tile meets each of them.
+const WEIGHT_ROWS: usize = 16;
 
 /// [n, m] to [m, n].
 fn transpose(yt: &[f32], n: usize, m: usize) -> Vec<f32> {
@@ -259,8 +292,8 @@ fn dots<const R: usize>(isa: Isa, ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [
         // slices hold whole blocks (checked by `matmul`).
         Isa::Avx2 => unsafe { avx2::dots(ty, w, rows) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above, with AVX-512 VNNI, VL and BW detected too.
-        Isa::Avx512Vnni => unsafe { avx2::dots_vnni(ty, w, rows) },
+        // SAFETY: as above, with AVX-512 F, VNNI, VL and BW detected too.
+        Isa::Avx512Vnni => unsafe { avx512::dots(ty, w, rows) },
         _ => rows.map(|x| portable::dot(ty, w, x.qs, x.d, x.s)),
     }
 }
@@ -436,14 +469,14 @@ mod avx2 {
 
     /// The 32 nibbles of 16 bytes as bytes: low nibbles first, then high nibbles.
     #[target_feature(enable = "avx2")]
-    unsafe fn nibbles(p: *const u8, low: __m256i) -> __m256i {
+    pub(super) unsafe fn nibbles(p: *const u8, low: __m256i) -> __m256i {
         let raw = _mm_loadu_si128(p as *const __m128i);
         let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
         _mm256_and_si256(both, low)
     }
 
     #[target_feature(enable = "f16c")]
-    unsafe fn half_to_f32(p: *const u8) -> f32 {
+    pub(super) unsafe fn half_to_f32(p: *const u8) -> f32 {
         let bits = u16::from_le_bytes([*p, *p.add(1)]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
@@ -454,6 +487,96 @@ mod avx2 {
         let sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
         let sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
         _mm_cvtss_f32(sum)
+    }
+}
+
+/// Two blocks per instruction on 512-bit vectors with AVX-512 VNNI: the codes of blocks b and
+/// b + 1 fill one register, the activations' codes and scales of both are one load each.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::avx2::{half_to_f32, nibbles};
+    use super::*;
+
+    /// One weight row against R quantized activation rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI; `w` holds whole
+    /// blocks of `ty` and each row 32 codes (and 8 repeated scales) per block of `w`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dots<const R: usize>(ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
+        let bytes = ty.block_bytes();
+        let blocks = w.len() / bytes;
+        let zero = _mm512_setzero_si512();
+        let low = _mm256_set1_epi8(0x0f);
+        // Signed codes meet x + 128 with 128 * sum(q) taken off; Q4_1's unsigned codes meet
+        // x itself and add their minimum times the activations' scaled sums.
+        let signed = !matches!(ty, GgmlType::Q4_1);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc_min = [0f32; R];
+        for pair in 0..blocks / 2 {
+            let b = 2 * pair;
+            let (w0, w1) = (w.as_ptr().add(b * bytes), w.as_ptr().add((b + 1) * bytes));
+            let q = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(codes(ty, w0, low)),
+                codes(ty, w1, low),
+            );
+            let dw = _mm512_mask_mov_ps(
+                _mm512_set1_ps(half_to_f32(w0)),
+                0xFF00,
+                _mm512_set1_ps(half_to_f32(w1)),
+            );
+            let offset = if signed {
+                _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), q))
+            } else {
+                zero
+            };
+            let mins = if signed {
+                (0.0, 0.0)
+            } else {
+                (half_to_f32(w0.add(2)), half_to_f32(w1.add(2)))
+            };
+            for (j, x) in rows.iter().enumerate() {
+                let sums = if signed {
+                    let xu = _mm512_loadu_si512(x.qu.as_ptr().add(b * BLOCK) as *const _);
+                    _mm512_dpbusd_epi32(offset, xu, q)
+                } else {
+                    acc_min[j] += mins.0 * x.s[b];
+                    acc_min[j] += mins.1 * x.s[b + 1];
+                    let xs = _mm512_loadu_si512(x.qs.as_ptr().add(b * BLOCK) as *const _);
+                    _mm512_dpbusd_epi32(zero, q, xs)
+                };
+                let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(x.d8.as_ptr().add(b * 8)));
+                acc[j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc[j]);
+            }
+        }
+        let mut out: [f32; R] = std::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]) + acc_min[j]);
+        if blocks % 2 == 1 {
+            let b = blocks - 1;
+            let tail = rows.map(|x| Q8Row {
+                qs: &x.qs[b * BLOCK..],
+                qu: &x.qu[b * BLOCK..],
+                d: &x.d[b..],
+                s: &x.s[b..],
+                d8: &x.d8[b * 8..],
+            });
+            let last = super::avx2::dots_vnni(ty, &w[b * bytes..], tail);
+            for (o, l) in out.iter_mut().zip(last) {
+                *o += l;
+            }
+        }
+        out
+    }
+
+    /// A block's 32 codes: signed for Q8_0 and Q4_0 (nibbles less 8), unsigned for Q4_1.
+    #[inline(always)]
+    unsafe fn codes(ty: GgmlType, wb: *const u8, low: __m256i) -> __m256i {
+        match ty {
+            GgmlType::Q8_0 => _mm256_loadu_si256(wb.add(2) as *const __m256i),
+            GgmlType::Q4_0 => _mm256_sub_epi8(nibbles(wb.add(2), low), _mm256_set1_epi8(8)),
+            _ => nibbles(wb.add(4), low),
+        }
     }
 }
 
@@ -537,8 +660,9 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_in_a_tile_and_alone() {
-        // 7 rows: one tile of four, then three alone; each must equal its own m = 1 call.
-        let (n, k, m) = (9, 96, 7);
+        // 13 rows: a tile of eight, one of four, then one alone; each must equal its own
+        // m = 1 call.
+        let (n, k, m) = (9, 96, 13);
         let w = values(n * k, 5);
         let x = values(m * k, 6);
         for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {

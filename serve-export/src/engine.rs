@@ -511,6 +511,7 @@ impl<B: QuantBackend> Engine<B> {
         let logits = self
             .model
             .logits(hidden.select(0, rows).reshape([1, n, e]))
+            .reshape([n as i32, -1]) // 2-D: the host copy is then one block, not per element
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()

@@ -1,11 +1,13 @@
 //! Single-sequence generation: prefill the prompt once, then decode one token per step
-//! through the KV cache until a stop token or the token budget.
+//! through the KV cache until a stop token or the token budget. It runs the serving engine's
+//! forward over a paged cache of its own, so one sequence decodes as fast as a served one.
 
 use std::time::Instant;
 
-use burn::tensor::{Int, Tensor, TensorData};
-use ft_model::QuantBackend;
-use ft_model::{KvCache, LlamaForCausalLM};
+use ft_model::ragged::Segment;
+use ft_model::{LlamaForCausalLM, QuantBackend};
+
+use crate::kv_pool::KvPool;
 
 use crate::sampling::Sampler;
 
@@ -46,25 +48,58 @@ fn rate(n: usize, s: f64) -> f64 {
     }
 }
 
-/// Logits of the last position after feeding `ids` through the cache.
-fn next_logits<B: QuantBackend>(
-    model: &LlamaForCausalLM<B>,
-    ids: &[u32],
-    cache: &mut KvCache<B>,
-    device: &B::Device,
-) -> Vec<f32> {
-    let n = ids.len();
-    let input: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [1, n]), device);
-    let hidden = model.forward_hidden(input, Some(cache)); // [1, n, e]
-    let last = hidden.narrow(1, n - 1, 1); // [1, 1, e]: the head runs on one row only
-    model
-        .logits(last)
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default()
+/// One sequence's keys and values in a paged pool of its own, blocks in order: the forward
+/// is the serving engine's, so decoding reads the cache in place.
+struct SequenceCache<B: QuantBackend> {
+    pool: KvPool<B>,
+    table: Vec<usize>,
+    stored: usize,
 }
+
+impl<B: QuantBackend> SequenceCache<B> {
+    /// Room for `tokens` positions.
+    fn new(model: &LlamaForCausalLM<B>, tokens: usize) -> Self {
+        let attn = &model.model.layers[0].self_attn;
+        let blocks = tokens.div_ceil(BLOCK_SIZE).max(1);
+        Self {
+            pool: KvPool::new(
+                model.model.layers.len(),
+                attn.num_kv_heads,
+                attn.head_dim,
+                blocks,
+                BLOCK_SIZE,
+                &model.device(),
+            ),
+            table: (0..blocks).collect(),
+            stored: 0,
+        }
+    }
+
+    /// Logits of the last position after feeding `ids`.
+    fn next_logits(&mut self, model: &LlamaForCausalLM<B>, ids: &[u32]) -> Vec<f32> {
+        let segment = Segment {
+            start: self.stored,
+            len: ids.len(),
+            adapter: None,
+        };
+        let mut kv = self
+            .pool
+            .step(vec![&self.table], vec![self.stored], vec![ids.len()]);
+        let hidden = model.forward_ragged(ids, &[segment], &[], &mut kv); // [1, e]
+        self.stored += ids.len();
+        let e = hidden.dims()[1];
+        model
+            .logits(hidden.reshape([1, 1, e]))
+            .reshape([1, -1])
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default()
+    }
+}
+
+/// Positions per block of [`SequenceCache`].
+const BLOCK_SIZE: usize = 16;
 
 /// Generates up to `max_new_tokens` after `prompt` (which must be non-empty and, with the new
 /// tokens, fit the context: callers check), calling `on_token` for each new id. Runs on a
@@ -91,8 +126,7 @@ fn generate_here<B: QuantBackend>(
     sampler: &mut Sampler,
     mut on_token: impl FnMut(u32),
 ) -> Generation {
-    let device = &model.device();
-    let mut cache = model.new_cache();
+    let mut cache = SequenceCache::new(model, prompt.len() + max_new_tokens);
     let mut out = Generation {
         ids: Vec::new(),
         stop: None,
@@ -105,7 +139,7 @@ fn generate_here<B: QuantBackend>(
         return out;
     }
     let t0 = Instant::now();
-    let mut logits = next_logits(model, prompt, &mut cache, device);
+    let mut logits = cache.next_logits(model, prompt);
     out.prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     loop {
@@ -119,7 +153,7 @@ fn generate_here<B: QuantBackend>(
         if out.ids.len() >= max_new_tokens {
             break;
         }
-        logits = next_logits(model, &[next], &mut cache, device);
+        logits = cache.next_logits(model, &[next]);
         out.decode_steps += 1;
     }
     out.decode_s = t1.elapsed().as_secs_f64();
