@@ -163,11 +163,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
 }
 
 /// A LoRA layer on `device` from host weights.
-pub(crate) fn lora_from<B: Backend>(
-    config: &LoraConfig,
-    w: &LoraWeights,
-    device: &B::Device,
-) -> Lora<B> {
+fn lora_from<B: Backend>(config: &LoraConfig, w: &LoraWeights, device: &B::Device) -> Lora<B> {
     let tensor = |m: &Matrix| {
         Tensor::<B, 2>::from_data(
             TensorData::new(m.data.clone(), m.shape).convert::<B::FloatElem>(),

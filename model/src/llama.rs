@@ -475,6 +475,19 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
         project(hidden, head).reshape([b, s, vocab])
     }
 
+    /// Next-token logits of the rows of `hidden` `[n, e]`, copied to the host row after row
+    /// (`n * vocab` values). The copy goes through a 2-D tensor, which burn's CPU backend
+    /// copies as one block (a 3-D result it copied element by element).
+    pub fn host_logits(&self, hidden: Tensor<B, 2>) -> Vec<f32> {
+        let [n, e] = hidden.dims();
+        self.logits(hidden.reshape([1, n, e]))
+            .reshape([n as i32, -1])
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .unwrap_or_default()
+    }
+
     /// Logits at every position of `ids`.
     ///
     /// # Shapes

@@ -9,10 +9,9 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use ft_adapters::peft::PeftAdapter;
+use ft_adapters::peft::{Matrix, PeftAdapter};
 use ft_quant::QuantBackend;
 
-use crate::adapter::lora_from;
 use crate::error::ModelError;
 use crate::llama::{
     grouped_attention, heads_first, Attend, LlamaForCausalLM, LoraLinear, Rotation,
@@ -79,25 +78,31 @@ impl<B: Backend> ServedAdapter<B> {
         dir: &Path,
     ) -> Result<Self, ModelError> {
         let plan = model.plan_adapter(adapter, dir)?;
-        let config = adapter.config.lora_config();
+        let scale = adapter.config.lora_config().scale() as f32;
         let device = model.device();
         let mut layers: Vec<[Option<LowRank<B>>; 7]> = (0..model.model.layers.len())
             .map(|_| Default::default())
             .collect();
         for (index, w) in plan {
-            let lora = lora_from::<B>(&config, w, &device);
-            let transposed = |t: Tensor<B, 2>| {
-                let [rows, cols] = t.dims();
-                let data = t.transpose().into_data();
-                Tensor::<B, 2>::from_data(data, &device).reshape([cols, rows])
-            };
             layers[index / 7][index % 7] = Some(LowRank {
-                a_t: transposed(lora.lora_a.val()),
-                b_t: transposed(lora.lora_b.val() * lora.scale),
+                a_t: transposed(&w.a, 1.0, &device),
+                b_t: transposed(&w.b, scale, &device),
             });
         }
         Ok(Self { layers })
     }
+}
+
+/// `m` transposed and times `scale`, as a tensor on `device`.
+fn transposed<B: Backend>(m: &Matrix, scale: f32, device: &B::Device) -> Tensor<B, 2> {
+    let [rows, cols] = m.shape;
+    let data: Vec<f32> = (0..cols)
+        .flat_map(|c| (0..rows).map(move |r| m.data[r * cols + c] * scale))
+        .collect();
+    Tensor::from_data(
+        TensorData::new(data, [cols, rows]).convert::<B::FloatElem>(),
+        device,
+    )
 }
 
 /// Consecutive rows of the flattened batch that share an adapter.

@@ -61,13 +61,9 @@ fn decode<B: QuantBackend>(
     while done.iter().any(|d| !d) {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [b, width]), &device);
         let hidden = model.forward_hidden(ids, Some(&mut cache)); // [b, width, e]
-        let last = hidden.narrow(1, width - 1, 1); // [b, 1, e]
-        let logits: Vec<f32> = model
-            .logits(last)
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap_or_default(); // [b * vocab]
+        let e = hidden.dims()[2];
+        let last = hidden.narrow(1, width - 1, 1).reshape([b, e]);
+        let logits = model.host_logits(last); // [b * vocab]
         let vocab = logits.len() / b;
         input = Vec::with_capacity(b);
         for (row, chunk) in logits.chunks(vocab).enumerate() {

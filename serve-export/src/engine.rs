@@ -507,15 +507,7 @@ impl<B: QuantBackend> Engine<B> {
         let n = wanted.len();
         let rows: Vec<i64> = wanted.iter().map(|&(row, _)| row as i64).collect();
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &hidden.device());
-        let e = hidden.dims()[1];
-        let logits = self
-            .model
-            .logits(hidden.select(0, rows).reshape([1, n, e]))
-            .reshape([n as i32, -1]) // 2-D: the host copy is then one block, not per element
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .unwrap_or_default();
+        let logits = self.model.host_logits(hidden.select(0, rows));
         let vocab = logits.len() / n;
         for (i, &(_, w)) in wanted.iter().enumerate() {
             out[w] = Some(logits[i * vocab..(i + 1) * vocab].to_vec());

@@ -87,14 +87,7 @@ impl<B: QuantBackend> SequenceCache<B> {
             .step(vec![&self.table], vec![self.stored], vec![ids.len()]);
         let hidden = model.forward_ragged(ids, &[segment], &[], &mut kv); // [1, e]
         self.stored += ids.len();
-        let e = hidden.dims()[1];
-        model
-            .logits(hidden.reshape([1, 1, e]))
-            .reshape([1, -1])
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .unwrap_or_default()
+        model.host_logits(hidden)
     }
 }
 
