@@ -4,8 +4,8 @@
 //! batched greedy generation ([`batch`]) and the serving engine ([`engine`]): a paged KV cache
 //! ([`blocks`], [`kv_pool`]) with prefix caching, continuous batching of requests that each
 //! use their own adapter ([`adapter_cache`]), sampling, beam search ([`beam`]) and stop
-//! strings ([`text_stream`]), behind the OpenAI-compatible HTTP [`server`], and a load generator for any such server
-//! ([`load_bench`]). Uses ft-model and below; must not import ft-distill or
+//! strings ([`text_stream`]), behind the OpenAI-compatible HTTP [`server`], a [`client`] of any such server and a load
+//! generator over it ([`load_bench`]). Uses ft-model and below; must not import ft-distill or
 //! ft-trainer.
 #![warn(missing_docs)]
 
@@ -13,6 +13,7 @@ pub mod adapter_cache;
 pub mod batch;
 pub mod beam;
 pub mod blocks;
+pub mod client;
 pub mod engine;
 pub mod error;
 pub mod generate;

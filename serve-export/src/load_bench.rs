@@ -2,12 +2,13 @@
 //! send streamed completions back to back and time each token's arrival, for throughput,
 //! time to first token (TTFT) and time per output token (TPOT) percentiles.
 
-use std::io::{BufRead, BufReader};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
+
+use crate::client::Client;
 
 /// One measurement: how many streams, how many requests, what they ask for.
 #[derive(Debug, Clone)]
@@ -105,36 +106,6 @@ pub fn prompt(i: usize, len: usize, shared: usize) -> String {
     out.join(" ")
 }
 
-fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout(timeout).build()
-}
-
-fn with_key(req: ureq::Request, key: Option<&str>) -> ureq::Request {
-    match key {
-        Some(k) => req.set("Authorization", &format!("Bearer {k}")),
-        None => req,
-    }
-}
-
-/// The first model id the server lists.
-pub fn first_model(url: &str, api_key: Option<&str>) -> Result<String, String> {
-    let resp = with_key(
-        agent(Duration::from_secs(30)).get(&format!("{url}/v1/models")),
-        api_key,
-    )
-    .call()
-    .map_err(|e| format!("GET {url}/v1/models: {e}"))?;
-    let body: Value = resp
-        .into_string()
-        .map_err(|e| e.to_string())
-        .and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string()))
-        .map_err(|e| format!("GET {url}/v1/models: {e}"))?;
-    body["data"][0]["id"]
-        .as_str()
-        .map(String::from)
-        .ok_or_else(|| format!("GET {url}/v1/models: no model listed"))
-}
-
 /// One streamed request's timings.
 struct Timed {
     ttft: f64,
@@ -143,67 +114,23 @@ struct Timed {
     tokens: usize,
 }
 
-fn one(agent: &ureq::Agent, spec: &LoadSpec, i: usize) -> Result<Timed, String> {
+fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, String> {
     let body = json!({
         "model": spec.models[i % spec.models.len()],
         "prompt": prompt(i, spec.prompt_len, spec.shared_prefix),
         "max_tokens": spec.max_tokens,
         "temperature": 0.0,
-        "stream": true,
         "ignore_eos": true,
-        "stream_options": {"include_usage": true},
     });
-    let start = Instant::now();
-    let resp = with_key(
-        agent.post(&format!("{}/v1/completions", spec.url)),
-        spec.api_key.as_deref(),
-    )
-    .set("Content-Type", "application/json")
-    .send_string(&body.to_string())
-    .map_err(|e| match e {
-        ureq::Error::Status(code, r) => {
-            format!("HTTP {code}: {}", r.into_string().unwrap_or_default())
-        }
-        other => other.to_string(),
-    })?;
-    let mut first = None;
-    let mut last = start;
-    let mut chunks = 0;
-    let mut usage = None;
-    for line in BufReader::new(resp.into_reader()).lines() {
-        let line = line.map_err(|e| format!("reading the stream: {e}"))?;
-        let Some(data) = line.strip_prefix("data:").map(str::trim) else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let v: Value =
-            serde_json::from_str(data).map_err(|e| format!("bad event {data:?}: {e}"))?;
-        if let Some(err) = v.get("error") {
-            return Err(format!("error event: {err}"));
-        }
-        if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
-            usage = Some(u as usize);
-        }
-        let text = v["choices"][0]["text"].as_str().unwrap_or("");
-        if v["choices"][0]["finish_reason"].is_null()
-            && v["choices"].get(0).is_some()
-            && !text.is_empty()
-        {
-            let now = Instant::now();
-            first.get_or_insert(now);
-            last = now;
-            chunks += 1;
-        }
+    let s = client.stream_completion(&body).map_err(|e| e.to_string())?;
+    if s.tokens == 0 {
+        return Err("the stream carried no token".into());
     }
-    let first = first.ok_or("the stream carried no token")?;
-    let tokens = usage.unwrap_or(chunks).max(1);
     Ok(Timed {
-        ttft: (first - start).as_secs_f64(),
-        tpot: (tokens > 1).then(|| (last - first).as_secs_f64() / (tokens - 1) as f64),
-        latency: start.elapsed().as_secs_f64(),
-        tokens,
+        ttft: s.ttft,
+        tpot: s.tpot,
+        latency: s.latency,
+        tokens: s.tokens,
     })
 }
 
@@ -218,13 +145,13 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
     std::thread::scope(|s| {
         for _ in 0..spec.concurrency.max(1) {
             s.spawn(|| {
-                let agent = agent(spec.timeout);
+                let client = Client::new(&spec.url, spec.api_key.clone(), spec.timeout);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= spec.requests {
                         break;
                     }
-                    let outcome = one(&agent, spec, i);
+                    let outcome = one(&client, spec, i);
                     let Ok(mut r) = result.lock() else { break };
                     match outcome {
                         Ok(t) => {

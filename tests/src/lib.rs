@@ -2,10 +2,13 @@
 //! temporary folders exactly as a user would and check its output, files and exit codes.
 #![warn(missing_docs)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use burn::backend::NdArray;
+use ft_adapters::peft::{LoraWeights, Matrix, PeftConfig};
+use ft_adapters::PeftAdapter;
 use ft_model::tiny::{tiny_config, write_gguf, write_hf_folder};
 use ft_model::{LlamaConfig, LlamaForCausalLM};
 
@@ -242,4 +245,33 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A rank-4 adapter on q_proj and v_proj of `layers` layers, for a model of hidden size
+/// `hidden` and key/value width `kv`.
+pub fn write_adapter(dir: &Path, layers: usize, hidden: usize, kv: usize, seed: usize) {
+    let matrix = |shape: [usize; 2], s: usize| Matrix {
+        shape,
+        data: (0..shape[0] * shape[1])
+            .map(|i| (((i * 31 + s * 17) % 23) as f32 - 11.0) * 0.01)
+            .collect(),
+    };
+    let mut modules = BTreeMap::new();
+    for i in 0..layers {
+        for (m, out) in [("q_proj", hidden), ("v_proj", kv)] {
+            modules.insert(
+                format!("model.layers.{i}.self_attn.{m}"),
+                LoraWeights {
+                    a: matrix([4, hidden], seed + i),
+                    b: matrix([out, 4], seed + i + 3),
+                },
+            );
+        }
+    }
+    let config: PeftConfig = serde_json::from_value(serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"], "bias": "none"
+    }))
+    .unwrap();
+    PeftAdapter { config, modules }.write(dir).unwrap();
 }

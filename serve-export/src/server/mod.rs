@@ -77,6 +77,81 @@ pub fn serve<B: QuantBackend>(
     config: ServerConfig,
     listener: TcpListener,
 ) -> std::io::Result<()> {
+    serve_until(engine, tokenizer, chat, config, listener, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+/// A server on a thread of its own, for a client in the same process (`ft eval`); it stops
+/// when dropped.
+pub struct Background {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Background {
+    /// Starts serving `engine` on `listener`.
+    pub fn start<B: QuantBackend>(
+        engine: Engine<B>,
+        tokenizer: TextTokenizer,
+        chat: Option<ChatTemplate>,
+        config: ServerConfig,
+        listener: TcpListener,
+    ) -> std::io::Result<Self> {
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("ft-server".into())
+            .spawn(move || {
+                serve_until(engine, tokenizer, chat, config, listener, async {
+                    let _ = stopped.await;
+                })
+            })?;
+        Ok(Self {
+            url,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// `http://host:port`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops the server and waits for it.
+    pub fn stop(mut self) -> std::io::Result<()> {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(std::io::Error::other("the server thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.shut_down();
+    }
+}
+
+/// Serves `engine` on `listener` until `shutdown` completes.
+fn serve_until<B: QuantBackend>(
+    engine: Engine<B>,
+    tokenizer: TextTokenizer,
+    chat: Option<ChatTemplate>,
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     // What one request can hold: the model's context, or the KV cache if smaller.
     let context = engine
         .model()
@@ -108,9 +183,7 @@ pub fn serve<B: QuantBackend>(
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         axum::serve(listener, router(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+            .with_graceful_shutdown(shutdown)
             .await
     })?;
     drop(worker);

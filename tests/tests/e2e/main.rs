@@ -3,6 +3,7 @@
 mod adapters;
 mod bad_input;
 mod distill;
+mod eval;
 mod hub;
 mod inference_weights;
 mod quant;

@@ -2,44 +2,12 @@
 //! gets alone, streams equal whole answers, bad requests get their status, adapters load and
 //! unload at run time, and a client that goes away frees its KV blocks.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ft_adapters::peft::{LoraWeights, Matrix, PeftConfig};
-use ft_adapters::PeftAdapter;
-use ft_tests::{ft, tiny, tiny_model, Server};
+use ft_tests::{ft, tiny, tiny_model, write_adapter, Server};
 use serde_json::{json, Value};
-
-/// A rank-4 adapter on q_proj and v_proj of `layers` layers, for a model of hidden size
-/// `hidden` and key/value width `kv`.
-fn write_adapter(dir: &Path, layers: usize, hidden: usize, kv: usize, seed: usize) {
-    let matrix = |shape: [usize; 2], s: usize| Matrix {
-        shape,
-        data: (0..shape[0] * shape[1])
-            .map(|i| (((i * 31 + s * 17) % 23) as f32 - 11.0) * 0.01)
-            .collect(),
-    };
-    let mut modules = BTreeMap::new();
-    for i in 0..layers {
-        for (m, out) in [("q_proj", hidden), ("v_proj", kv)] {
-            modules.insert(
-                format!("model.layers.{i}.self_attn.{m}"),
-                LoraWeights {
-                    a: matrix([4, hidden], seed + i),
-                    b: matrix([out, 4], seed + i + 3),
-                },
-            );
-        }
-    }
-    let config: PeftConfig = serde_json::from_value(json!({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
-        "target_modules": ["q_proj", "v_proj"], "bias": "none"
-    }))
-    .unwrap();
-    PeftAdapter { config, modules }.write(dir).unwrap();
-}
 
 fn completion(model: &str, prompt: &str, max_tokens: usize) -> Value {
     json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})

@@ -354,7 +354,7 @@ fn eval_lists_the_bundled_tasks() {
     assert_eq!(names, ["dates", "units", "sort"]);
     ft(&["eval", "--tasks", "poetry"]).fails_with(
         2,
-        &["--tasks: expected names among dates, units, sort, got poetry"],
+        &["--tasks: expected names among dates, units, sort or a task TOML file, got poetry"],
     );
 }
 

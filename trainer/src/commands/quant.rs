@@ -13,13 +13,13 @@ use ft_model::{source, Pretrained};
 use ft_quant::QuantBackend;
 use ft_quant::QuantSpec;
 use ft_serve::{generate, Sampler, SamplingParams};
-use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{QuantCompareArgs, QuantMeasureArgs, QuantSaveArgs};
 use crate::commands::report::record;
 use crate::device::{dispatch, Job};
 use crate::error::usage;
+use crate::plot::{Chart, Scatter};
 use crate::rss::peak_rss_bytes;
 
 /// Genesis 1-3 (King James Version, public domain): the default text to score.
@@ -197,55 +197,23 @@ fn render(rows: &[(Measurement, Vec<u32>)]) -> String {
 
 /// Perplexity against weight bytes, one labelled point per format.
 fn plot(rows: &[(Measurement, Vec<u32>)], path: &Path) -> anyhow::Result<()> {
-    let points: Vec<(f64, f64, &str)> = rows
-        .iter()
-        .map(|(m, _)| {
-            (
-                m.linear_bytes as f64 / (1 << 20) as f64,
-                m.perplexity,
-                m.spec.as_str(),
-            )
-        })
-        .collect();
-    let max_x = points.iter().map(|p| p.0).fold(0.0, f64::max) * 1.15;
-    let (min_y, max_y) = points
-        .iter()
-        .fold((f64::MAX, 0.0f64), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
-    let pad = (max_y - min_y).max(0.1) * 0.15;
-    let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
-    let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Perplexity against linear weight size", ("sans-serif", 20))
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0.0..max_x, (min_y - pad)..(max_y + pad))?;
-        chart
-            .configure_mesh()
-            .light_line_style(TRANSPARENT)
-            .bold_line_style(BLACK.mix(0.08))
-            .x_desc("linear weights (MiB)")
-            .y_desc("perplexity")
-            .draw()?;
-        // Points of nearly equal size get their labels stacked so they stay readable.
-        chart.draw_series(points.iter().enumerate().map(|(i, (x, y, label))| {
-            let stacked = points[..i]
-                .iter()
-                .filter(|p| (p.0 - x).abs() < max_x * 0.04)
-                .count() as i32;
-            EmptyElement::at((*x, *y))
-                + Circle::new((0, 0), 5, BLUE.filled())
-                + Text::new(
-                    label.to_string(),
-                    (10, -6 + 16 * stacked),
-                    ("sans-serif", 14),
+    Scatter {
+        title: "Perplexity against linear weight size".into(),
+        x_desc: "linear weights (MiB)".into(),
+        y_desc: "perplexity".into(),
+        points: rows
+            .iter()
+            .map(|(m, _)| {
+                (
+                    m.linear_bytes as f64 / (1 << 20) as f64,
+                    m.perplexity,
+                    m.spec.clone(),
                 )
-        }))?;
-        root.present()?;
-        Ok(())
-    };
-    draw().map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+            })
+            .collect(),
+        x_from_zero: true,
+    }
+    .save_svg(path)
 }
 
 /// Runs `ft quant save`.

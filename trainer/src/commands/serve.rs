@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ft_adapters::Registry;
 use ft_quant::QuantBackend;
+use ft_serve::client::Client;
 use ft_serve::load_bench::{self, percentile, LoadSpec};
 use ft_serve::server::{self, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
@@ -142,7 +143,11 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
         .into());
     }
     let models = if args.adapters.is_empty() {
-        vec![load_bench::first_model(&url, args.api_key.as_deref()).map_err(anyhow::Error::msg)?]
+        let client = Client::new(&url, args.api_key.clone(), Duration::from_secs(30));
+        let models = client
+            .models()
+            .map_err(|e| anyhow::anyhow!("--url {url}: {e}"))?;
+        models.into_iter().take(1).collect()
     } else {
         args.adapters.clone()
     };

@@ -6,7 +6,8 @@ use ft_model::{LlamaForCausalLM, QuantBackend, TextTokenizer};
 use ft_serve::greedy_batch;
 use serde::Serialize;
 
-use crate::tasks::{self, Example};
+use super::metric;
+use crate::tasks::Example;
 
 /// The score and every answer.
 #[derive(Debug, Clone, Serialize)]
@@ -53,7 +54,7 @@ pub fn exact_match<B: QuantBackend>(
     for (e, ids) in examples.iter().zip(outputs) {
         let text = tokenizer.decode(&ids)?;
         let answer = text.split('\n').next().unwrap_or("").to_string();
-        right += tasks::exact_match(&answer, &e.completion) as usize;
+        right += metric::exact_match(&answer, &e.completion) as usize;
         answers.push((e.prompt.clone(), e.completion.clone(), answer));
     }
     Ok(ExactMatch {
