@@ -53,11 +53,12 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of the server at `url` (`http://host:port`, no `/v1`).
+    /// A client of the server at `url` (`http://host:port`; a trailing `/v1` is dropped).
     pub fn new(url: &str, api_key: Option<String>, timeout: Duration) -> Self {
+        let url = url.trim_end_matches('/');
         Self {
             agent: ureq::AgentBuilder::new().timeout(timeout).build(),
-            url: url.trim_end_matches('/').to_string(),
+            url: url.strip_suffix("/v1").unwrap_or(url).to_string(),
             api_key,
             timeout,
         }
@@ -118,12 +119,14 @@ impl Client {
         let mut last = start;
         let mut chunks = 0;
         let mut usage = None;
+        let mut done = false;
         for line in BufReader::new(resp.into_reader()).lines() {
             let line = line.map_err(|e| self.io_error(e))?;
             let Some(data) = line.strip_prefix("data:").map(str::trim) else {
                 continue;
             };
             if data == "[DONE]" {
+                done = true;
                 break;
             }
             let v: Value = serde_json::from_str(data)
@@ -134,7 +137,11 @@ impl Client {
             if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
                 usage = Some(u as usize);
             }
-            let Some(choice) = v["choices"].get(0) else {
+            // The first choice only (index 0), as requests ask for one.
+            let Some(choice) = v["choices"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["index"].as_u64().unwrap_or(0) == 0))
+            else {
                 continue;
             };
             let now = Instant::now();
@@ -149,6 +156,11 @@ impl Client {
                 last = now;
                 chunks += 1;
             }
+        }
+        if !done && finish_reason.is_none() {
+            return Err(ClientError::Failed(
+                "the stream ended before its finish reason or [DONE]".into(),
+            ));
         }
         let first =
             first.ok_or_else(|| ClientError::Failed("the stream carried no choice".into()))?;
@@ -241,6 +253,18 @@ mod tests {
         assert_eq!(s.finish_reason.as_deref(), Some("stop"));
         assert_eq!(s.tokens, 3);
         assert!(s.tpot.is_some() && s.ttft <= s.latency);
+    }
+
+    #[test]
+    fn a_stream_cut_short_is_not_an_answer() {
+        let url = server(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n\
+             data: {\"choices\":[{\"text\":\" 19\",\"finish_reason\":null}]}\n\n",
+            Duration::ZERO,
+        );
+        let c = Client::new(&format!("{url}/v1"), None, Duration::from_secs(5));
+        let err = c.stream_completion(&serde_json::json!({})).unwrap_err();
+        assert!(err.to_string().contains("ended before"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,8 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::train::write_atomic;
+
 const SIZE: (u32, u32) = (760, 500);
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -42,16 +44,20 @@ pub trait Chart {
     where
         DB::ErrorType: 'static;
 
-    /// Writes the chart as an SVG file.
+    /// Writes the chart as an SVG file (atomically).
     fn save_svg(&self, path: &Path) -> anyhow::Result<()> {
         fonts();
-        let root = SVGBackend::new(path, SIZE).into_drawing_area();
-        self.draw(&root)
-            .and_then(|()| root.present().map_err(Into::into))
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+            self.draw(&root)
+                .and_then(|()| root.present().map_err(Into::into))
+                .map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+        }
+        write_atomic(path, svg.as_bytes())
     }
 
-    /// Writes the chart as a PNG file.
+    /// Writes the chart as a PNG file (atomically).
     fn save_png(&self, path: &Path) -> anyhow::Result<()> {
         fonts();
         let mut pixels = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
@@ -61,15 +67,15 @@ pub trait Chart {
                 .and_then(|()| root.present().map_err(Into::into))
                 .map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
         }
-        let file = std::fs::File::create(path)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-        let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), SIZE.0, SIZE.1);
+        let mut png_bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut png_bytes, SIZE.0, SIZE.1);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         encoder
             .write_header()
             .and_then(|mut w| w.write_image_data(&pixels))
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+            .map_err(|e| anyhow::anyhow!("encoding {}: {e}", path.display()))?;
+        write_atomic(path, &png_bytes)
     }
 
     /// Writes `stem.svg` and `stem.png`.

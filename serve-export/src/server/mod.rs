@@ -186,7 +186,10 @@ fn serve_until<B: QuantBackend>(
             .with_graceful_shutdown(shutdown)
             .await
     })?;
-    drop(worker);
+    // Every connection's task goes with the runtime, and with them the last command sender:
+    // the engine thread then ends, and its weights and KV cache are freed before returning.
+    drop(runtime);
+    let _ = worker.join();
     Ok(())
 }
 

@@ -55,8 +55,25 @@ struct Plan {
     storages: Vec<Storage>,
 }
 
+/// Keeps the first of each repeated value, so a setting is measured once.
+fn dedup<T: PartialEq>(values: &mut Vec<T>) {
+    let mut seen = 0;
+    while seen < values.len() {
+        if values[..seen].contains(&values[seen]) {
+            values.remove(seen);
+        } else {
+            seen += 1;
+        }
+    }
+}
+
 /// Runs `ft eval`.
-pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
+    dedup(&mut args.decoding);
+    dedup(&mut args.concurrency);
+    if let Some(q) = args.quant.as_mut() {
+        dedup(q);
+    }
     let task_error = |e: TaskError| match e {
         TaskError::Unknown { .. } => UsageError(format!("--tasks: {e}")).into(),
         TaskError::Invalid(m) => anyhow::Error::from(UsageError(m)),
@@ -239,38 +256,42 @@ impl Job for Plan {
                 weights: storage.weights,
                 double_quant: false,
             };
-            let generative = self.tasks.iter().any(|t| t.metric != Metric::Perplexity);
+            // Perplexity first: it needs no server, and a text it cannot score stops the eval
+            // before the long generation passes.
+            let (scored, generated): (Vec<&EvalTask>, Vec<&EvalTask>) = self
+                .tasks
+                .iter()
+                .partition(|t| t.metric == Metric::Perplexity);
+            if !scored.is_empty() {
+                rows.extend(self.perplexity_rows::<B>(&scored, &base, storage, &device)?);
+            }
+            if generated.is_empty() {
+                continue;
+            }
             // The server: a running one, or ours in process over this storage.
             let (server, client, base_name) = match &a.server {
                 Some(url) => {
                     let client = Client::new(url, a.api_key.clone(), timeout);
-                    let first = client
+                    let listed = client
                         .models()
-                        .map_err(|e| anyhow::anyhow!("--server {url}: {e}"))?
-                        .remove(0);
-                    (None, Some(client), first)
+                        .map_err(|e| anyhow::anyhow!("--server {url}: {e}"))?;
+                    if let Some(t) = self.targets.iter().find(|t| !listed.contains(&t.name)) {
+                        return Err(UsageError(format!(
+                            "--adapters {}: the server at {url} does not list it (it lists {})",
+                            t.name,
+                            listed.join(", ")
+                        ))
+                        .into());
+                    }
+                    (None, client, listed[0].clone())
                 }
-                None if generative => {
+                None => {
                     let server = self.start_server::<B>(&base, &device)?;
                     let client = Client::new(server.url(), None, timeout);
-                    (Some(server), Some(client), BASE.to_string())
+                    (Some(server), client, BASE.to_string())
                 }
-                None => (None, None, BASE.to_string()),
             };
-            for task in &self.tasks {
-                if task.metric == Metric::Perplexity {
-                    for model in self.models() {
-                        let row =
-                            self.perplexity_row::<B>(task, &base, storage, &model, &device)?;
-                        eprintln!(
-                            "ft eval: {} {} {}: perplexity {:?}",
-                            task.name, model.name, storage.label, row.score.value
-                        );
-                        rows.push(row);
-                    }
-                    continue;
-                }
-                let Some(client) = &client else { continue };
+            for task in generated {
                 for model in self.models() {
                     let sent = if model.name == BASE {
                         &base_name
@@ -292,7 +313,8 @@ impl Job for Plan {
                                 decoding,
                                 concurrency: concurrency as usize,
                             };
-                            let pass = run_pass(client, sent, task, decoding, concurrency as usize);
+                            let pass =
+                                run_pass(&client, sent, task, decoding, concurrency as usize);
                             let row = summarize(task, &setting, &pass, a.price_per_hour);
                             progress(&row);
                             rows.push(row);
@@ -308,7 +330,7 @@ impl Job for Plan {
             base_model: a.model.clone(),
             served_by: match &a.server {
                 Some(url) => format!("by {url}"),
-                None => "in process by ft's engine and HTTP server".into(),
+                None => "in process by ft's engine and HTTP server (prefix cache off)".into(),
             },
             date: ft_adapters::registry::now_rfc3339(),
             usd_per_hour: a.price_per_hour,
@@ -356,7 +378,9 @@ impl Plan {
             max_batch_tokens: 512,
             max_running: 64,
             max_waiting: 100_000,
-            prefix_cache: true,
+            // Every setting sends the same prompts again: a prefix cache would time the later
+            // ones on cached prompts.
+            prefix_cache: false,
             max_adapters: self.targets.len().max(1),
         };
         let detokenizer = p.tokenizer.clone();
@@ -381,54 +405,63 @@ impl Plan {
             .context("starting the in-process server")
     }
 
-    /// Perplexity of `model` over `task`'s texts, each scored whole in one window.
-    fn perplexity_row<B: QuantBackend>(
+    /// Perplexity of the base and each adapter over the texts of `tasks` (each text scored in
+    /// windows of the model's context), one row per task and model.
+    fn perplexity_rows<B: QuantBackend>(
         &self,
-        task: &EvalTask,
+        tasks: &[&EvalTask],
         base: &BaseModelArgs,
         storage: &Storage,
-        model: &Target,
         device: &B::Device,
-    ) -> anyhow::Result<Row> {
-        let mut p = base.load::<B>(device)?;
-        if let Some(dir) = &model.dir {
-            p.attach_adapter(dir)
-                .with_context(|| format!("--adapters {}: {}", model.name, dir.display()))?;
-        }
-        let context = p.config.max_position_embeddings;
-        let mut parts = Vec::with_capacity(task.items.len());
-        for (i, item) in task.items.iter().enumerate() {
-            let Expected::Text(text) = &item.expected else {
-                continue;
-            };
-            let ids = p.tokenizer.encode(text)?;
-            if ids.len() < 2 || ids.len() > context {
-                anyhow::bail!(
-                    "task {} example {}: {} tokens; perplexity needs 2 to {context} (the model's context)",
-                    task.name,
-                    i + 1,
-                    ids.len()
-                );
+    ) -> anyhow::Result<Vec<Row>> {
+        let mut rows = Vec::new();
+        for model in self.models() {
+            let mut p = base.load::<B>(device)?;
+            if let Some(dir) = &model.dir {
+                p.attach_adapter(dir)
+                    .with_context(|| format!("--adapters {}: {}", model.name, dir.display()))?;
             }
-            let r = perplexity(&p.model, &ids, context, device);
-            parts.push((r.perplexity, r.scored));
+            let context = p.config.max_position_embeddings;
+            for task in tasks {
+                let mut parts = Vec::with_capacity(task.items.len());
+                for (i, item) in task.items.iter().enumerate() {
+                    let Expected::Text(text) = &item.expected else {
+                        continue;
+                    };
+                    let ids = p.tokenizer.encode(text)?;
+                    if ids.len() < 2 {
+                        return Err(UsageError(format!(
+                            "--tasks {}: example {} has {} token(s); perplexity needs 2 or more",
+                            task.name,
+                            i + 1,
+                            ids.len()
+                        ))
+                        .into());
+                    }
+                    let r = perplexity(&p.model, &ids, context, device);
+                    parts.push((r.perplexity, r.scored));
+                }
+                let row = Row {
+                    task: task.name.clone(),
+                    model: model.name.clone(),
+                    quant: storage.label.clone(),
+                    decoding: "-".into(),
+                    concurrency: None,
+                    metric: Metric::Perplexity,
+                    score: pooled_perplexity(&parts),
+                    examples: task.items.len(),
+                    errors: 0,
+                    timeouts: 0,
+                    first_error: None,
+                    timing: None,
+                    cost: None,
+                    answers: Vec::new(),
+                };
+                progress(&row);
+                rows.push(row);
+            }
         }
-        Ok(Row {
-            task: task.name.clone(),
-            model: model.name.clone(),
-            quant: storage.label.clone(),
-            decoding: "-".into(),
-            concurrency: None,
-            metric: Metric::Perplexity,
-            score: pooled_perplexity(&parts),
-            examples: task.items.len(),
-            errors: 0,
-            timeouts: 0,
-            first_error: None,
-            timing: None,
-            cost: None,
-            answers: Vec::new(),
-        })
+        Ok(rows)
     }
 
     /// Adds each registry adapter's rows to its version's metrics, under `eval/<task>`.
@@ -481,7 +514,8 @@ fn progress(row: &Row) {
         row.model,
         row.quant,
         row.decoding,
-        row.concurrency.unwrap_or(1),
+        row.concurrency
+            .map_or_else(|| "-".into(), |c| c.to_string()),
         row.metric.name(),
         row.score
             .value

@@ -148,7 +148,8 @@ pub struct Row {
     pub quant: String,
     /// The decoding (`-` for perplexity).
     pub decoding: String,
-    /// Requests in flight at once (`None` for perplexity, scored in process).
+    /// Requests in flight at once, at most one per example (`None` for perplexity, scored in
+    /// process).
     pub concurrency: Option<usize>,
     /// How it was scored.
     pub metric: Metric,
@@ -177,10 +178,11 @@ pub struct Timing {
     pub ttft_p50_ms: f64,
     /// TTFT p99, ms.
     pub ttft_p99_ms: f64,
-    /// Time per output token after the first, median, ms.
-    pub tpot_p50_ms: f64,
+    /// Time per output token after the first, median, ms (none when every answer came in
+    /// one piece, as beam search's do).
+    pub tpot_p50_ms: Option<f64>,
     /// TPOT p99, ms.
-    pub tpot_p99_ms: f64,
+    pub tpot_p99_ms: Option<f64>,
     /// End-to-end latency, median, s.
     pub latency_p50_s: f64,
     /// Latency p99, s.
@@ -272,8 +274,8 @@ pub fn summarize(
     let timing = (scored > 0).then(|| Timing {
         ttft_p50_ms: percentile(&ttft, 50.0) * 1e3,
         ttft_p99_ms: percentile(&ttft, 99.0) * 1e3,
-        tpot_p50_ms: percentile(&tpot, 50.0) * 1e3,
-        tpot_p99_ms: percentile(&tpot, 99.0) * 1e3,
+        tpot_p50_ms: (!tpot.is_empty()).then(|| percentile(&tpot, 50.0) * 1e3),
+        tpot_p99_ms: (!tpot.is_empty()).then(|| percentile(&tpot, 99.0) * 1e3),
         latency_p50_s: percentile(&latency, 50.0),
         latency_p99_s: percentile(&latency, 99.0),
         requests_per_s: scored as f64 / wall,
@@ -285,16 +287,18 @@ pub fn summarize(
         model: setting.model.clone(),
         quant: setting.quant.clone(),
         decoding: setting.decoding.to_string(),
-        concurrency: Some(setting.concurrency),
+        concurrency: Some(setting.concurrency.clamp(1, task.items.len().max(1))),
         metric: task.metric,
         score: metric::accuracy(right, scored),
         examples: task.items.len(),
         errors,
         timeouts,
         first_error,
+        // A pass with failures has no throughput worth pricing.
         cost: timing
             .as_ref()
             .zip(usd_per_hour)
+            .filter(|_| errors + timeouts == 0)
             .and_then(|(t, p)| Cost::of(t, p)),
         timing,
         answers,
@@ -369,7 +373,8 @@ mod tests {
             (t.output_tokens, t.tokens_per_s, t.requests_per_s),
             (4, 2.0, 1.0)
         );
-        let c = row.cost.unwrap();
+        assert!(row.cost.is_none(), "a pass with failures is not priced");
+        let c = Cost::of(&t, 3.6).unwrap();
         // 3.6 USD/h is 0.001 USD/s: 2 tokens/s cost 500 USD per million, 1 request/s 1 USD per 1000.
         assert!((c.usd_per_m_tokens - 500.0).abs() < 1e-9);
         assert!((c.usd_per_k_requests - 1.0).abs() < 1e-9);

@@ -4,16 +4,9 @@
 
 use super::task::Expected;
 
-/// An answer's text cut to its first line and its whitespace collapsed, as the bundled tasks'
-/// answers are single lines.
+/// An answer with its whitespace trimmed and collapsed (line breaks included).
 pub fn normalize(answer: &str) -> String {
-    answer
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    answer.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Whether `answer` equals `expected` after [`normalize`].
@@ -22,8 +15,9 @@ pub fn exact_match(answer: &str, expected: &str) -> bool {
 }
 
 /// The choice a generated answer names: the choice it equals (case aside), else the longest
-/// choice it starts with followed by a non-alphanumeric character, else a choice letter
-/// (`B`, `B)` or `B.` for the second). `None` when it names none.
+/// choice it starts with followed by a non-alphanumeric character, else a capital choice
+/// letter (`B`, `B)` or `B.` for the second). `None` when it names none. Generated, not
+/// scored by likelihood, so that any OpenAI-compatible server can be measured.
 pub fn chosen(answer: &str, choices: &[String]) -> Option<usize> {
     let a = normalize(answer).to_lowercase();
     let norm: Vec<String> = choices
@@ -46,11 +40,11 @@ pub fn chosen(answer: &str, choices: &[String]) -> Option<usize> {
     if let Some((i, _)) = prefix {
         return Some(i);
     }
-    let letter = a.trim_end_matches([')', '.', ':']);
-    let mut chars = letter.chars();
+    let letter = normalize(answer);
+    let mut chars = letter.trim_end_matches([')', '.', ':']).chars();
     match (chars.next(), chars.next()) {
-        (Some(c @ 'a'..='z'), None) => {
-            let i = (c as u8 - b'a') as usize;
+        (Some(c @ 'A'..='Z'), None) => {
+            let i = (c as u8 - b'A') as usize;
             (i < choices.len()).then_some(i)
         }
         _ => None,
@@ -110,10 +104,11 @@ mod tests {
     }
 
     #[test]
-    fn exact_match_normalizes_whitespace_and_keeps_the_first_line() {
+    fn exact_match_normalizes_whitespace() {
         assert!(exact_match(" 2021-03-05", "2021-03-05"));
         assert!(exact_match("apple  banana\tcherry ", "apple banana cherry"));
-        assert!(exact_match("\n 3500\nmore text", " 3500"));
+        assert!(exact_match("\n 3500\n", " 3500"));
+        assert!(!exact_match("3500\nmore text", "3500"), "every line counts");
         assert!(!exact_match("2021-03-5", "2021-03-05"));
         assert!(!exact_match("", "0"));
         assert!(
@@ -134,7 +129,12 @@ mod tests {
         assert_eq!(chosen("Lyon.", &c), Some(2));
         assert_eq!(chosen("Lyonnais", &c), None, "a prefix must end at a word");
         assert_eq!(chosen("B)", &c), Some(1));
-        assert_eq!(chosen("c", &c), Some(2));
+        assert_eq!(chosen("C.", &c), Some(2));
+        assert_eq!(
+            chosen("a", &c),
+            None,
+            "a lower-case letter is a word, not a choice"
+        );
         assert_eq!(chosen("D", &c), None, "no fourth choice");
         assert_eq!(chosen("Marseille", &c), None);
         assert_eq!(chosen("", &c), None);

@@ -65,10 +65,13 @@ impl Report {
         self.rows.iter().filter(move |r| r.task == task)
     }
 
-    /// The best adapter's row for `task`: best score (ties to lower latency), among adapters,
-    /// or the base where there are none.
+    /// The best adapter's row for `task`: best score (ties to lower latency) among rows that
+    /// answered every example, adapters before the base.
     pub fn best(&self, task: &TaskInfo) -> Option<&Row> {
-        let scored = || self.rows_of(&task.name).filter(|r| r.score.value.is_some());
+        let scored = || {
+            self.rows_of(&task.name)
+                .filter(|r| r.score.value.is_some() && r.errors + r.timeouts == 0)
+        };
         let adapters: Vec<&Row> = scored().filter(|r| r.model != BASE).collect();
         let pool = if adapters.is_empty() {
             scored().collect()
@@ -162,7 +165,7 @@ impl Report {
                 r.timeouts,
                 opt(tm.map(|t| t.ttft_p50_ms), 0),
                 opt(tm.map(|t| t.ttft_p99_ms), 0),
-                opt(tm.map(|t| t.tpot_p50_ms), 1),
+                opt(tm.and_then(|t| t.tpot_p50_ms), 1),
                 opt(tm.map(|t| t.latency_p50_s), 2),
                 opt(tm.map(|t| t.latency_p99_s), 2),
                 opt(tm.map(|t| t.requests_per_s), 2),
@@ -207,8 +210,10 @@ impl Report {
                 (Some(a), Some(b)) if f(&b) > 0.0 => format!("{:.2}x", f(&a) / f(&b)),
                 _ => "-".into(),
             };
+            // Scores over different answered examples do not compare.
+            let complete = r.errors + r.timeouts + base.errors + base.timeouts == 0;
             let change = match (r.score.value, base.score.value) {
-                (Some(a), Some(b)) => format!("{:+.3}", a - b),
+                (Some(a), Some(b)) if complete => format!("{:+.3}", a - b),
                 _ => "-".into(),
             };
             let _ = writeln!(
@@ -319,8 +324,8 @@ mod tests {
             timing: Some(Timing {
                 ttft_p50_ms: 10.0,
                 ttft_p99_ms: 20.0,
-                tpot_p50_ms: 5.0,
-                tpot_p99_ms: 6.0,
+                tpot_p50_ms: Some(5.0),
+                tpot_p99_ms: Some(6.0),
                 latency_p50_s: latency,
                 latency_p99_s: latency,
                 requests_per_s: 1.0 / latency,

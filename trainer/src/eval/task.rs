@@ -107,9 +107,9 @@ struct TaskFile {
     stop: Option<Vec<String>>,
 }
 
-/// A JSONL line, before its metric says which fields it needs.
+/// A JSONL line, before its metric says which fields it needs (others, such as an id, are
+/// ignored).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Line {
     #[serde(default)]
     prompt: String,
@@ -147,7 +147,15 @@ pub fn registered(dirs: &[PathBuf]) -> Result<Vec<EvalTask>, TaskError> {
             .collect();
         files.sort();
         for file in files {
-            out.push(load(&file)?);
+            let task = load(&file)?;
+            if out.iter().any(|t| t.name == task.name) {
+                return Err(TaskError::Invalid(format!(
+                    "{}: name: {:?} is already a task's name",
+                    file.display(),
+                    task.name
+                )));
+            }
+            out.push(task);
         }
     }
     Ok(out)
@@ -160,7 +168,7 @@ pub fn resolve(spec: &str, dirs: &[PathBuf]) -> Result<EvalTask, TaskError> {
         return Ok(t.clone());
     }
     let path = Path::new(spec);
-    if path.extension().is_some_and(|x| x == "toml") && path.is_file() {
+    if path.extension().is_some_and(|x| x == "toml") {
         return load(path);
     }
     Err(TaskError::Unknown {
@@ -197,9 +205,15 @@ pub fn load(file: &Path) -> Result<EvalTask, TaskError> {
     let at = |e: &dyn std::fmt::Display| TaskError::Invalid(format!("{}: {e}", file.display()));
     let text = std::fs::read_to_string(file).map_err(|e| at(&e))?;
     let spec: TaskFile = toml::from_str(&text).map_err(|e| at(&e))?;
-    if spec.name.is_empty() || spec.name.contains([',', '/', ' ']) {
+    // The name becomes file names and Markdown links in the report.
+    if spec.name.is_empty()
+        || !spec
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         return Err(at(&format!(
-            "name: {:?} must be non-empty, without commas, slashes or spaces",
+            "name: {:?} must be letters, digits, '_' and '-'",
             spec.name
         )));
     }
