@@ -47,9 +47,9 @@ impl<B: Backend> RmsNorm<B> {
 #[derive(Module, Debug)]
 pub struct RotaryEmbedding<B: Backend> {
     /// [max_pos, d]: cos(pos * inv_freq) repeated over both halves.
-    cos: Tensor<B, 2>,
+    pub(crate) cos: Tensor<B, 2>,
     /// [max_pos, d]
-    sin: Tensor<B, 2>,
+    pub(crate) sin: Tensor<B, 2>,
 }
 
 impl<B: Backend> RotaryEmbedding<B> {

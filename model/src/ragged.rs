@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use ft_adapters::peft::{Matrix, PeftAdapter};
 use ft_quant::QuantBackend;
@@ -92,6 +93,31 @@ impl<B: Backend> ServedAdapter<B> {
         Ok(Self { layers })
     }
 }
+
+impl<B: QuantBackend> ServedAdapter<B> {
+    /// Per layer and module, A^T [in, r] and scale * B^T [r, out] as backend primitives, with
+    /// r: what the host forward ([`crate::host_decode`]) reads in place.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn host_parts(&self) -> Vec<[Option<(FloatTensor<B>, FloatTensor<B>, usize)>; 7]> {
+        self.layers
+            .iter()
+            .map(|mods| {
+                std::array::from_fn(|j| {
+                    let w = mods[j].as_ref()?;
+                    let r = w.a_t.dims()[1];
+                    Some((
+                        w.a_t.clone().into_primitive().tensor(),
+                        w.b_t.clone().into_primitive().tensor(),
+                        r,
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// A^T, scale * B^T and the rank of one module's update, as backend primitives.
+pub(crate) type HostLowRank<B> = (FloatTensor<B>, FloatTensor<B>, usize);
 
 /// `m` transposed and times `scale`, as a tensor on `device`.
 fn transposed<B: Backend>(m: &Matrix, scale: f32, device: &B::Device) -> Tensor<B, 2> {
@@ -360,14 +386,11 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use burn::backend::NdArray;
     use burn::tensor::Tolerance;
-    use ft_adapters::peft::{LoraWeights, Matrix, PeftConfig};
 
     use super::*;
-    use crate::tiny::tiny_config;
+    use crate::tiny::{tiny_adapter, tiny_config};
     use crate::KvCache;
 
     type B = NdArray<f32>;
@@ -406,45 +429,12 @@ mod tests {
         }
     }
 
-    fn adapter(seed: usize) -> PeftAdapter {
-        let matrix = |shape: [usize; 2], s: usize| Matrix {
-            shape,
-            data: (0..shape[0] * shape[1])
-                .map(|i| (((i + s) * 7919 % 97) as f32 - 48.0) * 0.01)
-                .collect(),
-        };
-        let c = tiny_config();
-        let mut modules = BTreeMap::new();
-        for i in 0..c.num_hidden_layers {
-            modules.insert(
-                format!("model.layers.{i}.self_attn.v_proj"),
-                LoraWeights {
-                    a: matrix([2, 32], seed + i),
-                    b: matrix([16, 2], seed + i + 1),
-                },
-            );
-            modules.insert(
-                format!("model.layers.{i}.mlp.up_proj"),
-                LoraWeights {
-                    a: matrix([2, 32], seed + i + 2),
-                    b: matrix([48, 2], seed + i + 3),
-                },
-            );
-        }
-        let config: PeftConfig = serde_json::from_value(serde_json::json!({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
-            "target_modules": ["v_proj", "up_proj"], "bias": "none"
-        }))
-        .unwrap();
-        PeftAdapter { config, modules }
-    }
-
     #[test]
     fn a_ragged_batch_of_mixed_adapters_equals_each_sequence_alone() {
         B::seed(&Default::default(), 11);
         let c = tiny_config();
         let base = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
-        let pefts = [adapter(1), adapter(50)];
+        let pefts = [tiny_adapter(1), tiny_adapter(50)];
         let adapters: Vec<ServedAdapter<B>> = pefts
             .iter()
             .map(|p| ServedAdapter::new(&base, p, Path::new("a")).unwrap())

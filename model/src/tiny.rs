@@ -3,9 +3,11 @@
 //! (q/k rows permuted, tokenizer in the metadata). Tests build them to cover model variants and
 //! loader faults without downloading anything.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
+use ft_adapters::peft::{LoraWeights, Matrix, PeftAdapter, PeftConfig};
 use serde_json::json;
 
 use crate::config::LlamaConfig;
@@ -51,6 +53,50 @@ pub fn tiny_tokens() -> (Vec<String>, Vec<u64>) {
         types.push(3);
     }
     (tokens, types)
+}
+
+/// A rank-2 PEFT adapter for a [`tiny_config`] model on q, v, up and down projections of every
+/// layer, its values a deterministic function of `seed`.
+pub fn tiny_adapter(seed: usize) -> PeftAdapter {
+    let matrix = |shape: [usize; 2], s: usize| Matrix {
+        shape,
+        data: (0..shape[0] * shape[1])
+            .map(|i| (((i + s) * 7919 % 97) as f32 - 48.0) * 0.01)
+            .collect(),
+    };
+    let c = tiny_config();
+    let (e, kv, f) = (
+        c.hidden_size,
+        c.num_key_value_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let mut modules = BTreeMap::new();
+    for i in 0..c.num_hidden_layers {
+        for (j, (name, n_in, n_out)) in [
+            ("self_attn.q_proj", e, e),
+            ("self_attn.v_proj", e, kv),
+            ("mlp.up_proj", e, f),
+            ("mlp.down_proj", f, e),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let s = seed + 4 * i + j;
+            modules.insert(
+                format!("model.layers.{i}.{name}"),
+                LoraWeights {
+                    a: matrix([2, n_in], s),
+                    b: matrix([n_out, 2], s + 1),
+                },
+            );
+        }
+    }
+    let config: PeftConfig = serde_json::from_value(json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
+        "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"], "bias": "none"
+    }))
+    .expect("a valid PEFT config");
+    PeftAdapter { config, modules }
 }
 
 /// The id of `<|im_end|>`, which ends generation in tiny models.

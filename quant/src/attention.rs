@@ -34,38 +34,64 @@ pub fn paged_decode_attention(
     let PagedLayout {
         heads: h,
         kv_heads: kv,
-        block_size: bs,
         head_dim: d,
+        ..
     } = layout;
     let g = h / kv;
-    let sqrt_d = (d as f32).sqrt();
     let mut out = vec![0f32; rows.len() * h * d];
     // Chunk c holds the g query heads of key/value head c % kv of row c / kv.
     out.par_chunks_mut(g * d).enumerate().for_each(|(c, out)| {
         let (i, kvh) = (c / kv, c % kv);
         let (table, len) = rows[i];
-        let at = |p: usize| ((table[p / bs] * kv + kvh) * bs + p % bs) * d;
-        let mut scores = vec![0f32; len];
+        let mut scores = Vec::new();
         for (j, o) in out.chunks_mut(d).enumerate() {
-            let qh = &q[(i * h + kvh * g + j) * d..][..d];
-            for (p, s) in scores.iter_mut().enumerate() {
-                *s = dot(qh, &keys[at(p)..at(p) + d]) / sqrt_d;
-            }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            for (p, s) in scores.iter().enumerate() {
-                let weight = s / total;
-                for (o, v) in o.iter_mut().zip(&values[at(p)..at(p) + d]) {
-                    *o += weight * v;
-                }
-            }
+            let head = kvh * g + j;
+            let qh = &q[(i * h + head) * d..][..d];
+            attend_head(qh, keys, values, layout, head, table, len, &mut scores, o);
         }
     });
     out
+}
+
+/// One query head's attention over the first `len` positions of a block table: `out` (d
+/// values, overwritten) = softmax(q k^T / sqrt(d)) v, with the keys and values of the head's
+/// key/value head. `scores` is scratch space.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_head(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    layout: PagedLayout,
+    head: usize,
+    table: &[usize],
+    len: usize,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let PagedLayout {
+        heads: h,
+        kv_heads: kv,
+        block_size: bs,
+        head_dim: d,
+    } = layout;
+    let kvh = head / (h / kv);
+    let at = |p: usize| ((table[p / bs] * kv + kvh) * bs + p % bs) * d;
+    let sqrt_d = (d as f32).sqrt();
+    scores.clear();
+    scores.extend((0..len).map(|p| dot(q, &keys[at(p)..at(p) + d]) / sqrt_d));
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    out.fill(0.0);
+    for (p, s) in scores.iter().enumerate() {
+        let weight = s / total;
+        for (o, v) in out.iter_mut().zip(&values[at(p)..at(p) + d]) {
+            *o += weight * v;
+        }
+    }
 }
 
 /// sum a * b in eight lanes, so that the compiler vectorizes it.

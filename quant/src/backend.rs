@@ -30,7 +30,7 @@ use crate::attention;
 use crate::device_packed::DevicePacked;
 use crate::linear::{project, Packed};
 use crate::matvec;
-use crate::packed::{PackedData, PackedWeight};
+use crate::packed::PackedWeight;
 
 /// A backend that can compute x W^T for a packed (quantized, frozen) weight W.
 pub trait QuantBackend: Backend {
@@ -61,6 +61,13 @@ pub trait QuantBackend: Backend {
     /// Whether this backend can multiply by packed weights in bf16 ([`set_bf16_compute`]).
     fn bf16_compute_supported() -> bool {
         false
+    }
+
+    /// The values of `t` in row-major order, read in place where the backend keeps f32
+    /// tensors in host memory (the CPU decoding path reads weights and activations so);
+    /// `None` elsewhere.
+    fn host_f32(_t: &FloatTensor<Self>) -> Option<&[f32]> {
+        None
     }
 
     /// Attention of decoding rows straight from a paged KV cache ([`crate::attention`]):
@@ -137,28 +144,19 @@ where
         // ggml blocks (inference only) always take the kernels, so a row's result never
         // depends on how many rows share the call; bf16 (also a training base) only for the
         // few rows of decoding, where the kernel beats burn's GEMM.
-        let kernel = match &weight.weight.data {
-            PackedData::Blocks { ty, .. } => matvec::supports(*ty),
-            PackedData::Bf16(_) => m <= matvec::MAX_ROWS,
-            _ => false,
-        };
-        if kernel && m > 0 && E::dtype() == DType::F32 {
+        let kernel = weight.weight.kernel_weights().filter(|w| match w {
+            matvec::Weights::Bf16(_) => m <= matvec::MAX_ROWS,
+            _ => true,
+        });
+        if let Some(w) = kernel.filter(|_| m > 0 && E::dtype() == DType::F32) {
             let device = x.device();
             let n = weight.weight.shape[0];
-            let product = |rows: &[f32]| match &weight.weight.data {
-                PackedData::Blocks { ty, bytes } => matvec::matmul(*ty, bytes, n, k, rows, m),
-                PackedData::Bf16(bits) => matvec::matmul_bf16(bits, n, k, rows, m),
-                _ => unreachable!("checked above"),
-            };
+            let product = |rows: &[f32]| matvec::product(w, n, k, rows, m);
             // Read the rows in place: x is often shared (the same activations feed several
             // projections), and copying a shared array out goes element by element.
             let x = x.into_primitive().tensor();
-            let in_place = match &x {
-                NdArrayTensor::F32(storage) => storage.view().as_slice().map(product),
-                _ => None,
-            };
-            let y = match in_place {
-                Some(y) => y,
+            let y = match Self::host_f32(&x) {
+                Some(rows) => product(rows),
                 None => {
                     let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
                     product(&x.into_data().into_vec::<f32>().expect("an f32 tensor"))
@@ -171,6 +169,15 @@ where
         let w = Self::packed_weight(weight, &x.device());
         let w = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(w));
         project(x, w).into_primitive().tensor()
+    }
+
+    fn host_f32(t: &FloatTensor<Self>) -> Option<&[f32]> {
+        match t {
+            NdArrayTensor::F32(storage) if storage.view().is_standard_layout() => {
+                storage.view().to_slice()
+            }
+            _ => None,
+        }
     }
 
     /// The host kernel, reading the pool's f32 storage in place.

@@ -6,7 +6,9 @@
 //! double quantization through the 8-bit dynamic map ([`dynamic8`]), int8 absmax ([`int8`])
 //! and bf16; and the base model's [`Linear`] layer that holds a weight dense or packed.
 //! [`device_packed`] keeps packed codes on a GPU and decodes them there; [`matvec`] multiplies
-//! a few rows by GGUF-blocked weights on the CPU without dequantizing them.
+//! a few rows by GGUF-blocked, bf16 or f32 weights on the CPU without dequantizing them,
+//! [`attention`] attends from a paged KV cache on the host, and [`team`] runs a step's
+//! operations on every kernel thread at once.
 //!
 //! Must not import any other ft crate: it knows nothing of LoRA, models or training.
 #![warn(missing_docs)]
@@ -21,6 +23,7 @@ pub mod int8;
 pub mod linear;
 pub mod matvec;
 pub mod packed;
+pub mod team;
 
 pub use backend::QuantBackend;
 pub use ggml::{dequantize, GgmlType};

@@ -10,6 +10,8 @@
 //! used where the CPU has it, chosen at run time; a portable version computes the same sums
 //! elsewhere.
 
+use std::ops::Range;
+
 use half::f16;
 use rayon::prelude::*;
 
@@ -94,14 +96,55 @@ pub fn on_kernel_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
-/// Whether [`matmul`] has a kernel for weights of type `ty`.
+/// Whether the kernels multiply weights of ggml type `ty`.
 pub fn supports(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
 }
 
+/// A weight W [n, k] (row-major, HF [out, in]) in a form the kernels multiply directly.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    /// ggml blocks of 32 along each row ([`supports`]); activations meet them as 8-bit blocks.
+    Blocks {
+        /// Q8_0, Q4_0 or Q4_1.
+        ty: GgmlType,
+        /// n rows of k / 32 blocks.
+        bytes: &'a [u8],
+    },
+    /// bfloat16 bits; activations stay f32.
+    Bf16(&'a [u16]),
+    /// f32 values.
+    F32(&'a [f32]),
+}
+
+impl Weights<'_> {
+    /// Whether the activations must be quantized to 8-bit blocks ([`Q8Rows`]) first.
+    pub fn needs_q8(&self) -> bool {
+        matches!(self, Self::Blocks { .. })
+    }
+
+    /// Checks that the weight holds n rows of k and that the kernels take it.
+    fn check(&self, n: usize, k: usize) {
+        let stored = match self {
+            Self::Blocks { ty, bytes } => {
+                assert!(
+                    supports(*ty) && k.is_multiple_of(BLOCK),
+                    "matvec: {ty:?} with k = {k}"
+                );
+                bytes.len() / ty.block_bytes() * BLOCK
+            }
+            Self::Bf16(w) => w.len(),
+            Self::F32(w) => w.len(),
+        };
+        assert_eq!(stored, n * k, "matvec: weight of {n} x {k}");
+    }
+}
+
 /// Rows of activations quantized like llama.cpp's Q8_1: per block of 32, signed 8-bit codes,
-/// the scale d = absmax / 127 and s = d * (sum of the codes).
-struct Q8Rows {
+/// the scale d = absmax / 127 and s = d * (sum of the codes). Buffers are kept between
+/// [`Q8Rows::quantize`] calls.
+#[derive(Debug, Default)]
+pub struct Q8Rows {
     qs: Vec<i8>,
     /// The codes plus 128, as unsigned bytes (VNNI multiplies unsigned by signed).
     qu: Vec<u8>,
@@ -112,29 +155,51 @@ struct Q8Rows {
 }
 
 impl Q8Rows {
-    fn new(x: &[f32]) -> Self {
+    /// `x` (whole blocks of 32) quantized.
+    pub fn new(x: &[f32]) -> Self {
+        let mut out = Self::default();
+        out.quantize(x);
+        out
+    }
+
+    /// Replaces the contents with `x` (whole blocks of 32) quantized.
+    pub fn quantize(&mut self, x: &[f32]) {
         let blocks = x.len() / BLOCK;
-        let mut out = Self {
-            qs: Vec::with_capacity(x.len()),
-            qu: Vec::with_capacity(x.len()),
-            d: Vec::with_capacity(blocks),
-            s: Vec::with_capacity(blocks),
-            d8: Vec::with_capacity(blocks * 8),
-        };
+        self.qs.clear();
+        self.qu.clear();
+        self.d.clear();
+        self.s.clear();
+        self.d8.clear();
+        self.qs.reserve(x.len());
+        self.qu.reserve(x.len());
+        self.d.reserve(blocks);
+        self.s.reserve(blocks);
+        self.d8.reserve(blocks * 8);
         for block in x.chunks_exact(BLOCK) {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let start = out.qs.len();
-            out.qs.extend(block.iter().map(|v| round(v * id) as i8));
-            out.qu
-                .extend(out.qs[start..].iter().map(|&q| (q as u8) ^ 0x80));
-            let sum: i32 = out.qs[start..].iter().map(|&q| q as i32).sum();
-            out.d.push(d);
-            out.d8.extend([d; 8]);
-            out.s.push(d * sum as f32);
+            let start = self.qs.len();
+            self.qs.extend(block.iter().map(|v| round(v * id) as i8));
+            self.qu
+                .extend(self.qs[start..].iter().map(|&q| (q as u8) ^ 0x80));
+            let sum: i32 = self.qs[start..].iter().map(|&q| q as i32).sum();
+            self.d.push(d);
+            self.d8.extend([d; 8]);
+            self.s.push(d * sum as f32);
         }
-        out
+    }
+
+    /// Row `i` of rows of `k` values.
+    fn row(&self, i: usize, k: usize) -> Q8Row<'_> {
+        let blocks = k / BLOCK;
+        Q8Row {
+            qs: &self.qs[i * k..(i + 1) * k],
+            qu: &self.qu[i * k..(i + 1) * k],
+            d: &self.d[i * blocks..(i + 1) * blocks],
+            s: &self.s[i * blocks..(i + 1) * blocks],
+            d8: &self.d8[i * blocks * 8..(i + 1) * blocks * 8],
+        }
     }
 }
 
@@ -151,63 +216,139 @@ fn round(x: f32) -> f32 {
 /// k / 32 blocks, as in a GGUF file). `k` must be a multiple of 32 and `ty` one that
 /// [`supports`] accepts.
 pub fn matmul(ty: GgmlType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
-    matmul_on(Isa::active(), ty, w, n, k, x, m)
+    product(Weights::Blocks { ty, bytes: w }, n, k, x, m)
 }
 
-/// [`matmul`] with the kernels of `isa`, which must be one of [`Isa::available`].
-fn matmul_on(
-    isa: Isa,
-    ty: GgmlType,
-    w: &[u8],
-    n: usize,
-    k: usize,
-    x: &[f32],
-    m: usize,
-) -> Vec<f32> {
-    assert!(
-        supports(ty) && k.is_multiple_of(BLOCK),
-        "matmul: {ty:?} with k = {k}"
-    );
-    let row_bytes = k / BLOCK * ty.block_bytes();
-    assert_eq!(w.len(), n * row_bytes, "matmul: weight bytes");
-    assert_eq!(x.len(), m * k, "matmul: activation length");
+/// y [m, n] = x [m, k] W^T for W [n, k] stored as bf16 bits, activations in f32 (bf16 has
+/// the range of f32, so nothing is rounded but the weights themselves).
+pub fn matmul_bf16(w: &[u16], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    product(Weights::Bf16(w), n, k, x, m)
+}
+
+/// y [m, n] = x [m, k] W^T, the weight rows split over rayon's threads.
+pub fn product(w: Weights, n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    product_on(Isa::active(), w, n, k, x, m)
+}
+
+/// [`product`] with the kernels of `isa`, which must be one of [`Isa::available`].
+fn product_on(isa: Isa, w: Weights, n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    w.check(n, k);
+    assert_eq!(x.len(), m * k, "matvec: activation length");
     if m == 0 || n == 0 {
         return Vec::new();
     }
-    let xq = Q8Rows::new(x);
-    let blocks = k / BLOCK;
+    let xq = w.needs_q8().then(|| Q8Rows::new(x));
     by_weight_rows(n, m, |r0, out| {
-        let row = |i: usize| Q8Row {
-            qs: &xq.qs[i * k..(i + 1) * k],
-            qu: &xq.qu[i * k..(i + 1) * k],
-            d: &xq.d[i * blocks..(i + 1) * blocks],
-            s: &xq.s[i * blocks..(i + 1) * blocks],
-            d8: &xq.d8[i * blocks * 8..(i + 1) * blocks * 8],
-        };
-        let weight = |j: usize| &w[(r0 + j) * row_bytes..(r0 + j + 1) * row_bytes];
-        // Eight (then four) activation rows at a time share each decoded weight block; every
-        // row's sums are the same whichever rows it shares a tile with.
-        let mut i = 0;
-        while i + TILE <= m {
-            let rows: [Q8Row; TILE] = std::array::from_fn(|t| row(i + t));
-            for (j, out_row) in out.chunks_mut(m).enumerate() {
-                out_row[i..i + TILE].copy_from_slice(&dots(isa, ty, weight(j), rows));
-            }
-            i += TILE;
-        }
-        if i + TILE / 2 <= m {
-            let rows: [Q8Row; TILE / 2] = std::array::from_fn(|t| row(i + t));
-            for (j, out_row) in out.chunks_mut(m).enumerate() {
-                out_row[i..i + TILE / 2].copy_from_slice(&dots(isa, ty, weight(j), rows));
-            }
-            i += TILE / 2;
-        }
-        for i in i..m {
-            for (j, out_row) in out.chunks_mut(m).enumerate() {
-                out_row[i] = dots(isa, ty, weight(j), [row(i)])[0];
-            }
-        }
+        let rows = r0..r0 + out.len() / m;
+        weight_rows_on(isa, w, k, x, xq.as_ref(), m, rows, out);
     })
+}
+
+/// Weight rows `rows` of W [n, k] against the `m` rows of x [m, k]: `out[(r - rows.start) *
+/// m + i]` = y[i, r]. Ggml weights read `xq`, x quantized by [`Q8Rows::quantize`]. A row's
+/// result is the same bits whichever rows and weight rows share the call, so the callers
+/// may split the work as they like.
+#[allow(clippy::too_many_arguments)]
+pub fn weight_rows(
+    w: Weights,
+    k: usize,
+    x: &[f32],
+    xq: Option<&Q8Rows>,
+    m: usize,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    weight_rows_on(Isa::active(), w, k, x, xq, m, rows, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn weight_rows_on(
+    isa: Isa,
+    w: Weights,
+    k: usize,
+    x: &[f32],
+    xq: Option<&Q8Rows>,
+    m: usize,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), rows.len() * m, "matvec: output length");
+    match w {
+        Weights::Blocks { ty, bytes } => {
+            let xq = xq.expect("ggml weights meet quantized activations");
+            assert_eq!(xq.qs.len(), m * k, "matvec: quantized activation length");
+            let row_bytes = k / BLOCK * ty.block_bytes();
+            let weight = |j: usize| &bytes[(rows.start + j) * row_bytes..][..row_bytes];
+            // Few rows (decoding): each meets four weight rows at a time. More: eight (then
+            // four) activation rows share each decoded weight block. Every pair's sum is
+            // the same bits whichever way it was computed.
+            let mut i = 0;
+            if m < TILE / 2 {
+                let full = out.len() / m / 4 * 4;
+                for i in 0..m {
+                    let x = xq.row(i, k);
+                    for j in (0..full).step_by(4) {
+                        let four = dots4(isa, ty, std::array::from_fn(|t| weight(j + t)), x);
+                        for (t, v) in four.into_iter().enumerate() {
+                            out[(j + t) * m + i] = v;
+                        }
+                    }
+                    for j in full..out.len() / m {
+                        out[j * m + i] = dots(isa, ty, weight(j), [x])[0];
+                    }
+                }
+                return;
+            }
+            while i + TILE <= m {
+                let tile: [Q8Row; TILE] = std::array::from_fn(|t| xq.row(i + t, k));
+                for (j, out_row) in out.chunks_mut(m).enumerate() {
+                    out_row[i..i + TILE].copy_from_slice(&dots(isa, ty, weight(j), tile));
+                }
+                i += TILE;
+            }
+            if i + TILE / 2 <= m {
+                let tile: [Q8Row; TILE / 2] = std::array::from_fn(|t| xq.row(i + t, k));
+                for (j, out_row) in out.chunks_mut(m).enumerate() {
+                    out_row[i..i + TILE / 2].copy_from_slice(&dots(isa, ty, weight(j), tile));
+                }
+                i += TILE / 2;
+            }
+            for i in i..m {
+                let x = xq.row(i, k);
+                for (j, out_row) in out.chunks_mut(m).enumerate() {
+                    out_row[i] = dots(isa, ty, weight(j), [x])[0];
+                }
+            }
+        }
+        Weights::Bf16(bits) => float_rows(out, m, k, x, |j, xrow| {
+            let wrow = &bits[(rows.start + j) * k..][..k];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2 and FMA were detected for both variants; the rows have the
+                // same length.
+                Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(wrow, xrow) },
+                _ => portable::dot_bf16(wrow, xrow),
+            }
+        }),
+        Weights::F32(values) => float_rows(out, m, k, x, |j, xrow| {
+            let wrow = &values[(rows.start + j) * k..][..k];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_f32(wrow, xrow) },
+                _ => portable::dot_f32(wrow, xrow),
+            }
+        }),
+    }
+}
+
+/// Fills `out` (weight rows of m values) with `dot(j, x row i)` for the f32 formats.
+fn float_rows(out: &mut [f32], m: usize, k: usize, x: &[f32], dot: impl Fn(usize, &[f32]) -> f32) {
+    for (j, out_row) in out.chunks_mut(m).enumerate() {
+        for (i, o) in out_row.iter_mut().enumerate() {
+            *o = dot(j, &x[i * k..(i + 1) * k]);
+        }
+    }
 }
 
 /// Activation rows one decoded weight block meets at once (at most).
@@ -221,36 +362,6 @@ struct Q8Row<'a> {
     d: &'a [f32],
     s: &'a [f32],
     d8: &'a [f32],
-}
-
-/// y [m, n] = x [m, k] W^T for W [n, k] stored as bf16 bits, activations in f32 (bf16 has
-/// the range of f32, so nothing is rounded but the weights themselves).
-pub fn matmul_bf16(w: &[u16], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
-    matmul_bf16_on(Isa::active(), w, n, k, x, m)
-}
-
-/// [`matmul_bf16`] with the kernels of `isa`, which must be one of [`Isa::available`].
-fn matmul_bf16_on(isa: Isa, w: &[u16], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
-    assert_eq!(w.len(), n * k, "matmul_bf16: weight length");
-    assert_eq!(x.len(), m * k, "matmul_bf16: activation length");
-    if m == 0 || n == 0 {
-        return Vec::new();
-    }
-    by_weight_rows(n, m, |r0, out| {
-        for (j, out_row) in out.chunks_mut(m).enumerate() {
-            let wrow = &w[(r0 + j) * k..(r0 + j + 1) * k];
-            for (i, o) in out_row.iter_mut().enumerate() {
-                let xrow = &x[i * k..(i + 1) * k];
-                *o = match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2 and FMA were detected for both variants; the rows have the
-                    // same length.
-                    Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(wrow, xrow) },
-                    _ => portable::dot_bf16(wrow, xrow),
-                };
-            }
-        }
-    })
 }
 
 /// y [m, n] where `rows(r0, out)` fills out[j * m + i] = y[i, r0 + j] for a run of weight rows
@@ -269,9 +380,9 @@ fn by_weight_rows(n: usize, m: usize, rows: impl Fn(usize, &mut [f32]) + Sync) -
     transpose(&yt, n, m)
 }
 
-/// Weight rows a task hands to its kernel at once: together with one tile of activation
-/// rows they stay in the L1 cache while the tile meets each of them.
-const WEIGHT_ROWS: usize = 16;
+/// Weight rows a kernel call takes at once: together with one tile of activation rows they
+/// stay in the L1 cache while the tile meets each of them.
+pub const WEIGHT_ROWS: usize = 16;
 
 /// [n, m] to [m, n].
 fn transpose(yt: &[f32], n: usize, m: usize) -> Vec<f32> {
@@ -295,6 +406,16 @@ fn dots<const R: usize>(isa: Isa, ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [
         // SAFETY: as above, with AVX-512 F, VNNI, VL and BW detected too.
         Isa::Avx512Vnni => unsafe { avx512::dots(ty, w, rows) },
         _ => rows.map(|x| portable::dot(ty, w, x.qs, x.d, x.s)),
+    }
+}
+
+/// Four weight rows against one quantized activation row, each pair the bits [`dots`] gives.
+fn dots4(isa: Isa, ty: GgmlType, w: [&[u8]; 4], x: Q8Row) -> [f32; 4] {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dots`.
+        Isa::Avx2 => unsafe { avx2::dots4(ty, w, x) },
+        _ => w.map(|w| dots(isa, ty, w, [x])[0]),
     }
 }
 
@@ -334,6 +455,10 @@ mod portable {
             .sum()
     }
 
+    pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        w.iter().zip(x).map(|(a, b)| a * b).sum()
+    }
+
     /// sum (q - offset) * x over a block's 16 bytes of nibbles: low nibbles are elements
     /// 0..16, high nibbles 16..32.
     fn nibble_dot(q: &[u8], x: &[i8], offset: i32) -> i32 {
@@ -364,27 +489,142 @@ mod avx2 {
     /// 32 codes per block of `w`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dots<const R: usize>(ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
-        dots_with::<false, R>(ty, w, rows)
+        let out = match ty {
+            GgmlType::Q8_0 => pairs::<Q8, 1, R>([w], rows),
+            GgmlType::Q4_0 => pairs::<Q40, 1, R>([w], rows),
+            _ => pairs::<Q41, 1, R>([w], rows),
+        };
+        out[0]
     }
 
-    /// [`dots`] with the byte products summed by AVX-512 VNNI's `vpdpbusd`.
+    /// Four weight rows against one activation row: the decoding kernel, whose four
+    /// independent sums keep the multiply-add pipes busy. Each (weight row, activation row)
+    /// gets the same bits as from [`dots`].
+    ///
+    /// # Safety
+    /// As [`dots`], for each of the four rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dots4(ty: GgmlType, w: [&[u8]; 4], x: Q8Row) -> [f32; 4] {
+        let out = match ty {
+            GgmlType::Q8_0 => pairs::<Q8, 4, 1>(w, [x]),
+            GgmlType::Q4_0 => pairs::<Q40, 4, 1>(w, [x]),
+            _ => pairs::<Q41, 4, 1>(w, [x]),
+        };
+        out.map(|o| o[0])
+    }
+
+    /// Bytes ahead of the current block that the kernels ask the cache for.
+    const PREFETCH: usize = 1024;
+
+    /// The block formats, as type-level codes so that every kernel is compiled for one.
+    pub(super) const Q8: u8 = 0;
+    pub(super) const Q40: u8 = 1;
+    pub(super) const Q41: u8 = 2;
+
+    /// One block's 32 codes as bytes: Q8_0's signed ones, or Q4_0's and Q4_1's nibbles
+    /// (Q4_0's counted unsigned, its -8 offset moved into the block's minimum).
+    #[inline(always)]
+    unsafe fn codes<const TY: u8>(wb: *const u8, low: __m256i) -> __m256i {
+        match TY {
+            Q8 => _mm256_loadu_si256(wb.add(2) as *const __m256i),
+            Q40 => nibbles(wb.add(2), low),
+            _ => nibbles(wb.add(4), low),
+        }
+    }
+
+    /// The eight partial sums of a block's byte products, as floats.
+    #[inline(always)]
+    unsafe fn block_sums<const TY: u8>(q: __m256i, y: __m256i, ones: __m256i) -> __m256 {
+        let prod = if TY == Q8 {
+            // maddubs multiplies unsigned by signed: move q's sign onto y.
+            _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
+        } else {
+            _mm256_maddubs_epi16(q, y)
+        };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones))
+    }
+
+    /// The bytes of one block of the format.
+    const fn block_bytes<const TY: u8>() -> usize {
+        match TY {
+            Q8 => 34,
+            Q40 => 18,
+            _ => 20,
+        }
+    }
+
+    /// W weight rows against R activation rows, every pair summed in one chain in block
+    /// order: acc = fma(dw_b * dx_b, <q_b, x_b>, acc) over the eight lanes, and min =
+    /// fma(m_b, s_b, min) where m_b is Q4_1's minimum or -8 dw_b for Q4_0 and s_b = dx_b *
+    /// sum(x_b); the pair's sum is hsum(acc) + min. Four weight rows share one conversion of
+    /// their scales and one load of the activations; either shape gives a pair the same bits.
+    #[inline(always)]
+    unsafe fn pairs<const TY: u8, const W: usize, const R: usize>(
+        w: [&[u8]; W],
+        rows: [Q8Row; R],
+    ) -> [[f32; R]; W] {
+        let bytes = block_bytes::<TY>();
+        let blocks = w[0].len() / bytes;
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); R]; W];
+        // Lane r of mins[i]: weight row r's minimum term with activation row i.
+        let mut mins = [_mm_setzero_ps(); R];
+        for b in 0..blocks {
+            // The weight rows' scales (and minimums), lane r for row r.
+            let mut d16 = [0u16; 4];
+            let mut m16 = [0u16; 4];
+            for r in 0..W {
+                let wb = w[r].as_ptr().add(b * bytes);
+                d16[r] = (wb as *const u16).read_unaligned();
+                if TY == Q41 {
+                    m16[r] = (wb.add(2) as *const u16).read_unaligned();
+                }
+            }
+            let dw = _mm_cvtph_ps(_mm_loadl_epi64(d16.as_ptr() as *const __m128i));
+            let mw = match TY {
+                Q41 => _mm_cvtph_ps(_mm_loadl_epi64(m16.as_ptr() as *const __m128i)),
+                Q40 => _mm_mul_ps(dw, _mm_set1_ps(-8.0)),
+                _ => _mm_setzero_ps(),
+            };
+            // A kilobyte ahead of each row: the hardware prefetcher alone leaves the
+            // weight stream short of memory bandwidth.
+            for row in &w {
+                let ahead = row.as_ptr().wrapping_add(b * bytes + PREFETCH);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            }
+            let q: [__m256i; W] =
+                std::array::from_fn(|r| codes::<TY>(w[r].as_ptr().add(b * bytes), low));
+            for (i, x) in rows.iter().enumerate() {
+                let y = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
+                let scales = _mm_mul_ps(dw, _mm_set1_ps(*x.d.get_unchecked(b)));
+                let mut lanes = [0f32; 4];
+                _mm_storeu_ps(lanes.as_mut_ptr(), scales);
+                if TY != Q8 {
+                    mins[i] = _mm_fmadd_ps(mw, _mm_set1_ps(*x.s.get_unchecked(b)), mins[i]);
+                }
+                for r in 0..W {
+                    let sums = block_sums::<TY>(q[r], y, ones);
+                    acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(lanes[r]), sums, acc[r][i]);
+                }
+            }
+        }
+        std::array::from_fn(|r| {
+            std::array::from_fn(|i| {
+                let mut lanes = [0f32; 4];
+                _mm_storeu_ps(lanes.as_mut_ptr(), mins[i]);
+                horizontal_sum(acc[r][i]) + lanes[r]
+            })
+        })
+    }
+
+    /// One weight row against R rows with the byte products summed by AVX-512 VNNI's
+    /// `vpdpbusd` (the odd last block of [`super::avx512::dots`]).
     ///
     /// # Safety
     /// As [`dots`], and the CPU must have AVX-512 F, BW, VL and VNNI.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn dots_vnni<const R: usize>(ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
-        dots_with::<true, R>(ty, w, rows)
-    }
-
-    /// The loop of both: per weight block, decoded once, and per row, the byte products of
-    /// weights and activations scaled by both block scales, plus the Q4_1 minimum times the
-    /// activations' scaled sum.
-    #[inline(always)]
-    unsafe fn dots_with<const VNNI: bool, const R: usize>(
-        ty: GgmlType,
-        w: &[u8],
-        rows: [Q8Row; R],
-    ) -> [f32; R] {
         let bytes = ty.block_bytes();
         let blocks = w.len() / bytes;
         let mut acc = [_mm256_setzero_ps(); R];
@@ -393,7 +633,6 @@ mod avx2 {
         for b in 0..blocks {
             let wb = w.as_ptr().add(b * bytes);
             let dw = half_to_f32(wb);
-            // Signed codes get the unsigned-by-signed product by moving their sign onto x.
             let (q, signed, min) = match ty {
                 GgmlType::Q8_0 => (_mm256_loadu_si256(wb.add(2) as *const __m256i), true, 0.0),
                 GgmlType::Q4_0 => (
@@ -403,10 +642,9 @@ mod avx2 {
                 ),
                 _ => (nibbles(wb.add(4), low), false, half_to_f32(wb.add(2))),
             };
-            let unsigned_q = if signed { _mm256_sign_epi8(q, q) } else { q };
-            // With VNNI, signed codes meet x + 128 (unsigned) and the block's 128 * sum(q)
-            // is taken off first: the same integer sum, one instruction per row.
-            let offset = if VNNI && signed {
+            // Signed codes meet x + 128 (unsigned) with the block's 128 * sum(q) taken off
+            // first: the same integer sum, one instruction per row.
+            let offset = if signed {
                 let ones = _mm256_set1_epi8(-128i8);
                 _mm256_sub_epi32(
                     _mm256_setzero_si256(),
@@ -416,21 +654,13 @@ mod avx2 {
                 _mm256_setzero_si256()
             };
             for (j, x) in rows.iter().enumerate() {
-                let sums = if VNNI && signed {
+                let sums = if signed {
                     let xu = _mm256_loadu_si256(x.qu.as_ptr().add(b * BLOCK) as *const __m256i);
                     _mm256_dpbusd_epi32(offset, xu, q)
                 } else {
                     let xv = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
-                    if !signed {
-                        acc_min[j] += min * x.s[b];
-                    }
-                    if VNNI {
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned_q, xv)
-                    } else {
-                        let signed_x = if signed { _mm256_sign_epi8(xv, q) } else { xv };
-                        let pairs = _mm256_maddubs_epi16(unsigned_q, signed_x);
-                        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
-                    }
+                    acc_min[j] += min * x.s[b];
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv)
                 };
                 acc[j] = _mm256_fmadd_ps(
                     _mm256_set1_ps(dw * x.d[b]),
@@ -452,6 +682,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 2];
         let mut i = 0;
         while i + 16 <= n {
+            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(i + PREFETCH / 2) as *const i8);
             for (h, a) in acc.iter_mut().enumerate() {
                 let bits = _mm_loadu_si128(w.as_ptr().add(i + 8 * h) as *const __m128i);
                 let wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
@@ -467,7 +698,41 @@ mod avx2 {
         horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + tail
     }
 
+    /// sum w * x for f32 rows of one length.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            let ahead = w.as_ptr().wrapping_add(i + PREFETCH / 4);
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16) as *const i8);
+            for (h, a) in acc.iter_mut().enumerate() {
+                let wv = _mm256_loadu_ps(w.as_ptr().add(i + 8 * h));
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(i + 8 * h)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let wv = _mm256_loadu_ps(w.as_ptr().add(i));
+            acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(i)), acc[0]);
+            i += 8;
+        }
+        let mut tail = 0f32;
+        while i < n {
+            tail += w[i] * x[i];
+            i += 1;
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        horizontal_sum(sum) + tail
+    }
+
     /// The 32 nibbles of 16 bytes as bytes: low nibbles first, then high nibbles.
+    #[inline]
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn nibbles(p: *const u8, low: __m256i) -> __m256i {
         let raw = _mm_loadu_si128(p as *const __m128i);
@@ -475,12 +740,14 @@ mod avx2 {
         _mm256_and_si256(both, low)
     }
 
+    #[inline]
     #[target_feature(enable = "f16c")]
     pub(super) unsafe fn half_to_f32(p: *const u8) -> f32 {
         let bits = u16::from_le_bytes([*p, *p.add(1)]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
+    #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn horizontal_sum(v: __m256) -> f32 {
         let sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -638,6 +905,8 @@ mod tests {
             (33, 96, 1),
             (300, 576, 2),
             (65, 160, 64),
+            (6, 4160, 2),
+            (5, 4160, 9),
         ] {
             let w = values(n * k, 1 + n as u64);
             let x = values(m * k, 2 + k as u64);
@@ -645,7 +914,7 @@ mod tests {
                 let bytes = encode(ty, &w);
                 let want = reference(ty, &bytes, n, k, &x, m);
                 for isa in Isa::available() {
-                    let got = matmul_on(isa, ty, &bytes, n, k, &x, m);
+                    let got = product_on(isa, Weights::Blocks { ty, bytes: &bytes }, n, k, &x, m);
                     for (j, (g, e)) in got.iter().zip(&want).enumerate() {
                         let tolerance = 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt();
                         assert!(
@@ -668,9 +937,10 @@ mod tests {
         for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
             let bytes = encode(ty, &w);
             for isa in Isa::available() {
-                let batch = matmul_on(isa, ty, &bytes, n, k, &x, m);
+                let w = Weights::Blocks { ty, bytes: &bytes };
+                let batch = product_on(isa, w, n, k, &x, m);
                 for i in 0..m {
-                    let alone = matmul_on(isa, ty, &bytes, n, k, &x[i * k..(i + 1) * k], 1);
+                    let alone = product_on(isa, w, n, k, &x[i * k..(i + 1) * k], 1);
                     assert_eq!(
                         batch[i * n..(i + 1) * n],
                         alone[..],
@@ -682,28 +952,39 @@ mod tests {
     }
 
     #[test]
-    fn the_bf16_kernel_matches_the_reference_on_every_isa() {
-        for &(n, k, m) in &[(1, 1, 1), (5, 17, 2), (40, 200, 3), (9, 576, 64)] {
+    fn the_float_kernels_match_the_reference_on_every_isa() {
+        for &(n, k, m) in &[
+            (1, 1, 1),
+            (5, 17, 2),
+            (40, 200, 3),
+            (9, 576, 64),
+            (3, 45, 5),
+        ] {
             let w: Vec<u16> = values(n * k, 5 + k as u64)
                 .iter()
                 .map(|v| half::bf16::from_f32(*v).to_bits())
                 .collect();
+            let wf: Vec<f32> = w
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f32())
+                .collect();
             let x = values(m * k, 6);
             for isa in Isa::available() {
-                let got = matmul_bf16_on(isa, &w, n, k, &x, m);
-                for i in 0..m {
-                    for r in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|c| {
-                                half::bf16::from_bits(w[r * k + c]).to_f32() as f64
-                                    * x[i * k + c] as f64
-                            })
-                            .sum();
-                        let g = got[i * n + r] as f64;
-                        assert!(
-                            (g - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
-                            "{isa:?} n={n} k={k} m={m} ({i}, {r}): {g} vs {want}"
-                        );
+                for (got, format) in [
+                    (product_on(isa, Weights::Bf16(&w), n, k, &x, m), "bf16"),
+                    (product_on(isa, Weights::F32(&wf), n, k, &x, m), "f32"),
+                ] {
+                    for i in 0..m {
+                        for r in 0..n {
+                            let want: f64 = (0..k)
+                                .map(|c| wf[r * k + c] as f64 * x[i * k + c] as f64)
+                                .sum();
+                            let g = got[i * n + r] as f64;
+                            assert!(
+                                (g - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                                "{format} {isa:?} n={n} k={k} m={m} ({i}, {r}): {g} vs {want}"
+                            );
+                        }
                     }
                 }
             }

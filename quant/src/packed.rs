@@ -386,6 +386,18 @@ impl PackedWeight {
         }
     }
 
+    /// The weight as the CPU kernels read it ([`matvec::Weights`]), for the formats they
+    /// multiply without dequantizing.
+    pub fn kernel_weights(&self) -> Option<matvec::Weights<'_>> {
+        match &self.data {
+            PackedData::Bf16(bits) => Some(matvec::Weights::Bf16(bits)),
+            PackedData::Blocks { ty, bytes } if matvec::supports(*ty) => {
+                Some(matvec::Weights::Blocks { ty: *ty, bytes })
+            }
+            _ => None,
+        }
+    }
+
     /// Dequantizes to a new row-major vector.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.len()];

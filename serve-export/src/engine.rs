@@ -10,7 +10,6 @@
 
 use std::collections::VecDeque;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use ft_model::ragged::{Segment, ServedAdapter};
 use ft_model::{LlamaForCausalLM, QuantBackend};
 
@@ -18,8 +17,8 @@ use crate::adapter_cache::AdapterCache;
 use crate::beam::{self, Hypothesis};
 use crate::blocks::BlockManager;
 use crate::error::EngineError;
-use crate::kv_pool::KvPool;
 use crate::request::{Event, FinishReason, Request, RequestId, TokenLogprob};
+use crate::runner::Runner;
 use crate::sampling::Sampler;
 use crate::sequence::Sequence;
 use crate::text_stream::{Detokenize, TextStream};
@@ -123,7 +122,7 @@ struct Work {
 pub struct Engine<B: QuantBackend> {
     model: LlamaForCausalLM<B>,
     detokenize: Detokenize,
-    pool: KvPool<B>,
+    runner: Runner<B>,
     blocks: BlockManager,
     adapters: AdapterCache<B>,
     config: EngineConfig,
@@ -136,19 +135,11 @@ pub struct Engine<B: QuantBackend> {
 impl<B: QuantBackend> Engine<B> {
     /// An engine over `model`, decoding text with `detokenize`.
     pub fn new(model: LlamaForCausalLM<B>, detokenize: Detokenize, config: EngineConfig) -> Self {
-        let attn = &model.model.layers[0].self_attn;
-        let pool = KvPool::new(
-            model.model.layers.len(),
-            attn.num_kv_heads,
-            attn.head_dim,
-            config.kv_blocks,
-            config.block_size,
-            &model.device(),
-        );
+        let runner = Runner::new(&model, config.kv_blocks, config.block_size);
         Self {
             blocks: BlockManager::new(config.kv_blocks, config.block_size),
             adapters: AdapterCache::new(config.max_adapters),
-            pool,
+            runner,
             model,
             detokenize,
             config,
@@ -412,7 +403,7 @@ impl<B: QuantBackend> Engine<B> {
             let Some(copy) = self.blocks.allocate() else {
                 return false;
             };
-            self.pool.copy_block(shared, copy);
+            self.runner.copy_block(shared, copy);
             self.blocks.release(shared);
             seq.table[first] = copy;
         }
@@ -456,9 +447,9 @@ impl<B: QuantBackend> Engine<B> {
         let mut ids = Vec::new();
         let mut segments = Vec::with_capacity(work.len());
         let mut tables = Vec::with_capacity(work.len());
-        let mut starts = Vec::with_capacity(work.len());
-        let mut lens = Vec::with_capacity(work.len());
-        for &w in &order {
+        // Logits only for the sequences that will have all their tokens computed.
+        let mut wanted = Vec::new();
+        for (row, &w) in order.iter().enumerate() {
             let active = &self.running[at[w]];
             let (s, len) = (&active.seqs[work[w].seq], work[w].len);
             let adapter = active.request.adapter.as_deref().map(|n| {
@@ -474,19 +465,18 @@ impl<B: QuantBackend> Engine<B> {
                 adapter,
             });
             tables.push(s.table.as_slice());
-            starts.push(s.computed);
-            lens.push(len);
+            if s.computed + len == s.tokens.len() {
+                wanted.push((row, w));
+            }
         }
         let adapters: Vec<&ServedAdapter<B>> =
             names.iter().filter_map(|n| self.adapters.get(n)).collect();
-        let mut kv = self.pool.step(tables, starts, lens);
-        let hidden = self
-            .model
-            .forward_ragged(&ids, &segments, &adapters, &mut kv); // [segments, e]
+        let rows: Vec<usize> = wanted.iter().map(|&(row, _)| row).collect();
+        let logits = self
+            .runner
+            .logits(&self.model, &ids, &segments, &adapters, tables, &rows);
 
-        // Logits only for the sequences that now have all their tokens computed.
-        let mut wanted = Vec::new();
-        for (row, &w) in order.iter().enumerate() {
+        for &w in &order {
             let active = &mut self.running[at[w]];
             let prompt_len = active.prompt_len;
             let s = &mut active.seqs[work[w].seq];
@@ -495,20 +485,13 @@ impl<B: QuantBackend> Engine<B> {
                     (prompt_len.min(s.computed + work[w].len) - s.computed) as u64;
             }
             s.computed += work[w].len;
-            if s.computed == s.tokens.len() {
-                wanted.push((row, w));
-            }
             s.seal_full_blocks(&mut self.blocks, self.config.prefix_cache);
         }
         let mut out = vec![None; work.len()];
         if wanted.is_empty() {
             return out;
         }
-        let n = wanted.len();
-        let rows: Vec<i64> = wanted.iter().map(|&(row, _)| row as i64).collect();
-        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &hidden.device());
-        let logits = self.model.host_logits(hidden.select(0, rows));
-        let vocab = logits.len() / n;
+        let vocab = logits.len() / wanted.len();
         for (i, &(_, w)) in wanted.iter().enumerate() {
             out[w] = Some(logits[i * vocab..(i + 1) * vocab].to_vec());
         }

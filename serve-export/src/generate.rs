@@ -7,7 +7,7 @@ use std::time::Instant;
 use ft_model::ragged::Segment;
 use ft_model::{LlamaForCausalLM, QuantBackend};
 
-use crate::kv_pool::KvPool;
+use crate::runner::Runner;
 
 use crate::sampling::Sampler;
 
@@ -51,7 +51,7 @@ fn rate(n: usize, s: f64) -> f64 {
 /// One sequence's keys and values in a paged pool of its own, blocks in order: the forward
 /// is the serving engine's, so decoding reads the cache in place.
 struct SequenceCache<B: QuantBackend> {
-    pool: KvPool<B>,
+    runner: Runner<B>,
     table: Vec<usize>,
     stored: usize,
 }
@@ -59,17 +59,9 @@ struct SequenceCache<B: QuantBackend> {
 impl<B: QuantBackend> SequenceCache<B> {
     /// Room for `tokens` positions.
     fn new(model: &LlamaForCausalLM<B>, tokens: usize) -> Self {
-        let attn = &model.model.layers[0].self_attn;
         let blocks = tokens.div_ceil(BLOCK_SIZE).max(1);
         Self {
-            pool: KvPool::new(
-                model.model.layers.len(),
-                attn.num_kv_heads,
-                attn.head_dim,
-                blocks,
-                BLOCK_SIZE,
-                &model.device(),
-            ),
+            runner: Runner::new(model, blocks, BLOCK_SIZE),
             table: (0..blocks).collect(),
             stored: 0,
         }
@@ -82,12 +74,11 @@ impl<B: QuantBackend> SequenceCache<B> {
             len: ids.len(),
             adapter: None,
         };
-        let mut kv = self
-            .pool
-            .step(vec![&self.table], vec![self.stored], vec![ids.len()]);
-        let hidden = model.forward_ragged(ids, &[segment], &[], &mut kv); // [1, e]
+        let logits = self
+            .runner
+            .logits(model, ids, &[segment], &[], vec![&self.table], &[0]);
         self.stored += ids.len();
-        model.host_logits(hidden)
+        logits
     }
 }
 

@@ -1,10 +1,12 @@
 //! The storage behind the paged KV cache: per layer, one key and one value tensor of
-//! `[blocks, kv, block_size, d]`. A sequence's position p lives in block `table[p /
-//! block_size]` at offset `p % block_size`; reading a sequence gathers its blocks (one index
-//! per block, not per token) and lays them end to end.
+//! `[blocks, kv, block_size, d]` ([`KvPool`], for burn's forward), or the same layout in host
+//! vectors ([`HostKvPool`], for the host forward). A sequence's position p lives in block
+//! `table[p / block_size]` at offset `p % block_size`; reading a sequence gathers its blocks
+//! (one index per block, not per token) and lays them end to end.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+use ft_model::host_decode::HostKv;
 use ft_model::ragged::KvStore;
 use ft_model::QuantBackend;
 
@@ -64,6 +66,56 @@ impl<B: Backend> KvPool<B> {
             starts,
             lens,
             reads: Vec::new(),
+        }
+    }
+}
+
+/// Keys and values of every block, for every layer, in host memory: what
+/// [`ft_model::host_decode::HostDecoder`] writes and attends over in place.
+#[derive(Debug)]
+pub struct HostKvPool {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    block_size: usize,
+    /// Values in one block of one layer.
+    block_len: usize,
+}
+
+impl HostKvPool {
+    /// Zeroed storage for `blocks` blocks of `block_size` tokens.
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        blocks: usize,
+        block_size: usize,
+    ) -> Self {
+        let block_len = kv_heads * block_size * head_dim;
+        let empty = || vec![0f32; blocks * block_len];
+        Self {
+            keys: (0..layers).map(|_| empty()).collect(),
+            values: (0..layers).map(|_| empty()).collect(),
+            block_size,
+            block_len,
+        }
+    }
+
+    /// Copies block `src` into block `dst` in every layer (copy on write of a shared block).
+    pub fn copy_block(&mut self, src: usize, dst: usize) {
+        let len = self.block_len;
+        for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            t.copy_within(src * len..(src + 1) * len, dst * len);
+        }
+    }
+
+    /// The view a host forward writes and reads through: segment i's positions are in the
+    /// blocks of `tables[i]`.
+    pub fn view<'a>(&'a mut self, tables: &'a [&'a [usize]]) -> HostKv<'a> {
+        HostKv {
+            keys: &mut self.keys,
+            values: &mut self.values,
+            block_size: self.block_size,
+            tables,
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod generate;
 pub mod kv_pool;
 pub mod load_bench;
 pub mod request;
+pub mod runner;
 pub mod sampling;
 pub mod sequence;
 pub mod server;

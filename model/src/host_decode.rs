@@ -1,0 +1,952 @@
+//! The ragged forward of [`crate::ragged`] run on the CPU in plain Rust over host buffers, as
+//! llama.cpp runs a step: every thread of a [`team`] takes its share of each operation and
+//! the threads meet at a barrier between operations.
+//!
+//! Through burn, a decode step is some 600 tensor operations, each allocating its result and
+//! handing its work to the thread pool; at one to a few dozen rows those costs, not the
+//! arithmetic, set the speed. Here the weights are read where they are (packed blocks, or
+//! f32 tensors in place), the matrix products are the [`matvec`] kernels, RMSNorm, RoPE,
+//! SwiGLU and the residuals are loops over rows, and keys and values go straight into the
+//! paged cache's host blocks, which attention reads in place ([`attend_head`]).
+//!
+//! The arithmetic is the burn forward's, in the same order where it matters: a row's result
+//! depends only on its own sequence, never on the rows it shares a step with.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::Tensor;
+use ft_quant::attention::{attend_head, PagedLayout};
+use ft_quant::matvec::{self, Q8Rows, Weights};
+use ft_quant::team::{self, SharedMut, Team};
+use ft_quant::{PackedWeight, QuantBackend};
+
+use crate::llama::{LlamaForCausalLM, LoraLinear};
+use crate::ragged::{HostLowRank, Segment, ServedAdapter};
+
+/// The keys and values of a paged cache in host memory, and where each segment's go.
+pub struct HostKv<'a> {
+    /// Per layer, the keys of every block, `[blocks, kv, block_size, d]`.
+    pub keys: &'a mut [Vec<f32>],
+    /// Per layer, the values, laid out as the keys.
+    pub values: &'a mut [Vec<f32>],
+    /// Positions per block.
+    pub block_size: usize,
+    /// Each segment's block table, covering its positions after this step.
+    pub tables: &'a [&'a [usize]],
+}
+
+/// A weight as the decoder reads it: packed in a kernel format, or an f32 tensor read in
+/// place.
+enum Stored<B: QuantBackend> {
+    Packed(Arc<PackedWeight>),
+    Dense(FloatTensor<B>),
+}
+
+impl<B: QuantBackend> Stored<B> {
+    /// The weight of `linear`, if the kernels can read it.
+    fn of(linear: &ft_quant::Linear<B>) -> Option<Self> {
+        match (&linear.packed, &linear.weight) {
+            (Some(p), _) => Self::packed(p.weight.clone()),
+            (None, Some(w)) => Self::dense(w.val()),
+            (None, None) => None,
+        }
+    }
+
+    fn packed(weight: Arc<PackedWeight>) -> Option<Self> {
+        weight.kernel_weights()?;
+        Some(Self::Packed(weight))
+    }
+
+    fn dense(weight: Tensor<B, 2>) -> Option<Self> {
+        let t = weight.into_primitive().tensor();
+        B::host_f32(&t)?;
+        Some(Self::Dense(t))
+    }
+
+    fn weights(&self) -> Weights<'_> {
+        match self {
+            Self::Packed(w) => w.kernel_weights(),
+            Self::Dense(t) => B::host_f32(t).map(Weights::F32),
+        }
+        .expect("checked when the decoder was built")
+    }
+}
+
+/// A low-rank update as two row-major host matrices: A^T [in, r] and scale * B^T [r, out].
+struct LowRank<'a> {
+    a_t: &'a [f32],
+    b_t: &'a [f32],
+    r: usize,
+}
+
+/// The update of an adapter attached to the model itself (`ft generate --adapter`).
+struct OwnedLowRank {
+    a_t: Vec<f32>,
+    b_t: Vec<f32>,
+    r: usize,
+}
+
+/// One projection: its weight, bias and the model's own adapter, if any.
+struct HostLinear<B: QuantBackend> {
+    weight: Stored<B>,
+    /// [out]
+    bias: Option<Vec<f32>>,
+    lora: Option<OwnedLowRank>,
+    n_in: usize,
+    n_out: usize,
+}
+
+impl<B: QuantBackend> HostLinear<B> {
+    fn new(layer: &LoraLinear<B>) -> Option<Self> {
+        let [n_out, n_in] = layer.base.shape();
+        let lora = layer.lora.as_ref().map(|l| {
+            let a = host_vec(l.lora_a.val()); // [r, in]
+            let b = host_vec(l.lora_b.val()); // [out, r]
+            let r = a.len() / n_in.max(1);
+            let scale = l.scale as f32;
+            OwnedLowRank {
+                a_t: (0..n_in)
+                    .flat_map(|c| (0..r).map(move |j| (c, j)))
+                    .map(|(c, j)| a[j * n_in + c])
+                    .collect(),
+                b_t: (0..r)
+                    .flat_map(|j| (0..n_out).map(move |o| (j, o)))
+                    .map(|(j, o)| b[o * r + j] * scale)
+                    .collect(),
+                r,
+            }
+        });
+        Some(Self {
+            weight: Stored::of(&layer.base)?,
+            bias: layer.base.bias.as_ref().map(|b| host_vec(b.val())),
+            lora,
+            n_in,
+            n_out,
+        })
+    }
+}
+
+/// A tensor's values copied to the host.
+fn host_vec<B: QuantBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .unwrap_or_default()
+}
+
+/// One decoder layer's weights.
+struct HostLayer<B: QuantBackend> {
+    /// q, k, v, o, gate, up, down: [`crate::adapter::TARGETS`] order.
+    linears: [HostLinear<B>; 7],
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+}
+
+/// The sizes of the model.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    e: usize,
+    h: usize,
+    kv: usize,
+    d: usize,
+    f: usize,
+    vocab: usize,
+    eps: f32,
+}
+
+/// A model's weights arranged for the host forward: built once, beside the model, when every
+/// weight is in host memory in a form the kernels read.
+pub struct HostDecoder<B: QuantBackend> {
+    /// [vocab, e], read in place.
+    embed: FloatTensor<B>,
+    /// RoPE tables [max_pos, d], read in place.
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    max_pos: usize,
+    layers: Vec<HostLayer<B>>,
+    norm: Vec<f32>,
+    head: Stored<B>,
+    dims: Dims,
+}
+
+impl<B: QuantBackend> std::fmt::Debug for HostDecoder<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HostDecoder({} layers, {:?})",
+            self.layers.len(),
+            self.dims
+        )
+    }
+}
+
+impl<B: QuantBackend> HostDecoder<B> {
+    /// The decoder for `model`, or `None` where its backend does not keep f32 tensors in host
+    /// memory or a weight is in a format the kernels do not read (then the burn forward runs).
+    pub fn new(model: &LlamaForCausalLM<B>) -> Option<Self> {
+        let embed = model.model.embed_tokens.val().into_primitive().tensor();
+        B::host_f32(&embed)?;
+        let rope = &model.model.rotary_emb;
+        let [max_pos, d] = rope.cos.dims();
+        let cos = rope.cos.clone().into_primitive().tensor();
+        let sin = rope.sin.clone().into_primitive().tensor();
+        B::host_f32(&cos)?;
+        B::host_f32(&sin)?;
+        let layers = model
+            .model
+            .layers
+            .iter()
+            .map(|layer| {
+                let (a, m) = (&layer.self_attn, &layer.mlp);
+                let linears = [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .map(HostLinear::new);
+                if linears.iter().any(Option::is_none) {
+                    return None;
+                }
+                Some(HostLayer {
+                    linears: linears.map(|l| l.expect("checked above")),
+                    input_norm: host_vec(layer.input_layernorm.weight.val()),
+                    post_norm: host_vec(layer.post_attention_layernorm.weight.val()),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let head = match &model.head_blocks {
+            Some(p) => Stored::packed(p.weight.clone())?,
+            None => Stored::dense(
+                model
+                    .lm_head
+                    .as_ref()
+                    .unwrap_or(&model.model.embed_tokens)
+                    .val(),
+            )?,
+        };
+        let a = &model.model.layers.first()?.self_attn;
+        let [vocab, e] = model.model.embed_tokens.dims();
+        let dims = Dims {
+            e,
+            h: a.num_heads,
+            kv: a.num_kv_heads,
+            d,
+            f: model.model.layers[0].mlp.gate_proj.base.shape()[0],
+            vocab,
+            eps: model.model.norm.eps as f32,
+        };
+        Some(Self {
+            embed,
+            cos,
+            sin,
+            max_pos,
+            layers,
+            norm: host_vec(model.model.norm.weight.val()),
+            head,
+            dims,
+        })
+    }
+
+    /// Next-token logits after the rows `wanted` of the flattened batch, `[wanted.len(),
+    /// vocab]`; the arguments are [`LlamaForCausalLM::forward_ragged`]'s. Each segment's keys
+    /// and values go into `kv` at its positions.
+    pub fn logits(
+        &self,
+        ids: &[u32],
+        segments: &[Segment],
+        adapters: &[&ServedAdapter<B>],
+        kv: HostKv,
+        wanted: &[usize],
+    ) -> Vec<f32> {
+        let Dims {
+            e,
+            h,
+            kv: kvh,
+            d,
+            f,
+            vocab,
+            ..
+        } = self.dims;
+        let n = ids.len();
+        assert_eq!(n, segments.iter().map(|s| s.len).sum::<usize>());
+        assert!(wanted.iter().all(|&r| r < n), "wanted rows of the batch");
+        let positions: Vec<(usize, usize)> = segments
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| (0..s.len).map(move |j| (i, s.start + j)))
+            .collect();
+        assert!(
+            positions.iter().all(|&(_, p)| p < self.max_pos),
+            "positions within the RoPE tables"
+        );
+        let runs = adapter_runs(segments);
+        // Adapter matrices read in place for the step: primitives held here, slices below.
+        let held: Vec<Vec<[Option<HostLowRank<B>>; 7]>> =
+            adapters.iter().map(|a| a.host_parts()).collect();
+        let low_rank: Vec<Vec<[Option<LowRank>; 7]>> = held
+            .iter()
+            .map(|layers| {
+                layers
+                    .iter()
+                    .map(|mods| {
+                        std::array::from_fn(|j| {
+                            let (a, b, r) = mods[j].as_ref()?;
+                            Some(LowRank {
+                                a_t: B::host_f32(a)?,
+                                b_t: B::host_f32(b)?,
+                                r: *r,
+                            })
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+
+        let qkv_width = (h + 2 * kvh) * d;
+        let mut x = vec![0f32; n * e];
+        let mut xn = vec![0f32; n * e];
+        let mut qkv = vec![0f32; n * qkv_width];
+        let mut attn = vec![0f32; n * h * d];
+        let mut act = vec![0f32; n * f];
+        let mut hidden = vec![0f32; wanted.len() * e];
+        let mut logits = vec![0f32; wanted.len() * vocab];
+        let (x, xn, qkv, attn, act, hidden, out) = (
+            SharedMut::new(&mut x),
+            SharedMut::new(&mut xn),
+            SharedMut::new(&mut qkv),
+            SharedMut::new(&mut attn),
+            SharedMut::new(&mut act),
+            SharedMut::new(&mut hidden),
+            SharedMut::new(&mut logits),
+        );
+        let keys: Vec<SharedMut<f32>> = kv.keys.iter_mut().map(|k| SharedMut::new(k)).collect();
+        let values: Vec<SharedMut<f32>> = kv.values.iter_mut().map(|v| SharedMut::new(v)).collect();
+        let layout = PagedLayout {
+            heads: h,
+            kv_heads: kvh,
+            block_size: kv.block_size,
+            head_dim: d,
+        };
+        let embed = B::host_f32(&self.embed).expect("checked when built");
+        let (cos, sin) = (
+            B::host_f32(&self.cos).expect("checked when built"),
+            B::host_f32(&self.sin).expect("checked when built"),
+        );
+        let step = Step {
+            decoder: self,
+            n,
+            runs: &runs,
+            low_rank: &low_rank,
+        };
+
+        team::run(|team| {
+            let mut s = Scratch::default();
+            let mut gate = Vec::new();
+            let tokens = team.share(n, 1);
+            // SAFETY (every block below): each thread writes only its share (of tokens, of
+            // output columns or of (token, head) pairs) between two barriers, and reads
+            // shared buffers only after the barrier that ends their writes.
+            for i in tokens.clone() {
+                let id = ids[i] as usize;
+                unsafe { x.slice_mut(i * e..(i + 1) * e) }
+                    .copy_from_slice(&embed[id * e..(id + 1) * e]);
+            }
+            for (l, layer) in self.layers.iter().enumerate() {
+                for i in tokens.clone() {
+                    let row = unsafe { &x.get()[i * e..(i + 1) * e] };
+                    rms_norm(row, &layer.input_norm, self.dims.eps, unsafe {
+                        xn.slice_mut(i * e..(i + 1) * e)
+                    });
+                }
+                team.sync();
+                // q | k | v, side by side in each token's row.
+                let [q_lin, k_lin, v_lin, o_lin, gate_lin, up_lin, down_lin] = &layer.linears;
+                let xs = unsafe { xn.get() };
+                let parts = [
+                    (q_lin, 0usize, 0usize),
+                    (k_lin, 1, h * d),
+                    (v_lin, 2, (h + kvh) * d),
+                ];
+                s.quantize(
+                    xs,
+                    parts.iter().any(|(p, ..)| p.weight.weights().needs_q8()),
+                );
+                let share = team.share(qkv_width, matvec::WEIGHT_ROWS);
+                for &(linear, module, offset) in &parts {
+                    let mine = overlap(&share, offset..offset + linear.n_out);
+                    if mine.is_empty() {
+                        continue;
+                    }
+                    let local = mine.start - offset..mine.end - offset;
+                    let ys = step.project(&mut s, l, module, linear, xs, local.clone());
+                    for i in 0..n {
+                        let dst = unsafe {
+                            qkv.slice_mut(i * qkv_width + mine.start..i * qkv_width + mine.end)
+                        };
+                        for (c, o) in dst.iter_mut().enumerate() {
+                            *o = ys[c * n + i];
+                        }
+                    }
+                }
+                team.sync();
+                // RoPE on q and k, then k and v into the cache.
+                for i in tokens.clone() {
+                    let (seg, pos) = positions[i];
+                    let row = unsafe { qkv.slice_mut(i * qkv_width..(i + 1) * qkv_width) };
+                    let (c, sn) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
+                    for head in row[..(h + kvh) * d].chunks_exact_mut(d) {
+                        rotate_half(head, c, sn);
+                    }
+                    let table = kv.tables[seg];
+                    let block = table[pos / kv.block_size];
+                    for g in 0..kvh {
+                        let at = ((block * kvh + g) * kv.block_size + pos % kv.block_size) * d;
+                        let k_src = &row[(h + g) * d..(h + g + 1) * d];
+                        unsafe { keys[l].slice_mut(at..at + d) }.copy_from_slice(k_src);
+                        let v_src = &row[(h + kvh + g) * d..(h + kvh + g + 1) * d];
+                        unsafe { values[l].slice_mut(at..at + d) }.copy_from_slice(v_src);
+                    }
+                }
+                team.sync();
+                let (ks, vs) = unsafe { (keys[l].get(), values[l].get()) };
+                let qs = unsafe { qkv.get() };
+                for pair in team.share(n * h, 1) {
+                    let (i, head) = (pair / h, pair % h);
+                    let (seg, pos) = positions[i];
+                    let q = &qs[i * qkv_width + head * d..][..d];
+                    let o = unsafe { attn.slice_mut(pair * d..(pair + 1) * d) };
+                    attend_head(
+                        q,
+                        ks,
+                        vs,
+                        layout,
+                        head,
+                        kv.tables[seg],
+                        pos + 1,
+                        &mut s.scores,
+                        o,
+                    );
+                }
+                team.sync();
+                let xs = unsafe { attn.get() };
+                s.quantize(xs, o_lin.weight.weights().needs_q8());
+                step.add_projection(&mut s, team, l, 3, o_lin, xs, &x);
+                team.sync();
+                for i in tokens.clone() {
+                    let row = unsafe { &x.get()[i * e..(i + 1) * e] };
+                    rms_norm(row, &layer.post_norm, self.dims.eps, unsafe {
+                        xn.slice_mut(i * e..(i + 1) * e)
+                    });
+                }
+                team.sync();
+                // gate and up over the same columns, then silu(gate) * up.
+                let xs = unsafe { xn.get() };
+                let q8 = gate_lin.weight.weights().needs_q8() || up_lin.weight.weights().needs_q8();
+                s.quantize(xs, q8);
+                let mine = team.share(f, matvec::WEIGHT_ROWS);
+                if !mine.is_empty() {
+                    gate.clear();
+                    gate.extend_from_slice(step.project(&mut s, l, 4, gate_lin, xs, mine.clone()));
+                    let up = step.project(&mut s, l, 5, up_lin, xs, mine.clone());
+                    for i in 0..n {
+                        let dst = unsafe { act.slice_mut(i * f + mine.start..i * f + mine.end) };
+                        for (c, o) in dst.iter_mut().enumerate() {
+                            *o = silu(gate[c * n + i]) * up[c * n + i];
+                        }
+                    }
+                }
+                team.sync();
+                let xs = unsafe { act.get() };
+                s.quantize(xs, down_lin.weight.weights().needs_q8());
+                step.add_projection(&mut s, team, l, 6, down_lin, xs, &x);
+                team.sync();
+            }
+            // The final norm of the wanted rows, then the head.
+            for w in team.share(wanted.len(), 1) {
+                let i = wanted[w];
+                let row = unsafe { &x.get()[i * e..(i + 1) * e] };
+                rms_norm(row, &self.norm, self.dims.eps, unsafe {
+                    hidden.slice_mut(w * e..(w + 1) * e)
+                });
+            }
+            team.sync();
+            let m = wanted.len();
+            let hs = unsafe { hidden.get() };
+            let head = self.head.weights();
+            s.quantize(hs, head.needs_q8());
+            let mine = team.share(vocab, matvec::WEIGHT_ROWS);
+            if !mine.is_empty() && m > 0 {
+                let mut ys = std::mem::take(&mut s.out);
+                ys.resize(mine.len() * m, 0.0);
+                matvec::weight_rows(head, e, hs, s.q8(), m, mine.clone(), &mut ys);
+                for w in 0..m {
+                    let dst =
+                        unsafe { out.slice_mut(w * vocab + mine.start..w * vocab + mine.end) };
+                    for (c, o) in dst.iter_mut().enumerate() {
+                        *o = ys[c * m + w];
+                    }
+                }
+            }
+        });
+        logits
+    }
+}
+
+/// What every thread of one step reads.
+struct Step<'a, B: QuantBackend> {
+    decoder: &'a HostDecoder<B>,
+    n: usize,
+    runs: &'a [Run],
+    /// Per adapter, per layer, per module.
+    low_rank: &'a [Vec<[Option<LowRank<'a>>; 7]>],
+}
+
+impl<B: QuantBackend> Step<'_, B> {
+    /// Output rows `rows` of `linear` (module `module` of layer `layer`) for all n tokens of
+    /// `x`, with bias and adapters: `[rows.len(), n]`, weight row major, in `s.out`.
+    fn project<'s>(
+        &self,
+        s: &'s mut Scratch,
+        layer: usize,
+        module: usize,
+        linear: &HostLinear<B>,
+        x: &[f32],
+        rows: Range<usize>,
+    ) -> &'s [f32] {
+        let n = self.n;
+        let k = linear.n_in;
+        s.out.resize(rows.len() * n, 0.0);
+        let mut out = std::mem::take(&mut s.out);
+        matvec::weight_rows(
+            linear.weight.weights(),
+            k,
+            x,
+            s.q8(),
+            n,
+            rows.clone(),
+            &mut out,
+        );
+        if let Some(bias) = &linear.bias {
+            for (c, ys) in out.chunks_mut(n).enumerate() {
+                ys.iter_mut().for_each(|y| *y += bias[rows.start + c]);
+            }
+        }
+        if let Some(own) = &linear.lora {
+            let all = Run {
+                start: 0,
+                len: n,
+                adapter: usize::MAX,
+            };
+            let lr = LowRank {
+                a_t: &own.a_t,
+                b_t: &own.b_t,
+                r: own.r,
+            };
+            add_low_rank(&mut s.t, &lr, all, x, k, linear.n_out, &rows, n, &mut out);
+        }
+        for &run in self.runs {
+            if let Some(lr) = &self.low_rank[run.adapter][layer][module] {
+                add_low_rank(&mut s.t, lr, run, x, k, linear.n_out, &rows, n, &mut out);
+            }
+        }
+        s.out = out;
+        &s.out
+    }
+
+    /// This thread's share of the output columns of `linear` added into the residual `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_projection(
+        &self,
+        s: &mut Scratch,
+        team: &Team,
+        layer: usize,
+        module: usize,
+        linear: &HostLinear<B>,
+        input: &[f32],
+        x: &SharedMut<f32>,
+    ) {
+        let e = self.decoder.dims.e;
+        let mine = team.share(linear.n_out, matvec::WEIGHT_ROWS);
+        if mine.is_empty() {
+            return;
+        }
+        let ys = self.project(s, layer, module, linear, input, mine.clone());
+        for i in 0..self.n {
+            // SAFETY: these columns of x are this thread's until the next barrier.
+            let dst = unsafe { x.slice_mut(i * e + mine.start..i * e + mine.end) };
+            for (c, o) in dst.iter_mut().enumerate() {
+                *o += ys[c * self.n + i];
+            }
+        }
+    }
+}
+
+/// Adds `run`'s rows of x A^T (scale B^T) for the output columns `rows` to `out` (`[rows, n]`).
+#[allow(clippy::too_many_arguments)]
+fn add_low_rank(
+    t: &mut Vec<f32>,
+    lr: &LowRank,
+    run: Run,
+    x: &[f32],
+    k: usize,
+    n_out: usize,
+    rows: &Range<usize>,
+    n: usize,
+    out: &mut [f32],
+) {
+    let r = lr.r;
+    t.clear();
+    t.resize(run.len * r, 0.0);
+    for (ti, i) in (run.start..run.start + run.len).enumerate() {
+        let tr = &mut t[ti * r..(ti + 1) * r];
+        for (c, &xc) in x[i * k..(i + 1) * k].iter().enumerate() {
+            for (tj, a) in tr.iter_mut().zip(&lr.a_t[c * r..(c + 1) * r]) {
+                *tj += xc * a;
+            }
+        }
+    }
+    for (c, ys) in rows.clone().zip(out.chunks_mut(n)) {
+        for (ti, i) in (run.start..run.start + run.len).enumerate() {
+            let tr = &t[ti * r..(ti + 1) * r];
+            ys[i] += tr
+                .iter()
+                .enumerate()
+                .map(|(j, tj)| tj * lr.b_t[j * n_out + c])
+                .sum::<f32>();
+        }
+    }
+}
+
+/// One thread's scratch space, kept across the operations of a step.
+#[derive(Default)]
+struct Scratch {
+    q8: Option<Q8Rows>,
+    out: Vec<f32>,
+    t: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl Scratch {
+    /// Quantizes `x` for the next products if `needed` (each thread its own copy: cheaper at
+    /// these sizes than another barrier).
+    fn quantize(&mut self, x: &[f32], needed: bool) {
+        if needed {
+            self.q8.get_or_insert_with(Q8Rows::default).quantize(x);
+        }
+    }
+
+    fn q8(&self) -> Option<&Q8Rows> {
+        self.q8.as_ref()
+    }
+}
+
+/// Consecutive rows of the flattened batch that share an adapter.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    start: usize,
+    len: usize,
+    adapter: usize,
+}
+
+fn adapter_runs(segments: &[Segment]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut at = 0;
+    for seg in segments {
+        if let Some(a) = seg.adapter {
+            match runs.last_mut() {
+                Some(r) if r.adapter == a && r.start + r.len == at => r.len += seg.len,
+                _ => runs.push(Run {
+                    start: at,
+                    len: seg.len,
+                    adapter: a,
+                }),
+            }
+        }
+        at += seg.len;
+    }
+    runs
+}
+
+/// The part of `b` inside `a` (possibly empty).
+fn overlap(a: &Range<usize>, b: Range<usize>) -> Range<usize> {
+    let start = a.start.max(b.start);
+    start..a.end.min(b.end).max(start)
+}
+
+/// x / sqrt(mean(x^2) + eps) * weight, as [`crate::llama::RmsNorm`] computes it.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let rms = (mean + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v / rms * w;
+    }
+}
+
+/// HF's rotate-half RoPE on one head in place: x * cos + rotate_half(x) * sin.
+fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * cos[i] + -b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/// x * sigmoid(x).
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use burn::backend::NdArray;
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Int, TensorData};
+    use ft_quant::QuantFormat;
+
+    use super::*;
+    use crate::tiny::{tiny_adapter, tiny_config};
+
+    type B = NdArray<f32>;
+
+    /// `model` with every linear whose rows are whole blocks stored as `format`, and the head.
+    fn packed(mut model: LlamaForCausalLM<B>, format: QuantFormat) -> LlamaForCausalLM<B> {
+        for layer in &mut model.model.layers {
+            let (linears, _) = layer.parts_mut();
+            for (_, linear) in linears {
+                let shape = linear.base.shape();
+                let data = host_vec(linear.base.weight(&Default::default()));
+                if let Some(p) = PackedWeight::quantize(format, false, &data, shape) {
+                    linear.base = ft_quant::Linear::packed(p, None);
+                }
+            }
+        }
+        model.pack_head(format);
+        model
+    }
+
+    /// Next-token logits after `seq` from burn's plain forward of the whole sequence.
+    fn burn_logits(model: &LlamaForCausalLM<B>, seq: &[u32]) -> Vec<f32> {
+        let v: Vec<i64> = seq.iter().map(|&t| t as i64).collect();
+        let ids =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, seq.len()]), &Default::default());
+        let h = model.forward_hidden(ids, None);
+        let [_, s, e] = h.dims();
+        model.host_logits(h.narrow(1, s - 1, 1).reshape([1, e]))
+    }
+
+    /// Paged host storage with each sequence in its own blocks.
+    struct Pool {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+        tables: Vec<Vec<usize>>,
+    }
+
+    const BLOCK: usize = 4;
+
+    impl Pool {
+        fn new(sequences: usize, blocks_each: usize) -> Self {
+            let c = tiny_config();
+            let len = sequences * blocks_each * c.num_key_value_heads * BLOCK * c.head_dim;
+            Self {
+                keys: vec![vec![0.0; len]; c.num_hidden_layers],
+                values: vec![vec![0.0; len]; c.num_hidden_layers],
+                // Interleaved blocks, so that no sequence's blocks are contiguous.
+                tables: (0..sequences)
+                    .map(|s| (0..blocks_each).map(|b| b * sequences + s).collect())
+                    .collect(),
+            }
+        }
+
+        /// Runs one step of `segments` (segment i continues sequence `seqs[i]`).
+        fn step(
+            &mut self,
+            decoder: &HostDecoder<B>,
+            ids: &[u32],
+            segments: &[Segment],
+            seqs: &[usize],
+            adapters: &[&ServedAdapter<B>],
+        ) -> Vec<Vec<f32>> {
+            let tables: Vec<&[usize]> = seqs.iter().map(|&s| self.tables[s].as_slice()).collect();
+            let kv = HostKv {
+                keys: &mut self.keys,
+                values: &mut self.values,
+                block_size: BLOCK,
+                tables: &tables,
+            };
+            let mut last = 0;
+            let wanted: Vec<usize> = segments
+                .iter()
+                .map(|s| {
+                    last += s.len;
+                    last - 1
+                })
+                .collect();
+            let logits = decoder.logits(ids, segments, adapters, kv, &wanted);
+            let vocab = logits.len() / wanted.len();
+            logits.chunks(vocab).map(<[f32]>::to_vec).collect()
+        }
+    }
+
+    #[test]
+    fn a_host_step_of_mixed_adapters_equals_each_sequence_alone_through_burn() {
+        B::seed(&Default::default(), 21);
+        let c = tiny_config();
+        let dense = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
+        let pefts = [tiny_adapter(3), tiny_adapter(70)];
+        let prompts: [&[u32]; 3] = [&[5, 6, 7, 8, 9, 10], &[100, 3], &[9, 9, 9, 40, 41]];
+        let which = [Some(1), None, Some(0)];
+        for format in [
+            QuantFormat::F32,
+            QuantFormat::Bf16,
+            QuantFormat::Q8_0,
+            QuantFormat::Q4_0,
+            QuantFormat::Q4_1,
+        ] {
+            let model = match format {
+                QuantFormat::F32 => dense.clone(),
+                _ => packed(dense.clone(), format),
+            };
+            let decoder = HostDecoder::new(&model).expect("a host model");
+            let served: Vec<ServedAdapter<B>> = pefts
+                .iter()
+                .map(|p| ServedAdapter::new(&model, p, Path::new("a")).unwrap())
+                .collect();
+            let refs: Vec<&ServedAdapter<B>> = served.iter().collect();
+            let alone: Vec<LlamaForCausalLM<B>> = which
+                .iter()
+                .map(|w| {
+                    let mut m = model.clone();
+                    if let Some(a) = w {
+                        m.attach_adapter(&pefts[*a], Path::new("a")).unwrap();
+                    }
+                    m
+                })
+                .collect();
+
+            // All three prompts in one step, then two decode steps in another order.
+            let mut pool = Pool::new(3, 4);
+            let segments: Vec<Segment> = (0..3)
+                .map(|i| Segment {
+                    start: 0,
+                    len: prompts[i].len(),
+                    adapter: which[i],
+                })
+                .collect();
+            let mut seqs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+            let mut got = pool.step(&decoder, &prompts.concat(), &segments, &[0, 1, 2], &refs);
+            for step in 0..3 {
+                let order: Vec<usize> = if step == 0 {
+                    vec![0, 1, 2]
+                } else {
+                    vec![2, 0, 1]
+                };
+                for (row, &i) in order.iter().enumerate() {
+                    let want = burn_logits(&alone[i], &seqs[i]);
+                    let max = got[row]
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(max < 1e-4, "{format} step {step} sequence {i}: {max}");
+                }
+                if step == 2 {
+                    break;
+                }
+                let next: Vec<usize> = if step == 0 {
+                    vec![2, 0, 1]
+                } else {
+                    vec![1, 2, 0]
+                };
+                let ids: Vec<u32> = next.iter().map(|&i| 17 + i as u32 + step as u32).collect();
+                let decode: Vec<Segment> = next
+                    .iter()
+                    .map(|&i| Segment {
+                        start: seqs[i].len(),
+                        len: 1,
+                        adapter: which[i],
+                    })
+                    .collect();
+                for (&i, &id) in next.iter().zip(&ids) {
+                    seqs[i].push(id);
+                }
+                got = pool.step(&decoder, &ids, &decode, &next, &refs);
+                if step == 1 {
+                    // Rows came back in `next` order: put them in the order checked above.
+                    let order = [2, 0, 1];
+                    got = order
+                        .iter()
+                        .map(|i| got[next.iter().position(|n| n == i).unwrap()].clone())
+                        .collect();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_sequence_gets_the_same_bits_in_a_batch_and_alone() {
+        B::seed(&Default::default(), 5);
+        let model = packed(
+            LlamaForCausalLM::<B>::init_random(&tiny_config(), &Default::default()),
+            QuantFormat::Q8_0,
+        );
+        let decoder = HostDecoder::new(&model).unwrap();
+        let peft = tiny_adapter(9);
+        let served = ServedAdapter::new(&model, &peft, Path::new("a")).unwrap();
+        let prompts: [&[u32]; 4] = [
+            &[1, 2, 3],
+            &[4, 5, 6, 7, 8, 9, 10, 11, 12],
+            &[13],
+            &[14, 15],
+        ];
+        let seg = |i: usize, start: usize, len: usize| Segment {
+            start,
+            len,
+            adapter: i.is_multiple_of(2).then_some(0),
+        };
+        let mut batch = Pool::new(4, 4);
+        let segments: Vec<Segment> = (0..4).map(|i| seg(i, 0, prompts[i].len())).collect();
+        let together = batch.step(
+            &decoder,
+            &prompts.concat(),
+            &segments,
+            &[0, 1, 2, 3],
+            &[&served],
+        );
+        let step: Vec<Segment> = (0..4).map(|i| seg(i, prompts[i].len(), 1)).collect();
+        let next = batch.step(
+            &decoder,
+            &[30, 31, 32, 33],
+            &step,
+            &[0, 1, 2, 3],
+            &[&served],
+        );
+        for i in 0..4 {
+            let mut alone = Pool::new(1, 4);
+            let first = alone.step(
+                &decoder,
+                prompts[i],
+                &[seg(i, 0, prompts[i].len())],
+                &[0],
+                &[&served],
+            );
+            assert_eq!(first[0], together[i], "prompt of sequence {i}");
+            let second = alone.step(
+                &decoder,
+                &[30 + i as u32],
+                &[seg(i, prompts[i].len(), 1)],
+                &[0],
+                &[&served],
+            );
+            assert_eq!(second[0], next[i], "decode step of sequence {i}");
+        }
+    }
+}

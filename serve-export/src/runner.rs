@@ -1,0 +1,98 @@
+//! A model's step forward together with the KV storage it needs: the host forward
+//! ([`HostDecoder`]) over host blocks where the model allows it (the CPU backend with weights
+//! the kernels read), else burn's ragged forward over pooled tensors (any backend).
+
+use burn::tensor::{Int, Tensor, TensorData};
+use ft_model::host_decode::HostDecoder;
+use ft_model::ragged::{Segment, ServedAdapter};
+use ft_model::{LlamaForCausalLM, QuantBackend};
+
+use crate::kv_pool::{HostKvPool, KvPool};
+
+/// The forward of one engine or one generation, and its keys and values.
+pub enum Runner<B: QuantBackend> {
+    /// Plain Rust over host memory.
+    Host {
+        /// The model's weights as the host forward reads them.
+        decoder: Box<HostDecoder<B>>,
+        /// The cache's blocks.
+        pool: HostKvPool,
+    },
+    /// burn's tensor operations.
+    Burn {
+        /// The cache's blocks.
+        pool: KvPool<B>,
+    },
+}
+
+impl<B: QuantBackend> Runner<B> {
+    /// The runner for `model` with room for `blocks` blocks of `block_size` positions.
+    pub fn new(model: &LlamaForCausalLM<B>, blocks: usize, block_size: usize) -> Self {
+        let attn = &model.model.layers[0].self_attn;
+        let (layers, kv, d) = (model.model.layers.len(), attn.num_kv_heads, attn.head_dim);
+        match HostDecoder::new(model) {
+            Some(decoder) => Self::Host {
+                decoder: Box::new(decoder),
+                pool: HostKvPool::new(layers, kv, d, blocks, block_size),
+            },
+            None => Self::Burn {
+                pool: KvPool::new(layers, kv, d, blocks, block_size, &model.device()),
+            },
+        }
+    }
+
+    /// Whether the host forward runs.
+    pub fn is_host(&self) -> bool {
+        matches!(self, Self::Host { .. })
+    }
+
+    /// Copies block `src` into block `dst` in every layer.
+    pub fn copy_block(&mut self, src: usize, dst: usize) {
+        match self {
+            Self::Host { pool, .. } => pool.copy_block(src, dst),
+            Self::Burn { pool } => pool.copy_block(src, dst),
+        }
+    }
+
+    /// One step: segment i continues the sequence whose blocks are `tables[i]` with its new
+    /// tokens in `ids` (see [`LlamaForCausalLM::forward_ragged`]); returns the next-token
+    /// logits after the last token of each segment in `wanted`, one row of the vocabulary
+    /// each.
+    pub fn logits(
+        &mut self,
+        model: &LlamaForCausalLM<B>,
+        ids: &[u32],
+        segments: &[Segment],
+        adapters: &[&ServedAdapter<B>],
+        tables: Vec<&[usize]>,
+        wanted: &[usize],
+    ) -> Vec<f32> {
+        let mut last = Vec::with_capacity(segments.len());
+        let mut at = 0;
+        for s in segments {
+            at += s.len;
+            last.push(at - 1);
+        }
+        match self {
+            Self::Host { decoder, pool } => {
+                let rows: Vec<usize> = wanted.iter().map(|&i| last[i]).collect();
+                decoder.logits(ids, segments, adapters, pool.view(&tables), &rows)
+            }
+            Self::Burn { pool } => {
+                let starts = segments.iter().map(|s| s.start).collect();
+                let lens = segments.iter().map(|s| s.len).collect();
+                let mut kv = pool.step(tables, starts, lens);
+                let hidden = model.forward_ragged(ids, segments, adapters, &mut kv); // [segments, e]
+                if wanted.is_empty() {
+                    return Vec::new();
+                }
+                let rows: Vec<i64> = wanted.iter().map(|&i| i as i64).collect();
+                let rows = Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(rows, [wanted.len()]),
+                    &hidden.device(),
+                );
+                model.host_logits(hidden.select(0, rows))
+            }
+        }
+    }
+}
