@@ -19,6 +19,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::Tensor;
 use ft_quant::attention::{attend_head, PagedLayout};
 use ft_quant::matvec::{self, Q8Rows, Weights};
+use ft_quant::packed::PackedData;
 use ft_quant::team::{self, SharedMut, Team};
 use ft_quant::{PackedWeight, QuantBackend};
 
@@ -41,6 +42,11 @@ pub struct HostKv<'a> {
 /// place.
 enum Stored<B: QuantBackend> {
     Packed(Arc<PackedWeight>),
+    /// NF4 or FP4, with its absmax values decoded once (double quantization undone).
+    FourBit {
+        weight: Arc<PackedWeight>,
+        absmax: Vec<f32>,
+    },
     Dense(FloatTensor<B>),
 }
 
@@ -55,8 +61,18 @@ impl<B: QuantBackend> Stored<B> {
     }
 
     fn packed(weight: Arc<PackedWeight>) -> Option<Self> {
-        weight.kernel_weights()?;
-        Some(Self::Packed(weight))
+        if weight.kernel_weights().is_some() {
+            return Some(Self::Packed(weight));
+        }
+        match &weight.data {
+            PackedData::FourBit { absmax, .. }
+                if weight.shape[1].is_multiple_of(matvec::FOUR_BIT_BLOCK) =>
+            {
+                let absmax = absmax.values();
+                Some(Self::FourBit { weight, absmax })
+            }
+            _ => None,
+        }
     }
 
     fn dense(weight: Tensor<B, 2>) -> Option<Self> {
@@ -68,6 +84,14 @@ impl<B: QuantBackend> Stored<B> {
     fn weights(&self) -> Weights<'_> {
         match self {
             Self::Packed(w) => w.kernel_weights(),
+            Self::FourBit { weight, absmax } => match &weight.data {
+                PackedData::FourBit { kind, codes, .. } => Some(Weights::FourBit {
+                    code: kind.code(),
+                    codes,
+                    absmax,
+                }),
+                _ => None,
+            },
             Self::Dense(t) => B::host_f32(t).map(Weights::F32),
         }
         .expect("checked when the decoder was built")
@@ -251,6 +275,31 @@ impl<B: QuantBackend> HostDecoder<B> {
             head,
             dims,
         })
+    }
+
+    /// The logits after every position of `ids` run as one sequence from an empty cache,
+    /// `[ids.len(), vocab]` (perplexity windows).
+    pub fn sequence_logits(&self, ids: &[u32]) -> Vec<f32> {
+        const BLOCK: usize = 16;
+        let Dims { kv, d, .. } = self.dims;
+        let blocks = ids.len().div_ceil(BLOCK).max(1);
+        let empty = || vec![0f32; blocks * kv * BLOCK * d];
+        let mut keys: Vec<Vec<f32>> = self.layers.iter().map(|_| empty()).collect();
+        let mut values: Vec<Vec<f32>> = self.layers.iter().map(|_| empty()).collect();
+        let table: Vec<usize> = (0..blocks).collect();
+        let segment = Segment {
+            start: 0,
+            len: ids.len(),
+            adapter: None,
+        };
+        let all: Vec<usize> = (0..ids.len()).collect();
+        let kv = HostKv {
+            keys: &mut keys,
+            values: &mut values,
+            block_size: BLOCK,
+            tables: &[&table],
+        };
+        self.logits(ids, &[segment], &[], kv, &all)
     }
 
     /// Next-token logits after the rows `wanted` of the flattened batch, `[wanted.len(),
@@ -729,7 +778,9 @@ mod tests {
                 }
             }
         }
-        model.pack_head(format);
+        if format.ggml().is_some() || format == QuantFormat::Bf16 {
+            model.pack_head(format);
+        }
         model
     }
 
@@ -887,6 +938,39 @@ mod tests {
                         .map(|i| got[next.iter().position(|n| n == i).unwrap()].clone())
                         .collect();
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn four_bit_weights_run_on_the_host_as_through_burn() {
+        B::seed(&Default::default(), 13);
+        // Rows of whole 64-blocks, as the 4-bit kernels need.
+        let c = crate::LlamaConfig {
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            ..tiny_config()
+        };
+        let dense = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
+        for format in [QuantFormat::Nf4, QuantFormat::Fp4] {
+            let model = packed(dense.clone(), format);
+            assert_eq!(model.model.layers[0].mlp.down_proj.base.format(), format);
+            let decoder = HostDecoder::new(&model).expect("a host model");
+            let seq: Vec<u32> = (0..11).map(|i| i * 23 % 250).collect();
+            let got = decoder.sequence_logits(&seq);
+            let vocab = got.len() / seq.len();
+            for end in [3, seq.len()] {
+                let want = burn_logits(&model, &seq[..end]);
+                let row = &got[(end - 1) * vocab..end * vocab];
+                let max = row
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(max < 1e-4, "{format} after {end} tokens: {max}");
             }
         }
     }

@@ -115,7 +115,21 @@ pub enum Weights<'a> {
     Bf16(&'a [u16]),
     /// f32 values.
     F32(&'a [f32]),
+    /// bitsandbytes' 4-bit codes (NF4 or FP4): blocks of [`FOUR_BIT_BLOCK`] along each row
+    /// (k a multiple of it), two codes a byte, the first in the high nibble; activations
+    /// stay f32.
+    FourBit {
+        /// The 16 values of the code book.
+        code: &'a [f32; 16],
+        /// n * k / 2 bytes.
+        codes: &'a [u8],
+        /// One scale per block.
+        absmax: &'a [f32],
+    },
 }
+
+/// Values per absmax block of [`Weights::FourBit`] (bitsandbytes' blocksize).
+pub const FOUR_BIT_BLOCK: usize = 64;
 
 impl Weights<'_> {
     /// Whether the activations must be quantized to 8-bit blocks ([`Q8Rows`]) first.
@@ -135,6 +149,14 @@ impl Weights<'_> {
             }
             Self::Bf16(w) => w.len(),
             Self::F32(w) => w.len(),
+            Self::FourBit { codes, absmax, .. } => {
+                assert!(
+                    k.is_multiple_of(FOUR_BIT_BLOCK) && absmax.len() * FOUR_BIT_BLOCK == n * k,
+                    "matvec: 4-bit weight of {n} x {k} with {} blocks",
+                    absmax.len()
+                );
+                codes.len() * 2
+            }
         };
         assert_eq!(stored, n * k, "matvec: weight of {n} x {k}");
     }
@@ -279,26 +301,16 @@ fn weight_rows_on(
             assert_eq!(xq.qs.len(), m * k, "matvec: quantized activation length");
             let row_bytes = k / BLOCK * ty.block_bytes();
             let weight = |j: usize| &bytes[(rows.start + j) * row_bytes..][..row_bytes];
-            // Few rows (decoding): each meets four weight rows at a time. More: eight (then
-            // four) activation rows share each decoded weight block. Every pair's sum is
-            // the same bits whichever way it was computed.
-            let mut i = 0;
-            if m < TILE / 2 {
-                let full = out.len() / m / 4 * 4;
-                for i in 0..m {
-                    let x = xq.row(i, k);
-                    for j in (0..full).step_by(4) {
-                        let four = dots4(isa, ty, std::array::from_fn(|t| weight(j + t)), x);
-                        for (t, v) in four.into_iter().enumerate() {
-                            out[(j + t) * m + i] = v;
-                        }
-                    }
-                    for j in full..out.len() / m {
-                        out[j * m + i] = dots(isa, ty, weight(j), [x])[0];
-                    }
-                }
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx2 {
+                // SAFETY: AVX2, FMA and F16C were detected; the weight and activation
+                // lengths were checked above and by the caller.
+                unsafe { avx2::block_rows(ty, bytes, k, xq, m, rows, out) };
                 return;
             }
+            // Eight (then four) activation rows share each decoded weight block; every
+            // row's sums are the same whichever rows it shares a tile with.
+            let mut i = 0;
             while i + TILE <= m {
                 let tile: [Q8Row; TILE] = std::array::from_fn(|t| xq.row(i + t, k));
                 for (j, out_row) in out.chunks_mut(m).enumerate() {
@@ -339,6 +351,57 @@ fn weight_rows_on(
                 _ => portable::dot_f32(wrow, xrow),
             }
         }),
+        Weights::FourBit {
+            code,
+            codes,
+            absmax,
+        } => {
+            let blocks = k / FOUR_BIT_BLOCK;
+            let weight = |j: usize| {
+                let r = rows.start + j;
+                (
+                    &codes[r * k / 2..][..k / 2],
+                    &absmax[r * blocks..][..blocks],
+                )
+            };
+            let xrow = |i: usize| &x[i * k..(i + 1) * k];
+            let mut i = 0;
+            while i + FOUR_BIT_TILE <= m {
+                let tile: [&[f32]; FOUR_BIT_TILE] = std::array::from_fn(|t| xrow(i + t));
+                for (j, out_row) in out.chunks_mut(m).enumerate() {
+                    let (c, a) = weight(j);
+                    out_row[i..i + FOUR_BIT_TILE].copy_from_slice(&four_bit(isa, code, c, a, tile));
+                }
+                i += FOUR_BIT_TILE;
+            }
+            for i in i..m {
+                for (j, out_row) in out.chunks_mut(m).enumerate() {
+                    let (c, a) = weight(j);
+                    out_row[i] = four_bit(isa, code, c, a, [xrow(i)])[0];
+                }
+            }
+        }
+    }
+}
+
+/// Activation rows that meet each decoded 4-bit block at once (at most).
+const FOUR_BIT_TILE: usize = 4;
+
+/// One row of 4-bit codes against R activation rows; each row's sum is the same bits in any
+/// tile.
+fn four_bit<const R: usize>(
+    isa: Isa,
+    code: &[f32; 16],
+    codes: &[u8],
+    absmax: &[f32],
+    x: [&[f32]; R],
+) -> [f32; R] {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA were detected for both variants; the row holds whole blocks
+        // and each activation row its k values (checked by the caller).
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::four_bit(code, codes, absmax, x) },
+        _ => x.map(|x| portable::four_bit(code, codes, absmax, x)),
     }
 }
 
@@ -399,23 +462,10 @@ fn transpose(yt: &[f32], n: usize, m: usize) -> Vec<f32> {
 fn dots<const R: usize>(isa: Isa, ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is active only where AVX2, FMA and F16C were detected, and the
-        // slices hold whole blocks (checked by `matmul`).
-        Isa::Avx2 => unsafe { avx2::dots(ty, w, rows) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above, with AVX-512 F, VNNI, VL and BW detected too.
+        // SAFETY: `Isa::Avx512Vnni` is active only where AVX2, FMA, F16C and AVX-512 F, VNNI,
+        // VL and BW were detected, and the slices hold whole blocks (checked by `product`).
         Isa::Avx512Vnni => unsafe { avx512::dots(ty, w, rows) },
         _ => rows.map(|x| portable::dot(ty, w, x.qs, x.d, x.s)),
-    }
-}
-
-/// Four weight rows against one quantized activation row, each pair the bits [`dots`] gives.
-fn dots4(isa: Isa, ty: GgmlType, w: [&[u8]; 4], x: Q8Row) -> [f32; 4] {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `dots`.
-        Isa::Avx2 => unsafe { avx2::dots4(ty, w, x) },
-        _ => w.map(|w| dots(isa, ty, w, [x])[0]),
     }
 }
 
@@ -459,6 +509,24 @@ mod portable {
         w.iter().zip(x).map(|(a, b)| a * b).sum()
     }
 
+    pub fn four_bit(code: &[f32; 16], codes: &[u8], absmax: &[f32], x: &[f32]) -> f32 {
+        let half = FOUR_BIT_BLOCK / 2;
+        absmax
+            .iter()
+            .enumerate()
+            .map(|(b, &scale)| {
+                let sum: f32 = codes[b * half..(b + 1) * half]
+                    .iter()
+                    .zip(x[b * FOUR_BIT_BLOCK..].chunks_exact(2))
+                    .map(|(&byte, xs)| {
+                        code[(byte >> 4) as usize] * xs[0] + code[(byte & 0x0f) as usize] * xs[1]
+                    })
+                    .sum();
+                scale * sum
+            })
+            .sum()
+    }
+
     /// sum (q - offset) * x over a block's 16 bytes of nibbles: low nibbles are elements
     /// 0..16, high nibbles 16..32.
     fn nibble_dot(q: &[u8], x: &[i8], offset: i32) -> i32 {
@@ -484,65 +552,14 @@ mod avx2 {
 
     use super::*;
 
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; `w` holds whole blocks of `ty` and each row
-    /// 32 codes per block of `w`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dots<const R: usize>(ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
-        let out = match ty {
-            GgmlType::Q8_0 => pairs::<Q8, 1, R>([w], rows),
-            GgmlType::Q4_0 => pairs::<Q40, 1, R>([w], rows),
-            _ => pairs::<Q41, 1, R>([w], rows),
-        };
-        out[0]
-    }
-
-    /// Four weight rows against one activation row: the decoding kernel, whose four
-    /// independent sums keep the multiply-add pipes busy. Each (weight row, activation row)
-    /// gets the same bits as from [`dots`].
-    ///
-    /// # Safety
-    /// As [`dots`], for each of the four rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dots4(ty: GgmlType, w: [&[u8]; 4], x: Q8Row) -> [f32; 4] {
-        let out = match ty {
-            GgmlType::Q8_0 => pairs::<Q8, 4, 1>(w, [x]),
-            GgmlType::Q4_0 => pairs::<Q40, 4, 1>(w, [x]),
-            _ => pairs::<Q41, 4, 1>(w, [x]),
-        };
-        out.map(|o| o[0])
-    }
-
-    /// Bytes ahead of the current block that the kernels ask the cache for.
+    /// Bytes ahead of the current block that the kernels ask the cache for: the hardware
+    /// prefetcher alone leaves the weight stream short of memory bandwidth.
     const PREFETCH: usize = 1024;
 
-    /// The block formats, as type-level codes so that every kernel is compiled for one.
-    pub(super) const Q8: u8 = 0;
-    pub(super) const Q40: u8 = 1;
-    pub(super) const Q41: u8 = 2;
-
-    /// One block's 32 codes as bytes: Q8_0's signed ones, or Q4_0's and Q4_1's nibbles
-    /// (Q4_0's counted unsigned, its -8 offset moved into the block's minimum).
-    #[inline(always)]
-    unsafe fn codes<const TY: u8>(wb: *const u8, low: __m256i) -> __m256i {
-        match TY {
-            Q8 => _mm256_loadu_si256(wb.add(2) as *const __m256i),
-            Q40 => nibbles(wb.add(2), low),
-            _ => nibbles(wb.add(4), low),
-        }
-    }
-
-    /// The eight partial sums of a block's byte products, as floats.
-    #[inline(always)]
-    unsafe fn block_sums<const TY: u8>(q: __m256i, y: __m256i, ones: __m256i) -> __m256 {
-        let prod = if TY == Q8 {
-            // maddubs multiplies unsigned by signed: move q's sign onto y.
-            _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
-        } else {
-            _mm256_maddubs_epi16(q, y)
-        };
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones))
-    }
+    /// The block formats as type-level codes, so that every kernel is compiled for one.
+    const Q8: u8 = 0;
+    const Q40: u8 = 1;
+    const Q41: u8 = 2;
 
     /// The bytes of one block of the format.
     const fn block_bytes<const TY: u8>() -> usize {
@@ -553,69 +570,297 @@ mod avx2 {
         }
     }
 
-    /// W weight rows against R activation rows, every pair summed in one chain in block
-    /// order: acc = fma(dw_b * dx_b, <q_b, x_b>, acc) over the eight lanes, and min =
-    /// fma(m_b, s_b, min) where m_b is Q4_1's minimum or -8 dw_b for Q4_0 and s_b = dx_b *
-    /// sum(x_b); the pair's sum is hsum(acc) + min. Four weight rows share one conversion of
-    /// their scales and one load of the activations; either shape gives a pair the same bits.
+    /// Weight rows `rows` of the ggml blocks `w` (rows of k / 32 blocks) against the `m`
+    /// rows of `xq`: `out[(j - rows.start) * m + i]`.
+    ///
+    /// Every (weight row, activation row) pair is summed the same way whichever kernel and
+    /// tile computes it: per block the exact integer dot product of the codes, then
+    /// acc = fma(dw_b * dx_b, isum_b, acc) and min = fma(m_b, s_b, min) in block order, and
+    /// acc + min, where m_b is Q4_1's minimum or -8 dw_b for Q4_0 (whose codes count as
+    /// unsigned nibbles) and s_b = dx_b * sum(x_b). A row's result never depends on the rows
+    /// it shares a call with.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `w` holds at least `rows.end` rows of whole
+    /// blocks of `ty`, `xq` m rows of k codes, and `out` `rows.len() * m` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn block_rows(
+        ty: GgmlType,
+        w: &[u8],
+        k: usize,
+        xq: &Q8Rows,
+        m: usize,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
+        match ty {
+            GgmlType::Q8_0 => block_rows_for::<Q8>(w, k, xq, m, rows, out),
+            GgmlType::Q4_0 => block_rows_for::<Q40>(w, k, xq, m, rows, out),
+            _ => block_rows_for::<Q41>(w, k, xq, m, rows, out),
+        }
+    }
+
     #[inline(always)]
-    unsafe fn pairs<const TY: u8, const W: usize, const R: usize>(
-        w: [&[u8]; W],
-        rows: [Q8Row; R],
-    ) -> [[f32; R]; W] {
-        let bytes = block_bytes::<TY>();
-        let blocks = w[0].len() / bytes;
-        let low = _mm256_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); R]; W];
-        // Lane r of mins[i]: weight row r's minimum term with activation row i.
-        let mut mins = [_mm_setzero_ps(); R];
-        for b in 0..blocks {
-            // The weight rows' scales (and minimums), lane r for row r.
-            let mut d16 = [0u16; 4];
-            let mut m16 = [0u16; 4];
-            for r in 0..W {
-                let wb = w[r].as_ptr().add(b * bytes);
-                d16[r] = (wb as *const u16).read_unaligned();
-                if TY == Q41 {
-                    m16[r] = (wb.add(2) as *const u16).read_unaligned();
+    unsafe fn block_rows_for<const TY: u8>(
+        w: &[u8],
+        k: usize,
+        xq: &Q8Rows,
+        m: usize,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
+        let blocks = k / BLOCK;
+        let row_bytes = blocks * block_bytes::<TY>();
+        let n = rows.len();
+        // Stand-ins for rows past the last of a group: zero scales, so they add nothing, and
+        // their sums are dropped.
+        let zeros = vec![0u8; row_bytes];
+        let weight = |j: usize| {
+            if j < n {
+                w.as_ptr().add((rows.start + j) * row_bytes)
+            } else {
+                zeros.as_ptr()
+            }
+        };
+        let mut i = 0;
+        // Tiles of eight, then four activation rows meet eight weight rows at a time.
+        let mut repacked = Vec::new();
+        while i + 4 <= m {
+            let tile = if i + 8 <= m { 8 } else { 4 };
+            repack(xq, k, i..i + tile, &mut repacked);
+            for j in (0..n).step_by(8) {
+                let ws: [*const u8; 8] = std::array::from_fn(|t| weight(j + t));
+                let mut put = |t: usize, sums: [f32; 8]| {
+                    for (r, v) in sums.into_iter().enumerate().take(n - j) {
+                        out[(j + r) * m + i + t] = v;
+                    }
+                };
+                if tile == 8 {
+                    let x = std::array::from_fn(|t| xq.row(i + t, k));
+                    for (t, sums) in eight_by::<TY, 8>(ws, blocks, x, &repacked)
+                        .into_iter()
+                        .enumerate()
+                    {
+                        put(t, sums);
+                    }
+                } else {
+                    let x = std::array::from_fn(|t| xq.row(i + t, k));
+                    for (t, sums) in eight_by::<TY, 4>(ws, blocks, x, &repacked)
+                        .into_iter()
+                        .enumerate()
+                    {
+                        put(t, sums);
+                    }
                 }
             }
-            let dw = _mm_cvtph_ps(_mm_loadl_epi64(d16.as_ptr() as *const __m128i));
-            let mw = match TY {
-                Q41 => _mm_cvtph_ps(_mm_loadl_epi64(m16.as_ptr() as *const __m128i)),
-                Q40 => _mm_mul_ps(dw, _mm_set1_ps(-8.0)),
-                _ => _mm_setzero_ps(),
-            };
-            // A kilobyte ahead of each row: the hardware prefetcher alone leaves the
-            // weight stream short of memory bandwidth.
-            for row in &w {
-                let ahead = row.as_ptr().wrapping_add(b * bytes + PREFETCH);
-                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
-            }
-            let q: [__m256i; W] =
-                std::array::from_fn(|r| codes::<TY>(w[r].as_ptr().add(b * bytes), low));
-            for (i, x) in rows.iter().enumerate() {
-                let y = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
-                let scales = _mm_mul_ps(dw, _mm_set1_ps(*x.d.get_unchecked(b)));
-                let mut lanes = [0f32; 4];
-                _mm_storeu_ps(lanes.as_mut_ptr(), scales);
-                if TY != Q8 {
-                    mins[i] = _mm_fmadd_ps(mw, _mm_set1_ps(*x.s.get_unchecked(b)), mins[i]);
-                }
-                for r in 0..W {
-                    let sums = block_sums::<TY>(q[r], y, ones);
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(lanes[r]), sums, acc[r][i]);
+            i += tile;
+        }
+        // The rest (decoding) one row at a time, against four weight rows at a time.
+        for i in i..m {
+            let x = xq.row(i, k);
+            for j in (0..n).step_by(4) {
+                let sums = four_by_one::<TY>(std::array::from_fn(|t| weight(j + t)), blocks, x);
+                for (r, v) in sums.into_iter().enumerate().take(n - j) {
+                    out[(j + r) * m + i] = v;
                 }
             }
         }
-        std::array::from_fn(|r| {
-            std::array::from_fn(|i| {
-                let mut lanes = [0f32; 4];
-                _mm_storeu_ps(lanes.as_mut_ptr(), mins[i]);
-                horizontal_sum(acc[r][i]) + lanes[r]
-            })
+    }
+
+    /// The activation codes of rows `tile` as [`eight_by`] reads them: per row and block four
+    /// vectors, vector j holding code group j (four codes) in every 32-bit lane of its low
+    /// half and group j + 4 in its high half.
+    #[inline(always)]
+    unsafe fn repack(xq: &Q8Rows, k: usize, tile: Range<usize>, out: &mut Vec<__m256i>) {
+        let blocks = k / BLOCK;
+        out.clear();
+        for i in tile {
+            let qs = xq.qs.as_ptr().add(i * k);
+            for b in 0..blocks {
+                let g = qs.add(b * BLOCK) as *const i32;
+                for j in 0..4 {
+                    let (lo, hi) = (g.add(j).read_unaligned(), g.add(j + 4).read_unaligned());
+                    out.push(_mm256_set_m128i(_mm_set1_epi32(hi), _mm_set1_epi32(lo)));
+                }
+            }
+        }
+    }
+
+    /// One block's 32 codes as bytes: Q8_0's signed ones, or Q4_0's and Q4_1's nibbles.
+    #[inline(always)]
+    unsafe fn codes<const TY: u8>(wb: *const u8, low: __m256i) -> __m256i {
+        match TY {
+            Q8 => _mm256_loadu_si256(wb.add(2) as *const __m256i),
+            Q40 => nibbles(wb.add(2), low),
+            _ => nibbles(wb.add(4), low),
+        }
+    }
+
+    /// Block b's scales and minimums of N weight rows, lane r for row r (N of 4 or 8).
+    #[inline(always)]
+    unsafe fn scales<const TY: u8, const N: usize>(
+        w: &[*const u8; N],
+        b: usize,
+    ) -> (__m256, __m256) {
+        let bytes = block_bytes::<TY>();
+        let mut d16 = [0u16; 8];
+        let mut m16 = [0u16; 8];
+        for r in 0..N {
+            let wb = w[r].add(b * bytes);
+            d16[r] = (wb as *const u16).read_unaligned();
+            if TY == Q41 {
+                m16[r] = (wb.add(2) as *const u16).read_unaligned();
+            }
+        }
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(d16.as_ptr() as *const __m128i));
+        let m = match TY {
+            Q41 => _mm256_cvtph_ps(_mm_loadu_si128(m16.as_ptr() as *const __m128i)),
+            Q40 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+            _ => _mm256_setzero_ps(),
+        };
+        (d, m)
+    }
+
+    /// Asks the cache for each row's bytes a little ahead of block b.
+    #[inline(always)]
+    unsafe fn prefetch<const N: usize>(w: &[*const u8; N], at: usize) {
+        for row in w {
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at + PREFETCH) as *const i8);
+        }
+    }
+
+    /// Four weight rows against one activation row (decoding): the sums of [`block_rows`].
+    #[inline(always)]
+    unsafe fn four_by_one<const TY: u8>(w: [*const u8; 4], blocks: usize, x: Q8Row) -> [f32; 4] {
+        let bytes = block_bytes::<TY>();
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm_setzero_ps();
+        let mut mins = _mm_setzero_ps();
+        for b in 0..blocks {
+            prefetch(&w, b * bytes);
+            let y = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
+            let p: [__m256i; 4] = std::array::from_fn(|r| {
+                let q = codes::<TY>(w[r].add(b * bytes), low);
+                let prod = if TY == Q8 {
+                    // maddubs multiplies unsigned by signed: move q's sign onto y.
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
+                } else {
+                    _mm256_maddubs_epi16(q, y)
+                };
+                _mm256_madd_epi16(prod, ones)
+            });
+            // Lane r: the sum of row r's eight partial sums.
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+            let isum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+            let (d, m) = scales::<TY, 4>(&w, b);
+            let sc = _mm_mul_ps(
+                _mm256_castps256_ps128(d),
+                _mm_set1_ps(*x.d.get_unchecked(b)),
+            );
+            acc = _mm_fmadd_ps(sc, _mm_cvtepi32_ps(isum), acc);
+            if TY != Q8 {
+                let s = _mm_set1_ps(*x.s.get_unchecked(b));
+                mins = _mm_fmadd_ps(_mm256_castps256_ps128(m), s, mins);
+            }
+        }
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(acc, mins));
+        out
+    }
+
+    /// Eight weight rows against R activation rows (R of 4 or 8, `xr` their [`repack`]):
+    /// `out[t][r]` for activation row t and weight row r, the sums of [`block_rows`].
+    ///
+    /// Per block the eight rows' codes are transposed in 32-bit groups within each half, so
+    /// that one byte product covers eight rows and the lanes of the result are rows: no
+    /// horizontal sums. Nibble products stay within 16 bits over a block (4 * 2 * 15 * 127
+    /// < 2^15) and are widened once; Q8_0's are widened at each group.
+    #[inline(always)]
+    unsafe fn eight_by<const TY: u8, const R: usize>(
+        w: [*const u8; 8],
+        blocks: usize,
+        x: [Q8Row; R],
+        xr: &[__m256i],
+    ) -> [[f32; 8]; R] {
+        let bytes = block_bytes::<TY>();
+        let low = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            prefetch(&w, b * bytes);
+            let c: [__m256i; 8] = std::array::from_fn(|r| codes::<TY>(w[r].add(b * bytes), low));
+            let u = transpose_halves(c);
+            let a: [__m256i; 8] = if TY == Q8 {
+                std::array::from_fn(|j| _mm256_sign_epi8(u[j], u[j]))
+            } else {
+                u
+            };
+            let (d, m) = scales::<TY, 8>(&w, b);
+            for t in 0..R {
+                let xv = xr.as_ptr().add((t * blocks + b) * 4);
+                let (lo, hi) = if TY == Q8 {
+                    let mut lo = _mm256_setzero_si256();
+                    let mut hi = _mm256_setzero_si256();
+                    for j in 0..4 {
+                        let xj = *xv.add(j);
+                        let pl = _mm256_maddubs_epi16(a[j], _mm256_sign_epi8(xj, u[j]));
+                        let ph = _mm256_maddubs_epi16(a[4 + j], _mm256_sign_epi8(xj, u[4 + j]));
+                        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, ones));
+                        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, ones));
+                    }
+                    (lo, hi)
+                } else {
+                    let mut lo = _mm256_setzero_si256();
+                    let mut hi = _mm256_setzero_si256();
+                    for j in 0..4 {
+                        let xj = *xv.add(j);
+                        lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(a[j], xj));
+                        hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(a[4 + j], xj));
+                    }
+                    (_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones))
+                };
+                // lo: rows 0-3, groups 0-3 | groups 4-7; hi: rows 4-7 likewise.
+                let isum = _mm256_add_epi32(
+                    _mm256_permute2x128_si256::<0x20>(lo, hi),
+                    _mm256_permute2x128_si256::<0x31>(lo, hi),
+                );
+                let sc = _mm256_mul_ps(d, _mm256_set1_ps(*x[t].d.get_unchecked(b)));
+                acc[t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(isum), acc[t]);
+                if TY != Q8 {
+                    let s = _mm256_set1_ps(*x[t].s.get_unchecked(b));
+                    mins[t] = _mm256_fmadd_ps(m, s, mins[t]);
+                }
+            }
+        }
+        std::array::from_fn(|t| {
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc[t], mins[t]));
+            out
         })
+    }
+
+    /// Eight rows of eight 32-bit groups, transposed within each 128-bit half: vector j < 4
+    /// holds group j of rows 0-3 in its low half and group j + 4 in its high half; vector
+    /// 4 + j the same for rows 4-7.
+    #[inline(always)]
+    unsafe fn transpose_halves(c: [__m256i; 8]) -> [__m256i; 8] {
+        let quad = |r0: __m256i, r1: __m256i, r2: __m256i, r3: __m256i| {
+            let t0 = _mm256_unpacklo_epi32(r0, r1);
+            let t1 = _mm256_unpackhi_epi32(r0, r1);
+            let t2 = _mm256_unpacklo_epi32(r2, r3);
+            let t3 = _mm256_unpackhi_epi32(r2, r3);
+            [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ]
+        };
+        let [u0, u1, u2, u3] = quad(c[0], c[1], c[2], c[3]);
+        let [u4, u5, u6, u7] = quad(c[4], c[5], c[6], c[7]);
+        [u0, u1, u2, u3, u4, u5, u6, u7]
     }
 
     /// One weight row against R rows with the byte products summed by AVX-512 VNNI's
@@ -696,6 +941,54 @@ mod avx2 {
             i += 1;
         }
         horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + tail
+    }
+
+    /// One row of bitsandbytes 4-bit codes against R f32 activation rows. Per block of 64 the
+    /// codes become f32 through the code book (two 8-value halves picked by bit 3), meet
+    /// each row in two chains of four multiply-adds, and the block's sum is scaled by its
+    /// absmax into the row's total.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `codes` holds 32 bytes and each row of `x` 64 values
+    /// per entry of `absmax`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn four_bit<const R: usize>(
+        code: &[f32; 16],
+        codes: &[u8],
+        absmax: &[f32],
+        x: [&[f32]; R],
+    ) -> [f32; R] {
+        let low_half = _mm256_loadu_ps(code.as_ptr());
+        let high_half = _mm256_loadu_ps(code.as_ptr().add(8));
+        // Element e of a 32-bit word of codes sits at these bits: high nibble first.
+        let shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+        let fifteen = _mm256_set1_epi32(15);
+        let mut total = [_mm256_setzero_ps(); R];
+        for (b, &scale) in absmax.iter().enumerate() {
+            let bytes = codes.as_ptr().add(b * FOUR_BIT_BLOCK / 2);
+            _mm_prefetch::<_MM_HINT_T0>(bytes.wrapping_add(PREFETCH) as *const i8);
+            let values: [__m256; 8] = std::array::from_fn(|g| {
+                let word = (bytes.add(4 * g) as *const i32).read_unaligned();
+                let idx =
+                    _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), fifteen);
+                let picked_low = _mm256_permutevar8x32_ps(low_half, idx);
+                let picked_high = _mm256_permutevar8x32_ps(high_half, idx);
+                let upper = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
+                _mm256_blendv_ps(picked_low, picked_high, upper)
+            });
+            let scale = _mm256_set1_ps(scale);
+            for (t, row) in x.iter().enumerate() {
+                let xp = row.as_ptr().add(b * FOUR_BIT_BLOCK);
+                let mut even = _mm256_setzero_ps();
+                let mut odd = _mm256_setzero_ps();
+                for g in (0..8).step_by(2) {
+                    even = _mm256_fmadd_ps(values[g], _mm256_loadu_ps(xp.add(8 * g)), even);
+                    odd = _mm256_fmadd_ps(values[g + 1], _mm256_loadu_ps(xp.add(8 * g + 8)), odd);
+                }
+                total[t] = _mm256_fmadd_ps(scale, _mm256_add_ps(even, odd), total[t]);
+            }
+        }
+        std::array::from_fn(|t| horizontal_sum(total[t]))
     }
 
     /// sum w * x for f32 rows of one length.
@@ -985,6 +1278,46 @@ mod tests {
                                 "{format} {isa:?} n={n} k={k} m={m} ({i}, {r}): {g} vs {want}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_four_bit_kernels_match_the_reference_on_every_isa() {
+        use crate::bnb4::{self, FourBit};
+        for &(n, k, m) in &[(1, 64, 1), (7, 128, 3), (5, 576, 9), (3, 1536, 4)] {
+            let w = values(n * k, 11 + n as u64);
+            let x = values(m * k, 12 + k as u64);
+            for kind in [FourBit::Nf4, FourBit::Fp4] {
+                let (codes, absmax) = bnb4::quantize(kind, &w);
+                let mut wf = vec![0f32; n * k];
+                bnb4::dequantize_into(kind, &codes, &absmax, &mut wf);
+                let weights = Weights::FourBit {
+                    code: kind.code(),
+                    codes: &codes,
+                    absmax: &absmax,
+                };
+                for isa in Isa::available() {
+                    let got = product_on(isa, weights, n, k, &x, m);
+                    for i in 0..m {
+                        for r in 0..n {
+                            let want: f64 = (0..k)
+                                .map(|c| wf[r * k + c] as f64 * x[i * k + c] as f64)
+                                .sum();
+                            let g = got[i * n + r] as f64;
+                            assert!(
+                                (g - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                                "{kind:?} {isa:?} n={n} k={k} m={m} ({i}, {r}): {g} vs {want}"
+                            );
+                        }
+                        let alone = product_on(isa, weights, n, k, &x[i * k..(i + 1) * k], 1);
+                        assert_eq!(
+                            alone[..],
+                            got[i * n..(i + 1) * n],
+                            "{kind:?} {isa:?} row {i}"
+                        );
                     }
                 }
             }

@@ -1,12 +1,15 @@
 //! Greedy generation for many prompts at once, as evaluation needs: prompts of equal length
-//! share one batch and one KV cache, so each decode step reads the weights once for the whole
-//! batch instead of once per prompt. Equal lengths need no padding, so the result for each
-//! prompt is exactly what [`crate::generate`] gives it alone with greedy sampling.
+//! share one ragged step (the serving engine's forward) over one paged KV cache, so each
+//! decode step reads the weights once for the whole batch instead of once per prompt. Every
+//! row is its own sequence, so the result for each prompt is what [`crate::generate`] gives
+//! it alone with greedy sampling.
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{Int, Tensor, TensorData};
+use ft_model::ragged::Segment;
 use ft_model::{LlamaForCausalLM, QuantBackend};
+
+use crate::runner::Runner;
 
 use crate::sampling::argmax;
 
@@ -41,31 +44,36 @@ pub fn greedy_batch<B: QuantBackend>(
     out
 }
 
-/// One batch of equal-length prompts.
+/// One batch of equal-length prompts, each a sequence of the step's ragged forward.
 fn decode<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     prompts: &[&[u32]],
     max_new_tokens: usize,
     stop_ids: &[u32],
 ) -> Vec<Vec<u32>> {
-    let device = model.device();
     let (b, n) = (prompts.len(), prompts[0].len());
+    let per_row = (n + max_new_tokens).div_ceil(BLOCK_SIZE).max(1);
+    let mut runner = Runner::new(model, b * per_row, BLOCK_SIZE);
+    let tables: Vec<Vec<usize>> = (0..b)
+        .map(|i| (i * per_row..(i + 1) * per_row).collect())
+        .collect();
+    let rows: Vec<usize> = (0..b).collect();
     let mut out = vec![Vec::new(); b];
     let mut done = vec![max_new_tokens == 0; b];
-    let mut cache = model.new_cache();
-    let mut input: Vec<i64> = prompts
-        .iter()
-        .flat_map(|p| p.iter().map(|&t| t as i64))
-        .collect();
-    let mut width = n;
+    let mut ids: Vec<u32> = prompts.concat();
+    let (mut start, mut len) = (0, n);
     while done.iter().any(|d| !d) {
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [b, width]), &device);
-        let hidden = model.forward_hidden(ids, Some(&mut cache)); // [b, width, e]
-        let e = hidden.dims()[2];
-        let last = hidden.narrow(1, width - 1, 1).reshape([b, e]);
-        let logits = model.host_logits(last); // [b * vocab]
+        let segments: Vec<Segment> = (0..b)
+            .map(|_| Segment {
+                start,
+                len,
+                adapter: None,
+            })
+            .collect();
+        let tables: Vec<&[usize]> = tables.iter().map(Vec::as_slice).collect();
+        let logits = runner.logits(model, &ids, &segments, &[], tables, &rows); // [b * vocab]
         let vocab = logits.len() / b;
-        input = Vec::with_capacity(b);
+        ids.clear();
         for (row, chunk) in logits.chunks(vocab).enumerate() {
             let next = argmax(chunk);
             if !done[row] {
@@ -76,12 +84,16 @@ fn decode<B: QuantBackend>(
                     done[row] = out[row].len() >= max_new_tokens;
                 }
             }
-            input.push(next as i64);
+            ids.push(next);
         }
-        width = 1;
+        start += len;
+        len = 1;
     }
     out
 }
+
+/// Positions per block of a batch's KV cache.
+const BLOCK_SIZE: usize = 16;
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
+use ft_model::host_decode::HostDecoder;
 use ft_model::{source, Pretrained};
 use ft_quant::matvec::Isa;
 use ft_quant::{QuantBackend, QuantFormat, QuantSpec};
@@ -64,9 +65,14 @@ impl Job for BenchGenerateArgs {
                     double_quant: false,
                 })
             })
+            // QLoRA's base, through the 4-bit kernel.
+            .chain([Some(QuantSpec {
+                format: QuantFormat::Nf4,
+                double_quant: true,
+            })])
             .collect()
         } else {
-            vec![self.model.base.quant()]
+            vec![self.model.base.storage_for(&path)?]
         };
         let mut rows = Vec::new();
         let mut prompt = Vec::new();
@@ -154,19 +160,18 @@ fn measure<B: QuantBackend>(
         .iter()
         .map(|(_, l)| l.base.weight_bytes())
         .sum();
+    let path = match HostDecoder::new(&p.model) {
+        Some(_) => format!("host decode, {} kernels", Isa::active().name()),
+        None => format!("burn {}", backend_name::<B>()),
+    };
     Ok(Row {
         engine: format!(
-            "ft (burn {}, {} weights{})",
-            backend_name::<B>(),
+            "ft ({path}, {} weights)",
             quant.map_or("f32".into(), |q| match q.format {
                 QuantFormat::Q8_0 => "q8".to_string(),
                 QuantFormat::Q4_0 | QuantFormat::Q4_1 => "q4".to_string(),
                 _ => q.to_string(),
             }),
-            match quant.and_then(|q| q.format.ggml()) {
-                None => String::new(),
-                Some(_) => format!(", {} kernels", Isa::active().name()),
-            }
         ),
         load_s,
         prefill: median(prefill),
