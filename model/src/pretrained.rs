@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
-use ft_quant::QuantSpec;
+use ft_quant::{GgmlType, QuantFormat, QuantSpec};
 
 use crate::chat::{ChatTemplate, Message};
 use crate::config::{HfConfig, LlamaConfig};
@@ -28,6 +28,28 @@ pub struct Pretrained<B: Backend> {
     pub tokenizer: TextTokenizer,
     /// The chat template, if the model has one.
     pub chat_template: Option<ChatTemplate>,
+}
+
+/// The storage the decoding kernels read a checkpoint's block linears in when none is asked
+/// for: a GGUF's own blocks where a kernel reads them (Q8_0; Q4_0 and Q4_1 as 4-bit), bf16 for
+/// bf16, Q8_0 for the formats without a kernel (F16, K-quants), and `None` (f32) for f32
+/// files and HF folders.
+pub fn default_inference_format(path: &Path) -> Result<Option<QuantFormat>, ModelError> {
+    if path.is_dir() {
+        return Ok(None);
+    }
+    let file = GgufFile::open(path)?;
+    Ok(file
+        .tensors
+        .get("blk.0.attn_q.weight")
+        .and_then(|t| match t.ty {
+            GgmlType::F32 => None,
+            GgmlType::Bf16 => Some(QuantFormat::Bf16),
+            GgmlType::Q4_0 | GgmlType::Q4_1 => Some(QuantFormat::Q4_0),
+            GgmlType::Q8_0 | GgmlType::F16 | GgmlType::Q4K | GgmlType::Q6K => {
+                Some(QuantFormat::Q8_0)
+            }
+        }))
 }
 
 impl<B: Backend> Pretrained<B> {

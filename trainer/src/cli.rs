@@ -479,12 +479,14 @@ pub struct BaseModelArgs {
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
     /// Storage of the block linear weights: f32, bf16, int8, int8-block, nf4, fp4, q8_0, q4_0
-    /// or q4_1 (default: as the checkpoint stores them; GGUF blocks become f32).
+    /// or q4_1 (default: as `--weights` says).
     #[arg(long)]
     pub quant: Option<QuantFormat>,
     /// Inference weights of the block linears and the output head: bf16, q8 and q4 are
     /// multiplied by the CPU kernels without dequantizing (q4 keeps a GGUF's own Q4_0/Q4_1
-    /// blocks, else makes Q4_0); f32 goes through burn's matmul.
+    /// blocks, else makes Q4_0); f32 goes through burn's matmul. Default: a GGUF's own
+    /// blocks where a kernel reads them (the default model's Q4_1 is q4), q8 for other
+    /// quantized GGUFs, f32 for f32 files and HF folders.
     #[arg(long, value_enum, conflicts_with = "quant")]
     pub weights: Option<InferenceWeights>,
     /// Double-quantize the absmax values of nf4/fp4 (QLoRA's 4.127 bits per weight).
@@ -498,11 +500,27 @@ impl BaseModelArgs {
         &self,
         device: &B::Device,
     ) -> anyhow::Result<ft_model::Pretrained<B>> {
-        let mut p = ft_model::Pretrained::<B>::from_source(&self.model, self.quant(), device)?;
-        if self.weights == Some(InferenceWeights::Bf16) {
+        let path = ft_model::source::resolve(&self.model)?;
+        let quant = self.storage_for(&path)?;
+        let mut p = ft_model::Pretrained::<B>::load(&path, quant, device)?;
+        // bf16 inference weights read the head through the bf16 kernel too.
+        if self.quant.is_none() && quant.is_some_and(|q| q.format == QuantFormat::Bf16) {
             p.model.pack_head(QuantFormat::Bf16);
         }
         Ok(p)
+    }
+
+    /// The storage of the block linears for the checkpoint at `path`: what the flags ask,
+    /// else the default inference weights for it.
+    pub fn storage_for(&self, path: &std::path::Path) -> anyhow::Result<Option<QuantSpec>> {
+        if let Some(q) = self.quant() {
+            return Ok(Some(q));
+        }
+        let default = ft_model::pretrained::default_inference_format(path)?;
+        Ok(default.map(|format| QuantSpec {
+            format,
+            double_quant: false,
+        }))
     }
 
     /// The requested storage of the block linear weights.

@@ -23,6 +23,8 @@ fn first_eight_greedy_tokens_match_the_f32_reference() {
             prompt,
             "--max-new-tokens",
             "8",
+            "--weights",
+            "f32",
             "--json",
         ])
         .json();
@@ -49,6 +51,8 @@ fn perplexity_of_genesis_matches_the_reference() {
         file.to_str().unwrap(),
         "--window",
         "256",
+        "--weights",
+        "f32",
         "--json",
     ])
     .json();
