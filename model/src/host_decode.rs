@@ -13,7 +13,7 @@
 //! depends only on its own sequence, never on the rows it shares a step with.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::Tensor;
@@ -244,18 +244,21 @@ impl<B: QuantBackend> HostDecoder<B> {
                 })
             })
             .collect::<Option<Vec<_>>>()?;
-        let head = match &model.head_blocks {
-            Some(p) => Stored::packed(p.weight.clone())?,
-            None => Stored::dense(
-                model
+        let (head, head_rows) = match &model.head_blocks {
+            Some(p) => (Stored::packed(p.weight.clone())?, p.weight.shape[0]),
+            None => {
+                let w = model
                     .lm_head
                     .as_ref()
                     .unwrap_or(&model.model.embed_tokens)
-                    .val(),
-            )?,
+                    .val();
+                let rows = w.dims()[0];
+                (Stored::dense(w)?, rows)
+            }
         };
         let a = &model.model.layers.first()?.self_attn;
-        let [vocab, e] = model.model.embed_tokens.dims();
+        let e = model.model.embed_tokens.dims()[1];
+        let vocab = head_rows;
         let dims = Dims {
             e,
             h: a.num_heads,
@@ -299,7 +302,7 @@ impl<B: QuantBackend> HostDecoder<B> {
             block_size: BLOCK,
             tables: &[&table],
         };
-        self.logits(ids, &[segment], &[], kv, &all)
+        self.logits(ids, &[segment], &[], kv, &all, &mut Workspace::default())
     }
 
     /// Next-token logits after the rows `wanted` of the flattened batch, `[wanted.len(),
@@ -312,6 +315,7 @@ impl<B: QuantBackend> HostDecoder<B> {
         adapters: &[&ServedAdapter<B>],
         kv: HostKv,
         wanted: &[usize],
+        ws: &mut Workspace,
     ) -> Vec<f32> {
         let Dims {
             e,
@@ -330,10 +334,27 @@ impl<B: QuantBackend> HostDecoder<B> {
             .enumerate()
             .flat_map(|(i, s)| (0..s.len).map(move |j| (i, s.start + j)))
             .collect();
+        // Checked here, before the team starts: every thread must reach every barrier.
         assert!(
             positions.iter().all(|&(_, p)| p < self.max_pos),
             "positions within the RoPE tables"
         );
+        let pool_blocks = kv
+            .keys
+            .first()
+            .map_or(0, |k| k.len() / (kvh * kv.block_size * d));
+        for (i, s) in segments.iter().enumerate() {
+            let table = kv.tables[i];
+            assert!(
+                (s.start + s.len).div_ceil(kv.block_size) <= table.len()
+                    && table.iter().all(|&b| b < pool_blocks),
+                "segment {i}'s block table covers its positions within the pool"
+            );
+            assert!(
+                s.adapter.is_none_or(|a| a < adapters.len()),
+                "segment {i}'s adapter is one of the step's"
+            );
+        }
         let runs = adapter_runs(segments);
         // Adapter matrices read in place for the step: primitives held here, slices below.
         let held: Vec<Vec<[Option<HostLowRank<B>>; 7]>> =
@@ -346,9 +367,10 @@ impl<B: QuantBackend> HostDecoder<B> {
                     .map(|mods| {
                         std::array::from_fn(|j| {
                             let (a, b, r) = mods[j].as_ref()?;
+                            let host = "a served adapter on the model's host backend";
                             Some(LowRank {
-                                a_t: B::host_f32(a)?,
-                                b_t: B::host_f32(b)?,
+                                a_t: B::host_f32(a).expect(host),
+                                b_t: B::host_f32(b).expect(host),
                                 r: *r,
                             })
                         })
@@ -358,22 +380,26 @@ impl<B: QuantBackend> HostDecoder<B> {
             .collect();
 
         let qkv_width = (h + 2 * kvh) * d;
-        let mut x = vec![0f32; n * e];
-        let mut xn = vec![0f32; n * e];
-        let mut qkv = vec![0f32; n * qkv_width];
-        let mut attn = vec![0f32; n * h * d];
-        let mut act = vec![0f32; n * f];
-        let mut hidden = vec![0f32; wanted.len() * e];
+        // Every element of these is written before it is read.
+        ws.x.resize(n * e, 0.0);
+        ws.xn.resize(n * e, 0.0);
+        ws.qkv.resize(n * qkv_width, 0.0);
+        ws.attn.resize(n * h * d, 0.0);
+        ws.act.resize(n * f, 0.0);
+        ws.hidden.resize(wanted.len() * e, 0.0);
+        let threads = team::size();
+        ws.scratch.resize_with(threads, Default::default);
         let mut logits = vec![0f32; wanted.len() * vocab];
         let (x, xn, qkv, attn, act, hidden, out) = (
-            SharedMut::new(&mut x),
-            SharedMut::new(&mut xn),
-            SharedMut::new(&mut qkv),
-            SharedMut::new(&mut attn),
-            SharedMut::new(&mut act),
-            SharedMut::new(&mut hidden),
+            SharedMut::new(&mut ws.x),
+            SharedMut::new(&mut ws.xn),
+            SharedMut::new(&mut ws.qkv),
+            SharedMut::new(&mut ws.attn),
+            SharedMut::new(&mut ws.act),
+            SharedMut::new(&mut ws.hidden),
             SharedMut::new(&mut logits),
         );
+        let scratch = &ws.scratch;
         let keys: Vec<SharedMut<f32>> = kv.keys.iter_mut().map(|k| SharedMut::new(k)).collect();
         let values: Vec<SharedMut<f32>> = kv.values.iter_mut().map(|v| SharedMut::new(v)).collect();
         let layout = PagedLayout {
@@ -395,8 +421,10 @@ impl<B: QuantBackend> HostDecoder<B> {
         };
 
         team::run(|team| {
-            let mut s = Scratch::default();
-            let mut gate = Vec::new();
+            let mut guard = scratch[team.index()]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let Scratch { work: s, gate } = &mut *guard;
             let tokens = team.share(n, 1);
             // SAFETY (every block below): each thread writes only its share (of tokens, of
             // output columns or of (token, head) pairs) between two barriers, and reads
@@ -408,7 +436,7 @@ impl<B: QuantBackend> HostDecoder<B> {
             }
             for (l, layer) in self.layers.iter().enumerate() {
                 for i in tokens.clone() {
-                    let row = unsafe { &x.get()[i * e..(i + 1) * e] };
+                    let row = unsafe { x.slice(i * e..(i + 1) * e) };
                     rms_norm(row, &layer.input_norm, self.dims.eps, unsafe {
                         xn.slice_mut(i * e..(i + 1) * e)
                     });
@@ -433,7 +461,7 @@ impl<B: QuantBackend> HostDecoder<B> {
                         continue;
                     }
                     let local = mine.start - offset..mine.end - offset;
-                    let ys = step.project(&mut s, l, module, linear, xs, local.clone());
+                    let ys = step.project(s, l, module, linear, xs, local.clone());
                     for i in 0..n {
                         let dst = unsafe {
                             qkv.slice_mut(i * qkv_width + mine.start..i * qkv_width + mine.end)
@@ -485,10 +513,10 @@ impl<B: QuantBackend> HostDecoder<B> {
                 team.sync();
                 let xs = unsafe { attn.get() };
                 s.quantize(xs, o_lin.weight.weights().needs_q8());
-                step.add_projection(&mut s, team, l, 3, o_lin, xs, &x);
+                step.add_projection(s, team, l, 3, o_lin, xs, &x);
                 team.sync();
                 for i in tokens.clone() {
-                    let row = unsafe { &x.get()[i * e..(i + 1) * e] };
+                    let row = unsafe { x.slice(i * e..(i + 1) * e) };
                     rms_norm(row, &layer.post_norm, self.dims.eps, unsafe {
                         xn.slice_mut(i * e..(i + 1) * e)
                     });
@@ -501,8 +529,8 @@ impl<B: QuantBackend> HostDecoder<B> {
                 let mine = team.share(f, matvec::WEIGHT_ROWS);
                 if !mine.is_empty() {
                     gate.clear();
-                    gate.extend_from_slice(step.project(&mut s, l, 4, gate_lin, xs, mine.clone()));
-                    let up = step.project(&mut s, l, 5, up_lin, xs, mine.clone());
+                    gate.extend_from_slice(step.project(s, l, 4, gate_lin, xs, mine.clone()));
+                    let up = step.project(s, l, 5, up_lin, xs, mine.clone());
                     for i in 0..n {
                         let dst = unsafe { act.slice_mut(i * f + mine.start..i * f + mine.end) };
                         for (c, o) in dst.iter_mut().enumerate() {
@@ -513,13 +541,13 @@ impl<B: QuantBackend> HostDecoder<B> {
                 team.sync();
                 let xs = unsafe { act.get() };
                 s.quantize(xs, down_lin.weight.weights().needs_q8());
-                step.add_projection(&mut s, team, l, 6, down_lin, xs, &x);
+                step.add_projection(s, team, l, 6, down_lin, xs, &x);
                 team.sync();
             }
             // The final norm of the wanted rows, then the head.
             for w in team.share(wanted.len(), 1) {
                 let i = wanted[w];
-                let row = unsafe { &x.get()[i * e..(i + 1) * e] };
+                let row = unsafe { x.slice(i * e..(i + 1) * e) };
                 rms_norm(row, &self.norm, self.dims.eps, unsafe {
                     hidden.slice_mut(w * e..(w + 1) * e)
                 });
@@ -561,7 +589,7 @@ impl<B: QuantBackend> Step<'_, B> {
     /// `x`, with bias and adapters: `[rows.len(), n]`, weight row major, in `s.out`.
     fn project<'s>(
         &self,
-        s: &'s mut Scratch,
+        s: &'s mut Work,
         layer: usize,
         module: usize,
         linear: &HostLinear<B>,
@@ -612,7 +640,7 @@ impl<B: QuantBackend> Step<'_, B> {
     #[allow(clippy::too_many_arguments)]
     fn add_projection(
         &self,
-        s: &mut Scratch,
+        s: &mut Work,
         team: &Team,
         layer: usize,
         module: usize,
@@ -672,16 +700,43 @@ fn add_low_rank(
     }
 }
 
-/// One thread's scratch space, kept across the operations of a step.
+/// The buffers of [`HostDecoder::logits`], kept between steps (each step then allocates
+/// only its result).
+#[derive(Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    act: Vec<f32>,
+    hidden: Vec<f32>,
+    /// One per thread of the team.
+    scratch: Vec<Mutex<Scratch>>,
+}
+
+impl std::fmt::Debug for Workspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Workspace({} rows)", self.x.len())
+    }
+}
+
+/// One thread's scratch space: its products' buffers and the gate of the MLP.
 #[derive(Default)]
 struct Scratch {
+    work: Work,
+    gate: Vec<f32>,
+}
+
+/// One thread's buffers for the products of one operation.
+#[derive(Default)]
+struct Work {
     q8: Option<Q8Rows>,
     out: Vec<f32>,
     t: Vec<f32>,
     scores: Vec<f32>,
 }
 
-impl Scratch {
+impl Work {
     /// Quantizes `x` for the next products if `needed` (each thread its own copy: cheaper at
     /// these sizes than another barrier).
     fn quantize(&mut self, x: &[f32], needed: bool) {
@@ -774,7 +829,8 @@ mod tests {
                 let shape = linear.base.shape();
                 let data = host_vec(linear.base.weight(&Default::default()));
                 if let Some(p) = PackedWeight::quantize(format, false, &data, shape) {
-                    linear.base = ft_quant::Linear::packed(p, None);
+                    let bias = linear.base.bias.as_ref().map(|b| b.val());
+                    linear.base = ft_quant::Linear::packed(p, bias);
                 }
             }
         }
@@ -799,6 +855,7 @@ mod tests {
         keys: Vec<Vec<f32>>,
         values: Vec<Vec<f32>>,
         tables: Vec<Vec<usize>>,
+        ws: Workspace,
     }
 
     const BLOCK: usize = 4;
@@ -814,6 +871,7 @@ mod tests {
                 tables: (0..sequences)
                     .map(|s| (0..blocks_each).map(|b| b * sequences + s).collect())
                     .collect(),
+                ws: Workspace::default(),
             }
         }
 
@@ -841,7 +899,7 @@ mod tests {
                     last - 1
                 })
                 .collect();
-            let logits = decoder.logits(ids, segments, adapters, kv, &wanted);
+            let logits = decoder.logits(ids, segments, adapters, kv, &wanted, &mut self.ws);
             let vocab = logits.len() / wanted.len();
             logits.chunks(vocab).map(<[f32]>::to_vec).collect()
         }
@@ -850,8 +908,22 @@ mod tests {
     #[test]
     fn a_host_step_of_mixed_adapters_equals_each_sequence_alone_through_burn() {
         B::seed(&Default::default(), 21);
-        let c = tiny_config();
-        let dense = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
+        // Qwen2's q/k/v biases too.
+        for bias in [false, true] {
+            let c = crate::LlamaConfig {
+                attention_bias: bias,
+                ..tiny_config()
+            };
+            let model = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
+            assert_eq!(
+                model.model.layers[0].self_attn.q_proj.base.bias.is_some(),
+                bias
+            );
+            host_step_equals_burn(&model);
+        }
+    }
+
+    fn host_step_equals_burn(dense: &LlamaForCausalLM<B>) {
         let pefts = [tiny_adapter(3), tiny_adapter(70)];
         let prompts: [&[u32]; 3] = [&[5, 6, 7, 8, 9, 10], &[100, 3], &[9, 9, 9, 40, 41]];
         let which = [Some(1), None, Some(0)];

@@ -47,9 +47,10 @@ impl Isa {
         out
     }
 
-    /// The variant the kernels use: the best this CPU has.
+    /// The variant the kernels use: the best this CPU has (detected once).
     pub fn active() -> Isa {
-        *Isa::available().last().unwrap_or(&Isa::Portable)
+        static ACTIVE: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ACTIVE.get_or_init(|| *Isa::available().last().unwrap_or(&Isa::Portable))
     }
 
     /// The variant's name, for tables.
@@ -300,6 +301,10 @@ fn weight_rows_on(
             let xq = xq.expect("ggml weights meet quantized activations");
             assert_eq!(xq.qs.len(), m * k, "matvec: quantized activation length");
             let row_bytes = k / BLOCK * ty.block_bytes();
+            assert!(
+                bytes.len() >= rows.end * row_bytes,
+                "matvec: weight rows {rows:?} of {row_bytes} bytes"
+            );
             let weight = |j: usize| &bytes[(rows.start + j) * row_bytes..][..row_bytes];
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx2 {
@@ -612,49 +617,46 @@ mod avx2 {
         let blocks = k / BLOCK;
         let row_bytes = blocks * block_bytes::<TY>();
         let n = rows.len();
-        // Stand-ins for rows past the last of a group: zero scales, so they add nothing, and
-        // their sums are dropped.
-        let zeros = vec![0u8; row_bytes];
-        let weight = |j: usize| {
-            if j < n {
-                w.as_ptr().add((rows.start + j) * row_bytes)
-            } else {
-                zeros.as_ptr()
-            }
-        };
+        // Rows past the last of a group stand in as copies of the last row; their sums are
+        // dropped.
+        if n == 0 {
+            return;
+        }
+        let weight = |j: usize| w.as_ptr().add((rows.start + j.min(n - 1)) * row_bytes);
         let mut i = 0;
         // Tiles of eight, then four activation rows meet eight weight rows at a time.
-        let mut repacked = Vec::new();
-        while i + 4 <= m {
-            let tile = if i + 8 <= m { 8 } else { 4 };
-            repack(xq, k, i..i + tile, &mut repacked);
-            for j in (0..n).step_by(8) {
-                let ws: [*const u8; 8] = std::array::from_fn(|t| weight(j + t));
-                let mut put = |t: usize, sums: [f32; 8]| {
-                    for (r, v) in sums.into_iter().enumerate().take(n - j) {
-                        out[(j + r) * m + i + t] = v;
-                    }
-                };
-                if tile == 8 {
-                    let x = std::array::from_fn(|t| xq.row(i + t, k));
-                    for (t, sums) in eight_by::<TY, 8>(ws, blocks, x, &repacked)
-                        .into_iter()
-                        .enumerate()
-                    {
-                        put(t, sums);
-                    }
-                } else {
-                    let x = std::array::from_fn(|t| xq.row(i + t, k));
-                    for (t, sums) in eight_by::<TY, 4>(ws, blocks, x, &repacked)
-                        .into_iter()
-                        .enumerate()
-                    {
-                        put(t, sums);
+        REPACKED.with_borrow_mut(|repacked| {
+            while i + 4 <= m {
+                let tile = if i + 8 <= m { 8 } else { 4 };
+                repack(xq, k, i..i + tile, repacked);
+                for j in (0..n).step_by(8) {
+                    let ws: [*const u8; 8] = std::array::from_fn(|t| weight(j + t));
+                    let mut put = |t: usize, sums: [f32; 8]| {
+                        for (r, v) in sums.into_iter().enumerate().take(n - j) {
+                            out[(j + r) * m + i + t] = v;
+                        }
+                    };
+                    if tile == 8 {
+                        let x = std::array::from_fn(|t| xq.row(i + t, k));
+                        for (t, sums) in eight_by::<TY, 8>(ws, blocks, x, repacked)
+                            .into_iter()
+                            .enumerate()
+                        {
+                            put(t, sums);
+                        }
+                    } else {
+                        let x = std::array::from_fn(|t| xq.row(i + t, k));
+                        for (t, sums) in eight_by::<TY, 4>(ws, blocks, x, repacked)
+                            .into_iter()
+                            .enumerate()
+                        {
+                            put(t, sums);
+                        }
                     }
                 }
+                i += tile;
             }
-            i += tile;
-        }
+        });
         // The rest (decoding) one row at a time, against four weight rows at a time.
         for i in i..m {
             let x = xq.row(i, k);
@@ -665,6 +667,11 @@ mod avx2 {
                 }
             }
         }
+    }
+
+    thread_local! {
+        /// Each thread's [`repack`] buffer, kept between calls.
+        static REPACKED: std::cell::RefCell<Vec<__m256i>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
     /// The activation codes of rows `tile` as [`eight_by`] reads them: per row and block four

@@ -11,7 +11,7 @@
 
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// One thread's view of its team: which member it is, how many there are, and the barrier.
 pub struct Team<'a> {
@@ -47,19 +47,31 @@ impl Team<'_> {
     }
 }
 
+/// Threads in a team that [`run`] starts here.
+pub fn size() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Runs `f` once on each of rayon's threads at the same time and returns when all are done.
-/// `f` must reach the same [`Team::sync`] calls on every thread (and must not panic between
-/// them), or the others wait for ever.
+/// `f` must reach the same [`Team::sync`] calls on every thread. A panic on one thread
+/// releases the others from their barriers and is raised again here.
 pub fn run(f: impl Fn(&Team) + Sync) {
-    let size = rayon::current_num_threads();
+    let size = size();
     let barrier = SpinBarrier::new(size);
-    rayon::broadcast(|ctx| {
-        f(&Team {
+    let panics: Vec<_> = rayon::broadcast(|ctx| {
+        let team = Team {
             index: ctx.index(),
             size,
             barrier: &barrier,
-        })
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&team)))
+            .inspect_err(|_| barrier.poisoned.store(true, Ordering::Release))
+            .err()
     });
+    // The first panic is the cause; the others are threads let out of a barrier.
+    if let Some(payload) = panics.into_iter().flatten().next() {
+        std::panic::resume_unwind(payload);
+    }
 }
 
 /// A reusable barrier that spins (then yields) instead of sleeping: its threads meet every
@@ -68,6 +80,8 @@ struct SpinBarrier {
     size: usize,
     arrived: AtomicUsize,
     generation: AtomicUsize,
+    /// Set when a thread of the team panicked: it will never arrive.
+    poisoned: AtomicBool,
 }
 
 impl SpinBarrier {
@@ -76,6 +90,7 @@ impl SpinBarrier {
             size,
             arrived: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
+            poisoned: AtomicBool::new(false),
         }
     }
 
@@ -88,6 +103,9 @@ impl SpinBarrier {
         }
         let mut spins = 0u32;
         while self.generation.load(Ordering::Acquire) == generation {
+            if self.poisoned.load(Ordering::Acquire) {
+                panic!("another thread of the team panicked");
+            }
             if spins < SPINS_BEFORE_YIELD {
                 std::hint::spin_loop();
                 spins += 1;
@@ -143,6 +161,15 @@ impl<'a, T> SharedMut<'a, T> {
     pub unsafe fn slice_mut(&self, range: Range<usize>) -> &mut [T] {
         assert!(range.start <= range.end && range.end <= self.len);
         std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start)
+    }
+
+    /// The elements of `range`, to read.
+    ///
+    /// # Safety
+    /// No thread may write these elements until the next barrier.
+    pub unsafe fn slice(&self, range: Range<usize>) -> &[T] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        std::slice::from_raw_parts(self.ptr.add(range.start), range.end - range.start)
     }
 
     /// The whole buffer, to read.
@@ -202,5 +229,23 @@ mod tests {
             });
         }
         assert!(totals.iter().all(|t| t.load(Ordering::Relaxed) == 1));
+    }
+
+    #[test]
+    fn a_panic_on_one_thread_reaches_the_caller_instead_of_hanging_the_team() {
+        let caught = std::panic::catch_unwind(|| {
+            run(|team| {
+                team.sync();
+                if team.index() == 0 {
+                    panic!("first thread fails");
+                }
+                team.sync();
+            })
+        });
+        let payload = caught.expect_err("the panic comes back");
+        let text = payload.downcast_ref::<&str>().copied().unwrap_or_default();
+        assert_eq!(text, "first thread fails");
+        // The pool still works.
+        run(|team| team.sync());
     }
 }

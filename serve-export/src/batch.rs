@@ -27,14 +27,26 @@ pub fn greedy_batch<B: QuantBackend>(
         by_len.entry(p.len()).or_default().push(i);
     }
     let mut out = vec![Vec::new(); prompts.len()];
+    // One runner (and one host decoder) for every batch: rows of up to the longest prompt.
+    let longest = by_len.keys().last().copied().unwrap_or(0);
+    let batch_size = batch_size.clamp(1, prompts.len().max(1));
+    let per_row = (longest + max_new_tokens).div_ceil(BLOCK_SIZE).max(1);
+    let mut runner = Runner::new(model, batch_size * per_row, BLOCK_SIZE);
     for (len, rows) in by_len {
         if len == 0 {
             continue;
         }
-        for chunk in rows.chunks(batch_size.max(1)) {
+        for chunk in rows.chunks(batch_size) {
             let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i].as_slice()).collect();
             let decoded = ft_quant::matvec::on_kernel_thread(|| {
-                decode(model, &batch, max_new_tokens, stop_ids)
+                decode(
+                    model,
+                    &mut runner,
+                    per_row,
+                    &batch,
+                    max_new_tokens,
+                    stop_ids,
+                )
             });
             for (&i, ids) in chunk.iter().zip(decoded) {
                 out[i] = ids;
@@ -44,16 +56,17 @@ pub fn greedy_batch<B: QuantBackend>(
     out
 }
 
-/// One batch of equal-length prompts, each a sequence of the step's ragged forward.
+/// One batch of equal-length prompts, each a sequence of the step's ragged forward in its
+/// own `per_row` blocks of the runner's cache (written afresh from position 0).
 fn decode<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
+    runner: &mut Runner<B>,
+    per_row: usize,
     prompts: &[&[u32]],
     max_new_tokens: usize,
     stop_ids: &[u32],
 ) -> Vec<Vec<u32>> {
     let (b, n) = (prompts.len(), prompts[0].len());
-    let per_row = (n + max_new_tokens).div_ceil(BLOCK_SIZE).max(1);
-    let mut runner = Runner::new(model, b * per_row, BLOCK_SIZE);
     let tables: Vec<Vec<usize>> = (0..b)
         .map(|i| (i * per_row..(i + 1) * per_row).collect())
         .collect();

@@ -3,7 +3,7 @@
 //! the kernels read), else burn's ragged forward over pooled tensors (any backend).
 
 use burn::tensor::{Int, Tensor, TensorData};
-use ft_model::host_decode::HostDecoder;
+use ft_model::host_decode::{HostDecoder, Workspace};
 use ft_model::ragged::{Segment, ServedAdapter};
 use ft_model::{LlamaForCausalLM, QuantBackend};
 
@@ -17,6 +17,8 @@ pub enum Runner<B: QuantBackend> {
         decoder: Box<HostDecoder<B>>,
         /// The cache's blocks.
         pool: HostKvPool,
+        /// Buffers kept between steps.
+        workspace: Workspace,
     },
     /// burn's tensor operations.
     Burn {
@@ -34,6 +36,7 @@ impl<B: QuantBackend> Runner<B> {
             Some(decoder) => Self::Host {
                 decoder: Box::new(decoder),
                 pool: HostKvPool::new(layers, kv, d, blocks, block_size),
+                workspace: Workspace::default(),
             },
             None => Self::Burn {
                 pool: KvPool::new(layers, kv, d, blocks, block_size, &model.device()),
@@ -70,13 +73,25 @@ impl<B: QuantBackend> Runner<B> {
         let mut last = Vec::with_capacity(segments.len());
         let mut at = 0;
         for s in segments {
+            assert!(s.len > 0, "a segment has new tokens");
             at += s.len;
             last.push(at - 1);
         }
         match self {
-            Self::Host { decoder, pool } => {
+            Self::Host {
+                decoder,
+                pool,
+                workspace,
+            } => {
                 let rows: Vec<usize> = wanted.iter().map(|&i| last[i]).collect();
-                decoder.logits(ids, segments, adapters, pool.view(&tables), &rows)
+                decoder.logits(
+                    ids,
+                    segments,
+                    adapters,
+                    pool.view(&tables),
+                    &rows,
+                    workspace,
+                )
             }
             Self::Burn { pool } => {
                 let starts = segments.iter().map(|s| s.start).collect();

@@ -290,7 +290,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub list_tasks: bool,
     /// Base weight storages, comma-separated: f32, bf16, q8, q4 (the inference kernels) or
-    /// nf4, fp4, int8, int8-block, q8_0, q4_0, q4_1 (default q8; not with `--server`).
+    /// nf4, fp4, nf4+dq, fp4+dq, int8, int8-block, q8_0, q4_0, q4_1 (default: as `ft
+    /// generate` loads the model, q4 for the default model; not with `--server`).
     #[arg(long, value_delimiter = ',')]
     pub quant: Option<Vec<String>>,
     /// Decodings, comma-separated: greedy, sample (temperature 0.7, top-p 0.95, seeded) or

@@ -45,6 +45,8 @@ struct Storage {
     label: String,
     weights: Option<InferenceWeights>,
     quant: Option<QuantFormat>,
+    /// Double quantization of a 4-bit format (`nf4+dq`).
+    double_quant: bool,
 }
 
 /// A validated `ft eval`.
@@ -70,6 +72,8 @@ fn dedup<T: PartialEq>(values: &mut Vec<T>) {
 /// Runs `ft eval`.
 pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
     dedup(&mut args.decoding);
+    // Ascending, so that the throughput plot's lines run left to right.
+    args.concurrency.sort_unstable();
     dedup(&mut args.concurrency);
     if let Some(q) = args.quant.as_mut() {
         dedup(q);
@@ -130,8 +134,9 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
             label: "server".into(),
             weights: None,
             quant: None,
+            double_quant: false,
         }],
-        (None, None) => vec![storage("q8")?],
+        (None, None) => vec![default_storage(&args.model)?],
         (Some(q), None) => q
             .iter()
             .map(|s| storage(s))
@@ -147,7 +152,26 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
     dispatch(plan.args.device, plan)
 }
 
-/// A `--quant` entry: an inference-kernel storage (f32, bf16, q8, q4) or any storage format.
+/// The storage `ft generate` would use for `model`: its own blocks where a kernel reads
+/// them, named as `--quant` names them.
+fn default_storage(model: &str) -> anyhow::Result<Storage> {
+    let path = ft_model::source::resolve(model)?;
+    let label = match ft_model::pretrained::default_inference_format(&path)? {
+        None => "f32",
+        Some(QuantFormat::Bf16) => "bf16",
+        Some(QuantFormat::Q4_0 | QuantFormat::Q4_1) => "q4",
+        Some(_) => "q8",
+    };
+    Ok(Storage {
+        label: label.into(),
+        weights: None,
+        quant: None,
+        double_quant: false,
+    })
+}
+
+/// A `--quant` entry: an inference-kernel storage (f32, bf16, q8, q4) or any storage format,
+/// a 4-bit one optionally double-quantized (`nf4+dq`).
 fn storage(s: &str) -> anyhow::Result<Storage> {
     use clap::ValueEnum;
     if let Ok(w) = InferenceWeights::from_str(s, false) {
@@ -155,19 +179,30 @@ fn storage(s: &str) -> anyhow::Result<Storage> {
             label: s.into(),
             weights: Some(w),
             quant: None,
+            double_quant: false,
         });
     }
-    let format: QuantFormat = s.parse().map_err(|_| {
-        usage(
-            "--quant",
-            "f32, bf16, q8, q4 or a storage format (nf4, fp4, int8, int8-block, q8_0, q4_0, q4_1)",
-            s,
-        )
-    })?;
+    let (name, double_quant) = match s.strip_suffix("+dq") {
+        Some(name) => (name, true),
+        None => (s, false),
+    };
+    let format: QuantFormat = name
+        .parse()
+        .ok()
+        .filter(|f| !double_quant || matches!(f, QuantFormat::Nf4 | QuantFormat::Fp4))
+        .ok_or_else(|| {
+            usage(
+                "--quant",
+                "f32, bf16, q8, q4 or a storage format (nf4, fp4, nf4+dq, fp4+dq, int8, \
+                 int8-block, q8_0, q4_0, q4_1)",
+                s,
+            )
+        })?;
     Ok(Storage {
         label: s.into(),
         weights: None,
         quant: Some(format),
+        double_quant,
     })
 }
 
@@ -254,7 +289,7 @@ impl Job for Plan {
                 device: a.device,
                 quant: storage.quant,
                 weights: storage.weights,
-                double_quant: false,
+                double_quant: storage.double_quant,
             };
             // Perplexity first: it needs no server, and a text it cannot score stops the eval
             // before the long generation passes.
