@@ -714,6 +714,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::backend::Backend;
     use burn::tensor::Distribution;
     use ft_model::tiny::{tiny_config, write_hf_folder};
     use ft_quant::Linear;
@@ -883,6 +884,7 @@ mod tests {
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let dir = tempfile::tempdir().unwrap();
+        NdArray::<f32>::seed(&device, 1);
         let mut base = LlamaForCausalLM::<NdArray<f32>>::init_random(&tiny_config(), &device);
         // Embeddings large enough that the (frozen, tied) head can put most mass on one token.
         base.model.embed_tokens = Param::from_tensor(base.model.embed_tokens.val() * 30.0);
@@ -899,7 +901,7 @@ mod tests {
         std::fs::write(dir.path().join("train.jsonl"), lines.join("\n")).unwrap();
         std::fs::write(dir.path().join("val.jsonl"), &lines[0]).unwrap();
         let text = format!(
-            "[model]\nsource = {:?}\n[lora]\nr = 8\nalpha = 16\ndropout = 0.0\n[data]\ntrain = \"train.jsonl\"\nval = \"val.jsonl\"\nformat = \"text\"\n[train]\nmax_steps = 150\nmicro_batch_size = 4\nlr = 0.05\nscheduler = \"constant\"\n[output]\ndir = {:?}\n",
+            "[model]\nsource = {:?}\n[lora]\nr = 8\nalpha = 16\ndropout = 0.0\n[data]\ntrain = \"train.jsonl\"\nval = \"val.jsonl\"\nformat = \"text\"\n[train]\nmax_steps = 150\nmicro_batch_size = 4\nlr = 0.01\nscheduler = \"constant\"\n[output]\ndir = {:?}\n",
             dir.path().join("model"),
             dir.path().join("run")
         );
