@@ -7,7 +7,7 @@
 //! arithmetic, set the speed. Here the weights are read where they are (packed blocks, or
 //! f32 tensors in place), the matrix products are the [`matvec`] kernels, RMSNorm, RoPE,
 //! SwiGLU and the residuals are loops over rows, and keys and values go straight into the
-//! paged cache's host blocks, which attention reads in place ([`attend_head`]).
+//! paged cache's host blocks, which attention reads in place ([`attend_group`]).
 //!
 //! The arithmetic is the burn forward's, in the same order where it matters: a row's result
 //! depends only on its own sequence, never on the rows it shares a step with.
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::Tensor;
-use ft_quant::attention::{attend_head, PagedLayout};
+use ft_quant::attention::{attend_group, PagedLayout};
 use ft_quant::matvec::{self, Q8Rows, Weights};
 use ft_quant::packed::PackedData;
 use ft_quant::team::{self, SharedMut, Team};
@@ -103,6 +103,30 @@ struct LowRank<'a> {
     a_t: &'a [f32],
     b_t: &'a [f32],
     r: usize,
+}
+
+impl LowRank<'_> {
+    /// Adds `run`'s rows of x A^T (scale B^T) for the output columns `rows` to `out`
+    /// (`[rows, n]`).
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &self,
+        run: Run,
+        x: &[f32],
+        k: usize,
+        rows: &Range<usize>,
+        n: usize,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let tokens = run.start..run.start + run.len;
+        let product = matvec::LowRank {
+            a_t: self.a_t,
+            b_t: self.b_t,
+            r: self.r,
+        };
+        product.add(x, k, tokens, rows.clone(), n, out, scratch);
+    }
 }
 
 /// The update of an adapter attached to the model itself (`ft generate --adapter`).
@@ -493,22 +517,14 @@ impl<B: QuantBackend> HostDecoder<B> {
                 team.sync();
                 let (ks, vs) = unsafe { (keys[l].get(), values[l].get()) };
                 let qs = unsafe { qkv.get() };
-                for pair in team.share(n * h, 1) {
-                    let (i, head) = (pair / h, pair % h);
+                let g = h / kvh;
+                for pair in team.share(n * kvh, 1) {
+                    let (i, group) = (pair / kvh, pair % kvh);
                     let (seg, pos) = positions[i];
-                    let q = &qs[i * qkv_width + head * d..][..d];
-                    let o = unsafe { attn.slice_mut(pair * d..(pair + 1) * d) };
-                    attend_head(
-                        q,
-                        ks,
-                        vs,
-                        layout,
-                        head,
-                        kv.tables[seg],
-                        pos + 1,
-                        &mut s.scores,
-                        o,
-                    );
+                    let q = &qs[i * qkv_width + group * g * d..][..g * d];
+                    let o = unsafe { attn.slice_mut(pair * g * d..(pair + 1) * g * d) };
+                    let table = kv.tables[seg];
+                    attend_group(q, ks, vs, layout, group, table, pos + 1, &mut s.scores, o);
                 }
                 team.sync();
                 let xs = unsafe { attn.get() };
@@ -625,11 +641,11 @@ impl<B: QuantBackend> Step<'_, B> {
                 b_t: &own.b_t,
                 r: own.r,
             };
-            add_low_rank(&mut s.t, &lr, all, x, k, linear.n_out, &rows, n, &mut out);
+            lr.add(all, x, k, &rows, n, &mut out, &mut s.t);
         }
         for &run in self.runs {
             if let Some(lr) = &self.low_rank[run.adapter][layer][module] {
-                add_low_rank(&mut s.t, lr, run, x, k, linear.n_out, &rows, n, &mut out);
+                lr.add(run, x, k, &rows, n, &mut out, &mut s.t);
             }
         }
         s.out = out;
@@ -660,42 +676,6 @@ impl<B: QuantBackend> Step<'_, B> {
             for (c, o) in dst.iter_mut().enumerate() {
                 *o += ys[c * self.n + i];
             }
-        }
-    }
-}
-
-/// Adds `run`'s rows of x A^T (scale B^T) for the output columns `rows` to `out` (`[rows, n]`).
-#[allow(clippy::too_many_arguments)]
-fn add_low_rank(
-    t: &mut Vec<f32>,
-    lr: &LowRank,
-    run: Run,
-    x: &[f32],
-    k: usize,
-    n_out: usize,
-    rows: &Range<usize>,
-    n: usize,
-    out: &mut [f32],
-) {
-    let r = lr.r;
-    t.clear();
-    t.resize(run.len * r, 0.0);
-    for (ti, i) in (run.start..run.start + run.len).enumerate() {
-        let tr = &mut t[ti * r..(ti + 1) * r];
-        for (c, &xc) in x[i * k..(i + 1) * k].iter().enumerate() {
-            for (tj, a) in tr.iter_mut().zip(&lr.a_t[c * r..(c + 1) * r]) {
-                *tj += xc * a;
-            }
-        }
-    }
-    for (c, ys) in rows.clone().zip(out.chunks_mut(n)) {
-        for (ti, i) in (run.start..run.start + run.len).enumerate() {
-            let tr = &t[ti * r..(ti + 1) * r];
-            ys[i] += tr
-                .iter()
-                .enumerate()
-                .map(|(j, tj)| tj * lr.b_t[j * n_out + c])
-                .sum::<f32>();
         }
     }
 }

@@ -188,28 +188,28 @@ impl Q8Rows {
     /// Replaces the contents with `x` (whole blocks of 32) quantized.
     pub fn quantize(&mut self, x: &[f32]) {
         let blocks = x.len() / BLOCK;
-        self.qs.clear();
+        // The unsigned codes and repeated scales only feed the AVX-512 VNNI kernels.
+        let vnni = Isa::active() == Isa::Avx512Vnni;
+        self.qs.resize(blocks * BLOCK, 0);
+        self.d.resize(blocks, 0.0);
+        self.s.resize(blocks, 0.0);
+        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+            let codes = &mut self.qs[b * BLOCK..(b + 1) * BLOCK];
+            let (d, sum) = match Isa::active() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2 was detected for both variants; the block and its codes hold
+                // 32 values each.
+                Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::quantize_block(block, codes) },
+                _ => portable::quantize_block(block, codes),
+            };
+            self.d[b] = d;
+            self.s[b] = d * sum as f32;
+        }
         self.qu.clear();
-        self.d.clear();
-        self.s.clear();
         self.d8.clear();
-        self.qs.reserve(x.len());
-        self.qu.reserve(x.len());
-        self.d.reserve(blocks);
-        self.s.reserve(blocks);
-        self.d8.reserve(blocks * 8);
-        for block in x.chunks_exact(BLOCK) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let start = self.qs.len();
-            self.qs.extend(block.iter().map(|v| round(v * id) as i8));
-            self.qu
-                .extend(self.qs[start..].iter().map(|&q| (q as u8) ^ 0x80));
-            let sum: i32 = self.qs[start..].iter().map(|&q| q as i32).sum();
-            self.d.push(d);
-            self.d8.extend([d; 8]);
-            self.s.push(d * sum as f32);
+        if vnni {
+            self.qu.extend(self.qs.iter().map(|&q| (q as u8) ^ 0x80));
+            self.d8.extend(self.d.iter().flat_map(|&d| [d; 8]));
         }
     }
 
@@ -218,10 +218,13 @@ impl Q8Rows {
         let blocks = k / BLOCK;
         Q8Row {
             qs: &self.qs[i * k..(i + 1) * k],
-            qu: &self.qu[i * k..(i + 1) * k],
+            qu: self.qu.get(i * k..(i + 1) * k).unwrap_or_default(),
             d: &self.d[i * blocks..(i + 1) * blocks],
             s: &self.s[i * blocks..(i + 1) * blocks],
-            d8: &self.d8[i * blocks * 8..(i + 1) * blocks * 8],
+            d8: self
+                .d8
+                .get(i * blocks * 8..(i + 1) * blocks * 8)
+                .unwrap_or_default(),
         }
     }
 }
@@ -410,6 +413,99 @@ fn four_bit<const R: usize>(
     }
 }
 
+/// A low-rank product W = A B for W^T's columns: A^T [k, r] and B^T [r, n] row-major (a
+/// LoRA update, with its scale in B^T).
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    /// A^T, `[k, r]`.
+    pub a_t: &'a [f32],
+    /// B^T, `[r, n]`.
+    pub b_t: &'a [f32],
+    /// The rank.
+    pub r: usize,
+}
+
+impl LowRank<'_> {
+    /// Adds (x A^T) B^T for the rows `tokens` of x `[m, k]` and the output columns `cols`
+    /// to `out` (`[cols.len(), m]`, weight row major, as [`weight_rows`] writes); `scratch`
+    /// is reused space. A row's sums do not depend on the other rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        &self,
+        x: &[f32],
+        k: usize,
+        tokens: Range<usize>,
+        cols: Range<usize>,
+        m: usize,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if Isa::active() != Isa::Portable {
+            // SAFETY: AVX2 and FMA were detected for both non-portable variants.
+            return unsafe { self.add_avx2(x, k, tokens, cols, m, out, scratch) };
+        }
+        self.add_in(x, k, tokens, cols, m, out, scratch)
+    }
+
+    /// [`Self::add`] compiled for AVX2, so that its loops vectorize eight wide (each lane
+    /// does what a scalar would: the same bits).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn add_avx2(
+        &self,
+        x: &[f32],
+        k: usize,
+        tokens: Range<usize>,
+        cols: Range<usize>,
+        m: usize,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        self.add_in(x, k, tokens, cols, m, out, scratch)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn add_in(
+        &self,
+        x: &[f32],
+        k: usize,
+        tokens: Range<usize>,
+        cols: Range<usize>,
+        m: usize,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let r = self.r;
+        let n = self.b_t.len() / r.max(1);
+        let width = cols.len();
+        scratch.clear();
+        scratch.resize(r + width, 0.0);
+        let (t, u) = scratch.split_at_mut(r);
+        for i in tokens {
+            // t = x_i A^T, then u = t B^T over the columns.
+            t.fill(0.0);
+            for (c, &xc) in x[i * k..(i + 1) * k].iter().enumerate() {
+                for (tj, a) in t.iter_mut().zip(&self.a_t[c * r..(c + 1) * r]) {
+                    *tj += xc * a;
+                }
+            }
+            u.fill(0.0);
+            for (j, &tj) in t.iter().enumerate() {
+                let b = &self.b_t[j * n + cols.start..j * n + cols.end];
+                for (uc, bc) in u.iter_mut().zip(b) {
+                    *uc += tj * bc;
+                }
+            }
+            for (c, uc) in u.iter().enumerate() {
+                out[c * m + i] += uc;
+            }
+        }
+    }
+}
+
 /// Fills `out` (weight rows of m values) with `dot(j, x row i)` for the f32 formats.
 fn float_rows(out: &mut [f32], m: usize, k: usize, x: &[f32], dot: impl Fn(usize, &[f32]) -> f32) {
     for (j, out_row) in out.chunks_mut(m).enumerate() {
@@ -508,6 +604,19 @@ mod portable {
             .zip(x)
             .map(|(&b, &v)| f32::from_bits((b as u32) << 16) * v)
             .sum()
+    }
+
+    /// One block of 32 as 8-bit codes of absmax / 127 steps, ties to even: (d, sum of codes).
+    pub fn quantize_block(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0;
+        for (c, v) in codes.iter_mut().zip(x) {
+            *c = round(v * id) as i8;
+            sum += *c as i32;
+        }
+        (d, sum)
     }
 
     pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
@@ -625,38 +734,40 @@ mod avx2 {
         let weight = |j: usize| w.as_ptr().add((rows.start + j.min(n - 1)) * row_bytes);
         let mut i = 0;
         // Tiles of eight, then four activation rows meet eight weight rows at a time.
-        REPACKED.with_borrow_mut(|repacked| {
-            while i + 4 <= m {
-                let tile = if i + 8 <= m { 8 } else { 4 };
-                repack(xq, k, i..i + tile, repacked);
-                for j in (0..n).step_by(8) {
-                    let ws: [*const u8; 8] = std::array::from_fn(|t| weight(j + t));
-                    let mut put = |t: usize, sums: [f32; 8]| {
-                        for (r, v) in sums.into_iter().enumerate().take(n - j) {
-                            out[(j + r) * m + i + t] = v;
-                        }
-                    };
-                    if tile == 8 {
-                        let x = std::array::from_fn(|t| xq.row(i + t, k));
-                        for (t, sums) in eight_by::<TY, 8>(ws, blocks, x, repacked)
-                            .into_iter()
-                            .enumerate()
-                        {
-                            put(t, sums);
-                        }
-                    } else {
-                        let x = std::array::from_fn(|t| xq.row(i + t, k));
-                        for (t, sums) in eight_by::<TY, 4>(ws, blocks, x, repacked)
-                            .into_iter()
-                            .enumerate()
-                        {
-                            put(t, sums);
-                        }
+        // Taken out of the thread-local for the loop: a closure would not be compiled with
+        // this function's target features, and the kernels inlined into it would not be.
+        let mut repacked = REPACKED.take();
+        while i + 4 <= m {
+            let tile = if i + 8 <= m { 8 } else { 4 };
+            repack(xq, k, i..i + tile, &mut repacked);
+            for j in (0..n).step_by(8) {
+                let ws: [*const u8; 8] = std::array::from_fn(|t| weight(j + t));
+                let mut put = |t: usize, sums: [f32; 8]| {
+                    for (r, v) in sums.into_iter().enumerate().take(n - j) {
+                        out[(j + r) * m + i + t] = v;
+                    }
+                };
+                if tile == 8 {
+                    let x = std::array::from_fn(|t| xq.row(i + t, k));
+                    for (t, sums) in eight_by::<TY, 8>(ws, blocks, x, &repacked)
+                        .into_iter()
+                        .enumerate()
+                    {
+                        put(t, sums);
+                    }
+                } else {
+                    let x = std::array::from_fn(|t| xq.row(i + t, k));
+                    for (t, sums) in eight_by::<TY, 4>(ws, blocks, x, &repacked)
+                        .into_iter()
+                        .enumerate()
+                    {
+                        put(t, sums);
                     }
                 }
-                i += tile;
             }
-        });
+            i += tile;
+        }
+        REPACKED.set(repacked);
         // The rest (decoding) one row at a time, against four weight rows at a time.
         for i in i..m {
             let x = xq.row(i, k);
@@ -674,9 +785,8 @@ mod avx2 {
         static REPACKED: std::cell::RefCell<Vec<__m256i>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
-    /// The activation codes of rows `tile` as [`eight_by`] reads them: per row and block four
-    /// vectors, vector j holding code group j (four codes) in every 32-bit lane of its low
-    /// half and group j + 4 in its high half.
+    /// The activation codes of rows `tile` as [`eight_by`] reads them: per row and block eight
+    /// vectors, vector j holding code group j (codes 4j..4j+4) in every 32-bit lane.
     #[inline(always)]
     unsafe fn repack(xq: &Q8Rows, k: usize, tile: Range<usize>, out: &mut Vec<__m256i>) {
         let blocks = k / BLOCK;
@@ -685,9 +795,8 @@ mod avx2 {
             let qs = xq.qs.as_ptr().add(i * k);
             for b in 0..blocks {
                 let g = qs.add(b * BLOCK) as *const i32;
-                for j in 0..4 {
-                    let (lo, hi) = (g.add(j).read_unaligned(), g.add(j + 4).read_unaligned());
-                    out.push(_mm256_set_m128i(_mm_set1_epi32(hi), _mm_set1_epi32(lo)));
+                for j in 0..8 {
+                    out.push(_mm256_set1_epi32(g.add(j).read_unaligned()));
                 }
             }
         }
@@ -743,7 +852,6 @@ mod avx2 {
         let low = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm_setzero_ps();
-        let mut mins = _mm_setzero_ps();
         for b in 0..blocks {
             prefetch(&w, b * bytes);
             let y = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
@@ -761,28 +869,29 @@ mod avx2 {
             let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
             let isum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
             let (d, m) = scales::<TY, 4>(&w, b);
+            if TY != Q8 {
+                let s = _mm_set1_ps(*x.s.get_unchecked(b));
+                acc = _mm_fmadd_ps(_mm256_castps256_ps128(m), s, acc);
+            }
             let sc = _mm_mul_ps(
                 _mm256_castps256_ps128(d),
                 _mm_set1_ps(*x.d.get_unchecked(b)),
             );
             acc = _mm_fmadd_ps(sc, _mm_cvtepi32_ps(isum), acc);
-            if TY != Q8 {
-                let s = _mm_set1_ps(*x.s.get_unchecked(b));
-                mins = _mm_fmadd_ps(_mm256_castps256_ps128(m), s, mins);
-            }
         }
         let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(acc, mins));
+        _mm_storeu_ps(out.as_mut_ptr(), acc);
         out
     }
 
     /// Eight weight rows against R activation rows (R of 4 or 8, `xr` their [`repack`]):
     /// `out[t][r]` for activation row t and weight row r, the sums of [`block_rows`].
     ///
-    /// Per block the eight rows' codes are transposed in 32-bit groups within each half, so
-    /// that one byte product covers eight rows and the lanes of the result are rows: no
-    /// horizontal sums. Nibble products stay within 16 bits over a block (4 * 2 * 15 * 127
-    /// < 2^15) and are widened once; Q8_0's are widened at each group.
+    /// Per block the eight rows' codes are transposed in 32-bit groups, so that one byte
+    /// product covers eight rows and the lanes of the result are rows: no horizontal sums.
+    /// Q4's packed nibbles are transposed before they are split (16 bytes a row), and their
+    /// products stay within 16 bits over a block (8 * 2 * 15 * 127 < 2^15), widened once;
+    /// Q8_0's are widened at each group.
     #[inline(always)]
     unsafe fn eight_by<const TY: u8, const R: usize>(
         w: [*const u8; 8],
@@ -794,58 +903,85 @@ mod avx2 {
         let low = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
-        let mut mins = [_mm256_setzero_ps(); R];
         for b in 0..blocks {
             prefetch(&w, b * bytes);
-            let c: [__m256i; 8] = std::array::from_fn(|r| codes::<TY>(w[r].add(b * bytes), low));
-            let u = transpose_halves(c);
-            let a: [__m256i; 8] = if TY == Q8 {
-                std::array::from_fn(|j| _mm256_sign_epi8(u[j], u[j]))
+            // c[g]: code group g (codes 4g..4g+4) of row r in lane r.
+            let c: [__m256i; 8] = if TY == Q8 {
+                let rows: [__m256i; 8] = std::array::from_fn(|r| {
+                    _mm256_loadu_si256(w[r].add(b * bytes + 2) as *const __m256i)
+                });
+                let u = transpose_halves(rows);
+                std::array::from_fn(|g| {
+                    let j = g % 4;
+                    if g < 4 {
+                        _mm256_permute2x128_si256::<0x20>(u[j], u[4 + j])
+                    } else {
+                        _mm256_permute2x128_si256::<0x31>(u[j], u[4 + j])
+                    }
+                })
             } else {
-                u
+                let at = b * bytes + if TY == Q40 { 2 } else { 4 };
+                let raw = |r: usize| _mm_loadu_si128(w[r].add(at) as *const __m128i);
+                let pairs: [__m256i; 4] =
+                    std::array::from_fn(|r| _mm256_set_m128i(raw(r + 4), raw(r)));
+                let t = transpose4(pairs);
+                std::array::from_fn(|g| {
+                    if g < 4 {
+                        _mm256_and_si256(t[g], low)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(t[g - 4]), low)
+                    }
+                })
             };
             let (d, m) = scales::<TY, 8>(&w, b);
             for t in 0..R {
-                let xv = xr.as_ptr().add((t * blocks + b) * 4);
-                let (lo, hi) = if TY == Q8 {
-                    let mut lo = _mm256_setzero_si256();
-                    let mut hi = _mm256_setzero_si256();
-                    for j in 0..4 {
-                        let xj = *xv.add(j);
-                        let pl = _mm256_maddubs_epi16(a[j], _mm256_sign_epi8(xj, u[j]));
-                        let ph = _mm256_maddubs_epi16(a[4 + j], _mm256_sign_epi8(xj, u[4 + j]));
-                        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, ones));
-                        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, ones));
+                let xv = xr.as_ptr().add((t * blocks + b) * 8);
+                let isum = if TY == Q8 {
+                    let mut sum = _mm256_setzero_si256();
+                    for (g, cg) in c.iter().enumerate() {
+                        let p = _mm256_maddubs_epi16(
+                            _mm256_sign_epi8(*cg, *cg),
+                            _mm256_sign_epi8(*xv.add(g), *cg),
+                        );
+                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
                     }
-                    (lo, hi)
+                    sum
                 } else {
-                    let mut lo = _mm256_setzero_si256();
-                    let mut hi = _mm256_setzero_si256();
-                    for j in 0..4 {
-                        let xj = *xv.add(j);
-                        lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(a[j], xj));
-                        hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(a[4 + j], xj));
+                    let mut sum = _mm256_setzero_si256();
+                    for (g, cg) in c.iter().enumerate() {
+                        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(*cg, *xv.add(g)));
                     }
-                    (_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones))
+                    _mm256_madd_epi16(sum, ones)
                 };
-                // lo: rows 0-3, groups 0-3 | groups 4-7; hi: rows 4-7 likewise.
-                let isum = _mm256_add_epi32(
-                    _mm256_permute2x128_si256::<0x20>(lo, hi),
-                    _mm256_permute2x128_si256::<0x31>(lo, hi),
-                );
-                let sc = _mm256_mul_ps(d, _mm256_set1_ps(*x[t].d.get_unchecked(b)));
-                acc[t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(isum), acc[t]);
                 if TY != Q8 {
                     let s = _mm256_set1_ps(*x[t].s.get_unchecked(b));
-                    mins[t] = _mm256_fmadd_ps(m, s, mins[t]);
+                    acc[t] = _mm256_fmadd_ps(m, s, acc[t]);
                 }
+                let sc = _mm256_mul_ps(d, _mm256_set1_ps(*x[t].d.get_unchecked(b)));
+                acc[t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(isum), acc[t]);
             }
         }
         std::array::from_fn(|t| {
             let mut out = [0f32; 8];
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc[t], mins[t]));
+            _mm256_storeu_ps(out.as_mut_ptr(), acc[t]);
             out
         })
+    }
+
+    /// Four vectors of eight 32-bit groups, transposed within each 128-bit half: vector g
+    /// holds group g of vectors 0-3 in its low half and group 4 + g in its high half.
+    #[inline(always)]
+    unsafe fn transpose4(r: [__m256i; 4]) -> [__m256i; 4] {
+        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+        [
+            _mm256_unpacklo_epi64(t0, t2),
+            _mm256_unpackhi_epi64(t0, t2),
+            _mm256_unpacklo_epi64(t1, t3),
+            _mm256_unpackhi_epi64(t1, t3),
+        ]
     }
 
     /// Eight rows of eight 32-bit groups, transposed within each 128-bit half: vector j < 4
@@ -853,23 +989,10 @@ mod avx2 {
     /// 4 + j the same for rows 4-7.
     #[inline(always)]
     unsafe fn transpose_halves(c: [__m256i; 8]) -> [__m256i; 8] {
-        let quad = |r0: __m256i, r1: __m256i, r2: __m256i, r3: __m256i| {
-            let t0 = _mm256_unpacklo_epi32(r0, r1);
-            let t1 = _mm256_unpackhi_epi32(r0, r1);
-            let t2 = _mm256_unpacklo_epi32(r2, r3);
-            let t3 = _mm256_unpackhi_epi32(r2, r3);
-            [
-                _mm256_unpacklo_epi64(t0, t2),
-                _mm256_unpackhi_epi64(t0, t2),
-                _mm256_unpacklo_epi64(t1, t3),
-                _mm256_unpackhi_epi64(t1, t3),
-            ]
-        };
-        let [u0, u1, u2, u3] = quad(c[0], c[1], c[2], c[3]);
-        let [u4, u5, u6, u7] = quad(c[4], c[5], c[6], c[7]);
+        let [u0, u1, u2, u3] = transpose4([c[0], c[1], c[2], c[3]]);
+        let [u4, u5, u6, u7] = transpose4([c[4], c[5], c[6], c[7]]);
         [u0, u1, u2, u3, u4, u5, u6, u7]
     }
-
     /// One weight row against R rows with the byte products summed by AVX-512 VNNI's
     /// `vpdpbusd` (the odd last block of [`super::avx512::dots`]).
     ///
@@ -996,6 +1119,42 @@ mod avx2 {
             }
         }
         std::array::from_fn(|t| horizontal_sum(total[t]))
+    }
+
+    /// [`super::portable::quantize_block`] on 256-bit vectors (the same codes: conversion
+    /// rounds to nearest even).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `x` and `codes` hold 32 values.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize_block(x: &[f32], codes: &mut [i8]) -> (f32, i32) {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let a = v.map(|v| _mm256_and_ps(v, abs_mask));
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let amax = _mm_cvtss_f32(m);
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, id)));
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let sum = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256::<1>(sum),
+        );
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0x4e>(sum));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0xb1>(sum));
+        // The packs interleave 128-bit halves; the permute puts the codes back in order.
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let ordered =
+            _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, ordered);
+        (d, _mm_cvtsi128_si32(sum))
     }
 
     /// sum w * x for f32 rows of one length.
@@ -1327,6 +1486,62 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn activations_get_the_same_codes_on_every_isa() {
+        let mut x = values(32 * 40, 9);
+        // An all-zero block, and exact ties (127 / 2 steps of 1) in another.
+        x[..32].fill(0.0);
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { (i as f32) + 0.5 };
+        }
+        for block in x.chunks_exact(32) {
+            let mut want = [0i8; 32];
+            let expected = portable::quantize_block(block, &mut want);
+            #[cfg(target_arch = "x86_64")]
+            if Isa::available().contains(&Isa::Avx2) {
+                let mut got = [0i8; 32];
+                // SAFETY: AVX2 was detected; both hold 32 values.
+                let found = unsafe { avx2::quantize_block(block, &mut got) };
+                assert_eq!((got, found), (want, expected));
+            }
+        }
+    }
+
+    #[test]
+    fn a_low_rank_update_matches_the_two_products() {
+        let (m, k, r, n) = (5, 40, 3, 37);
+        let (a_t, b_t, x) = (values(k * r, 1), values(r * n, 2), values(m * k, 3));
+        let lr = LowRank {
+            a_t: &a_t,
+            b_t: &b_t,
+            r,
+        };
+        let cols = 4..30;
+        let mut out = vec![1f32; cols.len() * m];
+        lr.add(&x, k, 1..4, cols.clone(), m, &mut out, &mut Vec::new());
+        for (c, col) in cols.clone().enumerate() {
+            for i in 0..m {
+                let want = if (1..4).contains(&i) {
+                    1.0 + (0..r)
+                        .map(|j| {
+                            let t: f64 = (0..k)
+                                .map(|q| x[i * k + q] as f64 * a_t[q * r + j] as f64)
+                                .sum();
+                            t * b_t[j * n + col] as f64
+                        })
+                        .sum::<f64>()
+                } else {
+                    1.0
+                };
+                let got = out[c * m + i] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "row {i} column {col}: {got} vs {want}"
+                );
             }
         }
     }
