@@ -98,9 +98,9 @@ impl<B: QuantBackend> Stored<B> {
     }
 }
 
-/// A low-rank update as two row-major host matrices: A^T [in, r] and scale * B^T [r, out].
+/// A low-rank update as two row-major host matrices: A [r, in] and scale * B^T [r, out].
 struct LowRank<'a> {
-    a_t: &'a [f32],
+    a: &'a [f32],
     b_t: &'a [f32],
     r: usize,
 }
@@ -121,7 +121,7 @@ impl LowRank<'_> {
     ) {
         let tokens = run.start..run.start + run.len;
         let product = matvec::LowRank {
-            a_t: self.a_t,
+            a: self.a,
             b_t: self.b_t,
             r: self.r,
         };
@@ -131,7 +131,7 @@ impl LowRank<'_> {
 
 /// The update of an adapter attached to the model itself (`ft generate --adapter`).
 struct OwnedLowRank {
-    a_t: Vec<f32>,
+    a: Vec<f32>,
     b_t: Vec<f32>,
     r: usize,
 }
@@ -155,10 +155,7 @@ impl<B: QuantBackend> HostLinear<B> {
             let r = a.len() / n_in.max(1);
             let scale = l.scale as f32;
             OwnedLowRank {
-                a_t: (0..n_in)
-                    .flat_map(|c| (0..r).map(move |j| (c, j)))
-                    .map(|(c, j)| a[j * n_in + c])
-                    .collect(),
+                a,
                 b_t: (0..r)
                     .flat_map(|j| (0..n_out).map(move |o| (j, o)))
                     .map(|(j, o)| b[o * r + j] * scale)
@@ -393,7 +390,7 @@ impl<B: QuantBackend> HostDecoder<B> {
                             let (a, b, r) = mods[j].as_ref()?;
                             let host = "a served adapter on the model's host backend";
                             Some(LowRank {
-                                a_t: B::host_f32(a).expect(host),
+                                a: B::host_f32(a).expect(host),
                                 b_t: B::host_f32(b).expect(host),
                                 r: *r,
                             })
@@ -637,7 +634,7 @@ impl<B: QuantBackend> Step<'_, B> {
                 adapter: usize::MAX,
             };
             let lr = LowRank {
-                a_t: &own.a_t,
+                a: &own.a,
                 b_t: &own.b_t,
                 r: own.r,
             };

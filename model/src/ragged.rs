@@ -60,12 +60,12 @@ pub struct ServedAdapter<B: Backend> {
     layers: Vec<[Option<LowRank<B>>; 7]>,
 }
 
-/// One module's update scale * x A^T B^T, kept as A^T and scale * B^T so that a run of rows
-/// costs two products.
+/// One module's update scale * x A^T B^T, kept as A and scale * B^T so that a run of rows
+/// costs two products (and the host kernels read A's rows as dot products).
 #[derive(Debug)]
 struct LowRank<B: Backend> {
-    /// [in, r]
-    a_t: Tensor<B, 2>,
+    /// [r, in]
+    a: Tensor<B, 2>,
     /// [r, out], the scale folded in.
     b_t: Tensor<B, 2>,
 }
@@ -86,7 +86,10 @@ impl<B: Backend> ServedAdapter<B> {
             .collect();
         for (index, w) in plan {
             layers[index / 7][index % 7] = Some(LowRank {
-                a_t: transposed(&w.a, 1.0, &device),
+                a: Tensor::from_data(
+                    TensorData::new(w.a.data.clone(), w.a.shape).convert::<B::FloatElem>(),
+                    &device,
+                ),
                 b_t: transposed(&w.b, scale, &device),
             });
         }
@@ -95,7 +98,7 @@ impl<B: Backend> ServedAdapter<B> {
 }
 
 impl<B: QuantBackend> ServedAdapter<B> {
-    /// Per layer and module, A^T [in, r] and scale * B^T [r, out] as backend primitives, with
+    /// Per layer and module, A [r, in] and scale * B^T [r, out] as backend primitives, with
     /// r: what the host forward ([`crate::host_decode`]) reads in place.
     #[allow(clippy::type_complexity)]
     pub(crate) fn host_parts(&self) -> Vec<[Option<(FloatTensor<B>, FloatTensor<B>, usize)>; 7]> {
@@ -104,9 +107,9 @@ impl<B: QuantBackend> ServedAdapter<B> {
             .map(|mods| {
                 std::array::from_fn(|j| {
                     let w = mods[j].as_ref()?;
-                    let r = w.a_t.dims()[1];
+                    let r = w.a.dims()[0];
                     Some((
-                        w.a_t.clone().into_primitive().tensor(),
+                        w.a.clone().into_primitive().tensor(),
                         w.b_t.clone().into_primitive().tensor(),
                         r,
                     ))
@@ -116,7 +119,7 @@ impl<B: QuantBackend> ServedAdapter<B> {
     }
 }
 
-/// A^T, scale * B^T and the rank of one module's update, as backend primitives.
+/// A, scale * B^T and the rank of one module's update, as backend primitives.
 pub(crate) type HostLowRank<B> = (FloatTensor<B>, FloatTensor<B>, usize);
 
 /// `m` transposed and times `scale`, as a tensor on `device`.
@@ -185,7 +188,7 @@ impl<B: QuantBackend> RowAdapters<'_, B> {
                 .clone()
                 .narrow(1, run.start, run.len)
                 .reshape([run.len, n_in]);
-            pending.push(xs.matmul(w.a_t.clone()).matmul(w.b_t.clone()));
+            pending.push(xs.matmul(w.a.clone().transpose()).matmul(w.b_t.clone()));
             span.end = run.start + run.len;
         }
         flush(y, &mut pending, &span)

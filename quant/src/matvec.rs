@@ -413,12 +413,12 @@ fn four_bit<const R: usize>(
     }
 }
 
-/// A low-rank product W = A B for W^T's columns: A^T [k, r] and B^T [r, n] row-major (a
-/// LoRA update, with its scale in B^T).
+/// A low-rank product x A^T B^T: A [r, k] and B^T [r, n] row-major (a LoRA update, with its
+/// scale in B^T). A's rows meet x as dot products, B^T's rows are added across columns.
 #[derive(Debug, Clone, Copy)]
 pub struct LowRank<'a> {
-    /// A^T, `[k, r]`.
-    pub a_t: &'a [f32],
+    /// A, `[r, k]`.
+    pub a: &'a [f32],
     /// B^T, `[r, n]`.
     pub b_t: &'a [f32],
     /// The rank.
@@ -440,21 +440,13 @@ impl LowRank<'_> {
         out: &mut [f32],
         scratch: &mut Vec<f32>,
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if Isa::active() != Isa::Portable {
-            // SAFETY: AVX2 and FMA were detected for both non-portable variants.
-            return unsafe { self.add_avx2(x, k, tokens, cols, m, out, scratch) };
-        }
-        self.add_in(x, k, tokens, cols, m, out, scratch)
+        self.add_on(Isa::active(), x, k, tokens, cols, m, out, scratch)
     }
 
-    /// [`Self::add`] compiled for AVX2, so that its loops vectorize eight wide (each lane
-    /// does what a scalar would: the same bits).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn add_avx2(
+    fn add_on(
         &self,
+        isa: Isa,
         x: &[f32],
         k: usize,
         tokens: Range<usize>,
@@ -463,12 +455,26 @@ impl LowRank<'_> {
         out: &mut [f32],
         scratch: &mut Vec<f32>,
     ) {
-        self.add_in(x, k, tokens, cols, m, out, scratch)
+        assert!(
+            self.a.len() >= self.r * k && out.len() >= cols.len() * m,
+            "low rank: A holds r rows of k and out its columns"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if isa != Isa::Portable {
+            let kernels = (
+                // SAFETY: AVX2 and FMA were detected for both non-portable variants.
+                |w: &[f32], x: &[f32]| unsafe { avx2::dot_f32(w, x) },
+                |u: &mut [f32], s: f32, b: &[f32]| unsafe { avx2::axpy(u, s, b) },
+            );
+            return self.add_with(x, k, tokens, cols, m, out, scratch, kernels);
+        }
+        let kernels = (portable::dot_f32, portable::axpy);
+        self.add_with(x, k, tokens, cols, m, out, scratch, kernels)
     }
 
-    #[inline(always)]
+    /// t = x_i A^T by dot products, u = t B^T by scaled row sums, added to out's column i.
     #[allow(clippy::too_many_arguments)]
-    fn add_in(
+    fn add_with(
         &self,
         x: &[f32],
         k: usize,
@@ -477,27 +483,24 @@ impl LowRank<'_> {
         m: usize,
         out: &mut [f32],
         scratch: &mut Vec<f32>,
+        (dot, axpy): (
+            impl Fn(&[f32], &[f32]) -> f32,
+            impl Fn(&mut [f32], f32, &[f32]),
+        ),
     ) {
         let r = self.r;
         let n = self.b_t.len() / r.max(1);
-        let width = cols.len();
         scratch.clear();
-        scratch.resize(r + width, 0.0);
+        scratch.resize(r + cols.len(), 0.0);
         let (t, u) = scratch.split_at_mut(r);
         for i in tokens {
-            // t = x_i A^T, then u = t B^T over the columns.
-            t.fill(0.0);
-            for (c, &xc) in x[i * k..(i + 1) * k].iter().enumerate() {
-                for (tj, a) in t.iter_mut().zip(&self.a_t[c * r..(c + 1) * r]) {
-                    *tj += xc * a;
-                }
+            let xi = &x[i * k..(i + 1) * k];
+            for (j, tj) in t.iter_mut().enumerate() {
+                *tj = dot(&self.a[j * k..(j + 1) * k], xi);
             }
             u.fill(0.0);
             for (j, &tj) in t.iter().enumerate() {
-                let b = &self.b_t[j * n + cols.start..j * n + cols.end];
-                for (uc, bc) in u.iter_mut().zip(b) {
-                    *uc += tj * bc;
-                }
+                axpy(u, tj, &self.b_t[j * n + cols.start..j * n + cols.end]);
             }
             for (c, uc) in u.iter().enumerate() {
                 out[c * m + i] += uc;
@@ -621,6 +624,10 @@ mod portable {
 
     pub fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
         w.iter().zip(x).map(|(a, b)| a * b).sum()
+    }
+
+    pub fn axpy(u: &mut [f32], s: f32, b: &[f32]) {
+        u.iter_mut().zip(b).for_each(|(u, b)| *u += s * b);
     }
 
     pub fn four_bit(code: &[f32; 16], codes: &[u8], absmax: &[f32], x: &[f32]) -> f32 {
@@ -1190,6 +1197,27 @@ mod avx2 {
         horizontal_sum(sum) + tail
     }
 
+    /// u += s * b over their common length.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(u: &mut [f32], s: f32, b: &[f32]) {
+        let n = u.len().min(b.len());
+        let sv = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            let p = u.as_mut_ptr().add(i);
+            let bv = _mm256_loadu_ps(b.as_ptr().add(i));
+            _mm256_storeu_ps(p, _mm256_fmadd_ps(sv, bv, _mm256_loadu_ps(p)));
+            i += 8;
+        }
+        while i < n {
+            u[i] = s.mul_add(b[i], u[i]);
+            i += 1;
+        }
+    }
+
     /// The 32 nibbles of 16 bytes as bytes: low nibbles first, then high nibbles.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -1514,34 +1542,36 @@ mod tests {
     #[test]
     fn a_low_rank_update_matches_the_two_products() {
         let (m, k, r, n) = (5, 40, 3, 37);
-        let (a_t, b_t, x) = (values(k * r, 1), values(r * n, 2), values(m * k, 3));
+        let (a, b_t, x) = (values(r * k, 1), values(r * n, 2), values(m * k, 3));
         let lr = LowRank {
-            a_t: &a_t,
+            a: &a,
             b_t: &b_t,
             r,
         };
         let cols = 4..30;
-        let mut out = vec![1f32; cols.len() * m];
-        lr.add(&x, k, 1..4, cols.clone(), m, &mut out, &mut Vec::new());
-        for (c, col) in cols.clone().enumerate() {
-            for i in 0..m {
-                let want = if (1..4).contains(&i) {
-                    1.0 + (0..r)
-                        .map(|j| {
-                            let t: f64 = (0..k)
-                                .map(|q| x[i * k + q] as f64 * a_t[q * r + j] as f64)
-                                .sum();
-                            t * b_t[j * n + col] as f64
-                        })
-                        .sum::<f64>()
-                } else {
-                    1.0
-                };
-                let got = out[c * m + i] as f64;
-                assert!(
-                    (got - want).abs() < 1e-4,
-                    "row {i} column {col}: {got} vs {want}"
-                );
+        for isa in Isa::available() {
+            let mut out = vec![1f32; cols.len() * m];
+            lr.add_on(isa, &x, k, 1..4, cols.clone(), m, &mut out, &mut Vec::new());
+            for (c, col) in cols.clone().enumerate() {
+                for i in 0..m {
+                    let want = if (1..4).contains(&i) {
+                        1.0 + (0..r)
+                            .map(|j| {
+                                let t: f64 = (0..k)
+                                    .map(|q| x[i * k + q] as f64 * a[j * k + q] as f64)
+                                    .sum();
+                                t * b_t[j * n + col] as f64
+                            })
+                            .sum::<f64>()
+                    } else {
+                        1.0
+                    };
+                    let got = out[c * m + i] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-4,
+                        "{isa:?} row {i} column {col}: {got} vs {want}"
+                    );
+                }
             }
         }
     }
