@@ -49,41 +49,69 @@ impl Sampler {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }
+        let (candidates, probs) = self.nucleus(logits);
+        let mut u: f32 = self.rng.random();
+        for (c, p) in candidates.iter().zip(&probs) {
+            if u < *p {
+                return c.0;
+            }
+            u -= p;
+        }
+        candidates[probs.len() - 1].0
+    }
+
+    /// The tokens a draw may pick and their probabilities (summing to 1): after top-k, the
+    /// most likely ones (highest first, ties by lower id) whose probability reaches top-p.
+    /// Only the head that holds the nucleus is sorted, not the whole vocabulary: a full sort
+    /// of 49,152 logits per row was most of a sampled decode step.
+    fn nucleus(&self, logits: &[f32]) -> (Vec<(u32, f32)>, Vec<f32>) {
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .map(|(i, &l)| (i as u32, l / self.params.temperature))
             .collect();
-        // Highest first; ties by lower id so that results do not depend on sort stability.
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            candidates.truncate(self.params.top_k);
+        let top_k = self.params.top_k;
+        if top_k > 0 && top_k < candidates.len() {
+            candidates.select_nth_unstable_by(top_k - 1, order);
+            candidates.truncate(top_k);
         }
-        let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        if self.params.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let keep = probs
-                .iter()
-                .position(|p| {
-                    cumulative += p;
-                    cumulative >= self.params.top_p
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-            let total: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= total);
+        let max = candidates
+            .iter()
+            .map(|c| c.1)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = candidates.iter().map(|c| (c.1 - max).exp()).sum();
+        let prob = |c: &(u32, f32)| (c.1 - max).exp() / total;
+        if self.params.top_p >= 1.0 {
+            let probs = candidates.iter().map(prob).collect();
+            return (candidates, probs);
         }
-        let mut u: f32 = self.rng.random();
-        for (i, p) in probs.iter().enumerate() {
-            if u < *p {
-                return candidates[i].0;
+        // Sort a head four times larger until its mass reaches top-p.
+        let mut head = candidates.len().min(64);
+        loop {
+            if head < candidates.len() {
+                candidates.select_nth_unstable_by(head - 1, order);
             }
-            u -= p;
+            candidates[..head].sort_unstable_by(order);
+            let mass: f32 = candidates[..head].iter().map(prob).sum();
+            if head == candidates.len() || mass >= self.params.top_p {
+                break;
+            }
+            head = (head * 4).min(candidates.len());
         }
-        candidates[probs.len() - 1].0
+        let mut cumulative = 0.0;
+        let keep = candidates[..head]
+            .iter()
+            .position(|c| {
+                cumulative += prob(c);
+                cumulative >= self.params.top_p
+            })
+            .map_or(head, |i| i + 1);
+        candidates.truncate(keep);
+        let mut probs: Vec<f32> = candidates.iter().map(prob).collect();
+        let kept: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= kept);
+        (candidates, probs)
     }
 }
 
@@ -127,6 +155,57 @@ mod tests {
             (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(draw(params), draw(params));
+    }
+
+    #[test]
+    fn the_nucleus_is_the_head_of_the_fully_sorted_vocabulary() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let logits: Vec<f32> = (0..3000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 10_000) as f32 / 2_000.0
+            })
+            .collect();
+        for (top_k, top_p) in [(0, 0.5), (0, 0.95), (40, 0.9), (0, 0.01), (500, 1.0)] {
+            let params = SamplingParams {
+                temperature: 0.8,
+                top_k,
+                top_p,
+                seed: 0,
+            };
+            let mut sorted: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l / 0.8))
+                .collect();
+            sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            if top_k > 0 {
+                sorted.truncate(top_k);
+            }
+            let weights: Vec<f64> = sorted
+                .iter()
+                .map(|c| ((c.1 - sorted[0].1) as f64).exp())
+                .collect();
+            let total: f64 = weights.iter().sum();
+            let mut cumulative = 0.0;
+            let keep = weights
+                .iter()
+                .position(|w| {
+                    cumulative += w / total;
+                    cumulative >= top_p as f64
+                })
+                .filter(|_| top_p < 1.0)
+                .map_or(sorted.len(), |i| i + 1);
+            let (got, probs) = Sampler::new(params).nucleus(&logits);
+            let mut ids: Vec<u32> = got.iter().map(|c| c.0).collect();
+            let mut want: Vec<u32> = sorted[..keep].iter().map(|c| c.0).collect();
+            ids.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(ids, want, "top_k {top_k}, top_p {top_p}");
+            assert!((probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        }
     }
 
     #[test]
