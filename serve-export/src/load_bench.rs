@@ -25,6 +25,9 @@ pub struct LoadSpec {
     pub prompt_len: usize,
     /// Leading words shared by every prompt.
     pub shared_prefix: usize,
+    /// Seeds the words particular to each prompt: measurements with different seeds share
+    /// no prompt, so a server's prefix cache cannot carry one over to the next.
+    pub seed: u64,
     /// Tokens per request (end of sequence ignored).
     pub max_tokens: usize,
     /// Bearer key.
@@ -87,10 +90,12 @@ const WORDS: [&str; 64] = [
     "point", "work", "home", "room", "fact", "book", "word",
 ];
 
-/// Prompt `i`: `shared` words common to all prompts, then words particular to `i`, `len`
-/// words in all.
-pub fn prompt(i: usize, len: usize, shared: usize) -> String {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+/// Prompt `i` of `seed`: `shared` words common to all prompts, then words particular to
+/// `(seed, i)`, `len` words in all.
+pub fn prompt(seed: u64, i: usize, len: usize, shared: usize) -> String {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64
+        ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+        ^ seed.wrapping_mul(0xA24B_AED4_963E_E407);
     let mut out = Vec::with_capacity(len);
     for w in 0..len {
         let index = if w < shared {
@@ -117,7 +122,7 @@ struct Timed {
 fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, String> {
     let body = json!({
         "model": spec.models[i % spec.models.len()],
-        "prompt": prompt(i, spec.prompt_len, spec.shared_prefix),
+        "prompt": prompt(spec.seed, i, spec.prompt_len, spec.shared_prefix),
         "max_tokens": spec.max_tokens,
         "temperature": 0.0,
         "ignore_eos": true,
@@ -178,12 +183,19 @@ mod tests {
 
     #[test]
     fn prompts_share_exactly_their_prefix() {
-        let (a, b) = (prompt(1, 40, 30), prompt(2, 40, 30));
+        let (a, b) = (prompt(0, 1, 40, 30), prompt(0, 2, 40, 30));
         let (wa, wb): (Vec<_>, Vec<_>) = (a.split(' ').collect(), b.split(' ').collect());
         assert_eq!(wa.len(), 40);
         assert_eq!(wa[..30], wb[..30]);
         assert_ne!(wa[30..], wb[30..]);
-        assert_eq!(prompt(1, 40, 30), a, "deterministic");
+        assert_eq!(prompt(0, 1, 40, 30), a, "deterministic");
+        let other: Vec<_> = prompt(1, 1, 40, 30).split(' ').map(String::from).collect();
+        assert_eq!(
+            other[..30],
+            wa[..30],
+            "another seed keeps the shared prefix"
+        );
+        assert_ne!(other[30..], wa[30..], "and changes the rest");
     }
 
     #[test]

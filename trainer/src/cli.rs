@@ -483,9 +483,9 @@ pub struct BaseModelArgs {
     /// or q4_1 (default: as `--weights` says).
     #[arg(long)]
     pub quant: Option<QuantFormat>,
-    /// Inference weights of the block linears and the output head: bf16, q8 and q4 are
-    /// multiplied by the CPU kernels without dequantizing (q4 keeps a GGUF's own Q4_0/Q4_1
-    /// blocks, else makes Q4_0); f32 goes through burn's matmul. Default: a GGUF's own
+    /// Inference weights of the block linears and the output head, multiplied by the CPU
+    /// kernels as stored: bf16, q8 and q4 without dequantizing (q4 keeps a GGUF's own
+    /// Q4_0/Q4_1 blocks, else makes Q4_0), f32 read in place. Default: a GGUF's own
     /// blocks where a kernel reads them (the default model's Q4_1 is q4), q8 for other
     /// quantized GGUFs, f32 for f32 files and HF folders.
     #[arg(long, value_enum, conflicts_with = "quant")]
@@ -659,6 +659,10 @@ pub struct BenchServeArgs {
     /// Leading words every prompt shares (the rest differs per request).
     #[arg(long, default_value_t = 0)]
     pub shared_prefix: usize,
+    /// Seed of the words particular to each prompt (default: from the clock); each row
+    /// adds its index, so no row reuses another's prompts from the server's prefix cache.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Bearer API key, if the server wants one.
     #[arg(long, env = "FT_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,

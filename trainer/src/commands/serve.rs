@@ -152,10 +152,15 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
         args.adapters.clone()
     };
     let label = args.label.clone().unwrap_or(url.clone());
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    });
     let mut table = String::from(
         "| server | streams | requests | errors | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | latency p50 s | latency p99 s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for &concurrency in &args.concurrency {
+    for (row, &concurrency) in args.concurrency.iter().enumerate() {
         let spec = LoadSpec {
             url: url.clone(),
             models: models.clone(),
@@ -163,6 +168,7 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
             requests: args.requests as usize,
             prompt_len: args.prompt_len,
             shared_prefix: args.shared_prefix,
+            seed: seed.wrapping_add(row as u64),
             max_tokens: args.max_tokens as usize,
             api_key: args.api_key.clone(),
             timeout: Duration::from_secs(args.timeout),
@@ -188,7 +194,7 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
     }
     print!("{table}");
     println!(
-        "\nmodels {models:?}, prompts of {} words ({} shared), {} tokens each",
+        "\nmodels {models:?}, prompts of {} words ({} shared, seed {seed}), {} tokens each",
         args.prompt_len, args.shared_prefix, args.max_tokens
     );
     if let Some(file) = &args.record {
