@@ -3,8 +3,8 @@
 //! Owns the model ([`llama`]), its configuration ([`config`]), the KV cache ([`cache`]), the
 //! checkpoint readers ([`gguf`], [`safetensors_dir`]), the tokenizer and chat template, model
 //! sources ([`source`]) and perplexity, and the ragged serving forward through burn
-//! ([`ragged`]) or in plain Rust on the CPU ([`host_decode`]). Builds on ft-quant (block formats) and ft-adapters
-//! (LoRA layers); must not import ft-distill, ft-serve or ft-trainer.
+//! ([`ragged`]) or in plain Rust on the CPU ([`host_decode`]). Builds on ft-quant (block
+//! formats) and ft-adapters (LoRA layers); must not import ft-distill, ft-serve or ft-trainer.
 #![warn(missing_docs)]
 
 pub mod adapter;
