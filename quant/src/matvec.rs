@@ -826,18 +826,30 @@ mod avx2 {
         b: usize,
     ) -> (__m256, __m256) {
         let bytes = block_bytes::<TY>();
-        let mut d16 = [0u16; 8];
-        let mut m16 = [0u16; 8];
-        for r in 0..N {
-            let wb = w[r].add(b * bytes);
-            d16[r] = (wb as *const u16).read_unaligned();
-            if TY == Q41 {
-                m16[r] = (wb.add(2) as *const u16).read_unaligned();
+        // Built in registers: narrow stores into a buffer read back as one vector would
+        // stall the load on store forwarding, once per block.
+        let half = |r: usize, at: usize| -> i16 {
+            if r < N {
+                (w[r].add(b * bytes + at) as *const i16).read_unaligned()
+            } else {
+                0
             }
-        }
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(d16.as_ptr() as *const __m128i));
+        };
+        let eight = |at: usize| {
+            _mm_setr_epi16(
+                half(0, at),
+                half(1, at),
+                half(2, at),
+                half(3, at),
+                half(4, at),
+                half(5, at),
+                half(6, at),
+                half(7, at),
+            )
+        };
+        let d = _mm256_cvtph_ps(eight(0));
         let m = match TY {
-            Q41 => _mm256_cvtph_ps(_mm_loadu_si128(m16.as_ptr() as *const __m128i)),
+            Q41 => _mm256_cvtph_ps(eight(2)),
             Q40 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
             _ => _mm256_setzero_ps(),
         };
