@@ -98,37 +98,6 @@ impl<B: QuantBackend> Stored<B> {
     }
 }
 
-/// A low-rank update as two row-major host matrices: A [r, in] and scale * B^T [r, out].
-struct LowRank<'a> {
-    a: &'a [f32],
-    b_t: &'a [f32],
-    r: usize,
-}
-
-impl LowRank<'_> {
-    /// Adds `run`'s rows of x A^T (scale B^T) for the output columns `rows` to `out`
-    /// (`[rows, n]`).
-    #[allow(clippy::too_many_arguments)]
-    fn add(
-        &self,
-        run: Run,
-        x: &[f32],
-        k: usize,
-        rows: &Range<usize>,
-        n: usize,
-        out: &mut [f32],
-        scratch: &mut Vec<f32>,
-    ) {
-        let tokens = run.start..run.start + run.len;
-        let product = matvec::LowRank {
-            a: self.a,
-            b_t: self.b_t,
-            r: self.r,
-        };
-        product.add(x, k, tokens, rows.clone(), n, out, scratch);
-    }
-}
-
 /// The update of an adapter attached to the model itself (`ft generate --adapter`).
 struct OwnedLowRank {
     a: Vec<f32>,
@@ -380,7 +349,7 @@ impl<B: QuantBackend> HostDecoder<B> {
         // Adapter matrices read in place for the step: primitives held here, slices below.
         let held: Vec<Vec<[Option<HostLowRank<B>>; 7]>> =
             adapters.iter().map(|a| a.host_parts()).collect();
-        let low_rank: Vec<Vec<[Option<LowRank>; 7]>> = held
+        let low_rank: Vec<Vec<[Option<matvec::LowRank>; 7]>> = held
             .iter()
             .map(|layers| {
                 layers
@@ -389,7 +358,7 @@ impl<B: QuantBackend> HostDecoder<B> {
                         std::array::from_fn(|j| {
                             let (a, b, r) = mods[j].as_ref()?;
                             let host = "a served adapter on the model's host backend";
-                            Some(LowRank {
+                            Some(matvec::LowRank {
                                 a: B::host_f32(a).expect(host),
                                 b_t: B::host_f32(b).expect(host),
                                 r: *r,
@@ -594,7 +563,7 @@ struct Step<'a, B: QuantBackend> {
     n: usize,
     runs: &'a [Run],
     /// Per adapter, per layer, per module.
-    low_rank: &'a [Vec<[Option<LowRank<'a>>; 7]>],
+    low_rank: &'a [Vec<[Option<matvec::LowRank<'a>>; 7]>],
 }
 
 impl<B: QuantBackend> Step<'_, B> {
@@ -628,21 +597,17 @@ impl<B: QuantBackend> Step<'_, B> {
             }
         }
         if let Some(own) = &linear.lora {
-            let all = Run {
-                start: 0,
-                len: n,
-                adapter: usize::MAX,
-            };
-            let lr = LowRank {
+            let lr = matvec::LowRank {
                 a: &own.a,
                 b_t: &own.b_t,
                 r: own.r,
             };
-            lr.add(all, x, k, &rows, n, &mut out, &mut s.t);
+            lr.add(x, k, 0..n, rows.clone(), n, &mut out, &mut s.t);
         }
         for &run in self.runs {
             if let Some(lr) = &self.low_rank[run.adapter][layer][module] {
-                lr.add(run, x, k, &rows, n, &mut out, &mut s.t);
+                let tokens = run.start..run.start + run.len;
+                lr.add(x, k, tokens, rows.clone(), n, &mut out, &mut s.t);
             }
         }
         s.out = out;

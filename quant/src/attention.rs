@@ -75,8 +75,8 @@ pub fn attend_group(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA were just detected.
+    if crate::matvec::Isa::active() != crate::matvec::Isa::Portable {
+        // SAFETY: AVX2 and FMA were detected for both non-portable variants.
         return unsafe {
             attend_group_avx2(q, keys, values, layout, kv_head, table, len, scores, out)
         };

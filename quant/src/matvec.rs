@@ -189,13 +189,13 @@ impl Q8Rows {
     pub fn quantize(&mut self, x: &[f32]) {
         let blocks = x.len() / BLOCK;
         // The unsigned codes and repeated scales only feed the AVX-512 VNNI kernels.
-        let vnni = Isa::active() == Isa::Avx512Vnni;
+        let isa = Isa::active();
         self.qs.resize(blocks * BLOCK, 0);
         self.d.resize(blocks, 0.0);
         self.s.resize(blocks, 0.0);
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
             let codes = &mut self.qs[b * BLOCK..(b + 1) * BLOCK];
-            let (d, sum) = match Isa::active() {
+            let (d, sum) = match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX2 was detected for both variants; the block and its codes hold
                 // 32 values each.
@@ -207,7 +207,7 @@ impl Q8Rows {
         }
         self.qu.clear();
         self.d8.clear();
-        if vnni {
+        if isa == Isa::Avx512Vnni {
             self.qu.extend(self.qs.iter().map(|&q| (q as u8) ^ 0x80));
             self.d8.extend(self.d.iter().flat_map(|&d| [d; 8]));
         }
