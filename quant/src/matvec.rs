@@ -23,8 +23,11 @@ pub const BLOCK: usize = 32;
 /// Most rows of x for which [`matmul_bf16`] beats dequantize-then-GEMM (decoding batches).
 pub const MAX_ROWS: usize = 64;
 
-/// An instruction set a kernel is written for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The environment variable that caps the kernels' instruction set ([`Isa::name`]).
+pub const MAX_ISA_VAR: &str = "FT_MAX_ISA";
+
+/// An instruction set a kernel is written for, in order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// Plain Rust, any CPU.
     Portable,
@@ -47,10 +50,27 @@ impl Isa {
         out
     }
 
-    /// The variant the kernels use: the best this CPU has (detected once).
+    /// The variant the kernels use (detected once): the best this CPU has, or the best at
+    /// or below the one [`MAX_ISA_VAR`] names, so that the variants can be compared on one
+    /// machine.
     pub fn active() -> Isa {
         static ACTIVE: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *ACTIVE.get_or_init(|| *Isa::available().last().unwrap_or(&Isa::Portable))
+        *ACTIVE.get_or_init(|| {
+            let most = std::env::var(MAX_ISA_VAR)
+                .ok()
+                .and_then(|name| Isa::from_name(&name));
+            Isa::available()
+                .into_iter()
+                .rfind(|isa| most.is_none_or(|most| *isa <= most))
+                .unwrap_or(Isa::Portable)
+        })
+    }
+
+    /// The variant of [`Isa::name`] `name`.
+    pub fn from_name(name: &str) -> Option<Isa> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .find(|isa| isa.name() == name)
     }
 
     /// The variant's name, for tables.
@@ -169,12 +189,8 @@ impl Weights<'_> {
 #[derive(Debug, Default)]
 pub struct Q8Rows {
     qs: Vec<i8>,
-    /// The codes plus 128, as unsigned bytes (VNNI multiplies unsigned by signed).
-    qu: Vec<u8>,
     d: Vec<f32>,
     s: Vec<f32>,
-    /// Each block's d repeated 8 times: two blocks' scales are one 512-bit load.
-    d8: Vec<f32>,
 }
 
 impl Q8Rows {
@@ -188,7 +204,6 @@ impl Q8Rows {
     /// Replaces the contents with `x` (whole blocks of 32) quantized.
     pub fn quantize(&mut self, x: &[f32]) {
         let blocks = x.len() / BLOCK;
-        // The unsigned codes and repeated scales only feed the AVX-512 VNNI kernels.
         let isa = Isa::active();
         self.qs.resize(blocks * BLOCK, 0);
         self.d.resize(blocks, 0.0);
@@ -205,12 +220,6 @@ impl Q8Rows {
             self.d[b] = d;
             self.s[b] = d * sum as f32;
         }
-        self.qu.clear();
-        self.d8.clear();
-        if isa == Isa::Avx512Vnni {
-            self.qu.extend(self.qs.iter().map(|&q| (q as u8) ^ 0x80));
-            self.d8.extend(self.d.iter().flat_map(|&d| [d; 8]));
-        }
     }
 
     /// Row `i` of rows of `k` values.
@@ -218,13 +227,8 @@ impl Q8Rows {
         let blocks = k / BLOCK;
         Q8Row {
             qs: &self.qs[i * k..(i + 1) * k],
-            qu: self.qu.get(i * k..(i + 1) * k).unwrap_or_default(),
             d: &self.d[i * blocks..(i + 1) * blocks],
             s: &self.s[i * blocks..(i + 1) * blocks],
-            d8: self
-                .d8
-                .get(i * blocks * 8..(i + 1) * blocks * 8)
-                .unwrap_or_default(),
         }
     }
 }
@@ -310,11 +314,15 @@ fn weight_rows_on(
             );
             let weight = |j: usize| &bytes[(rows.start + j) * row_bytes..][..row_bytes];
             #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx2 {
-                // SAFETY: AVX2, FMA and F16C were detected; the weight and activation
-                // lengths were checked above and by the caller.
-                unsafe { avx2::block_rows(ty, bytes, k, xq, m, rows, out) };
-                return;
+            match isa {
+                // SAFETY: AVX2, FMA and F16C (and for VNNI AVX-512 F, BW, VL and VNNI) were
+                // detected; the weight and activation lengths were checked above and by the
+                // caller.
+                Isa::Avx2 => return unsafe { avx2::block_rows(ty, bytes, k, xq, m, rows, out) },
+                Isa::Avx512Vnni => {
+                    return unsafe { avx2::block_rows_vnni(ty, bytes, k, xq, m, rows, out) };
+                }
+                Isa::Portable => {}
             }
             // Eight (then four) activation rows share each decoded weight block; every
             // row's sums are the same whichever rows it shares a tile with.
@@ -322,21 +330,21 @@ fn weight_rows_on(
             while i + TILE <= m {
                 let tile: [Q8Row; TILE] = std::array::from_fn(|t| xq.row(i + t, k));
                 for (j, out_row) in out.chunks_mut(m).enumerate() {
-                    out_row[i..i + TILE].copy_from_slice(&dots(isa, ty, weight(j), tile));
+                    out_row[i..i + TILE].copy_from_slice(&dots(ty, weight(j), tile));
                 }
                 i += TILE;
             }
             if i + TILE / 2 <= m {
                 let tile: [Q8Row; TILE / 2] = std::array::from_fn(|t| xq.row(i + t, k));
                 for (j, out_row) in out.chunks_mut(m).enumerate() {
-                    out_row[i..i + TILE / 2].copy_from_slice(&dots(isa, ty, weight(j), tile));
+                    out_row[i..i + TILE / 2].copy_from_slice(&dots(ty, weight(j), tile));
                 }
                 i += TILE / 2;
             }
             for i in i..m {
                 let x = xq.row(i, k);
                 for (j, out_row) in out.chunks_mut(m).enumerate() {
-                    out_row[i] = dots(isa, ty, weight(j), [x])[0];
+                    out_row[i] = dots(ty, weight(j), [x])[0];
                 }
             }
         }
@@ -525,10 +533,8 @@ const TILE: usize = 8;
 #[derive(Clone, Copy)]
 struct Q8Row<'a> {
     qs: &'a [i8],
-    qu: &'a [u8],
     d: &'a [f32],
     s: &'a [f32],
-    d8: &'a [f32],
 }
 
 /// y [m, n] where `rows(r0, out)` fills out[j * m + i] = y[i, r0 + j] for a run of weight rows
@@ -562,15 +568,9 @@ fn transpose(yt: &[f32], n: usize, m: usize) -> Vec<f32> {
     y
 }
 
-/// One weight row against R quantized activation rows.
-fn dots<const R: usize>(isa: Isa, ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx512Vnni` is active only where AVX2, FMA, F16C and AVX-512 F, VNNI,
-        // VL and BW were detected, and the slices hold whole blocks (checked by `product`).
-        Isa::Avx512Vnni => unsafe { avx512::dots(ty, w, rows) },
-        _ => rows.map(|x| portable::dot(ty, w, x.qs, x.d, x.s)),
-    }
+/// One weight row against R quantized activation rows, in plain Rust.
+fn dots<const R: usize>(ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
+    rows.map(|x| portable::dot(ty, w, x.qs, x.d, x.s))
 }
 
 /// The kernels in plain Rust: the reference the SIMD versions must match.
@@ -673,8 +673,9 @@ mod avx2 {
 
     use super::*;
 
-    /// Bytes ahead of the current block that the kernels ask the cache for: the hardware
-    /// prefetcher alone leaves the weight stream short of memory bandwidth.
+    /// The least distance in bytes ahead of the current block that the kernels ask the cache
+    /// for: the hardware prefetcher alone leaves the weight stream short of memory
+    /// bandwidth.
     const PREFETCH: usize = 1024;
 
     /// The block formats as type-level codes, so that every kernel is compiled for one.
@@ -715,14 +716,37 @@ mod avx2 {
         out: &mut [f32],
     ) {
         match ty {
-            GgmlType::Q8_0 => block_rows_for::<Q8>(w, k, xq, m, rows, out),
-            GgmlType::Q4_0 => block_rows_for::<Q40>(w, k, xq, m, rows, out),
-            _ => block_rows_for::<Q41>(w, k, xq, m, rows, out),
+            GgmlType::Q8_0 => block_rows_for::<Q8, false>(w, k, xq, m, rows, out),
+            GgmlType::Q4_0 => block_rows_for::<Q40, false>(w, k, xq, m, rows, out),
+            _ => block_rows_for::<Q41, false>(w, k, xq, m, rows, out),
+        }
+    }
+
+    /// [`block_rows`] with the byte products summed by AVX-512 VNNI's `vpdpbusd` on 256-bit
+    /// vectors, and AVX512VL's 32 vector registers holding the eight-row tiles. The integer
+    /// sums are exact either way, so the results are [`block_rows`]' bits.
+    ///
+    /// # Safety
+    /// As [`block_rows`], and the CPU must have AVX-512 F, BW, VL and VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn block_rows_vnni(
+        ty: GgmlType,
+        w: &[u8],
+        k: usize,
+        xq: &Q8Rows,
+        m: usize,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
+        match ty {
+            GgmlType::Q8_0 => block_rows_for::<Q8, true>(w, k, xq, m, rows, out),
+            GgmlType::Q4_0 => block_rows_for::<Q40, true>(w, k, xq, m, rows, out),
+            _ => block_rows_for::<Q41, true>(w, k, xq, m, rows, out),
         }
     }
 
     #[inline(always)]
-    unsafe fn block_rows_for<const TY: u8>(
+    unsafe fn block_rows_for<const TY: u8, const VNNI: bool>(
         w: &[u8],
         k: usize,
         xq: &Q8Rows,
@@ -756,7 +780,7 @@ mod avx2 {
                 };
                 if tile == 8 {
                     let x = std::array::from_fn(|t| xq.row(i + t, k));
-                    for (t, sums) in eight_by::<TY, 8>(ws, blocks, x, &repacked)
+                    for (t, sums) in eight_by::<TY, VNNI, 8>(ws, blocks, x, &repacked)
                         .into_iter()
                         .enumerate()
                     {
@@ -764,7 +788,7 @@ mod avx2 {
                     }
                 } else {
                     let x = std::array::from_fn(|t| xq.row(i + t, k));
-                    for (t, sums) in eight_by::<TY, 4>(ws, blocks, x, &repacked)
+                    for (t, sums) in eight_by::<TY, VNNI, 4>(ws, blocks, x, &repacked)
                         .into_iter()
                         .enumerate()
                     {
@@ -779,7 +803,8 @@ mod avx2 {
         for i in i..m {
             let x = xq.row(i, k);
             for j in (0..n).step_by(4) {
-                let sums = four_by_one::<TY>(std::array::from_fn(|t| weight(j + t)), blocks, x);
+                let sums =
+                    four_by_one::<TY, VNNI>(std::array::from_fn(|t| weight(j + t)), blocks, x);
                 for (r, v) in sums.into_iter().enumerate().take(n - j) {
                     out[(j + r) * m + i] = v;
                 }
@@ -856,33 +881,53 @@ mod avx2 {
         (d, m)
     }
 
-    /// Asks the cache for each row's bytes a little ahead of block b.
+    /// Asks the cache for each row's bytes `ahead` bytes past `at`.
     #[inline(always)]
-    unsafe fn prefetch<const N: usize>(w: &[*const u8; N], at: usize) {
+    unsafe fn prefetch<const N: usize>(w: &[*const u8; N], at: usize, ahead: usize) {
         for row in w {
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at + PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at + ahead) as *const i8);
+        }
+    }
+
+    /// `acc` plus, in each 32-bit lane, the four products of unsigned bytes of `u` and signed
+    /// bytes of `s`: one `vpdpbusd` with VNNI, else `maddubs` (whose 16-bit pair sums stay in
+    /// range for the codes here) and `madd`.
+    #[inline(always)]
+    unsafe fn dot_bytes<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        if VNNI {
+            _mm256_dpbusd_epi32(acc, u, s)
+        } else {
+            let pairs = _mm256_maddubs_epi16(u, s);
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
         }
     }
 
     /// Four weight rows against one activation row (decoding): the sums of [`block_rows`].
     #[inline(always)]
-    unsafe fn four_by_one<const TY: u8>(w: [*const u8; 4], blocks: usize, x: Q8Row) -> [f32; 4] {
+    unsafe fn four_by_one<const TY: u8, const VNNI: bool>(
+        w: [*const u8; 4],
+        blocks: usize,
+        x: Q8Row,
+    ) -> [f32; 4] {
         let bytes = block_bytes::<TY>();
         let low = _mm256_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = _mm_setzero_ps();
+        // The four rows lie side by side, and the next call takes the next four: ask for the
+        // same block of those. A fixed distance would fall inside this call's own rows when
+        // they are short (k = 576 is 612 bytes of Q8_0 a row).
+        let ahead = (4 * blocks * bytes).max(PREFETCH);
         for b in 0..blocks {
-            prefetch(&w, b * bytes);
+            prefetch(&w, b * bytes, ahead);
             let y = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
             let p: [__m256i; 4] = std::array::from_fn(|r| {
                 let q = codes::<TY>(w[r].add(b * bytes), low);
-                let prod = if TY == Q8 {
-                    // maddubs multiplies unsigned by signed: move q's sign onto y.
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
+                let zero = _mm256_setzero_si256();
+                if TY == Q8 {
+                    // The products take unsigned by signed bytes: move q's sign onto y.
+                    dot_bytes::<VNNI>(zero, _mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q))
                 } else {
-                    _mm256_maddubs_epi16(q, y)
-                };
-                _mm256_madd_epi16(prod, ones)
+                    dot_bytes::<VNNI>(zero, q, y)
+                }
             });
             // Lane r: the sum of row r's eight partial sums.
             let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
@@ -912,7 +957,7 @@ mod avx2 {
     /// products stay within 16 bits over a block (8 * 2 * 15 * 127 < 2^15), widened once;
     /// Q8_0's are widened at each group.
     #[inline(always)]
-    unsafe fn eight_by<const TY: u8, const R: usize>(
+    unsafe fn eight_by<const TY: u8, const VNNI: bool, const R: usize>(
         w: [*const u8; 8],
         blocks: usize,
         x: [Q8Row; R],
@@ -922,8 +967,10 @@ mod avx2 {
         let low = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
+        // As in `four_by_one`: the same block of the next eight rows.
+        let ahead = (8 * blocks * bytes).max(PREFETCH);
         for b in 0..blocks {
-            prefetch(&w, b * bytes);
+            prefetch(&w, b * bytes, ahead);
             // c[g]: code group g (codes 4g..4g+4) of row r in lane r.
             let c: [__m256i; 8] = if TY == Q8 {
                 let rows: [__m256i; 8] = std::array::from_fn(|r| {
@@ -953,16 +1000,25 @@ mod avx2 {
                 })
             };
             let (d, m) = scales::<TY, 8>(&w, b);
+            // Q8_0's codes as magnitudes, their signs moved onto the activations per row.
+            let magnitudes: [__m256i; 8] = if TY == Q8 {
+                std::array::from_fn(|g| _mm256_sign_epi8(c[g], c[g]))
+            } else {
+                c
+            };
             for t in 0..R {
                 let xv = xr.as_ptr().add((t * blocks + b) * 8);
                 let isum = if TY == Q8 {
                     let mut sum = _mm256_setzero_si256();
                     for (g, cg) in c.iter().enumerate() {
-                        let p = _mm256_maddubs_epi16(
-                            _mm256_sign_epi8(*cg, *cg),
-                            _mm256_sign_epi8(*xv.add(g), *cg),
-                        );
-                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
+                        let signed = _mm256_sign_epi8(*xv.add(g), *cg);
+                        sum = dot_bytes::<VNNI>(sum, magnitudes[g], signed);
+                    }
+                    sum
+                } else if VNNI {
+                    let mut sum = _mm256_setzero_si256();
+                    for (g, cg) in c.iter().enumerate() {
+                        sum = _mm256_dpbusd_epi32(sum, *cg, *xv.add(g));
                     }
                     sum
                 } else {
@@ -1012,60 +1068,6 @@ mod avx2 {
         let [u4, u5, u6, u7] = transpose4([c[4], c[5], c[6], c[7]]);
         [u0, u1, u2, u3, u4, u5, u6, u7]
     }
-    /// One weight row against R rows with the byte products summed by AVX-512 VNNI's
-    /// `vpdpbusd` (the odd last block of [`super::avx512::dots`]).
-    ///
-    /// # Safety
-    /// As [`dots`], and the CPU must have AVX-512 F, BW, VL and VNNI.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn dots_vnni<const R: usize>(ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
-        let bytes = ty.block_bytes();
-        let blocks = w.len() / bytes;
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut acc_min = [0f32; R];
-        let low = _mm256_set1_epi8(0x0f);
-        for b in 0..blocks {
-            let wb = w.as_ptr().add(b * bytes);
-            let dw = half_to_f32(wb);
-            let (q, signed, min) = match ty {
-                GgmlType::Q8_0 => (_mm256_loadu_si256(wb.add(2) as *const __m256i), true, 0.0),
-                GgmlType::Q4_0 => (
-                    _mm256_sub_epi8(nibbles(wb.add(2), low), _mm256_set1_epi8(8)),
-                    true,
-                    0.0,
-                ),
-                _ => (nibbles(wb.add(4), low), false, half_to_f32(wb.add(2))),
-            };
-            // Signed codes meet x + 128 (unsigned) with the block's 128 * sum(q) taken off
-            // first: the same integer sum, one instruction per row.
-            let offset = if signed {
-                let ones = _mm256_set1_epi8(-128i8);
-                _mm256_sub_epi32(
-                    _mm256_setzero_si256(),
-                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, q),
-                )
-            } else {
-                _mm256_setzero_si256()
-            };
-            for (j, x) in rows.iter().enumerate() {
-                let sums = if signed {
-                    let xu = _mm256_loadu_si256(x.qu.as_ptr().add(b * BLOCK) as *const __m256i);
-                    _mm256_dpbusd_epi32(offset, xu, q)
-                } else {
-                    let xv = _mm256_loadu_si256(x.qs.as_ptr().add(b * BLOCK) as *const __m256i);
-                    acc_min[j] += min * x.s[b];
-                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv)
-                };
-                acc[j] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(dw * x.d[b]),
-                    _mm256_cvtepi32_ps(sums),
-                    acc[j],
-                );
-            }
-        }
-        std::array::from_fn(|j| horizontal_sum(acc[j]) + acc_min[j])
-    }
-
     /// sum w * x for bf16 `w` and f32 `x` of one length.
     ///
     /// # Safety
@@ -1233,17 +1235,10 @@ mod avx2 {
     /// The 32 nibbles of 16 bytes as bytes: low nibbles first, then high nibbles.
     #[inline]
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn nibbles(p: *const u8, low: __m256i) -> __m256i {
+    unsafe fn nibbles(p: *const u8, low: __m256i) -> __m256i {
         let raw = _mm_loadu_si128(p as *const __m128i);
         let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
         _mm256_and_si256(both, low)
-    }
-
-    #[inline]
-    #[target_feature(enable = "f16c")]
-    pub(super) unsafe fn half_to_f32(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
     #[inline]
@@ -1253,96 +1248,6 @@ mod avx2 {
         let sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
         let sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
         _mm_cvtss_f32(sum)
-    }
-}
-
-/// Two blocks per instruction on 512-bit vectors with AVX-512 VNNI: the codes of blocks b and
-/// b + 1 fill one register, the activations' codes and scales of both are one load each.
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use super::avx2::{half_to_f32, nibbles};
-    use super::*;
-
-    /// One weight row against R quantized activation rows.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI; `w` holds whole
-    /// blocks of `ty` and each row 32 codes (and 8 repeated scales) per block of `w`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn dots<const R: usize>(ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
-        let bytes = ty.block_bytes();
-        let blocks = w.len() / bytes;
-        let zero = _mm512_setzero_si512();
-        let low = _mm256_set1_epi8(0x0f);
-        // Signed codes meet x + 128 with 128 * sum(q) taken off; Q4_1's unsigned codes meet
-        // x itself and add their minimum times the activations' scaled sums.
-        let signed = !matches!(ty, GgmlType::Q4_1);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut acc_min = [0f32; R];
-        for pair in 0..blocks / 2 {
-            let b = 2 * pair;
-            let (w0, w1) = (w.as_ptr().add(b * bytes), w.as_ptr().add((b + 1) * bytes));
-            let q = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(codes(ty, w0, low)),
-                codes(ty, w1, low),
-            );
-            let dw = _mm512_mask_mov_ps(
-                _mm512_set1_ps(half_to_f32(w0)),
-                0xFF00,
-                _mm512_set1_ps(half_to_f32(w1)),
-            );
-            let offset = if signed {
-                _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(-128), q))
-            } else {
-                zero
-            };
-            let mins = if signed {
-                (0.0, 0.0)
-            } else {
-                (half_to_f32(w0.add(2)), half_to_f32(w1.add(2)))
-            };
-            for (j, x) in rows.iter().enumerate() {
-                let sums = if signed {
-                    let xu = _mm512_loadu_si512(x.qu.as_ptr().add(b * BLOCK) as *const _);
-                    _mm512_dpbusd_epi32(offset, xu, q)
-                } else {
-                    acc_min[j] += mins.0 * x.s[b];
-                    acc_min[j] += mins.1 * x.s[b + 1];
-                    let xs = _mm512_loadu_si512(x.qs.as_ptr().add(b * BLOCK) as *const _);
-                    _mm512_dpbusd_epi32(zero, q, xs)
-                };
-                let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(x.d8.as_ptr().add(b * 8)));
-                acc[j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums), acc[j]);
-            }
-        }
-        let mut out: [f32; R] = std::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]) + acc_min[j]);
-        if blocks % 2 == 1 {
-            let b = blocks - 1;
-            let tail = rows.map(|x| Q8Row {
-                qs: &x.qs[b * BLOCK..],
-                qu: &x.qu[b * BLOCK..],
-                d: &x.d[b..],
-                s: &x.s[b..],
-                d8: &x.d8[b * 8..],
-            });
-            let last = super::avx2::dots_vnni(ty, &w[b * bytes..], tail);
-            for (o, l) in out.iter_mut().zip(last) {
-                *o += l;
-            }
-        }
-        out
-    }
-
-    /// A block's 32 codes: signed for Q8_0 and Q4_0 (nibbles less 8), unsigned for Q4_1.
-    #[inline(always)]
-    unsafe fn codes(ty: GgmlType, wb: *const u8, low: __m256i) -> __m256i {
-        match ty {
-            GgmlType::Q8_0 => _mm256_loadu_si256(wb.add(2) as *const __m256i),
-            GgmlType::Q4_0 => _mm256_sub_epi8(nibbles(wb.add(2), low), _mm256_set1_epi8(8)),
-            _ => nibbles(wb.add(4), low),
-        }
     }
 }
 
@@ -1446,6 +1351,29 @@ mod tests {
                         "{ty:?} {isa:?} row {i}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_vnni_kernels_give_the_avx2_bits() {
+        // Exact integer sums in the same order: the two variants must agree to the bit, at
+        // decode (m = 1), in tiles of four and eight, and on tails.
+        let available = Isa::available();
+        if !available.contains(&Isa::Avx512Vnni) {
+            return;
+        }
+        for &(n, k, m) in &[(9, 96, 1), (13, 576, 13), (70, 1536, 8), (3, 4160, 5)] {
+            let w = values(n * k, 11 + n as u64);
+            let x = values(m * k, 12 + m as u64);
+            for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+                let bytes = encode(ty, &w);
+                let w = Weights::Blocks { ty, bytes: &bytes };
+                assert_eq!(
+                    product_on(Isa::Avx2, w, n, k, &x, m),
+                    product_on(Isa::Avx512Vnni, w, n, k, &x, m),
+                    "{ty:?} n={n} k={k} m={m}"
+                );
             }
         }
     }

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use ft_quant::matvec::{Isa, MAX_ISA_VAR};
 use ft_trainer::cli::Cli;
 use ft_trainer::commands;
 use ft_trainer::error::UsageError;
@@ -22,6 +23,12 @@ fn main() -> ExitCode {
             return ExitCode::from(e.exit_code() as u8);
         }
     };
+    if let Ok(name) = std::env::var(MAX_ISA_VAR) {
+        if Isa::from_name(&name).is_none() {
+            eprintln!("error: {MAX_ISA_VAR}={name}: expected portable, avx2 or avx512-vnni");
+            return ExitCode::from(2);
+        }
+    }
     match commands::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

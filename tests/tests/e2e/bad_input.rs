@@ -212,3 +212,14 @@ fn a_missing_download_tool_says_what_to_install_and_where_to_put_the_file() {
         ],
     );
 }
+
+#[test]
+fn an_unknown_kernel_cap_is_a_usage_error() {
+    let run: ft_tests::Run = std::process::Command::new(ft_tests::ft_bin())
+        .args(["generate", "--prompt", "hi", "--max-new-tokens", "1"])
+        .env("FT_MAX_ISA", "avx9")
+        .output()
+        .expect("spawn ft")
+        .into();
+    run.fails_with(2, &["FT_MAX_ISA=avx9", "portable, avx2 or avx512-vnni"]);
+}

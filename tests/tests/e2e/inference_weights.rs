@@ -76,3 +76,28 @@ fn weights_and_quant_together_are_a_usage_error() {
     ])
     .fails_with(2, &["--weights", "--quant"]);
 }
+
+/// Perplexity of `weights` with the kernels capped at `isa` (`FT_MAX_ISA`).
+fn perplexity_on(weights: &str, isa: &str) -> f64 {
+    let file = fixture("kjv_genesis_1-3.txt");
+    let run: ft_tests::Run = std::process::Command::new(ft_tests::ft_bin())
+        .args(["perplexity", "--file", file.to_str().unwrap()])
+        .args(["--window", "64", "--weights", weights, "--json"])
+        .env("FT_MAX_ISA", isa)
+        .output()
+        .expect("spawn ft")
+        .into();
+    run.json()["perplexity"].as_f64().unwrap()
+}
+
+#[test]
+fn the_avx2_and_vnni_kernels_give_the_same_perplexity_to_the_bit() {
+    // Without AVX-512 both runs take the AVX2 kernels; with it, the VNNI ones must agree.
+    for weights in ["q8", "q4"] {
+        assert_eq!(
+            perplexity_on(weights, "avx2").to_bits(),
+            perplexity_on(weights, "avx512-vnni").to_bits(),
+            "{weights}"
+        );
+    }
+}
