@@ -715,11 +715,7 @@ mod avx2 {
         rows: Range<usize>,
         out: &mut [f32],
     ) {
-        match ty {
-            GgmlType::Q8_0 => block_rows_for::<Q8, false>(w, k, xq, m, rows, out),
-            GgmlType::Q4_0 => block_rows_for::<Q40, false>(w, k, xq, m, rows, out),
-            _ => block_rows_for::<Q41, false>(w, k, xq, m, rows, out),
-        }
+        block_rows_of::<false>(ty, w, k, xq, m, rows, out)
     }
 
     /// [`block_rows`] with the byte products summed by AVX-512 VNNI's `vpdpbusd` on 256-bit
@@ -738,10 +734,24 @@ mod avx2 {
         rows: Range<usize>,
         out: &mut [f32],
     ) {
+        block_rows_of::<true>(ty, w, k, xq, m, rows, out)
+    }
+
+    /// [`block_rows`] compiled for each block format.
+    #[inline(always)]
+    unsafe fn block_rows_of<const VNNI: bool>(
+        ty: GgmlType,
+        w: &[u8],
+        k: usize,
+        xq: &Q8Rows,
+        m: usize,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
         match ty {
-            GgmlType::Q8_0 => block_rows_for::<Q8, true>(w, k, xq, m, rows, out),
-            GgmlType::Q4_0 => block_rows_for::<Q40, true>(w, k, xq, m, rows, out),
-            _ => block_rows_for::<Q41, true>(w, k, xq, m, rows, out),
+            GgmlType::Q8_0 => block_rows_for::<Q8, VNNI>(w, k, xq, m, rows, out),
+            GgmlType::Q4_0 => block_rows_for::<Q40, VNNI>(w, k, xq, m, rows, out),
+            _ => block_rows_for::<Q41, VNNI>(w, k, xq, m, rows, out),
         }
     }
 
@@ -953,9 +963,9 @@ mod avx2 {
     ///
     /// Per block the eight rows' codes are transposed in 32-bit groups, so that one byte
     /// product covers eight rows and the lanes of the result are rows: no horizontal sums.
-    /// Q4's packed nibbles are transposed before they are split (16 bytes a row), and their
-    /// products stay within 16 bits over a block (8 * 2 * 15 * 127 < 2^15), widened once;
-    /// Q8_0's are widened at each group.
+    /// Q4's packed nibbles are transposed before they are split (16 bytes a row). Without
+    /// VNNI, Q4's products stay within 16 bits over a block (8 * 2 * 15 * 127 < 2^15) and are
+    /// widened once; Q8_0's, and every product with VNNI, are summed in 32 bits per group.
     #[inline(always)]
     unsafe fn eight_by<const TY: u8, const VNNI: bool, const R: usize>(
         w: [*const u8; 8],
@@ -1000,25 +1010,24 @@ mod avx2 {
                 })
             };
             let (d, m) = scales::<TY, 8>(&w, b);
-            // Q8_0's codes as magnitudes, their signs moved onto the activations per row.
-            let magnitudes: [__m256i; 8] = if TY == Q8 {
+            // The unsigned side of each group's products: Q4's nibbles, or Q8_0's magnitudes
+            // (their signs then move onto the activations).
+            let unsigned: [__m256i; 8] = if TY == Q8 {
                 std::array::from_fn(|g| _mm256_sign_epi8(c[g], c[g]))
             } else {
                 c
             };
             for t in 0..R {
                 let xv = xr.as_ptr().add((t * blocks + b) * 8);
-                let isum = if TY == Q8 {
+                let isum = if TY == Q8 || VNNI {
                     let mut sum = _mm256_setzero_si256();
                     for (g, cg) in c.iter().enumerate() {
-                        let signed = _mm256_sign_epi8(*xv.add(g), *cg);
-                        sum = dot_bytes::<VNNI>(sum, magnitudes[g], signed);
-                    }
-                    sum
-                } else if VNNI {
-                    let mut sum = _mm256_setzero_si256();
-                    for (g, cg) in c.iter().enumerate() {
-                        sum = _mm256_dpbusd_epi32(sum, *cg, *xv.add(g));
+                        let signed = if TY == Q8 {
+                            _mm256_sign_epi8(*xv.add(g), *cg)
+                        } else {
+                            *xv.add(g)
+                        };
+                        sum = dot_bytes::<VNNI>(sum, unsigned[g], signed);
                     }
                     sum
                 } else {
