@@ -17,11 +17,17 @@ use rayon::prelude::*;
 
 use crate::ggml::GgmlType;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 /// Weights per block of every format here.
 pub const BLOCK: usize = 32;
 
 /// Most rows of x for which [`matmul_bf16`] beats dequantize-then-GEMM (decoding batches).
 pub const MAX_ROWS: usize = 64;
+
+/// Fewest activation rows for which the AMX tiles (16 rows each) beat the VNNI kernels.
+pub const AMX_ROWS: usize = 8;
 
 /// The environment variable that caps the kernels' instruction set ([`Isa::name`]).
 pub const MAX_ISA_VAR: &str = "FT_MAX_ISA";
@@ -35,6 +41,8 @@ pub enum Isa {
     Avx2,
     /// AVX2 plus AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, AVX512VL).
     Avx512Vnni,
+    /// AVX-512 VNNI plus AMX-INT8 tiles for batches of at least [`AMX_ROWS`] rows.
+    Amx,
 }
 
 impl Isa {
@@ -46,6 +54,10 @@ impl Isa {
         }
         if avx512_vnni_detected() {
             out.push(Isa::Avx512Vnni);
+            #[cfg(target_arch = "x86_64")]
+            if amx::detected() {
+                out.push(Isa::Amx);
+            }
         }
         out
     }
@@ -68,7 +80,7 @@ impl Isa {
 
     /// The variant of [`Isa::name`] `name`.
     pub fn from_name(name: &str) -> Option<Isa> {
-        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni]
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx]
             .into_iter()
             .find(|isa| isa.name() == name)
     }
@@ -79,6 +91,7 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Amx => "amx",
         }
     }
 }
@@ -214,7 +227,9 @@ impl Q8Rows {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX2 was detected for both variants; the block and its codes hold
                 // 32 values each.
-                Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::quantize_block(block, codes) },
+                Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe {
+                    avx2::quantize_block(block, codes)
+                },
                 _ => portable::quantize_block(block, codes),
             };
             self.d[b] = d;
@@ -319,7 +334,11 @@ fn weight_rows_on(
                 // detected; the weight and activation lengths were checked above and by the
                 // caller.
                 Isa::Avx2 => return unsafe { avx2::block_rows(ty, bytes, k, xq, m, rows, out) },
-                Isa::Avx512Vnni => {
+                // SAFETY: as above, and the tiles were granted.
+                Isa::Amx if m >= AMX_ROWS => {
+                    return unsafe { amx::block_rows(ty, bytes, k, xq, m, rows, out) };
+                }
+                Isa::Avx512Vnni | Isa::Amx => {
                     return unsafe { avx2::block_rows_vnni(ty, bytes, k, xq, m, rows, out) };
                 }
                 Isa::Portable => {}
@@ -354,7 +373,7 @@ fn weight_rows_on(
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX2 and FMA were detected for both variants; the rows have the
                 // same length.
-                Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_bf16(wrow, xrow) },
+                Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe { avx2::dot_bf16(wrow, xrow) },
                 _ => portable::dot_bf16(wrow, xrow),
             }
         }),
@@ -363,7 +382,7 @@ fn weight_rows_on(
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::dot_f32(wrow, xrow) },
+                Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe { avx2::dot_f32(wrow, xrow) },
                 _ => portable::dot_f32(wrow, xrow),
             }
         }),
@@ -416,7 +435,7 @@ fn four_bit<const R: usize>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA were detected for both variants; the row holds whole blocks
         // and each activation row its k values (checked by the caller).
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { avx2::four_bit(code, codes, absmax, x) },
+        Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe { avx2::four_bit(code, codes, absmax, x) },
         _ => x.map(|x| portable::four_bit(code, codes, absmax, x)),
     }
 }
@@ -1365,24 +1384,36 @@ mod tests {
     }
 
     #[test]
-    fn the_vnni_kernels_give_the_avx2_bits() {
-        // Exact integer sums in the same order: the two variants must agree to the bit, at
-        // decode (m = 1), in tiles of four and eight, and on tails.
+    fn the_vnni_and_amx_kernels_give_the_avx2_bits() {
+        // Exact integer sums in the same order: every variant must agree to the bit, at
+        // decode (m = 1), in tiles of four, eight and sixteen, and on tails of weight rows
+        // and activation rows.
         let available = Isa::available();
-        if !available.contains(&Isa::Avx512Vnni) {
+        if !available.contains(&Isa::Avx2) {
             return;
         }
-        for &(n, k, m) in &[(9, 96, 1), (13, 576, 13), (70, 1536, 8), (3, 4160, 5)] {
+        for &(n, k, m) in &[
+            (9, 96, 1),
+            (13, 576, 13),
+            (70, 1536, 8),
+            (3, 4160, 5),
+            (37, 576, 16),
+            (20, 64, 33),
+            (48, 160, 64),
+        ] {
             let w = values(n * k, 11 + n as u64);
             let x = values(m * k, 12 + m as u64);
             for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
                 let bytes = encode(ty, &w);
                 let w = Weights::Blocks { ty, bytes: &bytes };
-                assert_eq!(
-                    product_on(Isa::Avx2, w, n, k, &x, m),
-                    product_on(Isa::Avx512Vnni, w, n, k, &x, m),
-                    "{ty:?} n={n} k={k} m={m}"
-                );
+                let want = product_on(Isa::Avx2, w, n, k, &x, m);
+                for &isa in available.iter().filter(|&&isa| isa > Isa::Avx2) {
+                    assert_eq!(
+                        want,
+                        product_on(isa, w, n, k, &x, m),
+                        "{ty:?} {isa:?} n={n} k={k} m={m}"
+                    );
+                }
             }
         }
     }
