@@ -345,6 +345,12 @@ impl<B: QuantBackend> HostDecoder<B> {
                 "segment {i}'s adapter is one of the step's"
             );
         }
+        // A (token, key/value head) pair's attention reads every position up to the token's,
+        // plus a fixed cost for its softmax and output.
+        let attention_costs: Vec<usize> = positions
+            .iter()
+            .flat_map(|&(_, p)| std::iter::repeat_n(p + 1 + 16, kvh))
+            .collect();
         let runs = adapter_runs(segments);
         // Adapter matrices read in place for the step: primitives held here, slices below.
         let held: Vec<Vec<[Option<HostLowRank<B>>; 7]>> =
@@ -484,7 +490,7 @@ impl<B: QuantBackend> HostDecoder<B> {
                 let (ks, vs) = unsafe { (keys[l].get(), values[l].get()) };
                 let qs = unsafe { qkv.get() };
                 let g = h / kvh;
-                for pair in team.share(n * kvh, 1) {
+                for pair in team.share_by_cost(&attention_costs) {
                     let (i, group) = (pair / kvh, pair % kvh);
                     let (seg, pos) = positions[i];
                     let q = &qs[i * qkv_width + group * g * d..][..g * d];
@@ -513,10 +519,11 @@ impl<B: QuantBackend> HostDecoder<B> {
                     gate.clear();
                     gate.extend_from_slice(step.project(s, l, 4, gate_lin, xs, mine.clone()));
                     let up = step.project(s, l, 5, up_lin, xs, mine.clone());
+                    ft_quant::exp::silu_times(gate, up);
                     for i in 0..n {
                         let dst = unsafe { act.slice_mut(i * f + mine.start..i * f + mine.end) };
                         for (c, o) in dst.iter_mut().enumerate() {
-                            *o = silu(gate[c * n + i]) * up[c * n + i];
+                            *o = gate[c * n + i];
                         }
                     }
                 }
@@ -742,11 +749,6 @@ fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
         x[i] = a * cos[i] + -b * sin[i];
         x[i + half] = b * cos[i + half] + a * sin[i + half];
     }
-}
-
-/// x * sigmoid(x).
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 #[cfg(test)]

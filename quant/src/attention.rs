@@ -130,10 +130,10 @@ fn attend_group_in<const FMA: bool>(
     scores.resize(g * len, 0.0);
     // Blocks lie anywhere in the pool, beyond the reach of the hardware prefetcher: each
     // position asks for the row a few positions on.
-    const AHEAD: usize = 4;
+    const AHEAD: usize = 8;
     let fetch = |rows: &[f32], p: usize| {
         if p < len {
-            prefetch(rows[at(p)..].as_ptr());
+            prefetch(&rows[at(p)..at(p) + d]);
         }
     };
     for p in 0..len {
@@ -145,12 +145,7 @@ fn attend_group_in<const FMA: bool>(
     }
     for s in scores.chunks_exact_mut(len.max(1)) {
         let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0f32;
-        for v in s.iter_mut() {
-            *v = (*v - max).exp();
-            total += *v;
-        }
-        let inv = 1.0 / total;
+        let inv = 1.0 / crate::exp::exp_shifted(s, max);
         s.iter_mut().for_each(|v| *v *= inv);
     }
     out.fill(0.0);
@@ -166,19 +161,19 @@ fn attend_group_in<const FMA: bool>(
     }
 }
 
-/// Asks the cache for the line at `p` (a head's row of keys or values: 256 bytes for d =
-/// 64, a line and its neighbour the adjacent-line prefetcher brings).
+/// Asks the cache for the lines of `row` (a head's keys or values at one position).
 #[inline(always)]
-fn prefetch(p: *const f32) {
+fn prefetch(row: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is part of x86-64; a prefetch reads nothing.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(32) as *const i8);
+    for line in row.chunks(16) {
+        // SAFETY: SSE is part of x86-64; a prefetch reads nothing.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8);
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    let _ = row;
 }
 
 /// a * b + c, fused when `FMA`.

@@ -45,6 +45,32 @@ impl Team<'_> {
         let end = ((self.index + 1) * per * align).min(n);
         start..end
     }
+
+    /// This thread's contiguous share of the items `0..costs.len()`: an item goes to the
+    /// thread whose equal part of the total cost holds its middle (attention over rows of
+    /// unequal lengths, split by count, would leave one thread waiting at the next barrier).
+    pub fn share_by_cost(&self, costs: &[usize]) -> Range<usize> {
+        let total: usize = costs.iter().sum();
+        let cut = |t: usize| -> usize {
+            if t == 0 {
+                return 0;
+            }
+            if t >= self.size {
+                return costs.len();
+            }
+            let bound = (t * total).div_ceil(self.size);
+            let mut before = 0;
+            costs
+                .iter()
+                .position(|&c| {
+                    let reached = 2 * before + c >= 2 * bound;
+                    before += c;
+                    reached
+                })
+                .unwrap_or(costs.len())
+        };
+        cut(self.index)..cut(self.index + 1)
+    }
 }
 
 /// Threads in a team that [`run`] starts here.
@@ -203,6 +229,36 @@ mod tests {
             }
             assert_eq!(next, n);
         }
+    }
+
+    #[test]
+    fn shares_by_cost_cover_the_items_once_and_balance_them() {
+        let barrier = SpinBarrier::new(2);
+        let team = |index| Team {
+            index,
+            size: 2,
+            barrier: &barrier,
+        };
+        // One long row among short ones: it goes alone to one thread.
+        let costs = [1, 1, 1, 100, 1, 1];
+        assert_eq!(team(0).share_by_cost(&costs), 0..3);
+        assert_eq!(team(1).share_by_cost(&costs), 3..6);
+        for costs in [
+            &[][..],
+            &[0, 0, 0],
+            &[5],
+            &[3, 3, 3, 3],
+            &[10, 1, 1, 1, 1, 10],
+        ] {
+            let (a, b) = (team(0).share_by_cost(costs), team(1).share_by_cost(costs));
+            assert_eq!(
+                (a.start, a.end, b.end),
+                (0, b.start, costs.len()),
+                "{costs:?}"
+            );
+        }
+        let even = [3, 3, 3, 3];
+        assert_eq!(team(0).share_by_cost(&even), 0..2);
     }
 
     #[test]
