@@ -76,7 +76,7 @@ pub fn attend_group(
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::matvec::Isa::active() != crate::matvec::Isa::Portable {
-        // SAFETY: AVX2 and FMA were detected for both non-portable variants.
+        // SAFETY: AVX2 and FMA were detected for every non-portable variant.
         return unsafe {
             attend_group_avx2(q, keys, values, layout, kv_head, table, len, scores, out)
         };

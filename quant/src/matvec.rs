@@ -85,6 +85,12 @@ impl Isa {
             .find(|isa| isa.name() == name)
     }
 
+    /// Whether the variant includes AVX2, FMA and F16C (every one but the portable one), so
+    /// that the kernels written for AVX2 serve it.
+    pub fn has_avx2(self) -> bool {
+        self >= Isa::Avx2
+    }
+
     /// The variant's name, for tables.
     pub fn name(self) -> &'static str {
         match self {
@@ -225,11 +231,9 @@ impl Q8Rows {
             let codes = &mut self.qs[b * BLOCK..(b + 1) * BLOCK];
             let (d, sum) = match isa {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2 was detected for both variants; the block and its codes hold
+                // SAFETY: AVX2 was detected for every such variant; the block and its codes hold
                 // 32 values each.
-                Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe {
-                    avx2::quantize_block(block, codes)
-                },
+                isa if isa.has_avx2() => unsafe { avx2::quantize_block(block, codes) },
                 _ => portable::quantize_block(block, codes),
             };
             self.d[b] = d;
@@ -371,9 +375,9 @@ fn weight_rows_on(
             let wrow = &bits[(rows.start + j) * k..][..k];
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2 and FMA were detected for both variants; the rows have the
+                // SAFETY: AVX2 and FMA were detected for every such variant; the rows have the
                 // same length.
-                Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe { avx2::dot_bf16(wrow, xrow) },
+                isa if isa.has_avx2() => unsafe { avx2::dot_bf16(wrow, xrow) },
                 _ => portable::dot_bf16(wrow, xrow),
             }
         }),
@@ -382,7 +386,7 @@ fn weight_rows_on(
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe { avx2::dot_f32(wrow, xrow) },
+                isa if isa.has_avx2() => unsafe { avx2::dot_f32(wrow, xrow) },
                 _ => portable::dot_f32(wrow, xrow),
             }
         }),
@@ -433,9 +437,9 @@ fn four_bit<const R: usize>(
 ) -> [f32; R] {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 and FMA were detected for both variants; the row holds whole blocks
+        // SAFETY: AVX2 and FMA were detected for every such variant; the row holds whole blocks
         // and each activation row its k values (checked by the caller).
-        Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe { avx2::four_bit(code, codes, absmax, x) },
+        isa if isa.has_avx2() => unsafe { avx2::four_bit(code, codes, absmax, x) },
         _ => x.map(|x| portable::four_bit(code, codes, absmax, x)),
     }
 }
@@ -489,7 +493,7 @@ impl LowRank<'_> {
         #[cfg(target_arch = "x86_64")]
         if isa != Isa::Portable {
             let kernels = (
-                // SAFETY: AVX2 and FMA were detected for both non-portable variants.
+                // SAFETY: AVX2 and FMA were detected for every non-portable variant.
                 |w: &[f32], x: &[f32]| unsafe { avx2::dot_f32(w, x) },
                 |u: &mut [f32], s: f32, b: &[f32]| unsafe { avx2::axpy(u, s, b) },
             );

@@ -162,6 +162,8 @@ unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
     asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
     let mut sums = [Sums([0; ROWS * ROWS]), Sums([0; ROWS * ROWS])];
     let mut totals = Sums([0; ROWS * ROWS]);
+    // Lane r of a gathered column reads row r of the totals.
+    let column = _mm512_mullo_epi32(lane_index(), _mm512_set1_epi32(ROWS as i32));
     let n = rows.len();
     for j in (0..n).step_by(ROWS) {
         let group = (rows.start + j)..(rows.start + n.min(j + ROWS));
@@ -212,10 +214,6 @@ unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
                 _mm512_storeu_ps(totals.0.as_mut_ptr().add(t * ROWS) as *mut f32, *acc);
             }
             let mask = ((1u32 << (m - i).min(ROWS)) - 1) as __mmask16;
-            let column = _mm512_mullo_epi32(
-                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                _mm512_set1_epi32(ROWS as i32),
-            );
             for r in 0..group.len() {
                 let base = (totals.0.as_ptr() as *const f32).add(r);
                 let v = _mm512_i32gather_ps::<4>(column, base);
@@ -281,9 +279,8 @@ unsafe fn weight_tiles<const BYTES: usize, const CODES: usize>(
     buf.wd.resize(blocks * ROWS, 0.0);
     buf.wm.resize(blocks * ROWS, 0.0);
     let last = group.len() as i32 - 1;
-    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     let offsets = _mm512_mullo_epi32(
-        _mm512_min_epi32(lanes, _mm512_set1_epi32(last)),
+        _mm512_min_epi32(lane_index(), _mm512_set1_epi32(last)),
         _mm512_set1_epi32(row_bytes),
     );
     let low = _mm512_set1_epi8(0x0f);
@@ -319,4 +316,10 @@ unsafe fn weight_tiles<const BYTES: usize, const CODES: usize>(
 #[inline(always)]
 unsafe fn words(offsets: __m512i, at: *const u8) -> __m512i {
     _mm512_i32gather_epi32::<1>(offsets, at as *const i32)
+}
+
+/// 0, 1, ..., 15: each lane its own index.
+#[inline(always)]
+unsafe fn lane_index() -> __m512i {
+    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 }
