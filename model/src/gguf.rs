@@ -498,7 +498,11 @@ impl TensorSource for GgufTensors {
         };
         Ok(Some(PackedWeight {
             shape: [rows, cols],
-            data: PackedData::Blocks { ty: info.ty, bytes },
+            data: PackedData::Blocks {
+                ty: info.ty,
+                bytes,
+                tiles: Default::default(),
+            },
         }))
     }
 }

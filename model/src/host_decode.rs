@@ -458,13 +458,11 @@ impl<B: QuantBackend> HostDecoder<B> {
                     }
                     let local = mine.start - offset..mine.end - offset;
                     let ys = step.project(s, l, module, linear, xs, local.clone());
-                    for i in 0..n {
-                        let dst = unsafe {
+                    for (i, y) in ys.chunks_exact(mine.len()).enumerate() {
+                        unsafe {
                             qkv.slice_mut(i * qkv_width + mine.start..i * qkv_width + mine.end)
-                        };
-                        for (c, o) in dst.iter_mut().enumerate() {
-                            *o = ys[c * n + i];
                         }
+                        .copy_from_slice(y);
                     }
                 }
                 team.sync();
@@ -520,11 +518,9 @@ impl<B: QuantBackend> HostDecoder<B> {
                     gate.extend_from_slice(step.project(s, l, 4, gate_lin, xs, mine.clone()));
                     let up = step.project(s, l, 5, up_lin, xs, mine.clone());
                     ft_quant::exp::silu_times(gate, up);
-                    for i in 0..n {
-                        let dst = unsafe { act.slice_mut(i * f + mine.start..i * f + mine.end) };
-                        for (c, o) in dst.iter_mut().enumerate() {
-                            *o = gate[c * n + i];
-                        }
+                    for (i, y) in gate.chunks_exact(mine.len()).enumerate() {
+                        unsafe { act.slice_mut(i * f + mine.start..i * f + mine.end) }
+                            .copy_from_slice(y);
                     }
                 }
                 team.sync();
@@ -551,13 +547,11 @@ impl<B: QuantBackend> HostDecoder<B> {
                 let mut ys = std::mem::take(&mut s.out);
                 ys.resize(mine.len() * m, 0.0);
                 matvec::weight_rows(head, e, hs, s.q8(), m, mine.clone(), &mut ys);
-                for w in 0..m {
-                    let dst =
-                        unsafe { out.slice_mut(w * vocab + mine.start..w * vocab + mine.end) };
-                    for (c, o) in dst.iter_mut().enumerate() {
-                        *o = ys[c * m + w];
-                    }
+                for (w, y) in ys.chunks_exact(mine.len()).enumerate() {
+                    unsafe { out.slice_mut(w * vocab + mine.start..w * vocab + mine.end) }
+                        .copy_from_slice(y);
                 }
+                s.out = ys;
             }
         });
         logits
@@ -575,7 +569,7 @@ struct Step<'a, B: QuantBackend> {
 
 impl<B: QuantBackend> Step<'_, B> {
     /// Output rows `rows` of `linear` (module `module` of layer `layer`) for all n tokens of
-    /// `x`, with bias and adapters: `[rows.len(), n]`, weight row major, in `s.out`.
+    /// `x`, with bias and adapters: `[n, rows.len()]`, in `s.out`.
     fn project<'s>(
         &self,
         s: &'s mut Work,
@@ -599,8 +593,10 @@ impl<B: QuantBackend> Step<'_, B> {
             &mut out,
         );
         if let Some(bias) = &linear.bias {
-            for (c, ys) in out.chunks_mut(n).enumerate() {
-                ys.iter_mut().for_each(|y| *y += bias[rows.start + c]);
+            for ys in out.chunks_mut(rows.len()) {
+                for (y, b) in ys.iter_mut().zip(&bias[rows.clone()]) {
+                    *y += b;
+                }
             }
         }
         if let Some(own) = &linear.lora {
@@ -639,11 +635,11 @@ impl<B: QuantBackend> Step<'_, B> {
             return;
         }
         let ys = self.project(s, layer, module, linear, input, mine.clone());
-        for i in 0..self.n {
+        for (i, y) in ys.chunks_exact(mine.len()).enumerate() {
             // SAFETY: these columns of x are this thread's until the next barrier.
             let dst = unsafe { x.slice_mut(i * e + mine.start..i * e + mine.end) };
-            for (c, o) in dst.iter_mut().enumerate() {
-                *o += ys[c * self.n + i];
+            for (o, y) in dst.iter_mut().zip(y) {
+                *o += y;
             }
         }
     }

@@ -150,6 +150,9 @@ pub enum Weights<'a> {
         ty: GgmlType,
         /// n rows of k / 32 blocks.
         bytes: &'a [u8],
+        /// Where the rows laid out for the AMX tiles are kept once built, if anywhere
+        /// (without it every batched call lays out the rows it reads).
+        tiles: Option<&'a TileLayout>,
     },
     /// bfloat16 bits; activations stay f32.
     Bf16(&'a [u16]),
@@ -168,6 +171,27 @@ pub enum Weights<'a> {
     },
 }
 
+/// A ggml weight's rows laid out again for the AMX tiles (sixteen rows side by side per
+/// block), built the first time a batch of [`AMX_ROWS`] or more rows meets the weight and
+/// kept with it: gathering the rows on every call cost a fifth of a 16-row product. On CPUs
+/// without AMX it stays empty.
+#[derive(Debug, Default)]
+pub struct TileLayout(std::sync::OnceLock<Vec<u8>>);
+
+impl Clone for TileLayout {
+    /// A copy starts empty: the layout is derived from the blocks and rebuilt on demand.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for TileLayout {
+    /// Always equal: the layout only repeats the blocks it sits beside.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// Values per absmax block of [`Weights::FourBit`] (bitsandbytes' blocksize).
 pub const FOUR_BIT_BLOCK: usize = 64;
 
@@ -180,7 +204,7 @@ impl Weights<'_> {
     /// Checks that the weight holds n rows of k and that the kernels take it.
     fn check(&self, n: usize, k: usize) {
         let stored = match self {
-            Self::Blocks { ty, bytes } => {
+            Self::Blocks { ty, bytes, .. } => {
                 assert!(
                     supports(*ty) && k.is_multiple_of(BLOCK),
                     "matvec: {ty:?} with k = {k}"
@@ -265,7 +289,12 @@ fn round(x: f32) -> f32 {
 /// k / 32 blocks, as in a GGUF file). `k` must be a multiple of 32 and `ty` one that
 /// [`supports`] accepts.
 pub fn matmul(ty: GgmlType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
-    product(Weights::Blocks { ty, bytes: w }, n, k, x, m)
+    let w = Weights::Blocks {
+        ty,
+        bytes: w,
+        tiles: None,
+    };
+    product(w, n, k, x, m)
 }
 
 /// y [m, n] = x [m, k] W^T for W [n, k] stored as bf16 bits, activations in f32 (bf16 has
@@ -293,10 +322,11 @@ fn product_on(isa: Isa, w: Weights, n: usize, k: usize, x: &[f32], m: usize) -> 
     })
 }
 
-/// Weight rows `rows` of W [n, k] against the `m` rows of x [m, k]: `out[(r - rows.start) *
-/// m + i]` = y[i, r]. Ggml weights read `xq`, x quantized by [`Q8Rows::quantize`]. A row's
-/// result is the same bits whichever rows and weight rows share the call, so the callers
-/// may split the work as they like.
+/// Weight rows `rows` of W [n, k] against the `m` rows of x [m, k]: y[i, r] at
+/// `out[i * rows.len() + r - rows.start]`, each activation row's results side by side.
+/// Ggml weights read `xq`, x quantized by [`Q8Rows::quantize`]. A row's result is the same
+/// bits whichever rows and weight rows share the call, so the callers may split the work as
+/// they like.
 #[allow(clippy::too_many_arguments)]
 pub fn weight_rows(
     w: Weights,
@@ -323,7 +353,7 @@ fn weight_rows_on(
 ) {
     assert_eq!(out.len(), rows.len() * m, "matvec: output length");
     match w {
-        Weights::Blocks { ty, bytes } => {
+        Weights::Blocks { ty, bytes, tiles } => {
             let xq = xq.expect("ggml weights meet quantized activations");
             assert_eq!(xq.qs.len(), m * k, "matvec: quantized activation length");
             let row_bytes = k / BLOCK * ty.block_bytes();
@@ -332,6 +362,7 @@ fn weight_rows_on(
                 "matvec: weight rows {rows:?} of {row_bytes} bytes"
             );
             let weight = |j: usize| &bytes[(rows.start + j) * row_bytes..][..row_bytes];
+            let n = rows.len();
             #[cfg(target_arch = "x86_64")]
             match isa {
                 // SAFETY: AVX2, FMA and F16C (and for VNNI AVX-512 F, BW, VL and VNNI) were
@@ -340,7 +371,11 @@ fn weight_rows_on(
                 Isa::Avx2 => return unsafe { avx2::block_rows(ty, bytes, k, xq, m, rows, out) },
                 // SAFETY: as above, and the tiles were granted.
                 Isa::Amx if m >= AMX_ROWS => {
-                    return unsafe { amx::block_rows(ty, bytes, k, xq, m, rows, out) };
+                    let laid =
+                        tiles.map(|t| t.0.get_or_init(|| unsafe { amx::lay_out(ty, bytes, k) }));
+                    return unsafe {
+                        amx::block_rows(ty, bytes, laid.map(Vec::as_slice), k, xq, m, rows, out)
+                    };
                 }
                 Isa::Avx512Vnni | Isa::Amx => {
                     return unsafe { avx2::block_rows_vnni(ty, bytes, k, xq, m, rows, out) };
@@ -352,22 +387,26 @@ fn weight_rows_on(
             let mut i = 0;
             while i + TILE <= m {
                 let tile: [Q8Row; TILE] = std::array::from_fn(|t| xq.row(i + t, k));
-                for (j, out_row) in out.chunks_mut(m).enumerate() {
-                    out_row[i..i + TILE].copy_from_slice(&dots(ty, weight(j), tile));
+                for j in 0..n {
+                    for (t, v) in dots(ty, weight(j), tile).into_iter().enumerate() {
+                        out[(i + t) * n + j] = v;
+                    }
                 }
                 i += TILE;
             }
             if i + TILE / 2 <= m {
                 let tile: [Q8Row; TILE / 2] = std::array::from_fn(|t| xq.row(i + t, k));
-                for (j, out_row) in out.chunks_mut(m).enumerate() {
-                    out_row[i..i + TILE / 2].copy_from_slice(&dots(ty, weight(j), tile));
+                for j in 0..n {
+                    for (t, v) in dots(ty, weight(j), tile).into_iter().enumerate() {
+                        out[(i + t) * n + j] = v;
+                    }
                 }
                 i += TILE / 2;
             }
             for i in i..m {
                 let x = xq.row(i, k);
-                for (j, out_row) in out.chunks_mut(m).enumerate() {
-                    out_row[i] = dots(ty, weight(j), [x])[0];
+                for (j, o) in out[i * n..(i + 1) * n].iter_mut().enumerate() {
+                    *o = dots(ty, weight(j), [x])[0];
                 }
             }
         }
@@ -404,19 +443,22 @@ fn weight_rows_on(
                 )
             };
             let xrow = |i: usize| &x[i * k..(i + 1) * k];
+            let n = rows.len();
             let mut i = 0;
             while i + FOUR_BIT_TILE <= m {
                 let tile: [&[f32]; FOUR_BIT_TILE] = std::array::from_fn(|t| xrow(i + t));
-                for (j, out_row) in out.chunks_mut(m).enumerate() {
+                for j in 0..n {
                     let (c, a) = weight(j);
-                    out_row[i..i + FOUR_BIT_TILE].copy_from_slice(&four_bit(isa, code, c, a, tile));
+                    for (t, v) in four_bit(isa, code, c, a, tile).into_iter().enumerate() {
+                        out[(i + t) * n + j] = v;
+                    }
                 }
                 i += FOUR_BIT_TILE;
             }
             for i in i..m {
-                for (j, out_row) in out.chunks_mut(m).enumerate() {
+                for (j, o) in out[i * n..(i + 1) * n].iter_mut().enumerate() {
                     let (c, a) = weight(j);
-                    out_row[i] = four_bit(isa, code, c, a, [xrow(i)])[0];
+                    *o = four_bit(isa, code, c, a, [xrow(i)])[0];
                 }
             }
         }
@@ -458,7 +500,7 @@ pub struct LowRank<'a> {
 
 impl LowRank<'_> {
     /// Adds (x A^T) B^T for the rows `tokens` of x `[m, k]` and the output columns `cols`
-    /// to `out` (`[cols.len(), m]`, weight row major, as [`weight_rows`] writes); `scratch`
+    /// to `out` (`[m, cols.len()]`, as [`weight_rows`] writes); `scratch`
     /// is reused space. A row's sums do not depend on the other rows.
     #[allow(clippy::too_many_arguments)]
     pub fn add(
@@ -497,13 +539,13 @@ impl LowRank<'_> {
                 |w: &[f32], x: &[f32]| unsafe { avx2::dot_f32(w, x) },
                 |u: &mut [f32], s: f32, b: &[f32]| unsafe { avx2::axpy(u, s, b) },
             );
-            return self.add_with(x, k, tokens, cols, m, out, scratch, kernels);
+            return self.add_with(x, k, tokens, cols, out, scratch, kernels);
         }
         let kernels = (portable::dot_f32, portable::axpy);
-        self.add_with(x, k, tokens, cols, m, out, scratch, kernels)
+        self.add_with(x, k, tokens, cols, out, scratch, kernels)
     }
 
-    /// t = x_i A^T by dot products, u = t B^T by scaled row sums, added to out's column i.
+    /// t = x_i A^T by dot products, u = t B^T by scaled row sums, added to out's row i.
     #[allow(clippy::too_many_arguments)]
     fn add_with(
         &self,
@@ -511,7 +553,6 @@ impl LowRank<'_> {
         k: usize,
         tokens: Range<usize>,
         cols: Range<usize>,
-        m: usize,
         out: &mut [f32],
         scratch: &mut Vec<f32>,
         (dot, axpy): (
@@ -533,18 +574,22 @@ impl LowRank<'_> {
             for (j, &tj) in t.iter().enumerate() {
                 axpy(u, tj, &self.b_t[j * n + cols.start..j * n + cols.end]);
             }
-            for (c, uc) in u.iter().enumerate() {
-                out[c * m + i] += uc;
+            for (o, uc) in out[i * u.len()..(i + 1) * u.len()].iter_mut().zip(&*u) {
+                *o += uc;
             }
         }
     }
 }
 
-/// Fills `out` (weight rows of m values) with `dot(j, x row i)` for the f32 formats.
+/// Fills `out` (m rows of its weight rows' values) with `dot(j, x row i)` for the f32
+/// formats.
 fn float_rows(out: &mut [f32], m: usize, k: usize, x: &[f32], dot: impl Fn(usize, &[f32]) -> f32) {
-    for (j, out_row) in out.chunks_mut(m).enumerate() {
-        for (i, o) in out_row.iter_mut().enumerate() {
-            *o = dot(j, &x[i * k..(i + 1) * k]);
+    if m == 0 {
+        return;
+    }
+    for (out_row, xi) in out.chunks_mut(out.len() / m).zip(x.chunks_exact(k)) {
+        for (j, o) in out_row.iter_mut().enumerate() {
+            *o = dot(j, xi);
         }
     }
 }
@@ -560,36 +605,41 @@ struct Q8Row<'a> {
     s: &'a [f32],
 }
 
-/// y [m, n] where `rows(r0, out)` fills out[j * m + i] = y[i, r0 + j] for a run of weight rows
-/// from r0 (up to [`WEIGHT_ROWS`]), the weight rows split evenly over rayon's threads (each
-/// task owns a run of rows of the transposed output).
+/// y [m, n] where `rows(r0, out)` fills out[i * len + j] = y[i, r0 + j] for a run of len
+/// weight rows from r0 (up to [`WEIGHT_ROWS`]), the weight rows split evenly over rayon's
+/// threads (each task gathers its runs, then its columns are copied into y).
 fn by_weight_rows(n: usize, m: usize, rows: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut yt = vec![0f32; n * m];
     let rows_per_task = n.div_ceil(rayon::current_num_threads()).max(1);
-    yt.par_chunks_mut(rows_per_task * m)
-        .enumerate()
-        .for_each(|(t, out)| {
-            for (c, chunk) in out.chunks_mut(WEIGHT_ROWS * m).enumerate() {
-                rows(t * rows_per_task + c * WEIGHT_ROWS, chunk);
+    let parts: Vec<Vec<f32>> = (0..n.div_ceil(rows_per_task))
+        .into_par_iter()
+        .map(|t| {
+            let (r0, len) = (t * rows_per_task, rows_per_task.min(n - t * rows_per_task));
+            let mut part = vec![0f32; m * len];
+            let mut run = vec![0f32; m * WEIGHT_ROWS];
+            for c0 in (0..len).step_by(WEIGHT_ROWS) {
+                let run = &mut run[..m * WEIGHT_ROWS.min(len - c0)];
+                rows(r0 + c0, run);
+                let width = run.len() / m;
+                for (dst, src) in part.chunks_mut(len).zip(run.chunks(width)) {
+                    dst[c0..c0 + width].copy_from_slice(src);
+                }
             }
-        });
-    transpose(&yt, n, m)
+            part
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (t, part) in parts.iter().enumerate() {
+        let (r0, len) = (t * rows_per_task, part.len() / m);
+        for (dst, src) in y.chunks_mut(n).zip(part.chunks(len)) {
+            dst[r0..r0 + len].copy_from_slice(src);
+        }
+    }
+    y
 }
 
 /// Weight rows a kernel call takes at once: together with one tile of activation rows they
 /// stay in the L1 cache while the tile meets each of them.
 pub const WEIGHT_ROWS: usize = 16;
-
-/// [n, m] to [m, n].
-fn transpose(yt: &[f32], n: usize, m: usize) -> Vec<f32> {
-    let mut y = vec![0f32; m * n];
-    for (r, row) in yt.chunks(m).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            y[i * n + r] = *v;
-        }
-    }
-    y
-}
 
 /// One weight row against R quantized activation rows, in plain Rust.
 fn dots<const R: usize>(ty: GgmlType, w: &[u8], rows: [Q8Row; R]) -> [f32; R] {
@@ -716,7 +766,7 @@ mod avx2 {
     }
 
     /// Weight rows `rows` of the ggml blocks `w` (rows of k / 32 blocks) against the `m`
-    /// rows of `xq`: `out[(j - rows.start) * m + i]`.
+    /// rows of `xq`: `out[i * rows.len() + j - rows.start]`.
     ///
     /// Every (weight row, activation row) pair is summed the same way whichever kernel and
     /// tile computes it: per block the exact integer dot product of the codes, then
@@ -807,8 +857,9 @@ mod avx2 {
             for j in (0..n).step_by(8) {
                 let ws: [*const u8; 8] = std::array::from_fn(|t| weight(j + t));
                 let mut put = |t: usize, sums: [f32; 8]| {
-                    for (r, v) in sums.into_iter().enumerate().take(n - j) {
-                        out[(j + r) * m + i + t] = v;
+                    let row = &mut out[(i + t) * n + j..(i + t + 1) * n];
+                    for (o, v) in row.iter_mut().zip(sums) {
+                        *o = v;
                     }
                 };
                 if tile == 8 {
@@ -838,8 +889,8 @@ mod avx2 {
             for j in (0..n).step_by(4) {
                 let sums =
                     four_by_one::<TY, VNNI>(std::array::from_fn(|t| weight(j + t)), blocks, x);
-                for (r, v) in sums.into_iter().enumerate().take(n - j) {
-                    out[(j + r) * m + i] = v;
+                for (o, v) in out[i * n + j..(i + 1) * n].iter_mut().zip(sums) {
+                    *o = v;
                 }
             }
         }
@@ -1350,7 +1401,12 @@ mod tests {
                 let bytes = encode(ty, &w);
                 let want = reference(ty, &bytes, n, k, &x, m);
                 for isa in Isa::available() {
-                    let got = product_on(isa, Weights::Blocks { ty, bytes: &bytes }, n, k, &x, m);
+                    let w = Weights::Blocks {
+                        ty,
+                        bytes: &bytes,
+                        tiles: None,
+                    };
+                    let got = product_on(isa, w, n, k, &x, m);
                     for (j, (g, e)) in got.iter().zip(&want).enumerate() {
                         let tolerance = 1e-5 * (1.0 + e.abs()) * (k as f64).sqrt();
                         assert!(
@@ -1372,8 +1428,16 @@ mod tests {
         let x = values(m * k, 6);
         for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
             let bytes = encode(ty, &w);
-            for isa in Isa::available() {
-                let w = Weights::Blocks { ty, bytes: &bytes };
+            let kept = TileLayout::default();
+            for (isa, tiles) in Isa::available()
+                .into_iter()
+                .flat_map(|isa| [(isa, None), (isa, Some(&kept))])
+            {
+                let w = Weights::Blocks {
+                    ty,
+                    bytes: &bytes,
+                    tiles,
+                };
                 let batch = product_on(isa, w, n, k, &x, m);
                 for i in 0..m {
                     let alone = product_on(isa, w, n, k, &x[i * k..(i + 1) * k], 1);
@@ -1409,14 +1473,24 @@ mod tests {
             let x = values(m * k, 12 + m as u64);
             for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
                 let bytes = encode(ty, &w);
-                let w = Weights::Blocks { ty, bytes: &bytes };
-                let want = product_on(Isa::Avx2, w, n, k, &x, m);
+                let kept = TileLayout::default();
+                let w = |tiles| Weights::Blocks {
+                    ty,
+                    bytes: &bytes,
+                    tiles,
+                };
+                let want = product_on(Isa::Avx2, w(None), n, k, &x, m);
                 for &isa in available.iter().filter(|&&isa| isa > Isa::Avx2) {
-                    assert_eq!(
-                        want,
-                        product_on(isa, w, n, k, &x, m),
-                        "{ty:?} {isa:?} n={n} k={k} m={m}"
-                    );
+                    // Rows laid out per call, then from the layout the weight keeps (whose
+                    // groups start at row 0, not where a thread's rows do).
+                    for tiles in [None, Some(&kept), Some(&kept)] {
+                        assert_eq!(
+                            want,
+                            product_on(isa, w(tiles), n, k, &x, m),
+                            "{ty:?} {isa:?} n={n} k={k} m={m} kept {}",
+                            tiles.is_some()
+                        );
+                    }
                 }
             }
         }
@@ -1550,7 +1624,7 @@ mod tests {
                     } else {
                         1.0
                     };
-                    let got = out[c * m + i] as f64;
+                    let got = out[i * cols.len() + c] as f64;
                     assert!(
                         (got - want).abs() < 1e-4,
                         "{isa:?} row {i} column {col}: {got} vs {want}"

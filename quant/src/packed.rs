@@ -241,6 +241,8 @@ pub enum PackedData {
         ty: GgmlType,
         /// rows * cols / 32 blocks.
         bytes: Vec<u8>,
+        /// The rows laid out for the AMX tiles, once a batch has needed them.
+        tiles: matvec::TileLayout,
     },
 }
 
@@ -310,6 +312,7 @@ impl PackedWeight {
                 PackedData::Blocks {
                     ty,
                     bytes: bytes.ok()?,
+                    tiles: matvec::TileLayout::default(),
                 }
             }
         };
@@ -378,7 +381,7 @@ impl PackedWeight {
                 codes,
                 absmax,
             } => bnb4::dequantize_into(*kind, codes, &absmax.values(), out),
-            PackedData::Blocks { ty, bytes } => {
+            PackedData::Blocks { ty, bytes, .. } => {
                 let values = ggml::dequantize(*ty, bytes, out.len())
                     .expect("ggml blocks hold rows * cols values by construction");
                 out.copy_from_slice(&values);
@@ -391,8 +394,12 @@ impl PackedWeight {
     pub fn kernel_weights(&self) -> Option<matvec::Weights<'_>> {
         match &self.data {
             PackedData::Bf16(bits) => Some(matvec::Weights::Bf16(bits)),
-            PackedData::Blocks { ty, bytes } if matvec::supports(*ty) => {
-                Some(matvec::Weights::Blocks { ty: *ty, bytes })
+            PackedData::Blocks { ty, bytes, tiles } if matvec::supports(*ty) => {
+                Some(matvec::Weights::Blocks {
+                    ty: *ty,
+                    bytes,
+                    tiles: Some(tiles),
+                })
             }
             _ => None,
         }

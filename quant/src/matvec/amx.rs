@@ -4,9 +4,10 @@
 //! AVX-512 scales the 16 x 16 integer sums into the f32 totals.
 //!
 //! The activation rows are the tile's left side as they lie in memory (16 rows of a block's
-//! 32 codes, `k` bytes apart); each block of sixteen weight rows is gathered into the right
-//! side's layout (row g holds codes 4g..4g+4 of every weight row) once per call, its scales
-//! with it, so that a lane of every vector is one weight row.
+//! 32 codes, `k` bytes apart); each group of sixteen weight rows is laid out in the right
+//! side's layout (row g holds codes 4g..4g+4 of every weight row), its scales beside, so
+//! that a lane of every vector is one weight row. A weight keeps that layout once built
+//! ([`super::TileLayout`]), so that a batch reads its rows as one stream.
 //!
 //! The sums are the other kernels' to the bit ([`super::avx2::block_rows`]): per block the
 //! exact integer dot product of the codes, then acc = fma(m_w, s_x, acc) for Q4 and
@@ -84,15 +85,43 @@ impl TileConfig {
     }
 }
 
+/// Bytes of one block of a group of sixteen weight rows, laid out: the codes (Q8_0's 512
+/// bytes as the tile reads them; Q4's 256 bytes of nibbles, the low ones the tile rows of
+/// the block's first half, the high ones those of its second), then the 16 rows' f16
+/// scales (Q4_1: scale and minimum, side by side per row). As many bytes as the blocks: a
+/// batch is as fast as it can stream them.
+const fn laid_block_bytes(bytes: usize) -> usize {
+    ROWS * bytes
+}
+
+/// The sixteen rows' scales and minimums (Q4_0's -8 d; none for Q8_0) at `at`, the end of
+/// a laid-out block's codes.
+#[inline(always)]
+unsafe fn scales<const BYTES: usize>(at: *const u8) -> (__m512, __m512) {
+    match BYTES {
+        20 => {
+            let pairs = _mm512_loadu_si512(at as *const _);
+            let m = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(pairs));
+            (
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(pairs)),
+                _mm512_cvtph_ps(m),
+            )
+        }
+        _ => {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(at as *const _));
+            (d, _mm512_mul_ps(d, _mm512_set1_ps(-8.0)))
+        }
+    }
+}
+
 /// Each thread's buffers, kept between calls.
 #[derive(Default)]
 struct Buffers {
-    /// Per block, [`TILE_BYTES`] of the group's weight codes: group g (codes 4g..4g+4) of
-    /// weight row r at byte 64 g + 4 r.
+    /// One group of weight rows laid out, when the weight keeps no layout of its own.
+    group: Vec<u8>,
+    /// Per block, [`TILE_BYTES`] of Q4 codes unpacked from the group's nibbles: group g
+    /// (codes 4g..4g+4) of weight row r at byte 64 g + 4 r.
     w: Vec<u8>,
-    /// Per block, the 16 weight rows' scales and minimums (Q4_0's -8 d, none for Q8_0).
-    wd: Vec<f32>,
-    wm: Vec<f32>,
     /// The last activation tile's codes, scales and sums when it holds fewer than 16 rows,
     /// padded with zeros.
     qs: Vec<i8>,
@@ -104,21 +133,51 @@ thread_local! {
     static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::default();
 }
 
-/// 64-byte aligned room for one tile of sums or totals.
+/// 64-byte aligned room for one tile of sums.
 #[repr(C, align(64))]
 struct Sums([i32; ROWS * ROWS]);
 
+/// Every row of the ggml blocks `w` (rows of `k` values) in groups of sixteen, laid out as
+/// [`block_rows`] reads them (the last group repeats its last row), for the weight to keep.
+///
+/// # Safety
+/// As for [`block_rows`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn lay_out(ty: GgmlType, w: &[u8], k: usize) -> Vec<u8> {
+    match ty {
+        GgmlType::Q8_0 => lay_out_for::<34, 2>(w, k),
+        GgmlType::Q4_0 => lay_out_for::<18, 2>(w, k),
+        _ => lay_out_for::<20, 4>(w, k),
+    }
+}
+
+#[inline(always)]
+unsafe fn lay_out_for<const BYTES: usize, const CODES: usize>(w: &[u8], k: usize) -> Vec<u8> {
+    let blocks = k / BLOCK;
+    let n = w.len() / (blocks * BYTES);
+    let group = blocks * laid_block_bytes(BYTES);
+    let mut out = vec![0u8; n.div_ceil(ROWS) * group];
+    for (g, dst) in out.chunks_exact_mut(group).enumerate() {
+        let rows = g * ROWS..n.min((g + 1) * ROWS);
+        weight_tiles::<BYTES, CODES>(w, blocks, rows, dst);
+    }
+    out
+}
+
 /// Weight rows `rows` of the ggml blocks `w` against the `m` rows of `xq`, as
-/// [`super::avx2::block_rows`] computes them.
+/// [`super::avx2::block_rows`] computes them. `laid` is the weight's [`lay_out`], if it
+/// keeps one; else each group of rows is laid out here.
 ///
 /// # Safety
 /// [`detected`] must hold, and the CPU must have AVX-512 F, BW and VL, FMA and F16C; `w`
-/// holds at least `rows.end` rows of whole blocks of `ty`, `xq` m rows of k codes, and `out`
-/// `rows.len() * m` values.
+/// holds at least `rows.end` rows of whole blocks of `ty`, `laid` (if any) is its layout,
+/// `xq` m rows of k codes, and `out` `m * rows.len()` values (activation row major).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn block_rows(
     ty: GgmlType,
     w: &[u8],
+    laid: Option<&[u8]>,
     k: usize,
     xq: &Q8Rows,
     m: usize,
@@ -126,9 +185,9 @@ pub(super) unsafe fn block_rows(
     out: &mut [f32],
 ) {
     match ty {
-        GgmlType::Q8_0 => block_rows_for::<34, 2>(w, k, xq, m, rows, out),
-        GgmlType::Q4_0 => block_rows_for::<18, 2>(w, k, xq, m, rows, out),
-        _ => block_rows_for::<20, 4>(w, k, xq, m, rows, out),
+        GgmlType::Q8_0 => block_rows_for::<34, 2>(w, laid, k, xq, m, rows, out),
+        GgmlType::Q4_0 => block_rows_for::<18, 2>(w, laid, k, xq, m, rows, out),
+        _ => block_rows_for::<20, 4>(w, laid, k, xq, m, rows, out),
     }
 }
 
@@ -137,6 +196,7 @@ pub(super) unsafe fn block_rows(
 #[inline(always)]
 unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
     w: &[u8],
+    laid: Option<&[u8]>,
     k: usize,
     xq: &Q8Rows,
     m: usize,
@@ -144,6 +204,13 @@ unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
     out: &mut [f32],
 ) {
     let blocks = k / BLOCK;
+    let block_bytes = laid_block_bytes(BYTES);
+    let group_bytes = blocks * block_bytes;
+    let codes_bytes = if BYTES == 34 {
+        TILE_BYTES
+    } else {
+        TILE_BYTES / 2
+    };
     let mut buf = BUFFERS.take();
     let partial = m % ROWS;
     if partial != 0 {
@@ -158,20 +225,54 @@ unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
             padded.resize(ROWS * blocks, 0.0);
         }
     }
+    if BYTES != 34 {
+        buf.w.resize(blocks * TILE_BYTES, 0);
+    }
     let config = TileConfig::new();
     asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
     let mut sums = [Sums([0; ROWS * ROWS]), Sums([0; ROWS * ROWS])];
-    let mut totals = Sums([0; ROWS * ROWS]);
-    // Lane r of a gathered column reads row r of the totals.
-    let column = _mm512_mullo_epi32(lane_index(), _mm512_set1_epi32(ROWS as i32));
     let n = rows.len();
-    for j in (0..n).step_by(ROWS) {
-        let group = (rows.start + j)..(rows.start + n.min(j + ROWS));
-        weight_tiles::<BYTES, CODES>(w, blocks, group.clone(), &mut buf);
-        // While this group meets the first activation tile, the next group's rows (side by
-        // side in memory) come into the cache, a block's share of their bytes per block.
-        let next = w.as_ptr().wrapping_add(group.end * blocks * BYTES);
-        let share = ROWS * BYTES;
+    let low = _mm512_set1_epi8(0x0f);
+    // A kept layout groups rows from row 0; else the groups start where the rows do.
+    let mut start = match laid {
+        Some(_) => rows.start / ROWS * ROWS,
+        None => rows.start,
+    };
+    while start < rows.end {
+        let end = start + ROWS;
+        let (first, last) = (rows.start.max(start) - start, rows.end.min(end) - start);
+        let lanes = ((1u32 << last) - (1u32 << first)) as __mmask16;
+        // The group's bytes, and where the next group's lie (to prefetch a block's share of
+        // them per block while this group meets the first activation tile).
+        let (group, next, share) = match laid {
+            Some(laid) => {
+                let group = laid.as_ptr().add(start / ROWS * group_bytes);
+                (group, group.wrapping_add(group_bytes), block_bytes)
+            }
+            None => {
+                let last = end.min(rows.end);
+                buf.group.resize(group_bytes, 0);
+                weight_tiles::<BYTES, CODES>(w, blocks, start..last, &mut buf.group);
+                let next = w.as_ptr().wrapping_add(last * blocks * BYTES);
+                (buf.group.as_ptr(), next, ROWS * BYTES)
+            }
+        };
+        if BYTES != 34 {
+            for b in 0..blocks {
+                let nibbles = group.add(b * block_bytes) as *const __m512i;
+                let tile = buf.w.as_mut_ptr().add(b * TILE_BYTES) as *mut __m512i;
+                for g in 0..BLOCK / 8 {
+                    let q = _mm512_loadu_si512(nibbles.add(g));
+                    _mm512_storeu_si512(tile.add(g), _mm512_and_si512(q, low));
+                    let high = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low);
+                    _mm512_storeu_si512(tile.add(g + 4), high);
+                }
+            }
+        }
+        let codes = |b: usize| match BYTES {
+            34 => group.add(b * block_bytes),
+            _ => buf.w.as_ptr().add(b * TILE_BYTES),
+        };
         for i in (0..m).step_by(ROWS) {
             let (qs, d, s) = if i + ROWS <= m {
                 (
@@ -186,7 +287,7 @@ unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
             // go into tile register b % 2 while block b - 1's sums are scaled, so that neither
             // waits for the other.
             let mut acc = [_mm512_setzero_ps(); ROWS];
-            product::<BYTES>(qs, k, &buf, 0, &mut sums[0]);
+            product::<BYTES>(qs, k, codes(0), 0, &mut sums[0]);
             for b in 0..blocks {
                 if i == 0 {
                     for line in (0..share).step_by(64) {
@@ -195,10 +296,9 @@ unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
                     }
                 }
                 if b + 1 < blocks {
-                    product::<BYTES>(qs, k, &buf, b + 1, &mut sums[(b + 1) % 2]);
+                    product::<BYTES>(qs, k, codes(b + 1), b + 1, &mut sums[(b + 1) % 2]);
                 }
-                let wd = _mm512_loadu_ps(buf.wd.as_ptr().add(b * ROWS));
-                let wm = _mm512_loadu_ps(buf.wm.as_ptr().add(b * ROWS));
+                let (wd, wm) = scales::<BYTES>(group.add(b * block_bytes + codes_bytes));
                 let sums = &sums[b % 2];
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let isum = _mm512_loadu_si512(sums.0.as_ptr().add(t * ROWS) as *const _);
@@ -209,38 +309,34 @@ unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
                     *acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(isum), *acc);
                 }
             }
-            // Out is weight row major: each weight row takes its column of the totals.
-            for (t, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(totals.0.as_mut_ptr().add(t * ROWS) as *mut f32, *acc);
-            }
-            let mask = ((1u32 << (m - i).min(ROWS)) - 1) as __mmask16;
-            for r in 0..group.len() {
-                let base = (totals.0.as_ptr() as *const f32).add(r);
-                let v = _mm512_i32gather_ps::<4>(column, base);
-                _mm512_mask_storeu_ps(out.as_mut_ptr().add((j + r) * m + i), mask, v);
+            // Each activation row takes the lanes of the group that are among `rows`; the
+            // masked-off lanes are neither read nor written.
+            for (t, acc) in acc.iter().enumerate().take(m - i) {
+                let at = out
+                    .as_mut_ptr()
+                    .wrapping_add((i + t) * n + start)
+                    .wrapping_sub(rows.start);
+                _mm512_mask_storeu_ps(at, lanes, *acc);
             }
         }
+        start = end;
     }
     asm!("tilerelease", options(nostack, nomem));
     BUFFERS.set(buf);
 }
 
 /// Block `b`'s integer sums of the 16 activation rows at `qs` (rows `k` bytes apart)
-/// against the group in `buf`, into `sums` (row t: activation row t against each weight
-/// row).
+/// against the 16 weight rows' codes at `x` (in the tile's layout), into `sums` (row t:
+/// activation row t against each weight row).
 #[inline(always)]
 unsafe fn product<const BYTES: usize>(
     qs: *const i8,
     k: usize,
-    buf: &Buffers,
+    x: *const u8,
     b: usize,
     sums: &mut Sums,
 ) {
-    let (a, x, c) = (
-        qs.add(b * BLOCK),
-        buf.w.as_ptr().add(b * TILE_BYTES),
-        sums.0.as_mut_ptr(),
-    );
+    let (a, c) = (qs.add(b * BLOCK), sums.0.as_mut_ptr());
     macro_rules! tiles {
         ($sum:literal, $a:literal, $b:literal, $op:literal) => {
             asm!(
@@ -264,50 +360,38 @@ unsafe fn product<const BYTES: usize>(
     }
 }
 
-/// Weight rows `group` (at most 16) of `w` in [`Buffers`]' layout, gathered a block at a
-/// time: four-byte words of the sixteen rows side by side, Q4's nibbles split into the
-/// codes of the block's first and second half. Lanes past the group repeat its last row.
+/// Weight rows `group` (at most 16) of `w` laid out into `dst` ([`laid_block_bytes`] per
+/// block), gathered a block at a time: four-byte words of the sixteen rows side by side.
+/// Lanes past the group repeat its last row.
 #[inline(always)]
 unsafe fn weight_tiles<const BYTES: usize, const CODES: usize>(
     w: &[u8],
     blocks: usize,
     group: Range<usize>,
-    buf: &mut Buffers,
+    dst: &mut [u8],
 ) {
+    let block_bytes = laid_block_bytes(BYTES);
+    assert!(dst.len() >= blocks * block_bytes, "amx: room for a group");
     let row_bytes = (blocks * BYTES) as i32;
-    buf.w.resize(blocks * TILE_BYTES, 0);
-    buf.wd.resize(blocks * ROWS, 0.0);
-    buf.wm.resize(blocks * ROWS, 0.0);
     let last = group.len() as i32 - 1;
     let offsets = _mm512_mullo_epi32(
         _mm512_min_epi32(lane_index(), _mm512_set1_epi32(last)),
         _mm512_set1_epi32(row_bytes),
     );
-    let low = _mm512_set1_epi8(0x0f);
     let base = w.as_ptr().add(group.start * blocks * BYTES);
     for b in 0..blocks {
         let block = base.add(b * BYTES);
         let halves = words(offsets, block);
-        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(halves));
-        let m = match BYTES {
-            20 => _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(halves))),
-            18 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
-            _ => _mm512_setzero_ps(),
-        };
-        _mm512_storeu_ps(buf.wd.as_mut_ptr().add(b * ROWS), d);
-        _mm512_storeu_ps(buf.wm.as_mut_ptr().add(b * ROWS), m);
-        let tile = buf.w.as_mut_ptr().add(b * TILE_BYTES) as *mut __m512i;
-        if BYTES == 34 {
-            for g in 0..BLOCK / 4 {
-                _mm512_storeu_si512(tile.add(g), words(offsets, block.add(CODES + 4 * g)));
-            }
-        } else {
-            for g in 0..BLOCK / 8 {
-                let q = words(offsets, block.add(CODES + 4 * g));
-                _mm512_storeu_si512(tile.add(g), _mm512_and_si512(q, low));
-                let high = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low);
-                _mm512_storeu_si512(tile.add(g + 4), high);
-            }
+        let at = dst.as_mut_ptr().add(b * block_bytes);
+        let words_in_codes = if BYTES == 34 { BLOCK / 4 } else { BLOCK / 8 };
+        for g in 0..words_in_codes {
+            let q = words(offsets, block.add(CODES + 4 * g));
+            _mm512_storeu_si512((at as *mut __m512i).add(g), q);
+        }
+        let scales = at.add(64 * words_in_codes);
+        match BYTES {
+            20 => _mm512_storeu_si512(scales as *mut _, halves),
+            _ => _mm256_storeu_si256(scales as *mut _, _mm512_cvtepi32_epi16(halves)),
         }
     }
 }
