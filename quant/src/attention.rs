@@ -124,23 +124,26 @@ fn attend_group_in<const FMA: bool>(
         ..
     } = layout;
     let g = q.len() / d;
-    let at = |p: usize| ((table[p / bs] * kv + kv_head) * bs + p % bs) * d;
     let scale = 1.0 / (d as f32).sqrt();
     scores.clear();
     scores.resize(g * len, 0.0);
-    // Blocks lie anywhere in the pool, beyond the reach of the hardware prefetcher: each
-    // position asks for the row a few positions on.
-    const AHEAD: usize = 8;
-    let fetch = |rows: &[f32], p: usize| {
-        if p < len {
-            prefetch(&rows[at(p)..at(p) + d]);
-        }
-    };
-    for p in 0..len {
-        fetch(keys, p + AHEAD);
-        let k = &keys[at(p)..at(p) + d];
-        for (j, qh) in q.chunks_exact(d).enumerate() {
-            scores[j * len + p] = dot::<FMA>(qh, k) * scale;
+    // The table is walked block by block (a division per position would cost more than its
+    // products). Blocks lie anywhere in the pool, beyond the reach of the hardware
+    // prefetcher: each position asks the cache for the keys at its place in the next block,
+    // and for its own values, which the second pass reads.
+    let start = |b: usize| (table[b] * kv + kv_head) * bs * d;
+    let blocks = len.div_ceil(bs);
+    for b in 0..blocks {
+        let (here, next) = (start(b), (b + 1 < blocks).then(|| start(b + 1)));
+        for t in 0..bs.min(len - b * bs) {
+            if let Some(next) = next {
+                prefetch(&keys[next + t * d..next + (t + 1) * d]);
+            }
+            prefetch(&values[here + t * d..here + (t + 1) * d]);
+            let k = &keys[here + t * d..here + (t + 1) * d];
+            for (j, qh) in q.chunks_exact(d).enumerate() {
+                scores[j * len + b * bs + t] = dot::<FMA>(qh, k) * scale;
+            }
         }
     }
     for s in scores.chunks_exact_mut(len.max(1)) {
@@ -149,13 +152,15 @@ fn attend_group_in<const FMA: bool>(
         s.iter_mut().for_each(|v| *v *= inv);
     }
     out.fill(0.0);
-    for p in 0..len {
-        fetch(values, p + AHEAD);
-        let v = &values[at(p)..at(p) + d];
-        for (j, o) in out.chunks_exact_mut(d).enumerate() {
-            let w = scores[j * len + p];
-            for (o, v) in o.iter_mut().zip(v) {
-                *o = madd::<FMA>(w, *v, *o);
+    for b in 0..blocks {
+        let here = start(b);
+        for t in 0..bs.min(len - b * bs) {
+            let v = &values[here + t * d..here + (t + 1) * d];
+            for (j, o) in out.chunks_exact_mut(d).enumerate() {
+                let w = scores[j * len + b * bs + t];
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o = madd::<FMA>(w, *v, *o);
+                }
             }
         }
     }
@@ -218,20 +223,37 @@ mod tests {
     #[test]
     fn paged_attention_matches_a_contiguous_reference() {
         // 2 rows over shuffled blocks of 4: lengths 7 (a partial block) and 1.
+        let tables: [&[usize]; 2] = [&[3, 0], &[4]];
+        matches_the_reference(6, 2, 4, 5, 5, &[(tables[0], 7), (tables[1], 1)]);
+    }
+
+    #[test]
+    fn tables_of_many_blocks_match_the_reference() {
+        // Heads of 64 over tables of five, two and one blocks of 8, the last ones partial.
+        let tables: [&[usize]; 3] = [&[5, 0, 7, 2, 9], &[1, 3], &[8]];
+        let rows = [(tables[0], 37), (tables[1], 16), (tables[2], 1)];
+        matches_the_reference(9, 3, 8, 64, 10, &rows);
+    }
+
+    /// `paged_decode_attention` against attention in f64 over the rows' positions.
+    fn matches_the_reference(
+        h: usize,
+        kv: usize,
+        bs: usize,
+        d: usize,
+        blocks: usize,
+        rows: &[(&[usize], usize)],
+    ) {
         let layout = PagedLayout {
-            heads: 6,
-            kv_heads: 2,
-            block_size: 4,
-            head_dim: 5,
+            heads: h,
+            kv_heads: kv,
+            block_size: bs,
+            head_dim: d,
         };
-        let (h, kv, bs, d) = (6, 2, 4, 5);
-        let blocks = 5;
         let keys = values(blocks * kv * bs * d, 1);
         let vals = values(blocks * kv * bs * d, 2);
-        let q = values(2 * h * d, 3);
-        let tables: [&[usize]; 2] = [&[3, 0], &[4]];
-        let rows = [(tables[0], 7), (tables[1], 1)];
-        let got = paged_decode_attention(&q, &keys, &vals, layout, &rows);
+        let q = values(rows.len() * h * d, 3);
+        let got = paged_decode_attention(&q, &keys, &vals, layout, rows);
         for (i, &(table, len)) in rows.iter().enumerate() {
             for head in 0..h {
                 let kvh = head / (h / kv);
