@@ -4,9 +4,72 @@
 //! pairs across rayon's threads.
 //!
 //! For row i and query head j (key/value head j / g for g query heads per key/value head):
-//! out = softmax(q k^T / sqrt(d)) v over the row's first `len` positions.
+//! out = softmax(q k^T / sqrt(d)) v over the row's first `len` positions. Keys and values
+//! may be f32 or f16 ([`KvElement`]): at 16 sequences reading them from memory is most of
+//! the attention's time, and f16 halves it (llama.cpp's cache holds f16 too).
 
+use half::f16;
 use rayon::prelude::*;
+
+/// Most values in one head (the widened rows live on the stack).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// A type of the keys and values in a cache, widened to f32 a row at a time.
+pub trait KvElement: Copy + Default + Send + Sync + 'static {
+    /// `src` as f32 into `dst` (as long).
+    fn widen(src: &[Self], dst: &mut [f32]);
+
+    /// [`KvElement::widen`] for callers compiled with AVX2 and F16C.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen_f16c(src: &[Self], dst: &mut [f32]) {
+        Self::widen(src, dst)
+    }
+
+    /// `src` rounded into `dst` (as long).
+    fn narrow(src: &[f32], dst: &mut [Self]);
+}
+
+impl KvElement for f32 {
+    #[inline(always)]
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+
+    fn narrow(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl KvElement for f16 {
+    #[inline(always)]
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
+        use std::arch::x86_64::*;
+        assert_eq!(src.len(), dst.len(), "widen: lengths");
+        let whole = src.len() / 8;
+        for c in 0..whole {
+            let h = _mm_loadu_si128(src.as_ptr().add(8 * c) as *const __m128i);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(8 * c), _mm256_cvtph_ps(h));
+        }
+        Self::widen(&src[8 * whole..], &mut dst[8 * whole..]);
+    }
+
+    fn narrow(src: &[f32], dst: &mut [f16]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+}
 
 /// Shapes of the query and of the paged keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,10 +87,10 @@ pub struct PagedLayout {
 /// Attention output `[rows, heads * head_dim]` for queries `q` `[rows, heads, head_dim]`;
 /// `keys` and `values` are `[blocks, kv_heads, block_size, head_dim]`, and `rows[i]` holds row
 /// i's block table and its length in positions (at least 1).
-pub fn paged_decode_attention(
+pub fn paged_decode_attention<T: KvElement>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     layout: PagedLayout,
     rows: &[(&[usize], usize)],
 ) -> Vec<f32> {
@@ -63,10 +126,10 @@ pub fn paged_decode_attention(
 /// `len` positions of a block table: `out` (g * d values, overwritten) = softmax(q k^T /
 /// sqrt(d)) v per head, each key and value read once for the group. `scores` is scratch.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_group(
+pub fn attend_group<T: KvElement>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     layout: PagedLayout,
     kv_head: usize,
     table: &[usize],
@@ -76,22 +139,22 @@ pub fn attend_group(
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::matvec::Isa::active() != crate::matvec::Isa::Portable {
-        // SAFETY: AVX2 and FMA were detected for every non-portable variant.
+        // SAFETY: AVX2, FMA and F16C were detected for every non-portable variant.
         return unsafe {
             attend_group_avx2(q, keys, values, layout, kv_head, table, len, scores, out)
         };
     }
-    attend_group_in::<false>(q, keys, values, layout, kv_head, table, len, scores, out)
+    attend_group_in::<T, false>(q, keys, values, layout, kv_head, table, len, scores, out)
 }
 
-/// [`attend_group`] compiled for AVX2 and FMA, so that its loops vectorize eight wide.
+/// [`attend_group`] compiled for AVX2, FMA and F16C, so that its loops vectorize eight wide.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_group_avx2(
+unsafe fn attend_group_avx2<T: KvElement>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     layout: PagedLayout,
     kv_head: usize,
     table: &[usize],
@@ -99,17 +162,18 @@ unsafe fn attend_group_avx2(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    attend_group_in::<true>(q, keys, values, layout, kv_head, table, len, scores, out)
+    attend_group_in::<T, true>(q, keys, values, layout, kv_head, table, len, scores, out)
 }
 
 /// [`attend_group`]'s loops; `FMA` fuses their multiply-adds (without the instruction a
-/// fused multiply-add is a library call).
+/// fused multiply-add is a library call) and widens f16 with F16C. Each position's key and
+/// value rows are widened into a buffer on the stack before they meet the heads.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_group_in<const FMA: bool>(
+fn attend_group_in<T: KvElement, const FMA: bool>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     layout: PagedLayout,
     kv_head: usize,
     table: &[usize],
@@ -124,6 +188,9 @@ fn attend_group_in<const FMA: bool>(
         ..
     } = layout;
     let g = q.len() / d;
+    assert!(d <= MAX_HEAD_DIM, "attention: heads of {d} values");
+    let mut row = [0f32; MAX_HEAD_DIM];
+    let row = &mut row[..d];
     let scale = 1.0 / (d as f32).sqrt();
     scores.clear();
     scores.resize(g * len, 0.0);
@@ -140,9 +207,9 @@ fn attend_group_in<const FMA: bool>(
                 prefetch(&keys[next + t * d..next + (t + 1) * d]);
             }
             prefetch(&values[here + t * d..here + (t + 1) * d]);
-            let k = &keys[here + t * d..here + (t + 1) * d];
+            widen::<T, FMA>(&keys[here + t * d..here + (t + 1) * d], row);
             for (j, qh) in q.chunks_exact(d).enumerate() {
-                scores[j * len + b * bs + t] = dot::<FMA>(qh, k) * scale;
+                scores[j * len + b * bs + t] = dot::<FMA>(qh, row) * scale;
             }
         }
     }
@@ -155,10 +222,10 @@ fn attend_group_in<const FMA: bool>(
     for b in 0..blocks {
         let here = start(b);
         for t in 0..bs.min(len - b * bs) {
-            let v = &values[here + t * d..here + (t + 1) * d];
+            widen::<T, FMA>(&values[here + t * d..here + (t + 1) * d], row);
             for (j, o) in out.chunks_exact_mut(d).enumerate() {
                 let w = scores[j * len + b * bs + t];
-                for (o, v) in o.iter_mut().zip(v) {
+                for (o, v) in o.iter_mut().zip(&*row) {
                     *o = madd::<FMA>(w, *v, *o);
                 }
             }
@@ -166,11 +233,24 @@ fn attend_group_in<const FMA: bool>(
     }
 }
 
+/// `src` widened into `dst`, with F16C where `FMA` (the caller compiled for AVX2, FMA and
+/// F16C). A function, not a closure: a closure is not compiled with its caller's features.
+#[inline(always)]
+fn widen<T: KvElement, const FMA: bool>(src: &[T], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: only the caller compiled for AVX2, FMA and F16C sets FMA, and it runs
+        // where they were detected.
+        return unsafe { T::widen_f16c(src, dst) };
+    }
+    T::widen(src, dst)
+}
+
 /// Asks the cache for the lines of `row` (a head's keys or values at one position).
 #[inline(always)]
-fn prefetch(row: &[f32]) {
+fn prefetch<T>(row: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(16) {
+    for line in row.chunks(64 / std::mem::size_of::<T>().max(1)) {
         // SAFETY: SSE is part of x86-64; a prefetch reads nothing.
         unsafe {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -224,7 +304,7 @@ mod tests {
     fn paged_attention_matches_a_contiguous_reference() {
         // 2 rows over shuffled blocks of 4: lengths 7 (a partial block) and 1.
         let tables: [&[usize]; 2] = [&[3, 0], &[4]];
-        matches_the_reference(6, 2, 4, 5, 5, &[(tables[0], 7), (tables[1], 1)]);
+        matches_the_reference::<f32>(6, 2, 4, 5, 5, &[(tables[0], 7), (tables[1], 1)]);
     }
 
     #[test]
@@ -232,11 +312,19 @@ mod tests {
         // Heads of 64 over tables of five, two and one blocks of 8, the last ones partial.
         let tables: [&[usize]; 3] = [&[5, 0, 7, 2, 9], &[1, 3], &[8]];
         let rows = [(tables[0], 37), (tables[1], 16), (tables[2], 1)];
-        matches_the_reference(9, 3, 8, 64, 10, &rows);
+        matches_the_reference::<f32>(9, 3, 8, 64, 10, &rows);
+    }
+
+    #[test]
+    fn an_f16_cache_matches_the_reference_over_its_values() {
+        // Heads of 64 (eight F16C conversions a row) and of 5 (the tail converted alone).
+        let tables: [&[usize]; 2] = [&[5, 0, 7, 2, 9], &[8]];
+        matches_the_reference::<f16>(9, 3, 8, 64, 10, &[(tables[0], 37), (tables[1], 3)]);
+        matches_the_reference::<f16>(6, 2, 4, 5, 10, &[(tables[0], 19), (tables[1], 2)]);
     }
 
     /// `paged_decode_attention` against attention in f64 over the rows' positions.
-    fn matches_the_reference(
+    fn matches_the_reference<T: KvElement>(
         h: usize,
         kv: usize,
         bs: usize,
@@ -250,10 +338,18 @@ mod tests {
             block_size: bs,
             head_dim: d,
         };
-        let keys = values(blocks * kv * bs * d, 1);
-        let vals = values(blocks * kv * bs * d, 2);
+        // The cache holds T; the reference reads what it holds.
+        let stored = |seed| {
+            let exact = values(blocks * kv * bs * d, seed);
+            let mut held = vec![T::default(); exact.len()];
+            T::narrow(&exact, &mut held);
+            let mut read = vec![0f32; exact.len()];
+            T::widen(&held, &mut read);
+            (held, read)
+        };
+        let ((key_cache, keys), (value_cache, vals)) = (stored(1), stored(2));
         let q = values(rows.len() * h * d, 3);
-        let got = paged_decode_attention(&q, &keys, &vals, layout, rows);
+        let got = paged_decode_attention(&q, &key_cache, &value_cache, layout, rows);
         for (i, &(table, len)) in rows.iter().enumerate() {
             for head in 0..h {
                 let kvh = head / (h / kv);

@@ -1,6 +1,6 @@
 //! The storage behind the paged KV cache: per layer, one key and one value tensor of
-//! `[blocks, kv, block_size, d]` ([`KvPool`], for burn's forward), or the same layout in host
-//! vectors ([`HostKvPool`], for the host forward). A sequence's position p lives in block
+//! `[blocks, kv, block_size, d]` ([`KvPool`], for burn's forward, f32), or the same layout in
+//! host vectors ([`HostKvPool`], for the host forward, f16). A sequence's position p lives in block
 //! `table[p / block_size]` at offset `p % block_size`; reading a sequence gathers its blocks
 //! (one index per block, not per token) and lays them end to end.
 
@@ -9,6 +9,7 @@ use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use ft_model::host_decode::HostKv;
 use ft_model::ragged::KvStore;
 use ft_model::QuantBackend;
+use half::f16;
 
 /// Keys and values of every block, for every layer.
 #[derive(Debug)]
@@ -74,8 +75,8 @@ impl<B: Backend> KvPool<B> {
 /// [`ft_model::host_decode::HostDecoder`] writes and attends over in place.
 #[derive(Debug)]
 pub struct HostKvPool {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
     block_size: usize,
     /// Values in one block of one layer.
     block_len: usize,
@@ -91,13 +92,18 @@ impl HostKvPool {
         block_size: usize,
     ) -> Self {
         let block_len = kv_heads * block_size * head_dim;
-        let empty = || vec![0f32; blocks * block_len];
+        let empty = || vec![f16::ZERO; blocks * block_len];
         Self {
             keys: (0..layers).map(|_| empty()).collect(),
             values: (0..layers).map(|_| empty()).collect(),
             block_size,
             block_len,
         }
+    }
+
+    /// Bytes of one token's keys and values over all layers (f16).
+    pub fn bytes_per_token(layers: usize, kv_heads: usize, head_dim: usize) -> usize {
+        2 * layers * kv_heads * head_dim * 2
     }
 
     /// Copies block `src` into block `dst` in every layer (copy on write of a shared block).

@@ -44,6 +44,16 @@ impl<B: QuantBackend> Runner<B> {
         }
     }
 
+    /// Bytes of one token's keys and values in the cache [`Runner::new`] would give `model`.
+    pub fn bytes_per_token(model: &LlamaForCausalLM<B>) -> usize {
+        let attn = &model.model.layers[0].self_attn;
+        let (layers, kv, d) = (model.model.layers.len(), attn.num_kv_heads, attn.head_dim);
+        match HostDecoder::new(model) {
+            Some(_) => HostKvPool::bytes_per_token(layers, kv, d),
+            None => KvPool::<B>::bytes_per_token(layers, kv, d),
+        }
+    }
+
     /// Whether the host forward runs.
     pub fn is_host(&self) -> bool {
         matches!(self, Self::Host { .. })

@@ -43,12 +43,7 @@ impl Job for ServeArgs {
             .map(|a| parse_adapter(a))
             .collect::<anyhow::Result<_>>()?;
         let pretrained = self.base.load::<B>(&device)?;
-        let c = &pretrained.config;
-        let per_token = ft_serve::kv_pool::KvPool::<B>::bytes_per_token(
-            c.num_hidden_layers,
-            c.num_key_value_heads,
-            c.head_dim,
-        );
+        let per_token = ft_serve::runner::Runner::bytes_per_token(&pretrained.model);
         let tokens = match self.kv_cache_bytes {
             Some(bytes) => bytes as usize / per_token,
             None => self.kv_cache_tokens,
