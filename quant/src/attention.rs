@@ -31,6 +31,13 @@ pub trait KvElement: Copy + Default + Send + Sync + 'static {
 
     /// `src` rounded into `dst` (as long).
     fn narrow(src: &[f32], dst: &mut [Self]);
+
+    /// Sixteen values at `src` as f32, for callers compiled with AVX-512 F.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `src` holds sixteen values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(src: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl KvElement for f32 {
@@ -41,6 +48,12 @@ impl KvElement for f32 {
 
     fn narrow(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(src: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(src)
     }
 }
 
@@ -68,6 +81,13 @@ impl KvElement for f16 {
     fn narrow(src: &[f32], dst: &mut [f16]) {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(src: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(src as *const __m256i))
     }
 }
 
@@ -138,11 +158,29 @@ pub fn attend_group<T: KvElement>(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::matvec::Isa::active() != crate::matvec::Isa::Portable {
-        // SAFETY: AVX2, FMA and F16C were detected for every non-portable variant.
-        return unsafe {
-            attend_group_avx2(q, keys, values, layout, kv_head, table, len, scores, out)
-        };
+    {
+        use crate::matvec::Isa;
+        let isa = Isa::active();
+        let g = q.len() / layout.head_dim.max(1);
+        if isa >= Isa::Avx512Vnni && layout.head_dim == 64 && (1..=4).contains(&g) {
+            let args = (q, keys, values, layout, kv_head, table, len, scores, out);
+            // SAFETY: AVX-512 F was detected for these variants; heads are of 64 and there
+            // are G of them.
+            return unsafe {
+                match g {
+                    1 => avx512::attend_group::<T, 1>(args),
+                    2 => avx512::attend_group::<T, 2>(args),
+                    3 => avx512::attend_group::<T, 3>(args),
+                    _ => avx512::attend_group::<T, 4>(args),
+                }
+            };
+        }
+        if isa != Isa::Portable {
+            // SAFETY: AVX2, FMA and F16C were detected for every non-portable variant.
+            return unsafe {
+                attend_group_avx2(q, keys, values, layout, kv_head, table, len, scores, out)
+            };
+        }
     }
     attend_group_in::<T, false>(q, keys, values, layout, kv_head, table, len, scores, out)
 }
@@ -233,6 +271,120 @@ fn attend_group_in<T: KvElement, const FMA: bool>(
     }
 }
 
+/// [`attend_group`] for G heads of 64 in AVX-512 registers: a position's key or value row
+/// is four vectors, each head's query and output sums four more, so that a position costs
+/// its loads and 12 multiply-adds per phase for three heads, and nothing goes back to memory
+/// but the scores.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{prefetch, KvElement, PagedLayout};
+
+    /// Vectors of 16 in a head.
+    const V: usize = 4;
+
+    /// The lanes of `v` added as [`super::lane_sum`] adds them (so that the AVX2 kernel
+    /// gives the same bits): halves of eight, four, two, one.
+    #[inline(always)]
+    unsafe fn lane_sum(v: __m512) -> f32 {
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let a = _mm256_add_ps(_mm512_castps512_ps256(v), high);
+        let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+        _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps::<1>(c, c)))
+    }
+
+    /// [`super::attend_group`]'s arguments.
+    pub(super) type Args<'a, T> = (
+        &'a [f32],
+        &'a [T],
+        &'a [T],
+        PagedLayout,
+        usize,
+        &'a [usize],
+        usize,
+        &'a mut Vec<f32>,
+        &'a mut [f32],
+    );
+
+    /// # Safety
+    /// The CPU must have AVX-512 F; heads are of 64, and `q` holds G of them.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn attend_group<T: KvElement, const G: usize>(
+        (q, keys, values, layout, kv_head, table, len, scores, out): Args<T>,
+    ) {
+        let PagedLayout {
+            kv_heads: kv,
+            block_size: bs,
+            head_dim: d,
+            ..
+        } = layout;
+        assert!(d == 16 * V && q.len() == G * d && out.len() == G * d && len > 0);
+        let mut qh = [[_mm512_setzero_ps(); V]; G];
+        for (j, head) in qh.iter_mut().enumerate() {
+            for (c, v) in head.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(q.as_ptr().add(j * d + 16 * c));
+            }
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        scores.clear();
+        scores.resize(G * len, 0.0);
+        let start = |b: usize| (table[b] * kv + kv_head) * bs * d;
+        let blocks = len.div_ceil(bs);
+        for b in 0..blocks {
+            let (here, next) = (start(b), (b + 1 < blocks).then(|| start(b + 1)));
+            for t in 0..bs.min(len - b * bs) {
+                if let Some(next) = next {
+                    prefetch(&keys[next + t * d..next + (t + 1) * d]);
+                }
+                let row = &values[here + t * d..here + (t + 1) * d];
+                prefetch(row);
+                let k = keys[here + t * d..here + (t + 1) * d].as_ptr();
+                let mut kr = [_mm512_setzero_ps(); V];
+                for (c, v) in kr.iter_mut().enumerate() {
+                    *v = T::load16(k.add(16 * c));
+                }
+                for (j, head) in qh.iter().enumerate() {
+                    let mut acc = _mm512_mul_ps(head[0], kr[0]);
+                    for c in 1..V {
+                        acc = _mm512_fmadd_ps(head[c], kr[c], acc);
+                    }
+                    scores[j * len + b * bs + t] = lane_sum(acc) * scale;
+                }
+            }
+        }
+        for s in scores.chunks_exact_mut(len) {
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let inv = 1.0 / crate::exp::exp_shifted(s, max);
+            s.iter_mut().for_each(|v| *v *= inv);
+        }
+        let mut acc = [[_mm512_setzero_ps(); V]; G];
+        for b in 0..blocks {
+            let here = start(b);
+            for t in 0..bs.min(len - b * bs) {
+                let p = b * bs + t;
+                let v = values[here + t * d..here + (t + 1) * d].as_ptr();
+                let mut vr = [_mm512_setzero_ps(); V];
+                for (c, x) in vr.iter_mut().enumerate() {
+                    *x = T::load16(v.add(16 * c));
+                }
+                for (j, head) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(scores[j * len + p]);
+                    for (a, x) in head.iter_mut().zip(&vr) {
+                        *a = _mm512_fmadd_ps(w, *x, *a);
+                    }
+                }
+            }
+        }
+        for (j, head) in acc.iter().enumerate() {
+            for (c, a) in head.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(j * d + 16 * c), *a);
+            }
+        }
+    }
+}
+
 /// `src` widened into `dst`, with F16C where `FMA` (the caller compiled for AVX2, FMA and
 /// F16C). A function, not a closure: a closure is not compiled with its caller's features.
 #[inline(always)]
@@ -271,23 +423,38 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// sum a * b in eight lanes, so that the compiler vectorizes it.
+/// sum a * b in sixteen lanes, so that the compiler vectorizes it: lane l takes elements l,
+/// l + 16, ... (the first product rounded alone, then multiply-adds), and the lanes are
+/// added by [`lane_sum`]. The AVX-512 kernel sums its vectors in just this way, so that
+/// both give the same bits.
 #[inline(always)]
 fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
+    let mut lanes = [0f32; 16];
+    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a16
         .remainder()
         .iter()
-        .zip(b8.remainder())
+        .zip(b16.remainder())
         .map(|(x, y)| x * y)
         .sum();
-    for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
-            lanes[l] = madd::<FMA>(x[l], y[l], lanes[l]);
+    for (c, (x, y)) in a16.zip(b16).enumerate() {
+        for l in 0..16 {
+            lanes[l] = if c == 0 {
+                x[l] * y[l]
+            } else {
+                madd::<FMA>(x[l], y[l], lanes[l])
+            };
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    lane_sum(lanes) + tail
+}
+
+/// The sixteen lanes added as a tree: lane i + lane i + 8, then halves of four, two, one.
+#[inline(always)]
+fn lane_sum(l: [f32; 16]) -> f32 {
+    let a: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
+    let b: [f32; 4] = std::array::from_fn(|i| a[i] + a[i + 4]);
+    (b[0] + b[2]) + (b[1] + b[3])
 }
 
 #[cfg(test)]
@@ -321,6 +488,66 @@ mod tests {
         let tables: [&[usize]; 2] = [&[5, 0, 7, 2, 9], &[8]];
         matches_the_reference::<f16>(9, 3, 8, 64, 10, &[(tables[0], 37), (tables[1], 3)]);
         matches_the_reference::<f16>(6, 2, 4, 5, 10, &[(tables[0], 19), (tables[1], 2)]);
+    }
+
+    #[test]
+    fn the_avx2_and_avx512_kernels_give_the_same_bits() {
+        use crate::matvec::Isa;
+        if !Isa::available().contains(&Isa::Avx512Vnni) {
+            return;
+        }
+        let layout = PagedLayout {
+            heads: 9,
+            kv_heads: 3,
+            block_size: 8,
+            head_dim: 64,
+        };
+        let table = [5, 0, 7, 2, 9];
+        let cache = values(10 * 3 * 8 * 64, 4);
+        let mut halves = vec![f16::ZERO; cache.len()];
+        f16::narrow(&cache, &mut halves);
+        let q = values(3 * 64, 5);
+        for len in [1, 17, 37] {
+            for kv_head in 0..3 {
+                let run = |wide: bool| {
+                    let (mut scores, mut out) = (Vec::new(), vec![0f32; 3 * 64]);
+                    let (k, v) = (&halves[..], &halves[..]);
+                    // SAFETY: AVX-512 F (and so AVX2, FMA and F16C) was detected.
+                    unsafe {
+                        if wide {
+                            let t = &table[..];
+                            let args = (
+                                &q[..],
+                                k,
+                                v,
+                                layout,
+                                kv_head,
+                                t,
+                                len,
+                                &mut scores,
+                                &mut out[..],
+                            );
+                            avx512::attend_group::<f16, 3>(args);
+                        } else {
+                            let t = &table[..];
+                            attend_group_avx2(
+                                &q,
+                                k,
+                                v,
+                                layout,
+                                kv_head,
+                                t,
+                                len,
+                                &mut scores,
+                                &mut out,
+                            );
+                        }
+                    }
+                    out
+                };
+                assert_eq!(run(false), run(true), "len {len} head {kv_head}");
+            }
+        }
     }
 
     /// `paged_decode_attention` against attention in f64 over the rows' positions.
