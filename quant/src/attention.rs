@@ -232,34 +232,22 @@ fn attend_group_in<T: KvElement, const FMA: bool>(
     let scale = 1.0 / (d as f32).sqrt();
     scores.clear();
     scores.resize(g * len, 0.0);
-    // The table is walked block by block (a division per position would cost more than its
-    // products). Blocks lie anywhere in the pool, beyond the reach of the hardware
-    // prefetcher: each position asks the cache for the keys at its place in the next block,
-    // and for its own values, which the second pass reads.
-    let start = |b: usize| (table[b] * kv + kv_head) * bs * d;
-    let blocks = len.div_ceil(bs);
-    for b in 0..blocks {
-        let (here, next) = (start(b), (b + 1 < blocks).then(|| start(b + 1)));
-        for t in 0..bs.min(len - b * bs) {
-            if let Some(next) = next {
-                prefetch(&keys[next + t * d..next + (t + 1) * d]);
-            }
-            prefetch(&values[here + t * d..here + (t + 1) * d]);
+    let walk = Walk::new(table, kv, kv_head, bs, d, len);
+    for b in 0..walk.blocks {
+        let here = walk.start(b);
+        for t in 0..walk.positions(b) {
+            walk.fetch(keys, values, b, t);
             widen::<T, FMA>(&keys[here + t * d..here + (t + 1) * d], row);
             for (j, qh) in q.chunks_exact(d).enumerate() {
                 scores[j * len + b * bs + t] = dot::<FMA>(qh, row) * scale;
             }
         }
     }
-    for s in scores.chunks_exact_mut(len.max(1)) {
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let inv = 1.0 / crate::exp::exp_shifted(s, max);
-        s.iter_mut().for_each(|v| *v *= inv);
-    }
+    softmax_each(scores, len);
     out.fill(0.0);
-    for b in 0..blocks {
-        let here = start(b);
-        for t in 0..bs.min(len - b * bs) {
+    for b in 0..walk.blocks {
+        let here = walk.start(b);
+        for t in 0..walk.positions(b) {
             widen::<T, FMA>(&values[here + t * d..here + (t + 1) * d], row);
             for (j, o) in out.chunks_exact_mut(d).enumerate() {
                 let w = scores[j * len + b * bs + t];
@@ -279,7 +267,7 @@ fn attend_group_in<T: KvElement, const FMA: bool>(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{prefetch, KvElement, PagedLayout};
+    use super::{softmax_each, KvElement, PagedLayout, Walk};
 
     /// Vectors of 16 in a head.
     const V: usize = 4;
@@ -330,16 +318,11 @@ mod avx512 {
         let scale = 1.0 / (d as f32).sqrt();
         scores.clear();
         scores.resize(G * len, 0.0);
-        let start = |b: usize| (table[b] * kv + kv_head) * bs * d;
-        let blocks = len.div_ceil(bs);
-        for b in 0..blocks {
-            let (here, next) = (start(b), (b + 1 < blocks).then(|| start(b + 1)));
-            for t in 0..bs.min(len - b * bs) {
-                if let Some(next) = next {
-                    prefetch(&keys[next + t * d..next + (t + 1) * d]);
-                }
-                let row = &values[here + t * d..here + (t + 1) * d];
-                prefetch(row);
+        let walk = Walk::new(table, kv, kv_head, bs, d, len);
+        for b in 0..walk.blocks {
+            let here = walk.start(b);
+            for t in 0..walk.positions(b) {
+                walk.fetch(keys, values, b, t);
                 let k = keys[here + t * d..here + (t + 1) * d].as_ptr();
                 let mut kr = [_mm512_setzero_ps(); V];
                 for (c, v) in kr.iter_mut().enumerate() {
@@ -354,15 +337,11 @@ mod avx512 {
                 }
             }
         }
-        for s in scores.chunks_exact_mut(len) {
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let inv = 1.0 / crate::exp::exp_shifted(s, max);
-            s.iter_mut().for_each(|v| *v *= inv);
-        }
+        softmax_each(scores, len);
         let mut acc = [[_mm512_setzero_ps(); V]; G];
-        for b in 0..blocks {
-            let here = start(b);
-            for t in 0..bs.min(len - b * bs) {
+        for b in 0..walk.blocks {
+            let here = walk.start(b);
+            for t in 0..walk.positions(b) {
                 let p = b * bs + t;
                 let v = values[here + t * d..here + (t + 1) * d].as_ptr();
                 let mut vr = [_mm512_setzero_ps(); V];
@@ -382,6 +361,73 @@ mod avx512 {
                 _mm512_storeu_ps(out.as_mut_ptr().add(j * d + 16 * c), *a);
             }
         }
+    }
+}
+
+/// The blocks of one sequence's table as one key/value head's rows lie in the pool, walked
+/// block by block (a division per position would cost more than its products). Blocks lie
+/// anywhere in the pool, beyond the reach of the hardware prefetcher, so each position asks
+/// for rows ahead ([`Walk::fetch`]).
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    table: &'a [usize],
+    kv: usize,
+    kv_head: usize,
+    bs: usize,
+    d: usize,
+    len: usize,
+    /// Blocks holding the first `len` positions.
+    blocks: usize,
+}
+
+impl<'a> Walk<'a> {
+    #[inline(always)]
+    fn new(table: &'a [usize], kv: usize, kv_head: usize, bs: usize, d: usize, len: usize) -> Self {
+        let blocks = len.div_ceil(bs);
+        Self {
+            table,
+            kv,
+            kv_head,
+            bs,
+            d,
+            len,
+            blocks,
+        }
+    }
+
+    /// Where block `b`'s first row starts.
+    #[inline(always)]
+    fn start(&self, b: usize) -> usize {
+        (self.table[b] * self.kv + self.kv_head) * self.bs * self.d
+    }
+
+    /// Asks the cache for the keys at position `t` of the next block and for the values at
+    /// position `t` of block `b`, which the second pass reads.
+    #[inline(always)]
+    fn fetch<T>(&self, keys: &[T], values: &[T], b: usize, t: usize) {
+        let d = self.d;
+        if b + 1 < self.blocks {
+            let next = self.start(b + 1) + t * d;
+            prefetch(&keys[next..next + d]);
+        }
+        let here = self.start(b) + t * d;
+        prefetch(&values[here..here + d]);
+    }
+
+    /// Positions of the first `len` in block `b`.
+    #[inline(always)]
+    fn positions(&self, b: usize) -> usize {
+        self.bs.min(self.len - b * self.bs)
+    }
+}
+
+/// Each run of `len` scores replaced by its softmax.
+#[inline(always)]
+fn softmax_each(scores: &mut [f32], len: usize) {
+    for s in scores.chunks_exact_mut(len.max(1)) {
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inv = 1.0 / crate::exp::exp_shifted(s, max);
+        s.iter_mut().for_each(|v| *v *= inv);
     }
 }
 
