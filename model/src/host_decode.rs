@@ -461,12 +461,7 @@ impl<B: QuantBackend> HostDecoder<B> {
                     }
                     let local = mine.start - offset..mine.end - offset;
                     let ys = step.project(s, l, module, linear, xs, local.clone());
-                    for (i, y) in ys.chunks_exact(mine.len()).enumerate() {
-                        unsafe {
-                            qkv.slice_mut(i * qkv_width + mine.start..i * qkv_width + mine.end)
-                        }
-                        .copy_from_slice(y);
-                    }
+                    unsafe { put_columns(&qkv, qkv_width, mine, ys) };
                 }
                 team.sync();
                 // RoPE on q and k, then k and v into the cache.
@@ -521,10 +516,7 @@ impl<B: QuantBackend> HostDecoder<B> {
                     gate.extend_from_slice(step.project(s, l, 4, gate_lin, xs, mine.clone()));
                     let up = step.project(s, l, 5, up_lin, xs, mine.clone());
                     ft_quant::exp::silu_times(gate, up);
-                    for (i, y) in gate.chunks_exact(mine.len()).enumerate() {
-                        unsafe { act.slice_mut(i * f + mine.start..i * f + mine.end) }
-                            .copy_from_slice(y);
-                    }
+                    unsafe { put_columns(&act, f, mine, gate) };
                 }
                 team.sync();
                 let xs = unsafe { act.get() };
@@ -550,10 +542,7 @@ impl<B: QuantBackend> HostDecoder<B> {
                 let mut ys = std::mem::take(&mut s.out);
                 ys.resize(mine.len() * m, 0.0);
                 matvec::weight_rows(head, e, hs, s.q8(), m, mine.clone(), &mut ys);
-                for (w, y) in ys.chunks_exact(mine.len()).enumerate() {
-                    unsafe { out.slice_mut(w * vocab + mine.start..w * vocab + mine.end) }
-                        .copy_from_slice(y);
-                }
+                unsafe { put_columns(&out, vocab, mine, &ys) };
                 s.out = ys;
             }
         });
@@ -695,6 +684,18 @@ impl Work {
 
     fn q8(&self) -> Option<&Q8Rows> {
         self.q8.as_ref()
+    }
+}
+
+/// Copies `ys` (rows of `cols.len()` values, as [`matvec::weight_rows`] writes them) into
+/// columns `cols` of the rows of `dst` (rows of `width`).
+///
+/// # Safety
+/// Those columns of `dst` are this thread's until the next barrier.
+unsafe fn put_columns(dst: &SharedMut<f32>, width: usize, cols: Range<usize>, ys: &[f32]) {
+    for (i, y) in ys.chunks_exact(cols.len()).enumerate() {
+        dst.slice_mut(i * width + cols.start..i * width + cols.end)
+            .copy_from_slice(y);
     }
 }
 
