@@ -111,8 +111,7 @@ const BLOCK_SIZE: usize = 16;
 #[cfg(test)]
 mod tests {
     use burn::backend::NdArray;
-    use burn::tensor::backend::Backend;
-    use ft_model::tiny::tiny_config;
+    use ft_model::tiny::{tiny_config, tiny_model};
 
     use super::*;
     use crate::{generate, Sampler, SamplingParams};
@@ -121,8 +120,7 @@ mod tests {
 
     #[test]
     fn batched_greedy_equals_one_prompt_at_a_time() {
-        B::seed(&Default::default(), 3);
-        let model = LlamaForCausalLM::<B>::init_random(&tiny_config(), &Default::default());
+        let model = tiny_model::<B>(&tiny_config(), 3);
         let prompts: Vec<Vec<u32>> = vec![
             vec![5, 6, 7],
             vec![100, 3],

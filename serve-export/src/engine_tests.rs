@@ -6,10 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use burn::backend::NdArray;
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use ft_adapters::peft::{LoraWeights, Matrix, PeftAdapter, PeftConfig};
-use ft_model::tiny::tiny_config;
+use ft_model::tiny::{tiny_config, tiny_model};
 use ft_model::LlamaForCausalLM;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -22,8 +21,7 @@ type B = NdArray<f32>;
 const EOS: u32 = 258;
 
 fn model() -> LlamaForCausalLM<B> {
-    B::seed(&Default::default(), 5);
-    LlamaForCausalLM::init_random(&tiny_config(), &Default::default())
+    tiny_model(&tiny_config(), 5)
 }
 
 /// A rank-2 adapter on q, v, up and down of every layer, large enough to change tokens.

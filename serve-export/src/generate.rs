@@ -147,8 +147,7 @@ fn generate_here<B: QuantBackend>(
 #[cfg(test)]
 mod tests {
     use burn::backend::NdArray;
-    use burn::tensor::backend::Backend;
-    use ft_model::tiny::tiny_config;
+    use ft_model::tiny::{tiny_config, tiny_model};
 
     use super::*;
     use crate::SamplingParams;
@@ -157,8 +156,7 @@ mod tests {
 
     #[test]
     fn the_stop_token_that_ended_generation_is_reported() {
-        B::seed(&Default::default(), 3);
-        let model = LlamaForCausalLM::<B>::init_random(&tiny_config(), &Default::default());
+        let model = tiny_model::<B>(&tiny_config(), 3);
         let greedy = || Sampler::new(SamplingParams::default());
         let free = generate(&model, &[5, 6, 7], 4, &[], &mut greedy(), |_| {});
         assert_eq!(free.ids.len(), 4);
