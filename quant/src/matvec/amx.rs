@@ -122,9 +122,11 @@ struct Buffers {
     /// Per block, [`TILE_BYTES`] of Q4 codes unpacked from the group's nibbles: group g
     /// (codes 4g..4g+4) of weight row r at byte 64 g + 4 r.
     w: Vec<u8>,
-    /// The last activation tile's codes, scales and sums when it holds fewer than 16 rows,
-    /// padded with zeros.
+    /// The last activation tile's codes when it holds fewer than 16 rows, padded with zeros.
     qs: Vec<i8>,
+    /// Every activation tile's scales and sums block by block (tile i, block b, row t at
+    /// `(i / 16 * blocks + b) * 16 + t`; rows past m zero), so that a block's sixteen lie
+    /// side by side.
     d: Vec<f32>,
     s: Vec<f32>,
 }
@@ -219,10 +221,16 @@ unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
         buf.qs.clear();
         buf.qs.extend_from_slice(&xq.qs[first * k..m * k]);
         buf.qs.resize(ROWS * k, 0);
-        for (padded, full) in [(&mut buf.d, &xq.d), (&mut buf.s, &xq.s)] {
-            padded.clear();
-            padded.extend_from_slice(&full[first * blocks..m * blocks]);
-            padded.resize(ROWS * blocks, 0.0);
+    }
+    let tiles = m.div_ceil(ROWS);
+    for (by_block, by_row) in [(&mut buf.d, &xq.d), (&mut buf.s, &xq.s)] {
+        by_block.clear();
+        by_block.resize(tiles * blocks * ROWS, 0.0);
+        for (row, values) in by_row[..m * blocks].chunks_exact(blocks).enumerate() {
+            let (tile, t) = (row / ROWS, row % ROWS);
+            for (b, &v) in values.iter().enumerate() {
+                by_block[(tile * blocks + b) * ROWS + t] = v;
+            }
         }
     }
     if BYTES != 34 {
@@ -274,15 +282,15 @@ unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
             _ => buf.w.as_ptr().add(b * TILE_BYTES),
         };
         for i in (0..m).step_by(ROWS) {
-            let (qs, d, s) = if i + ROWS <= m {
-                (
-                    xq.qs.as_ptr().add(i * k),
-                    xq.d.as_ptr().add(i * blocks),
-                    xq.s.as_ptr().add(i * blocks),
-                )
+            let qs = if i + ROWS <= m {
+                xq.qs.as_ptr().add(i * k)
             } else {
-                (buf.qs.as_ptr(), buf.d.as_ptr(), buf.s.as_ptr())
+                buf.qs.as_ptr()
             };
+            let (d, s) = (
+                buf.d.as_ptr().add(i * blocks),
+                buf.s.as_ptr().add(i * blocks),
+            );
             // Lane r of acc[t]: activation row i + t against weight row r. Block b's products
             // go into tile register b % 2 while block b - 1's sums are scaled, so that neither
             // waits for the other.
@@ -303,15 +311,19 @@ unsafe fn block_rows_for<const BYTES: usize, const CODES: usize>(
                 for (t, acc) in acc.iter_mut().enumerate() {
                     let isum = _mm512_loadu_si512(sums.0.as_ptr().add(t * ROWS) as *const _);
                     if BYTES != 34 {
-                        *acc = _mm512_fmadd_ps(wm, _mm512_set1_ps(*s.add(t * blocks + b)), *acc);
+                        *acc = _mm512_fmadd_ps(wm, _mm512_set1_ps(*s.add(b * ROWS + t)), *acc);
                     }
-                    let sc = _mm512_mul_ps(wd, _mm512_set1_ps(*d.add(t * blocks + b)));
+                    let sc = _mm512_mul_ps(wd, _mm512_set1_ps(*d.add(b * ROWS + t)));
                     *acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(isum), *acc);
                 }
             }
             // Each activation row takes the lanes of the group that are among `rows`; the
-            // masked-off lanes are neither read nor written.
-            for (t, acc) in acc.iter().enumerate().take(m - i) {
+            // masked-off lanes are neither read nor written. (All 16 visited, so that the
+            // loop unrolls and the sums stay in registers across the tile instructions.)
+            for (t, acc) in acc.iter().enumerate() {
+                if i + t >= m {
+                    break;
+                }
                 let at = out
                     .as_mut_ptr()
                     .wrapping_add((i + t) * n + start)
