@@ -389,6 +389,16 @@ impl<B: QuantBackend> HostDecoder<B> {
         let threads = team::size();
         ws.scratch.resize_with(threads, Default::default);
         let mut logits = vec![0f32; wanted.len() * vocab];
+        // Each row quantized once for the products that read it, by the thread that wrote it:
+        // the normed rows (q, k, v, then gate and up), the attention's output, the MLP's
+        // activations and the final normed rows.
+        let [q_normed, q_attn, q_act, q_hidden] = &mut ws.q8;
+        let (q_normed, q_attn, q_act, q_hidden) = (
+            q_normed.share(n * e),
+            q_attn.share(n * h * d),
+            q_act.share(n * f),
+            q_hidden.share(wanted.len() * e),
+        );
         let (x, xn, qkv, attn, act, hidden, out) = (
             SharedMut::new(&mut ws.x),
             SharedMut::new(&mut ws.xn),
@@ -434,25 +444,28 @@ impl<B: QuantBackend> HostDecoder<B> {
                     .copy_from_slice(&embed[id * e..(id + 1) * e]);
             }
             for (l, layer) in self.layers.iter().enumerate() {
+                let [q_lin, k_lin, v_lin, o_lin, gate_lin, up_lin, down_lin] = &layer.linears;
+                let needs_q8 = |linears: &[&HostLinear<B>]| {
+                    linears.iter().any(|p| p.weight.weights().needs_q8())
+                };
+                let qkv_q8 = needs_q8(&[q_lin, k_lin, v_lin]);
                 for i in tokens.clone() {
                     let row = unsafe { x.slice(i * e..(i + 1) * e) };
-                    rms_norm(row, &layer.input_norm, self.dims.eps, unsafe {
-                        xn.slice_mut(i * e..(i + 1) * e)
-                    });
+                    let normed = unsafe { xn.slice_mut(i * e..(i + 1) * e) };
+                    rms_norm(row, &layer.input_norm, self.dims.eps, normed);
+                    if qkv_q8 {
+                        unsafe { q_normed.quantize_at(i * e, normed) };
+                    }
                 }
                 team.sync();
                 // q | k | v, side by side in each token's row.
-                let [q_lin, k_lin, v_lin, o_lin, gate_lin, up_lin, down_lin] = &layer.linears;
                 let xs = unsafe { xn.get() };
+                let xq = qkv_q8.then(|| unsafe { q_normed.get() });
                 let parts = [
                     (q_lin, 0usize, 0usize),
                     (k_lin, 1, h * d),
                     (v_lin, 2, (h + kvh) * d),
                 ];
-                s.quantize(
-                    xs,
-                    parts.iter().any(|(p, ..)| p.weight.weights().needs_q8()),
-                );
                 let share = team.share(qkv_width, matvec::WEIGHT_ROWS);
                 for &(linear, module, offset) in &parts {
                     let mine = overlap(&share, offset..offset + linear.n_out);
@@ -460,7 +473,7 @@ impl<B: QuantBackend> HostDecoder<B> {
                         continue;
                     }
                     let local = mine.start - offset..mine.end - offset;
-                    let ys = step.project(s, l, module, linear, xs, local.clone());
+                    let ys = step.project(s, l, module, linear, xs, xq, local.clone());
                     unsafe { put_columns(&qkv, qkv_width, mine, ys) };
                 }
                 team.sync();
@@ -496,52 +509,72 @@ impl<B: QuantBackend> HostDecoder<B> {
                 }
                 team.sync();
                 let xs = unsafe { attn.get() };
-                s.quantize(xs, o_lin.weight.weights().needs_q8());
-                step.add_projection(s, team, l, 3, o_lin, xs, &x);
+                let o_q8 = needs_q8(&[o_lin]);
+                if o_q8 {
+                    // A token's heads come from several threads: quantized after they meet.
+                    for i in tokens.clone() {
+                        let at = i * h * d;
+                        unsafe { q_attn.quantize_at(at, &xs[at..at + h * d]) };
+                    }
+                    team.sync();
+                }
+                let xq = o_q8.then(|| unsafe { q_attn.get() });
+                step.add_projection(s, team, l, 3, o_lin, xs, xq, &x);
                 team.sync();
+                let gate_up_q8 = needs_q8(&[gate_lin, up_lin]);
                 for i in tokens.clone() {
                     let row = unsafe { x.slice(i * e..(i + 1) * e) };
-                    rms_norm(row, &layer.post_norm, self.dims.eps, unsafe {
-                        xn.slice_mut(i * e..(i + 1) * e)
-                    });
+                    let normed = unsafe { xn.slice_mut(i * e..(i + 1) * e) };
+                    rms_norm(row, &layer.post_norm, self.dims.eps, normed);
+                    if gate_up_q8 {
+                        unsafe { q_normed.quantize_at(i * e, normed) };
+                    }
                 }
                 team.sync();
-                // gate and up over the same columns, then silu(gate) * up.
+                // gate and up over the same columns, then silu(gate) * up, quantized by
+                // whole blocks (the columns are shared out in blocks) for the down product.
                 let xs = unsafe { xn.get() };
-                let q8 = gate_lin.weight.weights().needs_q8() || up_lin.weight.weights().needs_q8();
-                s.quantize(xs, q8);
-                let mine = team.share(f, matvec::WEIGHT_ROWS);
+                let xq = gate_up_q8.then(|| unsafe { q_normed.get() });
+                let down_q8 = needs_q8(&[down_lin]);
+                let mine = team.share(f, matvec::BLOCK);
                 if !mine.is_empty() {
                     gate.clear();
-                    gate.extend_from_slice(step.project(s, l, 4, gate_lin, xs, mine.clone()));
-                    let up = step.project(s, l, 5, up_lin, xs, mine.clone());
+                    gate.extend_from_slice(step.project(s, l, 4, gate_lin, xs, xq, mine.clone()));
+                    let up = step.project(s, l, 5, up_lin, xs, xq, mine.clone());
                     ft_quant::exp::silu_times(gate, up);
-                    unsafe { put_columns(&act, f, mine, gate) };
+                    unsafe { put_columns(&act, f, mine.clone(), gate) };
+                    if down_q8 {
+                        for (i, row) in gate.chunks_exact(mine.len()).enumerate() {
+                            unsafe { q_act.quantize_at(i * f + mine.start, row) };
+                        }
+                    }
                 }
                 team.sync();
                 let xs = unsafe { act.get() };
-                s.quantize(xs, down_lin.weight.weights().needs_q8());
-                step.add_projection(s, team, l, 6, down_lin, xs, &x);
+                let xq = down_q8.then(|| unsafe { q_act.get() });
+                step.add_projection(s, team, l, 6, down_lin, xs, xq, &x);
                 team.sync();
             }
             // The final norm of the wanted rows, then the head.
+            let head = self.head.weights();
             for w in team.share(wanted.len(), 1) {
                 let i = wanted[w];
                 let row = unsafe { x.slice(i * e..(i + 1) * e) };
-                rms_norm(row, &self.norm, self.dims.eps, unsafe {
-                    hidden.slice_mut(w * e..(w + 1) * e)
-                });
+                let normed = unsafe { hidden.slice_mut(w * e..(w + 1) * e) };
+                rms_norm(row, &self.norm, self.dims.eps, normed);
+                if head.needs_q8() {
+                    unsafe { q_hidden.quantize_at(w * e, normed) };
+                }
             }
             team.sync();
             let m = wanted.len();
             let hs = unsafe { hidden.get() };
-            let head = self.head.weights();
-            s.quantize(hs, head.needs_q8());
+            let xq = head.needs_q8().then(|| unsafe { q_hidden.get() });
             let mine = team.share(vocab, matvec::WEIGHT_ROWS);
             if !mine.is_empty() && m > 0 {
                 let mut ys = std::mem::take(&mut s.out);
                 ys.resize(mine.len() * m, 0.0);
-                matvec::weight_rows(head, e, hs, s.q8(), m, mine.clone(), &mut ys);
+                matvec::weight_rows(head, e, hs, xq, m, mine.clone(), &mut ys);
                 unsafe { put_columns(&out, vocab, mine, &ys) };
                 s.out = ys;
             }
@@ -561,7 +594,9 @@ struct Step<'a, B: QuantBackend> {
 
 impl<B: QuantBackend> Step<'_, B> {
     /// Output rows `rows` of `linear` (module `module` of layer `layer`) for all n tokens of
-    /// `x`, with bias and adapters: `[n, rows.len()]`, in `s.out`.
+    /// `x` (`xq`: x quantized, where the weight reads it), with bias and adapters: `[n,
+    /// rows.len()]`, in `s.out`.
+    #[allow(clippy::too_many_arguments)]
     fn project<'s>(
         &self,
         s: &'s mut Work,
@@ -569,21 +604,14 @@ impl<B: QuantBackend> Step<'_, B> {
         module: usize,
         linear: &HostLinear<B>,
         x: &[f32],
+        xq: Option<&Q8Rows>,
         rows: Range<usize>,
     ) -> &'s [f32] {
         let n = self.n;
         let k = linear.n_in;
         s.out.resize(rows.len() * n, 0.0);
         let mut out = std::mem::take(&mut s.out);
-        matvec::weight_rows(
-            linear.weight.weights(),
-            k,
-            x,
-            s.q8(),
-            n,
-            rows.clone(),
-            &mut out,
-        );
+        matvec::weight_rows(linear.weight.weights(), k, x, xq, n, rows.clone(), &mut out);
         if let Some(bias) = &linear.bias {
             for ys in out.chunks_mut(rows.len()) {
                 for (y, b) in ys.iter_mut().zip(&bias[rows.clone()]) {
@@ -619,6 +647,7 @@ impl<B: QuantBackend> Step<'_, B> {
         module: usize,
         linear: &HostLinear<B>,
         input: &[f32],
+        input_q8: Option<&Q8Rows>,
         x: &SharedMut<f32>,
     ) {
         let e = self.decoder.dims.e;
@@ -626,7 +655,7 @@ impl<B: QuantBackend> Step<'_, B> {
         if mine.is_empty() {
             return;
         }
-        let ys = self.project(s, layer, module, linear, input, mine.clone());
+        let ys = self.project(s, layer, module, linear, input, input_q8, mine.clone());
         for (i, y) in ys.chunks_exact(mine.len()).enumerate() {
             // SAFETY: these columns of x are this thread's until the next barrier.
             let dst = unsafe { x.slice_mut(i * e + mine.start..i * e + mine.end) };
@@ -647,6 +676,9 @@ pub struct Workspace {
     attn: Vec<f32>,
     act: Vec<f32>,
     hidden: Vec<f32>,
+    /// The quantized rows of the normed rows, the attention's output, the MLP's activations
+    /// and the final normed rows.
+    q8: [Q8Rows; 4],
     /// One per thread of the team.
     scratch: Vec<Mutex<Scratch>>,
 }
@@ -667,24 +699,9 @@ struct Scratch {
 /// One thread's buffers for the products of one operation.
 #[derive(Default)]
 struct Work {
-    q8: Option<Q8Rows>,
     out: Vec<f32>,
     t: Vec<f32>,
     scores: Vec<f32>,
-}
-
-impl Work {
-    /// Quantizes `x` for the next products if `needed` (each thread its own copy: cheaper at
-    /// these sizes than another barrier).
-    fn quantize(&mut self, x: &[f32], needed: bool) {
-        if needed {
-            self.q8.get_or_insert_with(Q8Rows::default).quantize(x);
-        }
-    }
-
-    fn q8(&self) -> Option<&Q8Rows> {
-        self.q8.as_ref()
-    }
 }
 
 /// Copies `ys` (rows of `cols.len()` values, as [`matvec::weight_rows`] writes them) into

@@ -16,6 +16,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::ggml::GgmlType;
+use crate::team::SharedMut;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -247,21 +248,25 @@ impl Q8Rows {
     /// Replaces the contents with `x` (whole blocks of 32) quantized.
     pub fn quantize(&mut self, x: &[f32]) {
         let blocks = x.len() / BLOCK;
-        let isa = Isa::active();
         self.qs.resize(blocks * BLOCK, 0);
         self.d.resize(blocks, 0.0);
         self.s.resize(blocks, 0.0);
-        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
-            let codes = &mut self.qs[b * BLOCK..(b + 1) * BLOCK];
-            let (d, sum) = match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2 was detected for every such variant; the block and its codes hold
-                // 32 values each.
-                isa if isa.has_avx2() => unsafe { avx2::quantize_block(block, codes) },
-                _ => portable::quantize_block(block, codes),
-            };
-            self.d[b] = d;
-            self.s[b] = d * sum as f32;
+        quantize_blocks(x, &mut self.qs, &mut self.d, &mut self.s);
+    }
+
+    /// Room for `len` values (whole blocks of 32), shared for the threads of a team to
+    /// quantize disjoint blocks into, so that each row is quantized once, not once per
+    /// thread.
+    pub fn share(&mut self, len: usize) -> SharedQ8Rows<'_> {
+        let blocks = len / BLOCK;
+        self.qs.resize(blocks * BLOCK, 0);
+        self.d.resize(blocks, 0.0);
+        self.s.resize(blocks, 0.0);
+        SharedQ8Rows {
+            rows: self as *const Self,
+            qs: SharedMut::new(&mut self.qs),
+            d: SharedMut::new(&mut self.d),
+            s: SharedMut::new(&mut self.s),
         }
     }
 
@@ -273,6 +278,68 @@ impl Q8Rows {
             d: &self.d[i * blocks..(i + 1) * blocks],
             s: &self.s[i * blocks..(i + 1) * blocks],
         }
+    }
+}
+
+/// A [`Q8Rows`] that the threads of a team fill block by block between two barriers
+/// ([`SharedQ8Rows::quantize_at`]) and all read after the barrier ([`SharedQ8Rows::get`]).
+pub struct SharedQ8Rows<'a> {
+    rows: *const Q8Rows,
+    qs: SharedMut<'a, i8>,
+    d: SharedMut<'a, f32>,
+    s: SharedMut<'a, f32>,
+}
+
+// SAFETY: the rows are only reached through the unsafe methods below, whose callers promise
+// that no two threads touch the same block between two barriers unless both only read.
+unsafe impl Sync for SharedQ8Rows<'_> {}
+
+impl SharedQ8Rows<'_> {
+    /// Quantizes `x` (whole blocks of 32) into the values from `at` (a multiple of 32) on.
+    ///
+    /// # Safety
+    /// No other thread may read or write those blocks until the next barrier.
+    pub unsafe fn quantize_at(&self, at: usize, x: &[f32]) {
+        assert!(
+            at.is_multiple_of(BLOCK),
+            "matvec: shared rows quantized from a block"
+        );
+        let (b, blocks) = (at / BLOCK, x.len() / BLOCK);
+        quantize_blocks(
+            x,
+            self.qs.slice_mut(at..at + blocks * BLOCK),
+            self.d.slice_mut(b..b + blocks),
+            self.s.slice_mut(b..b + blocks),
+        );
+    }
+
+    /// The rows, to read.
+    ///
+    /// # Safety
+    /// No thread may write them until the next barrier.
+    pub unsafe fn get(&self) -> &Q8Rows {
+        &*self.rows
+    }
+}
+
+/// The whole blocks of `x` quantized into `qs`, with their scales `d` and sums `s`.
+fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    let isa = Isa::active();
+    for (((block, codes), d), s) in x
+        .chunks_exact(BLOCK)
+        .zip(qs.chunks_exact_mut(BLOCK))
+        .zip(d)
+        .zip(s)
+    {
+        let (scale, sum) = match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 was detected for every such variant; the block and its codes hold
+            // 32 values each.
+            isa if isa.has_avx2() => unsafe { avx2::quantize_block(block, codes) },
+            _ => portable::quantize_block(block, codes),
+        };
+        *d = scale;
+        *s = scale * sum as f32;
     }
 }
 
@@ -1449,6 +1516,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn rows_quantized_by_a_team_block_by_block_equal_rows_quantized_at_once() {
+        // Rows of 96 values (3 blocks), shared out by block: a thread's blocks may end inside
+        // a row.
+        let (rows, k) = (7, 96);
+        let x = values(rows * k, 21);
+        let want = Q8Rows::new(&x);
+        let mut got = Q8Rows::default();
+        {
+            let shared = got.share(x.len());
+            crate::team::run(|team| {
+                for b in team.share(x.len() / BLOCK, 1) {
+                    let at = b * BLOCK;
+                    // SAFETY: each thread quantizes its own blocks, then the team meets.
+                    unsafe { shared.quantize_at(at, &x[at..at + BLOCK]) };
+                }
+                team.sync();
+                // SAFETY: nobody writes after the barrier.
+                let all = unsafe { shared.get() };
+                assert_eq!((&all.qs, &all.d, &all.s), (&want.qs, &want.d, &want.s));
+            });
+        }
+        assert_eq!((got.qs, got.d, got.s), (want.qs, want.d, want.s));
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub enum Runner<B: QuantBackend> {
         /// The cache's blocks.
         pool: HostKvPool,
         /// Buffers kept between steps.
-        workspace: Workspace,
+        workspace: Box<Workspace>,
     },
     /// burn's tensor operations.
     Burn {
@@ -36,7 +36,7 @@ impl<B: QuantBackend> Runner<B> {
             Some(decoder) => Self::Host {
                 decoder: Box::new(decoder),
                 pool: HostKvPool::new(layers, kv, d, blocks, block_size),
-                workspace: Workspace::default(),
+                workspace: Box::default(),
             },
             None => Self::Burn {
                 pool: KvPool::new(layers, kv, d, blocks, block_size, &model.device()),
