@@ -118,6 +118,24 @@ struct Work {
     len: usize,
 }
 
+/// The logits of one step: a row of the vocabulary for each share of the step whose
+/// sequence has all its tokens computed, read in place rather than copied out per row (16
+/// rows are 3 MB at SmolLM2's vocabulary).
+struct StepLogits {
+    logits: Vec<f32>,
+    vocab: usize,
+    /// Per share of the step (in its order), its row, if it has one.
+    row_of: Vec<Option<usize>>,
+}
+
+impl StepLogits {
+    /// Share `w`'s logits, or `None` for a prompt chunk before the last.
+    fn row(&self, w: usize) -> Option<&[f32]> {
+        let i = self.row_of[w]?;
+        Some(&self.logits[i * self.vocab..(i + 1) * self.vocab])
+    }
+}
+
 /// The engine: one base model, its adapters, the KV cache and the requests.
 pub struct Engine<B: QuantBackend> {
     model: LlamaForCausalLM<B>,
@@ -293,7 +311,7 @@ impl<B: QuantBackend> Engine<B> {
             return events;
         }
         let logits = self.forward(&work);
-        self.sample(&work, logits, &mut events);
+        self.sample(&work, &logits, &mut events);
         events
     }
 
@@ -434,8 +452,8 @@ impl<B: QuantBackend> Engine<B> {
     }
 
     /// Runs the step's ragged forward; returns the logits of every sequence whose tokens
-    /// are now all computed, in `work` order (`None` for prompt chunks before the last).
-    fn forward(&mut self, work: &[Work]) -> Vec<Option<Vec<f32>>> {
+    /// are now all computed.
+    fn forward(&mut self, work: &[Work]) -> StepLogits {
         let at: Vec<usize> = work
             .iter()
             .map(|w| self.running.iter().position(|a| a.id == w.id).unwrap_or(0))
@@ -487,33 +505,28 @@ impl<B: QuantBackend> Engine<B> {
             s.computed += work[w].len;
             s.seal_full_blocks(&mut self.blocks, self.config.prefix_cache);
         }
-        let mut out = vec![None; work.len()];
-        if wanted.is_empty() {
-            return out;
-        }
-        let vocab = logits.len() / wanted.len();
+        let mut row_of = vec![None; work.len()];
         for (i, &(_, w)) in wanted.iter().enumerate() {
-            out[w] = Some(logits[i * vocab..(i + 1) * vocab].to_vec());
+            row_of[w] = Some(i);
         }
-        out
+        StepLogits {
+            vocab: logits.len().checked_div(wanted.len()).unwrap_or(0),
+            logits,
+            row_of,
+        }
     }
 
     /// Picks the next tokens of every request that has logits, and finishes requests.
-    fn sample(
-        &mut self,
-        work: &[Work],
-        mut logits: Vec<Option<Vec<f32>>>,
-        events: &mut Vec<Event>,
-    ) {
+    fn sample(&mut self, work: &[Work], logits: &StepLogits, events: &mut Vec<Event>) {
         let mut done: Vec<(RequestId, FinishReason)> = Vec::new();
         let mut r = 0;
         while r < self.running.len() {
             let id = self.running[r].id;
-            let rows: Vec<(usize, Vec<f32>)> = work
+            let rows: Vec<(usize, &[f32])> = work
                 .iter()
                 .enumerate()
                 .filter(|(_, w)| w.id == id)
-                .filter_map(|(i, w)| logits[i].take().map(|l| (w.seq, l)))
+                .filter_map(|(i, w)| logits.row(i).map(|l| (w.seq, l)))
                 .collect();
             if rows.is_empty() {
                 r += 1;
@@ -522,7 +535,7 @@ impl<B: QuantBackend> Engine<B> {
             let finish = if self.running[r].is_beam() {
                 self.beam_step(r, rows, events)
             } else {
-                self.sample_one(r, &rows[0].1, events)
+                self.sample_one(r, rows[0].1, events)
             };
             if let Some(reason) = finish {
                 done.push((id, reason));
@@ -596,7 +609,7 @@ impl<B: QuantBackend> Engine<B> {
     fn beam_step(
         &mut self,
         r: usize,
-        rows: Vec<(usize, Vec<f32>)>,
+        rows: Vec<(usize, &[f32])>,
         events: &mut Vec<Event>,
     ) -> Option<FinishReason> {
         let a = &mut self.running[r];
