@@ -443,11 +443,10 @@ impl<B: QuantBackend> HostDecoder<B> {
                 unsafe { x.slice_mut(i * e..(i + 1) * e) }
                     .copy_from_slice(&embed[id * e..(id + 1) * e]);
             }
+            let needs_q8 =
+                |linears: &[&HostLinear<B>]| linears.iter().any(|p| p.weight.weights().needs_q8());
             for (l, layer) in self.layers.iter().enumerate() {
                 let [q_lin, k_lin, v_lin, o_lin, gate_lin, up_lin, down_lin] = &layer.linears;
-                let needs_q8 = |linears: &[&HostLinear<B>]| {
-                    linears.iter().any(|p| p.weight.weights().needs_q8())
-                };
                 let qkv_q8 = needs_q8(&[q_lin, k_lin, v_lin]);
                 for i in tokens.clone() {
                     let row = unsafe { x.slice(i * e..(i + 1) * e) };

@@ -247,21 +247,23 @@ impl Q8Rows {
 
     /// Replaces the contents with `x` (whole blocks of 32) quantized.
     pub fn quantize(&mut self, x: &[f32]) {
-        let blocks = x.len() / BLOCK;
+        self.resize(x.len());
+        quantize_blocks(x, &mut self.qs, &mut self.d, &mut self.s);
+    }
+
+    /// Room for the whole blocks of `len` values.
+    fn resize(&mut self, len: usize) {
+        let blocks = len / BLOCK;
         self.qs.resize(blocks * BLOCK, 0);
         self.d.resize(blocks, 0.0);
         self.s.resize(blocks, 0.0);
-        quantize_blocks(x, &mut self.qs, &mut self.d, &mut self.s);
     }
 
     /// Room for `len` values (whole blocks of 32), shared for the threads of a team to
     /// quantize disjoint blocks into, so that each row is quantized once, not once per
     /// thread.
     pub fn share(&mut self, len: usize) -> SharedQ8Rows<'_> {
-        let blocks = len / BLOCK;
-        self.qs.resize(blocks * BLOCK, 0);
-        self.d.resize(blocks, 0.0);
-        self.s.resize(blocks, 0.0);
+        self.resize(len);
         SharedQ8Rows {
             rows: self as *const Self,
             qs: SharedMut::new(&mut self.qs),
