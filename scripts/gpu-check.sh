@@ -39,7 +39,7 @@ if [ -n "${2:-}" ]; then
   ft=$(realpath "$2")
 else
   echo "== building ft with --features cuda"
-  (cd "$root" && cargo build --features cuda --bin ft --target-dir target-cuda) || exit 1
+  (cd "$root" && cargo build -p ft-cli --features cuda --bin ft --target-dir target-cuda) || exit 1
   ft=$root/target-cuda/debug/ft
 fi
 work=$(mktemp -d)

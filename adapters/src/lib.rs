@@ -7,6 +7,7 @@
 //! Depends only on ft-quant among ft crates; must not import ft-model or anything above it.
 #![warn(missing_docs)]
 
+pub mod atomic;
 pub mod hub;
 pub mod lora;
 pub mod peft;

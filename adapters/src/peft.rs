@@ -5,7 +5,7 @@
 //! `lora_A`/`lora_B` spelling, kept in this file.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -288,12 +288,7 @@ impl PeftAdapter {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
-    let tmp: PathBuf = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|e| AdapterError::io(path, e))
+    crate::atomic::write_atomic(path, bytes).map_err(|e| AdapterError::io(path, e))
 }
 
 #[cfg(test)]

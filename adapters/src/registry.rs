@@ -17,6 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::atomic::write_atomic;
 use crate::peft::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use crate::AdapterError;
 
@@ -253,9 +254,7 @@ impl Registry {
         let hex = sha256_hex(bytes);
         let path = self.blob_path(&hex);
         if !path.exists() {
-            let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-            std::fs::write(&tmp, bytes).map_err(|e| AdapterError::io(&tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| AdapterError::io(&path, e))?;
+            write_atomic(&path, bytes).map_err(|e| AdapterError::io(&path, e))?;
         }
         Ok(hex)
     }
@@ -373,9 +372,7 @@ impl Registry {
             let rel = safe_relative(file)?;
             let bytes = self.blob(hex)?;
             let path = dest.join(rel);
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &bytes).map_err(|e| AdapterError::io(&tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| AdapterError::io(&path, e))?;
+            write_atomic(&path, &bytes).map_err(|e| AdapterError::io(&path, e))?;
         }
         Ok(())
     }

@@ -123,9 +123,7 @@ impl TopKCache {
         ]
         .into();
         let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| err(e.to_string()))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes).map_err(|e| err(e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+        ft_adapters::atomic::write_atomic(path, &bytes).map_err(|e| err(e.to_string()))
     }
 
     /// Reads a cache, refusing one made by another teacher or vocabulary than expected.

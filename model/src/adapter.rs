@@ -68,6 +68,43 @@ impl<B: Backend> LlamaForCausalLM<B> {
             .collect()
     }
 
+    /// The PEFT config of the adapters attached with `lora`: the rank, the target modules and
+    /// the layers come from the attached layers themselves (never from a recipe), so the file
+    /// always describes its tensors; `layers_to_transform` is left out when every layer is
+    /// adapted.
+    pub fn peft_config(&self, lora: &LoraConfig, base_model: Option<String>) -> PeftConfig {
+        let attached: Vec<(usize, String, usize)> = self
+            .linears()
+            .into_iter()
+            .filter_map(|(name, l)| {
+                let rank = l.lora.as_ref()?.lora_a.dims()[0];
+                let (index, module) = split_name(&name);
+                Some((index, module.to_string(), rank))
+            })
+            .collect();
+        let mut targets: Vec<String> = attached.iter().map(|(_, m, _)| m.clone()).collect();
+        targets.sort();
+        targets.dedup();
+        let mut layers: Vec<usize> = attached.iter().map(|&(i, _, _)| i).collect();
+        layers.sort_unstable();
+        layers.dedup();
+        let every_layer = layers.len() == self.model.layers.len();
+        PeftConfig {
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            r: attached.first().map_or(lora.r, |&(_, _, rank)| rank),
+            lora_alpha: lora.alpha,
+            target_modules: targets,
+            lora_dropout: lora.dropout,
+            bias: "none".into(),
+            use_rslora: lora.rslora,
+            fan_in_fan_out: false,
+            base_model_name_or_path: base_model,
+            inference_mode: true,
+            layers_to_transform: (!every_layer).then_some(layers),
+        }
+    }
+
     /// The attached adapters as a PEFT adapter (host f32 copies) with `config`.
     pub fn to_peft(&self, config: PeftConfig) -> PeftAdapter {
         let matrix = |t: Tensor<B, 2>| Matrix {

@@ -2,7 +2,6 @@
 //! building test checkpoints. Written to a temporary file and renamed, so a crash never
 //! leaves a half-written model behind.
 
-use std::io::Write;
 use std::path::Path;
 
 use crate::error::ModelError;
@@ -125,19 +124,10 @@ impl GgufWriter {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary sibling and a rename.
+/// Writes `bytes` to `path` atomically ([`ft_adapters::atomic::write_atomic`]), the error naming
+/// the file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|e| ModelError::io(path, e))
+    ft_adapters::atomic::write_atomic(path, bytes).map_err(|e| ModelError::io(path, e))
 }
 
 #[cfg(test)]

@@ -33,8 +33,16 @@ pub mod weights;
 pub use cache::KvCache;
 pub use config::LlamaConfig;
 pub use error::ModelError;
-/// The backend trait every model forward needs (packed weights under autodiff).
-pub use ft_quant::QuantBackend;
+/// The frozen-weight types and the backend trait every model forward needs (packed weights
+/// under autodiff): the crates above the model use them through here, never ft-quant itself.
+pub use ft_quant::{Linear, QuantBackend, QuantFormat, QuantSpec};
 pub use llama::LlamaForCausalLM;
 pub use pretrained::Pretrained;
 pub use tokenizer::TextTokenizer;
+
+/// Run-time controls of the CPU kernels that the crates above the model need: the thread the
+/// kernels run on, the instruction-set cap, and the packed-matmul switches of training.
+pub mod kernels {
+    pub use ft_quant::backend::{dequant_seconds, set_bf16_compute};
+    pub use ft_quant::matvec::{on_kernel_thread, Isa, MAX_ISA_VAR};
+}

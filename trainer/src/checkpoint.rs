@@ -7,7 +7,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use burn::module::Param;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
@@ -17,6 +16,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{write_atomic, At, Result, TrainError};
 use crate::optim::AdamW;
 
 const STATE_FILE: &str = "trainer_state.json";
@@ -55,15 +55,17 @@ pub struct TrainerState {
 
 /// The checkpoint to resume from: `dir` itself when it is one, else the newest in
 /// `dir/checkpoints`.
-pub fn find(dir: &Path) -> anyhow::Result<PathBuf> {
+pub fn find(dir: &Path) -> Result<PathBuf> {
     if dir.join(STATE_FILE).is_file() {
         return Ok(dir.to_path_buf());
     }
     let list = dir.join("checkpoints");
-    finished(&list)
-        .last()
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("train.resume: {} holds no checkpoint", dir.display()))
+    finished(&list).last().cloned().ok_or_else(|| {
+        TrainError::Invalid(format!(
+            "train.resume: {} holds no checkpoint",
+            dir.display()
+        ))
+    })
 }
 
 /// Finished checkpoints in `list`, oldest first.
@@ -86,12 +88,12 @@ fn finished(list: &Path) -> Vec<PathBuf> {
 }
 
 /// Removes `out/checkpoints`; returns whether there was one.
-pub fn clear(out: &Path) -> anyhow::Result<bool> {
+pub fn clear(out: &Path) -> Result<bool> {
     let list = out.join("checkpoints");
     if !list.exists() {
         return Ok(false);
     }
-    std::fs::remove_dir_all(&list).with_context(|| format!("removing {}", list.display()))?;
+    std::fs::remove_dir_all(&list).map_err(|e| TrainError::io(&list, e))?;
     Ok(true)
 }
 
@@ -99,16 +101,16 @@ pub fn clear(out: &Path) -> anyhow::Result<bool> {
 /// trained weights into the folder it is given, then come the optimizer and the state.
 pub fn save<B: Backend>(
     out: &Path,
-    write_weights: impl FnOnce(&Path) -> anyhow::Result<()>,
+    write_weights: impl FnOnce(&Path) -> Result<()>,
     optimizer: &AdamW<B>,
     state: &TrainerState,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let list = out.join("checkpoints");
-    std::fs::create_dir_all(&list).with_context(|| format!("creating {}", list.display()))?;
+    std::fs::create_dir_all(&list).map_err(|e| TrainError::io(&list, e))?;
     let name = format!("step-{:06}", state.step);
     let tmp = list.join(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     write_weights(&tmp)?;
 
     let moments = optimizer.export();
@@ -128,18 +130,19 @@ pub fn save<B: Backend>(
         .iter()
         .map(|(k, shape, b)| TensorView::new(Dtype::F32, shape.to_vec(), b).map(|v| (k.clone(), v)))
         .collect::<Result<Vec<_>, _>>()?;
-    std::fs::write(
-        tmp.join(OPTIMIZER_FILE),
-        safetensors::serialize(views, None)?,
+    write_atomic(
+        &tmp.join(OPTIMIZER_FILE),
+        &safetensors::serialize(views, None)?,
     )?;
     let mut state = state.clone();
     state.optimizer_t = optimizer.t;
     state.paged = optimizer.paged_names();
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
+    write_atomic(&tmp.join(STATE_FILE), &serde_json::to_vec_pretty(&state)?)?;
 
     let dest = list.join(&name);
     let _ = std::fs::remove_dir_all(&dest);
-    std::fs::rename(&tmp, &dest).with_context(|| format!("writing {}", dest.display()))?;
+    std::fs::rename(&tmp, &dest).map_err(|e| TrainError::io(&dest, e))?;
+    ft_adapters::atomic::sync_dir(&list).map_err(|e| TrainError::io(&list, e))?;
     let all = finished(&list);
     for old in all.iter().take(all.len().saturating_sub(KEEP)) {
         let _ = std::fs::remove_dir_all(old);
@@ -153,7 +156,7 @@ pub fn load<B: AutodiffBackend>(
     model: &mut LlamaForCausalLM<B>,
     optimizer: &mut AdamW<B::InnerBackend>,
     device: &B::Device,
-) -> anyhow::Result<TrainerState> {
+) -> Result<TrainerState> {
     let state = load_state(dir)?;
     load_adapters(dir, model, device)?;
     load_optimizer(dir, optimizer, &state, device)?;
@@ -161,12 +164,10 @@ pub fn load<B: AutodiffBackend>(
 }
 
 /// The trainer state of checkpoint `dir`.
-pub fn load_state(dir: &Path) -> anyhow::Result<TrainerState> {
-    serde_json::from_slice(
-        &std::fs::read(dir.join(STATE_FILE))
-            .with_context(|| format!("reading {}", dir.display()))?,
-    )
-    .with_context(|| format!("{}: not a trainer state", dir.join(STATE_FILE).display()))
+pub fn load_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
+    serde_json::from_slice(&bytes).at_with(|| format!("{}: not a trainer state", path.display()))
 }
 
 /// Puts the adapter weights of checkpoint `dir` into the model's adapters (same modules).
@@ -174,21 +175,21 @@ pub fn load_adapters<B: Backend>(
     dir: &Path,
     model: &mut LlamaForCausalLM<B>,
     device: &B::Device,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let adapter = PeftAdapter::read(dir)?;
     let mut loras = model.loras_mut();
-    anyhow::ensure!(
-        loras.len() == adapter.modules.len(),
-        "{}: the checkpoint adapts {} modules, the recipe {}",
-        dir.display(),
-        adapter.modules.len(),
-        loras.len()
-    );
+    if loras.len() != adapter.modules.len() {
+        return Err(TrainError::Invalid(format!(
+            "{}: the checkpoint adapts {} modules, the recipe {}",
+            dir.display(),
+            adapter.modules.len(),
+            loras.len()
+        )));
+    }
     for (name, lora) in loras.iter_mut() {
-        let w = adapter
-            .modules
-            .get(name.as_str())
-            .ok_or_else(|| anyhow::anyhow!("{}: no weights for {name}", dir.display()))?;
+        let w = adapter.modules.get(name.as_str()).ok_or_else(|| {
+            TrainError::Invalid(format!("{}: no weights for {name}", dir.display()))
+        })?;
         let t = |m: &ft_adapters::peft::Matrix| {
             Tensor::<B, 2>::from_data(
                 TensorData::new(m.data.clone(), m.shape).convert::<B::FloatElem>(),
@@ -207,19 +208,19 @@ pub fn load_optimizer<B: Backend>(
     optimizer: &mut AdamW<B>,
     state: &TrainerState,
     device: &B::Device,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let path = dir.join(OPTIMIZER_FILE);
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}", path.display()))?;
+    let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
+    let st = SafeTensors::deserialize(&bytes).at(path.display())?;
     let mut moments = Vec::new();
     for name in st.names() {
         let Some(param) = name.strip_prefix("exp_avg.") else {
             continue;
         };
-        let read = |key: &str| -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+        let read = |key: &str| -> Result<(Vec<usize>, Vec<f32>)> {
             let t = st
                 .tensor(key)
-                .with_context(|| format!("{}: {key}", path.display()))?;
+                .at_with(|| format!("{}: {key}", path.display()))?;
             let v = t
                 .data()
                 .chunks_exact(4)
@@ -229,11 +230,12 @@ pub fn load_optimizer<B: Backend>(
         };
         let (shape, m) = read(name)?;
         let (_, v) = read(&format!("exp_avg_sq.{param}"))?;
-        anyhow::ensure!(
-            shape.len() == 2,
-            "{}: {name} is not a matrix",
-            path.display()
-        );
+        if shape.len() != 2 {
+            return Err(TrainError::Invalid(format!(
+                "{}: {name} is not a matrix",
+                path.display()
+            )));
+        }
         moments.push((param.to_string(), [shape[0], shape[1]], m, v));
     }
     optimizer.import(state.optimizer_t, moments, &state.paged, device);

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
 use burn::module::{AutodiffModule, Module, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -26,6 +25,7 @@ use ft_distill::{
     check_same_tokenizer, student_from_teacher, DistillLoss, Divergence, StudentInit,
     TeacherLogits, TopKCache,
 };
+use ft_eval::tasks::SplitMix64;
 use ft_model::params::ParamMut;
 use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend};
 use ft_serve::{generate, Sampler, SamplingParams};
@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{self, Batch, Encoder, Format, Tokenized};
+use crate::error::{write_atomic, At, Result, TrainError};
 use crate::memory::MemoryReport;
 use crate::metrics::Metrics;
 use crate::optim::{AdamW, AdamWParams, ParamGrad, StateBytes};
@@ -42,10 +43,9 @@ use crate::recipe::{
     StudentLayers,
 };
 use crate::schedule::lr_at;
-use crate::tasks::SplitMix64;
 use crate::train::{
     accumulate, accumulate_lora_grads, batch_nll, clip, load_data, nll, peft_config, progress,
-    quant_spec, register, target_ids, target_logits, val_loss, write_atomic,
+    quant_spec, register, target_ids, target_logits, val_loss,
 };
 
 /// Tokens per perplexity window over `eval_texts`, as the reference protocol uses (fewer
@@ -130,25 +130,27 @@ pub struct DistillState {
 }
 
 /// Runs a recipe with a `[distill]` section on backend `B` (an autodiff backend).
-pub fn distill<B>(loaded: &LoadedRecipe, device: &B::Device) -> anyhow::Result<DistillSummary>
+pub fn distill<B>(loaded: &LoadedRecipe, device: &B::Device) -> Result<DistillSummary>
 where
     B: AutodiffBackend + QuantBackend,
     B::InnerBackend: QuantBackend,
 {
     let started = Instant::now();
     let r = &loaded.recipe;
-    let d = r
-        .distill
-        .as_ref()
-        .context("distill: the recipe has no [distill] section")?;
+    let d = r.distill.as_ref().ok_or_else(|| {
+        TrainError::Invalid("distill: the recipe has no [distill] section".into())
+    })?;
     let out = r.output.dir.clone();
     if d.method == DistillMethod::Full && r.output.registry.is_some() {
-        anyhow::bail!(
+        return Err(TrainError::Invalid(
             "output.registry: the registry holds adapters; a student trained in full is written \
              as a model folder (leave output.registry out or set distill.method = \"lora\")"
-        );
+                .into(),
+        ));
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("output.dir {}", out.display()))?;
+    std::fs::create_dir_all(&out)
+        .map_err(|e| TrainError::io(&out, e))
+        .at("output.dir")?;
     let resume = match &r.train.resume {
         Some(dir) => Some(checkpoint::find(dir)?),
         None => None,
@@ -157,14 +159,14 @@ where
     crate::train::apply_compute_dtype::<B>(r)?;
     let teacher =
         Pretrained::<B::InnerBackend>::from_source(&r.model.source, quant_spec(r)?, device)
-            .with_context(|| format!("model.source {}", r.model.source))?;
+            .at_with(|| format!("model.source {}", r.model.source))?;
     let mut student = load_student::<B>(r, d, resume.as_deref(), device)?;
     let from_layers = d.student.is_none();
     check_same_tokenizer(
         (&teacher.config, &teacher.tokenizer),
         (&student.config, &student.tokenizer),
     )
-    .context("distill.student")?;
+    .at("distill.student")?;
     let data = load_data(loaded, &teacher)?;
     write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
     let context = student
@@ -172,44 +174,37 @@ where
         .max_position_embeddings
         .min(teacher.config.max_position_embeddings);
     if r.data.max_seq_len > context {
-        anyhow::bail!(
+        return Err(TrainError::Invalid(format!(
             "data.max_seq_len: {} exceeds the context both models share ({context} tokens)",
             r.data.max_seq_len
-        );
+        )));
     }
     if d.mode == DistillMode::Offline && d.top_k > teacher.config.vocab_size {
-        anyhow::bail!(
+        return Err(TrainError::Invalid(format!(
             "distill.top_k: at most the teacher's vocabulary of {} tokens, got {}",
-            teacher.config.vocab_size,
-            d.top_k
-        );
+            teacher.config.vocab_size, d.top_k
+        )));
     }
     if d.lmbda > 0.0 && r.data.max_seq_len + d.max_new_tokens > context {
-        anyhow::bail!(
+        return Err(TrainError::Invalid(format!(
             "distill.max_new_tokens: data.max_seq_len ({}) plus {} sampled tokens exceed the \
              context both models share ({context} tokens)",
-            r.data.max_seq_len,
-            d.max_new_tokens
-        );
+            r.data.max_seq_len, d.max_new_tokens
+        )));
     }
     B::seed(device, r.train.seed);
 
     let mut model = student.model.clone();
-    let adapted = match d.method {
-        DistillMethod::Full => Vec::new(),
-        DistillMethod::Lora => {
-            model = model.no_grad();
-            let lora = LoraConfig::new(r.lora.r, r.lora.alpha)
-                .with_dropout(r.lora.dropout)
-                .with_rslora(r.lora.rslora);
-            let adapted = model.add_lora(&lora, &r.lora.targets, r.lora.layers.as_deref())?;
-            anyhow::ensure!(
-                !adapted.is_empty(),
-                "lora.targets and lora.layers select no module of the student"
-            );
-            adapted
+    if d.method == DistillMethod::Lora {
+        model = model.no_grad();
+        let lora = LoraConfig::from(&r.lora);
+        let adapted = model.add_lora(&lora, &r.lora.targets, r.lora.layers.as_deref())?;
+        if adapted.is_empty() {
+            return Err(TrainError::Invalid(
+                "lora.targets and lora.layers select no module of the student".into(),
+            ));
         }
-    };
+    }
     let trainable = trainable_params(&mut model, d.method);
     let mut optimizer = AdamW::<B::InnerBackend>::new(
         r.train.optimizer == OptimizerKind::PagedAdamW,
@@ -222,7 +217,7 @@ where
             checkpoint::load_adapters(dir, &mut model, device)?;
         }
         checkpoint::load_optimizer(dir, &mut optimizer, &state, device)?;
-        println!("resuming from {} at step {}", dir.display(), state.step);
+        tracing::info!("resuming from {} at step {}", dir.display(), state.step);
     }
 
     let pad = teacher.tokenizer.eos_ids.first().copied().unwrap_or(0);
@@ -235,7 +230,7 @@ where
         .eval_texts
         .iter()
         .map(|f| eval_text(loaded, f, &student, window))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_>>()?;
     // A resumed run reports the figures its checkpoint kept from before training.
     if resume.is_none() || state.distill.is_none() {
         state.val_loss_before = val_loss(&model.valid(), &val_batches, device);
@@ -269,7 +264,7 @@ where
     };
 
     let before = state.distill.clone().unwrap_or_default();
-    println!(
+    tracing::info!(
         "teacher val loss {:.4}, student before {:.4} ({} of {} layers)",
         before.teacher_val_loss,
         state.val_loss_before,
@@ -278,7 +273,7 @@ where
     );
     if resume.is_none() && checkpoint::clear(&out)? {
         // Only now, once everything has loaded, so a run that fails to start destroys nothing.
-        println!(
+        tracing::info!(
             "removed the checkpoints of an earlier run in {}",
             out.display()
         );
@@ -293,10 +288,12 @@ where
         temperature: d.temperature,
         alpha: d.alpha,
     };
-    let mut metrics = Metrics::open(&out, &r.output.loggers, resume.as_ref().map(|_| state.step))?;
+    let mut metrics = Metrics::open(&out, &r.output.loggers, resume.as_ref().map(|_| state.step))
+        .map_err(|e| TrainError::io(&out, e))?;
     let bar = progress(total, state.step);
     let mut cursor = plan.cursor(state.epoch, state.position);
     while state.step < total {
+        let _span = tracing::info_span!("train_step", step = state.step + 1).entered();
         let step = state.step;
         let step_start = Instant::now();
         B::seed(
@@ -396,7 +393,9 @@ where
             scalars.push(("val/loss", state.val_loss));
             scalars.push(("val/perplexity", state.val_loss.exp()));
         }
-        metrics.log(state.step, &scalars)?;
+        metrics
+            .log(state.step, &scalars)
+            .map_err(|e| TrainError::io(&out, e))?;
         bar.set_position(state.step as u64);
         bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
         if r.train.save_every > 0 && state.step % r.train.save_every == 0 {
@@ -405,7 +404,7 @@ where
                     student.model = model.clone();
                     Ok(student.save_hf(&dir.join("student"))?)
                 }
-                DistillMethod::Lora => Ok(model.to_peft(peft_config(r, &adapted)).write(dir)?),
+                DistillMethod::Lora => Ok(model.to_peft(peft_config(r, &model)).write(dir)?),
             };
             checkpoint::save(&out, write, &optimizer, &state)?;
         }
@@ -429,9 +428,12 @@ where
         })
         .collect();
     for t in &texts {
-        println!(
+        tracing::info!(
             "perplexity of {}: teacher {:.3}, student before {:.3}, after {:.3}",
-            t.file, t.teacher, t.student_before, t.student_after
+            t.file,
+            t.teacher,
+            t.student_before,
+            t.student_after
         );
     }
 
@@ -440,7 +442,7 @@ where
     if d.method == DistillMethod::Lora {
         // The adapter's layer numbers are the student's: its base is the student, never the
         // teacher.
-        let mut config = peft_config(r, &adapted);
+        let mut config = peft_config(r, &model);
         config.base_model_name_or_path = Some(match &d.student {
             Some(source) => ft_model::source::hub_id(source),
             None => out.join("student").display().to_string(),
@@ -452,10 +454,8 @@ where
         if d.method == DistillMethod::Full {
             student.model = model.clone();
         }
-        student
-            .save_hf(&dir)
-            .with_context(|| format!("writing the student to {}", dir.display()))?;
-        println!("student written to {}", dir.display());
+        student.save_hf(&dir).at("writing the student")?;
+        tracing::info!("student written to {}", dir.display());
         student_dir = Some(dir);
     }
 
@@ -476,7 +476,7 @@ where
         on_policy_steps: progress.on_policy_steps,
         cache_build_s: progress.cache_build_s,
         train_tokens_per_s: state.train_tokens as f64 / state.train_s.max(1e-9),
-        peak_rss_bytes: crate::rss::peak_rss_bytes(),
+        peak_rss_bytes: ft_eval::rss::peak_rss_bytes(),
         train_s: state.train_s,
         wall_s: started.elapsed().as_secs_f64(),
         steps: total,
@@ -519,27 +519,27 @@ fn load_student<B>(
     d: &DistillSection,
     resume: Option<&Path>,
     device: &B::Device,
-) -> anyhow::Result<Pretrained<B>>
+) -> Result<Pretrained<B>>
 where
     B: AutodiffBackend + QuantBackend,
 {
     if let (Some(dir), DistillMethod::Full) = (resume, d.method) {
         let folder = dir.join("student");
         return Pretrained::<B>::load(&folder, None, device)
-            .with_context(|| format!("train.resume: {}", folder.display()));
+            .at_with(|| format!("train.resume: {}", folder.display()));
     }
     if let Some(source) = &d.student {
         return Pretrained::<B>::from_source(source, None, device)
-            .with_context(|| format!("distill.student {source}"));
+            .at_with(|| format!("distill.student {source}"));
     }
     let mut dense = Pretrained::<B>::from_source(&r.model.source, None, device)
-        .with_context(|| format!("model.source {}", r.model.source))?;
+        .at_with(|| format!("model.source {}", r.model.source))?;
     let init = match &d.init {
         StudentLayers::Named(_) => StudentInit::EveryOtherLayer,
         StudentLayers::List(layers) => StudentInit::Layers(layers.clone()),
     };
     let (model, config) =
-        student_from_teacher(&dense.model, &dense.config, &init).context("distill.init")?;
+        student_from_teacher(&dense.model, &dense.config, &init).at("distill.init")?;
     dense.model = model;
     dense.config = config;
     Ok(dense)
@@ -657,7 +657,7 @@ fn teacher_cache<B: QuantBackend>(
     train: &[Tokenized],
     pad: u32,
     path: &Path,
-) -> anyhow::Result<(TopKCache, bool)> {
+) -> Result<(TopKCache, bool)> {
     let id = format!(
         "{} ({}), data sha256 {}",
         r.model.source,
@@ -668,18 +668,18 @@ fn teacher_cache<B: QuantBackend>(
     if path.is_file() {
         match TopKCache::read(path, &id, vocab) {
             Ok(cache) if cache.k == d.top_k && matches_data(&cache, train) => {
-                println!(
+                tracing::info!(
                     "reusing the teacher's top-{} logits in {}",
                     cache.k,
                     path.display()
                 );
                 return Ok((cache, false));
             }
-            Ok(_) => println!(
+            Ok(_) => tracing::info!(
                 "{} was made for other data or another k; computing it again",
                 path.display()
             ),
-            Err(e) => println!("{e}; computing the teacher cache again"),
+            Err(e) => tracing::info!("{e}; computing the teacher cache again"),
         }
     }
     let device = teacher.model.device();
@@ -704,7 +704,7 @@ fn teacher_cache<B: QuantBackend>(
                 .into_data()
                 .convert::<f32>()
                 .into_vec()
-                .map_err(|e| anyhow::anyhow!("teacher logits: {e:?}"))?
+                .map_err(|e| TrainError::Invalid(format!("teacher logits: {e:?}")))?
         };
         let mut at = 0;
         for &i in chunk.iter().flatten() {
@@ -716,9 +716,7 @@ fn teacher_cache<B: QuantBackend>(
         bar.set_position(done as u64);
     }
     bar.finish_and_clear();
-    cache
-        .write(path)
-        .with_context(|| format!("writing the teacher cache {}", path.display()))?;
+    cache.write(path).at("writing the teacher cache")?;
     Ok((cache, true))
 }
 
@@ -841,11 +839,12 @@ fn eval_text<B: Backend>(
     file: &Path,
     model: &Pretrained<B>,
     window: usize,
-) -> anyhow::Result<EvalText> {
+) -> Result<EvalText> {
     let path = loaded.resolve(file);
     let name = file.display().to_string();
     let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("distill.eval_texts: {}", path.display()))?;
+        .map_err(|e| TrainError::io(&path, e))
+        .at("distill.eval_texts")?;
     if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
         let ids = model.tokenizer.encode(&text)?;
         let docs = ids
@@ -873,12 +872,12 @@ fn eval_text<B: Backend>(
             .find(|(key, _)| v.get(key).is_some())
             .map(|(_, f)| f)
         })
-        .with_context(|| {
-            format!(
+        .ok_or_else(|| {
+            TrainError::Invalid(format!(
                 "distill.eval_texts: {}: expected JSONL records with messages, text, prompt \
                  or instruction",
                 path.display()
-            )
+            ))
         })?;
     let records = data::parse_jsonl(&text, format, &name)?;
     let encoder = Encoder {

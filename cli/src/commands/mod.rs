@@ -1,0 +1,52 @@
+//! One module per subcommand; each validates its flags and calls into the library crates.
+
+mod adapters;
+mod bench;
+mod bench_distill;
+mod bench_train;
+mod data;
+mod eval;
+mod generate;
+mod hub;
+mod merge;
+mod perplexity;
+mod quant;
+mod recipe;
+mod report;
+mod serve;
+mod tokenize;
+mod train;
+
+use crate::args::{
+    AdaptersCommand, BenchCommand, Command, DataCommand, QuantCommand, RecipeCommand,
+};
+
+/// Runs one parsed command.
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Tokenize(args) => tokenize::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
+        Command::Bench(BenchCommand::Generate(args)) => bench::generate(args),
+        Command::Bench(BenchCommand::Train(args)) => bench_train::run(args),
+        Command::Bench(BenchCommand::Distill(args)) => bench_distill::run(args),
+        Command::Bench(BenchCommand::Serve(args)) => serve::bench(args),
+        Command::Merge(args) => merge::run(args),
+        Command::Quant(QuantCommand::Compare(args)) => quant::compare(args),
+        Command::Quant(QuantCommand::Measure(args)) => quant::measure(args),
+        Command::Quant(QuantCommand::Save(args)) => quant::save(args),
+        Command::Train(args) => train::run(args),
+        Command::Recipe(RecipeCommand::Check(args)) => recipe::check(args),
+        Command::Recipe(RecipeCommand::Show(args)) => recipe::show(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Data(DataCommand::Tasks(args)) => data::tasks(args),
+        Command::Adapters(AdaptersCommand::Add(args)) => adapters::add(args),
+        Command::Adapters(AdaptersCommand::List(args)) => adapters::list(args),
+        Command::Adapters(AdaptersCommand::Show(args)) => adapters::show(args),
+        Command::Adapters(AdaptersCommand::Rm(args)) => adapters::rm(args),
+        Command::Adapters(AdaptersCommand::Export(args)) => adapters::export(args),
+        Command::Publish(args) => hub::publish(args),
+        Command::Pull(args) => hub::pull(args),
+        Command::Serve(args) => serve::run(args),
+    }
+}

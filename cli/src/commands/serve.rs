@@ -1,0 +1,200 @@
+//! `ft serve`: the OpenAI-compatible server over one base model and its adapters, and
+//! `ft bench serve`: the load generator that measures any such server.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use ft_adapters::Registry;
+use ft_eval::client::Client;
+use ft_eval::load_bench::{self, percentile, LoadSpec};
+use ft_model::QuantBackend;
+use ft_serve::server::{self, ServerConfig};
+use ft_serve::{Engine, EngineConfig};
+
+use crate::args::{BenchServeArgs, ServeArgs};
+use crate::commands::report::record;
+use crate::device::{dispatch, Job};
+use crate::error::UsageError;
+
+/// Runs `ft serve`.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    dispatch(args.base.device, args)
+}
+
+/// `NAME=PATH` of `--adapter`.
+fn parse_adapter(spec: &str) -> anyhow::Result<(String, PathBuf)> {
+    let (name, path) = spec
+        .split_once('=')
+        .ok_or_else(|| UsageError(format!("--adapter {spec:?}: expected NAME=PATH")))?;
+    ft_adapters::registry::validate_name(name)
+        .map_err(|e| UsageError(format!("--adapter {spec:?}: {e}")))?;
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+impl Job for ServeArgs {
+    type Output = ();
+
+    fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<()> {
+        let adapters: Vec<(String, PathBuf)> = self
+            .adapters
+            .iter()
+            .map(|a| parse_adapter(a))
+            .collect::<anyhow::Result<_>>()?;
+        let pretrained = self.base.load::<B>(&device)?;
+        let per_token = ft_serve::runner::Runner::bytes_per_token(&pretrained.model);
+        let tokens = match self.kv_cache_bytes {
+            Some(bytes) => bytes as usize / per_token,
+            None => self.kv_cache_tokens,
+        };
+        let block_size = self.block_size as usize;
+        let kv_blocks = tokens / block_size;
+        if kv_blocks == 0 {
+            return Err(UsageError(format!(
+                "--kv-cache-tokens/--kv-cache-bytes: {tokens} tokens do not fill one block of {block_size}"
+            ))
+            .into());
+        }
+        let config = EngineConfig {
+            block_size,
+            kv_blocks,
+            max_batch_tokens: self.max_batch_tokens as usize,
+            max_running: self.max_running as usize,
+            max_waiting: self.max_queue,
+            prefix_cache: !self.no_prefix_cache,
+            max_adapters: self.max_adapters as usize,
+        };
+        let tokenizer = pretrained.tokenizer.clone();
+        let detokenizer = pretrained.tokenizer.clone();
+        let mut engine = Engine::new(
+            pretrained.model,
+            Box::new(move |ids: &[u32]| detokenizer.decode(ids).unwrap_or_default()),
+            config,
+        );
+        if let Some(root) = &self.registry {
+            let registry =
+                Registry::open(root).with_context(|| format!("--registry {}", root.display()))?;
+            // Each name at its latest version.
+            let mut latest: std::collections::BTreeMap<String, u32> = Default::default();
+            for r in registry.list()? {
+                let v = latest.entry(r.name).or_default();
+                *v = (*v).max(r.version);
+            }
+            for (name, version) in latest {
+                let reference = format!("{name}:{version}");
+                let dir = server::registry_adapter(root, &reference)
+                    .map_err(|e| anyhow::anyhow!("--registry {}: {e}", root.display()))?;
+                engine.register_adapter(&name, dir).with_context(|| {
+                    format!("--registry {}: adapter {reference}", root.display())
+                })?;
+            }
+        }
+        for (name, dir) in adapters {
+            engine
+                .register_adapter(&name, dir.clone())
+                .with_context(|| format!("--adapter {name}={}", dir.display()))?;
+        }
+        let names = engine.adapters().names();
+        let model_id = self
+            .served_model_name
+            .clone()
+            .unwrap_or(self.base.model.clone());
+        let listener = TcpListener::bind((self.host.as_str(), self.port))
+            .with_context(|| format!("--host {} --port {}", self.host, self.port))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "ft serve: listening on http://{addr} (model {model_id:?}, adapters {names:?}, KV cache {} tokens in blocks of {block_size})",
+            kv_blocks * block_size
+        );
+        let config = ServerConfig {
+            model_id,
+            api_key: self.api_key.clone(),
+            allowed_adapter_dirs: self.allowed_adapter_dirs.clone(),
+            registry: self.registry.clone(),
+        };
+        server::serve(
+            engine,
+            tokenizer,
+            pretrained.chat_template,
+            config,
+            listener,
+        )?;
+        Ok(())
+    }
+}
+
+/// Runs `ft bench serve`: one row per concurrency.
+pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
+    let url = args.url.trim_end_matches('/').to_string();
+    if args.concurrency.contains(&0) {
+        return Err(UsageError("--concurrency: every value must be at least 1".into()).into());
+    }
+    if args.shared_prefix > args.prompt_len {
+        return Err(UsageError(format!(
+            "--shared-prefix {} is longer than --prompt-len {}",
+            args.shared_prefix, args.prompt_len
+        ))
+        .into());
+    }
+    let models = if args.adapters.is_empty() {
+        let client = Client::new(&url, args.api_key.clone(), Duration::from_secs(30));
+        let models = client
+            .models()
+            .map_err(|e| anyhow::anyhow!("--url {url}: {e}"))?;
+        models.into_iter().take(1).collect()
+    } else {
+        args.adapters.clone()
+    };
+    let label = args.label.clone().unwrap_or(url.clone());
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    });
+    let mut table = String::from(
+        "| server | streams | requests | errors | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | latency p50 s | latency p99 s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (row, &concurrency) in args.concurrency.iter().enumerate() {
+        let spec = LoadSpec {
+            url: url.clone(),
+            models: models.clone(),
+            concurrency,
+            requests: args.requests as usize,
+            prompt_len: args.prompt_len,
+            shared_prefix: args.shared_prefix,
+            seed: seed.wrapping_add(row as u64),
+            max_tokens: args.max_tokens as usize,
+            api_key: args.api_key.clone(),
+            timeout: Duration::from_secs(args.timeout),
+        };
+        let r = load_bench::run(&spec);
+        let ms = |v: &[f64], p| percentile(v, p) * 1e3;
+        table.push_str(&format!(
+            "| {label} | {concurrency} | {} | {} | {:.2} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.2} |\n",
+            r.completed,
+            r.errors.len(),
+            r.requests_per_s(),
+            r.tokens_per_s(),
+            ms(&r.ttft, 50.0),
+            ms(&r.ttft, 99.0),
+            ms(&r.tpot, 50.0),
+            ms(&r.tpot, 99.0),
+            percentile(&r.latency, 50.0),
+            percentile(&r.latency, 99.0),
+        ));
+        for e in r.errors.iter().take(3) {
+            eprintln!("ft bench serve: {concurrency} streams: {e}");
+        }
+    }
+    print!("{table}");
+    println!(
+        "\nmodels {models:?}, prompts of {} words ({} shared, seed {seed}), {} tokens each",
+        args.prompt_len, args.shared_prefix, args.max_tokens
+    );
+    if let Some(file) = &args.record {
+        record(file, "`ft bench serve`", &table)
+            .with_context(|| format!("--record {}", file.display()))?;
+    }
+    Ok(())
+}

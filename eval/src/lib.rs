@@ -1,0 +1,28 @@
+//! ft-eval: what a model or adapter buys, and what it costs.
+//!
+//! Tasks ([`task`]: the bundled generated tasks of [`tasks`] and `*.toml` task files) are
+//! held-out splits with a metric ([`metric`]). `ft eval` sends them through a server, ours in
+//! process or any OpenAI-compatible one, over the HTTP [`client`], for the base and every
+//! adapter, storage, decoding and concurrency ([`measure`]), and writes a report ([`report`])
+//! with plots ([`plot`]). [`greedy`] is the in-process exact match that training runs before
+//! and after; [`load_bench`] is the load generator of `ft bench serve`; [`rss`] reads the
+//! process's resident memory for every benchmark table.
+//!
+//! Uses ft-serve, ft-model and ft-adapters; must not import ft-quant (ft-model re-exports what
+//! is needed), ft-distill or ft-trainer.
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod error;
+pub mod greedy;
+pub mod load_bench;
+pub mod measure;
+pub mod metric;
+pub mod plot;
+pub mod report;
+pub mod rss;
+pub mod task;
+pub mod tasks;
+
+pub use error::EvalError;
+pub use greedy::{exact_match, ExactMatch};

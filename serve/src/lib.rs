@@ -1,0 +1,33 @@
+//! ft-serve: inference over ft-model.
+//!
+//! Token sampling ([`sampling`]), single-sequence generation with a KV cache ([`generate`]),
+//! batched greedy generation ([`batch`]) and the serving engine ([`engine`]): a paged KV cache
+//! ([`blocks`], [`kv_pool`]) with prefix caching, continuous batching of requests that each
+//! use their own adapter ([`adapter_cache`]), sampling, beam search ([`beam`]) and stop
+//! strings ([`text_stream`]), behind the OpenAI-compatible HTTP [`server`].
+//!
+//! Uses ft-model and ft-adapters; must not import ft-quant (ft-model re-exports what serving
+//! needs), ft-distill, ft-eval or ft-trainer.
+#![warn(missing_docs)]
+
+pub mod adapter_cache;
+pub mod batch;
+pub mod beam;
+pub mod blocks;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod kv_pool;
+pub mod request;
+pub mod runner;
+pub mod sampling;
+pub mod sequence;
+pub mod server;
+pub mod text_stream;
+
+pub use batch::greedy_batch;
+pub use engine::{Engine, EngineConfig, EngineStats};
+pub use error::EngineError;
+pub use generate::{generate, Generation};
+pub use request::{Event, FinishReason, GenerationParams, Request, RequestId, TokenLogprob};
+pub use sampling::{Sampler, SamplingParams};
