@@ -1,4 +1,5 @@
-//! Command-line flags as plain values; no I/O happens here.
+//! Command-line flags as plain values; no I/O happens here (loading what they name is
+//! [`crate::load`]).
 
 use std::path::PathBuf;
 
@@ -456,20 +457,6 @@ pub struct ModelArgs {
     pub adapter: Option<PathBuf>,
 }
 
-impl ModelArgs {
-    /// Loads the model as these flags say, with the adapter attached if one is given.
-    pub fn load<B: burn::tensor::backend::Backend>(
-        &self,
-        device: &B::Device,
-    ) -> anyhow::Result<ft_model::Pretrained<B>> {
-        let mut p = self.base.load::<B>(device)?;
-        if let Some(dir) = &self.adapter {
-            p.attach_adapter(dir)?;
-        }
-        Ok(p)
-    }
-}
-
 /// The base model, its storage and its device (the flags every computing command shares).
 #[derive(Debug, Args)]
 pub struct BaseModelArgs {
@@ -496,34 +483,6 @@ pub struct BaseModelArgs {
 }
 
 impl BaseModelArgs {
-    /// Loads the base model as these flags say.
-    pub fn load<B: burn::tensor::backend::Backend>(
-        &self,
-        device: &B::Device,
-    ) -> anyhow::Result<ft_model::Pretrained<B>> {
-        let path = ft_model::source::resolve(&self.model)?;
-        let quant = self.storage_for(&path)?;
-        let mut p = ft_model::Pretrained::<B>::load(&path, quant, device)?;
-        // bf16 inference weights read the head through the bf16 kernel too.
-        if self.quant.is_none() && quant.is_some_and(|q| q.format == QuantFormat::Bf16) {
-            p.model.pack_head(QuantFormat::Bf16);
-        }
-        Ok(p)
-    }
-
-    /// The storage of the block linears for the checkpoint at `path`: what the flags ask,
-    /// else the default inference weights for it.
-    pub fn storage_for(&self, path: &std::path::Path) -> anyhow::Result<Option<QuantSpec>> {
-        if let Some(q) = self.quant() {
-            return Ok(Some(q));
-        }
-        let default = ft_model::pretrained::default_inference_format(path)?;
-        Ok(default.map(|format| QuantSpec {
-            format,
-            double_quant: false,
-        }))
-    }
-
     /// The requested storage of the block linear weights.
     pub fn quant(&self) -> Option<QuantSpec> {
         let format = match self.weights {

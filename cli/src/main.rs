@@ -1,6 +1,7 @@
-//! ft-cli: the `ft` binary. Parses the command line into plain values ([`args`]), dispatches
-//! to one thin file per command ([`commands`]) on the backend the flags chose ([`device`]),
-//! prints errors with their causes and chooses the exit code (0 ok, 1 failure, 2 usage error).
+//! ft-cli: the `ft` binary. Parses the command line into plain values ([`args`]), loads what
+//! they name ([`load`]), dispatches to one thin file per command ([`commands`]) on the backend
+//! the flags chose ([`device`]), prints errors with their causes and chooses the exit code (0
+//! ok, 1 failure, 2 usage error).
 //!
 //! The top of the stack and the only crate that uses clap and anyhow, and the only one that
 //! prints: it may import every ft crate but ft-quant (ft-model re-exports what is needed).
@@ -22,6 +23,7 @@ mod args;
 mod commands;
 mod device;
 mod error;
+mod load;
 
 use args::Cli;
 use error::UsageError;

@@ -1,6 +1,8 @@
-//! Exact-match evaluation of a task's held-out split: greedy answers for every prompt, decoded
-//! in batches, cut at the first newline (answers are single lines) and compared after
-//! whitespace normalization.
+//! A task's held-out split answered in process: greedy answers for every prompt, decoded in
+//! batches, cut at the task's first stop string and scored by the task's metric
+//! ([`metric::is_right`]). The task, its stop strings and its scoring are the ones `ft eval`
+//! sends through a server, so training's exact match before and after and `ft eval`'s rows
+//! score the same thing; only the decoding engine differs.
 
 use ft_model::{LlamaForCausalLM, QuantBackend, TextTokenizer};
 use ft_serve::greedy_batch;
@@ -8,12 +10,12 @@ use serde::Serialize;
 
 use crate::error::EvalError;
 use crate::metric;
-use crate::tasks::Example;
+use crate::task::{EvalTask, Expected, Metric};
 
 /// The score and every answer.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExactMatch {
-    /// Fraction answered exactly.
+    /// Fraction answered right.
     pub accuracy: f64,
     /// Examples scored.
     pub examples: usize,
@@ -21,17 +23,26 @@ pub struct ExactMatch {
     pub answers: Vec<(String, String, String)>,
 }
 
-/// Scores `examples` with greedy decoding of at most `max_new_tokens` per answer.
+/// Scores the first `limit` items of `task` (all when `None`) with greedy decoding of at most
+/// `max_new_tokens` per answer, `batch_size` prompts at a time.
 pub fn exact_match<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     tokenizer: &TextTokenizer,
-    examples: &[Example],
+    task: &EvalTask,
+    limit: Option<usize>,
     max_new_tokens: usize,
     batch_size: usize,
 ) -> Result<ExactMatch, EvalError> {
-    let prompts = examples
+    if task.metric == Metric::Perplexity {
+        return Err(EvalError::Example(format!(
+            "task {}: a perplexity task has no answers to match",
+            task.name
+        )));
+    }
+    let items = &task.items[..limit.map_or(task.items.len(), |l| l.min(task.items.len()))];
+    let prompts = items
         .iter()
-        .map(|e| tokenizer.encode(&e.prompt))
+        .map(|i| tokenizer.encode(&i.prompt))
         .collect::<Result<Vec<_>, _>>()?;
     let context = model.max_position_embeddings;
     if let Some((i, p)) = prompts
@@ -46,21 +57,56 @@ pub fn exact_match<B: QuantBackend>(
             p.len()
         )));
     }
-    // Answers are one line: a newline token ends one as EOS does.
+    // A stop string that is one token ends an answer as EOS does; longer ones cut the text.
     let mut stop = tokenizer.eos_ids.clone();
-    stop.extend(tokenizer.encode("\n")?.first().copied());
+    for s in &task.stop {
+        if let [id] = tokenizer.encode(s)?[..] {
+            stop.push(id);
+        }
+    }
     let outputs = greedy_batch(model, &prompts, max_new_tokens, &stop, batch_size);
-    let mut answers = Vec::with_capacity(examples.len());
+    let mut answers = Vec::with_capacity(items.len());
     let mut right = 0;
-    for (e, ids) in examples.iter().zip(outputs) {
+    for (item, ids) in items.iter().zip(outputs) {
         let text = tokenizer.decode(&ids)?;
-        let answer = text.split('\n').next().unwrap_or("").to_string();
-        right += metric::exact_match(&answer, &e.completion) as usize;
-        answers.push((e.prompt.clone(), e.completion.clone(), answer));
+        let answer = cut_at_stop(&text, &task.stop).to_string();
+        right += metric::is_right(&answer, &item.expected) as usize;
+        let expected = match &item.expected {
+            Expected::Answer(a) | Expected::Text(a) => a.clone(),
+            Expected::Choice { choices, answer } => {
+                choices.get(*answer).cloned().unwrap_or_default()
+            }
+        };
+        answers.push((item.prompt.clone(), expected, answer));
     }
     Ok(ExactMatch {
-        accuracy: right as f64 / examples.len().max(1) as f64,
-        examples: examples.len(),
+        accuracy: right as f64 / items.len().max(1) as f64,
+        examples: items.len(),
         answers,
     })
+}
+
+/// `text` up to the first occurrence of any stop string.
+fn cut_at_stop<'a>(text: &'a str, stops: &[String]) -> &'a str {
+    let end = stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+        .unwrap_or(text.len());
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_ends_at_the_first_stop_string() {
+        let stops = ["\n".to_string(), "###".to_string()];
+        assert_eq!(cut_at_stop(" 1976-07-04\nDate:", &stops), " 1976-07-04");
+        assert_eq!(cut_at_stop(" B###\nmore", &stops), " B");
+        assert_eq!(cut_at_stop(" no stop", &stops), " no stop");
+        assert_eq!(cut_at_stop("x", &[String::new()]), "x");
+    }
 }

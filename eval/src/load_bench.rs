@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::client::Client;
+use crate::client::{Client, ClientError};
 
 /// One measurement: how many streams, how many requests, what they ask for.
 #[derive(Debug, Clone)]
@@ -119,7 +119,7 @@ struct Timed {
     tokens: usize,
 }
 
-fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, String> {
+fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, ClientError> {
     let body = json!({
         "model": spec.models[i % spec.models.len()],
         "prompt": prompt(spec.seed, i, spec.prompt_len, spec.shared_prefix),
@@ -127,9 +127,9 @@ fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, String> {
         "temperature": 0.0,
         "ignore_eos": true,
     });
-    let s = client.stream_completion(&body).map_err(|e| e.to_string())?;
+    let s = client.stream_completion(&body)?;
     if s.tokens == 0 {
-        return Err("the stream carried no token".into());
+        return Err(ClientError::Failed("the stream carried no token".into()));
     }
     Ok(Timed {
         ttft: s.ttft,
@@ -166,7 +166,7 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
                             r.tpot.extend(t.tpot);
                             r.latency.push(t.latency);
                         }
-                        Err(e) => r.errors.push(e),
+                        Err(e) => r.errors.push(e.to_string()),
                     }
                 }
             });

@@ -182,7 +182,7 @@ pub fn resolve(spec: &str, dirs: &[PathBuf]) -> Result<EvalTask, TaskError> {
 }
 
 /// A bundled task: exact match over its committed held-out split, one line per answer.
-fn bundled(t: &tasks::Task) -> EvalTask {
+pub fn bundled(t: &tasks::Task) -> EvalTask {
     EvalTask {
         name: t.name.to_string(),
         about: t.about.to_string(),
@@ -250,31 +250,37 @@ pub fn load(file: &Path) -> Result<EvalTask, TaskError> {
 }
 
 /// The example a line holds under `metric`, or which field it lacks.
-fn item(metric: Metric, line: Line) -> Result<Item, String> {
+fn item(metric: Metric, line: Line) -> Result<Item, TaskError> {
+    let missing = |what: &str| TaskError::Invalid(what.into());
     let expected = match metric {
         Metric::ExactMatch => Expected::Answer(
             line.completion
-                .ok_or("exact_match needs \"prompt\" and \"completion\"")?,
+                .ok_or_else(|| missing("exact_match needs \"prompt\" and \"completion\""))?,
         ),
         Metric::MultipleChoice => {
             let (Some(choices), Some(answer)) = (line.choices, line.answer) else {
-                return Err(
-                    "multiple_choice needs \"prompt\", \"choices\" and \"answer\" (an index)"
-                        .into(),
-                );
+                return Err(missing(
+                    "multiple_choice needs \"prompt\", \"choices\" and \"answer\" (an index)",
+                ));
             };
             if answer >= choices.len() {
-                return Err(format!(
+                return Err(TaskError::Invalid(format!(
                     "answer: {answer} is not an index of the {} choices",
                     choices.len()
-                ));
+                )));
             }
             Expected::Choice { choices, answer }
         }
-        Metric::Perplexity => Expected::Text(line.text.ok_or("perplexity needs \"text\"")?),
+        Metric::Perplexity => Expected::Text(
+            line.text
+                .ok_or_else(|| missing("perplexity needs \"text\""))?,
+        ),
     };
     if metric != Metric::Perplexity && line.prompt.is_empty() {
-        return Err(format!("{} needs a non-empty \"prompt\"", metric.name()));
+        return Err(TaskError::Invalid(format!(
+            "{} needs a non-empty \"prompt\"",
+            metric.name()
+        )));
     }
     Ok(Item {
         prompt: line.prompt,

@@ -23,6 +23,20 @@ const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const KEEP: usize = 2;
 
+/// What a distillation run measured before training and counts along the way, kept in its
+/// checkpoints so that a resumed run reports the same figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DistillState {
+    /// The teacher's validation cross-entropy.
+    pub teacher_val_loss: f64,
+    /// Per `eval_texts` file: the teacher's perplexity and the student's before training.
+    pub texts_before: Vec<(f64, f64)>,
+    /// On-policy steps so far.
+    pub on_policy_steps: usize,
+    /// Seconds spent building the offline teacher cache.
+    pub cache_build_s: f64,
+}
+
 /// Everything besides tensors that a resumed run needs to continue exactly.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -50,7 +64,7 @@ pub struct TrainerState {
     pub train_tokens: usize,
     /// Distillation runs: what was measured before training, and on-policy steps so far.
     #[serde(default)]
-    pub distill: Option<crate::distill::DistillState>,
+    pub distill: Option<DistillState>,
 }
 
 /// The checkpoint to resume from: `dir` itself when it is one, else the newest in

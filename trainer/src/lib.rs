@@ -2,8 +2,8 @@
 //!
 //! A recipe ([`recipe`]) names the base, the data ([`data`]: JSONL layouts, chat templates,
 //! mixtures, packing), the adapter or student and the schedule ([`schedule`]); [`plan`] turns it
-//! into the run's order of micro-batches. The step loops train LoRA adapters ([`train`]) or
-//! distill a teacher into a student ([`distill`]) with AdamW or paged AdamW ([`optim`]),
+//! into the run's order of micro-batches. One step loop ([`run`]) fine-tunes LoRA adapters on
+//! the labels or distills a teacher into a student, with AdamW or paged AdamW ([`optim`]),
 //! write atomic checkpoints that resume bit for bit ([`checkpoint`]) and metrics to JSONL and
 //! TensorBoard ([`metrics`]); [`memory`] accounts for the bytes a run holds.
 //!
@@ -14,12 +14,11 @@
 
 pub mod checkpoint;
 pub mod data;
-pub mod distill;
 pub mod error;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod plan;
 pub mod recipe;
+pub mod run;
 pub mod schedule;
-pub mod train;

@@ -14,8 +14,8 @@ use ft_serve::{generate, Sampler, SamplingParams};
 use crate::args::BenchDistillArgs;
 use crate::commands::report::record;
 use crate::device::{dispatch, DeviceSpec, Job};
-use ft_trainer::distill::DistillSummary;
 use ft_trainer::recipe::LoadedRecipe;
+use ft_trainer::run::DistillSummary;
 
 /// The prompt both models continue when decode speed is timed.
 const PROMPT: &str = "In the beginning God created the heaven and the earth.";

@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use crate::args::BenchTrainArgs;
 use crate::commands::report::record;
-use ft_trainer::train::Summary;
+use ft_trainer::run::Summary;
 
 /// Runs `ft bench train`.
 pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {

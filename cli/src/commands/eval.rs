@@ -224,7 +224,7 @@ fn targets(args: &EvalArgs) -> anyhow::Result<Vec<Target>> {
                 Some(_) => None,
                 None => Some(
                     registry_adapter(root, &format!("{}:{}", record.name, record.version))
-                        .map_err(bad)?,
+                        .map_err(|e| bad(e.to_string()))?,
                 ),
             };
             Target {

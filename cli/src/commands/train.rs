@@ -46,13 +46,9 @@ impl Job for TrainJob {
 
     fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<Self::Output> {
         Ok(if self.0.recipe.distill.is_some() {
-            serde_json::to_value(ft_trainer::distill::distill::<Autodiff<B>>(
-                &self.0, &device,
-            )?)?
+            serde_json::to_value(ft_trainer::run::distill::<Autodiff<B>>(&self.0, &device)?)?
         } else {
-            serde_json::to_value(
-                ft_trainer::train::train::<Autodiff<B>>(&self.0, &device)?.summary,
-            )?
+            serde_json::to_value(ft_trainer::run::train::<Autodiff<B>>(&self.0, &device)?.summary)?
         })
     }
 }

@@ -9,6 +9,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 use ft_adapters::registry::{parse_ref, Registry};
+use ft_adapters::AdapterError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -129,13 +130,13 @@ fn resolve(state: &AppState, lora_path: &str) -> Result<PathBuf, ApiError> {
 
 /// The PEFT folder of registry adapter `reference` (`NAME[:VERSION]`), written once under
 /// the registry's `served/` folder.
-pub fn registry_adapter(root: &Path, reference: &str) -> Result<PathBuf, String> {
-    let (name, version) = parse_ref(reference).map_err(|e| e.to_string())?;
-    let registry = Registry::open(root).map_err(|e| e.to_string())?;
-    let record = registry.get(&name, version).map_err(|e| e.to_string())?;
+pub fn registry_adapter(root: &Path, reference: &str) -> Result<PathBuf, AdapterError> {
+    let (name, version) = parse_ref(reference)?;
+    let registry = Registry::open(root)?;
+    let record = registry.get(&name, version)?;
     let dir = root.join("served").join(record.id().replace(':', "-v"));
     if !dir.join("adapter_config.json").exists() {
-        registry.export(&record, &dir).map_err(|e| e.to_string())?;
+        registry.export(&record, &dir)?;
     }
     Ok(dir)
 }

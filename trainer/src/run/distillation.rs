@@ -12,11 +12,10 @@
 //! or through `[lora]` adapters. The batching, schedule, clipping and accumulation are the
 //! training loop's.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module, Param};
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use ft_adapters::registry::AddInfo;
@@ -26,7 +25,6 @@ use ft_distill::{
     TeacherLogits, TopKCache,
 };
 use ft_eval::tasks::SplitMix64;
-use ft_model::params::ParamMut;
 use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend};
 use ft_serve::{generate, Sampler, SamplingParams};
 use serde::{Deserialize, Serialize};
@@ -36,17 +34,17 @@ use crate::data::{self, Batch, Encoder, Format, Tokenized};
 use crate::error::{write_atomic, At, Result, TrainError};
 use crate::memory::MemoryReport;
 use crate::metrics::Metrics;
-use crate::optim::{AdamW, AdamWParams, ParamGrad, StateBytes};
+use crate::optim::{AdamW, StateBytes};
 use crate::plan::Plan;
 use crate::recipe::{
     DistillMethod, DistillMode, DistillSection, DivergenceKind, LoadedRecipe, OptimizerKind,
-    StudentLayers,
+    Recipe, StudentLayers,
 };
-use crate::schedule::lr_at;
-use crate::train::{
-    accumulate, accumulate_lora_grads, batch_nll, clip, load_data, nll, peft_config, progress,
-    quant_spec, register, target_ids, target_logits, val_loss,
-};
+
+use super::loss::{batch_nll, nll, target_ids, target_logits, val_loss};
+use super::setup::{apply_compute_dtype, load_data, peft_config, progress, quant_spec, register};
+use super::step_loop::{run_steps, Objective, Run};
+use super::trainables::Trainables;
 
 /// Tokens per perplexity window over `eval_texts`, as the reference protocol uses (fewer
 /// when a model's context is shorter).
@@ -115,20 +113,6 @@ pub struct DistillSummary {
     pub student_dir: Option<PathBuf>,
 }
 
-/// What a distillation run measured before training and counts along the way, kept in its
-/// checkpoints so that a resumed run reports the same figures.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct DistillState {
-    /// The teacher's validation cross-entropy.
-    pub teacher_val_loss: f64,
-    /// Per `eval_texts` file: the teacher's perplexity and the student's before training.
-    pub texts_before: Vec<(f64, f64)>,
-    /// On-policy steps so far.
-    pub on_policy_steps: usize,
-    /// Seconds spent building the offline teacher cache.
-    pub cache_build_s: f64,
-}
-
 /// Runs a recipe with a `[distill]` section on backend `B` (an autodiff backend).
 pub fn distill<B>(loaded: &LoadedRecipe, device: &B::Device) -> Result<DistillSummary>
 where
@@ -156,7 +140,7 @@ where
         None => None,
     };
 
-    crate::train::apply_compute_dtype::<B>(r)?;
+    apply_compute_dtype::<B>(r)?;
     let teacher =
         Pretrained::<B::InnerBackend>::from_source(&r.model.source, quant_spec(r)?, device)
             .at_with(|| format!("model.source {}", r.model.source))?;
@@ -205,7 +189,11 @@ where
             ));
         }
     }
-    let trainable = trainable_params(&mut model, d.method);
+    let trainables = match d.method {
+        DistillMethod::Full => Trainables::Full,
+        DistillMethod::Lora => Trainables::Lora,
+    };
+    let trainable = trainables.count(&mut model);
     let mut optimizer = AdamW::<B::InnerBackend>::new(
         r.train.optimizer == OptimizerKind::PagedAdamW,
         r.train.page_min_elements,
@@ -290,126 +278,35 @@ where
     };
     let mut metrics = Metrics::open(&out, &r.output.loggers, resume.as_ref().map(|_| state.step))
         .map_err(|e| TrainError::io(&out, e))?;
-    let bar = progress(total, state.step);
-    let mut cursor = plan.cursor(state.epoch, state.position);
-    while state.step < total {
-        let _span = tracing::info_span!("train_step", step = state.step + 1).entered();
-        let step = state.step;
-        let step_start = Instant::now();
-        B::seed(
-            device,
-            r.train.seed.wrapping_add(1_000_003 * (step as u64 + 1)),
-        );
-        let on_policy = d.lmbda > 0.0 && unit(r.train.seed, step) < d.lmbda;
-        let micro: Vec<Batch> = (0..r.train.grad_accum)
-            .map(|i| {
-                let batch = cursor.next_batch(&data.train, pad);
-                if on_policy {
-                    let seed = r.train.seed ^ ((step as u64) << 16 | i as u64);
-                    let stops = &teacher.tokenizer.eos_ids;
-                    sampled_batch(&model.valid(), &batch, &data.train, d, stops, pad, seed)
-                } else {
-                    batch
-                }
-            })
-            .collect();
-        let step_tokens: usize = micro.iter().map(Batch::loss_tokens).sum::<usize>().max(1);
-        let step_loss = if on_policy {
-            DistillLoss {
-                alpha: 0.0,
-                ..loss_fn
-            }
-        } else {
-            loss_fn
-        };
-        let mut loss_sum = 0.0;
-        let mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
-        for batch in micro.iter().filter(|b| b.loss_tokens() > 0) {
-            let logits = target_logits(&model, batch, device);
-            let labels = target_ids::<B>(batch, device);
-            let summed = if step_loss.alpha >= 1.0 {
-                nll(logits, labels)
-            } else {
-                let teacher_logits = match &cache {
-                    Some(cache) => cached_logits::<B>(cache, batch, device),
-                    None => TeacherLogits::Full(Tensor::from_inner(target_logits(
-                        &teacher.model,
-                        batch,
-                        device,
-                    ))),
-                };
-                step_loss.forward(logits, teacher_logits, labels)
-            };
-            let loss = summed / step_tokens as f64;
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let g = loss.backward();
-            match d.method {
-                DistillMethod::Full => accumulate_param_grads(&mut model, &g, &mut grads),
-                DistillMethod::Lora => accumulate_lora_grads(&model, &g, &mut grads),
-            }
-            state.train_tokens += batch.real_tokens;
-        }
-        let grad_norm = clip(&mut grads, r.train.max_grad_norm);
-        let lr = lr_at(
-            r.train.scheduler,
-            r.train.lr,
-            r.train.warmup_steps,
-            total,
-            step,
-        );
-        match d.method {
-            DistillMethod::Full => {
-                let hp = AdamWParams {
-                    lr,
-                    betas: r.train.betas,
-                    eps: r.train.eps,
-                    weight_decay: r.train.weight_decay,
-                };
-                update_full(&mut model, &mut optimizer, grads, &hp);
-            }
-            DistillMethod::Lora => crate::train::update(&mut model, &mut optimizer, grads, lr, r),
-        }
-        state.step += 1;
-        (state.epoch, state.position) = cursor.position();
-        state.train_s += step_start.elapsed().as_secs_f64();
-        if on_policy {
-            state
-                .distill
-                .get_or_insert_with(Default::default)
-                .on_policy_steps += 1;
-        }
-        let tok_s = state.train_tokens as f64 / state.train_s.max(1e-9);
-        state.losses.push(loss_sum);
-        let mut scalars = vec![
-            ("train/loss", loss_sum),
-            ("train/lr", lr),
-            ("train/grad_norm", grad_norm),
-            ("train/tokens_per_s", tok_s),
-            ("train/on_policy", f64::from(u8::from(on_policy))),
-        ];
-        let last = state.step == total;
-        if last || (r.train.eval_every > 0 && state.step % r.train.eval_every == 0) {
-            state.val_loss = val_loss(&model.valid(), &val_batches, device);
-            scalars.push(("val/loss", state.val_loss));
-            scalars.push(("val/perplexity", state.val_loss.exp()));
-        }
-        metrics
-            .log(state.step, &scalars)
-            .map_err(|e| TrainError::io(&out, e))?;
-        bar.set_position(state.step as u64);
-        bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
-        if r.train.save_every > 0 && state.step % r.train.save_every == 0 {
-            let write = |dir: &Path| match d.method {
-                DistillMethod::Full => {
-                    student.model = model.clone();
-                    Ok(student.save_hf(&dir.join("student"))?)
-                }
-                DistillMethod::Lora => Ok(model.to_peft(peft_config(r, &model)).write(dir)?),
-            };
-            checkpoint::save(&out, write, &optimizer, &state)?;
-        }
-    }
-    bar.finish_and_clear();
+    let run = Run {
+        recipe: r,
+        out: &out,
+        device,
+        train: &data.train,
+        val_batches: &val_batches,
+        pad,
+        trainables,
+    };
+    let mut objective = Distillation {
+        recipe: r,
+        section: d,
+        teacher: &teacher,
+        cache: cache.as_ref(),
+        student: &mut student,
+        train: &data.train,
+        pad,
+        loss: loss_fn,
+        on_policy: false,
+    };
+    run_steps(
+        &run,
+        &plan,
+        &mut model,
+        &mut optimizer,
+        &mut state,
+        &mut metrics,
+        &mut objective,
+    )?;
 
     let after = model.valid();
     let progress = state.distill.clone().unwrap_or_default();
@@ -512,10 +409,109 @@ where
     Ok(summary)
 }
 
+/// Distillation: the student's loss against the teacher's logits (online, or from the
+/// offline cache) and the labels, as `distill.alpha` mixes them; an on-policy step (a
+/// `distill.lmbda` share) trains on completions the student samples, by the divergence alone.
+struct Distillation<'a, B: AutodiffBackend> {
+    recipe: &'a Recipe,
+    section: &'a DistillSection,
+    teacher: &'a Pretrained<B::InnerBackend>,
+    cache: Option<&'a TopKCache>,
+    /// The student's container: a checkpoint of a student trained in full writes it whole.
+    student: &'a mut Pretrained<B>,
+    train: &'a [Tokenized],
+    pad: u32,
+    loss: DistillLoss,
+    /// Whether this step samples its batches from the student.
+    on_policy: bool,
+}
+
+impl<B> Objective<B> for Distillation<'_, B>
+where
+    B: AutodiffBackend + QuantBackend,
+    B::InnerBackend: QuantBackend,
+{
+    fn begin_step(&mut self, step: usize) {
+        let seed = self.recipe.train.seed;
+        self.on_policy = self.section.lmbda > 0.0 && unit(seed, step) < self.section.lmbda;
+    }
+
+    fn batch(
+        &mut self,
+        model: &LlamaForCausalLM<B>,
+        step: usize,
+        index: usize,
+        drawn: Batch,
+    ) -> Batch {
+        if !self.on_policy {
+            return drawn;
+        }
+        let seed = self.recipe.train.seed ^ ((step as u64) << 16 | index as u64);
+        let stops = &self.teacher.tokenizer.eos_ids;
+        sampled_batch(
+            &model.valid(),
+            &drawn,
+            self.train,
+            self.section,
+            stops,
+            self.pad,
+            seed,
+        )
+    }
+
+    fn loss(&self, model: &LlamaForCausalLM<B>, batch: &Batch, device: &B::Device) -> Tensor<B, 1> {
+        let step_loss = if self.on_policy {
+            DistillLoss {
+                alpha: 0.0,
+                ..self.loss
+            }
+        } else {
+            self.loss
+        };
+        let logits = target_logits(model, batch, device);
+        let labels = target_ids::<B>(batch, device);
+        if step_loss.alpha >= 1.0 {
+            return nll(logits, labels);
+        }
+        let teacher_logits = match self.cache {
+            Some(cache) => cached_logits::<B>(cache, batch, device),
+            None => TeacherLogits::Full(Tensor::from_inner(target_logits(
+                &self.teacher.model,
+                batch,
+                device,
+            ))),
+        };
+        step_loss.forward(logits, teacher_logits, labels)
+    }
+
+    fn scalars(&self) -> Vec<(&'static str, f64)> {
+        vec![("train/on_policy", f64::from(u8::from(self.on_policy)))]
+    }
+
+    fn end_step(&mut self, state: &mut TrainerState) {
+        if self.on_policy {
+            state
+                .distill
+                .get_or_insert_with(Default::default)
+                .on_policy_steps += 1;
+        }
+    }
+
+    fn save(&mut self, model: &LlamaForCausalLM<B>, dir: &Path) -> Result<()> {
+        match self.section.method {
+            DistillMethod::Full => {
+                self.student.model = model.clone();
+                Ok(self.student.save_hf(&dir.join("student"))?)
+            }
+            DistillMethod::Lora => Ok(model.to_peft(peft_config(self.recipe, model)).write(dir)?),
+        }
+    }
+}
+
 /// The student (dense f32, on the autodiff backend): a checkpoint's student folder when a run
 /// that trains in full resumes, else `distill.student`, else the chosen teacher layers.
 fn load_student<B>(
-    r: &crate::recipe::Recipe,
+    r: &Recipe,
     d: &DistillSection,
     resume: Option<&Path>,
     device: &B::Device,
@@ -545,102 +541,11 @@ where
     Ok(dense)
 }
 
-/// Parameters the run trains (every dense weight, or the adapters).
-fn trainable_params<B: Backend>(model: &mut LlamaForCausalLM<B>, method: DistillMethod) -> usize {
-    match method {
-        DistillMethod::Full => model
-            .params_mut()
-            .iter()
-            .map(|(_, p)| match p {
-                ParamMut::Matrix(p) => p.shape().num_elements(),
-                ParamMut::Vector(p) => p.shape().num_elements(),
-            })
-            .sum(),
-        DistillMethod::Lora => model
-            .linears()
-            .iter()
-            .filter_map(|(_, l)| l.lora.as_ref())
-            .map(|l| l.num_params())
-            .sum(),
-    }
-}
-
 /// A uniform draw in [0, 1) that depends only on the seed and the step (so a resumed run
 /// makes the same on-policy choices).
 fn unit(seed: u64, step: usize) -> f64 {
     let mut rng = SplitMix64(seed ^ 0x6B2D_0000 ^ (step as u64).wrapping_mul(0x9E37_79B9));
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Adds the gradient of every dense weight in `g` to `grads` (vectors as `[1, n]`).
-fn accumulate_param_grads<B: AutodiffBackend>(
-    model: &mut LlamaForCausalLM<B>,
-    g: &B::Gradients,
-    grads: &mut BTreeMap<String, Tensor<B::InnerBackend, 2>>,
-) {
-    for (name, p) in model.params_mut() {
-        let grad = match p {
-            ParamMut::Matrix(p) => p.val().grad(g),
-            ParamMut::Vector(p) => p.val().grad(g).map(|t| {
-                let n = t.dims()[0];
-                t.reshape([1, n])
-            }),
-        };
-        if let Some(grad) = grad {
-            accumulate(grads, name, grad);
-        }
-    }
-}
-
-/// One AdamW step over every dense weight, grouped by decoder layer (embeddings, final norm
-/// and head form one more group); norms are not decayed.
-fn update_full<B: AutodiffBackend>(
-    model: &mut LlamaForCausalLM<B>,
-    optimizer: &mut AdamW<B::InnerBackend>,
-    mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>>,
-    hp: &AdamWParams,
-) {
-    let mut groups: BTreeMap<usize, Vec<ParamGrad<B::InnerBackend>>> = BTreeMap::new();
-    for (name, p) in model.params_mut() {
-        let Some(grad) = grads.remove(&name) else {
-            continue;
-        };
-        let (value, decay) = match p {
-            ParamMut::Matrix(p) => (p.val().inner(), true),
-            ParamMut::Vector(p) => {
-                let v = p.val().inner();
-                let n = v.dims()[0];
-                (v.reshape([1, n]), false)
-            }
-        };
-        let group = name
-            .strip_prefix("model.layers.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .map_or(0, |i| i + 1);
-        groups.entry(group).or_default().push(ParamGrad {
-            name,
-            value,
-            grad,
-            decay,
-        });
-    }
-    let mut new: BTreeMap<String, Tensor<B::InnerBackend, 2>> = optimizer
-        .step(groups.into_values().collect(), hp)
-        .into_iter()
-        .collect();
-    for (name, p) in model.params_mut() {
-        let Some(v) = new.remove(&name) else {
-            continue;
-        };
-        match p {
-            ParamMut::Matrix(p) => *p = Param::from_tensor(Tensor::from_inner(v)),
-            ParamMut::Vector(p) => {
-                let n = v.dims()[1];
-                *p = Param::from_tensor(Tensor::from_inner(v.reshape([n])));
-            }
-        }
-    }
 }
 
 /// Trained positions of one example (each predicts a trained token from the ones before).
@@ -651,7 +556,7 @@ fn trained_positions(t: &Tokenized) -> usize {
 /// The offline teacher: read from `path` when it matches the teacher and the data, otherwise
 /// computed over the training examples in order and written. Returns whether it was built.
 fn teacher_cache<B: QuantBackend>(
-    r: &crate::recipe::Recipe,
+    r: &Recipe,
     d: &DistillSection,
     teacher: &Pretrained<B>,
     train: &[Tokenized],
@@ -928,11 +833,16 @@ fn text_perplexity<B: QuantBackend>(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use burn::backend::{Autodiff, NdArray};
+    use burn::module::Param;
+    use ft_model::params::ParamMut;
     use ft_model::tiny::tiny_config;
 
     use super::*;
     use crate::recipe;
+    use crate::run::trainables::accumulate_param_grads;
 
     fn tokens(ids: &[u32]) -> Tokenized {
         Tokenized::all_trained(ids.to_vec())

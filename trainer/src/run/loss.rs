@@ -1,0 +1,254 @@
+//! The language-model loss of a batch through the padded burn forward: next-token logits only
+//! at the positions that carry a label (the LM head never sees the others), their NLL, and the
+//! validation loss. Both objectives of the step loop are built from these.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use ft_model::llama::Attend;
+use ft_model::{LlamaForCausalLM, QuantBackend};
+
+use crate::data::Batch;
+
+/// Next-token logits `[n, vocab]` at the batch's n trained positions, in target order: only
+/// those positions reach the LM head.
+pub fn target_logits<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let ids: Vec<i64> = batch.ids.iter().map(|&t| t as i64).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.b, batch.s]), device);
+    let attend = Attend::segmented(
+        &model.model.rotary_emb,
+        &batch.segments,
+        &batch.positions,
+        device,
+    );
+    let hidden = model.forward_attend(ids, &attend); // [b, s, e]
+    let e = hidden.dims()[2];
+    let n = batch.targets.len();
+    let rows: Vec<i64> = batch.targets.iter().map(|&(i, _)| i as i64).collect();
+    let hidden = hidden
+        .reshape([batch.b * batch.s, e])
+        .select(0, Tensor::from_data(TensorData::new(rows, [n]), device)); // [n, e]
+    let logits = model.logits(hidden.unsqueeze::<3>()); // [1, n, vocab]
+    let vocab = logits.dims()[2];
+    logits.reshape([n, vocab])
+}
+
+/// The batch's target ids `[n]`, in target order.
+pub fn target_ids<B: Backend>(batch: &Batch, device: &B::Device) -> Tensor<B, 1, Int> {
+    let targets: Vec<i64> = batch.targets.iter().map(|&(_, t)| t as i64).collect();
+    Tensor::from_data(TensorData::new(targets, [batch.targets.len()]), device)
+}
+
+/// Summed NLL of `labels` `[n]` under `logits` `[n, vocab]` (a scalar tensor).
+pub fn nll<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let n = labels.dims()[0];
+    log_softmax(logits, 1)
+        .gather(1, labels.reshape([n, 1]))
+        .sum()
+        .neg()
+}
+
+/// Summed next-token NLL over the batch's trained tokens (a scalar tensor).
+pub fn batch_nll<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    nll(
+        target_logits(model, batch, device),
+        target_ids(batch, device),
+    )
+}
+
+/// Mean NLL per trained token over `batches` (0 when there are none).
+pub fn val_loss<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    batches: &[Batch],
+    device: &B::Device,
+) -> f64 {
+    let (mut nll, mut tokens) = (0.0, 0);
+    for b in batches.iter().filter(|b| b.loss_tokens() > 0) {
+        nll += batch_nll(model, b, device).into_scalar().elem::<f64>();
+        tokens += b.loss_tokens();
+    }
+    if tokens == 0 {
+        0.0
+    } else {
+        nll / tokens as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::module::{Module, Param};
+    use burn::tensor::backend::AutodiffBackend;
+    use burn::tensor::Distribution;
+    use ft_adapters::LoraConfig;
+    use ft_model::tiny::{tiny_config, write_hf_folder};
+    use ft_model::{Linear, Pretrained, QuantFormat, QuantSpec};
+
+    use super::*;
+    use crate::data::Tokenized;
+
+    fn tokens(ids: &[u32]) -> Tokenized {
+        Tokenized::all_trained(ids.to_vec())
+    }
+
+    /// A tiny model with rank-4 adapters on every target, B randomized so that every LoRA
+    /// parameter has a gradient.
+    fn adapted<B: AutodiffBackend + QuantBackend>(device: &B::Device) -> LlamaForCausalLM<B> {
+        B::seed(device, 5);
+        let model = LlamaForCausalLM::<B>::init_random(&tiny_config(), device).no_grad();
+        with_adapters(model, device)
+    }
+
+    /// `model` with rank-4 adapters on every target, B drawn at random.
+    fn with_adapters<B: AutodiffBackend + QuantBackend>(
+        mut model: LlamaForCausalLM<B>,
+        device: &B::Device,
+    ) -> LlamaForCausalLM<B> {
+        let targets = ft_model::adapter::TARGETS.map(String::from);
+        model
+            .add_lora(&LoraConfig::new(4, 8.0), &targets, None)
+            .unwrap();
+        for (_, lora) in model.loras_mut() {
+            let shape = lora.lora_b.dims();
+            lora.lora_b = Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, 0.1),
+                device,
+            ));
+        }
+        model
+    }
+
+    #[test]
+    fn lora_gradients_match_finite_differences() {
+        type A = Autodiff<NdArray<f64>>;
+        let device = Default::default();
+        let model = adapted::<A>(&device);
+        let batch = Batch::new(
+            &[
+                vec![&tokens(&[5, 70, 200, 9, 33, 100])],
+                vec![&tokens(&[8, 1, 2])],
+            ],
+            0,
+        );
+        let loss = batch_nll(&model, &batch, &device);
+        let grads = loss.backward();
+        // L(p + t u) for one LoRA matrix p moved along direction u.
+        let loss_along = |name: &str, half: usize, u: &[f64], t: f64| {
+            let mut m = model.clone();
+            for (n, lora) in m.loras_mut() {
+                if n == name {
+                    let p = if half == 0 {
+                        &mut lora.lora_a
+                    } else {
+                        &mut lora.lora_b
+                    };
+                    let v: Vec<f64> = p.val().into_data().convert::<f64>().to_vec().unwrap();
+                    let v: Vec<f64> = v.iter().zip(u).map(|(x, d)| x + t * d).collect();
+                    *p = Param::from_tensor(Tensor::from_data(
+                        TensorData::new(v, p.dims()),
+                        &device,
+                    ));
+                }
+            }
+            batch_nll(&m, &batch, &device).into_scalar().elem::<f64>()
+        };
+        // Directional derivatives, along the gradient and along a fixed pseudo-random unit
+        // direction, by central differences: burn's CPU kernels compute some activations (exp)
+        // in f32 even on an f64 backend, so single-element differences drown in that rounding;
+        // a whole-matrix direction keeps the signal far above it.
+        let mut checked = 0;
+        for (name, l) in model.linears() {
+            let lora = l.lora.as_ref().unwrap();
+            for (half, p) in [&lora.lora_a, &lora.lora_b].into_iter().enumerate() {
+                let g: Vec<f64> = p
+                    .val()
+                    .grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .convert::<f64>()
+                    .to_vec()
+                    .unwrap();
+                let unit = |v: Vec<f64>| {
+                    let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+                    v.into_iter().map(|x| x / n).collect::<Vec<f64>>()
+                };
+                let random: Vec<f64> = (0..g.len())
+                    .map(|i| ((i * 7919 + 13) % 101) as f64 - 50.0)
+                    .collect();
+                for u in [unit(g.clone()), unit(random)] {
+                    let central = |h: f64| {
+                        (loss_along(&name, half, &u, h) - loss_along(&name, half, &u, -h))
+                            / (2.0 * h)
+                    };
+                    // Richardson extrapolation cancels the O(h^2) error of the quotient.
+                    let fd = (4.0 * central(0.025) - central(0.05)) / 3.0;
+                    let an: f64 = g.iter().zip(&u).map(|(a, b)| a * b).sum();
+                    assert!(
+                        (fd - an).abs() <= 3e-4 + 1e-2 * an.abs(),
+                        "{name} {half}: fd {fd} vs {an}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 2 * 7 * 2 * 2);
+    }
+
+    #[test]
+    fn a_packed_base_gives_the_lora_gradients_of_its_dense_copy() {
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let dir = tempfile::tempdir().unwrap();
+        let base = LlamaForCausalLM::<NdArray<f32>>::init_random(&tiny_config(), &device);
+        write_hf_folder(&base, &tiny_config(), dir.path()).unwrap();
+        let spec = QuantSpec {
+            format: QuantFormat::Nf4,
+            double_quant: true,
+        };
+        let packed = Pretrained::<A>::load(dir.path(), Some(spec), &device)
+            .unwrap()
+            .model
+            .no_grad();
+        // The same adapters on both: the backend RNG is shared with tests running alongside,
+        // so the copy is made after the draw rather than by drawing again.
+        let packed = with_adapters(packed, &device);
+        let mut dense = packed.clone();
+        for layer in dense.model.layers.iter_mut() {
+            for (_, l) in layer.parts_mut().0 {
+                assert_eq!(l.base.format(), QuantFormat::Nf4);
+                l.base = Linear::dense(l.base.weight(&device), None).no_grad();
+            }
+        }
+        let batch = Batch::new(&[vec![&tokens(&[5, 70, 200, 9, 33, 100, 4])]], 0);
+        let grads_of = |model: LlamaForCausalLM<A>| {
+            let g = batch_nll(&model, &batch, &device).backward();
+            model
+                .linears()
+                .iter()
+                .flat_map(|(_, l)| {
+                    let lora = l.lora.as_ref().unwrap();
+                    [
+                        lora.lora_a.val().grad(&g).unwrap(),
+                        lora.lora_b.val().grad(&g).unwrap(),
+                    ]
+                })
+                .map(|t| t.into_data().to_vec::<f32>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let (from_packed, from_dense) = (grads_of(packed), grads_of(dense));
+        for (p, d) in from_packed.iter().zip(&from_dense) {
+            for (x, y) in p.iter().zip(d) {
+                assert!((x - y).abs() <= 1e-5 + 1e-4 * y.abs(), "{x} vs {y}");
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Runs: one step loop ([`step_loop`]) with two objectives, the cross-entropy of the labels
+//! ([`fine_tune`], `ft train` with a `[lora]` recipe) and distillation from a teacher
+//! ([`distillation`], a recipe with `[distill]`), over LoRA adapters or every dense weight
+//! ([`trainables`]). [`loss`] is the batch loss through the padded burn forward both
+//! objectives build on; [`setup`] what every run does before its first step and after its last.
+
+pub mod distillation;
+pub mod fine_tune;
+pub mod loss;
+pub(crate) mod setup;
+pub(crate) mod step_loop;
+pub mod trainables;
+
+pub use distillation::{distill, DistillSummary, TextScore};
+pub use fine_tune::{train, Summary, Trained};

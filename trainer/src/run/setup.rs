@@ -1,0 +1,206 @@
+//! What every run does before its first step and after its last: the base's storage, the
+//! data read and tokenized, the adapter's PEFT config, the progress bar, the registry.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use ft_adapters::peft::PeftConfig;
+use ft_adapters::registry::AddInfo;
+use ft_adapters::{LoraConfig, Registry};
+use ft_eval::tasks;
+use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, QuantFormat, QuantSpec};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data::{self, Encoder, Record, Tokenized};
+use crate::error::{At, Result, TrainError};
+use crate::plan::shuffle;
+use crate::recipe::{LoadedRecipe, Recipe};
+
+/// The data of a run, tokenized.
+pub(crate) struct Dataset {
+    /// Training examples.
+    pub train: Vec<Tokenized>,
+    /// Validation examples.
+    pub val: Vec<Tokenized>,
+    /// Examples cut at `data.max_seq_len`.
+    pub truncated: usize,
+    /// The bundled task, if the data is one.
+    pub task: Option<&'static tasks::Task>,
+}
+
+/// Reads and tokenizes the recipe's data: a bundled task, one file, or a mixture of files
+/// (each with its own layout and validation split).
+pub(crate) fn load_data<B: Backend>(
+    loaded: &LoadedRecipe,
+    pretrained: &Pretrained<B>,
+) -> Result<Dataset> {
+    let d = &loaded.recipe.data;
+    let mut task = None;
+    // (train records, validation records if a file gives them, the key named in errors)
+    let mut sources: Vec<(Vec<Record>, Option<Vec<Record>>, String)> = Vec::new();
+    if let Some(name) = &d.task {
+        let t = tasks::find(name).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "data.task: unknown task {name:?}; bundled tasks: {}",
+                tasks::names()
+            ))
+        })?;
+        let records = data::parse_jsonl(t.train, data::Format::Completion, name)?;
+        sources.push((records, None, "data.task".into()));
+        task = Some(t);
+    } else if let Some(train) = &d.train {
+        let records = data::read_jsonl(&loaded.resolve(train), d.format).at("data.train")?;
+        let val = match &d.val {
+            Some(v) => Some(data::read_jsonl(&loaded.resolve(v), d.format).at("data.val")?),
+            None => None,
+        };
+        sources.push((records, val, "data.train".into()));
+    }
+    for (i, m) in d.mix.iter().enumerate() {
+        let key = format!("data.mix[{i}]");
+        let records = data::read_jsonl(&loaded.resolve(&m.train), m.format)
+            .at_with(|| format!("{key}.train"))?;
+        let val = match &m.val {
+            Some(v) => Some(
+                data::read_jsonl(&loaded.resolve(v), m.format).at_with(|| format!("{key}.val"))?,
+            ),
+            None => None,
+        };
+        sources.push((records, val, key));
+    }
+    let encoder = Encoder {
+        tokenizer: &pretrained.tokenizer,
+        template: pretrained.chat_template.as_ref(),
+        eos: pretrained.tokenizer.eos_ids.first().copied(),
+        train_on_prompt: d.train_on_prompt,
+        max_seq_len: d.max_seq_len.min(pretrained.config.max_position_embeddings),
+    };
+    let mut truncated = 0;
+    let mut encode = |rs: &[Record]| -> Result<Vec<Tokenized>> {
+        rs.iter()
+            .map(|rec| {
+                let (t, cut) = encoder.encode(rec)?;
+                truncated += cut as usize;
+                Ok(t)
+            })
+            .collect()
+    };
+    let mut train = Vec::new();
+    let mut vals: Vec<Vec<Tokenized>> = Vec::new();
+    for (records, val_records, key) in sources {
+        let all = encode(&records).at(&key)?;
+        if all.is_empty() {
+            return Err(TrainError::Invalid(format!("{key}: no training examples")));
+        }
+        let mut val = Vec::new();
+        match val_records {
+            Some(v) => {
+                train.extend(all);
+                val.extend(encode(&v).at(&key)?);
+            }
+            None => {
+                // A seeded share of the training examples is held out.
+                let n_val =
+                    ((all.len() as f64 * d.val_fraction).round() as usize).min(all.len() - 1);
+                let mut order: Vec<usize> = (0..all.len()).collect();
+                shuffle(&mut order, loaded.recipe.train.seed ^ 0x7A1);
+                let held: std::collections::HashSet<usize> =
+                    order[..n_val].iter().copied().collect();
+                for (i, t) in all.into_iter().enumerate() {
+                    if held.contains(&i) {
+                        val.push(t);
+                    } else {
+                        train.push(t);
+                    }
+                }
+            }
+        }
+        vals.push(val);
+    }
+    // The sources' validation examples take turns, so that `data.val_limit` samples them all.
+    let longest = vals.iter().map(Vec::len).max().unwrap_or(0);
+    let mut iters: Vec<_> = vals.into_iter().map(Vec::into_iter).collect();
+    let mut val = Vec::new();
+    for _ in 0..longest {
+        for it in iters.iter_mut() {
+            val.extend(it.next());
+        }
+    }
+    if truncated > 0 {
+        tracing::info!(
+            "{truncated} examples were truncated to data.max_seq_len = {}",
+            d.max_seq_len
+        );
+    }
+    Ok(Dataset {
+        train,
+        val,
+        truncated,
+        task,
+    })
+}
+
+/// The quantization a recipe asks for (`None`: f32 as loaded).
+pub(crate) fn quant_spec(r: &Recipe) -> Result<Option<QuantSpec>> {
+    if matches!(r.quant.base.as_str(), "none" | "f32") {
+        return Ok(None);
+    }
+    let format: QuantFormat = r
+        .quant
+        .base
+        .parse()
+        .map_err(|e| TrainError::Invalid(format!("quant.base: {e}")))?;
+    Ok(Some(QuantSpec {
+        format,
+        double_quant: r.quant.double_quant,
+    }))
+}
+
+/// Sets the dtype of the packed-weight matmuls from `quant.compute_dtype`; bf16 on a backend
+/// without it is a usage error.
+pub(crate) fn apply_compute_dtype<B: QuantBackend>(r: &Recipe) -> Result<()> {
+    let bf16 = r.quant.compute_dtype == "bf16";
+    if bf16 && !B::bf16_compute_supported() {
+        return Err(TrainError::usage(
+            "quant.compute_dtype",
+            "f32 on the CPU backend (bf16 needs --device cuda)",
+            "\"bf16\"",
+        ));
+    }
+    ft_model::kernels::set_bf16_compute(bf16);
+    Ok(())
+}
+
+/// The PEFT config of the adapters the recipe attached, read from the layers
+/// ([`LlamaForCausalLM::peft_config`]).
+pub(crate) fn peft_config<B: Backend>(r: &Recipe, model: &LlamaForCausalLM<B>) -> PeftConfig {
+    let base = ft_model::source::hub_id(&r.model.source);
+    model.peft_config(&LoraConfig::from(&r.lora), Some(base))
+}
+
+/// Adds the adapter in `out` to the registry `dir` as `name` (the recipe's `output.registry`).
+pub(crate) fn register(dir: &Path, out: &Path, name: &str, info: AddInfo) -> Result<()> {
+    let record = Registry::open(dir)
+        .and_then(|mut reg| reg.add(out, name, info))
+        .at_with(|| format!("output.registry {}", dir.display()))?;
+    tracing::info!("registered {} in {}", record.id(), dir.display());
+    Ok(())
+}
+
+/// sha256 of the base model when it is one file (a GGUF); `None` for folders.
+pub(crate) fn base_sha256(path: &Path) -> Option<String> {
+    path.is_file()
+        .then(|| ft_model::source::sha256_file(path).ok())
+        .flatten()
+}
+
+/// The step progress bar.
+pub(crate) fn progress(total: usize, at: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("step {pos}/{len} {msg} [{elapsed_precise}, ETA {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(at as u64);
+    bar
+}
