@@ -150,7 +150,7 @@ where
         ];
         scalars.extend(objective.scalars());
         let last = state.step == total;
-        if last || (r.train.eval_every > 0 && state.step % r.train.eval_every == 0) {
+        if last || (r.train.eval_every > 0 && state.step.is_multiple_of(r.train.eval_every)) {
             state.val_loss = val_loss(&model.valid(), run.val_batches, device);
             scalars.push(("val/loss", state.val_loss));
             scalars.push(("val/perplexity", state.val_loss.exp()));
@@ -160,7 +160,7 @@ where
             .map_err(|e| TrainError::io(run.out, e))?;
         bar.set_position(state.step as u64);
         bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tok_s:.0} tok/s"));
-        if r.train.save_every > 0 && state.step % r.train.save_every == 0 {
+        if r.train.save_every > 0 && state.step.is_multiple_of(r.train.save_every) {
             let write = |dir: &Path| objective.save(model, dir);
             checkpoint::save(run.out, write, optimizer, state)?;
         }
