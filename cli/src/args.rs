@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use ft_model::gguf_export::GgufExportType;
+use ft_model::formats::gguf_export::GgufExportType;
 use ft_model::source::DEFAULT_MODEL;
 use ft_model::{QuantFormat, QuantSpec};
 

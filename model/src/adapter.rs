@@ -307,7 +307,11 @@ mod tests {
         }
         let merged_dir = dir.path().join("merged");
         write_hf_folder(&base, &c, &merged_dir).unwrap();
-        crate::export::write_safetensors(&merged_dir.join("model.safetensors"), &tensors).unwrap();
+        crate::formats::hf_export::write_safetensors(
+            &merged_dir.join("model.safetensors"),
+            &tensors,
+        )
+        .unwrap();
         let merged = Pretrained::<B>::load(&merged_dir, None, &Default::default()).unwrap();
 
         let mut adapted = base;

@@ -7,7 +7,7 @@ use burn::config::Config;
 use serde::Deserialize;
 
 use crate::error::ModelError;
-use crate::gguf::GgufFile;
+use crate::formats::gguf::GgufFile;
 
 /// How RoPE frequencies are rescaled for longer contexts.
 #[derive(Config, Debug, PartialEq)]

@@ -1,30 +1,26 @@
 //! ft-model: the Llama-family decoder on burn and everything needed to load and feed it.
 //!
-//! Owns the model ([`llama`]), its configuration ([`config`]), the KV cache ([`cache`]), the
-//! checkpoint readers ([`gguf`], [`safetensors_dir`]), the tokenizer and chat template, model
-//! sources ([`source`]) and perplexity, and the ragged serving forward through burn
-//! ([`ragged`]) or in plain Rust on the CPU ([`host_decode`]). Builds on ft-quant (block
-//! formats) and ft-adapters (LoRA layers); must not import ft-distill, ft-serve or ft-trainer.
+//! Owns the model ([`llama`], with its padded burn forward), its configuration ([`config`]),
+//! the KV cache ([`cache`]), the checkpoint formats read and written ([`formats`]: GGUF, HF
+//! safetensors, bitsandbytes), the tokenizer and chat template, model sources ([`source`]) and
+//! perplexity, and the ragged serving forwards ([`forward`]) through burn
+//! ([`forward::ragged`]) or in plain Rust on the CPU ([`forward::host`]). Builds on ft-quant
+//! (block formats) and ft-adapters (LoRA layers); must not import ft-distill, ft-serve or
+//! ft-trainer.
 #![warn(missing_docs)]
 
 pub mod adapter;
-pub mod bnb_format;
 pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod error;
-pub mod export;
-pub mod gguf;
-pub mod gguf_export;
-pub mod gguf_write;
-pub mod host_decode;
+pub mod formats;
+pub mod forward;
 pub mod llama;
 pub mod load;
 pub mod params;
 pub mod perplexity;
 pub mod pretrained;
-pub mod ragged;
-pub mod safetensors_dir;
 pub mod source;
 pub mod tiny;
 pub mod tokenizer;

@@ -511,8 +511,8 @@ mod tests {
         let path = dir.path().join("model.safetensors");
         let mut tensors = m.named_tensors();
         let source = |tensors: &[(String, HostTensor)]| {
-            crate::export::write_safetensors(&path, tensors).unwrap();
-            crate::safetensors_dir::SafetensorsDir::open(dir.path()).unwrap()
+            crate::formats::hf_export::write_safetensors(&path, tensors).unwrap();
+            crate::formats::safetensors_dir::SafetensorsDir::open(dir.path()).unwrap()
         };
         let removed = tensors.remove(3);
         let err = LlamaForCausalLM::<B>::load(&c, &source(&tensors), None, &Default::default())

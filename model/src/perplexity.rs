@@ -6,7 +6,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use ft_quant::QuantBackend;
 
-use crate::host_decode::HostDecoder;
+use crate::forward::host::HostDecoder;
 use crate::llama::LlamaForCausalLM;
 
 /// Result of a perplexity run.

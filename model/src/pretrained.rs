@@ -9,9 +9,9 @@ use ft_quant::{GgmlType, QuantFormat, QuantSpec};
 use crate::chat::{ChatTemplate, Message};
 use crate::config::{HfConfig, LlamaConfig};
 use crate::error::ModelError;
-use crate::gguf::{GgufFile, GgufTensors};
+use crate::formats::gguf::{GgufFile, GgufTensors};
+use crate::formats::safetensors_dir::SafetensorsDir;
 use crate::llama::LlamaForCausalLM;
-use crate::safetensors_dir::SafetensorsDir;
 use crate::source;
 use crate::tokenizer::TextTokenizer;
 

@@ -12,9 +12,9 @@ use serde_json::json;
 
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
-use crate::export::{hf_config_json, write_safetensors};
-use crate::gguf_export::{self, GgufExportType, GgufTokenizer};
-use crate::gguf_write::write_atomic;
+use crate::formats::gguf_export::{self, GgufExportType, GgufTokenizer};
+use crate::formats::gguf_write::write_atomic;
+use crate::formats::hf_export::{hf_config_json, write_safetensors};
 use crate::llama::LlamaForCausalLM;
 use crate::tokenizer::{bpe_tokenizer_json, byte_level_alphabet};
 

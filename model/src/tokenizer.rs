@@ -7,7 +7,7 @@ use std::str::FromStr;
 use serde_json::{json, Value};
 
 use crate::error::ModelError;
-use crate::gguf::GgufFile;
+use crate::formats::gguf::GgufFile;
 
 /// A tokenizer plus the special tokens generation needs.
 #[derive(Clone)]

@@ -11,6 +11,9 @@
 use half::f16;
 use rayon::prelude::*;
 
+// ----------------------------------------------------------------------------
+// Key and value element types: f32 and f16, widened a row at a time
+
 /// Most values in one head (the widened rows live on the stack).
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -91,6 +94,9 @@ impl KvElement for f16 {
     }
 }
 
+// ----------------------------------------------------------------------------
+// Paged decode attention over rayon's threads
+
 /// Shapes of the query and of the paged keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagedLayout {
@@ -141,6 +147,9 @@ pub fn paged_decode_attention<T: KvElement>(
     });
     out
 }
+
+// ----------------------------------------------------------------------------
+// One key/value head's group of query heads: dispatch, then the portable and AVX2 loops
 
 /// The attention of the g query heads that share key/value head `kv_head` over the first
 /// `len` positions of a block table: `out` (g * d values, overwritten) = softmax(q k^T /
@@ -259,6 +268,9 @@ fn attend_group_in<T: KvElement, const FMA: bool>(
     }
 }
 
+// ----------------------------------------------------------------------------
+// AVX-512 kernel for heads of 64
+
 /// [`attend_group`] for G heads of 64 in AVX-512 registers: a position's key or value row
 /// is four vectors, each head's query and output sums four more, so that a position costs
 /// its loads and 12 multiply-adds per phase for three heads, and nothing goes back to memory
@@ -364,6 +376,9 @@ mod avx512 {
     }
 }
 
+// ----------------------------------------------------------------------------
+// Walking a block table
+
 /// The blocks of one sequence's table as one key/value head's rows lie in the pool, walked
 /// block by block (a division per position would cost more than its products). Blocks lie
 /// anywhere in the pool, beyond the reach of the hardware prefetcher, so each position asks
@@ -420,6 +435,9 @@ impl<'a> Walk<'a> {
         self.bs.min(self.len - b * self.bs)
     }
 }
+
+// ----------------------------------------------------------------------------
+// Small helpers: softmax, widening, prefetch, multiply-add and lane sums
 
 /// Each run of `len` scores replaced by its softmax.
 #[inline(always)]
@@ -502,6 +520,9 @@ fn lane_sum(l: [f32; 16]) -> f32 {
     let b: [f32; 4] = std::array::from_fn(|i| a[i] + a[i + 4]);
     (b[0] + b[2]) + (b[1] + b[3])
 }
+
+// ----------------------------------------------------------------------------
+// Tests
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
 use ft_adapters::PeftAdapter;
-use ft_model::ragged::ServedAdapter;
+use ft_model::forward::ragged::ServedAdapter;
 use ft_model::LlamaForCausalLM;
 
 use crate::error::EngineError;

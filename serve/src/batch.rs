@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use ft_model::ragged::Segment;
+use ft_model::forward::ragged::Segment;
 use ft_model::{LlamaForCausalLM, QuantBackend};
 
 use crate::runner::Runner;

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 
-use ft_model::ragged::{Segment, ServedAdapter};
+use ft_model::forward::ragged::{Segment, ServedAdapter};
 use ft_model::{LlamaForCausalLM, QuantBackend};
 
 use crate::adapter_cache::AdapterCache;

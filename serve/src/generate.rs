@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use ft_model::ragged::Segment;
+use ft_model::forward::ragged::Segment;
 use ft_model::{LlamaForCausalLM, QuantBackend};
 
 use crate::runner::Runner;

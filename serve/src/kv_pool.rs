@@ -6,8 +6,8 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
-use ft_model::host_decode::HostKv;
-use ft_model::ragged::KvStore;
+use ft_model::forward::host::HostKv;
+use ft_model::forward::ragged::KvStore;
 use ft_model::QuantBackend;
 use half::f16;
 
@@ -72,7 +72,7 @@ impl<B: Backend> KvPool<B> {
 }
 
 /// Keys and values of every block, for every layer, in host memory: what
-/// [`ft_model::host_decode::HostDecoder`] writes and attends over in place.
+/// [`ft_model::forward::host::HostDecoder`] writes and attends over in place.
 #[derive(Debug)]
 pub struct HostKvPool {
     keys: Vec<Vec<f16>>,

@@ -3,8 +3,8 @@
 //! the kernels read), else burn's ragged forward over pooled tensors (any backend).
 
 use burn::tensor::{Int, Tensor, TensorData};
-use ft_model::host_decode::{HostDecoder, Workspace};
-use ft_model::ragged::{Segment, ServedAdapter};
+use ft_model::forward::host::{HostDecoder, Workspace};
+use ft_model::forward::ragged::{Segment, ServedAdapter};
 use ft_model::{LlamaForCausalLM, QuantBackend};
 
 use crate::kv_pool::{HostKvPool, KvPool};

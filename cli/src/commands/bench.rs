@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use ft_model::host_decode::HostDecoder;
+use ft_model::forward::host::HostDecoder;
 use ft_model::kernels::Isa;
 use ft_model::{source, Pretrained};
 use ft_model::{QuantBackend, QuantFormat, QuantSpec};

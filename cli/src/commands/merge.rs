@@ -1,8 +1,8 @@
 //! `ft merge`: W + scale * B A folded into every adapted layer, written as an HF folder or a
 //! GGUF file that tools load without PEFT.
 
-use ft_model::bnb_format::save_pretrained;
-use ft_model::gguf_export::write_pretrained_gguf;
+use ft_model::formats::bnb_write::save_pretrained;
+use ft_model::formats::gguf_export::write_pretrained_gguf;
 use ft_model::Pretrained;
 use ft_model::QuantSpec;
 

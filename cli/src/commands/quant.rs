@@ -226,7 +226,7 @@ pub fn save(args: QuantSaveArgs) -> anyhow::Result<()> {
     let path = source::resolve(&args.model)?;
     let device = Default::default();
     let p = Pretrained::<crate::device::Cpu>::load(&path, Some(spec), &device)?;
-    ft_model::bnb_format::save_pretrained(&p, spec, &args.out)?;
+    ft_model::formats::bnb_write::save_pretrained(&p, spec, &args.out)?;
     println!("saved {spec} model to {}", args.out.display());
     Ok(())
 }

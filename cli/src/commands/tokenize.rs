@@ -1,6 +1,6 @@
 //! `ft tokenize`: the tokenizer alone, without loading weights.
 
-use ft_model::gguf::GgufFile;
+use ft_model::formats::gguf::GgufFile;
 use ft_model::source;
 use ft_model::TextTokenizer;
 

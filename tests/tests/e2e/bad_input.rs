@@ -1,8 +1,8 @@
 //! Bad input gets a clear error naming the file or flag at fault, exit 1 (2 for usage
 //! errors), and never a panic.
 
-use ft_model::gguf::GgufValue;
-use ft_model::gguf_write::GgufWriter;
+use ft_model::formats::gguf::GgufValue;
+use ft_model::formats::gguf_write::GgufWriter;
 use ft_model::source::resolve;
 use ft_model::source::DEFAULT_MODEL;
 use ft_tests::{ft, tiny, tiny_model};

@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
-use crate::gguf::{gguf_name, permute_rows, GgufValue};
-use crate::gguf_write::GgufWriter;
+use crate::formats::gguf::{gguf_name, permute_rows, GgufValue};
+use crate::formats::gguf_write::GgufWriter;
 use crate::llama::LlamaForCausalLM;
 use crate::pretrained::Pretrained;
 use crate::tokenizer::{LLAMA3_SPLIT, QWEN2_SPLIT};

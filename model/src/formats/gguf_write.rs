@@ -1,11 +1,11 @@
-//! Writes GGUF v3 files: the inverse of [`crate::gguf`], for exporting merged models and for
+//! Writes GGUF v3 files: the inverse of [`super::gguf`], for exporting merged models and for
 //! building test checkpoints. Written to a temporary file and renamed, so a crash never
 //! leaves a half-written model behind.
 
 use std::path::Path;
 
 use crate::error::ModelError;
-use crate::gguf::GgufValue;
+use crate::formats::gguf::GgufValue;
 
 const ALIGNMENT: usize = 32;
 
@@ -133,7 +133,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::GgufFile;
+    use crate::formats::gguf::GgufFile;
 
     #[test]
     fn every_value_type_round_trips() {

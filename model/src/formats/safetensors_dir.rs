@@ -10,8 +10,8 @@ use safetensors::{Dtype, SafeTensors};
 
 use ft_quant::{GgmlType, PackedWeight};
 
-use crate::bnb_format::{is_part, read_packed};
 use crate::error::ModelError;
+use crate::formats::bnb_read::{is_part, read_packed};
 use crate::weights::{HostTensor, TensorSource};
 
 /// Memory-mapped safetensors files of one checkpoint, indexed by tensor name.

@@ -14,6 +14,7 @@ use ft_adapters::peft::{Matrix, PeftAdapter};
 use ft_quant::QuantBackend;
 
 use crate::error::ModelError;
+use crate::forward::{adapter_runs, Run};
 use crate::llama::{
     grouped_attention, heads_first, Attend, LlamaForCausalLM, LoraLinear, Rotation,
 };
@@ -99,7 +100,7 @@ impl<B: Backend> ServedAdapter<B> {
 
 impl<B: QuantBackend> ServedAdapter<B> {
     /// Per layer and module, A [r, in] and scale * B^T [r, out] as backend primitives, with
-    /// r: what the host forward ([`crate::host_decode`]) reads in place.
+    /// r: what the host forward ([`crate::forward::host`]) reads in place.
     #[allow(clippy::type_complexity)]
     pub(crate) fn host_parts(&self) -> Vec<[Option<(FloatTensor<B>, FloatTensor<B>, usize)>; 7]> {
         self.layers
@@ -132,14 +133,6 @@ fn transposed<B: Backend>(m: &Matrix, scale: f32, device: &B::Device) -> Tensor<
         TensorData::new(data, [cols, rows]).convert::<B::FloatElem>(),
         device,
     )
-}
-
-/// Consecutive rows of the flattened batch that share an adapter.
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    start: usize,
-    len: usize,
-    adapter: usize,
 }
 
 /// The adapters of one forward and the rows each applies to.
@@ -255,24 +248,18 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
         let device = self.device();
         let n = ids.len();
         debug_assert_eq!(n, segments.iter().map(|s| s.len).sum::<usize>());
-        let mut offsets = Vec::with_capacity(segments.len());
-        let mut runs: Vec<Run> = Vec::new();
-        let mut at = 0;
-        for seg in segments {
-            offsets.push(at);
-            if let Some(a) = seg.adapter {
-                match runs.last_mut() {
-                    Some(r) if r.adapter == a && r.start + r.len == at => r.len += seg.len,
-                    _ => runs.push(Run {
-                        start: at,
-                        len: seg.len,
-                        adapter: a,
-                    }),
-                }
-            }
-            at += seg.len;
-        }
-        let rows = RowAdapters { runs, adapters };
+        let offsets: Vec<usize> = segments
+            .iter()
+            .scan(0, |at, seg| {
+                let start = *at;
+                *at += seg.len;
+                Some(start)
+            })
+            .collect();
+        let rows = RowAdapters {
+            runs: adapter_runs(segments),
+            adapters,
+        };
         // Decoding segments (one new token each) attend together as one padded batch;
         // longer ones (prompt chunks) one by one.
         let decode: Vec<usize> = (0..segments.len())

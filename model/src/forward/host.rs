@@ -1,4 +1,4 @@
-//! The ragged forward of [`crate::ragged`] run on the CPU in plain Rust over host buffers, as
+//! The ragged forward of [`super::ragged`] run on the CPU in plain Rust over host buffers, as
 //! llama.cpp runs a step: every thread of a [`team`] takes its share of each operation and
 //! the threads meet at a barrier between operations.
 //!
@@ -24,8 +24,12 @@ use ft_quant::team::{self, SharedMut, Team};
 use ft_quant::{PackedWeight, QuantBackend};
 use half::f16;
 
+use crate::forward::ragged::{HostLowRank, Segment, ServedAdapter};
+use crate::forward::{adapter_runs, Run};
 use crate::llama::{LlamaForCausalLM, LoraLinear};
-use crate::ragged::{HostLowRank, Segment, ServedAdapter};
+
+// ----------------------------------------------------------------------------
+// The paged KV cache in host memory
 
 /// The keys and values of a paged cache in host memory, and where each segment's go. They
 /// are held as f16, as llama.cpp's cache holds them: at 16 sequences reading them is most of
@@ -40,6 +44,9 @@ pub struct HostKv<'a> {
     /// Each segment's block table, covering its positions after this step.
     pub tables: &'a [&'a [usize]],
 }
+
+// ----------------------------------------------------------------------------
+// Weights as the kernels read them: projections, layers and the model's sizes
 
 /// A weight as the decoder reads it: packed in a kernel format, or an f32 tensor read in
 /// place.
@@ -172,6 +179,9 @@ struct Dims {
     vocab: usize,
     eps: f32,
 }
+
+// ----------------------------------------------------------------------------
+// The decoder: built from the model, and one step of a ragged batch on a team of threads
 
 /// A model's weights arranged for the host forward: built once, beside the model, when every
 /// weight is in host memory in a form the kernels read.
@@ -582,6 +592,9 @@ impl<B: QuantBackend> HostDecoder<B> {
     }
 }
 
+// ----------------------------------------------------------------------------
+// Projections: a thread's share of a linear's rows, with bias and adapters
+
 /// What every thread of one step reads.
 struct Step<'a, B: QuantBackend> {
     decoder: &'a HostDecoder<B>,
@@ -665,6 +678,9 @@ impl<B: QuantBackend> Step<'_, B> {
     }
 }
 
+// ----------------------------------------------------------------------------
+// Buffers kept between steps, and each thread's scratch
+
 /// The buffers of [`HostDecoder::logits`], kept between steps (each step then allocates
 /// only its result).
 #[derive(Default)]
@@ -703,6 +719,9 @@ struct Work {
     scores: Vec<f32>,
 }
 
+// ----------------------------------------------------------------------------
+// Row operations: column copies, RMSNorm and RoPE
+
 /// Copies `ys` (rows of `cols.len()` values, as [`matvec::weight_rows`] writes them) into
 /// columns `cols` of the rows of `dst` (rows of `width`).
 ///
@@ -713,33 +732,6 @@ unsafe fn put_columns(dst: &SharedMut<f32>, width: usize, cols: Range<usize>, ys
         dst.slice_mut(i * width + cols.start..i * width + cols.end)
             .copy_from_slice(y);
     }
-}
-
-/// Consecutive rows of the flattened batch that share an adapter.
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    start: usize,
-    len: usize,
-    adapter: usize,
-}
-
-fn adapter_runs(segments: &[Segment]) -> Vec<Run> {
-    let mut runs: Vec<Run> = Vec::new();
-    let mut at = 0;
-    for seg in segments {
-        if let Some(a) = seg.adapter {
-            match runs.last_mut() {
-                Some(r) if r.adapter == a && r.start + r.len == at => r.len += seg.len,
-                _ => runs.push(Run {
-                    start: at,
-                    len: seg.len,
-                    adapter: a,
-                }),
-            }
-        }
-        at += seg.len;
-    }
-    runs
 }
 
 /// The part of `b` inside `a` (possibly empty).
@@ -766,6 +758,9 @@ fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
         x[i + half] = b * cos[i + half] + a * sin[i + half];
     }
 }
+
+// ----------------------------------------------------------------------------
+// Tests: the host step against the burn forward
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use burn::tensor::backend::Backend;
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::ModelError;
-use crate::gguf_write::write_atomic;
+use crate::formats::gguf_write::write_atomic;
 use crate::pretrained::Pretrained;
 use crate::weights::HostTensor;
 
