@@ -52,10 +52,7 @@ pub trait Chart {
             let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
             self.draw(&root)
                 .and_then(|()| root.present().map_err(Into::into))
-                .map_err(|e| EvalError::Plot {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| plot_error(path, e))?;
         }
         write_atomic(path, svg.as_bytes())
     }
@@ -68,10 +65,7 @@ pub trait Chart {
             let root = BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area();
             self.draw(&root)
                 .and_then(|()| root.present().map_err(Into::into))
-                .map_err(|e| EvalError::Plot {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| plot_error(path, e))?;
         }
         let mut png_bytes = Vec::new();
         let mut encoder = png::Encoder::new(&mut png_bytes, SIZE.0, SIZE.1);
@@ -80,10 +74,7 @@ pub trait Chart {
         encoder
             .write_header()
             .and_then(|mut w| w.write_image_data(&pixels))
-            .map_err(|e| EvalError::Plot {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| plot_error(path, e))?;
         write_atomic(path, &png_bytes)
     }
 
@@ -91,6 +82,14 @@ pub trait Chart {
     fn save(&self, stem: &Path) -> Result<(), EvalError> {
         self.save_svg(&stem.with_extension("svg"))?;
         self.save_png(&stem.with_extension("png"))
+    }
+}
+
+/// A drawing or encoding failure of the chart at `path`.
+fn plot_error(path: &Path, e: impl std::fmt::Display) -> EvalError {
+    EvalError::Plot {
+        path: path.to_path_buf(),
+        message: e.to_string(),
     }
 }
 

@@ -42,7 +42,7 @@ use crate::recipe::{
 };
 
 use super::loss::{batch_nll, nll, target_ids, target_logits, val_loss};
-use super::setup::{apply_compute_dtype, load_data, peft_config, progress, quant_spec, register};
+use super::setup::{load_data, peft_config, prepare, progress, quant_spec, register};
 use super::step_loop::{run_steps, Objective, Run};
 use super::trainables::Trainables;
 
@@ -132,15 +132,7 @@ where
                 .into(),
         ));
     }
-    std::fs::create_dir_all(&out)
-        .map_err(|e| TrainError::io(&out, e))
-        .at("output.dir")?;
-    let resume = match &r.train.resume {
-        Some(dir) => Some(checkpoint::find(dir)?),
-        None => None,
-    };
-
-    apply_compute_dtype::<B>(r)?;
+    let resume = prepare::<B>(r)?;
     let teacher =
         Pretrained::<B::InnerBackend>::from_source(&r.model.source, quant_spec(r)?, device)
             .at_with(|| format!("model.source {}", r.model.source))?;

@@ -15,9 +15,7 @@ use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, QuantFormat, QuantSpe
 use serde::{Deserialize, Serialize};
 
 use super::loss::{batch_nll, val_loss};
-use super::setup::{
-    apply_compute_dtype, base_sha256, load_data, peft_config, quant_spec, register,
-};
+use super::setup::{base_sha256, load_data, peft_config, prepare, quant_spec, register};
 use super::step_loop::{run_steps, Objective, Run};
 use super::trainables::Trainables;
 use crate::checkpoint::{self, TrainerState};
@@ -93,15 +91,7 @@ where
     let started = Instant::now();
     let r = &loaded.recipe;
     let out = r.output.dir.clone();
-    std::fs::create_dir_all(&out)
-        .map_err(|e| TrainError::io(&out, e))
-        .at("output.dir")?;
-    let resume = match &r.train.resume {
-        Some(dir) => Some(checkpoint::find(dir)?),
-        None => None,
-    };
-
-    apply_compute_dtype::<B>(r)?;
+    let resume = prepare::<B>(r)?;
     let quant = quant_spec(r)?;
     let pretrained = Pretrained::<B>::from_source(&r.model.source, quant, device)
         .at_with(|| format!("model.source {}", r.model.source))?;

@@ -1,7 +1,7 @@
 //! What every run does before its first step and after its last: the base's storage, the
 //! data read and tokenized, the adapter's PEFT config, the progress bar, the registry.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use ft_adapters::peft::PeftConfig;
@@ -11,6 +11,7 @@ use ft_eval::tasks;
 use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, QuantFormat, QuantSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::checkpoint;
 use crate::data::{self, Encoder, Record, Tokenized};
 use crate::error::{At, Result, TrainError};
 use crate::plan::shuffle;
@@ -156,9 +157,26 @@ pub(crate) fn quant_spec(r: &Recipe) -> Result<Option<QuantSpec>> {
     }))
 }
 
+/// What every run does first: makes the output folder, finds the checkpoint to resume from
+/// (returned), and sets the dtype of the packed-weight matmuls.
+pub(crate) fn prepare<B: QuantBackend>(r: &Recipe) -> Result<Option<PathBuf>> {
+    let out = &r.output.dir;
+    std::fs::create_dir_all(out)
+        .map_err(|e| TrainError::io(out, e))
+        .at("output.dir")?;
+    let resume = r
+        .train
+        .resume
+        .as_deref()
+        .map(checkpoint::find)
+        .transpose()?;
+    apply_compute_dtype::<B>(r)?;
+    Ok(resume)
+}
+
 /// Sets the dtype of the packed-weight matmuls from `quant.compute_dtype`; bf16 on a backend
 /// without it is a usage error.
-pub(crate) fn apply_compute_dtype<B: QuantBackend>(r: &Recipe) -> Result<()> {
+fn apply_compute_dtype<B: QuantBackend>(r: &Recipe) -> Result<()> {
     let bf16 = r.quant.compute_dtype == "bf16";
     if bf16 && !B::bf16_compute_supported() {
         return Err(TrainError::usage(
