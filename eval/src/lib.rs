@@ -3,10 +3,10 @@
 //! Tasks ([`task`]: the bundled generated tasks of [`tasks`] and `*.toml` task files) are
 //! held-out splits with a metric ([`metric`]). `ft eval` sends them through a server, ours in
 //! process or any OpenAI-compatible one, over the HTTP [`client`], for the base and every
-//! adapter, storage, decoding and concurrency ([`measure`]), and writes a report ([`report`])
-//! with plots ([`plot`]). [`greedy`] is the in-process exact match that training runs before
-//! and after; [`load_bench`] is the load generator of `ft bench serve`; [`rss`] reads the
-//! process's resident memory for every benchmark table.
+//! adapter, storage, decoding and concurrency ([`measure`]), as one [`evaluation`] describes,
+//! and writes a report ([`report`]) with plots ([`plot`]). [`greedy`] is the in-process exact
+//! match that training runs before and after; [`load_bench`] is the load generator of `ft
+//! bench serve`; [`rss`] reads the process's resident memory for every benchmark table.
 //!
 //! Uses ft-serve, ft-model and ft-adapters; must not import ft-quant (ft-model re-exports what
 //! is needed), ft-distill or ft-trainer.
@@ -14,6 +14,7 @@
 
 pub mod client;
 pub mod error;
+pub mod evaluation;
 pub mod greedy;
 pub mod load_bench;
 pub mod measure;
@@ -25,4 +26,5 @@ pub mod task;
 pub mod tasks;
 
 pub use error::EvalError;
+pub use evaluation::Evaluation;
 pub use greedy::{exact_match, ExactMatch};
