@@ -98,11 +98,13 @@ impl<S> Evaluation<S> {
     /// Measures every setting on backend `B`, loading the base for each storage with `load`
     /// on `device`, and returns the report (not yet written). Perplexity comes first for each
     /// storage: it needs no server, and a text it cannot score stops the run before the long
-    /// generation passes. Each row is reported as an info event as it is measured.
+    /// generation passes. `on_row` sees each row as soon as it is measured (the CLI prints
+    /// progress from it).
     pub fn run<B: QuantBackend, E: Into<BoxError>>(
         &self,
         device: &B::Device,
         mut load: impl FnMut(&S) -> Result<Pretrained<B>, E>,
+        mut on_row: impl FnMut(&Row),
     ) -> Result<Report, EvalError> {
         let (scored, generated): (Vec<&EvalTask>, Vec<&EvalTask>) = self
             .tasks
@@ -129,19 +131,40 @@ impl<S> Evaluation<S> {
                     });
                 }
                 // The server's first model is its base; `models` lists one at least.
-                self.measure(&client, &listed[0], "server", &generated, &mut rows);
+                self.measure(
+                    &client,
+                    &listed[0],
+                    "server",
+                    &generated,
+                    &mut on_row,
+                    &mut rows,
+                );
             }
             Serving::InProcess(storages) => {
                 for storage in storages {
                     if !scored.is_empty() {
-                        self.perplexity_rows(&scored, storage, device, &mut load, &mut rows)?;
+                        self.perplexity_rows(
+                            &scored,
+                            storage,
+                            device,
+                            &mut load,
+                            &mut on_row,
+                            &mut rows,
+                        )?;
                     }
                     if generated.is_empty() {
                         continue;
                     }
                     let server = self.start_server(load(&storage.spec).map_err(load_error)?)?;
                     let client = Client::new(server.url(), None, self.timeout);
-                    self.measure(&client, BASE, &storage.label, &generated, &mut rows);
+                    self.measure(
+                        &client,
+                        BASE,
+                        &storage.label,
+                        &generated,
+                        &mut on_row,
+                        &mut rows,
+                    );
                     server.stop().map_err(|source| EvalError::InProcess {
                         doing: "stopping the in-process server",
                         source,
@@ -181,6 +204,7 @@ impl<S> Evaluation<S> {
         base_name: &str,
         label: &str,
         tasks: &[&EvalTask],
+        on_row: &mut impl FnMut(&Row),
         rows: &mut Vec<Row>,
     ) {
         for task in tasks {
@@ -203,7 +227,7 @@ impl<S> Evaluation<S> {
                         };
                         let pass = run_pass(client, sent, task, decoding, concurrency);
                         let row = summarize(task, &setting, &pass, self.usd_per_hour);
-                        progress(&row);
+                        on_row(&row);
                         rows.push(row);
                     }
                 }
@@ -264,6 +288,7 @@ impl<S> Evaluation<S> {
         storage: &Storage<S>,
         device: &B::Device,
         load: &mut impl FnMut(&S) -> Result<Pretrained<B>, E>,
+        on_row: &mut impl FnMut(&Row),
         rows: &mut Vec<Row>,
     ) -> Result<(), EvalError> {
         for (model, dir) in self.models() {
@@ -306,7 +331,7 @@ impl<S> Evaluation<S> {
                     cost: None,
                     answers: Vec::new(),
                 };
-                progress(&row);
+                on_row(&row);
                 rows.push(row);
             }
         }
@@ -360,29 +385,4 @@ impl<S> Evaluation<S> {
         }
         Ok(())
     }
-}
-
-/// One line per row while the evaluation runs.
-fn progress(row: &Row) {
-    tracing::info!(
-        "ft eval: {} {} {} {} x{}: {} {} of {} answered{}{}",
-        row.task,
-        row.model,
-        row.quant,
-        row.decoding,
-        row.concurrency
-            .map_or_else(|| "-".into(), |c| c.to_string()),
-        row.metric.name(),
-        row.score
-            .value
-            .map_or_else(|| "-".into(), |v| format!("{v:.3}")),
-        row.examples - row.errors - row.timeouts,
-        row.timing.map_or_else(String::new, |t| format!(
-            ", {:.2} s median latency, {:.1} tok/s",
-            t.latency_p50_s, t.tokens_per_s
-        )),
-        row.first_error
-            .as_ref()
-            .map_or_else(String::new, |e| format!(", first error: {e}")),
-    );
 }

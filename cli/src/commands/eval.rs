@@ -9,6 +9,7 @@ use anyhow::Context;
 use ft_adapters::registry::{parse_ref, validate_name};
 use ft_adapters::Registry;
 use ft_eval::evaluation::{Adapter, Evaluation, Serving, Storage};
+use ft_eval::measure::Row;
 use ft_eval::report::BASE;
 use ft_eval::task::{self, EvalTask, Metric, TaskError};
 use ft_eval::EvalError;
@@ -266,7 +267,11 @@ impl Job for EvalJob {
     fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<()> {
         let report = self
             .evaluation
-            .run(&device, |base: &BaseModelArgs| base.load::<B>(&device))
+            .run(
+                &device,
+                |base: &BaseModelArgs| base.load::<B>(&device),
+                progress,
+            )
             .map_err(cli_error)?;
         let files = report.write(&self.out)?;
         print!("{}", report.markdown());
@@ -289,4 +294,29 @@ fn cli_error(e: EvalError) -> anyhow::Error {
     } else {
         e.into()
     }
+}
+
+/// One line per row on stderr while the evaluation runs.
+fn progress(row: &Row) {
+    eprintln!(
+        "ft eval: {} {} {} {} x{}: {} {} of {} answered{}{}",
+        row.task,
+        row.model,
+        row.quant,
+        row.decoding,
+        row.concurrency
+            .map_or_else(|| "-".into(), |c| c.to_string()),
+        row.metric.name(),
+        row.score
+            .value
+            .map_or_else(|| "-".into(), |v| format!("{v:.3}")),
+        row.examples - row.errors - row.timeouts,
+        row.timing.map_or_else(String::new, |t| format!(
+            ", {:.2} s median latency, {:.1} tok/s",
+            t.latency_p50_s, t.tokens_per_s
+        )),
+        row.first_error
+            .as_ref()
+            .map_or_else(String::new, |e| format!(", first error: {e}")),
+    );
 }
