@@ -35,6 +35,28 @@ pub enum EvalError {
     /// A report could not be serialized.
     #[error("serializing the report: {0}")]
     Json(#[from] serde_json::Error),
+    /// A peer engine's program could not be started.
+    #[error("could not run {program}")]
+    PeerSpawn {
+        /// The program.
+        program: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A peer engine's run failed.
+    #[error("{peer} run failed: {stderr}")]
+    PeerFailed {
+        /// The engine.
+        peer: String,
+        /// What it wrote to stderr.
+        stderr: String,
+    },
+    /// A peer engine's result could not be read.
+    #[error("unreadable result")]
+    PeerOutput {
+        /// The parse error.
+        source: serde_json::Error,
+    },
 }
 
 impl EvalError {

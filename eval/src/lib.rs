@@ -13,11 +13,13 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod decode_bench;
 pub mod error;
 pub mod greedy;
 pub mod load_bench;
 pub mod measure;
 pub mod metric;
+pub mod peers;
 pub mod plot;
 pub mod report;
 pub mod rss;
