@@ -15,7 +15,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io {
         /// The file or folder.
         path: PathBuf,
@@ -117,6 +117,28 @@ pub enum EvalError {
         version: u32,
         /// Why.
         source: AdapterError,
+    },
+    /// A peer engine's program could not be started.
+    #[error("could not run {program}")]
+    PeerSpawn {
+        /// The program.
+        program: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A peer engine's run failed.
+    #[error("{peer} run failed: {stderr}")]
+    PeerFailed {
+        /// The engine.
+        peer: String,
+        /// What it wrote to stderr.
+        stderr: String,
+    },
+    /// A peer engine's result could not be read.
+    #[error("unreadable result")]
+    PeerOutput {
+        /// The parse error.
+        source: serde_json::Error,
     },
 }
 

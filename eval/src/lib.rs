@@ -6,19 +6,23 @@
 //! adapter, storage, decoding and concurrency ([`measure`]), as one [`evaluation`] describes,
 //! and writes a report ([`report`]) with plots ([`plot`]). [`greedy`] is the in-process exact
 //! match that training runs before and after; [`load_bench`] is the load generator of `ft
-//! bench serve`; [`rss`] reads the process's resident memory for every benchmark table.
+//! bench serve`, [`decode_bench`] the measurement of `ft bench generate`, and [`peers`] drive
+//! the other engines measured beside ft (llama.cpp); [`rss`] reads the process's resident
+//! memory for every benchmark table.
 //!
 //! Uses ft-serve, ft-model and ft-adapters; must not import ft-quant (ft-model re-exports what
 //! is needed), ft-distill or ft-trainer.
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod decode_bench;
 pub mod error;
 pub mod evaluation;
 pub mod greedy;
 pub mod load_bench;
 pub mod measure;
 pub mod metric;
+pub mod peers;
 pub mod plot;
 pub mod report;
 pub mod rss;
