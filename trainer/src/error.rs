@@ -106,7 +106,7 @@ impl TrainError {
 /// `Result<T, TrainError>`.
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 
-/// Names where an error happened, as `anyhow`'s `context` does, but typed.
+/// Names where an error happened (the recipe key or file), keeping the error typed.
 pub trait At<T> {
     /// Prefixes the error with `at` (a recipe key, a file).
     fn at(self, at: impl Display) -> Result<T>;
