@@ -6,7 +6,8 @@
 //! ([`cache`]). The distillation loop that uses them is the trainer's (`ft train` with a
 //! `[distill]` recipe section), which owns data, optimizer and schedule.
 //!
-//! Builds on ft-model; must not import ft-serve or ft-trainer.
+//! Builds on ft-model and ft-adapters (its atomic file write); must not import ft-quant,
+//! ft-serve, ft-eval or ft-trainer.
 #![warn(missing_docs)]
 
 pub mod cache;

@@ -11,7 +11,7 @@ use ft_adapters::peft::{LoraWeights, Matrix, PeftAdapter, PeftConfig};
 use ft_adapters::{AdapterError, Lora, LoraConfig};
 
 use crate::error::ModelError;
-use crate::llama::{LlamaForCausalLM, LoraLinear};
+use crate::forward::llama::{LlamaForCausalLM, LoraLinear};
 
 impl<B: Backend> LlamaForCausalLM<B> {
     /// The block linear layers, mutable, with their HF names.

@@ -1,10 +1,11 @@
 //! ft-model: the Llama-family decoder on burn and everything needed to load and feed it.
 //!
-//! Owns the model ([`llama`], with its padded burn forward), its configuration ([`config`]),
-//! the KV cache ([`cache`]), the checkpoint formats read and written ([`formats`]: GGUF, HF
-//! safetensors, bitsandbytes), the tokenizer and chat template, model sources ([`source`]) and
-//! perplexity, and the ragged serving forwards ([`forward`]) through burn
-//! ([`forward::ragged`]) or in plain Rust on the CPU ([`forward::host`]). Builds on ft-quant
+//! Owns the model and its three forwards ([`forward`]: [`forward::llama`], the model as the
+//! paper writes it with its padded burn forward; the ragged serving forwards through burn,
+//! [`forward::ragged`], or in plain Rust on the CPU, [`forward::host`]), its configuration
+//! ([`config`]), the KV cache ([`cache`]), the checkpoint formats read and written
+//! ([`formats`]: GGUF, HF safetensors, bitsandbytes), the tokenizer and chat template, model
+//! sources ([`source`]) and perplexity. Builds on ft-quant
 //! (block formats) and ft-adapters (LoRA layers); must not import ft-distill, ft-serve or
 //! ft-trainer.
 #![warn(missing_docs)]
@@ -16,7 +17,6 @@ pub mod config;
 pub mod error;
 pub mod formats;
 pub mod forward;
-pub mod llama;
 pub mod load;
 pub mod params;
 pub mod perplexity;
@@ -29,10 +29,10 @@ pub mod weights;
 pub use cache::KvCache;
 pub use config::LlamaConfig;
 pub use error::ModelError;
+pub use forward::llama::LlamaForCausalLM;
 /// The frozen-weight types and the backend trait every model forward needs (packed weights
 /// under autodiff): the crates above the model use them through here, never ft-quant itself.
 pub use ft_quant::{Linear, QuantBackend, QuantFormat, QuantSpec};
-pub use llama::LlamaForCausalLM;
 pub use pretrained::Pretrained;
 pub use tokenizer::TextTokenizer;
 

@@ -13,7 +13,7 @@ use ft_quant::{GgmlType, PackedWeight, QuantFormat, QuantSpec};
 
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
-use crate::llama::{
+use crate::forward::llama::{
     Attention, DecoderLayer, Linear, LlamaForCausalLM, LlamaModel, LoraLinear, Mlp, RmsNorm,
     RotaryEmbedding,
 };

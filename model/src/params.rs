@@ -7,7 +7,7 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::llama::LlamaForCausalLM;
+use crate::forward::llama::LlamaForCausalLM;
 
 /// A mutable dense weight: a matrix (embeddings, projections, head) or a vector (norms,
 /// biases).

@@ -7,7 +7,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use ft_quant::QuantBackend;
 
 use crate::forward::host::HostDecoder;
-use crate::llama::LlamaForCausalLM;
+use crate::forward::llama::LlamaForCausalLM;
 
 /// Result of a perplexity run.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

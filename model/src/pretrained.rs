@@ -11,7 +11,7 @@ use crate::config::{HfConfig, LlamaConfig};
 use crate::error::ModelError;
 use crate::formats::gguf::{GgufFile, GgufTensors};
 use crate::formats::safetensors_dir::SafetensorsDir;
-use crate::llama::LlamaForCausalLM;
+use crate::forward::llama::LlamaForCausalLM;
 use crate::source;
 use crate::tokenizer::TextTokenizer;
 

@@ -15,7 +15,7 @@ use crate::error::ModelError;
 use crate::formats::gguf_export::{self, GgufExportType, GgufTokenizer};
 use crate::formats::gguf_write::write_atomic;
 use crate::formats::hf_export::{hf_config_json, write_safetensors};
-use crate::llama::LlamaForCausalLM;
+use crate::forward::llama::LlamaForCausalLM;
 use crate::tokenizer::{bpe_tokenizer_json, byte_level_alphabet};
 
 /// Special tokens after the 256 byte tokens: ids 256, 257, 258.

@@ -14,7 +14,7 @@ use crate::config::LlamaConfig;
 use crate::error::ModelError;
 use crate::formats::gguf::{gguf_name, permute_rows, GgufValue};
 use crate::formats::gguf_write::GgufWriter;
-use crate::llama::LlamaForCausalLM;
+use crate::forward::llama::LlamaForCausalLM;
 use crate::pretrained::Pretrained;
 use crate::tokenizer::{LLAMA3_SPLIT, QWEN2_SPLIT};
 

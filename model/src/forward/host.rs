@@ -24,9 +24,9 @@ use ft_quant::team::{self, SharedMut, Team};
 use ft_quant::{PackedWeight, QuantBackend};
 use half::f16;
 
+use crate::forward::llama::{LlamaForCausalLM, LoraLinear};
 use crate::forward::ragged::{HostLowRank, Segment, ServedAdapter};
 use crate::forward::{adapter_runs, Run};
-use crate::llama::{LlamaForCausalLM, LoraLinear};
 
 // ----------------------------------------------------------------------------
 // The paged KV cache in host memory
@@ -740,7 +740,7 @@ fn overlap(a: &Range<usize>, b: Range<usize>) -> Range<usize> {
     start..a.end.min(b.end).max(start)
 }
 
-/// x / sqrt(mean(x^2) + eps) * weight, as [`crate::llama::RmsNorm`] computes it.
+/// x / sqrt(mean(x^2) + eps) * weight, as [`crate::forward::llama::RmsNorm`] computes it.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let rms = (mean + eps).sqrt();

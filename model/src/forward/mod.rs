@@ -1,17 +1,16 @@
-//! The serving forwards: many sequences' new tokens flattened into one ragged batch, each at
-//! its own position with its own adapter, over a paged KV cache.
-//!
-//! The model has three forwards, all of the same arithmetic:
-//! - [`crate::llama`]: the padded batch on burn, as the paper writes the model; training
+//! The model's three forwards, all of the same arithmetic:
+//! - [`llama`]: the padded batch on burn, as the paper writes the model; training
 //!   (autodiff), distillation, CUDA, and the reference the other two are tested against;
 //! - [`ragged`]: the ragged batch on burn, for backends without a host path (CUDA);
 //! - [`host`]: the same ragged batch on the CPU in plain Rust over the ft-quant kernels, no
 //!   burn op; every CPU forward of generation, perplexity and the server.
 //!
-//! Both ragged forwards apply each adapter once per run of consecutive rows that share it
-//! ([`adapter_runs`]).
+//! The two ragged forwards are the serving ones: many sequences' new tokens flattened into one
+//! batch, each at its own position with its own adapter, over a paged KV cache. Both apply
+//! each adapter once per run of consecutive rows that share it ([`adapter_runs`]).
 
 pub mod host;
+pub mod llama;
 pub mod ragged;
 
 use ragged::Segment;

@@ -14,10 +14,10 @@ use ft_adapters::peft::{Matrix, PeftAdapter};
 use ft_quant::QuantBackend;
 
 use crate::error::ModelError;
-use crate::forward::{adapter_runs, Run};
-use crate::llama::{
+use crate::forward::llama::{
     grouped_attention, heads_first, Attend, LlamaForCausalLM, LoraLinear, Rotation,
 };
+use crate::forward::{adapter_runs, Run};
 
 /// One sequence's new tokens in a ragged batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

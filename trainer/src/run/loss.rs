@@ -5,7 +5,7 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use ft_model::llama::Attend;
+use ft_model::forward::llama::Attend;
 use ft_model::{LlamaForCausalLM, QuantBackend};
 
 use crate::data::Batch;
