@@ -66,10 +66,14 @@ impl Sampler {
     /// of 49,152 logits per row was most of a sampled decode step.
     fn nucleus(&self, logits: &[f32]) -> (Vec<(u32, f32)>, Vec<f32>) {
         let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // The row's maximum comes off before the division: at tiny temperatures l / T
+        // overflows to infinity for every positive logit (inf - inf is NaN), while
+        // (l - max) / T only runs to minus infinity, whose probability is 0.
+        let row_max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, l / self.params.temperature))
+            .map(|(i, &l)| (i as u32, (l - row_max) / self.params.temperature))
             .collect();
         let top_k = self.params.top_k;
         if top_k > 0 && top_k < candidates.len() {
@@ -138,6 +142,27 @@ pub fn argmax(values: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiny_temperatures_pick_the_most_likely_token() {
+        // Regression: at 1e-39 the scaled logits overflowed and every draw was garbage.
+        let logits = [1.0, 3.0, 2.5, -4.0, f32::NEG_INFINITY];
+        for temperature in [1e-39, 1e-37, 1e-20] {
+            for seed in 0..20 {
+                let mut s = Sampler::new(SamplingParams {
+                    temperature,
+                    top_k: 0,
+                    top_p: 1.0,
+                    seed,
+                });
+                assert_eq!(
+                    s.sample(&logits),
+                    1,
+                    "temperature {temperature}, seed {seed}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {
