@@ -7,9 +7,10 @@
 //! and bf16; and the base model's [`Linear`] layer that holds a weight dense or packed.
 //! [`device_packed`] keeps packed codes on a GPU and decodes them there; [`matvec`] multiplies
 //! a few rows by GGUF-blocked, bf16 or f32 weights on the CPU without dequantizing them,
-//! [`attention`] attends from a paged KV cache on the host, [`exp`] takes exp and SiLU over
-//! slices, and [`team`] runs a step's
-//! operations on every kernel thread at once.
+//! [`gemm`] multiplies the hundreds of rows of a training step (a packed weight dequantized a
+//! tile of rows at a time), [`attention`] attends from a paged KV cache on the host, [`exp`]
+//! takes exp and SiLU over slices, and [`team`] runs a step's operations on every kernel
+//! thread at once.
 //!
 //! Must not import any other ft crate: it knows nothing of LoRA, models or training.
 #![warn(missing_docs)]
@@ -20,6 +21,7 @@ pub mod bnb4;
 pub mod device_packed;
 pub mod dynamic8;
 pub mod exp;
+pub mod gemm;
 pub mod ggml;
 pub mod int8;
 pub mod linear;

@@ -302,6 +302,8 @@ pub struct TrainSection {
     pub page_min_elements: usize,
     /// Seed of initialization, shuffling and dropout.
     pub seed: u64,
+    /// Where a step's forward and backward run: `auto`, `host` or `burn`.
+    pub engine: Engine,
     /// Validation loss every N steps (0: only at the end).
     pub eval_every: usize,
     /// Checkpoint every N steps (0: never).
@@ -327,6 +329,7 @@ impl Default for TrainSection {
             eps: 1e-8,
             page_min_elements: 100_000,
             seed: 42,
+            engine: Engine::Auto,
             eval_every: 0,
             save_every: 0,
             resume: None,
@@ -344,6 +347,19 @@ pub enum Scheduler {
     Linear,
     /// Half-cosine decay to 0 at the last step.
     Cosine,
+}
+
+/// Where a training step's forward and backward run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// `host` wherever it can run (a LoRA run whose weights are in host memory), else `burn`.
+    Auto,
+    /// ft's own kernels on the CPU (explicit forward and backward): LoRA on the CPU only.
+    Host,
+    /// burn's autodiff: every backend, full-parameter training, and the reference the host
+    /// step is tested against.
+    Burn,
 }
 
 /// The optimizer.

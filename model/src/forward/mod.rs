@@ -1,9 +1,11 @@
-//! The model's three forwards, all of the same arithmetic:
+//! The model's forwards, all of the same arithmetic:
 //! - [`llama`]: the padded batch on burn, as the paper writes the model; training
 //!   (autodiff), distillation, CUDA, and the reference the other two are tested against;
 //! - [`ragged`]: the ragged batch on burn, for backends without a host path (CUDA);
 //! - [`host`]: the same ragged batch on the CPU in plain Rust over the ft-quant kernels, no
-//!   burn op; every CPU forward of generation, perplexity and the server.
+//!   burn op; every CPU forward of generation, perplexity and the server;
+//! - [`train`]: the host forward of a training batch that keeps what backward needs, with its
+//!   backward to the LoRA adapters: every CPU training step.
 //!
 //! The two ragged forwards are the serving ones: many sequences' new tokens flattened into one
 //! batch, each at its own position with its own adapter, over a paged KV cache. Both apply
@@ -12,6 +14,7 @@
 pub mod host;
 pub mod llama;
 pub mod ragged;
+pub mod train;
 
 use ragged::Segment;
 

@@ -14,6 +14,7 @@ use ft_eval::{exact_match, tasks, ExactMatch};
 use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, QuantFormat, QuantSpec, TextTokenizer};
 use serde::{Deserialize, Serialize};
 
+use super::host_step::HostStep;
 use super::loss::{batch_nll, val_loss};
 use super::setup::{base_sha256, load_data, peft_config, prepare, quant_spec, register};
 use super::step_loop::{run_steps, Objective, Run};
@@ -25,7 +26,7 @@ use crate::memory::MemoryReport;
 use crate::metrics::Metrics;
 use crate::optim::{AdamW, StateBytes};
 use crate::plan::Plan;
-use crate::recipe::{LoadedRecipe, OptimizerKind, Recipe};
+use crate::recipe::{Engine, LoadedRecipe, OptimizerKind, Recipe};
 
 /// What a finished run reports in `summary.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -138,8 +139,30 @@ where
         .map_err(|e| TrainError::io(&out, e))?;
 
     let val_batches = plan.val_batches(&data.val, pad);
+    let host = match r.train.engine {
+        Engine::Burn => None,
+        Engine::Auto => HostStep::new(&model.valid()),
+        Engine::Host => Some(HostStep::new(&model.valid()).ok_or_else(|| {
+            TrainError::usage(
+                "train.engine",
+                "\"auto\" or \"burn\" where the weights are not in host memory (a GPU device)",
+                "\"host\"",
+            )
+        })?),
+    };
+    tracing::info!(
+        "training steps on {}",
+        if host.is_some() {
+            "the host kernels"
+        } else {
+            "burn's autodiff"
+        }
+    );
     if resume.is_none() {
-        state.val_loss_before = val_loss(&model.valid(), &val_batches, device);
+        state.val_loss_before = match &host {
+            Some(host) => host.val_loss(&model, &val_batches)?,
+            None => val_loss(&model.valid(), &val_batches, device),
+        };
         state.exact_match_before = match (data.task, r.eval.exact_match) {
             (Some(task), true) => {
                 let em = score(&model.valid(), &pretrained.tokenizer, task, r)?;
@@ -176,7 +199,7 @@ where
         pad,
         trainables: Trainables::Lora,
     };
-    let mut objective = CrossEntropy { recipe: r };
+    let mut objective = CrossEntropy::<B> { recipe: r, host };
     run_steps(
         &run,
         &plan,
@@ -246,11 +269,20 @@ where
 }
 
 /// Cross-entropy of the labels: the summed next-token NLL of a batch's trained tokens.
-struct CrossEntropy<'a> {
+struct CrossEntropy<'a, B: AutodiffBackend + QuantBackend>
+where
+    B::InnerBackend: QuantBackend,
+{
     recipe: &'a Recipe,
+    /// The host step, when the run's steps run there.
+    host: Option<HostStep<B::InnerBackend>>,
 }
 
-impl<B: AutodiffBackend + QuantBackend> Objective<B> for CrossEntropy<'_> {
+impl<B> Objective<B> for CrossEntropy<'_, B>
+where
+    B: AutodiffBackend + QuantBackend,
+    B::InnerBackend: QuantBackend,
+{
     fn begin_step(&mut self, _: usize) {}
 
     fn batch(&mut self, _: &LlamaForCausalLM<B>, _: usize, _: usize, drawn: Batch) -> Batch {
@@ -269,6 +301,10 @@ impl<B: AutodiffBackend + QuantBackend> Objective<B> for CrossEntropy<'_> {
 
     fn save(&mut self, model: &LlamaForCausalLM<B>, dir: &Path) -> Result<()> {
         Ok(model.to_peft(peft_config(self.recipe, model)).write(dir)?)
+    }
+
+    fn host(&self) -> Option<&HostStep<B::InnerBackend>> {
+        self.host.as_ref()
     }
 }
 

@@ -2,10 +2,12 @@
 //! ([`fine_tune`], `ft train` with a `[lora]` recipe) and distillation from a teacher
 //! ([`distillation`], a recipe with `[distill]`), over LoRA adapters or every dense weight
 //! ([`trainables`]). [`loss`] is the batch loss through the padded burn forward both
-//! objectives build on; [`setup`] what every run does before its first step and after its last.
+//! objectives build on, and [`host_step`] a LoRA run's steps on ft's own CPU kernels instead;
+//! [`setup`] what every run does before its first step and after its last.
 
 pub mod distillation;
 pub mod fine_tune;
+pub(crate) mod host_step;
 pub mod loss;
 pub(crate) mod setup;
 pub(crate) mod step_loop;

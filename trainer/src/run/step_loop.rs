@@ -5,9 +5,11 @@
 //! Each optimizer step runs `grad_accum` micro-batches; the loss of each is its summed token
 //! loss divided by the trained tokens of the whole step, so the accumulated gradient is that
 //! of the mean over the step's tokens whatever the padding. Then global-norm clipping
-//! (PyTorch's `clip_grad_norm_`), the scheduled learning rate and AdamW. Dropout draws from the
-//! backend RNG seeded with (seed, step), and the data order from (seed, epoch), so a run
-//! resumed from a checkpoint continues exactly as the uninterrupted run would.
+//! (PyTorch's `clip_grad_norm_`), the scheduled learning rate and AdamW. A micro-batch's
+//! gradients come from the objective's host step where it has one ([`Objective::host`]),
+//! else from burn's autodiff. Dropout draws from (seed, step, micro-batch), and the data order
+//! from (seed, epoch), so a run resumed from a checkpoint continues exactly as the
+//! uninterrupted run would.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,13 +27,17 @@ use crate::metrics::Metrics;
 use crate::optim::{AdamW, AdamWParams};
 use crate::plan::Plan;
 use crate::recipe::Recipe;
+use crate::run::host_step::HostStep;
 use crate::run::loss::val_loss;
 use crate::run::setup::progress;
 use crate::run::trainables::{clip, Trainables};
 use crate::schedule::lr_at;
 
 /// What a run trains toward: the loss of a micro-batch, and what a step adds to it.
-pub(crate) trait Objective<B: AutodiffBackend + QuantBackend> {
+pub(crate) trait Objective<B: AutodiffBackend + QuantBackend>
+where
+    B::InnerBackend: QuantBackend,
+{
     /// Called as each step begins, before its micro-batches are drawn.
     fn begin_step(&mut self, step: usize);
 
@@ -56,6 +62,13 @@ pub(crate) trait Objective<B: AutodiffBackend + QuantBackend> {
 
     /// Writes the trained weights of a checkpoint into `dir`.
     fn save(&mut self, model: &LlamaForCausalLM<B>, dir: &Path) -> Result<()>;
+
+    /// The host step, where this objective's loss is the labels' cross-entropy, the
+    /// trainables are adapters and the host kernels can run them: then it computes the
+    /// gradients and the validation loss instead of burn's autodiff.
+    fn host(&self) -> Option<&HostStep<B::InnerBackend>> {
+        None
+    }
 }
 
 /// The fixed parts of a run that the loop reads.
@@ -112,13 +125,23 @@ where
             })
             .collect();
         let step_tokens: usize = micro.iter().map(Batch::loss_tokens).sum::<usize>().max(1);
+        let scale = 1.0 / step_tokens as f64;
         let mut loss_sum = 0.0;
         let mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>> = BTreeMap::new();
-        for batch in micro.iter().filter(|b| b.loss_tokens() > 0) {
-            let loss = objective.loss(model, batch, device) / step_tokens as f64;
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let g = loss.backward();
-            run.trainables.accumulate(model, &g, &mut grads);
+        for (i, batch) in micro
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.loss_tokens() > 0)
+        {
+            if let Some(host) = objective.host() {
+                let seed = dropout_seed(r.train.seed, step, i);
+                loss_sum += host.gradients(model, batch, scale, seed, &mut grads)? * scale;
+            } else {
+                let loss = objective.loss(model, batch, device) * scale;
+                loss_sum += loss.clone().into_scalar().elem::<f64>();
+                let g = loss.backward();
+                run.trainables.accumulate(model, &g, &mut grads);
+            }
             state.train_tokens += batch.real_tokens;
         }
         let grad_norm = clip(&mut grads, r.train.max_grad_norm);
@@ -151,7 +174,10 @@ where
         scalars.extend(objective.scalars());
         let last = state.step == total;
         if last || (r.train.eval_every > 0 && state.step.is_multiple_of(r.train.eval_every)) {
-            state.val_loss = val_loss(&model.valid(), run.val_batches, device);
+            state.val_loss = match objective.host() {
+                Some(host) => host.val_loss(model, run.val_batches)?,
+                None => val_loss(&model.valid(), run.val_batches, device),
+            };
             scalars.push(("val/loss", state.val_loss));
             scalars.push(("val/perplexity", state.val_loss.exp()));
         }
@@ -167,4 +193,11 @@ where
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+/// The seed of the dropout masks of micro-batch `index` of `step` on the host path.
+fn dropout_seed(seed: u64, step: usize, index: usize) -> u64 {
+    seed.wrapping_add(1_000_003 * (step as u64 + 1))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(index as u64)
 }

@@ -108,7 +108,7 @@ pub(crate) fn accumulate_param_grads<B: AutodiffBackend>(
 }
 
 /// Adds `grad` to the running sum under `key`.
-fn accumulate<B: Backend>(
+pub(crate) fn accumulate<B: Backend>(
     grads: &mut BTreeMap<String, Tensor<B, 2>>,
     key: String,
     grad: Tensor<B, 2>,
