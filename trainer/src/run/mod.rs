@@ -3,13 +3,16 @@
 //! ([`distillation`], a recipe with `[distill]`), over LoRA adapters or every dense weight
 //! ([`trainables`]). [`loss`] is the batch loss through the padded burn forward both
 //! objectives build on; [`setup`] what every run does before its first step and after its last.
+//! [`peft_twin`] is a fine-tuning job written out for PEFT to replay (`ft bench train --vs-peft`).
 
 pub mod distillation;
 pub mod fine_tune;
 pub mod loss;
+pub mod peft_twin;
 pub(crate) mod setup;
 pub(crate) mod step_loop;
 pub mod trainables;
 
 pub use distillation::{distill, DistillSummary, TextScore};
 pub use fine_tune::{train, Summary, Trained};
+pub use peft_twin::{peft_job, Twin};
