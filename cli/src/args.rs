@@ -667,6 +667,22 @@ pub struct BenchTrainArgs {
     /// Folder for the runs (one subfolder per recipe).
     #[arg(long, default_value = "runs/bench")]
     pub out: PathBuf,
+    /// Also train each recipe's job with Hugging Face transformers + PEFT (torch on the CPU,
+    /// in a virtual environment made on first use) and tabulate both side by side.
+    #[arg(long)]
+    pub vs_peft: bool,
+    /// Timed PEFT steps per recipe (ft's first steps, after the warm-up).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub peft_steps: u64,
+    /// Untimed PEFT steps before the timed ones.
+    #[arg(long, default_value_t = 2)]
+    pub peft_warmup: u64,
+    /// torch's threads for PEFT (default: as many as ft's kernels run on).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub threads: Option<u64>,
+    /// The virtual environment for PEFT (default: $FT_HOME/venvs/peft).
+    #[arg(long)]
+    pub peft_venv: Option<PathBuf>,
     /// Append the table, with the command, machine and date, to this Markdown file.
     #[arg(long)]
     pub record: Option<PathBuf>,

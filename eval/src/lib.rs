@@ -7,7 +7,7 @@
 //! and writes a report ([`report`]) with plots ([`plot`]). [`greedy`] is the in-process exact
 //! match that training runs before and after; [`load_bench`] is the load generator of `ft
 //! bench serve`, [`decode_bench`] the measurement of `ft bench generate`, and [`peers`] drive
-//! the other engines measured beside ft (llama.cpp); [`rss`] reads the process's resident
+//! the other engines measured beside ft (llama.cpp, PEFT); [`rss`] reads the process's resident
 //! memory for every benchmark table.
 //!
 //! Uses ft-serve, ft-model and ft-adapters; must not import ft-quant (ft-model re-exports what

@@ -37,8 +37,10 @@ pub use pretrained::Pretrained;
 pub use tokenizer::TextTokenizer;
 
 /// Run-time controls of the CPU kernels that the crates above the model need: the thread the
-/// kernels run on, the instruction-set cap, and the packed-matmul switches of training.
+/// kernels run on and how many there are, the instruction-set cap, and the packed-matmul
+/// switches of training.
 pub mod kernels {
     pub use ft_quant::backend::{dequant_seconds, set_bf16_compute};
     pub use ft_quant::matvec::{on_kernel_thread, Isa, MAX_ISA_VAR};
+    pub use ft_quant::team::size as threads;
 }

@@ -9,13 +9,26 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use serde_json::{Map, Value};
+
+/// The tag of each step's wall time in seconds (forward, backward, clipping and update).
+pub const STEP_SECONDS: &str = "train/step_s";
+
+/// The [`STEP_SECONDS`] scalar of a step that began at `start`, taken now.
+pub fn step_seconds(start: Instant) -> (&'static str, f64) {
+    (STEP_SECONDS, start.elapsed().as_secs_f64())
+}
 
 /// Writes metrics to the sinks a recipe names.
 pub struct Metrics {
     jsonl: Option<File>,
     tensorboard: Option<EventWriter>,
+    /// Every [`STEP_SECONDS`] logged by this process, for the summary's median: a median
+    /// leaves out the first steps' allocations and the steps that share a moment with an
+    /// evaluation or a checkpoint elsewhere on the machine.
+    step_seconds: Vec<f64>,
 }
 
 impl Metrics {
@@ -54,11 +67,26 @@ impl Metrics {
         } else {
             None
         };
-        Ok(Self { jsonl, tensorboard })
+        Ok(Self {
+            jsonl,
+            tensorboard,
+            step_seconds: Vec::new(),
+        })
+    }
+
+    /// The median of the step times logged so far (`None` before the first).
+    pub fn median_step_seconds(&self) -> Option<f64> {
+        median(&self.step_seconds)
     }
 
     /// Records the scalars of `step` in every sink.
     pub fn log(&mut self, step: usize, scalars: &[(&str, f64)]) -> std::io::Result<()> {
+        self.step_seconds.extend(
+            scalars
+                .iter()
+                .filter(|(k, _)| *k == STEP_SECONDS)
+                .map(|(_, v)| *v),
+        );
         if let Some(f) = &mut self.jsonl {
             let mut obj = Map::new();
             obj.insert("step".into(), Value::from(step));
@@ -72,6 +100,18 @@ impl Metrics {
             tb.scalars(step, scalars)?;
         }
         Ok(())
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some(0.5 * (v[n / 2 - 1] + v[n / 2])),
     }
 }
 
@@ -277,6 +317,20 @@ mod tests {
         assert_eq!(masked_crc(b""), 0xa282_ead8);
         // crc32c("123456789") = 0xe3069283 (the CRC-32C check value).
         assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn the_median_step_time_is_that_of_the_logged_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Metrics::open(dir.path(), &[], None).unwrap();
+        assert_eq!(m.median_step_seconds(), None);
+        for (step, s) in [(1, 9.0), (2, 1.0), (3, 2.0)] {
+            m.log(step, &[("train/loss", 3.0), (STEP_SECONDS, s)])
+                .unwrap();
+        }
+        assert_eq!(m.median_step_seconds(), Some(2.0));
+        m.log(4, &[(STEP_SECONDS, 4.0)]).unwrap();
+        assert_eq!(m.median_step_seconds(), Some(3.0));
     }
 
     #[test]

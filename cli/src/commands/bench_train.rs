@@ -1,7 +1,9 @@
 //! `ft bench train`: runs recipes one after another, each in its own `ft train` process (so
 //! each peak RSS is its own), and prints one table of their summaries side by side: base
 //! storage and bytes, peak RSS, training tokens/s, the share of step time spent dequantizing,
-//! losses and held-out exact match before and after.
+//! losses and held-out exact match before and after. With `--vs-peft`, each recipe's job is
+//! also trained by Hugging Face transformers + PEFT ([`super::bench_train_peft`]) and a second
+//! table sets the two side by side.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,13 +11,21 @@ use std::process::Command;
 use anyhow::Context;
 
 use crate::args::BenchTrainArgs;
+use crate::commands::bench_train_peft::PeftPeer;
 use crate::commands::report::record;
 use ft_trainer::run::Summary;
 
 /// Runs `ft bench train`.
 pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the ft binary")?;
+    // The environment first, so that a failed install stops the bench before its long runs.
+    let peer = if args.vs_peft {
+        Some(PeftPeer::new(&args).context("--vs-peft")?)
+    } else {
+        None
+    };
     let mut rows = Vec::new();
+    let mut vs = Vec::new();
     for recipe in &args.recipes {
         let stem = recipe
             .file_stem()
@@ -48,9 +58,19 @@ pub fn run(args: BenchTrainArgs) -> anyhow::Result<()> {
             .and_then(|t| toml::from_str::<ft_trainer::recipe::Recipe>(&t).ok())
             .and_then(|r| r.data.task)
             .unwrap_or_else(|| "-".into());
+        if let Some(peer) = &peer {
+            let row = peer
+                .run(recipe, &stem, &out, &summary)
+                .with_context(|| format!("--vs-peft {}", recipe.display()))?;
+            vs.push(row);
+        }
         rows.push((stem, task, summary));
     }
-    let table = render(&rows);
+    let mut table = render(&rows);
+    if let Some(peer) = &peer {
+        table.push('\n');
+        table.push_str(&peer.table(vs));
+    }
     print!("{table}");
     if let Some(file) = &args.record {
         record(file, "`ft bench train`", &table)

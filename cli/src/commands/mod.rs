@@ -4,6 +4,7 @@ mod adapters;
 mod bench;
 mod bench_distill;
 mod bench_train;
+mod bench_train_peft;
 mod data;
 mod eval;
 mod generate;

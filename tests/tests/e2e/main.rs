@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bad_input;
+mod bench_train;
 mod distill;
 mod eval;
 mod hub;

@@ -57,6 +57,10 @@ pub struct Summary {
     pub wall_s: f64,
     /// Seconds of training steps.
     pub train_s: f64,
+    /// Median seconds of one optimizer step in this process (`metrics.jsonl` has each step's
+    /// `train/step_s`); absent in summaries written before it was recorded.
+    #[serde(default)]
+    pub step_s_median: Option<f64>,
     /// Seconds spent dequantizing packed base weights during training steps.
     pub dequant_s: f64,
     /// Optimizer steps.
@@ -244,6 +248,7 @@ where
         peak_rss_bytes: ft_eval::rss::peak_rss_bytes(),
         wall_s: started.elapsed().as_secs_f64(),
         train_s: state.train_s,
+        step_s_median: metrics.median_step_seconds(),
         dequant_s,
         steps: state.step,
         trainable_params: trainable,

@@ -170,6 +170,7 @@ where
             ("train/lr", lr),
             ("train/grad_norm", grad_norm),
             ("train/tokens_per_s", tok_s),
+            crate::metrics::step_seconds(step_start),
         ];
         scalars.extend(objective.scalars());
         let last = state.step == total;
