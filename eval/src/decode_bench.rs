@@ -129,12 +129,14 @@ fn measure<B: QuantBackend>(
     let (prefill, decode): (Vec<f64>, Vec<f64>) = (0..bench.runs).map(|_| run()).unzip();
     let decode = median(decode);
     let short = bench_prompt(p, BATCH_PROMPT)?;
-    let batches = BATCHES.map(|b| {
+    let mut batches = [0.0; BATCHES.len()];
+    for (rate, b) in batches.iter_mut().zip(BATCHES) {
         let prompts = vec![short.clone(); b];
         let t = Instant::now();
-        let out = greedy_batch(&p.model, &prompts, n_new, &[], b);
-        out.iter().map(Vec::len).sum::<usize>() as f64 / t.elapsed().as_secs_f64()
-    });
+        let out = greedy_batch(&p.model, &prompts, n_new, &[], b)
+            .map_err(|e| EvalError::Example(format!("greedy batch of {b}: {e}")))?;
+        *rate = out.iter().map(Vec::len).sum::<usize>() as f64 / t.elapsed().as_secs_f64();
+    }
     let head_bytes = match &p.model.head_blocks {
         Some(h) => h.weight.storage_bytes(),
         None => {

@@ -64,7 +64,8 @@ pub fn exact_match<B: QuantBackend>(
             stop.push(id);
         }
     }
-    let outputs = greedy_batch(model, &prompts, max_new_tokens, &stop, batch_size);
+    let outputs = greedy_batch(model, &prompts, max_new_tokens, &stop, batch_size)
+        .map_err(|e| EvalError::Example(format!("task {}: {e}", task.name)))?;
     let mut answers = Vec::with_capacity(items.len());
     let mut right = 0;
     for (item, ids) in items.iter().zip(outputs) {

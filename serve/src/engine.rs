@@ -154,6 +154,17 @@ impl<B: QuantBackend> Engine<B> {
     /// An engine over `model`, decoding text with `detokenize`.
     pub fn new(model: LlamaForCausalLM<B>, detokenize: Detokenize, config: EngineConfig) -> Self {
         let runner = Runner::new(&model, config.kv_blocks, config.block_size);
+        Self::with_runner(model, detokenize, config, runner)
+    }
+
+    /// [`Engine::new`] over a forward chosen by the caller (tests run burn's where the host
+    /// forward could run); `runner` holds `config.kv_blocks` blocks of `config.block_size`.
+    pub(crate) fn with_runner(
+        model: LlamaForCausalLM<B>,
+        detokenize: Detokenize,
+        config: EngineConfig,
+        runner: Runner<B>,
+    ) -> Self {
         Self {
             blocks: BlockManager::new(config.kv_blocks, config.block_size),
             adapters: AdapterCache::new(config.max_adapters),

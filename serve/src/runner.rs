@@ -30,24 +30,29 @@ pub enum Runner<B: QuantBackend> {
 impl<B: QuantBackend> Runner<B> {
     /// The runner for `model` with room for `blocks` blocks of `block_size` positions.
     pub fn new(model: &LlamaForCausalLM<B>, blocks: usize, block_size: usize) -> Self {
-        let attn = &model.model.layers[0].self_attn;
-        let (layers, kv, d) = (model.model.layers.len(), attn.num_kv_heads, attn.head_dim);
+        let (layers, kv, d) = kv_shape(model);
         match HostDecoder::new(model) {
             Some(decoder) => Self::Host {
                 decoder: Box::new(decoder),
                 pool: HostKvPool::new(layers, kv, d, blocks, block_size),
                 workspace: Box::default(),
             },
-            None => Self::Burn {
-                pool: KvPool::new(layers, kv, d, blocks, block_size, &model.device()),
-            },
+            None => Self::burn(model, blocks, block_size),
+        }
+    }
+
+    /// burn's forward for `model`, even where the host forward could run (tests hold the two
+    /// to each other), with room for `blocks` blocks of `block_size` positions.
+    pub fn burn(model: &LlamaForCausalLM<B>, blocks: usize, block_size: usize) -> Self {
+        let (layers, kv, d) = kv_shape(model);
+        Self::Burn {
+            pool: KvPool::new(layers, kv, d, blocks, block_size, &model.device()),
         }
     }
 
     /// Bytes of one token's keys and values in the cache [`Runner::new`] would give `model`.
     pub fn bytes_per_token(model: &LlamaForCausalLM<B>) -> usize {
-        let attn = &model.model.layers[0].self_attn;
-        let (layers, kv, d) = (model.model.layers.len(), attn.num_kv_heads, attn.head_dim);
+        let (layers, kv, d) = kv_shape(model);
         match HostDecoder::new(model) {
             Some(_) => HostKvPool::bytes_per_token(layers, kv, d),
             None => KvPool::<B>::bytes_per_token(layers, kv, d),
@@ -120,4 +125,10 @@ impl<B: QuantBackend> Runner<B> {
             }
         }
     }
+}
+
+/// Layers, key/value heads and head size of `model`'s KV cache.
+fn kv_shape<B: QuantBackend>(model: &LlamaForCausalLM<B>) -> (usize, usize, usize) {
+    let attn = &model.model.layers[0].self_attn;
+    (model.model.layers.len(), attn.num_kv_heads, attn.head_dim)
 }
