@@ -6,6 +6,8 @@
 //! (f32) and one 4-bit code per element: the index of the code-book value nearest to
 //! x * (1 / absmax). Two codes share a byte, the first element in the high nibble.
 
+use std::sync::OnceLock;
+
 /// The 16 NF4 values: quantiles of N(0, 1) normalized to [-1, 1], with an exact zero. Written
 /// with the digits bitsandbytes publishes, so they can be compared by eye.
 #[allow(clippy::excessive_precision)]
@@ -65,6 +67,20 @@ impl FourBit {
             Self::Nf4 => &NF4_CODE,
             Self::Fp4 => &FP4_CODE,
         }
+    }
+
+    /// The two code-book values of every byte (high nibble first).
+    fn pairs(self) -> &'static [[f32; 2]; 256] {
+        static NF4: OnceLock<[[f32; 2]; 256]> = OnceLock::new();
+        static FP4: OnceLock<[[f32; 2]; 256]> = OnceLock::new();
+        let table = match self {
+            Self::Nf4 => &NF4,
+            Self::Fp4 => &FP4,
+        };
+        table.get_or_init(|| {
+            let code = self.code();
+            std::array::from_fn(|byte| [code[byte >> 4], code[byte & 0x0f]])
+        })
     }
 
     /// The code of a normalized value in [-1, 1]: nearest value, ties to the lower one, as
@@ -143,16 +159,21 @@ pub fn quantize(kind: FourBit, data: &[f32]) -> (Vec<u8>, Vec<f32>) {
 }
 
 /// Dequantizes `n` elements from packed codes and per-block absmax values into `out`.
+///
+/// One lookup per byte: a table of the 256 byte values' two code-book values, so a byte
+/// becomes two floats with one load (a training step dequantizes every weight twice).
 pub fn dequantize_into(kind: FourBit, codes: &[u8], absmax: &[f32], out: &mut [f32]) {
-    let table = kind.code();
+    let pairs = kind.pairs();
     for (b, (block, &scale)) in out.chunks_mut(BLOCK).zip(absmax).enumerate() {
         let bytes = &codes[b * BLOCK / 2..];
-        for (j, pair) in block.chunks_mut(2).enumerate() {
-            let byte = bytes[j];
-            pair[0] = table[(byte >> 4) as usize] * scale;
-            if let Some(second) = pair.get_mut(1) {
-                *second = table[(byte & 0x0f) as usize] * scale;
-            }
+        let mut whole = block.chunks_exact_mut(2);
+        for (pair, &byte) in whole.by_ref().zip(bytes) {
+            let [hi, lo] = pairs[byte as usize];
+            pair[0] = hi * scale;
+            pair[1] = lo * scale;
+        }
+        if let [last] = whole.into_remainder() {
+            *last = pairs[bytes[block.len() / 2] as usize][0] * scale;
         }
     }
 }
@@ -234,6 +255,21 @@ mod tests {
             }
             if n % 2 == 1 {
                 assert_eq!(codes[n / 2] & 0x0f, 0, "padding nibble");
+            }
+        }
+    }
+
+    #[test]
+    fn every_element_decodes_its_own_nibble_odd_lengths_included() {
+        let data: Vec<f32> = (0..131).map(|i| (i as f32 * 0.37).sin()).collect();
+        for kind in [FourBit::Nf4, FourBit::Fp4] {
+            let (codes, absmax) = quantize(kind, &data);
+            let mut out = vec![0.0; data.len()];
+            dequantize_into(kind, &codes, &absmax, &mut out);
+            for (i, v) in out.iter().enumerate() {
+                let byte = codes[i / 2];
+                let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                assert_eq!(*v, kind.code()[nibble as usize] * absmax[i / BLOCK], "{i}");
             }
         }
     }

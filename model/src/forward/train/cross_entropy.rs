@@ -28,7 +28,7 @@ pub fn forward_backward(
     {
         let logits = &mut logits[..targets.len() * vocab];
         head.forward(h, logits, false);
-        loss += logits
+        let nll: Vec<f64> = logits
             .par_chunks_mut(vocab)
             .zip(targets.par_iter())
             .map(|(row, &t)| {
@@ -47,7 +47,9 @@ pub fn forward_backward(
                 row[t as usize] -= scale;
                 nll as f64
             })
-            .sum::<f64>();
+            .collect();
+        // Summed in row order, so the loss does not depend on how the rows were shared.
+        loss += nll.iter().sum::<f64>();
         if let Some(dh) = dhidden.as_deref_mut() {
             let dh = &mut dh[c * ROWS * e..][..h.len()];
             head.backward(logits, dh, false);
