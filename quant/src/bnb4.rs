@@ -166,6 +166,7 @@ pub fn dequantize_into(kind: FourBit, codes: &[u8], absmax: &[f32], out: &mut [f
     let pairs = kind.pairs();
     for (b, (block, &scale)) in out.chunks_mut(BLOCK).zip(absmax).enumerate() {
         let bytes = &codes[b * BLOCK / 2..];
+        let last_byte = block.len() / 2;
         let mut whole = block.chunks_exact_mut(2);
         for (pair, &byte) in whole.by_ref().zip(bytes) {
             let [hi, lo] = pairs[byte as usize];
@@ -173,7 +174,7 @@ pub fn dequantize_into(kind: FourBit, codes: &[u8], absmax: &[f32], out: &mut [f
             pair[1] = lo * scale;
         }
         if let [last] = whole.into_remainder() {
-            *last = pairs[bytes[block.len() / 2] as usize][0] * scale;
+            *last = pairs[bytes[last_byte] as usize][0] * scale;
         }
     }
 }

@@ -412,6 +412,9 @@ fn the_main_recipe_on_the_host_kernels_follows_burns_losses() {
     assert_eq!(host.len(), 20);
     for ((step, h, _), (_, b, _)) in host.iter().zip(&burn) {
         let tolerance = if *step <= 10 { 1e-3 } else { 5e-3 };
-        assert!((h - b).abs() <= tolerance * b.abs(), "step {step}: host {h}, burn {b}");
+        assert!(
+            (h - b).abs() <= tolerance * b.abs(),
+            "step {step}: host {h}, burn {b}"
+        );
     }
 }

@@ -152,15 +152,12 @@ pub fn backward(
     let (n, e) = (cx.positions.len(), w.input_norm.len());
     let Heads { h, kv, d } = cx.heads;
     let f = w.linears[GATE].shape()[0];
-    let seed = cx.seed.unwrap_or_default();
     let back = |j: usize, input: &[f32], dy: &[f32], mut dx: Option<&mut [f32]>, accumulate| {
         if let Some(dx) = dx.as_deref_mut() {
             w.linears[j].backward(dy, dx, accumulate);
         }
         match (&a.adapters[j], &s.lora[j]) {
-            (Some(ad), Some(saved)) => {
-                Some(ad.backward(saved, input, dropout::key(seed, a.layer, j), dy, dx))
-            }
+            (Some(ad), Some(saved)) => Some(ad.backward(saved, input, dy, dx)),
             _ => None,
         }
     };

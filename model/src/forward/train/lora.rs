@@ -1,12 +1,12 @@
 //! A LoRA update, forward and backward: y += s * drop(x) A^T B^T, A `[r, in]`, B `[out, r]`.
 //!
-//! Forward keeps u = s * drop(x) A^T `[n, r]`; backward gives dB = dy^T u,
-//! t = s * dy B, dA = t^T drop(x) and the input's share t A through the same dropout mask,
-//! drawn again from its key ([`super::dropout`]) rather than stored.
+//! Forward keeps u = s * drop(x) A^T `[n, r]` and the dropout mask (a bit per element,
+//! [`super::dropout`]); backward gives dB = dy^T u, t = s * dy B, dA = t^T drop(x) and the
+//! input's share t A through the same mask.
 
 use ft_quant::gemm::{matmul, Mat, MatMut};
 
-use super::dropout;
+use super::dropout::Mask;
 
 /// One adapter's factors, copied from the model for a step.
 #[derive(Debug, Clone)]
@@ -27,9 +27,12 @@ pub struct Adapter {
     pub dropout: f32,
 }
 
-/// What backward needs of a forward: s * drop(x) A^T, `[n, r]`.
+/// What backward needs of a forward: s * drop(x) A^T `[n, r]`, and the dropout mask.
 #[derive(Debug)]
-pub struct Saved(Vec<f32>);
+pub struct Saved {
+    u: Vec<f32>,
+    mask: Option<Mask>,
+}
 
 /// The factors' gradients.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,7 +48,10 @@ impl Adapter {
     /// mask (none: no dropout, as in evaluation).
     pub fn forward(&self, x: &[f32], key: Option<u64>, y: &mut [f32]) -> Saved {
         let n = x.len() / self.n_in;
-        let dropped = key.and_then(|key| self.dropped(x, key));
+        let mask = key
+            .filter(|_| self.dropout > 0.0)
+            .map(|key| Mask::draw(self.dropout, key, x.len()));
+        let dropped = dropped(mask.as_ref(), x);
         let xd = dropped.as_deref().unwrap_or(x);
         let mut u = vec![0.0; n * self.r];
         let a = Mat::new(&self.a, self.r, self.n_in);
@@ -63,19 +69,12 @@ impl Adapter {
             b.t(),
             true,
         );
-        Saved(u)
+        Saved { u, mask }
     }
 
-    /// The factors' gradients given the output's `dy` `[n, out]`, after a forward with the
-    /// same `key`; adds the input's share to `dx` when given.
-    pub fn backward(
-        &self,
-        saved: &Saved,
-        x: &[f32],
-        key: u64,
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
-    ) -> Grads {
+    /// The factors' gradients given the output's `dy` `[n, out]`; adds the input's share to
+    /// `dx` when given.
+    pub fn backward(&self, saved: &Saved, x: &[f32], dy: &[f32], dx: Option<&mut [f32]>) -> Grads {
         let n = x.len() / self.n_in;
         let (r, n_in, n_out) = (self.r, self.n_in, self.n_out);
         let dy = Mat::new(dy, n, n_out);
@@ -83,7 +82,7 @@ impl Adapter {
         matmul(
             &mut MatMut::new(&mut b, n_out, r),
             dy.t(),
-            Mat::new(&saved.0, n, r),
+            Mat::new(&saved.u, n, r),
             false,
         );
         let mut t = vec![0.0; n * r];
@@ -95,7 +94,7 @@ impl Adapter {
         );
         t.iter_mut().for_each(|v| *v *= self.scale);
         let t = Mat::new(&t, n, r);
-        let dropped = self.dropped(x, key);
+        let dropped = dropped(saved.mask.as_ref(), x);
         let xd = dropped.as_deref().unwrap_or(x);
         let mut a = vec![0.0; r * n_in];
         matmul(
@@ -106,25 +105,25 @@ impl Adapter {
         );
         if let Some(dx) = dx {
             let factor = Mat::new(&self.a, r, n_in);
-            match dropped {
-                None => matmul(&mut MatMut::new(dx, n, n_in), t, factor, true),
-                Some(mut buf) => {
+            match (&saved.mask, dropped) {
+                (Some(mask), Some(mut buf)) => {
                     let mut through = vec![0.0; n * n_in];
                     matmul(&mut MatMut::new(&mut through, n, n_in), t, factor, false);
-                    dropout::apply(self.dropout, key, &through, &mut buf);
+                    mask.apply(&through, &mut buf);
                     dx.iter_mut().zip(&buf).for_each(|(d, g)| *d += g);
                 }
+                _ => matmul(&mut MatMut::new(dx, n, n_in), t, factor, true),
             }
         }
         Grads { a, b }
     }
+}
 
-    /// drop(x), or `None` without dropout.
-    fn dropped(&self, x: &[f32], key: u64) -> Option<Vec<f32>> {
-        (self.dropout > 0.0).then(|| {
-            let mut out = vec![0.0; x.len()];
-            dropout::apply(self.dropout, key, x, &mut out);
-            out
-        })
-    }
+/// drop(x) under `mask`, or `None` without one.
+fn dropped(mask: Option<&Mask>, x: &[f32]) -> Option<Vec<f32>> {
+    mask.map(|mask| {
+        let mut out = vec![0.0; x.len()];
+        mask.apply(x, &mut out);
+        out
+    })
 }
