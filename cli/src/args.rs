@@ -252,6 +252,21 @@ pub enum RecipeCommand {
     Check(RecipeArgs),
     /// Print the effective recipe, defaults included.
     Show(RecipeArgs),
+    /// Print the shapes of the run's micro-batches (tokenizes the data, loads no weights):
+    /// on CUDA each distinct [rows, tokens per row] compiles its kernels once.
+    Plan(PlanArgs),
+}
+
+/// `ft recipe plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The recipe and its overrides.
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// The device the run would train on, which decides `train.length_buckets = "auto"`
+    /// (overrides `model.device`; nothing runs on it).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
 }
 
 /// A recipe and its overrides.

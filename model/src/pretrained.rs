@@ -1,5 +1,5 @@
 //! A ready-to-run model: weights, configuration, tokenizer and chat template, loaded from a
-//! GGUF file or an HF folder.
+//! GGUF file or an HF folder; or its text side alone ([`TextSide`]), without the weights.
 
 use std::path::{Path, PathBuf};
 
@@ -52,6 +52,84 @@ pub fn default_inference_format(path: &Path) -> Result<Option<QuantFormat>, Mode
         }))
 }
 
+/// What tokenizing text for a model needs, read without its weights: the configuration (for
+/// the context length), the tokenizer and the chat template.
+#[derive(Debug)]
+pub struct TextSide {
+    /// Hyperparameters.
+    pub config: LlamaConfig,
+    /// Text <-> ids.
+    pub tokenizer: TextTokenizer,
+    /// The chat template, if the model has one.
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl TextSide {
+    /// Reads the text side of a GGUF file or an HF folder (a GGUF is mapped, not read).
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        if path.is_dir() {
+            Self::from_hf_dir(path)
+        } else {
+            Self::from_gguf(&GgufFile::open(path)?)
+        }
+    }
+
+    fn from_gguf(file: &GgufFile) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_gguf(file)?;
+        let tokenizer = TextTokenizer::from_gguf(file)?;
+        let chat_template = match file
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+        {
+            Some(src) => Some(ChatTemplate::new(src)?),
+            None => None,
+        };
+        Ok(Self {
+            config,
+            tokenizer,
+            chat_template,
+        })
+    }
+
+    fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
+        let config_path = dir.join("config.json");
+        let config = HfConfig::load(&config_path)?;
+        let raw = read_json(&config_path)?;
+        let generation = read_json(&dir.join("generation_config.json")).ok();
+        let tokenizer_config = read_json(&dir.join("tokenizer_config.json")).ok();
+        let mut eos_ids = ids(&raw["eos_token_id"]);
+        if let Some(g) = &generation {
+            for id in ids(&g["eos_token_id"]) {
+                if !eos_ids.contains(&id) {
+                    eos_ids.push(id);
+                }
+            }
+        }
+        let token_text = |key: &str| {
+            tokenizer_config.as_ref().and_then(|t| match &t[key] {
+                serde_json::Value::String(s) => Some(s.clone()),
+                v => v["content"].as_str().map(str::to_string),
+            })
+        };
+        let tokenizer = TextTokenizer::from_file(
+            &dir.join("tokenizer.json"),
+            eos_ids,
+            token_text("bos_token"),
+            token_text("eos_token"),
+        )?;
+        let chat_template = match tokenizer_config.as_ref().map(|t| &t["chat_template"]) {
+            Some(serde_json::Value::String(src)) => Some(ChatTemplate::new(src)?),
+            _ => None,
+        };
+        Ok(Self {
+            config,
+            tokenizer,
+            chat_template,
+        })
+    }
+}
+
 impl<B: Backend> Pretrained<B> {
     /// Resolves a model source string ([`source::resolve`]) and loads it.
     pub fn from_source(
@@ -84,16 +162,11 @@ impl<B: Backend> Pretrained<B> {
         device: &B::Device,
     ) -> Result<Self, ModelError> {
         let file = GgufFile::open(path)?;
-        let config = LlamaConfig::from_gguf(&file)?;
-        let tokenizer = TextTokenizer::from_gguf(&file)?;
-        let chat_template = match file
-            .metadata
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-        {
-            Some(src) => Some(ChatTemplate::new(src)?),
-            None => None,
-        };
+        let TextSide {
+            config,
+            tokenizer,
+            chat_template,
+        } = TextSide::from_gguf(&file)?;
         let permuted = (file.get_str("general.architecture")? == "llama")
             .then_some((config.num_attention_heads, config.num_key_value_heads));
         let tensors = GgufTensors::new(file, permuted)?;
@@ -112,35 +185,11 @@ impl<B: Backend> Pretrained<B> {
         quant: Option<QuantSpec>,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
-        let config_path = dir.join("config.json");
-        let config = HfConfig::load(&config_path)?;
-        let raw = read_json(&config_path)?;
-        let generation = read_json(&dir.join("generation_config.json")).ok();
-        let tokenizer_config = read_json(&dir.join("tokenizer_config.json")).ok();
-        let mut eos_ids = ids(&raw["eos_token_id"]);
-        if let Some(g) = &generation {
-            for id in ids(&g["eos_token_id"]) {
-                if !eos_ids.contains(&id) {
-                    eos_ids.push(id);
-                }
-            }
-        }
-        let token_text = |key: &str| {
-            tokenizer_config.as_ref().and_then(|t| match &t[key] {
-                serde_json::Value::String(s) => Some(s.clone()),
-                v => v["content"].as_str().map(str::to_string),
-            })
-        };
-        let tokenizer = TextTokenizer::from_file(
-            &dir.join("tokenizer.json"),
-            eos_ids,
-            token_text("bos_token"),
-            token_text("eos_token"),
-        )?;
-        let chat_template = match tokenizer_config.as_ref().map(|t| &t["chat_template"]) {
-            Some(serde_json::Value::String(src)) => Some(ChatTemplate::new(src)?),
-            _ => None,
-        };
+        let TextSide {
+            config,
+            tokenizer,
+            chat_template,
+        } = TextSide::from_hf_dir(dir)?;
         let tensors = SafetensorsDir::open(dir)?;
         let model = LlamaForCausalLM::load(&config, &tensors, quant, device)?;
         Ok(Self {

@@ -269,12 +269,24 @@ pub struct Batch {
 impl Batch {
     /// Lays out `rows`, each a list of documents, padded to the longest row with `pad`.
     pub fn new(rows: &[Vec<&Tokenized>], pad: u32) -> Self {
-        let s = rows
+        Self::with_buckets(rows, pad, &[])
+    }
+
+    /// Lays out `rows` padded with `pad` to the smallest of `buckets` (increasing lengths)
+    /// that holds the longest row, or to the longest row when none does.
+    ///
+    /// Padding is invisible to the loss: it has a segment of its own (no real token attends
+    /// to it) and no targets. Its positions count from 0 but stop at the longest row's last
+    /// position, so that a bucket longer than the model's context (the data is cut to the
+    /// context, `data.max_seq_len` need not be) never reads past the rotary table.
+    pub fn with_buckets(rows: &[Vec<&Tokenized>], pad: u32, buckets: &[usize]) -> Self {
+        let longest = rows
             .iter()
             .map(|docs| docs.iter().map(|d| d.ids.len()).sum::<usize>())
             .max()
             .unwrap_or(0)
             .max(1);
+        let s = bucket(buckets, longest);
         let b = rows.len();
         let mut batch = Batch {
             b,
@@ -304,7 +316,7 @@ impl Batch {
             for i in used..s {
                 batch.ids.push(pad);
                 segments.push(docs.len() as u32);
-                positions.push((i - used) as u32);
+                positions.push((i - used).min(longest - 1) as u32);
             }
             batch.segments.push(segments);
             batch.positions.push(positions);
@@ -316,6 +328,12 @@ impl Batch {
     pub fn loss_tokens(&self) -> usize {
         self.targets.len()
     }
+}
+
+/// The padded length of a micro-batch whose longest row has `len` tokens: the smallest of
+/// `buckets` (increasing) that holds it, or `len` itself when none does (no buckets).
+pub fn bucket(buckets: &[usize], len: usize) -> usize {
+    buckets.iter().copied().find(|&b| b >= len).unwrap_or(len)
 }
 
 /// Groups items of the given token lengths into rows: one item per row, or packed greedily
@@ -495,5 +513,58 @@ mod tests {
         assert_eq!(packed.positions[0], vec![0, 1, 2, 0, 1]);
         // No target crosses from one document into the next.
         assert_eq!(&packed.targets[..3], &[(0, 2), (1, 3), (3, 5)]);
+    }
+
+    #[test]
+    fn lengths_round_up_to_the_next_bucket() {
+        let buckets = [32, 64, 128];
+        for (len, want) in [(1, 32), (31, 32), (32, 32), (33, 64), (64, 64), (65, 128)] {
+            assert_eq!(bucket(&buckets, len), want, "{len}");
+        }
+        assert_eq!(
+            bucket(&buckets, 129),
+            129,
+            "past the last bucket, the row's own length"
+        );
+        assert_eq!(bucket(&[], 17), 17, "no buckets");
+    }
+
+    #[test]
+    fn a_bucketed_batch_only_adds_padding() {
+        let a = Tokenized {
+            ids: vec![1, 2, 3],
+            train: vec![false, true, true],
+        };
+        let b = Tokenized {
+            ids: vec![4, 5],
+            train: vec![true, true],
+        };
+        let rows = [vec![&a], vec![&b]];
+        let tight = Batch::new(&rows, 0);
+        let wide = Batch::with_buckets(&rows, 0, &[2, 8, 16]);
+        assert_eq!((wide.b, wide.s), (2, 8));
+        assert_eq!(
+            wide.ids,
+            vec![1, 2, 3, 0, 0, 0, 0, 0, 4, 5, 0, 0, 0, 0, 0, 0]
+        );
+        // The same targets at the same (row, column), and the same real tokens.
+        let at = |batch: &Batch| -> Vec<(usize, usize, u32)> {
+            let s = batch.s;
+            batch
+                .targets
+                .iter()
+                .map(|&(i, t)| (i / s, i % s, t))
+                .collect()
+        };
+        assert_eq!(at(&wide), at(&tight));
+        assert_eq!(wide.real_tokens, tight.real_tokens);
+        // Padding is its own segment; its positions stop at the longest row's last one.
+        assert_eq!(wide.segments[0], vec![0, 0, 0, 1, 1, 1, 1, 1]);
+        assert_eq!(wide.positions[0], vec![0, 1, 2, 0, 1, 2, 2, 2]);
+        assert_eq!(wide.positions[1], vec![0, 1, 0, 1, 2, 2, 2, 2]);
+        for row in 0..2 {
+            assert_eq!(tight.segments[row][..], wide.segments[row][..tight.s]);
+            assert_eq!(tight.positions[row][..], wide.positions[row][..tight.s]);
+        }
     }
 }

@@ -1,7 +1,13 @@
 //! The order of training data: epochs of seeded shuffles (Fisher-Yates over SplitMix64),
 //! grouped into rows (one example, or several packed) and micro-batches. The order depends
 //! only on the seed and the epoch, so a resumed run regenerates it and continues at the saved
-//! `(epoch, row)` position.
+//! `(epoch, row)` position. Each micro-batch, training or validation, is padded up to the
+//! recipe's length buckets (`train.length_buckets`); [`Plan::layout`] counts the shapes that
+//! makes.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
 
 use crate::data::{self, Batch, Tokenized};
 use crate::recipe::Recipe;
@@ -23,6 +29,9 @@ pub struct Plan {
     packing: bool,
     max_seq_len: usize,
     val_limit: usize,
+    grad_accum: usize,
+    /// Row lengths micro-batches are padded up to (empty: to the longest row).
+    buckets: Vec<usize>,
     /// Optimizer steps of the run.
     pub total_steps: usize,
 }
@@ -36,8 +45,16 @@ impl Plan {
             packing: r.data.packing,
             max_seq_len: r.data.max_seq_len,
             val_limit: r.data.val_limit,
+            grad_accum: r.train.grad_accum,
+            buckets: r.length_buckets(),
             total_steps: 0,
         };
+        if !plan.buckets.is_empty() {
+            tracing::info!(
+                "micro-batches padded to lengths {:?} (train.length_buckets)",
+                plan.buckets
+            );
+        }
         plan.total_steps = r.train.max_steps.unwrap_or_else(|| {
             let per_epoch = plan
                 .epoch_rows(train, 0)
@@ -48,6 +65,11 @@ impl Plan {
                 .max(1)
         });
         plan
+    }
+
+    /// The lengths micro-batches are padded up to (empty: each to its longest row).
+    pub fn length_buckets(&self) -> &[usize] {
+        &self.buckets
     }
 
     /// Rows of epoch `epoch`: indices into the training examples.
@@ -83,8 +105,93 @@ impl Plan {
             .map(|row| row.into_iter().map(|i| &val[i]).collect())
             .collect();
         rows.chunks(self.micro_batch_size)
-            .map(|rows| Batch::new(rows, pad))
+            .map(|rows| Batch::with_buckets(rows, pad, &self.buckets))
             .collect()
+    }
+
+    /// The shapes of every micro-batch the run draws from `train` (all `total_steps` steps of
+    /// `grad_accum` micro-batches) and of the validation batches of `val`. On a backend that
+    /// compiles kernels per shape (CUDA), each distinct shape is compiled once.
+    pub fn layout(&self, train: &[Tokenized], val: &[Tokenized], pad: u32) -> Layout {
+        let draws = if train.is_empty() {
+            0
+        } else {
+            self.total_steps * self.grad_accum
+        };
+        let mut cursor = self.cursor(0, 0);
+        Layout {
+            length_buckets: self.buckets.clone(),
+            steps: self.total_steps,
+            train: Shapes::of((0..draws).map(|_| cursor.next_batch(train, pad))),
+            validation: Shapes::of(self.val_batches(val, pad)),
+        }
+    }
+}
+
+/// The micro-batch shapes of a run: what `ft recipe plan` prints.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Layout {
+    /// Row lengths micro-batches are padded up to (empty: to the longest row).
+    pub length_buckets: Vec<usize>,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// The training micro-batches of every step.
+    pub train: Shapes,
+    /// The validation batches (scored at every evaluation).
+    pub validation: Shapes,
+}
+
+impl Layout {
+    /// Distinct `[b, s]` over training and validation.
+    pub fn distinct_shapes(&self) -> usize {
+        let mut all: Vec<[usize; 2]> = (self.train.shapes.iter())
+            .chain(&self.validation.shapes)
+            .map(|c| c.shape)
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all.len()
+    }
+}
+
+/// Micro-batches counted by shape, with the tokens they hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Shapes {
+    /// Micro-batches.
+    pub batches: usize,
+    /// Each distinct shape `[b, s]` and how many micro-batches have it, by shape.
+    pub shapes: Vec<ShapeCount>,
+    /// Tokens that are not padding.
+    pub tokens: usize,
+    /// Padding tokens.
+    pub padding: usize,
+}
+
+/// One batch shape and how many micro-batches have it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShapeCount {
+    /// `[b, s]`: rows, tokens per row.
+    pub shape: [usize; 2],
+    /// Micro-batches of this shape.
+    pub batches: usize,
+}
+
+impl Shapes {
+    /// Counts `batches`.
+    fn of(batches: impl IntoIterator<Item = Batch>) -> Self {
+        let mut out = Self::default();
+        let mut counts: BTreeMap<[usize; 2], usize> = BTreeMap::new();
+        for batch in batches {
+            out.batches += 1;
+            out.tokens += batch.real_tokens;
+            out.padding += batch.b * batch.s - batch.real_tokens;
+            *counts.entry([batch.b, batch.s]).or_default() += 1;
+        }
+        out.shapes = counts
+            .into_iter()
+            .map(|(shape, batches)| ShapeCount { shape, batches })
+            .collect();
+        out
     }
 }
 
@@ -112,7 +219,7 @@ impl Cursor<'_> {
             .iter()
             .map(|row| row.iter().map(|&i| &train[i]).collect())
             .collect();
-        let mut batch = Batch::new(&picked, pad);
+        let mut batch = Batch::with_buckets(&picked, pad, &self.plan.buckets);
         batch.examples = rows[self.position..end].concat();
         self.position = end;
         batch
@@ -121,5 +228,60 @@ impl Cursor<'_> {
     /// Where the next micro-batch starts.
     pub fn position(&self) -> (usize, usize) {
         (self.epoch, self.position)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe;
+
+    /// 45 examples of 3 to 59 tokens.
+    fn examples() -> Vec<Tokenized> {
+        (0..45u32)
+            .map(|i| Tokenized::all_trained((0..3 + (i * 7) % 57).collect()))
+            .collect()
+    }
+
+    fn plan(sets: &[&str]) -> (Plan, Recipe) {
+        let text = "[data]\ntask = \"dates\"\nmax_seq_len = 64\n[train]\nmax_steps = 20\nmicro_batch_size = 4\n";
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let r = recipe::parse(text, &sets, "r.toml").unwrap();
+        (Plan::new(&r, &examples()), r)
+    }
+
+    #[test]
+    fn bucketed_batches_take_a_few_shapes_and_the_same_tokens() {
+        let (train, val) = (examples(), examples()[..10].to_vec());
+        let (tight, _) = plan(&[]);
+        let (bucketed, _) = plan(&["train.length_buckets=[16, 32]"]);
+        assert_eq!(bucketed.length_buckets(), [16, 32, 64]);
+        let (a, b) = (
+            tight.layout(&train, &val, 0),
+            bucketed.layout(&train, &val, 0),
+        );
+        // Rows of 4 and the short last batches of 1 (train, 45 rows) and 2 (validation).
+        assert!(a.distinct_shapes() > 9, "{a:?}");
+        assert!(b.distinct_shapes() <= 3 * 3, "{b:?}");
+        for shape in b.train.shapes.iter().chain(&b.validation.shapes) {
+            assert!([16, 32, 64].contains(&shape.shape[1]), "{shape:?}");
+        }
+        // The same batches with the same tokens; only padding is added.
+        assert_eq!(
+            (a.train.batches, a.train.tokens),
+            (b.train.batches, b.train.tokens)
+        );
+        assert_eq!(
+            (a.validation.batches, a.validation.tokens),
+            (b.validation.batches, b.validation.tokens)
+        );
+        assert!(b.train.padding > a.train.padding);
+        let mut x = tight.cursor(0, 0);
+        let mut y = bucketed.cursor(0, 0);
+        for _ in 0..20 {
+            let (x, y) = (x.next_batch(&train, 0), y.next_batch(&train, 0));
+            assert_eq!(x.examples, y.examples);
+            assert_eq!(x.loss_tokens(), y.loss_tokens());
+        }
     }
 }

@@ -39,6 +39,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Train(args) => train::run(args),
         Command::Recipe(RecipeCommand::Check(args)) => recipe::check(args),
         Command::Recipe(RecipeCommand::Show(args)) => recipe::show(args),
+        Command::Recipe(RecipeCommand::Plan(args)) => recipe::plan(args),
         Command::Eval(args) => eval::run(args),
         Command::Data(DataCommand::Tasks(args)) => data::tasks(args),
         Command::Adapters(AdaptersCommand::Add(args)) => adapters::add(args),

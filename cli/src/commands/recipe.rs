@@ -1,7 +1,11 @@
-//! `ft recipe check` and `ft recipe show`.
+//! `ft recipe check`, `ft recipe show` and `ft recipe plan`.
 
-use crate::args::RecipeArgs;
-use crate::error::UsageError;
+use std::collections::BTreeMap;
+
+use crate::args::{PlanArgs, RecipeArgs};
+use crate::device::DeviceSpec;
+use crate::error::{usage, UsageError};
+use ft_trainer::plan::Layout;
 use ft_trainer::recipe::LoadedRecipe;
 
 /// Reads a recipe; its errors are usage errors (exit code 2).
@@ -20,4 +24,59 @@ pub fn check(args: RecipeArgs) -> anyhow::Result<()> {
 pub fn show(args: RecipeArgs) -> anyhow::Result<()> {
     print!("{}", load(&args)?.recipe.to_toml());
     Ok(())
+}
+
+/// `ft recipe plan`: the shapes of the run's micro-batches.
+pub fn plan(args: PlanArgs) -> anyhow::Result<()> {
+    let mut loaded = load(&args.recipe)?;
+    if let Some(device) = args.device {
+        loaded.recipe.model.device = device.to_string();
+    }
+    let _: DeviceSpec = loaded
+        .recipe
+        .model
+        .device
+        .parse()
+        .map_err(|e: String| usage("model.device", "cpu, cuda or cuda:N", e))?;
+    let layout = ft_trainer::run::layout(&loaded)?;
+    print!("{}", render(&layout));
+    Ok(())
+}
+
+/// The plan as a table: the buckets, each half's batches, tokens and padding, then every
+/// shape with its batches in each half.
+fn render(l: &Layout) -> String {
+    let buckets = if l.length_buckets.is_empty() {
+        "none (each micro-batch is padded to its longest row)".to_string()
+    } else {
+        let lengths: Vec<String> = l.length_buckets.iter().map(usize::to_string).collect();
+        lengths.join(" ")
+    };
+    let mut out = format!("length buckets: {buckets}\nsteps: {}\n\n", l.steps);
+    out += &format!(
+        "{:<12}{:>9}{:>8}{:>10}{:>10}\n",
+        "", "batches", "shapes", "tokens", "padding"
+    );
+    for (name, s) in [("train", &l.train), ("validation", &l.validation)] {
+        let slots = (s.tokens + s.padding).max(1) as f64;
+        out += &format!(
+            "{name:<12}{:>9}{:>8}{:>10}{:>9.1}%\n",
+            s.batches,
+            s.shapes.len(),
+            s.tokens,
+            100.0 * s.padding as f64 / slots
+        );
+    }
+    let mut shapes: BTreeMap<[usize; 2], [usize; 2]> = BTreeMap::new();
+    for (half, s) in [&l.train, &l.validation].into_iter().enumerate() {
+        for c in &s.shapes {
+            shapes.entry(c.shape).or_default()[half] += c.batches;
+        }
+    }
+    out += &format!("\ndistinct shapes: {}\n", shapes.len());
+    out += &format!("{:<12}{:>9}{:>12}\n", "[b, s]", "train", "validation");
+    for ([b, s], [train, val]) in shapes {
+        out += &format!("{:<12}{train:>9}{val:>12}\n", format!("[{b}, {s}]"));
+    }
+    out
 }

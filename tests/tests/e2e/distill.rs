@@ -154,6 +154,21 @@ fn on_policy_lora_distillation_samples_from_the_student() {
     let base = config["base_model_name_or_path"].as_str().unwrap();
     assert!(base.ends_with("student"), "{base}");
     assert!(f.path("run/student/config.json").is_file());
+    // Sampled batches are padded up to the length buckets as drawn ones are; the sampled
+    // rows longer than the last bucket (48) keep their length, inside the model's 64.
+    let run = f.train(
+        "bucketed",
+        &[
+            "--set",
+            "data.max_seq_len=48",
+            "--set",
+            "quant.base=nf4",
+            "--set",
+            "train.length_buckets=true",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(f.summary("bucketed")["on_policy_steps"], 6);
 }
 
 #[test]

@@ -215,7 +215,7 @@ fn recipe_errors_name_the_key_the_line_and_the_expectation() {
         run.stderr.trim().replace(path.to_str().unwrap(), "r.toml")
     };
     let ok = "[data]\ntask = \"dates\"\n";
-    assert_eq!(check("[data]\ntask = \"dates\"\n[train]\nlearning_rate = 0.1\n", &[]), "error: r.toml:4: train.learning_rate: unknown field `learning_rate`, expected one of `max_steps`, `epochs`, `micro_batch_size`, `grad_accum`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `engine`, `eval_every`, `save_every`, `resume`");
+    assert_eq!(check("[data]\ntask = \"dates\"\n[train]\nlearning_rate = 0.1\n", &[]), "error: r.toml:4: train.learning_rate: unknown field `learning_rate`, expected one of `max_steps`, `epochs`, `micro_batch_size`, `grad_accum`, `length_buckets`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `engine`, `eval_every`, `save_every`, `resume`");
     assert_eq!(
         check("[data]\ntask = \"dates\"\n[lora]\nr = \"sixteen\"\n", &[]),
         "error: r.toml:4: lora.r: invalid type: string \"sixteen\", expected usize"
@@ -252,7 +252,7 @@ fn recipe_errors_name_the_key_the_line_and_the_expectation() {
         check(ok, &["train.lr=-2"]),
         "error: --set train.lr=-2: expected a number > 0, got -2"
     );
-    assert_eq!(check(ok, &["train.steps=2"]), "error: --set train.steps=2: unknown field `steps`, expected one of `max_steps`, `epochs`, `micro_batch_size`, `grad_accum`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `engine`, `eval_every`, `save_every`, `resume`");
+    assert_eq!(check(ok, &["train.steps=2"]), "error: --set train.steps=2: unknown field `steps`, expected one of `max_steps`, `epochs`, `micro_batch_size`, `grad_accum`, `length_buckets`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `engine`, `eval_every`, `save_every`, `resume`");
     let path = dir.path().join("r.toml");
     std::fs::write(&path, ok).unwrap();
     let out = format!("output.dir={}", dir.path().join("run").display());
@@ -416,5 +416,134 @@ fn the_main_recipe_on_the_host_kernels_follows_burns_losses() {
             (h - b).abs() <= tolerance * b.abs(),
             "step {step}: host {h}, burn {b}"
         );
+
+    }
+}
+
+/// What `ft recipe plan` prints: the length buckets, the training tokens, and each batch
+/// shape `[b, s]` with its training and validation batches.
+struct PlanTable {
+    buckets: Vec<usize>,
+    train_tokens: u64,
+    shapes: Vec<([usize; 2], [u64; 2])>,
+}
+
+fn plan(args: &[&str]) -> PlanTable {
+    let mut all = vec!["recipe", "plan"];
+    all.extend_from_slice(args);
+    let run = ft(&all);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let line = |prefix: &str| {
+        run.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in\n{}", run.stdout))
+            .to_string()
+    };
+    let buckets = line("length buckets: ");
+    let buckets = if buckets.starts_with("none") {
+        Vec::new()
+    } else {
+        buckets.split(' ').map(|b| b.parse().unwrap()).collect()
+    };
+    let train: Vec<u64> = line("train ")
+        .split_whitespace()
+        .take(3)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let shapes: Vec<([usize; 2], [u64; 2])> = run
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix('['))
+        .filter(|l| !l.starts_with("b, s]"))
+        .map(|l| {
+            let (shape, counts) = l.split_once(']').unwrap();
+            let (b, s) = shape.split_once(", ").unwrap();
+            let counts: Vec<u64> = counts
+                .split_whitespace()
+                .map(|n| n.parse().unwrap())
+                .collect();
+            (
+                [b.parse().unwrap(), s.parse().unwrap()],
+                [counts[0], counts[1]],
+            )
+        })
+        .collect();
+    let distinct: usize = line("distinct shapes: ").parse().unwrap();
+    assert_eq!(distinct, shapes.len(), "{}", run.stdout);
+    PlanTable {
+        buckets,
+        train_tokens: train[2],
+        shapes,
+    }
+}
+
+#[test]
+fn the_main_recipe_pads_to_a_few_batch_shapes_on_cuda() {
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/qlora.toml");
+    let recipe = recipe.to_str().unwrap();
+    // `auto` buckets for CUDA; the plan runs on the CPU and loads only the tokenizer.
+    let cuda = plan(&[recipe, "--device", "cuda"]);
+    assert_eq!(cuda.buckets, [16, 24, 32, 48, 64]);
+    let rows: std::collections::BTreeSet<usize> = cuda.shapes.iter().map(|(s, _)| s[0]).collect();
+    assert!(
+        cuda.shapes.len() <= cuda.buckets.len() * rows.len(),
+        "{:?}",
+        cuda.shapes
+    );
+    for ([_, s], _) in &cuda.shapes {
+        assert!(cuda.buckets.contains(s), "{s} is not a bucket");
+    }
+    let batches = |t: &PlanTable, half: usize| t.shapes.iter().map(|(_, n)| n[half]).sum::<u64>();
+    assert_eq!(batches(&cuda, 0), 100, "micro_batch_size 8, 100 steps");
+    assert!(batches(&cuda, 1) > 0, "validation batches are bucketed too");
+
+    // The CPU pads each batch to its longest row, as before; only padding differs.
+    let cpu = plan(&[recipe]);
+    assert!(cpu.buckets.is_empty());
+    assert_eq!(cpu.train_tokens, cuda.train_tokens);
+    assert_eq!(
+        (batches(&cpu, 0), batches(&cpu, 1)),
+        (batches(&cuda, 0), batches(&cuda, 1))
+    );
+    let forced = plan(&[recipe, "--set", "train.length_buckets=[32]"]);
+    assert_eq!(forced.buckets, [32, 64]);
+    assert!(
+        forced.shapes.iter().all(|([_, s], _)| *s == 64),
+        "{:?}",
+        forced.shapes
+    );
+}
+
+#[test]
+fn length_buckets_leave_the_losses_of_a_cpu_run_unchanged() {
+    let f = TrainFixture::new("max_steps = 6\nmicro_batch_size = 4\nlr = 0.005\neval_every = 3");
+    let (tight, bucketed) = (f.path("tight"), f.path("bucketed"));
+    assert_eq!(f.train(&tight, &[]).code, 0);
+    let run = f.train(&bucketed, &["--set", "train.length_buckets=[40]"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains("micro-batches padded to lengths [40, 256]"),
+        "{}",
+        run.stdout
+    );
+    let close = |x: f64, y: f64, tol: f64, what: &str| {
+        assert!((x - y).abs() <= tol * x.abs(), "{what}: {x} vs {y}");
+    };
+    // Before any update the model is the same, so the losses are the same to rounding: the
+    // first step's and the validation loss (whose batches are bucketed too).
+    let summary = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap()
+    };
+    let before = |dir: &Path| summary(dir)["val_loss_before"].as_f64().unwrap();
+    close(before(&tight), before(&bucketed), 1e-6, "val_loss_before");
+    let (a, b) = (losses(&tight), losses(&bucketed));
+    assert_eq!((a.len(), b.len()), (6, 6));
+    close(a[0].1, b[0].1, 1e-6, "step 1");
+    // After it, Adam turns the rounding of gradients near zero into whole steps of lr, so
+    // the runs stay close without being equal.
+    for (x, y) in a.iter().zip(&b) {
+        close(x.1, y.1, 1e-2, &format!("step {}", x.0));
     }
 }

@@ -448,6 +448,7 @@ where
             stops,
             self.pad,
             seed,
+            &self.recipe.length_buckets(),
         )
     }
 
@@ -584,16 +585,18 @@ fn teacher_cache<B: QuantBackend>(
     let bar = progress(train.len(), 0);
     bar.set_message(format!("teacher top-{} logits", d.top_k));
     // Examples packed in order into rows of max_seq_len (each attends only to itself), so
-    // the teacher reads no padding; targets come out in example order.
+    // the teacher reads little padding; targets come out in example order. The rows are
+    // padded up to the length buckets, as training batches are.
     let lengths: Vec<usize> = train.iter().map(|t| t.ids.len()).collect();
     let layout = data::rows(&lengths, true, r.data.max_seq_len);
+    let buckets = r.length_buckets();
     let mut done = 0;
     for chunk in layout.chunks(r.train.micro_batch_size.max(1)) {
         let rows: Vec<Vec<&Tokenized>> = chunk
             .iter()
             .map(|row| row.iter().map(|&i| &train[i]).collect())
             .collect();
-        let batch = Batch::new(&rows, pad);
+        let batch = Batch::with_buckets(&rows, pad, &buckets);
         let logits: Vec<f32> = if batch.loss_tokens() == 0 {
             Vec::new()
         } else {
@@ -666,7 +669,8 @@ fn cached_logits<B: AutodiffBackend>(
 /// The batch's examples with their completions replaced by ones the student samples: each
 /// keeps its prompt (the untrained head; for plain text, its first half up to 64 tokens) and
 /// trains on up to `max_new_tokens` sampled tokens (and the stop token that ended them, if one
-/// did).
+/// did). The batch is padded up to `buckets` as the drawn ones are.
+#[allow(clippy::too_many_arguments)]
 fn sampled_batch<B: QuantBackend>(
     student: &LlamaForCausalLM<B>,
     batch: &Batch,
@@ -675,6 +679,7 @@ fn sampled_batch<B: QuantBackend>(
     stops: &[u32],
     pad: u32,
     seed: u64,
+    buckets: &[usize],
 ) -> Batch {
     let docs: Vec<Tokenized> = batch
         .examples
@@ -715,7 +720,7 @@ fn sampled_batch<B: QuantBackend>(
         })
         .collect();
     let rows: Vec<Vec<&Tokenized>> = docs.iter().map(|t| vec![t]).collect();
-    Batch::new(&rows, pad)
+    Batch::with_buckets(&rows, pad, buckets)
 }
 
 /// A held-out text cut into documents, each scored on its own: windows of [`WINDOW`] tokens

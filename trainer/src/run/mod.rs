@@ -3,12 +3,14 @@
 //! ([`distillation`], a recipe with `[distill]`), over LoRA adapters or every dense weight
 //! ([`trainables`]). [`loss`] is the batch loss through the padded burn forward both
 //! objectives build on, and [`host_step`] a LoRA run's steps on ft's own CPU kernels instead;
-//! [`setup`] what every run does before its first step and after its last. [`peft_twin`] is a
-//! fine-tuning job written out for PEFT to replay (`ft bench train --vs-peft`).
+//! [`setup`] what every run does before its first step and after its last; [`layout`] the
+//! shapes of a run's micro-batches, without running it. [`peft_twin`] is a fine-tuning job
+//! written out for PEFT to replay (`ft bench train --vs-peft`).
 
 pub mod distillation;
 pub mod fine_tune;
 pub(crate) mod host_step;
+pub mod layout;
 pub mod loss;
 pub mod peft_twin;
 pub(crate) mod setup;
@@ -17,4 +19,5 @@ pub mod trainables;
 
 pub use distillation::{distill, DistillSummary, TextScore};
 pub use fine_tune::{train, Summary, Trained};
+pub use layout::layout;
 pub use peft_twin::{peft_job, Twin};

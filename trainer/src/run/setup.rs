@@ -8,7 +8,8 @@ use ft_adapters::peft::PeftConfig;
 use ft_adapters::registry::AddInfo;
 use ft_adapters::{LoraConfig, Registry};
 use ft_eval::tasks;
-use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, QuantFormat, QuantSpec};
+use ft_model::chat::ChatTemplate;
+use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, QuantFormat, QuantSpec, TextTokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint;
@@ -34,6 +35,22 @@ pub(crate) struct Dataset {
 pub(crate) fn load_data<B: Backend>(
     loaded: &LoadedRecipe,
     pretrained: &Pretrained<B>,
+) -> Result<Dataset> {
+    tokenize_data(
+        loaded,
+        &pretrained.tokenizer,
+        pretrained.chat_template.as_ref(),
+        pretrained.config.max_position_embeddings,
+    )
+}
+
+/// [`load_data`] with what it reads of the model: the tokenizer, the chat template and the
+/// context (examples are cut to it when `data.max_seq_len` is longer).
+pub(crate) fn tokenize_data(
+    loaded: &LoadedRecipe,
+    tokenizer: &TextTokenizer,
+    template: Option<&ChatTemplate>,
+    context: usize,
 ) -> Result<Dataset> {
     let d = &loaded.recipe.data;
     let mut task = None;
@@ -70,11 +87,11 @@ pub(crate) fn load_data<B: Backend>(
         sources.push((records, val, key));
     }
     let encoder = Encoder {
-        tokenizer: &pretrained.tokenizer,
-        template: pretrained.chat_template.as_ref(),
-        eos: pretrained.tokenizer.eos_ids.first().copied(),
+        tokenizer,
+        template,
+        eos: tokenizer.eos_ids.first().copied(),
         train_on_prompt: d.train_on_prompt,
-        max_seq_len: d.max_seq_len.min(pretrained.config.max_position_embeddings),
+        max_seq_len: d.max_seq_len.min(context),
     };
     let mut truncated = 0;
     let mut encode = |rs: &[Record]| -> Result<Vec<Tokenized>> {
