@@ -416,7 +416,6 @@ fn the_main_recipe_on_the_host_kernels_follows_burns_losses() {
             (h - b).abs() <= tolerance * b.abs(),
             "step {step}: host {h}, burn {b}"
         );
-
     }
 }
 
