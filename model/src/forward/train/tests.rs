@@ -57,6 +57,17 @@ struct Real {
     targets: Vec<(usize, u32)>,
 }
 
+impl Real {
+    fn tokens(&self) -> Tokens<'_> {
+        Tokens {
+            ids: &self.ids,
+            positions: &self.positions,
+            documents: &self.documents,
+            targets: &self.targets,
+        }
+    }
+}
+
 fn real() -> Real {
     // Row 0 has no padding, so the first 14 flat indices are the real tokens in order.
     let p = padded();
@@ -136,12 +147,7 @@ fn burn_step(model: &LlamaForCausalLM<A>, scale: f32) -> (f64, Vec<(String, Adap
 fn host_step(model: &LlamaForCausalLM<A>, scale: f32, seed: u64) -> StepGrads {
     let trainer = HostTrainer::new(&model.valid()).expect("host tensors");
     let r = real();
-    let tokens = Tokens {
-        ids: &r.ids,
-        positions: &r.positions,
-        documents: &r.documents,
-        targets: &r.targets,
-    };
+    let tokens = r.tokens();
     trainer
         .step(&Adapters::of(&model.valid()), &tokens, scale, seed)
         .expect("a valid batch")
@@ -186,12 +192,7 @@ fn loss_and_adapter_gradients_equal_burns_autodiff() {
     // The forward alone (validation) gives the same loss.
     let trainer = HostTrainer::new(&model.valid()).expect("host tensors");
     let r = real();
-    let tokens = Tokens {
-        ids: &r.ids,
-        positions: &r.positions,
-        documents: &r.documents,
-        targets: &r.targets,
-    };
+    let tokens = r.tokens();
     let loss = trainer
         .loss(&Adapters::of(&model.valid()), &tokens)
         .expect("a valid batch");
@@ -246,12 +247,7 @@ fn dropout_gradients_match_finite_differences_and_repeat_by_seed() {
     }
     let trainer = HostTrainer::new(&model.valid()).expect("host tensors");
     let r = real();
-    let tokens = Tokens {
-        ids: &r.ids,
-        positions: &r.positions,
-        documents: &r.documents,
-        targets: &r.targets,
-    };
+    let tokens = r.tokens();
     let adapters = Adapters::of(&model.valid());
     let step =
         |adapters: &Adapters, seed| trainer.step(adapters, &tokens, 1.0, seed).expect("valid");
