@@ -15,6 +15,7 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::Tensor;
 use ft_quant::attention::{attend_group, KvElement, PagedLayout};
@@ -153,7 +154,7 @@ impl<B: QuantBackend> HostLinear<B> {
 }
 
 /// A tensor's values copied to the host.
-fn host_vec<B: QuantBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub(crate) fn host_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .into_vec::<f32>()

@@ -24,7 +24,6 @@ mod swiglu;
 
 use std::ops::Range;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 use ft_quant::gemm::{Frozen, RowTiles};
@@ -34,6 +33,7 @@ use rayon::prelude::*;
 pub use lora::Grads as AdapterGrads;
 
 use crate::error::ModelError;
+use crate::forward::host::host_vec;
 use crate::forward::llama::LlamaForCausalLM;
 use attention::Heads;
 
@@ -171,14 +171,6 @@ fn gather(x: &[f32], targets: &[(usize, u32)], e: usize) -> Vec<f32> {
         row.copy_from_slice(&x[i * e..][..e]);
     }
     out
-}
-
-/// A tensor's values copied to the host.
-fn host_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap_or_default()
 }
 
 /// A model's frozen weights arranged for the host training step: built once per run, beside
