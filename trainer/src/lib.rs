@@ -22,3 +22,18 @@ pub mod plan;
 pub mod recipe;
 pub mod run;
 pub mod schedule;
+
+/// Makes f64 the default float type of the NdArray device. burn fixes a device's default types
+/// at its first tensor, once per process, and the tests run on many threads: every test that
+/// makes tensors calls this first, so the finite-difference checks get f64 whichever test
+/// runs first (the f32 tests hold in either type).
+#[cfg(test)]
+pub(crate) fn f64_tensors() {
+    use burn::tensor::DType;
+    // Already set by an earlier test: the same types.
+    let _ = burn::tensor::set_default_dtypes::<burn::backend::NdArray<f64>>(
+        &Default::default(),
+        DType::F64,
+        DType::I64,
+    );
+}

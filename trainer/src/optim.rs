@@ -15,7 +15,9 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
+use ft_model::QuantBackend;
+use rayon::prelude::*;
 
 /// Elements per host page (256 KiB of f32).
 pub const PAGE_ELEMENTS: usize = 1 << 16;
@@ -138,46 +140,6 @@ impl<B: Backend> AdamW<B> {
         }
     }
 
-    /// One update of every group (parameters sharing a decoder layer form a group); returns
-    /// the new values in the order given.
-    ///
-    /// Paged moments move as a pipeline: a group's moments are uploaded before the previous
-    /// group's are read back, so on a GPU the host-side page reads and upload of group i + 1
-    /// proceed while the device still computes group i's update (the read-back waits for it).
-    pub fn step(
-        &mut self,
-        groups: Vec<Vec<ParamGrad<B>>>,
-        hp: &AdamWParams,
-    ) -> Vec<(String, Tensor<B, 2>)> {
-        self.t += 1;
-        let mut out = Vec::new();
-        let mut written_back: Vec<(String, Tensor<B, 2>, Tensor<B, 2>)> = Vec::new();
-        for group in groups {
-            let elements: usize = group.iter().map(|p| p.value.shape().num_elements()).sum();
-            let page = self.paged && elements >= self.page_min_elements;
-            let moments: Vec<_> = group
-                .iter()
-                .map(|p| self.take(&p.name, &p.value, page))
-                .collect();
-            for (name, m, v) in written_back.drain(..) {
-                self.put(&name, m, v);
-            }
-            for (p, (m, v)) in group.into_iter().zip(moments) {
-                let hp = AdamWParams {
-                    weight_decay: if p.decay { hp.weight_decay } else { 0.0 },
-                    ..*hp
-                };
-                let (value, m, v) = update(p.value, p.grad, m, v, self.t, &hp);
-                written_back.push((p.name.clone(), m, v));
-                out.push((p.name, value));
-            }
-        }
-        for (name, m, v) in written_back {
-            self.put(&name, m, v);
-        }
-        out
-    }
-
     /// The moments of `name` on the device (zeros on first use).
     fn take(
         &mut self,
@@ -185,7 +147,8 @@ impl<B: Backend> AdamW<B> {
         like: &Tensor<B, 2>,
         page: bool,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let device = like.device();
+        // The moments take the parameter's float type.
+        let device = (&like.device(), like.dtype());
         let shape = like.dims();
         match self.moments.get(name) {
             Some(Moments::Device(m, v)) => (m.clone(), v.clone()),
@@ -194,7 +157,7 @@ impl<B: Backend> AdamW<B> {
                 let load = |o: usize| {
                     Tensor::from_data(
                         TensorData::new(self.host.read(o, n), *shape).convert::<B::FloatElem>(),
-                        &device,
+                        device,
                     )
                 };
                 (load(*om), load(*ov))
@@ -206,7 +169,7 @@ impl<B: Backend> AdamW<B> {
                     self.moments
                         .insert(name.to_string(), Moments::Paged(om, ov, shape));
                 }
-                (Tensor::zeros(shape, &device), Tensor::zeros(shape, &device))
+                (Tensor::zeros(shape, device), Tensor::zeros(shape, device))
             }
         }
     }
@@ -295,6 +258,48 @@ impl<B: Backend> AdamW<B> {
     }
 }
 
+impl<B: QuantBackend> AdamW<B> {
+    /// One update of every group (parameters sharing a decoder layer form a group); returns
+    /// the new values in the order given.
+    ///
+    /// Paged moments move as a pipeline: a group's moments are uploaded before the previous
+    /// group's are read back, so on a GPU the host-side page reads and upload of group i + 1
+    /// proceed while the device still computes group i's update (the read-back waits for it).
+    pub fn step(
+        &mut self,
+        groups: Vec<Vec<ParamGrad<B>>>,
+        hp: &AdamWParams,
+    ) -> Vec<(String, Tensor<B, 2>)> {
+        self.t += 1;
+        let mut out = Vec::new();
+        let mut written_back: Vec<(String, Tensor<B, 2>, Tensor<B, 2>)> = Vec::new();
+        for group in groups {
+            let elements: usize = group.iter().map(|p| p.value.shape().num_elements()).sum();
+            let page = self.paged && elements >= self.page_min_elements;
+            let moments: Vec<_> = group
+                .iter()
+                .map(|p| self.take(&p.name, &p.value, page))
+                .collect();
+            for (name, m, v) in written_back.drain(..) {
+                self.put(&name, m, v);
+            }
+            for (p, (m, v)) in group.into_iter().zip(moments) {
+                let hp = AdamWParams {
+                    weight_decay: if p.decay { hp.weight_decay } else { 0.0 },
+                    ..*hp
+                };
+                let (value, m, v) = update(p.value, p.grad, m, v, self.t, &hp);
+                written_back.push((p.name.clone(), m, v));
+                out.push((p.name, value));
+            }
+        }
+        for (name, m, v) in written_back {
+            self.put(&name, m, v);
+        }
+        out
+    }
+}
+
 fn host<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
@@ -302,8 +307,24 @@ fn host<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
         .unwrap_or_default()
 }
 
-/// PyTorch's AdamW update: decay, moments, bias correction, step.
-fn update<B: Backend>(
+/// PyTorch's AdamW update: decay, moments, bias correction, step; in one pass over host
+/// memory where the backend keeps the tensors there ([`host_update`]), else as tensor ops.
+fn update<B: QuantBackend>(
+    value: Tensor<B, 2>,
+    grad: Tensor<B, 2>,
+    m: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    t: u64,
+    hp: &AdamWParams,
+) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
+    match host_update(&value, &grad, &m, &v, t, hp) {
+        Some(out) => out,
+        None => tensor_update(value, grad, m, v, t, hp),
+    }
+}
+
+/// [`update`] as tensor ops.
+fn tensor_update<B: Backend>(
     value: Tensor<B, 2>,
     grad: Tensor<B, 2>,
     m: Tensor<B, 2>,
@@ -322,6 +343,53 @@ fn update<B: Backend>(
     (value, m, v)
 }
 
+/// [`update`] as one fused pass over f32 host slices: a full-parameter step reads each value,
+/// gradient and moment once and writes each result once, where the tensor ops make a new
+/// tensor per operation. `None` where a tensor is not an f32 array in host memory.
+#[allow(clippy::type_complexity)]
+fn host_update<B: QuantBackend>(
+    value: &Tensor<B, 2>,
+    grad: &Tensor<B, 2>,
+    m: &Tensor<B, 2>,
+    v: &Tensor<B, 2>,
+    t: u64,
+    hp: &AdamWParams,
+) -> Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)> {
+    let prims = [value, grad, m, v].map(|t| t.clone().into_primitive().tensor());
+    let [x, g, m, v] = [0, 1, 2, 3].map(|i| B::host_f32(&prims[i]));
+    let (x, g, m, v) = (x?, g?, m?, v?);
+    let [b1, b2] = hp.betas;
+    let decay = (1.0 - hp.lr * hp.weight_decay) as f32;
+    let step = (hp.lr / (1.0 - b1.powi(t as i32))) as f32;
+    let root_bc2 = (1.0 - b2.powi(t as i32)).sqrt() as f32;
+    let (b1, b2, eps) = (b1 as f32, b2 as f32, hp.eps as f32);
+    let n = x.len();
+    let (mut nx, mut nm, mut nv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    const CHUNK: usize = 1 << 14;
+    nx.par_chunks_mut(CHUNK)
+        .zip(nm.par_chunks_mut(CHUNK))
+        .zip(nv.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, ((nx, nm), nv))| {
+            let at = c * CHUNK;
+            let len = nx.len();
+            for i in 0..len {
+                let (gi, j) = (g[at + i], at + i);
+                let mi = m[j] * b1 + gi * (1.0 - b1);
+                let vi = v[j] * b2 + gi * gi * (1.0 - b2);
+                nx[i] = x[j] * decay - mi / (vi.sqrt() / root_bc2 + eps) * step;
+                nm[i] = mi;
+                nv[i] = vi;
+            }
+        });
+    let shape = value.dims();
+    let device = value.device();
+    let tensor = |values: Vec<f32>| {
+        Tensor::<B, 2>::from_data(TensorData::new(values, shape), (&device, DType::F32))
+    };
+    Some((tensor(nx), tensor(nm), tensor(nv)))
+}
+
 #[cfg(test)]
 mod tests {
     use burn::backend::NdArray;
@@ -334,8 +402,14 @@ mod tests {
         let d = Default::default();
         ParamGrad {
             name: name.into(),
-            value: Tensor::from_data(TensorData::new(value.to_vec(), [1, value.len()]), &d),
-            grad: Tensor::from_data(TensorData::new(grad.to_vec(), [1, grad.len()]), &d),
+            value: Tensor::from_data(
+                TensorData::new(value.to_vec(), [1, value.len()]),
+                (&d, DType::F32),
+            ),
+            grad: Tensor::from_data(
+                TensorData::new(grad.to_vec(), [1, grad.len()]),
+                (&d, DType::F32),
+            ),
             decay: true,
         }
     }
@@ -350,7 +424,34 @@ mod tests {
     }
 
     #[test]
+    fn the_fused_host_pass_equals_the_tensor_ops() {
+        crate::f64_tensors();
+        let device = Default::default();
+        // Explicitly f32, so the host pass runs whatever the device's default type.
+        let tensor = |seed: usize, scale: f32| {
+            let values: Vec<f32> = (0..3 * 40_000)
+                .map(|i| ((i * 7919 + seed) % 1013) as f32 / 1013.0 * scale - scale / 2.0)
+                .collect();
+            Tensor::<B, 2>::from_data(TensorData::new(values, [3, 40_000]), (&device, DType::F32))
+        };
+        let (value, grad, m) = (tensor(1, 2.0), tensor(2, 0.5), tensor(3, 0.1));
+        let v = tensor(4, 0.02).abs();
+        for t in [1, 7] {
+            let host = host_update(&value, &grad, &m, &v, t, &hp()).expect("f32 host tensors");
+            let ops = tensor_update(value.clone(), grad.clone(), m.clone(), v.clone(), t, &hp());
+            for (a, b) in [(host.0, ops.0), (host.1, ops.1), (host.2, ops.2)] {
+                let a: Vec<f32> = a.into_data().convert::<f32>().to_vec().expect("f32");
+                let b: Vec<f32> = b.into_data().convert::<f32>().to_vec().expect("f32");
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{x} vs {y}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn matches_pytorch_adamw_by_hand() {
+        crate::f64_tensors();
         // Two steps of torch.optim.AdamW(lr=0.1, weight_decay=0.01) on p = 1.0 with grads
         // 0.5 then -0.25, worked by hand:
         // t=1: p = 1 * (1 - 0.001) = 0.999; m = 0.05, v = 0.00025; m^ = 0.5, v^ = 0.25;
@@ -371,6 +472,7 @@ mod tests {
 
     #[test]
     fn paged_and_device_moments_give_identical_updates() {
+        crate::f64_tensors();
         let values: Vec<f32> = (0..100_000).map(|i| (i % 13) as f32 * 0.1).collect();
         let grads: Vec<f32> = (0..100_000).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect();
         let mut device = AdamW::<B>::new(false, 0);

@@ -476,12 +476,14 @@ pub enum Scheduler {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Engine {
-    /// `host` wherever it can run (a LoRA run whose weights are in host memory), else `burn`.
+    /// `host` wherever it can run (weights in host memory; a distillation's teacher online),
+    /// else `burn`.
     Auto,
-    /// ft's own kernels on the CPU (explicit forward and backward): LoRA on the CPU only.
+    /// ft's own kernels on the CPU (explicit forward and backward): LoRA adapters, and a
+    /// distilled student trained in full with its teacher online.
     Host,
-    /// burn's autodiff: every backend, full-parameter training, and the reference the host
-    /// step is tested against.
+    /// burn's autodiff: every backend, the offline teacher's cache, on-policy distillation
+    /// steps, and the reference the host step is tested against.
     Burn,
 }
 

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use ft_adapters::registry::AddInfo;
 use ft_adapters::LoraConfig;
 use ft_distill::{
@@ -37,11 +37,12 @@ use crate::metrics::Metrics;
 use crate::optim::{AdamW, StateBytes};
 use crate::plan::Plan;
 use crate::recipe::{
-    DistillMethod, DistillMode, DistillSection, DivergenceKind, LoadedRecipe, OptimizerKind,
-    Recipe, StudentLayers,
+    DistillMethod, DistillMode, DistillSection, DivergenceKind, Engine, LoadedRecipe,
+    OptimizerKind, Recipe, StudentLayers,
 };
 
-use super::loss::{batch_nll, nll, target_ids, target_logits, val_loss};
+use super::host_step::{HostStep, Scorer};
+use super::loss::{nll, target_ids, target_logits};
 use super::setup::{load_data, peft_config, prepare, progress, quant_spec, register};
 use super::step_loop::{run_steps, Objective, Run};
 use super::trainables::Trainables;
@@ -212,19 +213,26 @@ where
         .map(|f| eval_text(loaded, f, &student, window))
         .collect::<Result<_>>()?;
     // A resumed run reports the figures its checkpoint kept from before training.
+    // Evaluation runs on the host kernels unless the recipe asks for burn's.
+    let on_host = r.train.engine != Engine::Burn;
     if resume.is_none() || state.distill.is_none() {
-        state.val_loss_before = val_loss(&model.valid(), &val_batches, device);
+        let student_before = model.valid();
+        let (teacher_scorer, student_scorer) = (
+            Scorer::new(&teacher.model, on_host),
+            Scorer::new(&student_before, on_host),
+        );
+        state.val_loss_before = student_scorer.mean_nll(&val_batches)?;
         let progress = state.distill.get_or_insert_with(Default::default);
-        progress.teacher_val_loss = val_loss(&teacher.model, &val_batches, device);
+        progress.teacher_val_loss = teacher_scorer.mean_nll(&val_batches)?;
         progress.texts_before = eval_texts
             .iter()
             .map(|t| {
-                (
-                    text_perplexity(&teacher.model, t, rows, device).0,
-                    text_perplexity(&model.valid(), t, rows, device).0,
-                )
+                Ok((
+                    text_perplexity(&teacher_scorer, t, rows)?.0,
+                    text_perplexity(&student_scorer, t, rows)?.0,
+                ))
             })
-            .collect();
+            .collect::<Result<_>>()?;
     }
     // Labels alone (alpha = 1) need no teacher logits, cached or not.
     let cache = match d.mode {
@@ -268,6 +276,38 @@ where
         temperature: d.temperature,
         alpha: d.alpha,
     };
+    let host = match r.train.engine {
+        Engine::Burn => None,
+        engine => {
+            // The host step brings the teacher online; a cache of its top-k logits stays with
+            // burn's autodiff.
+            let online = d.mode == DistillMode::Online || d.alpha >= 1.0;
+            let inner = model.valid();
+            let step = match d.method {
+                _ if !online => None,
+                DistillMethod::Full => HostStep::everything(&inner),
+                DistillMethod::Lora => HostStep::adapters(&inner),
+            }
+            .and_then(|s| s.with_teacher(&teacher.model, loss_fn));
+            if step.is_none() && engine == Engine::Host {
+                return Err(TrainError::usage(
+                    "train.engine",
+                    "\"auto\" or \"burn\" with an offline teacher or weights outside host \
+                     memory (a GPU device)",
+                    "\"host\"",
+                ));
+            }
+            step
+        }
+    };
+    tracing::info!(
+        "student steps on {}",
+        if host.is_some() {
+            "the host kernels"
+        } else {
+            "burn's autodiff"
+        }
+    );
     let mut metrics = Metrics::open(&out, &r.output.loggers, resume.as_ref().map(|_| state.step))
         .map_err(|e| TrainError::io(&out, e))?;
     let run = Run {
@@ -289,6 +329,7 @@ where
         pad,
         loss: loss_fn,
         on_policy: false,
+        host,
     };
     run_steps(
         &run,
@@ -301,21 +342,22 @@ where
     )?;
 
     let after = model.valid();
+    let after_scorer = Scorer::new(&after, on_host);
     let progress = state.distill.clone().unwrap_or_default();
     let texts: Vec<TextScore> = eval_texts
         .iter()
         .zip(&progress.texts_before)
         .map(|(t, &(teacher, before))| {
-            let (ppl, scored) = text_perplexity(&after, t, rows, device);
-            TextScore {
+            let (ppl, scored) = text_perplexity(&after_scorer, t, rows)?;
+            Ok(TextScore {
                 file: t.file.clone(),
                 scored,
                 teacher,
                 student_before: before,
                 student_after: ppl,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     for t in &texts {
         tracing::info!(
             "perplexity of {}: teacher {:.3}, student before {:.3}, after {:.3}",
@@ -404,7 +446,10 @@ where
 /// Distillation: the student's loss against the teacher's logits (online, or from the
 /// offline cache) and the labels, as `distill.alpha` mixes them; an on-policy step (a
 /// `distill.lmbda` share) trains on completions the student samples, by the divergence alone.
-struct Distillation<'a, B: AutodiffBackend> {
+struct Distillation<'a, B: AutodiffBackend>
+where
+    B::InnerBackend: QuantBackend,
+{
     recipe: &'a Recipe,
     section: &'a DistillSection,
     teacher: &'a Pretrained<B::InnerBackend>,
@@ -416,6 +461,9 @@ struct Distillation<'a, B: AutodiffBackend> {
     loss: DistillLoss,
     /// Whether this step samples its batches from the student.
     on_policy: bool,
+    /// The host step, where it can run this distillation (on-policy steps stay with burn's
+    /// autodiff).
+    host: Option<HostStep<B::InnerBackend>>,
 }
 
 impl<B> Objective<B> for Distillation<'_, B>
@@ -488,6 +536,10 @@ where
                 .get_or_insert_with(Default::default)
                 .on_policy_steps += 1;
         }
+    }
+
+    fn host(&self) -> Option<&HostStep<B::InnerBackend>> {
+        self.host.as_ref().filter(|_| !self.on_policy)
     }
 
     fn save(&mut self, model: &LlamaForCausalLM<B>, dir: &Path) -> Result<()> {
@@ -807,11 +859,10 @@ fn eval_text<B: Backend>(
 /// Perplexity of a held-out text and the tokens scored: its documents packed into rows of
 /// its window (each attending only to itself), `rows` rows per forward.
 fn text_perplexity<B: QuantBackend>(
-    model: &LlamaForCausalLM<B>,
+    scorer: &Scorer<B>,
     text: &EvalText,
     rows: usize,
-    device: &B::Device,
-) -> (f64, usize) {
+) -> Result<(f64, usize)> {
     let lengths: Vec<usize> = text.docs.iter().map(|t| t.ids.len()).collect();
     let layout: Vec<Vec<&Tokenized>> = data::rows(&lengths, true, text.window)
         .into_iter()
@@ -821,11 +872,11 @@ fn text_perplexity<B: QuantBackend>(
     for chunk in layout.chunks(rows.max(1)) {
         let batch = Batch::new(chunk, 0);
         if batch.loss_tokens() > 0 {
-            nll_sum += batch_nll(model, &batch, device).into_scalar().elem::<f64>();
+            nll_sum += scorer.nll(&batch)?;
             scored += batch.loss_tokens();
         }
     }
-    ((nll_sum / scored.max(1) as f64).exp(), scored)
+    Ok(((nll_sum / scored.max(1) as f64).exp(), scored))
 }
 
 #[cfg(test)]
@@ -834,6 +885,7 @@ mod tests {
 
     use burn::backend::{Autodiff, NdArray};
     use burn::module::Param;
+    use burn::tensor::ElementConversion;
     use ft_model::params::ParamMut;
     use ft_model::tiny::tiny_config;
 
@@ -862,7 +914,77 @@ mod tests {
     }
 
     #[test]
+    fn the_host_step_gives_burns_loss_and_gradients_for_every_student_weight() {
+        crate::f64_tensors();
+        type A = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        A::seed(&device, 11);
+        let teacher = LlamaForCausalLM::<NdArray<f32>>::init_random(&tiny_config(), &device);
+        let mut config = tiny_config();
+        config.num_hidden_layers = 1;
+        let mut student = LlamaForCausalLM::<A>::init_random(&config, &device);
+        // Two packed documents in row 0, one and padding in row 1.
+        let (a, b, c) = (
+            tokens(&[5, 70, 200, 9, 33]),
+            tokens(&[8, 1, 2]),
+            tokens(&[40, 41, 42, 43]),
+        );
+        let batch = Batch::new(&[vec![&a, &b], vec![&c]], 0);
+        for divergence in [Divergence::ForwardKl, Divergence::Jsd { beta: 0.3 }] {
+            let loss_fn = DistillLoss {
+                divergence,
+                temperature: 2.0,
+                alpha: 0.4,
+            };
+            let scale = 0.125;
+            let teacher_logits = target_logits(&teacher, &batch, &device);
+            let loss = loss_fn.forward(
+                target_logits(&student, &batch, &device),
+                TeacherLogits::Full(Tensor::from_inner(teacher_logits)),
+                target_ids::<A>(&batch, &device),
+            );
+            let want_loss = loss.clone().into_scalar().elem::<f64>();
+            let g = (loss * scale).backward();
+            let mut want = BTreeMap::new();
+            accumulate_param_grads(&mut student, &g, &mut want);
+            let host = HostStep::everything(&student.valid())
+                .and_then(|s| s.with_teacher(&teacher, loss_fn))
+                .expect("host tensors");
+            let mut got = BTreeMap::new();
+            let host_loss = host
+                .gradients(&student, &batch, scale, 0, &mut got)
+                .expect("a valid batch");
+            assert!(
+                (host_loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+                "{divergence:?}: {host_loss} vs {want_loss}"
+            );
+            assert_eq!(got.len(), want.len(), "one gradient per weight");
+            for (name, w) in &want {
+                // f32 or f64, whichever the test process made the device's default.
+                let values = |t: &Tensor<NdArray<f32>, 2>| -> Vec<f32> {
+                    t.clone()
+                        .into_data()
+                        .convert::<f32>()
+                        .to_vec()
+                        .expect("f32")
+                };
+                let (w, h) = (values(w), values(&got[name]));
+                let size = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let diff = h
+                    .iter()
+                    .zip(&w)
+                    .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff <= 1e-4 * size,
+                    "{divergence:?} {name}: off by {diff} of {size}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn student_gradients_match_finite_differences() {
+        crate::f64_tensors();
         type A = Autodiff<NdArray<f64>>;
         let device = Default::default();
         A::seed(&device, 3);
@@ -964,6 +1086,7 @@ mod tests {
 
     #[test]
     fn cached_logits_follow_the_batch_layout() {
+        crate::f64_tensors();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         A::seed(&device, 4);

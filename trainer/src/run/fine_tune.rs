@@ -145,8 +145,8 @@ where
     let val_batches = plan.val_batches(&data.val, pad);
     let host = match r.train.engine {
         Engine::Burn => None,
-        Engine::Auto => HostStep::new(&model.valid()),
-        Engine::Host => Some(HostStep::new(&model.valid()).ok_or_else(|| {
+        Engine::Auto => HostStep::adapters(&model.valid()),
+        Engine::Host => Some(HostStep::adapters(&model.valid()).ok_or_else(|| {
             TrainError::usage(
                 "train.engine",
                 "\"auto\" or \"burn\" where the weights are not in host memory (a GPU device)",
@@ -344,6 +344,7 @@ mod tests {
 
     #[test]
     fn a_tiny_run_overfits_and_leaves_the_base_bit_identical() {
+        crate::f64_tensors();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let dir = tempfile::tempdir().unwrap();

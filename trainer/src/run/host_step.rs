@@ -1,39 +1,89 @@
-//! A LoRA run's steps on ft's host kernels ([`ft_model::forward::train`]): a padded batch cut
-//! to what can change its loss, and the adapters' gradients handed back as burn tensors keyed
-//! as the autodiff path keys them, so clipping, AdamW, checkpoints and resume are the same
-//! whichever engine ran the step.
+//! A run's steps on ft's host kernels ([`ft_model::forward::train`]): a padded batch cut to
+//! what can change its loss, and the gradients (of the adapters on a frozen base, or of every
+//! dense weight of a student trained in full) handed back as burn tensors keyed as the
+//! autodiff path keys them, so clipping, AdamW, checkpoints and resume are the same whichever
+//! engine ran the step. A distillation run brings its teacher, whose forward over the same
+//! tokens runs on the same kernels and whose logits meet the student's in the loss
+//! ([`ft_distill::OnlineTeacher`]).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
-use ft_model::forward::train::{Adapters, HostTrainer, Tokens};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use ft_distill::{DistillLoss, OnlineTeacher};
+use ft_model::forward::train::{Adapters, CrossEntropy, HeadLoss, HostTrainer, Tokens, Trained};
 use ft_model::{LlamaForCausalLM, QuantBackend};
 
+use super::loss::batch_nll;
 use super::trainables::accumulate;
 use crate::data::Batch;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 
-/// The host trainer of a run's frozen base.
+/// The host trainer of a run.
 pub(crate) struct HostStep<B: QuantBackend> {
-    trainer: HostTrainer<B>,
+    /// The frozen base's weights as the kernels read them (adapters train), or `None`: every
+    /// dense weight trains, so the model is read afresh at each step.
+    base: Option<HostTrainer<B>>,
+    /// The online teacher and the loss against it (distillation).
+    teacher: Option<(HostTrainer<B>, DistillLoss)>,
     device: B::Device,
 }
 
 impl<B: QuantBackend> HostStep<B> {
-    /// The host step of `model`'s base, or `None` where its weights are not in host memory.
-    pub fn new(model: &LlamaForCausalLM<B>) -> Option<Self> {
+    /// The host step of `model`'s adapters on its frozen base, or `None` where its weights are
+    /// not in host memory.
+    pub fn adapters(model: &LlamaForCausalLM<B>) -> Option<Self> {
         Some(Self {
-            trainer: HostTrainer::new(model)?,
+            base: Some(HostTrainer::new(model)?),
+            teacher: None,
             device: model.device(),
         })
     }
 
-    /// Adds the gradients of `scale` times the batch's summed NLL with respect to `model`'s
-    /// adapters to `grads` (keys `{module}.lora_A` / `.lora_B`) and returns the summed NLL.
-    /// `seed` draws the dropout masks.
+    /// The host step of every dense weight of `model`, or `None` where its weights are not in
+    /// host memory.
+    pub fn everything(model: &LlamaForCausalLM<B>) -> Option<Self> {
+        HostTrainer::new(model)?;
+        Some(Self {
+            base: None,
+            teacher: None,
+            device: model.device(),
+        })
+    }
+
+    /// The same step trained toward `teacher`'s logits by `loss` (alpha = 1 needs no teacher
+    /// and keeps none), or `None` where the teacher's weights are not in host memory.
+    pub fn with_teacher(self, teacher: &LlamaForCausalLM<B>, loss: DistillLoss) -> Option<Self> {
+        if loss.alpha >= 1.0 {
+            return Some(self);
+        }
+        Some(Self {
+            teacher: Some((HostTrainer::new(teacher)?, loss)),
+            ..self
+        })
+    }
+
+    /// The trainer of `model` as it is now: the base's, or one built on its current weights.
+    fn trainer<'a>(
+        &'a self,
+        model: &LlamaForCausalLM<B>,
+        fresh: &'a mut Option<HostTrainer<B>>,
+    ) -> Result<&'a HostTrainer<B>> {
+        if let Some(base) = &self.base {
+            return Ok(base);
+        }
+        *fresh = HostTrainer::new(model);
+        fresh.as_ref().ok_or_else(|| {
+            TrainError::Invalid("the host step needs every weight in host memory".into())
+        })
+    }
+
+    /// Adds the gradients of `scale` times the batch's summed loss with respect to what
+    /// `model` trains to `grads` (keys `{module}.lora_A` / `.lora_B`, or the weights' HF
+    /// names with vectors as `[1, n]`) and returns the summed loss: the labels' NLL, or the
+    /// distillation loss against the teacher. `seed` draws the dropout masks.
     pub fn gradients<A>(
         &self,
         model: &LlamaForCausalLM<A>,
@@ -46,9 +96,30 @@ impl<B: QuantBackend> HostStep<B> {
         A: AutodiffBackend<InnerBackend = B>,
     {
         let real = RealTokens::of(batch);
-        let step = self.trainer.step(
-            &Adapters::of(&model.valid()),
-            &real.tokens(),
+        let tokens = real.tokens();
+        let valid = model.valid();
+        let mut fresh = None;
+        let trainer = self.trainer(&valid, &mut fresh)?;
+        let online;
+        let loss: &dyn HeadLoss = match &self.teacher {
+            Some((teacher, loss)) => {
+                online = OnlineTeacher {
+                    teacher: teacher.target_logits(&tokens)?,
+                    loss: *loss,
+                };
+                &online
+            }
+            None => &CrossEntropy,
+        };
+        let trained = match self.base {
+            Some(_) => Trained::Adapters,
+            None => Trained::Everything,
+        };
+        let step = trainer.step(
+            &Adapters::of(&valid),
+            &tokens,
+            loss,
+            trained,
             scale as f32,
             seed,
         )?;
@@ -71,6 +142,10 @@ impl<B: QuantBackend> HostStep<B> {
             accumulate(grads, format!("{name}.lora_A"), tensor(g.a, a_shape));
             accumulate(grads, format!("{name}.lora_B"), tensor(g.b, b_shape));
         }
+        for d in step.dense {
+            let t = Tensor::<B, 2>::from_data(TensorData::new(d.values, d.shape), device);
+            accumulate(grads, d.name, t);
+        }
         Ok(step.loss)
     }
 
@@ -80,17 +155,63 @@ impl<B: QuantBackend> HostStep<B> {
     where
         A: AutodiffBackend<InnerBackend = B>,
     {
-        let adapters = Adapters::of(&model.valid());
-        let (mut nll, mut tokens) = (0.0, 0);
-        for b in batches.iter().filter(|b| b.loss_tokens() > 0) {
-            nll += self.trainer.loss(&adapters, &RealTokens::of(b).tokens())?;
-            tokens += b.loss_tokens();
-        }
-        Ok(if tokens == 0 {
-            0.0
-        } else {
-            nll / tokens as f64
+        let valid = model.valid();
+        let mut fresh = None;
+        let trainer = self.trainer(&valid, &mut fresh)?;
+        mean_nll(batches, |b| {
+            Ok(trainer.loss(&Adapters::of(&valid), &RealTokens::of(b).tokens())?)
         })
+    }
+}
+
+/// Mean of `nll` per trained token over `batches` (0 when there are none).
+fn mean_nll(batches: &[Batch], mut nll: impl FnMut(&Batch) -> Result<f64>) -> Result<f64> {
+    let (mut sum, mut tokens) = (0.0, 0);
+    for b in batches.iter().filter(|b| b.loss_tokens() > 0) {
+        sum += nll(b)?;
+        tokens += b.loss_tokens();
+    }
+    Ok(if tokens == 0 {
+        0.0
+    } else {
+        sum / tokens as f64
+    })
+}
+
+/// How a run scores a model (adapters as attached, dropout off) for evaluation: on the host
+/// kernels where its steps run there and the weights are in host memory, else through burn's
+/// forward.
+pub(crate) enum Scorer<'a, B: QuantBackend> {
+    /// The host forward.
+    Host(HostTrainer<B>, Adapters),
+    /// burn's forward.
+    Burn(&'a LlamaForCausalLM<B>, B::Device),
+}
+
+impl<'a, B: QuantBackend> Scorer<'a, B> {
+    /// The scorer of `model`; `host`: whether the run's steps run on the host kernels.
+    pub fn new(model: &'a LlamaForCausalLM<B>, host: bool) -> Self {
+        match HostTrainer::new(model).filter(|_| host) {
+            Some(trainer) => Self::Host(trainer, Adapters::of(model)),
+            None => Self::Burn(model, model.device()),
+        }
+    }
+
+    /// The summed NLL of the batch's targets.
+    pub fn nll(&self, batch: &Batch) -> Result<f64> {
+        match self {
+            Self::Host(trainer, adapters) => {
+                Ok(trainer.loss(adapters, &RealTokens::of(batch).tokens())?)
+            }
+            Self::Burn(model, device) => {
+                Ok(batch_nll(model, batch, device).into_scalar().elem::<f64>())
+            }
+        }
+    }
+
+    /// Mean NLL per trained token over `batches` (0 when there are none).
+    pub fn mean_nll(&self, batches: &[Batch]) -> Result<f64> {
+        mean_nll(batches, |b| self.nll(b))
     }
 }
 

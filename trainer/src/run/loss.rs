@@ -129,6 +129,7 @@ mod tests {
 
     #[test]
     fn lora_gradients_match_finite_differences() {
+        crate::f64_tensors();
         type A = Autodiff<NdArray<f64>>;
         let device = Default::default();
         let model = adapted::<A>(&device);
@@ -205,6 +206,7 @@ mod tests {
 
     #[test]
     fn a_packed_base_gives_the_lora_gradients_of_its_dense_copy() {
+        crate::f64_tensors();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let dir = tempfile::tempdir().unwrap();
@@ -241,7 +243,7 @@ mod tests {
                         lora.lora_b.val().grad(&g).unwrap(),
                     ]
                 })
-                .map(|t| t.into_data().to_vec::<f32>().unwrap())
+                .map(|t| t.into_data().convert::<f32>().to_vec::<f32>().unwrap())
                 .collect::<Vec<_>>()
         };
         let (from_packed, from_dense) = (grads_of(packed), grads_of(dense));
@@ -254,6 +256,7 @@ mod tests {
 
     #[test]
     fn padding_to_a_bucket_changes_neither_the_loss_nor_the_gradients() {
+        crate::f64_tensors();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let model = adapted::<A>(&device);

@@ -63,9 +63,8 @@ where
     /// Writes the trained weights of a checkpoint into `dir`.
     fn save(&mut self, model: &LlamaForCausalLM<B>, dir: &Path) -> Result<()>;
 
-    /// The host step, where this objective's loss is the labels' cross-entropy, the
-    /// trainables are adapters and the host kernels can run them: then it computes the
-    /// gradients and the validation loss instead of burn's autodiff.
+    /// The host step, where the host kernels can run this objective's step: then it computes
+    /// the gradients and the validation loss instead of burn's autodiff.
     fn host(&self) -> Option<&HostStep<B::InnerBackend>> {
         None
     }

@@ -11,6 +11,8 @@ use burn::tensor::{ElementConversion, Tensor};
 use ft_model::params::ParamMut;
 use ft_model::{LlamaForCausalLM, QuantBackend};
 
+use rayon::prelude::*;
+
 use crate::optim::{AdamW, AdamWParams, ParamGrad};
 
 /// The parameters a run trains.
@@ -63,7 +65,9 @@ impl Trainables {
         optimizer: &mut AdamW<B::InnerBackend>,
         grads: BTreeMap<String, Tensor<B::InnerBackend, 2>>,
         hp: &AdamWParams,
-    ) {
+    ) where
+        B::InnerBackend: QuantBackend,
+    {
         match self {
             Self::Lora => update_lora(model, optimizer, grads, hp),
             Self::Full => update_full(model, optimizer, grads, hp),
@@ -122,12 +126,8 @@ pub(crate) fn accumulate<B: Backend>(
 
 /// Scales the gradients so their global L2 norm is at most `max_norm` (0: no clipping);
 /// returns the norm before clipping.
-pub fn clip<B: Backend>(grads: &mut BTreeMap<String, Tensor<B, 2>>, max_norm: f64) -> f64 {
-    let norm = grads
-        .values()
-        .map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>())
-        .sum::<f64>()
-        .sqrt();
+pub fn clip<B: QuantBackend>(grads: &mut BTreeMap<String, Tensor<B, 2>>, max_norm: f64) -> f64 {
+    let norm = grads.values().map(squared_norm).sum::<f64>().sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let coef = max_norm / (norm + 1e-6);
         for g in grads.values_mut() {
@@ -137,13 +137,30 @@ pub fn clip<B: Backend>(grads: &mut BTreeMap<String, Tensor<B, 2>>, max_norm: f6
     norm
 }
 
+/// The sum of squares of `g`'s elements, read in place where the backend keeps it in host
+/// memory (no squared copy of a full model's gradients).
+fn squared_norm<B: QuantBackend>(g: &Tensor<B, 2>) -> f64 {
+    let t = g.clone().into_primitive().tensor();
+    match B::host_f32(&t) {
+        Some(values) => values
+            .par_chunks(1 << 14)
+            .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>())
+            .collect::<Vec<_>>()
+            .iter()
+            .sum(),
+        None => g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>(),
+    }
+}
+
 /// One AdamW step over the adapters, grouped by decoder layer.
 fn update_lora<B: AutodiffBackend + QuantBackend>(
     model: &mut LlamaForCausalLM<B>,
     optimizer: &mut AdamW<B::InnerBackend>,
     mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>>,
     hp: &AdamWParams,
-) {
+) where
+    B::InnerBackend: QuantBackend,
+{
     let mut groups: BTreeMap<usize, Vec<ParamGrad<B::InnerBackend>>> = BTreeMap::new();
     for (name, l) in model.linears() {
         let Some(lora) = &l.lora else { continue };
@@ -185,7 +202,9 @@ fn update_full<B: AutodiffBackend>(
     optimizer: &mut AdamW<B::InnerBackend>,
     mut grads: BTreeMap<String, Tensor<B::InnerBackend, 2>>,
     hp: &AdamWParams,
-) {
+) where
+    B::InnerBackend: QuantBackend,
+{
     let mut groups: BTreeMap<usize, Vec<ParamGrad<B::InnerBackend>>> = BTreeMap::new();
     for (name, p) in model.params_mut() {
         let Some(grad) = grads.remove(&name) else {

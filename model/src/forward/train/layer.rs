@@ -9,7 +9,7 @@
 
 use std::ops::Range;
 
-use ft_quant::gemm::Frozen;
+use ft_quant::gemm::{matmul, Frozen, Mat, MatMut};
 
 use super::attention::{self, Heads};
 use super::lora::{self, Adapter};
@@ -139,8 +139,45 @@ pub fn forward(w: &Weights, a: &Adapted, x: Vec<f32>, cx: &Context) -> (Vec<f32>
     (out, saved)
 }
 
-/// The gradients of the adapters (in projection order) given the output's `dy`, and the
-/// input's gradient when `need_dx` (the first layer's input is a frozen embedding).
+/// The gradients of a layer's dense weights, where they are trained (a student trained in
+/// full).
+pub struct Dense {
+    /// q, k, v, o, gate, up, down, each `[out, in]`.
+    pub linears: [Vec<f32>; 7],
+    /// Their biases' gradients, where they have biases.
+    pub biases: [Option<Vec<f32>>; 7],
+    /// The norm before attention.
+    pub input_norm: Vec<f32>,
+    /// The norm before the MLP.
+    pub post_norm: Vec<f32>,
+}
+
+/// What a layer's backward gives.
+pub struct Grads {
+    /// The input's gradient, where asked for.
+    pub dx: Option<Vec<f32>>,
+    /// Per projection, its adapter's gradients.
+    pub adapters: [Option<lora::Grads>; 7],
+    /// The dense weights' gradients, where asked for.
+    pub dense: Option<Dense>,
+}
+
+/// dW = dy^T x for a projection `[out, in]` whose inputs were `x` `[n, in]`.
+fn weight_grad(x: &[f32], dy: &[f32], [n_out, n_in]: [usize; 2]) -> Vec<f32> {
+    let n = x.len() / n_in;
+    let mut g = vec![0.0; n_out * n_in];
+    matmul(
+        &mut MatMut::new(&mut g, n_out, n_in),
+        Mat::new(dy, n, n_out).t(),
+        Mat::new(x, n, n_in),
+        false,
+    );
+    g
+}
+
+/// The gradients given the output's `dy`: the adapters' (in projection order), the input's
+/// when `need_dx` (the first layer's input is a frozen embedding unless `dense`), and every
+/// dense weight's when `dense`.
 pub fn backward(
     w: &Weights,
     a: &Adapted,
@@ -148,11 +185,24 @@ pub fn backward(
     dy: Vec<f32>,
     cx: &Context,
     need_dx: bool,
-) -> (Option<Vec<f32>>, [Option<lora::Grads>; 7]) {
+    dense: bool,
+) -> Grads {
     let (n, e) = (cx.positions.len(), w.input_norm.len());
     let Heads { h, kv, d } = cx.heads;
     let f = w.linears[GATE].shape()[0];
-    let back = |j: usize, input: &[f32], dy: &[f32], mut dx: Option<&mut [f32]>, accumulate| {
+    let mut linears: [Vec<f32>; 7] = Default::default();
+    let mut biases: [Option<Vec<f32>>; 7] = Default::default();
+    let mut back = |j: usize, input: &[f32], dy: &[f32], mut dx: Option<&mut [f32]>, accumulate| {
+        if dense {
+            linears[j] = weight_grad(input, dy, w.linears[j].shape());
+            biases[j] = w.biases[j].map(|b| {
+                let mut g = vec![0.0; b.len()];
+                for row in dy.chunks(b.len()) {
+                    g.iter_mut().zip(row).for_each(|(g, d)| *g += d);
+                }
+                g
+            });
+        }
         if let Some(dx) = dx.as_deref_mut() {
             w.linears[j].backward(dy, dx, accumulate);
         }
@@ -161,22 +211,22 @@ pub fn backward(
             _ => None,
         }
     };
-    let mut grads: [Option<lora::Grads>; 7] = Default::default();
+    let mut adapters: [Option<lora::Grads>; 7] = Default::default();
     // out = x2 + down(silu(gate) * up)
     let mut dact = vec![0.0; n * f];
-    grads[DOWN] = back(DOWN, &s.act, &dy, Some(&mut dact), false);
+    adapters[DOWN] = back(DOWN, &s.act, &dy, Some(&mut dact), false);
     let (mut dgate, mut dup) = (vec![0.0; n * f], vec![0.0; n * f]);
     swiglu::backward(&dact, &s.gate, &s.up, &mut dgate, &mut dup);
     drop(dact);
     let mut dxn2 = vec![0.0; n * e];
-    grads[GATE] = back(GATE, &s.xn2, &dgate, Some(&mut dxn2), false);
-    grads[UP] = back(UP, &s.xn2, &dup, Some(&mut dxn2), true);
+    adapters[GATE] = back(GATE, &s.xn2, &dgate, Some(&mut dxn2), false);
+    adapters[UP] = back(UP, &s.xn2, &dup, Some(&mut dxn2), true);
     drop((dgate, dup));
     let mut dx2 = dy;
     norm::backward(&dxn2, &s.x2, w.post_norm, &s.rstd2, &mut dx2);
     // x2 = x + o(attention(...))
     let mut dattn = vec![0.0; n * h * d];
-    grads[O] = back(O, &s.attn, &dx2, Some(&mut dattn), false);
+    adapters[O] = back(O, &s.attn, &dx2, Some(&mut dattn), false);
     let (mut dq, mut dk, mut dv) = (
         vec![0.0; n * h * d],
         vec![0.0; n * kv * d],
@@ -187,16 +237,34 @@ pub fn backward(
     );
     rope::backward(&mut dq, cx.positions, cx.rope);
     rope::backward(&mut dk, cx.positions, cx.rope);
-    if !need_dx {
-        grads[Q] = back(Q, &s.xn1, &dq, None, false);
-        grads[K] = back(K, &s.xn1, &dk, None, false);
-        grads[V] = back(V, &s.xn1, &dv, None, false);
-        return (None, grads);
+    let mut dxn1 = (need_dx || dense).then(|| vec![0.0; n * e]);
+    adapters[Q] = back(Q, &s.xn1, &dq, dxn1.as_deref_mut(), false);
+    adapters[K] = back(K, &s.xn1, &dk, dxn1.as_deref_mut(), true);
+    adapters[V] = back(V, &s.xn1, &dv, dxn1.as_deref_mut(), true);
+    let dense = dense.then(|| {
+        let mut input_norm = vec![0.0; e];
+        let mut post_norm = vec![0.0; e];
+        if let Some(dxn1) = &dxn1 {
+            norm::weight_backward(dxn1, &s.x, &s.rstd1, &mut input_norm);
+        }
+        norm::weight_backward(&dxn2, &s.x2, &s.rstd2, &mut post_norm);
+        Dense {
+            linears,
+            biases,
+            input_norm,
+            post_norm,
+        }
+    });
+    let dx = match dxn1 {
+        Some(dxn1) if need_dx => {
+            norm::backward(&dxn1, &s.x, w.input_norm, &s.rstd1, &mut dx2);
+            Some(dx2)
+        }
+        _ => None,
+    };
+    Grads {
+        dx,
+        adapters,
+        dense,
     }
-    let mut dxn1 = vec![0.0; n * e];
-    grads[Q] = back(Q, &s.xn1, &dq, Some(&mut dxn1), false);
-    grads[K] = back(K, &s.xn1, &dk, Some(&mut dxn1), true);
-    grads[V] = back(V, &s.xn1, &dv, Some(&mut dxn1), true);
-    norm::backward(&dxn1, &s.x, w.input_norm, &s.rstd1, &mut dx2);
-    (Some(dx2), grads)
 }

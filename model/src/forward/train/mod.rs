@@ -1,21 +1,24 @@
 //! The host training step: an explicit forward that keeps what backward needs and an explicit
 //! backward through the Llama decoder, as llm.c writes GPT-2's, for LoRA adapters on a frozen
-//! base (f32, or packed and dequantized a tile at a time inside each product).
+//! base (f32, or packed and dequantized a tile at a time inside each product) or for every
+//! dense weight of a model trained in full (a distilled student).
 //!
 //! Through burn's autodiff a step is thousands of tensor operations, each allocating, and the
 //! base's input gradients go through generic matmuls. Here a step is a fixed chain of kernels,
 //! each with its backward in the same file: RMSNorm ([`norm`]), RoPE ([`rope`]), attention
 //! within documents ([`attention`]), SwiGLU ([`swiglu`]), the LoRA update with its dropout
-//! ([`lora`], masks from a counter-based generator: [`dropout`]) and the head with the loss
-//! ([`cross_entropy`]); the matrix products are ft-quant's [`ft_quant::gemm`] on every core.
-//! Three things are never computed: padding (a batch is its real tokens only), the head at
-//! positions without a label, and any gradient of a frozen weight. The burn forward
+//! ([`lora`], masks from a counter-based generator: [`dropout`]) and the head with a loss of
+//! its logits ([`head`]: the labels' cross-entropy, or whatever [`HeadLoss`] a caller brings,
+//! such as a distillation loss against a teacher's [`TargetLogits`]); the matrix products are
+//! ft-quant's [`ft_quant::gemm`] on every core. Three things are never computed: padding (a
+//! batch is its real tokens only), the head at positions without a label, and any gradient of
+//! a frozen weight. The burn forward
 //! ([`super::llama`]) stays the reference this one is tested against, and the path of
 //! backends whose tensors do not live in host memory.
 
 mod attention;
-mod cross_entropy;
 mod dropout;
+mod head;
 mod layer;
 mod lora;
 mod norm;
@@ -25,11 +28,12 @@ mod swiglu;
 use std::ops::Range;
 
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use ft_quant::gemm::{Frozen, RowTiles};
 use ft_quant::QuantBackend;
 use rayon::prelude::*;
 
+pub use head::{CrossEntropy, HeadLoss, TargetLogits, ROWS as HEAD_ROWS};
 pub use lora::Grads as AdapterGrads;
 
 use crate::error::ModelError;
@@ -52,14 +56,36 @@ pub struct Tokens<'a> {
     pub targets: &'a [(usize, u32)],
 }
 
-/// The loss of a micro-batch and its adapters' gradients.
+/// What a step trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trained {
+    /// The adapters; the base is frozen.
+    Adapters,
+    /// Every dense weight (embeddings, norms, projections and their biases, head).
+    Everything,
+}
+
+/// The gradient of one dense weight.
+#[derive(Debug)]
+pub struct DenseGrad {
+    /// Its HF name (`model.layers.0.mlp.up_proj.weight`).
+    pub name: String,
+    /// Row-major values.
+    pub values: Vec<f32>,
+    /// `[rows, cols]`; vectors (norms, biases) are `[1, n]`.
+    pub shape: [usize; 2],
+}
+
+/// The loss of a micro-batch and the gradients of what it trains.
 #[derive(Debug)]
 pub struct StepGrads {
-    /// Summed NLL over the targets.
+    /// The summed loss over the targets.
     pub loss: f64,
     /// Per adapted module (`model.layers.0.self_attn.q_proj`, ...), the gradients of the
     /// scaled loss.
     pub grads: Vec<(String, AdapterGrads)>,
+    /// With [`Trained::Everything`], every dense weight's gradient of the scaled loss.
+    pub dense: Vec<DenseGrad>,
 }
 
 /// A frozen weight as the host step holds it.
@@ -81,9 +107,7 @@ impl<B: QuantBackend> Weight<B> {
 
     fn dense(t: Tensor<B, 2>) -> Option<Self> {
         let shape = t.dims();
-        let t = t.into_primitive().tensor();
-        B::host_f32(&t)?;
-        Some(Self::Dense(t, shape))
+        Some(Self::Dense(in_host(t)?, shape))
     }
 
     fn frozen(&self) -> Frozen<'_> {
@@ -155,6 +179,11 @@ impl Adapters {
 }
 
 impl Adapters {
+    /// No adapter on any of `modules` projections.
+    fn none(modules: usize) -> Self {
+        Self(vec![None; modules])
+    }
+
     /// Layer `i`'s adapters.
     fn layer(&self, i: usize) -> layer::Adapted<'_> {
         layer::Adapted {
@@ -162,6 +191,39 @@ impl Adapters {
             layer: i,
         }
     }
+}
+
+impl DenseGrad {
+    /// A vector's gradient, shaped `[1, n]`.
+    fn vector(name: String, values: Vec<f32>) -> Self {
+        let n = values.len();
+        Self {
+            name,
+            values,
+            shape: [1, n],
+        }
+    }
+}
+
+/// `t` where the kernels read it in place: itself where its backend keeps it in host memory
+/// as row-major f32, else a row-major f32 copy where the backend is a host one (strides an
+/// update left, or f64 where the device's default float type is f64), `None` on a backend
+/// whose tensors live elsewhere.
+fn in_host<B: QuantBackend>(t: Tensor<B, 2>) -> Option<FloatTensor<B>> {
+    let device = t.device();
+    let p = t.clone().into_primitive().tensor();
+    if B::host_f32(&p).is_some() {
+        return Some(p);
+    }
+    let f32s = |data: TensorData| {
+        Tensor::<B, 2>::from_data(data.convert::<f32>(), (&device, DType::F32))
+            .into_primitive()
+            .tensor()
+    };
+    B::host_f32(&f32s(TensorData::new(vec![0f32], [1, 1])))?;
+    let copy = f32s(t.into_data());
+    B::host_f32(&copy)?;
+    Some(copy)
 }
 
 /// The rows of `x` (`e` wide) at the targets' predicting positions.
@@ -180,6 +242,8 @@ pub struct HostTrainer<B: QuantBackend> {
     embed: FloatTensor<B>,
     /// The head, `[vocab, e]` (the embeddings when tied).
     head: Weight<B>,
+    /// Whether the head is the embeddings.
+    tied: bool,
     /// RoPE tables `[max_pos, d]`, read in place.
     cos: FloatTensor<B>,
     sin: FloatTensor<B>,
@@ -211,8 +275,7 @@ impl<B: QuantBackend> HostTrainer<B> {
     pub fn new(model: &LlamaForCausalLM<B>) -> Option<Self> {
         let embed = model.model.embed_tokens.val();
         let [vocab, e] = embed.dims();
-        let embed = embed.into_primitive().tensor();
-        B::host_f32(&embed)?;
+        let embed = in_host(embed)?;
         let head = Weight::dense(
             model
                 .lm_head
@@ -220,12 +283,11 @@ impl<B: QuantBackend> HostTrainer<B> {
                 .unwrap_or(&model.model.embed_tokens)
                 .val(),
         )?;
+        let tied = model.lm_head.is_none();
         let rope = &model.model.rotary_emb;
         let [max_pos, d] = rope.cos.dims();
-        let cos = rope.cos.clone().into_primitive().tensor();
-        let sin = rope.sin.clone().into_primitive().tensor();
-        B::host_f32(&cos)?;
-        B::host_f32(&sin)?;
+        let cos = in_host(rope.cos.clone())?;
+        let sin = in_host(rope.sin.clone())?;
         let mut names = Vec::new();
         let linears = model.linears();
         let mut layers = Vec::new();
@@ -250,6 +312,7 @@ impl<B: QuantBackend> HostTrainer<B> {
         Some(Self {
             embed,
             head,
+            tied,
             cos,
             sin,
             max_pos,
@@ -267,18 +330,21 @@ impl<B: QuantBackend> HostTrainer<B> {
         })
     }
 
-    /// Runs forward and backward over `tokens`: the summed NLL of the targets and the
-    /// gradients of `scale` times it with respect to every adapter. `seed` draws the dropout
-    /// masks.
+    /// Runs forward and backward over `tokens`: the summed `loss` of the targets and the
+    /// gradients of `scale` times it with respect to what is `trained`. `seed` draws the
+    /// adapters' dropout masks.
     pub fn step(
         &self,
         adapters: &Adapters,
         tokens: &Tokens,
+        loss: &dyn HeadLoss,
+        trained: Trained,
         scale: f32,
         seed: u64,
     ) -> Result<StepGrads, ModelError> {
         self.check(adapters, tokens)?;
-        let e = self.e;
+        let (e, vocab) = (self.e, self.vocab);
+        let everything = trained == Trained::Everything;
         let cx = self.context(tokens, Some(seed));
         let (x, mut saved) = self.forward(adapters, tokens, &cx, true);
 
@@ -290,8 +356,23 @@ impl<B: QuantBackend> HostTrainer<B> {
         let rstd = norm::forward(&hidden, &self.norm, self.eps, &mut normed);
         let ids: Vec<u32> = tokens.targets.iter().map(|&(_, t)| t).collect();
         let mut dnormed = vec![0.0; nt * e];
+        let mut dhead = everything.then(|| vec![0.0; vocab * e]);
         let head = self.head.frozen();
-        let loss = cross_entropy::forward_backward(&normed, head, &ids, scale, Some(&mut dnormed));
+        let total = head::forward_backward(
+            &normed,
+            head,
+            &ids,
+            loss,
+            scale,
+            Some(&mut dnormed),
+            dhead.as_deref_mut(),
+        );
+        let mut dense = Vec::new();
+        if everything {
+            let mut dnorm = vec![0.0; e];
+            norm::weight_backward(&dnormed, &hidden, &rstd, &mut dnorm);
+            dense.push(DenseGrad::vector("model.norm.weight".into(), dnorm));
+        }
         let mut dhidden = vec![0.0; nt * e];
         norm::backward(&dnormed, &hidden, &self.norm, &rstd, &mut dhidden);
         let mut dx = vec![0.0; tokens.ids.len() * e];
@@ -306,15 +387,98 @@ impl<B: QuantBackend> HostTrainer<B> {
         for (i, l) in self.layers.iter().enumerate().rev() {
             let s = saved.pop().expect("one saved state per layer");
             let adapted = adapters.layer(i);
-            let (d, g) = layer::backward(&l.weights(), &adapted, &s, dx, &cx, i > 0);
-            for (j, g) in g.into_iter().enumerate() {
-                if let Some(g) = g {
-                    grads.push((self.names[i * 7 + j].clone(), g));
+            let g = layer::backward(
+                &l.weights(),
+                &adapted,
+                &s,
+                dx,
+                &cx,
+                i > 0 || everything,
+                everything,
+            );
+            let names = &self.names[i * 7..(i + 1) * 7];
+            for (name, a) in names.iter().zip(g.adapters) {
+                if let Some(a) = a {
+                    grads.push((name.clone(), a));
                 }
             }
-            dx = d.unwrap_or_default();
+            if let Some(d) = g.dense {
+                for ((name, w), (b, linear)) in names
+                    .iter()
+                    .zip(d.linears)
+                    .zip(d.biases.into_iter().zip(&l.linears))
+                {
+                    let shape = linear.frozen().shape();
+                    dense.push(DenseGrad {
+                        name: format!("{name}.weight"),
+                        values: w,
+                        shape,
+                    });
+                    if let Some(b) = b {
+                        dense.push(DenseGrad::vector(format!("{name}.bias"), b));
+                    }
+                }
+                let prefix = format!("model.layers.{i}.");
+                dense.push(DenseGrad::vector(
+                    format!("{prefix}input_layernorm.weight"),
+                    d.input_norm,
+                ));
+                dense.push(DenseGrad::vector(
+                    format!("{prefix}post_attention_layernorm.weight"),
+                    d.post_norm,
+                ));
+            }
+            dx = g.dx.unwrap_or_default();
         }
-        Ok(StepGrads { loss, grads })
+        if let Some(dhead) = dhead {
+            // The embeddings' rows gather the input gradients of their tokens; a tied head adds
+            // its own gradient to the same matrix.
+            let (mut dembed, head) = if self.tied {
+                (dhead, None)
+            } else {
+                (vec![0.0; vocab * e], Some(dhead))
+            };
+            for (row, &id) in dx.chunks(e).zip(tokens.ids) {
+                dembed[id as usize * e..][..e]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(d, g)| *d += g);
+            }
+            dense.push(DenseGrad {
+                name: "model.embed_tokens.weight".into(),
+                values: dembed,
+                shape: [vocab, e],
+            });
+            if let Some(values) = head {
+                dense.push(DenseGrad {
+                    name: "lm_head.weight".into(),
+                    values,
+                    shape: [vocab, e],
+                });
+            }
+        }
+        Ok(StepGrads {
+            loss: total,
+            grads,
+            dense,
+        })
+    }
+
+    /// The model's logits at the predicting rows of `tokens`, adapters and dropout off: a
+    /// frozen teacher's side of a distillation loss. The forward keeps nothing for a backward
+    /// and only the final norm's output at those rows outlives it.
+    pub fn target_logits(&self, tokens: &Tokens) -> Result<TargetLogits<'_>, ModelError> {
+        let none = Adapters::none(self.names.len());
+        self.check(&none, tokens)?;
+        let cx = self.context(tokens, None);
+        let (x, _) = self.forward(&none, tokens, &cx, false);
+        let hidden = gather(&x, tokens.targets, self.e);
+        let mut normed = vec![0.0; hidden.len()];
+        norm::forward(&hidden, &self.norm, self.eps, &mut normed);
+        Ok(TargetLogits {
+            normed,
+            head: self.head.frozen(),
+        })
     }
 
     /// The summed NLL of the targets of `tokens`, dropout off (validation): the forward
@@ -327,11 +491,13 @@ impl<B: QuantBackend> HostTrainer<B> {
         let mut normed = vec![0.0; hidden.len()];
         norm::forward(&hidden, &self.norm, self.eps, &mut normed);
         let ids: Vec<u32> = tokens.targets.iter().map(|&(_, t)| t).collect();
-        Ok(cross_entropy::forward_backward(
+        Ok(head::forward_backward(
             &normed,
             self.head.frozen(),
             &ids,
+            &CrossEntropy,
             1.0,
+            None,
             None,
         ))
     }

@@ -1,6 +1,6 @@
 //! RMSNorm over rows, forward and backward: y = x * r * w with r = 1 / sqrt(mean(x^2) + eps).
-//! The weight is frozen, so backward gives only the input's gradient:
-//! dx = r * (dy * w - x * r^2 * mean(dy * w * x)).
+//! Backward gives the input's gradient dx = r * (dy * w - x * r^2 * mean(dy * w * x)) and,
+//! where the weight is trained, its gradient dw = sum over rows of dy * x * r.
 
 use rayon::prelude::*;
 
@@ -42,6 +42,16 @@ pub fn backward(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32]) 
         });
 }
 
+/// Adds the weight's gradient over the rows whose output gradient is `dy` to `dw`.
+pub fn weight_backward(dy: &[f32], x: &[f32], rstd: &[f32], dw: &mut [f32]) {
+    let e = dw.len();
+    for ((dy, x), &r) in dy.chunks(e).zip(x.chunks(e)).zip(rstd) {
+        for ((d, g), v) in dw.iter_mut().zip(dy).zip(x) {
+            *d += g * v * r;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +77,20 @@ mod tests {
             down[i] -= 1e-3;
             let fd = (loss(&up) - loss(&down)) / 2e-3;
             assert!((fd - dx[i] as f64).abs() < 1e-3, "{i}: {fd} vs {}", dx[i]);
+        }
+        let mut dw = vec![0.0; e];
+        weight_backward(&dy, &x, &rstd, &mut dw);
+        let loss_w = |w: &[f32]| {
+            let mut y = vec![0.0; x.len()];
+            forward(&x, w, eps, &mut y);
+            y.iter().zip(&dy).map(|(a, b)| (a * b) as f64).sum::<f64>()
+        };
+        for j in 0..e {
+            let (mut up, mut down) = (w.clone(), w.clone());
+            up[j] += 1e-3;
+            down[j] -= 1e-3;
+            let fd = (loss_w(&up) - loss_w(&down)) / 2e-3;
+            assert!((fd - dw[j] as f64).abs() < 1e-3, "w{j}: {fd} vs {}", dw[j]);
         }
     }
 }

@@ -107,8 +107,8 @@ fn tiny(config: &LlamaConfig) -> LlamaForCausalLM<A> {
     adapted(model, 0.0)
 }
 
-/// The scaled loss and every adapter's gradients through burn's autodiff of the padded batch.
-fn burn_step(model: &LlamaForCausalLM<A>, scale: f32) -> (f64, Vec<(String, AdapterGrads)>) {
+/// The summed NLL of the padded batch's targets through burn's forward (a tracked scalar).
+fn burn_nll(model: &LlamaForCausalLM<A>) -> Tensor<A, 1> {
     let device = Default::default();
     let p = padded();
     let ids: Vec<i64> = p.ids.iter().map(|&t| t as i64).collect();
@@ -125,10 +125,15 @@ fn burn_step(model: &LlamaForCausalLM<A>, scale: f32) -> (f64, Vec<(String, Adap
     let vocab = logits.dims()[2];
     let labels: Vec<i64> = p.targets.iter().map(|&(_, t)| t as i64).collect();
     let labels = Tensor::<A, 2, Int>::from_data(TensorData::new(labels, [n, 1]), &device);
-    let nll = log_softmax(logits.reshape([n, vocab]), 1)
+    log_softmax(logits.reshape([n, vocab]), 1)
         .gather(1, labels)
         .sum()
-        .neg();
+        .neg()
+}
+
+/// The scaled loss and every adapter's gradients through burn's autodiff of the padded batch.
+fn burn_step(model: &LlamaForCausalLM<A>, scale: f32) -> (f64, Vec<(String, AdapterGrads)>) {
+    let nll = burn_nll(model);
     let loss: f64 = nll.clone().into_scalar() as f64;
     let grads = (nll * scale).backward();
     let out = model
@@ -149,7 +154,14 @@ fn host_step(model: &LlamaForCausalLM<A>, scale: f32, seed: u64) -> StepGrads {
     let r = real();
     let tokens = r.tokens();
     trainer
-        .step(&Adapters::of(&model.valid()), &tokens, scale, seed)
+        .step(
+            &Adapters::of(&model.valid()),
+            &tokens,
+            &CrossEntropy,
+            Trained::Adapters,
+            scale,
+            seed,
+        )
         .expect("a valid batch")
 }
 
@@ -249,8 +261,18 @@ fn dropout_gradients_match_finite_differences_and_repeat_by_seed() {
     let r = real();
     let tokens = r.tokens();
     let adapters = Adapters::of(&model.valid());
-    let step =
-        |adapters: &Adapters, seed| trainer.step(adapters, &tokens, 1.0, seed).expect("valid");
+    let step = |adapters: &Adapters, seed| {
+        trainer
+            .step(
+                adapters,
+                &tokens,
+                &CrossEntropy,
+                Trained::Adapters,
+                1.0,
+                seed,
+            )
+            .expect("valid")
+    };
     let first = step(&adapters, 9);
     let again = step(&adapters, 9);
     assert_eq!(first.loss, again.loss);
@@ -325,6 +347,77 @@ fn bad_batches_are_errors_not_panics() {
         },
     ];
     for tokens in &cases {
-        assert!(trainer.step(&adapters, tokens, 1.0, 0).is_err());
+        assert!(trainer
+            .step(&adapters, tokens, &CrossEntropy, Trained::Adapters, 1.0, 0)
+            .is_err());
+    }
+}
+
+/// Every dense weight's gradient through burn's autodiff of the padded batch, by HF name.
+fn burn_dense_grads(model: &mut LlamaForCausalLM<A>, scale: f32) -> (f64, Vec<(String, Vec<f32>)>) {
+    let nll = burn_nll(model);
+    let loss: f64 = nll.clone().into_scalar() as f64;
+    let grads = (nll * scale).backward();
+    let out = model
+        .params_mut()
+        .into_iter()
+        .filter_map(|(name, p)| {
+            let g = match p {
+                crate::params::ParamMut::Matrix(p) => host_vec(p.val().grad(&grads)?),
+                crate::params::ParamMut::Vector(p) => host_vec(p.val().grad(&grads)?),
+            };
+            Some((name, g))
+        })
+        .collect();
+    (loss, out)
+}
+
+#[test]
+fn full_parameter_gradients_equal_burns_autodiff_for_every_dense_weight() {
+    for tied in [true, false] {
+        let device = Default::default();
+        A::seed(&device, 7);
+        let config = LlamaConfig {
+            tie_word_embeddings: tied,
+            ..tiny_config()
+        };
+        let mut model = LlamaForCausalLM::<A>::init_random(&config, &device);
+        model.model.embed_tokens = Param::from_tensor(Tensor::from_inner(
+            model.model.embed_tokens.val().inner() * 20.0,
+        ));
+        let trainer = HostTrainer::new(&model.valid()).expect("host tensors");
+        let r = real();
+        let host = trainer
+            .step(
+                &Adapters::none(trainer.names.len()),
+                &r.tokens(),
+                &CrossEntropy,
+                Trained::Everything,
+                0.5,
+                0,
+            )
+            .expect("a valid batch");
+        let (loss, want) = burn_dense_grads(&mut model, 0.5);
+        assert!(
+            (host.loss - loss).abs() <= 1e-5 * loss,
+            "{} vs {loss}",
+            host.loss
+        );
+        assert!(host.grads.is_empty(), "no adapters");
+        assert_eq!(
+            host.dense.len(),
+            want.len(),
+            "tied {tied}: one gradient per weight"
+        );
+        for (name, g) in &want {
+            let mine = host
+                .dense
+                .iter()
+                .find(|d| &d.name == name)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            assert_eq!(mine.shape[0] * mine.shape[1], g.len(), "{name}");
+            let rel = relative(&mine.values, g);
+            assert!(rel <= 1e-4, "tied {tied}, {name}: {rel:e}");
+        }
     }
 }
