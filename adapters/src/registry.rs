@@ -3,11 +3,15 @@
 //!
 //! A version records its name, number, task, base model (source and sha256), rank, alpha,
 //! target modules, the recipe text, metrics (JSON), creation time, the sha256 of each file,
-//! and where it was published. Adding writes the blobs first (each through a temporary file and
-//! a rename), then inserts the row in one `BEGIN IMMEDIATE` transaction that also picks the
-//! version number, so concurrent adds from several processes serialize on SQLite's lock and
-//! none is lost, and a failed add leaves no row (an unreferenced blob at most, which the next
-//! removal collects).
+//! and where it was published. Adding first reserves its blobs (a `pending_blobs` row per file,
+//! committed), then writes them (each through a temporary file and a rename), then inserts the
+//! version in one `BEGIN IMMEDIATE` transaction that also picks the version number and drops
+//! the reservation, so concurrent adds from several processes serialize on SQLite's lock and
+//! none is lost, and a failed add leaves no row (an unreferenced blob at most, which a later
+//! removal collects). Removal collects garbage under the same lock: a blob goes only when no
+//! version and no reservation younger than [`RESERVATION_S`] names it, so a removal never
+//! deletes the blobs of an add that has not committed yet. Version numbers are never reused:
+//! `last_versions` remembers the highest each name reached, whatever was removed since.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -22,7 +26,21 @@ use crate::peft::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use crate::AdapterError;
 
 const DB_FILE: &str = "registry.sqlite";
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS adapters (
+
+/// How long an add's reservation of its blobs protects them from garbage collection: an add
+/// that crashed between reserving and committing holds its blobs no longer than this.
+pub const RESERVATION_S: i64 = 3600;
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS pending_blobs (
+    sha256 TEXT NOT NULL,
+    add_id TEXT NOT NULL,
+    since INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS last_versions (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS adapters (
     name TEXT NOT NULL,
     version INTEGER NOT NULL,
     task TEXT,
@@ -205,16 +223,45 @@ impl Registry {
         name: &str,
         info: AddInfo,
     ) -> Result<AdapterRecord, AdapterError> {
+        let staged = self.stage(src, name, info)?;
+        self.commit(staged)
+    }
+
+    /// The first half of an add: the adapter read, its blobs reserved and written; no version
+    /// yet.
+    fn stage(&mut self, src: &Path, name: &str, info: AddInfo) -> Result<Staged, AdapterError> {
         validate_name(name)?;
         let adapter = PeftAdapter::read(src)?;
-        let mut files = BTreeMap::new();
+        let mut contents = Vec::new();
         for file in [CONFIG_FILE, WEIGHTS_FILE] {
             let path = src.join(file);
             let bytes = std::fs::read(&path).map_err(|e| AdapterError::io(&path, e))?;
-            files.insert(file.to_string(), self.put_blob(&bytes)?);
+            contents.push((file, sha256_hex(&bytes), bytes));
+        }
+        let add_id = add_id();
+        let dir = self.dir.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err(&dir))?;
+        for (_, hex, _) in &contents {
+            tx.execute(
+                "INSERT INTO pending_blobs (sha256, add_id, since) VALUES (?1, ?2, ?3)",
+                params![hex, add_id, unix_now()],
+            )
+            .map_err(db_err(&dir))?;
+        }
+        tx.commit().map_err(db_err(&dir))?;
+        let mut files = BTreeMap::new();
+        for (file, hex, bytes) in contents {
+            if let Err(e) = self.put_blob(&hex, &bytes) {
+                self.release(&add_id);
+                return Err(e);
+            }
+            files.insert(file.to_string(), hex);
         }
         let c = &adapter.config;
-        let mut record = AdapterRecord {
+        let record = AdapterRecord {
             name: name.to_string(),
             version: 0,
             task: info.task,
@@ -231,32 +278,57 @@ impl Registry {
             files,
             published: Vec::new(),
         };
+        Ok(Staged { record, add_id })
+    }
+
+    /// The second half of an add: the next version number of the name (never one used
+    /// before, even if removed), the row inserted and the reservation dropped, in one
+    /// transaction.
+    fn commit(&mut self, staged: Staged) -> Result<AdapterRecord, AdapterError> {
+        let Staged { mut record, add_id } = staged;
         let dir = self.dir.clone();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_err(&dir))?;
-        let last: Option<u32> = tx
-            .query_row(
-                "SELECT MAX(version) FROM adapters WHERE name = ?1",
-                [name],
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let last: Option<u32> = tx.query_row(
+                "SELECT MAX(v) FROM (SELECT MAX(version) AS v FROM adapters WHERE name = ?1
+                 UNION ALL SELECT version FROM last_versions WHERE name = ?1)",
+                [&record.name],
                 |r| r.get(0),
-            )
-            .map_err(db_err(&dir))?;
-        record.version = last.unwrap_or(0) + 1;
-        insert(&tx, &record).map_err(db_err(&dir))?;
-        tx.commit().map_err(db_err(&dir))?;
+            )?;
+            record.version = last.unwrap_or(0) + 1;
+            insert(&tx, &record)?;
+            tx.execute(
+                "INSERT INTO last_versions (name, version) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET version = excluded.version",
+                params![record.name, record.version],
+            )?;
+            tx.execute("DELETE FROM pending_blobs WHERE add_id = ?1", [&add_id])?;
+            tx.commit()
+        })();
+        if let Err(e) = result {
+            self.release(&add_id);
+            return Err(db_err(&dir)(e));
+        }
         Ok(record)
     }
 
-    /// Stores `bytes` under their sha256 (once); returns the hex digest.
-    fn put_blob(&self, bytes: &[u8]) -> Result<String, AdapterError> {
-        let hex = sha256_hex(bytes);
-        let path = self.blob_path(&hex);
+    /// Drops an add's reservation after it failed (best effort: a reservation left behind
+    /// expires after [`RESERVATION_S`]).
+    fn release(&self, add_id: &str) {
+        let _ = self
+            .conn
+            .execute("DELETE FROM pending_blobs WHERE add_id = ?1", [add_id]);
+    }
+
+    /// Stores `bytes` under their sha256 `hex` (once).
+    fn put_blob(&self, hex: &str, bytes: &[u8]) -> Result<(), AdapterError> {
+        let path = self.blob_path(hex);
         if !path.exists() {
             write_atomic(&path, bytes).map_err(|e| AdapterError::io(&path, e))?;
         }
-        Ok(hex)
+        Ok(())
     }
 
     fn blob_path(&self, hex: &str) -> PathBuf {
@@ -342,27 +414,9 @@ impl Registry {
             )
             .map_err(db_err(&dir))?;
         }
+        collect_garbage(&tx, &dir.join("blobs/sha256"), &dir)?;
         tx.commit().map_err(db_err(&dir))?;
-        self.collect_garbage()?;
         Ok(doomed.iter().map(AdapterRecord::id).collect())
-    }
-
-    /// Deletes blobs that no version references.
-    fn collect_garbage(&self) -> Result<(), AdapterError> {
-        let used: std::collections::HashSet<String> = self
-            .list()?
-            .into_iter()
-            .flat_map(|r| r.files.into_values())
-            .collect();
-        let blobs = self.dir.join("blobs/sha256");
-        let entries = std::fs::read_dir(&blobs).map_err(|e| AdapterError::io(&blobs, e))?;
-        for e in entries.filter_map(Result::ok) {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.len() == 64 && !used.contains(&name) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        Ok(())
     }
 
     /// Writes the files of `record` into `dest` (a PEFT folder), checking each sha256.
@@ -440,6 +494,73 @@ impl Registry {
             .map_err(db_err(&dir))?;
         Ok(())
     }
+}
+
+/// An add between its two halves.
+struct Staged {
+    record: AdapterRecord,
+    add_id: String,
+}
+
+/// A name for one add's reservation, unique across processes and threads.
+fn add_id() -> String {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{nanos}-{n}", std::process::id())
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Deletes the blobs in `blobs` that no version and no live reservation names, inside `tx`
+/// (which holds the write lock, so no add can reserve meanwhile); expired reservations go too.
+fn collect_garbage(
+    tx: &rusqlite::Transaction<'_>,
+    blobs: &Path,
+    dir: &Path,
+) -> Result<(), AdapterError> {
+    let oldest = unix_now() - RESERVATION_S;
+    tx.execute("DELETE FROM pending_blobs WHERE since < ?1", [oldest])
+        .map_err(db_err(dir))?;
+    let mut used = std::collections::HashSet::new();
+    let mut files = tx
+        .prepare("SELECT files FROM adapters")
+        .map_err(db_err(dir))?;
+    let rows = files
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(db_err(dir))?;
+    for row in rows {
+        let row = row.map_err(db_err(dir))?;
+        // A row whose files do not parse keeps every blob: never delete on a guess.
+        let Ok(map) = serde_json::from_str::<BTreeMap<String, String>>(&row) else {
+            return Ok(());
+        };
+        used.extend(map.into_values());
+    }
+    let mut pending = tx
+        .prepare("SELECT sha256 FROM pending_blobs")
+        .map_err(db_err(dir))?;
+    for hex in pending
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(db_err(dir))?
+    {
+        used.insert(hex.map_err(db_err(dir))?);
+    }
+    let entries = std::fs::read_dir(blobs).map_err(|e| AdapterError::io(blobs, e))?;
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.len() == 64 && !used.contains(&name) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
 }
 
 fn insert(tx: &rusqlite::Transaction<'_>, r: &AdapterRecord) -> rusqlite::Result<usize> {
@@ -599,6 +720,76 @@ mod tests {
             assert!(safe_relative(bad).is_err(), "{bad:?}");
         }
         assert!(safe_relative("adapter_model.safetensors").is_ok());
+    }
+
+    #[test]
+    fn a_removal_never_collects_the_blobs_of_an_add_not_yet_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (y, z) = (dir.path().join("y"), dir.path().join("z"));
+        adapter(&y, 0.5);
+        adapter(&z, 0.75);
+        let reg_dir = dir.path().join("reg");
+        let mut adding = Registry::open(&reg_dir).unwrap();
+        let mut removing = Registry::open(&reg_dir).unwrap();
+        removing.add(&z, "z", AddInfo::default()).unwrap();
+        // y's blobs are written, its version not yet recorded, when another process removes
+        // z and collects garbage.
+        let staged = adding.stage(&y, "y", AddInfo::default()).unwrap();
+        removing.remove("z", None).unwrap();
+        let record = adding.commit(staged).unwrap();
+        let out = dir.path().join("out");
+        adding.export(&record, &out).unwrap();
+        assert_eq!(
+            PeftAdapter::read(&out).unwrap(),
+            PeftAdapter::read(&y).unwrap()
+        );
+        // Committed, the reservation is gone: removing y now collects its blobs.
+        adding.remove("y", None).unwrap();
+        let left = std::fs::read_dir(reg_dir.join("blobs/sha256"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn concurrent_adds_exports_and_removals_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg_dir = dir.path().join("reg");
+        Registry::open(&reg_dir).unwrap();
+        let workers: Vec<_> = ["y", "z"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let (src, reg_dir) = (dir.path().join(name), reg_dir.clone());
+                adapter(&src, 0.5 + i as f32);
+                let out = dir.path().join(format!("out-{name}"));
+                std::thread::spawn(move || {
+                    let mut reg = Registry::open(&reg_dir).unwrap();
+                    for _ in 0..40 {
+                        let record = reg.add(&src, name, AddInfo::default()).unwrap();
+                        reg.export(&record, &out).unwrap();
+                        reg.remove(name, None).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn version_numbers_are_never_reused_after_a_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        adapter(&a, 1.0);
+        let mut reg = Registry::open(&dir.path().join("reg")).unwrap();
+        assert_eq!(reg.add(&a, "x", AddInfo::default()).unwrap().version, 1);
+        assert_eq!(reg.add(&a, "x", AddInfo::default()).unwrap().version, 2);
+        reg.remove("x", Some(2)).unwrap();
+        assert_eq!(reg.add(&a, "x", AddInfo::default()).unwrap().version, 3);
+        reg.remove("x", None).unwrap();
+        assert_eq!(reg.add(&a, "x", AddInfo::default()).unwrap().version, 4);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
-use ft_adapters::registry::{parse_ref, Registry};
+use ft_adapters::registry::{parse_ref, safe_relative, sha256_hex, Registry};
 use ft_adapters::AdapterError;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -128,15 +128,86 @@ fn resolve(state: &AppState, lora_path: &str) -> Result<PathBuf, ApiError> {
     Ok(path)
 }
 
-/// The PEFT folder of registry adapter `reference` (`NAME[:VERSION]`), written once under
-/// the registry's `served/` folder.
+/// The PEFT folder of registry adapter `reference` (`NAME[:VERSION]`) under the registry's
+/// `served/` folder. The folder is named by the version's content (the sha256 of its files'
+/// hashes), so no other content is ever served under its name, and its files are checked
+/// against the registry's hashes each time it is resolved: a changed or missing file is
+/// exported again.
 pub fn registry_adapter(root: &Path, reference: &str) -> Result<PathBuf, AdapterError> {
     let (name, version) = parse_ref(reference)?;
     let registry = Registry::open(root)?;
     let record = registry.get(&name, version)?;
-    let dir = root.join("served").join(record.id().replace(':', "-v"));
-    if !dir.join("adapter_config.json").exists() {
+    let listing: String = record
+        .files
+        .iter()
+        .map(|(file, hex)| format!("{file} {hex}\n"))
+        .collect();
+    let dir = root.join("served").join(sha256_hex(listing.as_bytes()));
+    let mut intact = true;
+    for (file, hex) in &record.files {
+        let path = dir.join(safe_relative(file)?);
+        intact &= std::fs::read(&path).is_ok_and(|bytes| sha256_hex(&bytes) == *hex);
+    }
+    if !intact {
         registry.export(&record, &dir)?;
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ft_adapters::peft::{LoraWeights, Matrix, PeftAdapter, PeftConfig, WEIGHTS_FILE};
+    use ft_adapters::registry::AddInfo;
+
+    use super::*;
+
+    fn adapter(dir: &Path, seed: f32) {
+        let config: PeftConfig = serde_json::from_value(serde_json::json!({
+            "peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["q_proj"]
+        }))
+        .expect("a valid config");
+        let m = |shape: [usize; 2]| Matrix {
+            shape,
+            data: (0..shape[0] * shape[1]).map(|i| i as f32 * seed).collect(),
+        };
+        let w = LoraWeights {
+            a: m([1, 4]),
+            b: m([4, 1]),
+        };
+        let modules = BTreeMap::from([("model.layers.0.self_attn.q_proj".to_string(), w)]);
+        PeftAdapter { config, modules }.write(dir).expect("written");
+    }
+
+    #[test]
+    fn a_served_folder_is_its_content_and_is_checked_each_time() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (a, b, root) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("reg"),
+        );
+        adapter(&a, 0.5);
+        adapter(&b, 0.25);
+        let mut registry = Registry::open(&root).expect("registry");
+        registry.add(&a, "x", AddInfo::default()).expect("added");
+        let served = registry_adapter(&root, "x").expect("resolved");
+        let read = |d: &Path| PeftAdapter::read(d).expect("readable");
+        assert_eq!(read(&served), read(&a));
+        // Bytes changed in the served folder are put back.
+        let weights = served.join(WEIGHTS_FILE);
+        let mut bytes = std::fs::read(&weights).expect("weights");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&weights, bytes).expect("tampered");
+        assert_eq!(registry_adapter(&root, "x").expect("resolved"), served);
+        assert_eq!(read(&served), read(&a));
+        // Removed and added again with other weights: another folder, the new weights.
+        registry.remove("x", None).expect("removed");
+        registry.add(&b, "x", AddInfo::default()).expect("added");
+        let again = registry_adapter(&root, "x").expect("resolved");
+        assert_ne!(again, served);
+        assert_eq!(read(&again), read(&b));
+    }
 }
