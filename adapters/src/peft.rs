@@ -18,6 +18,44 @@ use crate::AdapterError;
 
 /// The config file's name.
 pub const CONFIG_FILE: &str = "adapter_config.json";
+
+/// The largest adapter config read (a config is a few hundred bytes).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The largest adapter weights file read.
+const MAX_WEIGHTS_BYTES: u64 = 16 << 30;
+
+/// The largest rank read.
+const MAX_RANK: usize = 65_536;
+
+/// The bytes of `path`, which must be a regular file (not a FIFO, which would block, nor a
+/// device such as `/dev/zero`, which never ends) of at most `limit` bytes.
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, AdapterError> {
+    let meta = std::fs::metadata(path).map_err(|e| AdapterError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(fault(path, "is not a regular file"));
+    }
+    if meta.len() > limit {
+        return Err(fault(
+            path,
+            format!(
+                "is {} bytes, more than the {limit} an adapter may have",
+                meta.len()
+            ),
+        ));
+    }
+    let file = std::fs::File::open(path).map_err(|e| AdapterError::io(path, e))?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, limit + 1), &mut bytes)
+        .map_err(|e| AdapterError::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(fault(
+            path,
+            format!("is more than the {limit} bytes an adapter may have"),
+        ));
+    }
+    Ok(bytes)
+}
 /// The weights file's name.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
@@ -157,8 +195,8 @@ impl PeftAdapter {
     /// Reads a PEFT LoRA folder.
     pub fn read(dir: &Path) -> Result<Self, AdapterError> {
         let config_path = dir.join(CONFIG_FILE);
-        let text =
-            std::fs::read_to_string(&config_path).map_err(|e| AdapterError::io(&config_path, e))?;
+        let text = String::from_utf8(read_bounded(&config_path, MAX_CONFIG_BYTES)?)
+            .map_err(|_| fault(&config_path, "not UTF-8 text"))?;
         let config: PeftConfig = serde_json::from_str(&text)
             .map_err(|e| fault(&config_path, format!("invalid adapter config: {e}")))?;
         if config.peft_type != "LORA" {
@@ -173,8 +211,29 @@ impl PeftAdapter {
                 format!("bias {:?}: ft supports \"none\"", config.bias),
             ));
         }
-        if config.r == 0 {
-            return Err(fault(&config_path, "r must be positive"));
+        if config.r == 0 || config.r > MAX_RANK {
+            return Err(fault(
+                &config_path,
+                format!("r must be from 1 to {MAX_RANK}, got {}", config.r),
+            ));
+        }
+        if !(config.lora_alpha.is_finite() && config.lora_alpha > 0.0 && config.lora_alpha <= 1e6) {
+            return Err(fault(
+                &config_path,
+                format!(
+                    "lora_alpha must be a number in (0, 1e6], got {}",
+                    config.lora_alpha
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&config.lora_dropout) {
+            return Err(fault(
+                &config_path,
+                format!(
+                    "lora_dropout must be in [0, 1), got {}",
+                    config.lora_dropout
+                ),
+            ));
         }
         // Features that change the math: refuse rather than apply the adapter wrongly.
         let raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
@@ -193,7 +252,7 @@ impl PeftAdapter {
             ));
         }
         let weights_path = dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&weights_path).map_err(|e| AdapterError::io(&weights_path, e))?;
+        let bytes = read_bounded(&weights_path, MAX_WEIGHTS_BYTES)?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| fault(&weights_path, format!("not a valid safetensors file: {e}")))?;
         let mut halves: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
@@ -217,6 +276,12 @@ impl PeftAdapter {
                 shape: [rows, cols],
                 data: to_f32(&weights_path, &key, view.dtype(), view.data())?,
             };
+            if m.data.iter().any(|v| !v.is_finite()) {
+                return Err(fault(
+                    &weights_path,
+                    format!("tensor {key} holds NaN or infinite values"),
+                ));
+            }
             let expected_r = if which == 'A' { rows } else { cols };
             if expected_r != config.r {
                 return Err(fault(
@@ -248,6 +313,9 @@ impl PeftAdapter {
                     ));
                 }
             }
+        }
+        if modules.is_empty() {
+            return Err(fault(&weights_path, "holds no LoRA tensors"));
         }
         Ok(Self { config, modules })
     }
@@ -344,6 +412,53 @@ mod tests {
         PeftAdapter {
             config,
             modules: BTreeMap::from([("model.layers.0.self_attn.q_proj".into(), w)]),
+        }
+    }
+
+    #[test]
+    fn configs_and_weights_outside_what_peft_means_are_named_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |edit: &dyn Fn(&mut PeftAdapter), needle: &str| {
+            let mut a = adapter();
+            edit(&mut a);
+            a.write(dir.path()).unwrap();
+            let err = PeftAdapter::read(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        };
+        refused(&|a| a.config.lora_dropout = 2.0, "lora_dropout");
+        for alpha in [0.0, -1.0, 1e308] {
+            refused(&|a| a.config.lora_alpha = alpha, "lora_alpha");
+        }
+        refused(&|a| a.config.r = 100_000_000_000, "r must be");
+        for bad in [f32::NAN, f32::INFINITY] {
+            refused(
+                &|a| {
+                    if let Some(w) = a.modules.values_mut().next() {
+                        w.b.data[3] = bad;
+                    }
+                },
+                "NaN or infinite",
+            );
+        }
+        refused(&|a| a.modules.clear(), "no LoRA tensors");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_or_a_device_in_place_of_the_weights_is_refused_without_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        adapter().write(dir.path()).unwrap();
+        let weights = dir.path().join(WEIGHTS_FILE);
+        std::fs::remove_file(&weights).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &weights).unwrap();
+        let err = PeftAdapter::read(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        std::fs::remove_file(&weights).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&weights).status();
+        if made.is_ok_and(|s| s.success()) {
+            // Opening a FIFO with no writer would block forever; it is refused first.
+            let err = PeftAdapter::read(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("not a regular file"), "{err}");
         }
     }
 

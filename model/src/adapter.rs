@@ -166,6 +166,38 @@ impl<B: Backend> LlamaForCausalLM<B> {
             })
         };
         let layers = self.linears();
+        let config = &adapter.config;
+        let config_path = dir.join(ft_adapters::peft::CONFIG_FILE);
+        let bad_config = |what: String| {
+            ModelError::Adapter(AdapterError::Mismatch {
+                path: config_path.clone(),
+                what,
+            })
+        };
+        // PEFT's target_modules name modules by suffix (or "all-linear").
+        for t in &config.target_modules {
+            let known = t == "all-linear"
+                || layers
+                    .iter()
+                    .any(|(name, _)| name == t || name.ends_with(&format!(".{t}")));
+            if !known {
+                return Err(bad_config(format!(
+                    "target_modules names {t:?}, which the base model lacks; expected names \
+                     such as {TARGETS:?}"
+                )));
+            }
+        }
+        let n_layers = self.model.layers.len();
+        if let Some(bad) = config
+            .layers_to_transform
+            .iter()
+            .flatten()
+            .find(|&&i| i >= n_layers)
+        {
+            return Err(bad_config(format!(
+                "layers_to_transform names layer {bad}; the base model has layers 0..{n_layers}"
+            )));
+        }
         let mut plan = Vec::with_capacity(adapter.modules.len());
         for (module, w) in &adapter.modules {
             let key = |half: &str| format!("base_model.model.{module}.{half}.weight");
@@ -362,5 +394,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model.layers.0.mlp.down_proj.lora_A.weight has shape [4, 32]; the base layer takes 48 inputs"), "{err}");
+    }
+
+    #[test]
+    fn unknown_target_modules_and_layers_past_the_model_are_refused() {
+        let c = tiny_config();
+        let mut model = LlamaForCausalLM::<B>::init_random(&c, &Default::default());
+        let mut adapter = random_adapter();
+        adapter.config.target_modules.push("qkv_proj".into());
+        let err = model
+            .attach_adapter(&adapter, Path::new("a"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("target_modules names \"qkv_proj\""), "{err}");
+        let mut adapter = random_adapter();
+        adapter.config.layers_to_transform = Some(vec![0, 40]);
+        let err = model
+            .attach_adapter(&adapter, Path::new("a"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("layers_to_transform names layer 40"), "{err}");
+        assert!(model.linears().iter().all(|(_, l)| l.lora.is_none()));
     }
 }
