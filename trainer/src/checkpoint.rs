@@ -200,10 +200,44 @@ pub fn load_adapters<B: Backend>(
             loras.len()
         )));
     }
+    let c = &adapter.config;
+    let saved_scale = if c.use_rslora {
+        c.lora_alpha / (c.r as f64).sqrt()
+    } else {
+        c.lora_alpha / c.r as f64
+    };
     for (name, lora) in loras.iter_mut() {
         let w = adapter.modules.get(name.as_str()).ok_or_else(|| {
             TrainError::Invalid(format!("{}: no weights for {name}", dir.display()))
         })?;
+        // A resumed run continues the same adapters: a changed rank, scaling or shape is the
+        // recipe's fault, not something to load around.
+        let (a, b) = (lora.lora_a.dims(), lora.lora_b.dims());
+        if w.a.shape != a || w.b.shape != b {
+            return Err(TrainError::usage(
+                "lora.r",
+                &format!(
+                    "the checkpoint's rank to resume {} (its {name} has A {:?} and B {:?})",
+                    dir.display(),
+                    w.a.shape,
+                    w.b.shape
+                ),
+                format!("a recipe whose adapters have A {a:?} and B {b:?}"),
+            ));
+        }
+        if (saved_scale - lora.scale).abs() > 1e-9 * saved_scale.abs().max(1.0) {
+            return Err(TrainError::usage(
+                "lora.alpha",
+                &format!(
+                    "the checkpoint's scaling to resume {} (lora_alpha {} at r = {}{})",
+                    dir.display(),
+                    c.lora_alpha,
+                    c.r,
+                    if c.use_rslora { ", rsLoRA" } else { "" }
+                ),
+                format!("a recipe whose scaling is {}", lora.scale),
+            ));
+        }
         let t = |m: &ft_adapters::peft::Matrix| {
             Tensor::<B, 2>::from_data(
                 TensorData::new(m.data.clone(), m.shape).convert::<B::FloatElem>(),

@@ -11,6 +11,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::data::Format;
 
+/// The largest `lora.r` a recipe may ask for; a model's own widths bound it further when
+/// the run loads it.
+pub const MAX_RANK: usize = 65_536;
+
 /// A whole recipe with every default filled in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -717,8 +721,11 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
             format!("expected f32 or bf16, got {:?}", r.quant.compute_dtype),
         );
     }
-    if r.lora.r == 0 {
-        return fail("lora.r", "expected a rank of at least 1, got 0".into());
+    if r.lora.r == 0 || r.lora.r > MAX_RANK {
+        return fail(
+            "lora.r",
+            format!("expected a rank from 1 to {MAX_RANK}, got {}", r.lora.r),
+        );
     }
     if !positive(r.lora.alpha) {
         return fail(

@@ -223,3 +223,17 @@ fn an_unknown_kernel_cap_is_a_usage_error() {
         .into();
     run.fails_with(2, &["FT_MAX_ISA=avx9", "portable, avx2 or avx512-vnni"]);
 }
+
+#[test]
+fn a_kv_cache_larger_than_the_machine_is_a_usage_error_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    ft(&[
+        "serve",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--kv-cache-tokens",
+        "1000000000000",
+    ])
+    .fails_with(2, &["--kv-cache-tokens", "more than this machine's"]);
+}

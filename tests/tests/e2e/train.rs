@@ -201,6 +201,31 @@ fn resume_after_a_kill_gives_the_losses_of_a_straight_run() {
 }
 
 #[test]
+fn resuming_with_a_changed_rank_or_alpha_is_a_usage_error() {
+    let f = TrainFixture::new("max_steps = 4\nmicro_batch_size = 2\nsave_every = 2");
+    let run = f.path("run");
+    assert_eq!(f.train(&run, &[]).code, 0);
+    let from = run.to_str().unwrap();
+    for (set, key) in [("lora.r=4", "lora.r"), ("lora.alpha=32", "lora.alpha")] {
+        let resumed = f.train(&run, &["--resume", from, "--set", set]);
+        assert_eq!(resumed.code, 2, "{set}: {}", resumed.stderr);
+        assert!(resumed.stderr.contains(key), "{set}: {}", resumed.stderr);
+    }
+}
+
+#[test]
+fn a_rank_above_a_modules_smaller_side_is_a_usage_error_before_training() {
+    let f = TrainFixture::new("max_steps = 2\nmicro_batch_size = 2");
+    let run = f.train(&f.path("run"), &["--set", "lora.r=60000"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("lora.r: expected a rank of at most"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn recipe_errors_name_the_key_the_line_and_the_expectation() {
     let dir = tempfile::tempdir().unwrap();
     let check = |text: &str, sets: &[&str]| {
@@ -219,6 +244,10 @@ fn recipe_errors_name_the_key_the_line_and_the_expectation() {
     assert_eq!(
         check("[data]\ntask = \"dates\"\n[lora]\nr = \"sixteen\"\n", &[]),
         "error: r.toml:4: lora.r: invalid type: string \"sixteen\", expected usize"
+    );
+    assert_eq!(
+        check("[data]\ntask = \"dates\"\n", &["lora.r=100000000000"]),
+        "error: --set lora.r=100000000000: expected a rank from 1 to 65536, got 100000000000"
     );
     assert_eq!(
         check("[data]\ntask = \"dates\"\n[lora]\ndropout = 1.5\n", &[]),

@@ -208,6 +208,28 @@ fn apply_compute_dtype<B: QuantBackend>(r: &Recipe) -> Result<()> {
 
 /// The PEFT config of the adapters the recipe attached, read from the layers
 /// ([`LlamaForCausalLM::peft_config`]).
+/// Checks `lora.r` against the modules the recipe adapts before any adapter is made: a rank
+/// above a module's smaller side buys nothing and, large enough, exhausts memory.
+pub(crate) fn check_rank<B: Backend>(r: &Recipe, model: &LlamaForCausalLM<B>) -> Result<()> {
+    let smallest = model
+        .linears()
+        .into_iter()
+        .filter(|(name, _)| {
+            let module = name.rsplit('.').next().unwrap_or(name);
+            r.lora.targets.iter().any(|t| t == module)
+        })
+        .map(|(name, l)| (l.base.shape().into_iter().min().unwrap_or(0), name))
+        .min();
+    match smallest {
+        Some((side, name)) if r.lora.r > side => Err(TrainError::usage(
+            "lora.r",
+            &format!("a rank of at most {side} (the smaller side of {name})"),
+            r.lora.r,
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub(crate) fn peft_config<B: Backend>(r: &Recipe, model: &LlamaForCausalLM<B>) -> PeftConfig {
     let base = ft_model::source::hub_id(&r.model.source);
     model.peft_config(&LoraConfig::from(&r.lora), Some(base))
