@@ -107,6 +107,16 @@ pub struct ServeArgs {
     /// Adapters held in memory at most (least recently used are unloaded).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_adapters: u64,
+    /// Connections open at once; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// Seconds a connection may take to send a request's headers (or stay idle between
+    /// requests) before it is closed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout: u64,
+    /// Seconds a request's body may take to arrive after its headers; later gets 408.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout: u64,
     /// Turn the prefix cache off.
     #[arg(long)]
     pub no_prefix_cache: bool,

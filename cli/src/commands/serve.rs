@@ -10,7 +10,7 @@ use ft_adapters::Registry;
 use ft_eval::client::Client;
 use ft_eval::load_bench::{self, percentile, LoadSpec};
 use ft_model::QuantBackend;
-use ft_serve::server::{self, ServerConfig};
+use ft_serve::server::{self, Limits, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
 
 use crate::args::{BenchServeArgs, ServeArgs};
@@ -49,6 +49,18 @@ impl Job for ServeArgs {
             None => self.kv_cache_tokens,
         };
         let block_size = self.block_size as usize;
+        if let Some(total) = total_memory_bytes() {
+            let need = tokens.saturating_mul(per_token);
+            if need > total {
+                return Err(UsageError(format!(
+                    "--kv-cache-tokens/--kv-cache-bytes: {tokens} tokens need {:.1} GiB of KV \
+                     cache, more than this machine's {:.1} GiB of memory",
+                    need as f64 / (1u64 << 30) as f64,
+                    total as f64 / (1u64 << 30) as f64
+                ))
+                .into());
+            }
+        }
         let kv_blocks = tokens / block_size;
         if kv_blocks == 0 {
             return Err(UsageError(format!(
@@ -112,6 +124,12 @@ impl Job for ServeArgs {
             api_key: self.api_key.clone(),
             allowed_adapter_dirs: self.allowed_adapter_dirs.clone(),
             registry: self.registry.clone(),
+            limits: Limits {
+                max_connections: self.max_connections as usize,
+                header_timeout: Duration::from_secs(self.header_timeout),
+                body_timeout: Duration::from_secs(self.body_timeout),
+                ..Limits::default()
+            },
         };
         server::serve(
             engine,
@@ -197,4 +215,18 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("--record {}", file.display()))?;
     }
     Ok(())
+}
+
+/// The machine's memory (`MemTotal` of `/proc/meminfo`), where the system says.
+fn total_memory_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }

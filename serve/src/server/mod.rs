@@ -3,15 +3,18 @@
 //! load and unload (vLLM's `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`), `/health`
 //! and `/metrics`. A request's `model` names the base or an adapter. Errors are OpenAI error
 //! objects: 400 for a malformed or out-of-range request, 401 without the API key, 404 for an
-//! unknown model, 429 when the queue is full.
+//! unknown model, 408 for a body that does not arrive in time, 413 for one too large, 429 when
+//! the queue is full, 503 past the connection limit ([`connections`]).
 
 mod admin;
 mod completions;
+mod connections;
 pub mod metrics;
 pub mod openai;
 pub mod worker;
 
 pub use admin::registry_adapter;
+pub use connections::Limits;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -43,6 +46,8 @@ pub struct ServerConfig {
     pub allowed_adapter_dirs: Vec<PathBuf>,
     /// The adapter registry: `registry:NAME[:VERSION]` paths load from it.
     pub registry: Option<PathBuf>,
+    /// Connections at once, and the deadlines of a request's headers and body.
+    pub limits: Limits,
 }
 
 /// What every handler shares.
@@ -182,9 +187,9 @@ fn serve_until<B: QuantBackend>(
     runtime.block_on(async move {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown)
-            .await
+        let limits = state.config.limits;
+        connections::accept(listener, router(state), limits, shutdown).await;
+        Ok::<_, std::io::Error>(())
     })?;
     // Every connection's task goes with the runtime, and with them the last command sender:
     // the engine thread then ends, and its weights and KV cache are freed before returning.
@@ -209,6 +214,10 @@ fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such route", "not_found_error")
         })
+        .layer(middleware::from_fn_with_state(
+            state.config.limits,
+            connections::read_body,
+        ))
         .with_state(state)
 }
 

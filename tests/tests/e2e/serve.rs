@@ -332,3 +332,83 @@ fn adapters_load_and_unload_at_run_time_from_allowed_folders_and_the_registry() 
     // "one" was the adapter in memory; unloading it leaves none.
     wait_for(&server, "ft_adapters_loaded", 0.0);
 }
+
+/// What the server sends on `stream` until it closes it (or `limit` passes), and how long
+/// that took.
+fn until_closed(mut stream: std::net::TcpStream, limit: Duration) -> (String, Duration) {
+    use std::io::Read;
+    let start = Instant::now();
+    stream.set_read_timeout(Some(limit)).expect("read timeout");
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+}
+
+#[test]
+fn slow_silent_and_surplus_clients_are_cut_off_and_the_server_stays_up() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    let server = Server::start(&[
+        "--model",
+        gguf.to_str().unwrap(),
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+        "--max-connections",
+        "3",
+    ]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let connect = || TcpStream::connect(&addr).expect("connect");
+    let patience = Duration::from_secs(10);
+
+    // Nothing sent, and partial headers: closed once the header deadline passes.
+    let (_, waited) = until_closed(connect(), patience);
+    assert!(
+        waited < Duration::from_secs(5),
+        "silent client held {waited:?}"
+    );
+    let mut partial = connect();
+    partial
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let (_, waited) = until_closed(partial, patience);
+    assert!(
+        waited < Duration::from_secs(5),
+        "partial headers held {waited:?}"
+    );
+
+    // A declared body that never comes: 408.
+    let mut bodiless = connect();
+    bodiless
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
+    let (answer, waited) = until_closed(bodiless, patience);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("\"error\""),
+        "an OpenAI error object: {answer}"
+    );
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+
+    // Past the connection limit: 503 at once, not a hang; once the idle ones are dropped the
+    // server answers again.
+    let held: Vec<TcpStream> = (0..3).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (answer, waited) = until_closed(connect(), patience);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    drop(held);
+    assert!(
+        server.get("/health").contains("ok"),
+        "the server answers again"
+    );
+    let (status, answer) = server.post(
+        "/v1/completions",
+        &completion(gguf.to_str().unwrap(), "hi", 2),
+    );
+    assert_eq!(status, 200, "{answer}");
+}
