@@ -273,6 +273,25 @@ impl LlamaConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
             return Err("vocab_size, hidden_size and num_hidden_layers must be positive".into());
         }
+        // Bounds far above any open model, so that a crafted file is refused before its sizes
+        // become allocations (RoPE tables of max_position_embeddings rows, one layer per block).
+        for (name, value, limit) in [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            ("num_attention_heads", self.num_attention_heads, 1 << 10),
+            ("head_dim", self.head_dim, 1 << 10),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 20,
+            ),
+        ] {
+            if value > limit {
+                return Err(format!("{name} {value} is beyond ft's limit of {limit}"));
+            }
+        }
         Ok(())
     }
 
@@ -310,6 +329,31 @@ impl LlamaConfig {
                     })
                     .collect()
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::tiny::tiny_config;
+
+    #[test]
+    fn sizes_a_crafted_file_could_claim_are_refused_before_they_are_allocated() {
+        assert!(tiny_config().validate().is_ok());
+        for (field, edit) in [
+            (
+                "max_position_embeddings",
+                (|c: &mut super::LlamaConfig| c.max_position_embeddings = 1 << 40)
+                    as fn(&mut super::LlamaConfig),
+            ),
+            ("num_hidden_layers", |c| c.num_hidden_layers = 1 << 30),
+            ("vocab_size", |c| c.vocab_size = usize::MAX),
+            ("intermediate_size", |c| c.intermediate_size = 1 << 40),
+        ] {
+            let mut c = tiny_config();
+            edit(&mut c);
+            let err = c.validate().unwrap_err();
+            assert!(err.contains(field), "{field}: {err}");
         }
     }
 }

@@ -165,6 +165,11 @@ impl<'a> Cursor<'a> {
         Ok(a)
     }
 
+    /// Bytes not read yet.
+    fn remaining(&self) -> usize {
+        self.bytes.len().saturating_sub(self.pos)
+    }
+
     fn u32(&mut self, what: &str) -> Result<u32, ModelError> {
         Ok(u32::from_le_bytes(self.array(what)?))
     }
@@ -209,7 +214,8 @@ impl<'a> Cursor<'a> {
                     return Err(self.fault(format!("nested arrays in {key} are not supported")));
                 }
                 let n = self.count(key)?;
-                let mut items = Vec::with_capacity(n.min(1 << 20) as usize);
+                // Every item takes at least a byte of the file: reserve no more than remain.
+                let mut items = Vec::with_capacity(n.min(self.remaining() as u64) as usize);
                 for _ in 0..n {
                     items.push(self.value(elem, key)?);
                 }
@@ -264,7 +270,8 @@ impl GgufFile {
                 .ok_or_else(|| c.fault(format!("general.alignment {v:?} is not a power of two")))?,
             None => DEFAULT_ALIGNMENT,
         };
-        let mut infos = Vec::with_capacity(n_tensors as usize);
+        // A tensor's entry takes at least 24 bytes (name length, dimensions, type, offset).
+        let mut infos = Vec::with_capacity(n_tensors.min(c.remaining() as u64 / 24) as usize);
         for _ in 0..n_tensors {
             let name = c.string("tensor name")?;
             let n_dims = c.u32(&name)?;
@@ -288,7 +295,17 @@ impl GgufFile {
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         let mut tensors = BTreeMap::new();
         for (name, shape, ty, offset) in infos {
-            let elements: usize = shape.iter().product();
+            let elements = shape
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                // No type packs more than 8 elements in a byte: a tensor the file cannot
+                // hold is refused before its size is computed in bytes.
+                .filter(|&n| n / 8 <= mmap.len())
+                .ok_or_else(|| {
+                    c.fault(format!(
+                        "corrupted: tensor {name} has shape {shape:?}, more than the file holds"
+                    ))
+                })?;
             let len = ty
                 .bytes_for(elements)
                 .map_err(|e| c.fault(format!("tensor {name}: {e}")))?;
@@ -600,6 +617,62 @@ fn reorder<T: Copy + Default>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GGUF v3 file: the header's counts, then `body` (metadata and tensor entries).
+    fn crafted(n_tensors: u64, n_kv: u64, body: &[u8]) -> tempfile::NamedTempFile {
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend(3u32.to_le_bytes());
+        bytes.extend(n_tensors.to_le_bytes());
+        bytes.extend(n_kv.to_le_bytes());
+        bytes.extend(body);
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), bytes).expect("written");
+        file
+    }
+
+    fn string(s: &str) -> Vec<u8> {
+        let mut out = (s.len() as u64).to_le_bytes().to_vec();
+        out.extend(s.as_bytes());
+        out
+    }
+
+    fn refused(file: &tempfile::NamedTempFile, needle: &str) {
+        let err = GgufFile::open(file.path())
+            .err()
+            .unwrap_or_else(|| panic!("accepted; expected {needle}"))
+            .to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+
+    #[test]
+    fn crafted_counts_and_sizes_are_errors_not_panics_or_huge_allocations() {
+        // A tensor of 2^54 elements, and one of four dimensions of 2^27 whose product
+        // overflows.
+        let mut body = string("w");
+        body.extend(2u32.to_le_bytes());
+        body.extend((1u64 << 27).to_le_bytes());
+        body.extend((1u64 << 27).to_le_bytes());
+        body.extend(0u32.to_le_bytes()); // f32
+        body.extend(0u64.to_le_bytes());
+        let mut four = string("w");
+        four.extend(4u32.to_le_bytes());
+        for _ in 0..4 {
+            four.extend((1u64 << 27).to_le_bytes());
+        }
+        four.extend(0u32.to_le_bytes());
+        four.extend(0u64.to_le_bytes());
+        refused(&crafted(1, 0, &body), "more than the file holds");
+        refused(&crafted(1, 0, &four), "more than the file holds");
+        // Absurd tensor and metadata counts in a file of a few bytes: refused at once.
+        refused(&crafted(1 << 27, 0, &[]), "truncated");
+        refused(&crafted(0, 1 << 27, &[]), "truncated");
+        // A metadata array claiming 2^27 items with none present.
+        let mut array = string("tokenizer.ggml.tokens");
+        array.extend(9u32.to_le_bytes());
+        array.extend(8u32.to_le_bytes());
+        array.extend((1u64 << 27).to_le_bytes());
+        refused(&crafted(0, 1, &array), "truncated");
+    }
 
     #[test]
     fn unpermute_matches_hf_order() {
