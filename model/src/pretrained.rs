@@ -85,11 +85,12 @@ impl TextSide {
             Some(src) => Some(ChatTemplate::new(src)?),
             None => None,
         };
-        Ok(Self {
+        Self {
             config,
             tokenizer,
             chat_template,
-        })
+        }
+        .checked(file.path())
     }
 
     fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
@@ -122,11 +123,27 @@ impl TextSide {
             Some(serde_json::Value::String(src)) => Some(ChatTemplate::new(src)?),
             _ => None,
         };
-        Ok(Self {
+        Self {
             config,
             tokenizer,
             chat_template,
-        })
+        }
+        .checked(dir)
+    }
+
+    /// Refuses a tokenizer that makes ids the embedding has no row for (every such id would
+    /// index past the embedding in the forward).
+    fn checked(self, path: &Path) -> Result<Self, ModelError> {
+        let (tokens, rows) = (self.tokenizer.vocab_size(), self.config.vocab_size);
+        if tokens > rows {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                what: format!(
+                    "the tokenizer has {tokens} tokens, more than the embedding's {rows} rows"
+                ),
+            });
+        }
+        Ok(self)
     }
 }
 

@@ -237,3 +237,15 @@ fn a_kv_cache_larger_than_the_machine_is_a_usage_error_not_an_abort() {
     ])
     .fails_with(2, &["--kv-cache-tokens", "more than this machine's"]);
 }
+
+#[test]
+fn a_tokenizer_larger_than_the_embedding_is_refused_before_any_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, _) = tiny_model(dir.path(), &tiny());
+    let config = folder.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["vocab_size"] = serde_json::json!(16);
+    std::fs::write(&config, json.to_string()).unwrap();
+    gen(folder.to_str().unwrap()).fails_with(1, &["more than the embedding's 16 rows"]);
+}
