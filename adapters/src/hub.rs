@@ -353,6 +353,21 @@ fn read_json(what: &str, resp: Result<ureq::Response, ureq::Error>) -> Result<Va
     })
 }
 
+/// `s` as a YAML scalar: plain where it is made of characters that cannot start or end a
+/// YAML construct, else double-quoted with JSON's escapes (which YAML reads), so no value can
+/// add keys or lines to the front matter.
+fn yaml_scalar(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'))
+        && !s.starts_with(['-', '.']);
+    if plain {
+        s.to_string()
+    } else {
+        serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+    }
+}
+
 /// The model card: YAML front matter the Hub reads, then what the adapter is, its metrics, the
 /// recipe that trained it and how to load it with PEFT.
 pub fn model_card(record: &crate::registry::AdapterRecord, repo: &str, license: &str) -> String {
@@ -361,19 +376,25 @@ pub fn model_card(record: &crate::registry::AdapterRecord, repo: &str, license: 
     if let Some(t) = &record.task {
         tags.push(t.clone());
     }
-    let tags: String = tags.iter().map(|t| format!("- {t}\n")).collect();
+    let tags: String = tags
+        .iter()
+        .map(|t| format!("- {}\n", yaml_scalar(t)))
+        .collect();
+    let (yaml_base, yaml_license) = (yaml_scalar(base), yaml_scalar(license));
+    let python_base = serde_json::to_string(base).unwrap_or_default();
+    let python_repo = serde_json::to_string(repo).unwrap_or_default();
     let metrics = serde_json::to_string_pretty(&record.metrics).unwrap_or_default();
     let recipe = record.recipe.as_deref().map_or(String::new(), |r| {
         format!("\n## Recipe\n\n```toml\n{}\n```\n", r.trim_end())
     });
     format!(
-        "---\nbase_model: {base}\nlibrary_name: peft\nlicense: {license}\ntags:\n{tags}pipeline_tag: text-generation\n---\n\n\
+        "---\nbase_model: {yaml_base}\nlibrary_name: peft\nlicense: {yaml_license}\ntags:\n{tags}pipeline_tag: text-generation\n---\n\n\
          # {name} (version {version})\n\n\
          A LoRA adapter (r = {r}, alpha = {alpha}, target modules: {targets}) for `{base}`{task}, \
          trained with ft and stored in the PEFT format.\n\n\
          ## Metrics\n\n```json\n{metrics}\n```\n{recipe}\n\
          ## Use\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n\
-         base = AutoModelForCausalLM.from_pretrained(\"{base}\")\nmodel = PeftModel.from_pretrained(base, \"{repo}\")\n```\n",
+         base = AutoModelForCausalLM.from_pretrained({python_base})\nmodel = PeftModel.from_pretrained(base, {python_repo})\n```\n",
         name = record.name,
         version = record.version,
         r = record.r,
@@ -384,4 +405,58 @@ pub fn model_card(record: &crate::registry::AdapterRecord, repo: &str, license: 
             .as_deref()
             .map_or(String::new(), |t| format!(" on the task `{t}`")),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::AdapterRecord;
+
+    #[test]
+    fn values_cannot_add_keys_to_the_model_cards_front_matter() {
+        let record = AdapterRecord {
+            name: "dates".into(),
+            version: 1,
+            task: Some("dates\ninjected: yes".into()),
+            base_model: Some("org/base\nlicense: stolen".into()),
+            base_sha256: None,
+            r: 8,
+            alpha: 16.0,
+            target_modules: vec!["q_proj".into()],
+            recipe: None,
+            metrics: serde_json::json!({}),
+            created_at: "2026-12-05T00:00:00Z".into(),
+            files: Default::default(),
+            published: Vec::new(),
+        };
+        let card = model_card(&record, "me/dates", "apache-2.0");
+        let front = card.split("---").nth(1).expect("front matter");
+        let keys: Vec<&str> = front
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with(['-', ' ']))
+            .map(|l| l.split(':').next().unwrap_or(l))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "base_model",
+                "library_name",
+                "license",
+                "tags",
+                "pipeline_tag"
+            ]
+        );
+        assert!(front.contains("license: apache-2.0"), "{front}");
+        assert!(
+            front.contains(r#"base_model: "org/base\nlicense: stolen""#),
+            "{front}"
+        );
+        // A plain base stays plain, as the Hub's examples write it.
+        let plain = AdapterRecord {
+            base_model: Some("HuggingFaceTB/SmolLM2-135M-Instruct".into()),
+            ..record
+        };
+        assert!(model_card(&plain, "me/dates", "mit")
+            .contains("base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n"));
+    }
 }

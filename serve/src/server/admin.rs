@@ -110,9 +110,15 @@ fn resolve(state: &AppState, lora_path: &str) -> Result<PathBuf, ApiError> {
         return registry_adapter(root, reference)
             .map_err(|e| ApiError::bad_request(format!("lora_path: {e}")));
     }
-    let path = Path::new(lora_path)
-        .canonicalize()
-        .map_err(|e| ApiError::bad_request(format!("lora_path: {lora_path}: {e}")))?;
+    // A missing path and a disallowed one get the same answer, so the server tells a client
+    // nothing about files outside the folders it allows.
+    let refused = || {
+        ApiError::bad_request(format!(
+            "lora_path: {lora_path} is not an existing folder inside a folder the server allows \
+             (--allowed-adapter-dir), nor registry:NAME"
+        ))
+    };
+    let path = Path::new(lora_path).canonicalize().map_err(|_| refused())?;
     let allowed = state
         .config
         .allowed_adapter_dirs
@@ -120,10 +126,7 @@ fn resolve(state: &AppState, lora_path: &str) -> Result<PathBuf, ApiError> {
         .filter_map(|d| d.canonicalize().ok())
         .any(|d| path.starts_with(d));
     if !allowed {
-        return Err(ApiError::bad_request(format!(
-            "lora_path: {lora_path} is not inside a folder the server allows \
-             (--allowed-adapter-dir), nor registry:NAME"
-        )));
+        return Err(refused());
     }
     Ok(path)
 }

@@ -214,6 +214,13 @@ fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such route", "not_found_error")
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method",
+                "invalid_request_error",
+            )
+        })
         .layer(middleware::from_fn_with_state(
             state.config.limits,
             connections::read_body,

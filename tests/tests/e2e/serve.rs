@@ -302,6 +302,30 @@ fn adapters_load_and_unload_at_run_time_from_allowed_folders_and_the_registry() 
             .contains("lora_path"),
         "{answer}"
     );
+    // An existing folder outside the allowed ones and a missing path answer alike: the
+    // server is no oracle for what exists on its disk.
+    std::fs::create_dir_all(dir.path().join("exists")).unwrap();
+    let message = |path: &Path| {
+        let (status, answer) = load("three", path);
+        assert_eq!(status, 400);
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace(path.to_str().unwrap(), "PATH")
+    };
+    assert_eq!(
+        message(&dir.path().join("exists")),
+        message(&dir.path().join("missing"))
+    );
+    // A wrong method gets an OpenAI error object too.
+    let wrong = ureq::get(&format!("{}/v1/completions", server.url)).call();
+    match wrong {
+        Err(ureq::Error::Status(405, r)) => {
+            let body: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+            assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        }
+        other => panic!("GET /v1/completions: {other:?}"),
+    }
     let (status, answer) = server.post(
         "/v1/load_lora_adapter",
         &json!({"lora_name": "four", "lora_path": "registry:two:1"}),
