@@ -419,16 +419,33 @@ impl Registry {
         Ok(doomed.iter().map(AdapterRecord::id).collect())
     }
 
-    /// Writes the files of `record` into `dest` (a PEFT folder), checking each sha256.
+    /// Writes the files of `record` into `dest` (a PEFT folder), checking each sha256. A new
+    /// folder appears whole or not at all (it is filled under a temporary name, then renamed);
+    /// into an existing one each file is replaced atomically.
     pub fn export(&self, record: &AdapterRecord, dest: &Path) -> Result<(), AdapterError> {
-        std::fs::create_dir_all(dest).map_err(|e| AdapterError::io(dest, e))?;
-        for (file, hex) in &record.files {
-            let rel = safe_relative(file)?;
-            let bytes = self.blob(hex)?;
-            let path = dest.join(rel);
+        let files = record
+            .files
+            .iter()
+            .map(|(file, hex)| Ok((safe_relative(file)?, self.blob(hex)?)))
+            .collect::<Result<Vec<_>, AdapterError>>()?;
+        if dest.exists() {
+            for (rel, bytes) in files {
+                let path = dest.join(rel);
+                write_atomic(&path, &bytes).map_err(|e| AdapterError::io(&path, e))?;
+            }
+            return Ok(());
+        }
+        let parent = dest.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| AdapterError::io(parent, e))?;
+        let staging = tempfile::Builder::new()
+            .prefix(".export-")
+            .tempdir_in(parent)
+            .map_err(|e| AdapterError::io(parent, e))?;
+        for (rel, bytes) in files {
+            let path = staging.path().join(rel);
             write_atomic(&path, &bytes).map_err(|e| AdapterError::io(&path, e))?;
         }
-        Ok(())
+        std::fs::rename(staging.keep(), dest).map_err(|e| AdapterError::io(dest, e))
     }
 
     /// The content of blob `hex`, verified against its name.
@@ -790,6 +807,27 @@ mod tests {
         assert_eq!(reg.add(&a, "x", AddInfo::default()).unwrap().version, 3);
         reg.remove("x", None).unwrap();
         assert_eq!(reg.add(&a, "x", AddInfo::default()).unwrap().version, 4);
+    }
+
+    #[test]
+    fn a_failed_export_leaves_no_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        adapter(&a, 1.0);
+        let reg_dir = dir.path().join("reg");
+        let mut reg = Registry::open(&reg_dir).unwrap();
+        let record = reg.add(&a, "x", AddInfo::default()).unwrap();
+        let weights = reg.blob_path(&record.files[WEIGHTS_FILE]);
+        std::fs::write(&weights, b"changed on disk").unwrap();
+        let out = dir.path().join("out");
+        assert!(reg.export(&record, &out).is_err());
+        assert!(!out.exists(), "no half-written folder");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".export-"))
+            .collect();
+        assert!(left.is_empty(), "no staging folder left behind");
     }
 
     #[test]
