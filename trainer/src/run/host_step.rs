@@ -158,8 +158,9 @@ impl<B: QuantBackend> HostStep<B> {
         let valid = model.valid();
         let mut fresh = None;
         let trainer = self.trainer(&valid, &mut fresh)?;
+        let adapters = Adapters::of(&valid);
         mean_nll(batches, |b| {
-            Ok(trainer.loss(&Adapters::of(&valid), &RealTokens::of(b).tokens())?)
+            Ok(trainer.loss(&adapters, &RealTokens::of(b).tokens())?)
         })
     }
 }
