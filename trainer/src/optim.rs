@@ -288,7 +288,8 @@ impl<B: QuantBackend> AdamW<B> {
                     weight_decay: if p.decay { hp.weight_decay } else { 0.0 },
                     ..*hp
                 };
-                let (value, m, v) = update(p.value, p.grad, m, v, self.t, &hp);
+                let (value, m, v) = host_update(&p.value, &p.grad, &m, &v, self.t, &hp)
+                    .unwrap_or_else(|| tensor_update(p.value, p.grad, m, v, self.t, &hp));
                 written_back.push((p.name.clone(), m, v));
                 out.push((p.name, value));
             }
@@ -307,23 +308,8 @@ fn host<B: Backend>(t: Tensor<B, 2>) -> Vec<f32> {
         .unwrap_or_default()
 }
 
-/// PyTorch's AdamW update: decay, moments, bias correction, step; in one pass over host
-/// memory where the backend keeps the tensors there ([`host_update`]), else as tensor ops.
-fn update<B: QuantBackend>(
-    value: Tensor<B, 2>,
-    grad: Tensor<B, 2>,
-    m: Tensor<B, 2>,
-    v: Tensor<B, 2>,
-    t: u64,
-    hp: &AdamWParams,
-) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
-    match host_update(&value, &grad, &m, &v, t, hp) {
-        Some(out) => out,
-        None => tensor_update(value, grad, m, v, t, hp),
-    }
-}
-
-/// [`update`] as tensor ops.
+/// PyTorch's AdamW update as tensor ops: decay, moments, bias correction, step (where
+/// [`host_update`] cannot read the tensors in host memory).
 fn tensor_update<B: Backend>(
     value: Tensor<B, 2>,
     grad: Tensor<B, 2>,
@@ -343,7 +329,7 @@ fn tensor_update<B: Backend>(
     (value, m, v)
 }
 
-/// [`update`] as one fused pass over f32 host slices: a full-parameter step reads each value,
+/// [`tensor_update`] as one fused pass over f32 host slices: a full-parameter step reads each value,
 /// gradient and moment once and writes each result once, where the tensor ops make a new
 /// tensor per operation. `None` where a tensor is not an f32 array in host memory.
 #[allow(clippy::type_complexity)]
