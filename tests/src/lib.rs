@@ -1,6 +1,9 @@
 //! ft-tests: helpers for the end-to-end tests in `tests/e2e`, which run the `ft` binary in
-//! temporary folders exactly as a user would and check its output, files and exit codes.
+//! temporary folders exactly as a user would and check its output, files and exit codes; and
+//! the seeded mutation fuzzer ([`fuzz`]) that `tests/fuzz` runs over every parser.
 #![warn(missing_docs)]
+
+pub mod fuzz;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

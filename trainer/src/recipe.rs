@@ -570,8 +570,7 @@ pub struct LoadedRecipe {
 impl LoadedRecipe {
     /// Reads `path`, applies `sets` (`section.key=value`) and validates.
     pub fn load(path: &Path, sets: &[String]) -> Result<Self, RecipeError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RecipeError(format!("{}: {e}", path.display())))?;
+        let text = read_recipe(path)?;
         let recipe = parse(&text, sets, &path.display().to_string())?;
         let base_dir = path
             .parent()
@@ -588,6 +587,27 @@ impl LoadedRecipe {
             self.base_dir.join(p)
         }
     }
+}
+
+/// Recipes are a few KiB; a file over this is refused before it is read.
+pub const MAX_RECIPE_BYTES: u64 = 1 << 20;
+
+/// The text of the recipe at `path`, read up to [`MAX_RECIPE_BYTES`].
+fn read_recipe(path: &Path) -> Result<String, RecipeError> {
+    use std::io::Read;
+    let fail = |e: &dyn std::fmt::Display| RecipeError(format!("{}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_RECIPE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(&e))?;
+    if bytes.len() as u64 > MAX_RECIPE_BYTES {
+        return Err(fail(&format!(
+            "larger than {} KiB; a recipe is a short TOML file",
+            MAX_RECIPE_BYTES >> 10
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| fail(&"not UTF-8 text"))
 }
 
 /// Parses recipe text (named `file` in errors), applies `sets` and validates.
