@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -211,6 +211,41 @@ impl Registry {
         })
     }
 
+    /// Opens the registry in `dir` for reading only (`list`, `show`, `export`): nothing is
+    /// created or written, so a registry on a read-only disk or owned by another user can be
+    /// read. A folder without a registry reads as an empty one.
+    pub fn open_read_only(dir: &Path) -> Result<Self, AdapterError> {
+        let path = dir.join(DB_FILE);
+        if !path.exists() {
+            let conn = Connection::open_in_memory().map_err(db_err(dir))?;
+            conn.execute_batch(SCHEMA).map_err(db_err(dir))?;
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                conn,
+            });
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
+        let open = |query: &str| {
+            let conn =
+                Connection::open_with_flags(format!("file:{}{query}", uri_path(&path)), flags)
+                    .map_err(db_err(dir))?;
+            conn.busy_timeout(Duration::from_secs(60))
+                .map_err(db_err(dir))?;
+            // Reading a WAL database needs its shared-memory file, which a read-only folder
+            // without one cannot get: the first query tells.
+            conn.query_row("SELECT count(*) FROM adapters", [], |r| r.get::<_, i64>(0))
+                .map_err(db_err(dir))?;
+            Ok::<_, AdapterError>(conn)
+        };
+        // Where the folder cannot be written, SQLite reads the file as it is ("immutable"):
+        // nobody can be writing to it either.
+        let conn = open("?mode=ro").or_else(|_| open("?mode=ro&immutable=1"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            conn,
+        })
+    }
+
     /// The registry folder.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -335,19 +370,39 @@ impl Registry {
         self.dir.join("blobs/sha256").join(hex)
     }
 
-    /// Every version, by name then version.
+    /// Every version that reads back, by name then version; a row that does not (edited or
+    /// damaged outside ft) is left out with a warning, so that it cannot hide the others.
     pub fn list(&self) -> Result<Vec<AdapterRecord>, AdapterError> {
+        let (records, damaged) = self.list_all()?;
+        for d in &damaged {
+            tracing::warn!("{}: {d}", self.dir.join(DB_FILE).display());
+        }
+        Ok(records)
+    }
+
+    /// Every version that reads back, and a description of each row that does not (its
+    /// `name:version` and what is wrong with it).
+    pub fn list_all(&self) -> Result<(Vec<AdapterRecord>, Vec<String>), AdapterError> {
         let dir = self.dir.clone();
         let mut stmt = self
             .conn
             .prepare("SELECT * FROM adapters ORDER BY name, version")
             .map_err(db_err(&dir))?;
-        let rows = stmt
-            .query_map([], row_to_record)
-            .map_err(db_err(&dir))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db_err(&dir))?;
-        Ok(rows)
+        let mut rows = stmt.query([]).map_err(db_err(&dir))?;
+        let (mut records, mut damaged) = (Vec::new(), Vec::new());
+        while let Some(row) = rows.next().map_err(db_err(&dir))? {
+            match row_to_record(row) {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    let name: String = row.get(0).unwrap_or_else(|_| "?".into());
+                    let version: String = row
+                        .get::<_, i64>(1)
+                        .map_or_else(|_| "?".into(), |v| v.to_string());
+                    damaged.push(format!("{name}:{version} cannot be read ({e}); left out"));
+                }
+            }
+        }
+        Ok((records, damaged))
     }
 
     /// The version `name:version`, or the newest of `name`.
@@ -388,35 +443,42 @@ impl Registry {
         name: &str,
         version: Option<u32>,
     ) -> Result<Vec<String>, AdapterError> {
-        let doomed: Vec<AdapterRecord> = match version {
-            Some(v) => vec![self.get(name, Some(v))?],
-            None => {
-                let all: Vec<AdapterRecord> = self
-                    .list()?
-                    .into_iter()
-                    .filter(|r| r.name == name)
-                    .collect();
-                if all.is_empty() {
-                    return Err(AdapterError::NotFound(name.to_string()));
-                }
-                all
-            }
-        };
+        validate_name(name)?;
         let dir = self.dir.clone();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db_err(&dir))?;
-        for r in &doomed {
+        // By key alone, so that a row that no longer reads back can still be removed.
+        let doomed: Vec<u32> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT version FROM adapters WHERE name = ?1 AND (?2 IS NULL OR version = ?2) ORDER BY version",
+                )
+                .map_err(db_err(&dir))?;
+            let versions = stmt
+                .query_map(params![name, version], |r| r.get(0))
+                .map_err(db_err(&dir))?
+                .collect::<Result<Vec<u32>, _>>()
+                .map_err(db_err(&dir))?;
+            versions
+        };
+        if doomed.is_empty() {
+            return Err(AdapterError::NotFound(match version {
+                Some(v) => format!("{name}:{v}"),
+                None => name.to_string(),
+            }));
+        }
+        for v in &doomed {
             tx.execute(
                 "DELETE FROM adapters WHERE name = ?1 AND version = ?2",
-                params![r.name, r.version],
+                params![name, v],
             )
             .map_err(db_err(&dir))?;
         }
         collect_garbage(&tx, &dir.join("blobs/sha256"), &dir)?;
         tx.commit().map_err(db_err(&dir))?;
-        Ok(doomed.iter().map(AdapterRecord::id).collect())
+        Ok(doomed.iter().map(|v| format!("{name}:{v}")).collect())
     }
 
     /// Writes the files of `record` into `dest` (a PEFT folder), checking each sha256. A new
@@ -602,6 +664,19 @@ fn insert(tx: &rusqlite::Transaction<'_>, r: &AdapterRecord) -> rusqlite::Result
     )
 }
 
+/// `path` for an SQLite `file:` URI: bytes other than unreserved ones and `/` percent-encoded.
+fn uri_path(path: &Path) -> String {
+    let mut out = String::new();
+    for &b in path.as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<AdapterRecord> {
     fn parse<T: serde::de::DeserializeOwned>(
         row: &rusqlite::Row<'_>,
@@ -677,6 +752,65 @@ mod tests {
             },
         );
         PeftAdapter { config, modules }.write(dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_row_is_left_out_of_the_list_and_can_be_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        adapter(&a, 0.5);
+        let root = dir.path().join("reg");
+        let mut reg = Registry::open(&root).unwrap();
+        reg.add(&a, "good", AddInfo::default()).unwrap();
+        reg.add(&a, "bad", AddInfo::default()).unwrap();
+        reg.conn
+            .execute(
+                "UPDATE adapters SET files = 'not json' WHERE name = 'bad'",
+                [],
+            )
+            .unwrap();
+        let names: Vec<String> = reg.list().unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["good"]);
+        let (_, damaged) = reg.list_all().unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert!(
+            damaged[0].starts_with("bad:1 cannot be read"),
+            "{damaged:?}"
+        );
+        assert_eq!(reg.remove("bad", None).unwrap(), ["bad:1"]);
+        assert!(reg.list_all().unwrap().1.is_empty());
+        // The damaged row kept its blobs while it stood; the good version still exports.
+        let good = reg.get("good", None).unwrap();
+        reg.export(&good, &dir.path().join("out")).unwrap();
+    }
+
+    #[test]
+    fn reading_only_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        adapter(&a, 0.5);
+        let root = dir.path().join("reg");
+        Registry::open(&root)
+            .unwrap()
+            .add(&a, "x", AddInfo::default())
+            .unwrap();
+        let db = root.join(DB_FILE);
+        let before = std::fs::read(&db).unwrap();
+        let reg = Registry::open_read_only(&root).unwrap();
+        assert_eq!(reg.list().unwrap().len(), 1);
+        assert!(
+            reg.conn.execute("DELETE FROM adapters", []).is_err(),
+            "read only"
+        );
+        let empty = Registry::open_read_only(&dir.path().join("none")).unwrap();
+        assert!(empty.list().unwrap().is_empty());
+        assert!(!dir.path().join("none").exists(), "nothing created");
+        drop(reg);
+        assert_eq!(
+            before,
+            std::fs::read(&db).unwrap(),
+            "the database is unchanged"
+        );
     }
 
     #[test]

@@ -21,6 +21,11 @@ fn open(args: &RegistryArgs) -> anyhow::Result<Registry> {
     Ok(Registry::open(&registry_dir(args))?)
 }
 
+/// The registry for commands that only read it: works where it cannot be written.
+fn open_read_only(args: &RegistryArgs) -> anyhow::Result<Registry> {
+    Ok(Registry::open_read_only(&registry_dir(args))?)
+}
+
 /// A bad name or reference is a usage error (exit 2).
 fn usage_err(e: AdapterError) -> anyhow::Error {
     match e {
@@ -45,7 +50,10 @@ pub fn add(args: AdaptersAddArgs) -> anyhow::Result<()> {
 
 /// `ft adapters list`.
 pub fn list(args: AdaptersListArgs) -> anyhow::Result<()> {
-    let records = open(&args.registry)?.list()?;
+    let (records, damaged) = open_read_only(&args.registry)?.list_all()?;
+    for d in damaged {
+        eprintln!("warning: {d}");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(());
@@ -74,7 +82,7 @@ pub fn list(args: AdaptersListArgs) -> anyhow::Result<()> {
 /// `ft adapters show`.
 pub fn show(args: AdaptersRefArgs) -> anyhow::Result<()> {
     let (name, version) = parse_ref(&args.adapter).map_err(usage_err)?;
-    let record = open(&args.registry)?.get(&name, version)?;
+    let record = open_read_only(&args.registry)?.get(&name, version)?;
     println!("{}", serde_json::to_string_pretty(&record)?);
     Ok(())
 }
@@ -91,7 +99,7 @@ pub fn rm(args: AdaptersRefArgs) -> anyhow::Result<()> {
 /// `ft adapters export`.
 pub fn export(args: AdaptersExportArgs) -> anyhow::Result<()> {
     let (name, version) = parse_ref(&args.adapter).map_err(usage_err)?;
-    let reg = open(&args.registry)?;
+    let reg = open_read_only(&args.registry)?;
     let record = reg.get(&name, version)?;
     reg.export(&record, &args.dir)?;
     println!("exported {} to {}", record.id(), args.dir.display());

@@ -212,3 +212,93 @@ fn train_registers_its_adapter_with_recipe_and_metrics() {
         "an HF folder has no single-file hash"
     );
 }
+
+/// Runs `ft args` as a user who may read but not write `dir`: as root, the process drops to
+/// `nobody` (root writes anywhere); as anyone else, `dir` is made read-only.
+fn ft_without_write_access(dir: &Path, args: &[&str]) -> ft_tests::Run {
+    let chmod = |mode: &str| {
+        let status = Command::new("chmod")
+            .args(["-R", mode, s(dir)])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    chmod("a+rX,a-w");
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc_geteuid() } == 0;
+    let run: ft_tests::Run = if root {
+        // The temporary folders above `dir` must let `nobody` through.
+        let mut up = dir.parent();
+        while let Some(p) =
+            up.filter(|p| p.starts_with(std::env::temp_dir()) && *p != std::env::temp_dir())
+        {
+            Command::new("chmod").args(["a+x", s(p)]).status().unwrap();
+            up = p.parent();
+        }
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(ft_bin())
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux)")
+            .into()
+    } else {
+        ft(args)
+    };
+    chmod("u+w");
+    run
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+#[test]
+fn a_registry_that_cannot_be_written_can_still_be_listed_shown_and_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, a) = (dir.path().join("reg"), dir.path().join("a"));
+    write_adapter(&a, 0.01);
+    let added = ft(&[
+        "adapters",
+        "add",
+        s(&a),
+        "--name",
+        "x",
+        "--registry",
+        s(&reg),
+    ]);
+    assert_eq!(added.code, 0, "{}", added.stderr);
+    let out = tempfile::tempdir().unwrap();
+    Command::new("chmod")
+        .args(["a+rwx", s(out.path())])
+        .status()
+        .unwrap();
+    let list =
+        ft_without_write_access(&reg, &["adapters", "list", "--json", "--registry", s(&reg)]);
+    assert_eq!(list.json().as_array().unwrap().len(), 1, "{}", list.stderr);
+    let show = ft_without_write_access(&reg, &["adapters", "show", "x", "--registry", s(&reg)]);
+    assert_eq!(show.json()["name"], "x");
+    let dest = out.path().join("x");
+    let export = ft_without_write_access(
+        &reg,
+        &["adapters", "export", "x", s(&dest), "--registry", s(&reg)],
+    );
+    assert_eq!(export.code, 0, "{}", export.stderr);
+    assert!(dest.join("adapter_model.safetensors").is_file());
+    // Writing still fails, with an error naming the registry: the folder really is
+    // read-only to that user.
+    ft_without_write_access(
+        &reg,
+        &[
+            "adapters",
+            "add",
+            s(&a),
+            "--name",
+            "y",
+            "--registry",
+            s(&reg),
+        ],
+    )
+    .fails_with(1, &[s(&reg)]);
+}
