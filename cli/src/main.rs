@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     match commands::run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error::report(&e));
             let usage = e.downcast_ref::<UsageError>().is_some()
                 || e.downcast_ref::<TrainError>()
                     .is_some_and(TrainError::is_usage);

@@ -249,3 +249,41 @@ fn a_tokenizer_larger_than_the_embedding_is_refused_before_any_forward() {
     std::fs::write(&config, json.to_string()).unwrap();
     gen(folder.to_str().unwrap()).fails_with(1, &["more than the embedding's 16 rows"]);
 }
+
+#[test]
+fn an_os_error_is_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("reg");
+    let run = ft(&[
+        "adapters",
+        "add",
+        "/no/such/adapter",
+        "--name",
+        "x",
+        "--registry",
+        reg.to_str().unwrap(),
+    ]);
+    run.fails_with(1, &["/no/such/adapter", "os error 2"]);
+    assert_eq!(
+        run.stderr.matches("os error 2").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_password_in_a_url_is_never_printed() {
+    let run = ft(&[
+        "bench",
+        "serve",
+        "--url",
+        "http://me:s3cret@127.0.0.1:9",
+        "--requests",
+        "1",
+        "--concurrency",
+        "1",
+    ]);
+    run.fails_with(1, &["--url http://***@127.0.0.1:9"]);
+    assert!(!run.stderr.contains("s3cret"), "{}", run.stderr);
+}
