@@ -659,6 +659,20 @@ pub struct BenchServeArgs {
     /// Append the table, with the command, machine and date, to this Markdown file.
     #[arg(long)]
     pub record: Option<PathBuf>,
+    /// A soak instead of rows: requests for this many seconds at the first concurrency, some
+    /// cancelled and some read slowly, then a check that the server went idle holding no KV
+    /// block (exit 1 if not, or on any other error).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub soak: Option<u64>,
+    /// In a soak, the share of requests whose client hangs up part way through the stream.
+    #[arg(long, default_value_t = 0.2)]
+    pub cancel_rate: f64,
+    /// In a soak, the share of requests whose client reads the stream slowly.
+    #[arg(long, default_value_t = 0.1)]
+    pub slow_rate: f64,
+    /// In a soak, a slow client's wait after each event, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub slow_delay_ms: u64,
 }
 
 /// `ft bench distill`.

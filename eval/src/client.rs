@@ -43,6 +43,15 @@ pub struct Streamed {
     pub latency: f64,
 }
 
+/// How a client reads a stream: at full speed, slowly, or hanging up part way.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pace {
+    /// Waits this long after each event before reading the next (a slow client).
+    pub delay: Duration,
+    /// Hangs up after this many events (a request its client cancels).
+    pub hang_up_after: Option<usize>,
+}
+
 /// A server's base URL, its key and the time allowed per request.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -103,6 +112,17 @@ impl Client {
 
     /// Sends `body` to `/v1/completions` as a stream (usage included) and reads it to the end.
     pub fn stream_completion(&self, body: &Value) -> Result<Streamed, ClientError> {
+        self.stream_completion_paced(body, Pace::default())?
+            .ok_or_else(|| ClientError::Failed("the client hung up".into()))
+    }
+
+    /// [`Client::stream_completion`] read at `pace`: `None` when the client hung up part way
+    /// as `pace` asked.
+    pub fn stream_completion_paced(
+        &self,
+        body: &Value,
+        pace: Pace,
+    ) -> Result<Option<Streamed>, ClientError> {
         let mut body = body.clone();
         body["stream"] = Value::Bool(true);
         body["stream_options"] = serde_json::json!({"include_usage": true});
@@ -120,11 +140,18 @@ impl Client {
         let mut chunks = 0;
         let mut usage = None;
         let mut done = false;
+        let mut events = 0;
         for line in BufReader::new(resp.into_reader()).lines() {
             let line = line.map_err(|e| self.io_error(e))?;
             let Some(data) = line.strip_prefix("data:").map(str::trim) else {
                 continue;
             };
+            if pace.hang_up_after == Some(events) {
+                // Dropping the reader closes the connection mid-stream.
+                return Ok(None);
+            }
+            events += 1;
+            std::thread::sleep(pace.delay);
             if data == "[DONE]" {
                 done = true;
                 break;
@@ -169,14 +196,32 @@ impl Client {
         let tpot = first_text
             .filter(|_| tokens > 1 && chunks > 1)
             .map(|f| (last - f).as_secs_f64() / (tokens - 1) as f64);
-        Ok(Streamed {
+        Ok(Some(Streamed {
             text,
             finish_reason,
             tokens,
             ttft: (first_text.unwrap_or(first) - start).as_secs_f64(),
             tpot,
             latency: start.elapsed().as_secs_f64(),
-        })
+        }))
+    }
+
+    /// The server's Prometheus metrics without labels (`name value` lines), by name.
+    pub fn metrics(&self) -> Result<std::collections::BTreeMap<String, f64>, ClientError> {
+        let text = self
+            .with_key(self.agent.get(&format!("{}/metrics", self.url)))
+            .call()
+            .map_err(|e| self.error(e))?
+            .into_string()
+            .map_err(|e| self.io_error(e))?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (name, value) = l.split_once(' ')?;
+                Some((name.to_string(), value.trim().parse().ok()?))
+            })
+            .collect())
     }
 
     fn error(&self, e: ureq::Error) -> ClientError {

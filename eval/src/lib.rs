@@ -6,8 +6,9 @@
 //! adapter, storage, decoding and concurrency ([`measure`]), as one [`evaluation`] describes,
 //! and writes a report ([`report`]) with plots ([`plot`]). [`greedy`] is the in-process exact
 //! match that training runs before and after; [`load_bench`] is the load generator of `ft
-//! bench serve`, [`decode_bench`] the measurement of `ft bench generate`, and [`peers`] drive
-//! the other engines measured beside ft (llama.cpp, PEFT); [`rss`] reads the process's resident
+//! bench serve`, [`soak`] its long run with cancelling and slow clients, [`decode_bench`] the
+//! measurement of `ft bench generate`, and [`peers`] drive the other engines measured beside
+//! ft (llama.cpp, PEFT); [`rss`] (the server's own, re-exported) reads the process's resident
 //! memory for every benchmark table.
 //!
 //! Uses ft-serve, ft-model and ft-adapters; must not import ft-quant (ft-model re-exports what
@@ -25,9 +26,11 @@ pub mod metric;
 pub mod peers;
 pub mod plot;
 pub mod report;
-pub mod rss;
+pub mod soak;
 pub mod task;
 pub mod tasks;
+
+pub use ft_serve::rss;
 
 pub use error::EvalError;
 pub use evaluation::Evaluation;

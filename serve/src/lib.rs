@@ -4,7 +4,8 @@
 //! batched greedy generation ([`batch`]) and the serving engine ([`engine`]): a paged KV cache
 //! ([`blocks`], [`kv_pool`]) with prefix caching, continuous batching of requests that each
 //! use their own adapter ([`adapter_cache`]), sampling, beam search ([`beam`]) and stop
-//! strings ([`text_stream`]), behind the OpenAI-compatible HTTP [`server`].
+//! strings ([`text_stream`]), behind the OpenAI-compatible HTTP [`server`], whose metrics
+//! include the process's resident memory ([`rss`]).
 //!
 //! Uses ft-model and ft-adapters; must not import ft-quant (ft-model re-exports what serving
 //! needs), ft-distill, ft-eval or ft-trainer.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod generate;
 pub mod kv_pool;
 pub mod request;
+pub mod rss;
 pub mod runner;
 pub mod sampling;
 pub mod sequence;

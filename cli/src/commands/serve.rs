@@ -9,6 +9,7 @@ use anyhow::Context;
 use ft_adapters::Registry;
 use ft_eval::client::Client;
 use ft_eval::load_bench::{self, percentile, LoadSpec};
+use ft_eval::soak::SoakSpec;
 use ft_model::QuantBackend;
 use ft_serve::server::{self, Limits, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
@@ -170,6 +171,9 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
     });
+    if let Some(seconds) = args.soak {
+        return soak(&args, url, models, seed, seconds);
+    }
     let mut table = String::from(
         "| server | streams | requests | errors | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | latency p50 s | latency p99 s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
@@ -213,6 +217,114 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
     if let Some(file) = &args.record {
         record(file, "`ft bench serve`", &table)
             .with_context(|| format!("--record {}", file.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs `ft bench serve --soak`: one table of what was sent and how the server ended, and the
+/// server's memory over time.
+fn soak(
+    args: &BenchServeArgs,
+    url: String,
+    models: Vec<String>,
+    seed: u64,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    for (flag, rate) in [
+        ("--cancel-rate", args.cancel_rate),
+        ("--slow-rate", args.slow_rate),
+    ] {
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(UsageError(format!("{flag} {rate}: must be from 0 to 1")).into());
+        }
+    }
+    if args.cancel_rate + args.slow_rate > 1.0 {
+        return Err(UsageError(format!(
+            "--cancel-rate {} and --slow-rate {} add up to more than 1",
+            args.cancel_rate, args.slow_rate
+        ))
+        .into());
+    }
+    let concurrency = args.concurrency.first().copied().unwrap_or(16);
+    let spec = SoakSpec {
+        url,
+        models: models.clone(),
+        concurrency,
+        duration: Duration::from_secs(seconds),
+        cancel_rate: args.cancel_rate,
+        slow_rate: args.slow_rate,
+        slow_delay: Duration::from_millis(args.slow_delay_ms),
+        prompt_len: args.prompt_len,
+        max_tokens: args.max_tokens as usize,
+        seed,
+        api_key: args.api_key.clone(),
+        timeout: Duration::from_secs(args.timeout),
+        sample_every: Duration::from_secs((seconds / 20).clamp(1, 30)),
+    };
+    let r = ft_eval::soak::run(&spec, Duration::from_secs(30));
+    let mib = |b: f64| b / f64::from(1 << 20);
+    // Memory after the first tenth (allocators and caches warmed up) against the end.
+    let warm = r
+        .samples
+        .iter()
+        .find(|s| s.at_s >= seconds as f64 / 10.0)
+        .or(r.samples.first())
+        .map_or(f64::NAN, |s| s.rss_bytes);
+    let peak = r
+        .samples
+        .iter()
+        .map(|s| s.rss_bytes)
+        .fold(f64::NAN, f64::max);
+    let label = args.label.clone().unwrap_or(spec.url.clone());
+    let table = format!(
+        "| server | seconds | streams | sent | completed | cancelled | slow | errors | KV blocks held at the end | RSS warm MiB | RSS end MiB | RSS peak MiB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n\
+         | {label} | {:.0} | {concurrency} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |\n",
+        r.wall_s,
+        r.sent,
+        r.completed,
+        r.cancelled,
+        r.slow,
+        r.errors.len(),
+        if r.idle { "0".to_string() } else { format!("{} ({} requests still held)", r.end.blocks_used, r.end.requests) },
+        mib(warm),
+        mib(r.end.rss_bytes),
+        mib(peak),
+    );
+    print!("{table}");
+    let series: Vec<String> = r
+        .samples
+        .iter()
+        .map(|s| format!("{:.0}s {:.0}", s.at_s, mib(s.rss_bytes)))
+        .collect();
+    println!(
+        "\nRSS MiB over time: {}\nmodels {models:?}, prompts of {} words (seed {seed}), {} tokens each; {:.0}% cancelled part way, {:.0}% read with {} ms between events",
+        series.join(", "),
+        args.prompt_len,
+        args.max_tokens,
+        args.cancel_rate * 100.0,
+        args.slow_rate * 100.0,
+        args.slow_delay_ms
+    );
+    for e in r.errors.iter().take(5) {
+        eprintln!("ft bench serve --soak: {e}");
+    }
+    if let Some(file) = &args.record {
+        record(file, "`ft bench serve --soak`", &table)
+            .with_context(|| format!("--record {}", file.display()))?;
+    }
+    if !r.idle {
+        anyhow::bail!(
+            "the server still held {} KV blocks and {} requests 30 s after the last request",
+            r.end.blocks_used,
+            r.end.requests
+        );
+    }
+    if !r.errors.is_empty() {
+        anyhow::bail!(
+            "{} requests failed other than by a planned hang-up",
+            r.errors.len()
+        );
     }
     Ok(())
 }

@@ -95,6 +95,11 @@ impl Metrics {
                 "Generated tokens per second, last 5 s.",
                 live.tokens_per_s,
             ),
+            (
+                "process_resident_memory_bytes",
+                "Resident memory of the server process.",
+                crate::rss::rss_bytes() as f64,
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
