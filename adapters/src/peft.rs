@@ -194,9 +194,20 @@ fn to_f32(path: &Path, key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>
 impl PeftAdapter {
     /// Reads a PEFT LoRA folder.
     pub fn read(dir: &Path) -> Result<Self, AdapterError> {
+        Ok(Self::read_fingerprinted(dir)?.0)
+    }
+
+    /// Reads a PEFT LoRA folder, with the sha256 of the bytes it read (config, then
+    /// weights): a reader that loads the folder again can tell whether it changed.
+    pub fn read_fingerprinted(dir: &Path) -> Result<(Self, [u8; 32]), AdapterError> {
+        use sha2::{Digest, Sha256};
         let config_path = dir.join(CONFIG_FILE);
-        let text = String::from_utf8(read_bounded(&config_path, MAX_CONFIG_BYTES)?)
-            .map_err(|_| fault(&config_path, "not UTF-8 text"))?;
+        let config_bytes = read_bounded(&config_path, MAX_CONFIG_BYTES)?;
+        let mut fingerprint = Sha256::new();
+        fingerprint.update((config_bytes.len() as u64).to_le_bytes());
+        fingerprint.update(&config_bytes);
+        let text =
+            String::from_utf8(config_bytes).map_err(|_| fault(&config_path, "not UTF-8 text"))?;
         let config: PeftConfig = serde_json::from_str(&text)
             .map_err(|e| fault(&config_path, format!("invalid adapter config: {e}")))?;
         if config.peft_type != "LORA" {
@@ -253,6 +264,7 @@ impl PeftAdapter {
         }
         let weights_path = dir.join(WEIGHTS_FILE);
         let bytes = read_bounded(&weights_path, MAX_WEIGHTS_BYTES)?;
+        fingerprint.update(&bytes);
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| fault(&weights_path, format!("not a valid safetensors file: {e}")))?;
         let mut halves: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
@@ -317,7 +329,7 @@ impl PeftAdapter {
         if modules.is_empty() {
             return Err(fault(&weights_path, "holds no LoRA tensors"));
         }
-        Ok(Self { config, modules })
+        Ok((Self { config, modules }, fingerprint.finalize().into()))
     }
 
     /// Writes the folder: `adapter_config.json` and `adapter_model.safetensors` (f32), each

@@ -1,7 +1,8 @@
 //! The adapters a server knows by name, and the few it holds in memory: loaded on first use,
 //! evicted least recently used when more than the maximum would be held (S-LoRA keeps all
 //! adapters on the host and a working set on the device; here the working set is the cache).
-//! An adapter that a running request uses is never evicted.
+//! An adapter that a running request uses is never evicted, and one loaded again after its
+//! eviction must be the same bytes that were registered.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,8 +25,9 @@ struct Loaded<B: Backend> {
 /// Known adapters (name -> folder) and the loaded ones.
 #[derive(Debug)]
 pub struct AdapterCache<B: Backend> {
-    /// Folder and registration number of each known adapter.
-    known: BTreeMap<String, (PathBuf, u64)>,
+    /// Folder, registration number and the sha256 of the files registered, of each known
+    /// adapter.
+    known: BTreeMap<String, (PathBuf, u64, [u8; 32])>,
     registrations: u64,
     loaded: BTreeMap<String, Loaded<B>>,
     max_loaded: usize,
@@ -59,10 +61,10 @@ impl<B: Backend> AdapterCache<B> {
                 "an adapter named {name:?} is already loaded (or still in use); unload it first"
             )));
         }
-        let weights = load(&dir, model)?;
+        let (weights, fingerprint) = load(&dir, model)?;
         self.registrations += 1;
         self.known
-            .insert(name.to_string(), (dir, self.registrations));
+            .insert(name.to_string(), (dir, self.registrations, fingerprint));
         if self.make_room() {
             self.clock += 1;
             self.loaded.insert(
@@ -95,7 +97,7 @@ impl<B: Backend> AdapterCache<B> {
 
     /// The number of `name`'s registration: a name registered again gets a new one.
     pub fn generation(&self, name: &str) -> Option<u64> {
-        self.known.get(name).map(|(_, g)| *g)
+        self.known.get(name).map(|(_, g, _)| *g)
     }
 
     /// Whether `name` is known.
@@ -126,16 +128,22 @@ impl<B: Backend> AdapterCache<B> {
             l.last_used = self.clock;
             return Ok(true);
         }
-        let dir = self
+        let (dir, _, registered) = self
             .known
             .get(name)
             .ok_or_else(|| EngineError::UnknownModel(name.to_string()))?
-            .0
             .clone();
         if self.loaded.len() >= self.max_loaded && !self.make_room() {
             return Ok(false);
         }
-        let weights = load(&dir, model)?;
+        let (weights, fingerprint) = load(&dir, model)?;
+        if fingerprint != registered {
+            return Err(EngineError::Adapter(format!(
+                "adapter {name}: the files in {} changed since it was loaded; load it again \
+                 (POST /v1/load_lora_adapter) to serve the new ones",
+                dir.display()
+            )));
+        }
         self.loads += 1;
         self.loaded.insert(
             name.to_string(),
@@ -183,10 +191,14 @@ impl<B: Backend> AdapterCache<B> {
     }
 }
 
+/// The adapter in `dir` checked against `model`, and the sha256 of the files read.
 fn load<B: Backend>(
     dir: &std::path::Path,
     model: &LlamaForCausalLM<B>,
-) -> Result<ServedAdapter<B>, EngineError> {
-    let peft = PeftAdapter::read(dir).map_err(|e| EngineError::Adapter(e.to_string()))?;
-    ServedAdapter::new(model, &peft, dir).map_err(|e| EngineError::Adapter(e.to_string()))
+) -> Result<(ServedAdapter<B>, [u8; 32]), EngineError> {
+    let (peft, fingerprint) =
+        PeftAdapter::read_fingerprinted(dir).map_err(|e| EngineError::Adapter(e.to_string()))?;
+    let weights =
+        ServedAdapter::new(model, &peft, dir).map_err(|e| EngineError::Adapter(e.to_string()))?;
+    Ok((weights, fingerprint))
 }

@@ -449,3 +449,32 @@ fn an_adapter_registered_again_never_reuses_the_old_ones_blocks() {
     assert_eq!(drain(&mut e)[&second].0, alone(&prompt, Some("b"), 6));
     assert_eq!(e.stats().blocks_used, 0);
 }
+
+#[test]
+fn an_evicted_adapter_whose_files_changed_is_not_loaded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        block_size: 4,
+        max_adapters: 1,
+        ..Default::default()
+    };
+    let mut e = engine(config, dir.path());
+    // "b" in use evicts "a"; then a's weights change on disk.
+    e.submit(greedy(vec![1, 2, 3], Some("b"), 2)).unwrap();
+    drain(&mut e);
+    peft(77).write(&dir.path().join("a")).unwrap();
+    e.submit(greedy(vec![1, 2, 3], Some("a"), 2)).unwrap();
+    let mut failed = None;
+    while e.has_work() {
+        for ev in e.step() {
+            if let Event::Failed { error, .. } = ev {
+                failed = Some(error.to_string());
+            }
+        }
+    }
+    let failed = failed.expect("the changed adapter is refused");
+    assert!(failed.contains("changed since it was loaded"), "{failed}");
+    // Unchanged, "b" loads again after "a"'s attempt.
+    e.submit(greedy(vec![1, 2, 3], Some("b"), 2)).unwrap();
+    assert_eq!(drain(&mut e).len(), 1);
+}

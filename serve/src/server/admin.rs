@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
+use ft_adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use ft_adapters::registry::{parse_ref, safe_relative, sha256_hex, Registry};
 use ft_adapters::AdapterError;
 use serde::Deserialize;
@@ -118,15 +119,24 @@ fn resolve(state: &AppState, lora_path: &str) -> Result<PathBuf, ApiError> {
              (--allowed-adapter-dir), nor registry:NAME"
         ))
     };
-    let path = Path::new(lora_path).canonicalize().map_err(|_| refused())?;
-    let allowed = state
+    let allowed: Vec<PathBuf> = state
         .config
         .allowed_adapter_dirs
         .iter()
         .filter_map(|d| d.canonicalize().ok())
-        .any(|d| path.starts_with(d));
-    if !allowed {
+        .collect();
+    let inside = |p: &Path| allowed.iter().any(|d| p.starts_with(d));
+    let path = Path::new(lora_path).canonicalize().map_err(|_| refused())?;
+    if !inside(&path) {
         return Err(refused());
+    }
+    // The files too: a link inside an allowed folder to a file outside it is refused.
+    for file in [CONFIG_FILE, WEIGHTS_FILE] {
+        if let Ok(target) = path.join(file).canonicalize() {
+            if !inside(&target) {
+                return Err(refused());
+            }
+        }
     }
     Ok(path)
 }

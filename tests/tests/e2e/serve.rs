@@ -317,6 +317,20 @@ fn adapters_load_and_unload_at_run_time_from_allowed_folders_and_the_registry() 
         message(&dir.path().join("exists")),
         message(&dir.path().join("missing"))
     );
+    // A folder inside an allowed one whose weights link to a file outside is refused alike.
+    let linked = allowed.join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::fs::copy(
+        allowed.join("one/adapter_config.json"),
+        linked.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        dir.path().join("outside/adapter_model.safetensors"),
+        linked.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(message(&linked), message(&dir.path().join("missing")));
     // A wrong method gets an OpenAI error object too.
     let wrong = ureq::get(&format!("{}/v1/completions", server.url)).call();
     match wrong {
