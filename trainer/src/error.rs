@@ -96,7 +96,8 @@ impl TrainError {
     /// Whether the recipe or flags are at fault (exit code 2) rather than the run.
     pub fn is_usage(&self) -> bool {
         match self {
-            Self::Usage { .. } => true,
+            // The data files the recipe names are the user's input as much as the recipe.
+            Self::Usage { .. } | Self::Data(_) => true,
             Self::At { cause, .. } => cause.is_usage(),
             _ => false,
         }

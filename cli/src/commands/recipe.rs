@@ -13,9 +13,14 @@ pub fn load(args: &RecipeArgs) -> anyhow::Result<LoadedRecipe> {
     LoadedRecipe::load(&args.recipe, &args.sets).map_err(|e| UsageError(e.0).into())
 }
 
-/// `ft recipe check`: prints `ok` or fails with the first error.
+/// `ft recipe check`: prints `ok` (and what it could not check) or fails with the first
+/// error; every failure is a usage error (exit 2), the recipe and its data being the input.
 pub fn check(args: RecipeArgs) -> anyhow::Result<()> {
-    load(&args)?;
+    let loaded = load(&args)?;
+    let unchecked = ft_trainer::run::check(&loaded).map_err(|e| UsageError(e.to_string()))?;
+    for line in unchecked {
+        eprintln!("note: {line}");
+    }
     println!("{}: ok", args.recipe.display());
     Ok(())
 }

@@ -357,6 +357,46 @@ fn recipe_show_prints_every_default_and_the_overrides() {
 }
 
 #[test]
+fn recipe_check_reads_the_data_and_the_models_shape_as_train_would() {
+    let f = TrainFixture::new("max_steps = 2");
+    let recipe = f.recipe.to_str().unwrap();
+    let check = |sets: &[&str]| {
+        let mut args = vec!["recipe", "check", recipe];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        ft(&args)
+    };
+    let ok = check(&[]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(
+        ok.stderr.is_empty(),
+        "a local model leaves nothing unchecked: {}",
+        ok.stderr
+    );
+    std::fs::write(f.path("empty.jsonl"), "").unwrap();
+    std::fs::write(f.path("bad.jsonl"), "{\"prompt\": \"a\"}\n").unwrap();
+    for (set, needle) in [
+        ("data.train=missing.jsonl", "data.train: "),
+        ("data.train=empty.jsonl", "no records"),
+        (
+            "data.train=bad.jsonl",
+            "bad.jsonl:1: not a Completion record",
+        ),
+        (
+            "lora.layers=[0, 5]",
+            "lora.layers: expected layers from 0 to 1 (the model has 2), got 5",
+        ),
+        ("lora.r=40", "lora.r: expected a rank of at most 16"),
+    ] {
+        check(&[set]).fails_with(2, &[needle]);
+        // ft train refuses the same recipe the same way, before any step.
+        f.train(&f.path("run"), &["--set", set])
+            .fails_with(2, &[needle]);
+    }
+}
+
+#[test]
 fn every_shipped_recipe_checks() {
     let recipes = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
     let mut n = 0;

@@ -43,7 +43,9 @@ use crate::recipe::{
 
 use super::host_step::{HostStep, Scorer};
 use super::loss::{nll, target_ids, target_logits};
-use super::setup::{check_rank, load_data, peft_config, prepare, progress, quant_spec, register};
+use super::setup::{
+    check_lora_shape, load_data, peft_config, prepare, progress, quant_spec, register,
+};
 use super::step_loop::{run_steps, Objective, Run};
 use super::trainables::Trainables;
 
@@ -174,7 +176,7 @@ where
     let mut model = student.model.clone();
     if d.method == DistillMethod::Lora {
         model = model.no_grad();
-        check_rank(r, &model)?;
+        check_lora_shape(r, &student.config)?;
         let lora = LoraConfig::from(&r.lora);
         let adapted = model.add_lora(&lora, &r.lora.targets, r.lora.layers.as_deref())?;
         if adapted.is_empty() {

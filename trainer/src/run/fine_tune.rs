@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::host_step::HostStep;
 use super::loss::{batch_nll, val_loss};
 use super::setup::{
-    base_sha256, check_rank, load_data, peft_config, prepare, quant_spec, register,
+    base_sha256, check_lora_shape, load_data, peft_config, prepare, quant_spec, register,
 };
 use super::step_loop::{run_steps, Objective, Run};
 use super::trainables::Trainables;
@@ -106,7 +106,7 @@ where
     write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
     let mut model = pretrained.model.clone().no_grad();
     B::seed(device, r.train.seed);
-    check_rank(r, &model)?;
+    check_lora_shape(r, &pretrained.config)?;
     let lora = LoraConfig::from(&r.lora);
     let adapted = model.add_lora(&lora, &r.lora.targets, r.lora.layers.as_deref())?;
     if adapted.is_empty() {

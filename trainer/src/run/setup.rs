@@ -9,7 +9,9 @@ use ft_adapters::registry::AddInfo;
 use ft_adapters::{LoraConfig, Registry};
 use ft_eval::tasks;
 use ft_model::chat::ChatTemplate;
-use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, QuantFormat, QuantSpec, TextTokenizer};
+use ft_model::{
+    LlamaConfig, LlamaForCausalLM, Pretrained, QuantBackend, QuantFormat, QuantSpec, TextTokenizer,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint;
@@ -53,39 +55,7 @@ pub(crate) fn tokenize_data(
     context: usize,
 ) -> Result<Dataset> {
     let d = &loaded.recipe.data;
-    let mut task = None;
-    // (train records, validation records if a file gives them, the key named in errors)
-    let mut sources: Vec<(Vec<Record>, Option<Vec<Record>>, String)> = Vec::new();
-    if let Some(name) = &d.task {
-        let t = tasks::find(name).ok_or_else(|| {
-            TrainError::Invalid(format!(
-                "data.task: unknown task {name:?}; bundled tasks: {}",
-                tasks::names()
-            ))
-        })?;
-        let records = data::parse_jsonl(t.train, data::Format::Completion, name)?;
-        sources.push((records, None, "data.task".into()));
-        task = Some(t);
-    } else if let Some(train) = &d.train {
-        let records = data::read_jsonl(&loaded.resolve(train), d.format).at("data.train")?;
-        let val = match &d.val {
-            Some(v) => Some(data::read_jsonl(&loaded.resolve(v), d.format).at("data.val")?),
-            None => None,
-        };
-        sources.push((records, val, "data.train".into()));
-    }
-    for (i, m) in d.mix.iter().enumerate() {
-        let key = format!("data.mix[{i}]");
-        let records = data::read_jsonl(&loaded.resolve(&m.train), m.format)
-            .at_with(|| format!("{key}.train"))?;
-        let val = match &m.val {
-            Some(v) => Some(
-                data::read_jsonl(&loaded.resolve(v), m.format).at_with(|| format!("{key}.val"))?,
-            ),
-            None => None,
-        };
-        sources.push((records, val, key));
-    }
+    let (sources, task) = read_sources(loaded)?;
     let encoder = Encoder {
         tokenizer,
         template,
@@ -206,30 +176,48 @@ fn apply_compute_dtype<B: QuantBackend>(r: &Recipe) -> Result<()> {
     Ok(())
 }
 
-/// The PEFT config of the adapters the recipe attached, read from the layers
-/// ([`LlamaForCausalLM::peft_config`]).
-/// Checks `lora.r` against the modules the recipe adapts before any adapter is made: a rank
-/// above a module's smaller side buys nothing and, large enough, exhausts memory.
-pub(crate) fn check_rank<B: Backend>(r: &Recipe, model: &LlamaForCausalLM<B>) -> Result<()> {
-    let smallest = model
-        .linears()
-        .into_iter()
-        .filter(|(name, _)| {
-            let module = name.rsplit('.').next().unwrap_or(name);
-            r.lora.targets.iter().any(|t| t == module)
-        })
-        .map(|(name, l)| (l.base.shape().into_iter().min().unwrap_or(0), name))
-        .min();
+/// Checks `lora.layers` and `lora.r` against a model of `c` before any adapter is made: a
+/// layer the model lacks is a usage error, and so is a rank above an adapted module's smaller
+/// side, which buys nothing and, large enough, exhausts memory.
+pub(crate) fn check_lora_shape(r: &Recipe, c: &LlamaConfig) -> Result<()> {
+    let n = c.num_hidden_layers;
+    if let Some(bad) = r.lora.layers.iter().flatten().find(|&&i| i >= n) {
+        return Err(TrainError::usage(
+            "lora.layers",
+            &format!(
+                "layers from 0 to {} (the model has {n})",
+                n.saturating_sub(1)
+            ),
+            bad,
+        ));
+    }
+    let smallest = r.lora.targets.iter().map(|t| (smaller_side(c, t), t)).min();
     match smallest {
-        Some((side, name)) if r.lora.r > side => Err(TrainError::usage(
+        Some((side, module)) if r.lora.r > side => Err(TrainError::usage(
             "lora.r",
-            &format!("a rank of at most {side} (the smaller side of {name})"),
+            &format!("a rank of at most {side} (the smaller side of {module})"),
             r.lora.r,
         )),
         _ => Ok(()),
     }
 }
 
+/// The smaller side of projection `module` in a model of `c`.
+fn smaller_side(c: &LlamaConfig, module: &str) -> usize {
+    let (e, q, kv) = (
+        c.hidden_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    match module {
+        "q_proj" | "o_proj" => e.min(q),
+        "k_proj" | "v_proj" => e.min(kv),
+        _ => e.min(c.intermediate_size),
+    }
+}
+
+/// The PEFT config of the adapters the recipe attached, read from the layers
+/// ([`LlamaForCausalLM::peft_config`]).
 pub(crate) fn peft_config<B: Backend>(r: &Recipe, model: &LlamaForCausalLM<B>) -> PeftConfig {
     let base = ft_model::source::hub_id(&r.model.source);
     model.peft_config(&LoraConfig::from(&r.lora), Some(base))
@@ -261,3 +249,48 @@ pub(crate) fn progress(total: usize, at: usize) -> ProgressBar {
     bar.set_position(at as u64);
     bar
 }
+
+/// The records of the recipe's data, read and parsed but not tokenized: one source each for
+/// the task or `data.train` and every `data.mix` entry, as (training records, validation
+/// records if a file gives them, the key named in errors); and the bundled task, if any.
+pub(crate) fn read_sources(
+    loaded: &LoadedRecipe,
+) -> Result<(Sources, Option<&'static tasks::Task>)> {
+    let d = &loaded.recipe.data;
+    let mut task = None;
+    let mut sources: Sources = Vec::new();
+    if let Some(name) = &d.task {
+        let t = tasks::find(name).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "data.task: unknown task {name:?}; bundled tasks: {}",
+                tasks::names()
+            ))
+        })?;
+        let records = data::parse_jsonl(t.train, data::Format::Completion, name)?;
+        sources.push((records, None, "data.task".into()));
+        task = Some(t);
+    } else if let Some(train) = &d.train {
+        let records = data::read_jsonl(&loaded.resolve(train), d.format).at("data.train")?;
+        let val = match &d.val {
+            Some(v) => Some(data::read_jsonl(&loaded.resolve(v), d.format).at("data.val")?),
+            None => None,
+        };
+        sources.push((records, val, "data.train".into()));
+    }
+    for (i, m) in d.mix.iter().enumerate() {
+        let key = format!("data.mix[{i}]");
+        let records = data::read_jsonl(&loaded.resolve(&m.train), m.format)
+            .at_with(|| format!("{key}.train"))?;
+        let val = match &m.val {
+            Some(v) => Some(
+                data::read_jsonl(&loaded.resolve(v), m.format).at_with(|| format!("{key}.val"))?,
+            ),
+            None => None,
+        };
+        sources.push((records, val, key));
+    }
+    Ok((sources, task))
+}
+
+/// What [`read_sources`] reads: (training records, validation records, the key in errors).
+pub(crate) type Sources = Vec<(Vec<Record>, Option<Vec<Record>>, String)>;
