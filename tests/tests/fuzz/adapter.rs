@@ -120,9 +120,13 @@ fn valid_change(rng: &mut Rng, header: &mut Value) {
             tensors.insert(String::from_utf8_lossy(&bytes).into_owned(), entry);
         }
         1 => {
-            let entry = &mut tensors[&name];
-            let size: u64 = entry["shape"]
-                .as_array()
+            // An earlier mutation may have made the entry something other than an object.
+            let Some(entry) = tensors.get_mut(&name).and_then(Value::as_object_mut) else {
+                return;
+            };
+            let size: u64 = entry
+                .get("shape")
+                .and_then(Value::as_array)
                 .and_then(|d| {
                     d.iter()
                         .try_fold(1u64, |n, v| n.checked_mul(v.as_u64().unwrap_or(0)))
@@ -134,7 +138,7 @@ fn valid_change(rng: &mut Rng, header: &mut Value) {
                 1 => vec![size],
                 _ => vec![1, 1, size],
             };
-            entry["shape"] = serde_json::json!(shape);
+            entry.insert("shape".into(), serde_json::json!(shape));
         }
         _ => {
             tensors.remove(&name);
