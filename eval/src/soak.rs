@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::client::{Client, ClientError, Pace};
 use crate::load_bench::prompt;
+use crate::tasks::SplitMix64;
 
 /// What a soak sends, how its clients behave, and for how long.
 #[derive(Debug, Clone)]
@@ -98,14 +99,8 @@ fn sample(client: &Client, start: Instant) -> Result<Sample, ClientError> {
 /// A request's plan drawn from the soak's seed: hang up after some events, read slowly, or
 /// read normally.
 fn pace(spec: &SoakSpec, i: u64) -> Pace {
-    let mut z = spec.seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut draw = || {
-        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut x = z;
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((x ^ (x >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = SplitMix64(spec.seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut draw = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     let (kind, at) = (draw(), draw());
     if kind < spec.cancel_rate {
         // Anywhere from before the first token to just before the last.

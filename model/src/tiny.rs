@@ -147,6 +147,16 @@ pub fn write_gguf<B: Backend>(
     config: &LlamaConfig,
     path: &Path,
 ) -> Result<(), ModelError> {
+    write_gguf_as(model, config, GgufExportType::F32, path)
+}
+
+/// Writes `model` as a `llama` GGUF with its matrices in `ty` at `path`.
+pub fn write_gguf_as<B: Backend>(
+    model: &LlamaForCausalLM<B>,
+    config: &LlamaConfig,
+    ty: GgufExportType,
+    path: &Path,
+) -> Result<(), ModelError> {
     let (tokens, types) = tiny_tokens();
     let tokenizer = GgufTokenizer {
         tokens,
@@ -156,12 +166,5 @@ pub fn write_gguf<B: Backend>(
         eos: Some(tiny_eos()),
         bos: None,
     };
-    gguf_export::write_gguf(
-        model,
-        config,
-        &tokenizer,
-        Some(CHATML_TEMPLATE),
-        GgufExportType::F32,
-        path,
-    )
+    gguf_export::write_gguf(model, config, &tokenizer, Some(CHATML_TEMPLATE), ty, path)
 }

@@ -15,6 +15,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use ft_eval::tasks::SplitMix64;
 use serde_json::Value;
 
 /// The longest one input may take before it counts as a hang.
@@ -106,9 +107,9 @@ fn out_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/fuzz")
 }
 
-/// splitmix64: a counter-based generator, so input `i` of a run is drawn without the others.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
+/// Inputs' random draws: SplitMix64 seeded per input, so input `i` of a run is drawn without
+/// the others.
+pub struct Rng(SplitMix64);
 
 impl Rng {
     /// A generator for input `index` of the run `seed` of target `name`.
@@ -116,19 +117,16 @@ impl Rng {
         let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
         });
-        let mut r =
-            Rng(name_hash ^ seed.rotate_left(17) ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut r = Rng(SplitMix64(
+            name_hash ^ seed.rotate_left(17) ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        ));
         r.next_u64();
         r
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// A number in `0..n` (`n` > 0).
@@ -364,6 +362,23 @@ fn edge_value(rng: &mut Rng, like: &Value) -> Value {
             7 => json!({}),
             _ => json!([like.clone()]),
         },
+    }
+}
+
+/// A JSON document's mutation: structural (one [`mutate_json`]) with probability
+/// `structural`, else of its bytes; bytes that are not JSON are always mutated as bytes.
+pub fn mutate_json_document(rng: &mut Rng, text: &[u8], structural: f64) -> Vec<u8> {
+    match serde_json::from_slice::<Value>(text) {
+        Ok(mut v) if rng.chance(structural) => {
+            mutate_json(rng, &mut v);
+            serde_json::to_vec(&v).expect("a JSON value serializes")
+        }
+        _ => {
+            let mut v = text.to_vec();
+            let n = v.len();
+            mutate_bytes(rng, &mut v, 0..n);
+            v
+        }
     }
 }
 

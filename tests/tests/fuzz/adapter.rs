@@ -8,7 +8,7 @@ use ft_adapters::PeftAdapter;
 use ft_model::forward::ragged::ServedAdapter;
 use ft_model::tiny::{tiny_adapter, tiny_config, tiny_model};
 use ft_model::LlamaForCausalLM;
-use ft_tests::fuzz::{budget, fuzz, mutate_bytes, mutate_json, Outcome, Rng, Target};
+use ft_tests::fuzz::{budget, fuzz, mutate_bytes, mutate_json_document, Outcome, Rng, Target};
 use serde_json::Value;
 
 use crate::{B, LONG, QUICK};
@@ -44,22 +44,6 @@ fn run(model: &LlamaForCausalLM<B>, dir: &Path) -> Outcome {
     }
 }
 
-/// A JSON document's mutation: structural most of the time, else of its bytes.
-fn mutate_document(rng: &mut Rng, text: &[u8]) -> Vec<u8> {
-    match serde_json::from_slice::<Value>(text) {
-        Ok(mut v) if rng.chance(0.9) => {
-            mutate_json(rng, &mut v);
-            serde_json::to_vec(&v).expect("a JSON value serializes")
-        }
-        _ => {
-            let mut v = text.to_vec();
-            let n = v.len();
-            mutate_bytes(rng, &mut v, 0..n);
-            v
-        }
-    }
-}
-
 /// A safetensors file's mutation: its JSON header (offsets, shapes, dtypes) rewritten, with
 /// the length prefix kept right most of the time, or its bytes mutated around the header.
 fn mutate_safetensors(rng: &mut Rng, file: &[u8]) -> Vec<u8> {
@@ -76,7 +60,7 @@ fn mutate_safetensors(rng: &mut Rng, file: &[u8]) -> Vec<u8> {
                     valid_change(rng, &mut v);
                     serde_json::to_vec(&v).expect("a JSON value serializes")
                 }
-                _ => mutate_document(rng, header),
+                _ => mutate_json_document(rng, header, 0.9),
             };
             let declared = if rng.chance(0.9) {
                 new.len() as u64
@@ -173,7 +157,7 @@ fn fuzz_adapter(name: &str, config_side: bool, default: u64) {
                 .collect(),
             mutate: &|rng: &mut Rng, seed: &[u8]| {
                 if config_side {
-                    mutate_document(rng, seed)
+                    mutate_json_document(rng, seed, 0.9)
                 } else {
                     mutate_safetensors(rng, seed)
                 }

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use ft_model::formats::gguf::GgufFile;
-use ft_model::formats::gguf_export::{self, GgufExportType, GgufTokenizer};
-use ft_model::tiny::{tiny_config, tiny_eos, tiny_model, tiny_tokens, CHATML_TEMPLATE};
+use ft_model::formats::gguf_export::GgufExportType;
+use ft_model::tiny::{tiny_config, tiny_model, write_gguf_as};
 use ft_model::Pretrained;
 use ft_serve::{generate, Sampler, SamplingParams};
 use ft_tests::fuzz::{budget, fuzz, mutate_bytes, Outcome, Rng, Target};
@@ -17,28 +17,11 @@ use crate::{B, LONG, QUICK};
 fn seeds(dir: &Path) -> Vec<(Vec<u8>, usize)> {
     let config = tiny_config();
     let model = tiny_model::<B>(&config, 5);
-    let (tokens, types) = tiny_tokens();
-    let tokenizer = GgufTokenizer {
-        tokens,
-        types: types.into_iter().map(|t| t as i32).collect(),
-        merges: Vec::new(),
-        pre: "gpt2".into(),
-        eos: Some(tiny_eos()),
-        bos: None,
-    };
     [GgufExportType::F32, GgufExportType::Q8_0]
         .into_iter()
         .map(|ty| {
             let path = dir.join(format!("{ty:?}.gguf"));
-            gguf_export::write_gguf(
-                &model,
-                &config,
-                &tokenizer,
-                Some(CHATML_TEMPLATE),
-                ty,
-                &path,
-            )
-            .expect("write the seed");
+            write_gguf_as(&model, &config, ty, &path).expect("write the seed");
             let data = GgufFile::open(&path)
                 .expect("the seed opens")
                 .tensors

@@ -10,7 +10,7 @@ use ft_model::tiny::{tiny_adapter, tiny_config, tiny_model};
 use ft_model::Pretrained;
 use ft_serve::server::{Background, Limits, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
-use ft_tests::fuzz::{budget, fuzz, mutate_bytes, mutate_json, Outcome, Rng, Target};
+use ft_tests::fuzz::{budget, fuzz, mutate_json_document, Outcome, Rng, Target};
 use serde_json::{json, Value};
 
 use crate::{B, LONG, QUICK};
@@ -105,18 +105,7 @@ fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
         .position(|&b| b == b'\n')
         .unwrap_or(input.len());
     let (path, body) = (&input[..split], input.get(split + 1..).unwrap_or_default());
-    let mut body = match serde_json::from_slice::<Value>(body) {
-        Ok(mut v) if rng.chance(0.85) => {
-            mutate_json(rng, &mut v);
-            serde_json::to_vec(&v).expect("a JSON value serializes")
-        }
-        _ => {
-            let mut v = body.to_vec();
-            let n = v.len();
-            mutate_bytes(rng, &mut v, 0..n);
-            v
-        }
-    };
+    let mut body = mutate_json_document(rng, body, 0.85);
     let mut out = path.to_vec();
     out.push(b'\n');
     out.append(&mut body);
