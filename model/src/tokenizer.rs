@@ -178,7 +178,8 @@ pub fn bpe_tokenizer_json(
     let pre_tokenizer = match pre {
         "smollm" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-        "default" | "gpt2" => byte_level(true),
+        // llama.cpp names it "gpt-2"; GGUF files written by earlier ft versions say "gpt2".
+        "default" | "gpt-2" | "gpt2" => byte_level(true),
         "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]}),
         "qwen2" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}),
         other => {

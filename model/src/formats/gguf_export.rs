@@ -127,7 +127,7 @@ fn pre_name(pre: &Value) -> Result<String, String> {
     let shape: Vec<String> = parts.iter().map(|p| kind(p)).collect();
     Ok(
         match shape.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-            ["ByteLevel"] => "gpt2".into(),
+            ["ByteLevel"] => "gpt-2".into(),
             ["Digits", "ByteLevel"] if parts[0]["individual_digits"] == true => "smollm".into(),
             ["Split", "ByteLevel"] if regex(parts[0]) == LLAMA3_SPLIT => "llama-bpe".into(),
             ["Split", "ByteLevel"] if regex(parts[0]) == QWEN2_SPLIT => "qwen2".into(),
@@ -161,6 +161,16 @@ pub fn write_pretrained_gguf<B: Backend>(
     )
 }
 
+/// llama.cpp's architecture name for a model of `c`: `qwen2` for q/k/v biases, else `llama`.
+/// Qwen2 keeps HF's row order; llama.cpp permutes the q/k rows of `llama` models only.
+pub fn architecture(c: &LlamaConfig) -> &'static str {
+    if c.attention_bias {
+        "qwen2"
+    } else {
+        "llama"
+    }
+}
+
 /// Writes a model and its tokenizer as a GGUF file with matrices in `ty`.
 pub fn write_gguf<B: Backend>(
     model: &LlamaForCausalLM<B>,
@@ -170,8 +180,7 @@ pub fn write_gguf<B: Backend>(
     ty: GgufExportType,
     path: &Path,
 ) -> Result<(), ModelError> {
-    // Qwen2 (q/k/v biases) keeps HF's row order; llama.cpp permutes only `llama` models.
-    let arch = if c.attention_bias { "qwen2" } else { "llama" };
+    let arch = architecture(c);
     let key = |k: &str| format!("{arch}.{k}");
     let u32v = |v: usize| GgufValue::U32(v as u32);
     let strings =
