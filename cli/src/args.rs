@@ -174,8 +174,42 @@ pub enum AdaptersCommand {
     Show(AdaptersRefArgs),
     /// Remove one version, or every version of a name.
     Rm(AdaptersRefArgs),
-    /// Write a version's PEFT files into DIR.
+    /// Write a version's PEFT files into DIR, or (`--format gguf`) llama.cpp's GGUF LoRA file.
     Export(AdaptersExportArgs),
+    /// Convert a PEFT folder to llama.cpp's GGUF LoRA file (for `llama-cli --lora` and Ollama).
+    Convert(AdaptersConvertArgs),
+}
+
+/// The format an adapter is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AdapterFormat {
+    /// A PEFT folder (adapter_config.json, adapter_model.safetensors).
+    Peft,
+    /// llama.cpp's GGUF LoRA file, with an Ollama Modelfile beside it.
+    Gguf,
+}
+
+/// What a GGUF LoRA file is written for: the base model and the matrices' type.
+#[derive(Debug, Args)]
+pub struct GgufLoraArgs {
+    /// The base model the adapter is applied to (a GGUF file, an HF folder or a source such
+    /// as the default model): its shape and architecture decide the file's names and order.
+    #[arg(long, default_value = ft_model::source::DEFAULT_MODEL)]
+    pub base: String,
+    /// The matrices' type: f32 or f16.
+    #[arg(long = "type", default_value = "f32")]
+    pub ty: String,
+}
+
+/// `ft adapters convert`.
+#[derive(Debug, Args)]
+pub struct AdaptersConvertArgs {
+    /// The PEFT folder.
+    pub dir: PathBuf,
+    /// The GGUF file to write.
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub gguf: GgufLoraArgs,
 }
 
 /// Where the registry is.
@@ -231,8 +265,14 @@ pub struct AdaptersRefArgs {
 pub struct AdaptersExportArgs {
     /// NAME or NAME:VERSION.
     pub adapter: String,
-    /// Output folder.
+    /// Output folder (PEFT) or file (GGUF).
     pub dir: PathBuf,
+    /// What to write.
+    #[arg(long, value_enum, default_value = "peft")]
+    pub format: AdapterFormat,
+    /// With `--format gguf`.
+    #[command(flatten)]
+    pub gguf: GgufLoraArgs,
     /// Registry location.
     #[command(flatten)]
     pub registry: RegistryArgs,

@@ -195,6 +195,26 @@ fn rope_scaling_from_json(v: &serde_json::Value) -> Result<RopeScaling, String> 
 }
 
 impl LlamaConfig {
+    /// The `[out, in]` shape of a block projection named by its module (`q_proj`, ...,
+    /// `down_proj`, with or without its `self_attn.`/`mlp.` prefix); `None` for another name.
+    pub fn projection_shape(&self, module: &str) -> Option<[usize; 2]> {
+        let (e, q, kv, f) = (
+            self.hidden_size,
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+            self.intermediate_size,
+        );
+        let name = module.rsplit('.').next().unwrap_or(module);
+        Some(match name {
+            "q_proj" => [q, e],
+            "k_proj" | "v_proj" => [kv, e],
+            "o_proj" => [e, q],
+            "gate_proj" | "up_proj" => [f, e],
+            "down_proj" => [e, f],
+            _ => return None,
+        })
+    }
+
     /// Reads the hyperparameters of a `llama` or `qwen2` GGUF file.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, ModelError> {
         let arch = gguf.get_str("general.architecture")?.to_string();

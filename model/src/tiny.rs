@@ -4,7 +4,7 @@
 //! loader faults without downloading anything.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use ft_adapters::peft::{LoraWeights, Matrix, PeftAdapter, PeftConfig};
@@ -17,6 +17,7 @@ use crate::formats::gguf_write::write_atomic;
 use crate::formats::hf_export::{hf_config_json, write_safetensors};
 use crate::forward::llama::LlamaForCausalLM;
 use crate::tokenizer::{bpe_tokenizer_json, byte_level_alphabet};
+use crate::weights::{HostTensor, TensorSource};
 
 /// Special tokens after the 256 byte tokens: ids 256, 257, 258.
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -33,6 +34,57 @@ pub fn tiny_model<B: Backend>(config: &LlamaConfig, seed: u64) -> LlamaForCausal
     let device = B::Device::default();
     B::seed(&device, seed);
     LlamaForCausalLM::init_random(config, &device)
+}
+
+/// A model of `config` whose every weight is a fixed function of its name and position (norms
+/// 1): unlike [`tiny_model`], no random draw, so it is the same bytes on every machine, for
+/// comparisons with what another engine computed once from the same file.
+pub fn formula_model<B: Backend>(config: &LlamaConfig) -> LlamaForCausalLM<B> {
+    struct Formula {
+        tensors: BTreeMap<String, HostTensor>,
+        path: PathBuf,
+    }
+    impl TensorSource for Formula {
+        fn names(&self) -> Vec<String> {
+            self.tensors.keys().cloned().collect()
+        }
+        fn location(&self) -> &Path {
+            &self.path
+        }
+        fn load(&self, name: &str) -> Result<HostTensor, ModelError> {
+            self.tensors
+                .get(name)
+                .map(|t| HostTensor::new(t.shape.clone(), t.data.clone()))
+                .ok_or_else(|| ModelError::format(&self.path, format!("no tensor {name}")))
+        }
+    }
+    let device = B::Device::default();
+    let shapes = LlamaForCausalLM::<B>::init_random(config, &device).named_tensors();
+    let tensors = shapes
+        .into_iter()
+        .map(|(name, t)| {
+            let salt = name
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+            let data = (0..t.data.len() as u64)
+                .map(|i| {
+                    if name.contains("norm") {
+                        1.0
+                    } else {
+                        ((i.wrapping_mul(2_654_435_761).wrapping_add(salt) % 1009) as f32 / 1009.0
+                            - 0.5)
+                            * 0.2
+                    }
+                })
+                .collect();
+            (name, HostTensor::new(t.shape, data))
+        })
+        .collect();
+    let source = Formula {
+        tensors,
+        path: PathBuf::from("formula"),
+    };
+    LlamaForCausalLM::load(config, &source, None, &device).expect("the formula's own shapes")
 }
 
 /// A small configuration: 2 layers, width 32, 4 query and 2 key/value heads of 8, the
@@ -162,7 +214,7 @@ pub fn write_gguf_as<B: Backend>(
         tokens,
         types: types.into_iter().map(|t| t as i32).collect(),
         merges: Vec::new(),
-        pre: "gpt2".into(),
+        pre: "gpt-2".into(),
         eos: Some(tiny_eos()),
         bos: None,
     };

@@ -1,14 +1,20 @@
-//! `ft adapters ...`: the adapter registry from the command line.
+//! `ft adapters ...`: the adapter registry from the command line, and adapters converted to
+//! llama.cpp's GGUF LoRA file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use ft_adapters::registry::{parse_ref, AddInfo};
-use ft_adapters::{AdapterError, Registry};
+use ft_adapters::{AdapterError, PeftAdapter, Registry};
+use ft_model::formats::gguf_export::GgufExportType;
+use ft_model::formats::gguf_lora::write_gguf_lora;
+use ft_model::pretrained::TextSide;
 
 use crate::args::{
-    AdaptersAddArgs, AdaptersExportArgs, AdaptersListArgs, AdaptersRefArgs, RegistryArgs,
+    AdapterFormat, AdaptersAddArgs, AdaptersConvertArgs, AdaptersExportArgs, AdaptersListArgs,
+    AdaptersRefArgs, GgufLoraArgs, RegistryArgs,
 };
-use crate::error::UsageError;
+use crate::error::{usage, UsageError};
 
 /// The registry folder the flags name (default `$FT_HOME/registry`).
 pub fn registry_dir(args: &RegistryArgs) -> PathBuf {
@@ -101,7 +107,53 @@ pub fn export(args: AdaptersExportArgs) -> anyhow::Result<()> {
     let (name, version) = parse_ref(&args.adapter).map_err(usage_err)?;
     let reg = open_read_only(&args.registry)?;
     let record = reg.get(&name, version)?;
-    reg.export(&record, &args.dir)?;
+    match args.format {
+        AdapterFormat::Peft => reg.export(&record, &args.dir)?,
+        AdapterFormat::Gguf => {
+            let staging = tempfile::tempdir()?;
+            reg.export(&record, staging.path())?;
+            write_gguf(staging.path(), &args.dir, &args.gguf)?;
+        }
+    }
     println!("exported {} to {}", record.id(), args.dir.display());
+    Ok(())
+}
+
+/// `ft adapters convert`: a PEFT folder to llama.cpp's GGUF LoRA file.
+pub fn convert(args: AdaptersConvertArgs) -> anyhow::Result<()> {
+    write_gguf(&args.dir, &args.out, &args.gguf)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// Writes the PEFT adapter in `dir` as a GGUF LoRA file at `out` for the base `args.base`,
+/// and, when the base is a GGUF file, an Ollama Modelfile beside it (`OUT.Modelfile`).
+fn write_gguf(dir: &Path, out: &Path, args: &GgufLoraArgs) -> anyhow::Result<()> {
+    let ty = match args.ty.as_str() {
+        "f32" => GgufExportType::F32,
+        "f16" => GgufExportType::F16,
+        other => return Err(usage("--type", "f32 or f16", other)),
+    };
+    let base =
+        ft_model::source::resolve(&args.base).with_context(|| format!("--base {}", args.base))?;
+    let text = TextSide::load(&base).with_context(|| format!("--base {}", args.base))?;
+    let adapter = PeftAdapter::read(dir)?;
+    write_gguf_lora(&adapter, &text.config, ty, out)?;
+    if base.is_file() {
+        let modelfile = out.with_extension("Modelfile");
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let text = format!(
+            "FROM {}\nADAPTER {}\n",
+            absolute(&base).display(),
+            absolute(out).display()
+        );
+        ft_adapters::atomic::write_atomic(&modelfile, text.as_bytes())
+            .with_context(|| format!("{}", modelfile.display()))?;
+        println!(
+            "wrote {} (ollama create NAME -f {})",
+            modelfile.display(),
+            modelfile.display()
+        );
+    }
     Ok(())
 }

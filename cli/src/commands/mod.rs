@@ -47,6 +47,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Adapters(AdaptersCommand::Show(args)) => adapters::show(args),
         Command::Adapters(AdaptersCommand::Rm(args)) => adapters::rm(args),
         Command::Adapters(AdaptersCommand::Export(args)) => adapters::export(args),
+        Command::Adapters(AdaptersCommand::Convert(args)) => adapters::convert(args),
         Command::Publish(args) => hub::publish(args),
         Command::Pull(args) => hub::pull(args),
         Command::Serve(args) => serve::run(args),

@@ -176,3 +176,208 @@ fn a_merged_gguf_in_f16_or_q8_0_scores_like_the_adapted_model() {
         );
     }
 }
+
+/// A rank-4 adapter on all seven projections of both tiny layers, strong enough to move every
+/// log-probability.
+fn write_full_adapter(dir: &Path) {
+    let mut modules = BTreeMap::new();
+    for i in 0..2 {
+        for (j, (m, n_out, n_in)) in [
+            ("self_attn.q_proj", 32, 32),
+            ("self_attn.k_proj", 16, 32),
+            ("self_attn.v_proj", 16, 32),
+            ("self_attn.o_proj", 32, 32),
+            ("mlp.gate_proj", 48, 32),
+            ("mlp.up_proj", 48, 32),
+            ("mlp.down_proj", 32, 48),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            modules.insert(
+                format!("model.layers.{i}.{m}"),
+                LoraWeights {
+                    a: matrix([4, n_in], 7 * i + j),
+                    b: matrix([n_out, 4], 7 * i + j + 3),
+                },
+            );
+        }
+    }
+    let config: PeftConfig = serde_json::from_value(serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "bias": "none"
+    }))
+    .unwrap();
+    PeftAdapter { config, modules }.write(dir).unwrap();
+}
+
+fn sha256(path: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(std::fs::read(path).unwrap());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `ft adapters convert` writes the adapter llama.cpp loads with `--lora`: llama.cpp's greedy
+/// tokens and log-probabilities with it (`fixtures/gguf_lora_llamacpp.json`, made by
+/// `scripts/gguf_lora_reference.py` with llama-cpp-python from these same bytes) are ft's
+/// with the PEFT folder, within 1e-3.
+#[test]
+fn a_converted_adapter_gives_llama_cpp_the_outputs_ft_gives_with_the_peft_folder() {
+    type B = burn::backend::NdArray<f32>;
+    let dir = tempfile::tempdir().unwrap();
+    let (base, peft, lora) = (
+        dir.path().join("base.gguf"),
+        dir.path().join("peft"),
+        dir.path().join("lora.gguf"),
+    );
+    let config = tiny();
+    ft_model::tiny::write_gguf(&ft_model::tiny::formula_model::<B>(&config), &config, &base)
+        .unwrap();
+    write_full_adapter(&peft);
+    let run = ft(&[
+        "adapters",
+        "convert",
+        peft.to_str().unwrap(),
+        lora.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let modelfile = std::fs::read_to_string(dir.path().join("lora.Modelfile")).unwrap();
+    assert_eq!(
+        modelfile,
+        format!("FROM {}\nADAPTER {}\n", base.display(), lora.display())
+    );
+    let reference = ft_tests::fixture_json("gguf_lora_llamacpp.json");
+    assert_eq!(
+        (sha256(&base), sha256(&lora)),
+        (
+            reference["base_sha256"].as_str().unwrap().to_string(),
+            reference["adapter_sha256"].as_str().unwrap().to_string()
+        ),
+        "the fixture was made from other files: rerun scripts/gguf_lora_reference.py"
+    );
+    let server = ft_tests::Server::start(&[
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        &format!("x={}", peft.display()),
+    ]);
+    let logprobs = |model: &str, expected: &serde_json::Value| -> Vec<f64> {
+        let n = expected["ids"].as_array().unwrap().len();
+        let (status, answer) = server.post(
+            "/v1/completions",
+            &serde_json::json!({
+                "model": model, "prompt": reference["prompt"], "max_tokens": n,
+                "temperature": 0, "logprobs": 0, "ignore_eos": true,
+            }),
+        );
+        assert_eq!(status, 200, "{answer}");
+        let got: Vec<f64> = answer["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let want: Vec<f64> = expected["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{answer}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-3,
+                "{model}, token {i}: ft {g}, llama.cpp {w}"
+            );
+        }
+        got
+    };
+    let adapted = logprobs("x", &reference["with_adapter"]);
+    let plain = logprobs(base.to_str().unwrap(), &reference["base_only"]);
+    let moved = adapted
+        .iter()
+        .zip(&plain)
+        .map(|(a, p)| (a - p).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        moved > 0.05,
+        "the adapter moves the log-probabilities ({moved})"
+    );
+}
+
+#[test]
+fn a_registry_version_exports_as_a_gguf_lora_and_a_wrong_type_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    let (peft, reg, out) = (
+        dir.path().join("peft"),
+        dir.path().join("reg"),
+        dir.path().join("x.gguf"),
+    );
+    write_full_adapter(&peft);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let add = ft(&[
+        "adapters",
+        "add",
+        &s(&peft),
+        "--name",
+        "x",
+        "--registry",
+        &s(&reg),
+    ]);
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    let export = ft(&[
+        "adapters",
+        "export",
+        "x",
+        &s(&out),
+        "--format",
+        "gguf",
+        "--base",
+        &s(&gguf),
+        "--type",
+        "f16",
+        "--registry",
+        &s(&reg),
+    ]);
+    assert_eq!(export.code, 0, "{}", export.stderr);
+    let file = ft_model::formats::gguf::GgufFile::open(&out).unwrap();
+    assert_eq!(file.get_str("general.type").unwrap(), "adapter");
+    assert_eq!(file.tensors.len(), 2 * 2 * 7);
+    ft(&[
+        "adapters",
+        "convert",
+        &s(&peft),
+        &s(&out),
+        "--base",
+        &s(&gguf),
+        "--type",
+        "q8_0",
+    ])
+    .fails_with(2, &["--type: expected f32 or f16, got q8_0"]);
+    // An adapter for another shape is refused before anything is written.
+    let wide = dir.path().join("wide");
+    write_adapter(&wide);
+    let other = ft_model::LlamaConfig {
+        num_key_value_heads: 4,
+        ..tiny()
+    };
+    std::fs::create_dir_all(dir.path().join("other")).unwrap();
+    let (_, other_gguf) = tiny_model(&dir.path().join("other"), &other);
+    ft(&[
+        "adapters",
+        "convert",
+        &s(&wide),
+        &s(&dir.path().join("w.gguf")),
+        "--base",
+        &s(&other_gguf),
+    ])
+    .fails_with(
+        1,
+        &["model.layers.0.self_attn.k_proj", "the base's matrix is"],
+    );
+    assert!(!dir.path().join("w.gguf").exists());
+}

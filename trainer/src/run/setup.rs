@@ -191,7 +191,12 @@ pub(crate) fn check_lora_shape(r: &Recipe, c: &LlamaConfig) -> Result<()> {
             bad,
         ));
     }
-    let smallest = r.lora.targets.iter().map(|t| (smaller_side(c, t), t)).min();
+    let smallest = r
+        .lora
+        .targets
+        .iter()
+        .filter_map(|t| Some((c.projection_shape(t)?.into_iter().min()?, t)))
+        .min();
     match smallest {
         Some((side, module)) if r.lora.r > side => Err(TrainError::usage(
             "lora.r",
@@ -199,20 +204,6 @@ pub(crate) fn check_lora_shape(r: &Recipe, c: &LlamaConfig) -> Result<()> {
             r.lora.r,
         )),
         _ => Ok(()),
-    }
-}
-
-/// The smaller side of projection `module` in a model of `c`.
-fn smaller_side(c: &LlamaConfig, module: &str) -> usize {
-    let (e, q, kv) = (
-        c.hidden_size,
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-    );
-    match module {
-        "q_proj" | "o_proj" => e.min(q),
-        "k_proj" | "v_proj" => e.min(kv),
-        _ => e.min(c.intermediate_size),
     }
 }
 
