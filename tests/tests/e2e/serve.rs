@@ -450,3 +450,103 @@ fn slow_silent_and_surplus_clients_are_cut_off_and_the_server_stays_up() {
     );
     assert_eq!(status, 200, "{answer}");
 }
+
+/// The cells of the table row `ft bench serve` prints after its header, by column name.
+fn table_row(stdout: &str) -> std::collections::BTreeMap<String, String> {
+    let mut lines = stdout.lines().filter(|l| l.starts_with('|'));
+    let cells = |l: &str| -> Vec<String> {
+        l.trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let header = cells(lines.next().expect("a header"));
+    let row = cells(lines.nth(1).expect("a row after the rule"));
+    header.into_iter().zip(row).collect()
+}
+
+#[test]
+fn bench_serve_measures_rows_and_a_soak_ends_with_no_block_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    let server = Server::start(&["--model", gguf.to_str().unwrap()]);
+    let rows = ft(&[
+        "bench",
+        "serve",
+        "--url",
+        &server.url,
+        "--concurrency",
+        "2",
+        "--requests",
+        "6",
+        // Words of about eight byte tokens each: the tiny model's context is 64.
+        "--prompt-len",
+        "3",
+        "--max-tokens",
+        "4",
+        "--seed",
+        "1",
+    ]);
+    assert_eq!(rows.code, 0, "{}", rows.stderr);
+    let row = table_row(&rows.stdout);
+    assert_eq!(
+        (row["requests"].as_str(), row["errors"].as_str()),
+        ("6", "0"),
+        "{}",
+        rows.stdout
+    );
+
+    let soak = ft(&[
+        "bench",
+        "serve",
+        "--url",
+        &server.url,
+        "--soak",
+        "3",
+        "--concurrency",
+        "3",
+        "--prompt-len",
+        "3",
+        "--max-tokens",
+        "8",
+        "--cancel-rate",
+        "0.4",
+        "--slow-rate",
+        "0.2",
+        "--slow-delay-ms",
+        "5",
+        "--seed",
+        "2",
+    ]);
+    assert_eq!(soak.code, 0, "{}\n{}", soak.stdout, soak.stderr);
+    let row = table_row(&soak.stdout);
+    assert_eq!(row["errors"], "0", "{}", soak.stdout);
+    assert_eq!(row["KV blocks held at the end"], "0", "{}", soak.stdout);
+    let sent: u64 = row["sent"].parse().unwrap();
+    let (completed, cancelled): (u64, u64) = (
+        row["completed"].parse().unwrap(),
+        row["cancelled"].parse().unwrap(),
+    );
+    assert!(cancelled > 0 && completed > 0, "{}", soak.stdout);
+    assert_eq!(sent, completed + cancelled);
+    assert!(
+        row["RSS end MiB"].parse::<f64>().unwrap() > 0.0,
+        "{}",
+        soak.stdout
+    );
+    // The server took every hang-up in its stride.
+    assert_eq!(server.metric("ft_kv_blocks_used"), 0.0);
+    assert_eq!(server.metric("ft_requests_running"), 0.0);
+
+    ft(&[
+        "bench",
+        "serve",
+        "--url",
+        &server.url,
+        "--soak",
+        "1",
+        "--cancel-rate",
+        "1.5",
+    ])
+    .fails_with(2, &["--cancel-rate 1.5: must be from 0 to 1"]);
+}
