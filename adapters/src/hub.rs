@@ -369,8 +369,14 @@ fn yaml_scalar(s: &str) -> String {
 }
 
 /// The model card: YAML front matter the Hub reads, then what the adapter is, its metrics, the
-/// recipe that trained it and how to load it with PEFT.
-pub fn model_card(record: &crate::registry::AdapterRecord, repo: &str, license: &str) -> String {
+/// recipe that trained it, how to load it with PEFT, and `serving`: one line per server on
+/// whether it loads the adapter ([`crate::compat::Verdict::summary`]).
+pub fn model_card(
+    record: &crate::registry::AdapterRecord,
+    repo: &str,
+    license: &str,
+    serving: &[String],
+) -> String {
     let base = record.base_model.as_deref().unwrap_or("unknown");
     let mut tags = vec!["ft".to_string(), "lora".into(), "peft".into()];
     if let Some(t) = &record.task {
@@ -394,7 +400,7 @@ pub fn model_card(record: &crate::registry::AdapterRecord, repo: &str, license: 
          trained with ft and stored in the PEFT format.\n\n\
          ## Metrics\n\n```json\n{metrics}\n```\n{recipe}\n\
          ## Use\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n\
-         base = AutoModelForCausalLM.from_pretrained({python_base})\nmodel = PeftModel.from_pretrained(base, {python_repo})\n```\n",
+         base = AutoModelForCausalLM.from_pretrained({python_base})\nmodel = PeftModel.from_pretrained(base, {python_repo})\n```\n{serving}",
         name = record.name,
         version = record.version,
         r = record.r,
@@ -404,6 +410,12 @@ pub fn model_card(record: &crate::registry::AdapterRecord, repo: &str, license: 
             .task
             .as_deref()
             .map_or(String::new(), |t| format!(" on the task `{t}`")),
+        serving = if serving.is_empty() {
+            String::new()
+        } else {
+            let lines: String = serving.iter().map(|l| format!("- {l}\n")).collect();
+            format!("\n## Other servers\n\nAs `ft adapters check` found when it was published:\n\n{lines}")
+        },
     )
 }
 
@@ -429,7 +441,7 @@ mod tests {
             files: Default::default(),
             published: Vec::new(),
         };
-        let card = model_card(&record, "me/dates", "apache-2.0");
+        let card = model_card(&record, "me/dates", "apache-2.0", &[]);
         let front = card.split("---").nth(1).expect("front matter");
         let keys: Vec<&str> = front
             .lines()
@@ -456,7 +468,11 @@ mod tests {
             base_model: Some("HuggingFaceTB/SmolLM2-135M-Instruct".into()),
             ..record
         };
-        assert!(model_card(&plain, "me/dates", "mit")
-            .contains("base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n"));
+        let card = model_card(&plain, "me/dates", "mit", &["vllm: loads".into()]);
+        assert!(card.contains("base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n"));
+        assert!(
+            card.contains("## Other servers") && card.contains("\n- vllm: loads\n"),
+            "{card}"
+        );
     }
 }

@@ -2,12 +2,14 @@
 //!
 //! Holds the LoRA layer ([`lora`]: A [r, in], B [out, r], PEFT's init and scaling) wrapping
 //! ft-quant's base [`ft_quant::Linear`], the PEFT format ([`peft`]) and the SQLite adapter
-//! registry ([`registry`]) and Hub publishing ([`hub`]). Later: batched multi-adapter forward.
+//! registry ([`registry`]) and Hub publishing ([`hub`]), and whether other servers (vLLM,
+//! LoRAX, TGI) load an adapter as PEFT means it ([`compat`]).
 //!
 //! Depends only on ft-quant among ft crates; must not import ft-model or anything above it.
 #![warn(missing_docs)]
 
 pub mod atomic;
+pub mod compat;
 pub mod hub;
 pub mod lora;
 pub mod peft;

@@ -28,6 +28,15 @@ const MAX_WEIGHTS_BYTES: u64 = 16 << 30;
 /// The largest rank read.
 const MAX_RANK: usize = 65_536;
 
+/// The two files of the PEFT folder `dir` as bytes, each read as [`PeftAdapter::read`] reads
+/// it (regular files, bounded sizes), without parsing: (config, weights).
+pub fn read_files(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), AdapterError> {
+    Ok((
+        read_bounded(&dir.join(CONFIG_FILE), MAX_CONFIG_BYTES)?,
+        read_bounded(&dir.join(WEIGHTS_FILE), MAX_WEIGHTS_BYTES)?,
+    ))
+}
+
 /// The bytes of `path`, which must be a regular file (not a FIFO, which would block, nor a
 /// device such as `/dev/zero`, which never ends) of at most `limit` bytes.
 fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, AdapterError> {

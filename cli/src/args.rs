@@ -178,6 +178,22 @@ pub enum AdaptersCommand {
     Export(AdaptersExportArgs),
     /// Convert a PEFT folder to llama.cpp's GGUF LoRA file (for `llama-cli --lora` and Ollama).
     Convert(AdaptersConvertArgs),
+    /// Whether vLLM, LoRAX and TGI load an adapter as PEFT means it, and why not (exit 1 if
+    /// one refuses it or leaves part of it out).
+    Check(AdaptersCheckArgs),
+}
+
+/// `ft adapters check`.
+#[derive(Debug, Args)]
+pub struct AdaptersCheckArgs {
+    /// A PEFT folder, or NAME[:VERSION] in the registry.
+    pub adapter: String,
+    /// The servers: vllm, lorax, tgi (default all).
+    #[arg(long = "for", value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// Registry location (for NAME).
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 /// The format an adapter is written in.

@@ -1,9 +1,11 @@
-//! `ft adapters ...`: the adapter registry from the command line, and adapters converted to
-//! llama.cpp's GGUF LoRA file.
+//! `ft adapters ...`: the adapter registry from the command line, adapters converted to
+//! llama.cpp's GGUF LoRA file, and whether other servers load them.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use ft_adapters::compat::{self, Server};
+use ft_adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use ft_adapters::registry::{parse_ref, AddInfo};
 use ft_adapters::{AdapterError, PeftAdapter, Registry};
 use ft_model::formats::gguf_export::GgufExportType;
@@ -11,8 +13,8 @@ use ft_model::formats::gguf_lora::write_gguf_lora;
 use ft_model::pretrained::TextSide;
 
 use crate::args::{
-    AdapterFormat, AdaptersAddArgs, AdaptersConvertArgs, AdaptersExportArgs, AdaptersListArgs,
-    AdaptersRefArgs, GgufLoraArgs, RegistryArgs,
+    AdapterFormat, AdaptersAddArgs, AdaptersCheckArgs, AdaptersConvertArgs, AdaptersExportArgs,
+    AdaptersListArgs, AdaptersRefArgs, GgufLoraArgs, RegistryArgs,
 };
 use crate::error::{usage, UsageError};
 
@@ -117,6 +119,56 @@ pub fn export(args: AdaptersExportArgs) -> anyhow::Result<()> {
     }
     println!("exported {} to {}", record.id(), args.dir.display());
     Ok(())
+}
+
+/// `ft adapters check`: one line per server; fails (exit 1) unless each loads the adapter
+/// as PEFT means it.
+pub fn check(args: AdaptersCheckArgs) -> anyhow::Result<()> {
+    let servers: Vec<Server> = if args.servers.is_empty() {
+        Server::ALL.to_vec()
+    } else {
+        args.servers
+            .iter()
+            .map(|s| {
+                s.parse()
+                    .map_err(|e: String| UsageError(format!("--for {e}")))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let (config, weights) = adapter_files(&args.adapter, &args.registry)?;
+    let mut faithful = true;
+    for server in servers {
+        let verdict = compat::check(&config, &weights, server)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.adapter))?;
+        faithful &= verdict.faithful();
+        println!("{}", verdict.summary());
+    }
+    if !faithful {
+        anyhow::bail!(
+            "{}: not every server loads it as PEFT means it",
+            args.adapter
+        );
+    }
+    Ok(())
+}
+
+/// The config and weights bytes of a PEFT folder, or of NAME[:VERSION] in the registry.
+fn adapter_files(adapter: &str, registry: &RegistryArgs) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let dir = Path::new(adapter);
+    if dir.is_dir() {
+        return Ok(ft_adapters::peft::read_files(dir)?);
+    }
+    let (name, version) = parse_ref(adapter).map_err(usage_err)?;
+    let reg = open_read_only(registry)?;
+    let record = reg.get(&name, version)?;
+    let blob = |f: &str| -> anyhow::Result<Vec<u8>> {
+        let hex = record
+            .files
+            .get(f)
+            .ok_or_else(|| anyhow::anyhow!("{}: no {f} in the registry", record.id()))?;
+        Ok(reg.blob(hex)?)
+    };
+    Ok((blob(CONFIG_FILE)?, blob(WEIGHTS_FILE)?))
 }
 
 /// `ft adapters convert`: a PEFT folder to llama.cpp's GGUF LoRA file.

@@ -1,5 +1,6 @@
 //! `ft publish` and `ft pull`: registry adapters to and from the Hugging Face Hub.
 
+use ft_adapters::compat::{self, Server};
 use ft_adapters::hub::{model_card, token_from_env, validate_repo, HubClient, UploadFile};
 use ft_adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use ft_adapters::registry::{parse_ref, AddInfo};
@@ -27,9 +28,23 @@ pub fn publish(args: PublishArgs) -> anyhow::Result<()> {
             bytes: reg.blob(hex)?,
         });
     }
+    let file = |name: &str| {
+        files
+            .iter()
+            .find(|f| f.path == name)
+            .map(|f| f.bytes.as_slice())
+    };
+    let serving: Vec<String> = match (file(CONFIG_FILE), file(WEIGHTS_FILE)) {
+        (Some(config), Some(weights)) => Server::ALL
+            .iter()
+            .filter_map(|&s| compat::check(config, weights, s).ok())
+            .map(|v| v.summary())
+            .collect(),
+        _ => Vec::new(),
+    };
     files.push(UploadFile {
         path: "README.md".into(),
-        bytes: model_card(&record, &args.repo, &args.license).into_bytes(),
+        bytes: model_card(&record, &args.repo, &args.license, &serving).into_bytes(),
     });
     let client = HubClient::new(&args.endpoint, Some(token));
     let message = format!("Upload {} (ft adapter registry)", record.id());

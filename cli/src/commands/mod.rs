@@ -48,6 +48,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Adapters(AdaptersCommand::Rm(args)) => adapters::rm(args),
         Command::Adapters(AdaptersCommand::Export(args)) => adapters::export(args),
         Command::Adapters(AdaptersCommand::Convert(args)) => adapters::convert(args),
+        Command::Adapters(AdaptersCommand::Check(args)) => adapters::check(args),
         Command::Publish(args) => hub::publish(args),
         Command::Pull(args) => hub::pull(args),
         Command::Serve(args) => serve::run(args),

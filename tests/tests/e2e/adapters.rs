@@ -381,3 +381,39 @@ fn a_registry_version_exports_as_a_gguf_lora_and_a_wrong_type_is_a_usage_error()
     );
     assert!(!dir.path().join("w.gguf").exists());
 }
+
+#[test]
+fn adapters_check_says_which_servers_load_an_adapter_and_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let peft = dir.path().join("peft");
+    write_full_adapter(&peft);
+    let p = peft.to_str().unwrap();
+    let run = ft(&["adapters", "check", p]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        run.stdout.lines().collect::<Vec<_>>(),
+        [
+            "vllm: loads",
+            "lorax: loads",
+            "tgi: loads with LORA_ADAPTERS=NAME=DIR at launch"
+        ]
+    );
+    // Fields PEFT means and vLLM refuses; LoRAX and TGI load the files and leave them out.
+    let config = peft.join("adapter_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    c["modules_to_save"] = serde_json::json!(["lm_head"]);
+    std::fs::write(&config, c.to_string()).unwrap();
+    let run = ft(&["adapters", "check", p, "--for", "vllm,lorax"]);
+    run.fails_with(1, &["not every server loads it as PEFT means it"]);
+    assert!(
+        run.stdout
+            .contains("vllm: refused: modules_to_save must be empty")
+            && run
+                .stdout
+                .contains("lorax: loads, but modules_to_save is left out"),
+        "{}",
+        run.stdout
+    );
+    ft(&["adapters", "check", p, "--for", "sglang"]).fails_with(2, &["--for \"sglang\""]);
+}

@@ -377,6 +377,10 @@ fn publish_uploads_through_lfs_and_commits_then_pull_brings_it_back() {
         "license: apache-2.0",
         "- dates",
         "pipeline_tag: text-generation",
+        "## Other servers",
+        "- vllm: loads",
+        "- lorax: loads",
+        "- tgi: loads with LORA_ADAPTERS=NAME=DIR at launch",
     ] {
         assert!(
             card.lines().any(|l| l == line),
