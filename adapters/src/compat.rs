@@ -7,6 +7,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use safetensors::SafeTensors;
+
+use crate::lora::TARGETS;
 use serde_json::Value;
 
 /// A server that loads PEFT LoRA adapters beside a base model.
@@ -120,17 +122,6 @@ impl Verdict {
 /// vLLM's `--max-lora-rank` values (`vllm/config/lora.py`); the default is 16.
 const VLLM_RANKS: [u64; 8] = [8, 16, 32, 64, 128, 256, 320, 512];
 
-/// The Llama modules each server adapts.
-const LINEARS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 /// Checks an adapter's `adapter_config.json` text and its safetensors file against `server`.
 /// Errors are for files that are not a config or a safetensors file at all.
 pub fn check(config: &[u8], weights: &[u8], server: Server) -> Result<Verdict, String> {
@@ -208,7 +199,7 @@ pub fn check(config: &[u8], weights: &[u8], server: Server) -> Result<Verdict, S
             }
             for m in &modules {
                 let supported =
-                    LINEARS.contains(&m.as_str()) || m == "embed_tokens" || m == "lm_head";
+                    TARGETS.contains(&m.as_str()) || m == "embed_tokens" || m == "lm_head";
                 if !supported {
                     add(
                         Level::Refused,
@@ -239,7 +230,7 @@ pub fn check(config: &[u8], weights: &[u8], server: Server) -> Result<Verdict, S
             }
             for m in &modules {
                 let applied =
-                    LINEARS.contains(&m.as_str()) || (server == Server::Lorax && m == "lm_head");
+                    TARGETS.contains(&m.as_str()) || (server == Server::Lorax && m == "lm_head");
                 if !applied {
                     add(Level::Ignored, format!("the {m} adapter is left out"));
                 }

@@ -13,6 +13,18 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use ft_quant::{Linear, QuantBackend};
 
+/// The projections of a Llama block that LoRA adapts, as PEFT's `target_modules` spells them,
+/// in the order every per-layer table of adapters follows.
+pub const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// Hyperparameters of one adapter.
 #[derive(Config, Debug, PartialEq)]
 pub struct LoraConfig {

@@ -243,15 +243,7 @@ fn lora_from<B: Backend>(config: &LoraConfig, w: &LoraWeights, device: &B::Devic
 }
 
 /// The module names LoRA can target, as PEFT's `target_modules` spells them.
-pub const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub use ft_adapters::lora::TARGETS;
 
 /// `model.layers.{i}.self_attn.q_proj` -> (i, "q_proj").
 fn split_name(name: &str) -> (usize, &str) {
