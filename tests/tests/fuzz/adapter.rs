@@ -1,10 +1,14 @@
-//! PEFT LoRA adapters: `adapter_config.json` and `adapter_model.safetensors`, read and then
-//! checked against the model both as training attaches them and as the server serves them.
+//! PEFT LoRA adapters: `adapter_config.json` and `adapter_model.safetensors`, checked for
+//! other servers, read, checked against the model both as training attaches them and as the
+//! server serves them, and converted to llama.cpp's GGUF LoRA file.
 
 use std::path::Path;
 
+use ft_adapters::compat::{self, Server};
 use ft_adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use ft_adapters::PeftAdapter;
+use ft_model::formats::gguf_export::GgufExportType;
+use ft_model::formats::gguf_lora::gguf_lora_bytes;
 use ft_model::forward::ragged::ServedAdapter;
 use ft_model::tiny::{tiny_adapter, tiny_config, tiny_model};
 use ft_model::LlamaForCausalLM;
@@ -28,8 +32,14 @@ fn seeds(dir: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
-/// Reads the adapter in `dir` and applies it to `model` both ways.
+/// Checks the files in `dir` for the other servers, then reads the adapter, applies it to
+/// `model` both ways and converts it to a GGUF LoRA file.
 fn run(model: &LlamaForCausalLM<B>, dir: &Path) -> Outcome {
+    if let Ok((config, weights)) = ft_adapters::peft::read_files(dir) {
+        for server in Server::ALL {
+            let _ = compat::check(&config, &weights, server);
+        }
+    }
     let adapter = match PeftAdapter::read(dir) {
         Ok(a) => a,
         Err(e) => return Outcome::Rejected(e.to_string()),
@@ -38,8 +48,11 @@ fn run(model: &LlamaForCausalLM<B>, dir: &Path) -> Outcome {
         return Outcome::Rejected(e.to_string());
     }
     let mut trained = model.clone();
-    match trained.attach_adapter(&adapter, dir) {
-        Ok(()) => Outcome::Accepted,
+    if let Err(e) = trained.attach_adapter(&adapter, dir) {
+        return Outcome::Rejected(e.to_string());
+    }
+    match gguf_lora_bytes(&adapter, &tiny_config(), GgufExportType::F16, dir) {
+        Ok(_) => Outcome::Accepted,
         Err(e) => Outcome::Rejected(e.to_string()),
     }
 }
