@@ -394,7 +394,7 @@ mod tests {
 
     #[test]
     fn each_format_parses_and_bad_lines_name_file_and_line() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         let r = parse_jsonl(
             "{\"text\": \"hi\"}\n\n{\"text\": \"yo\"}\n",
             Format::Text,
@@ -441,7 +441,7 @@ mod tests {
 
     #[test]
     fn prompts_are_masked_and_eos_appended() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         let t = tokenizer();
         let rec = Record::Completion {
             prompt: "ab".into(),
@@ -461,7 +461,7 @@ mod tests {
 
     #[test]
     fn chat_trains_only_assistant_turns() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         let t = tokenizer();
         let template = ChatTemplate::new(CHATML_TEMPLATE).unwrap();
         let msg = |role: &str, content: &str| Message {
@@ -489,7 +489,7 @@ mod tests {
 
     #[test]
     fn padded_and_packed_batches_lay_out_targets_segments_and_positions() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         let a = Tokenized {
             ids: vec![1, 2, 3],
             train: vec![false, true, true],
@@ -521,7 +521,7 @@ mod tests {
 
     #[test]
     fn lengths_round_up_to_the_next_bucket() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         let buckets = [32, 64, 128];
         for (len, want) in [(1, 32), (31, 32), (32, 32), (33, 64), (64, 64), (65, 128)] {
             assert_eq!(bucket(&buckets, len), want, "{len}");
@@ -536,7 +536,7 @@ mod tests {
 
     #[test]
     fn a_bucketed_batch_only_adds_padding() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         let a = Tokenized {
             ids: vec![1, 2, 3],
             train: vec![false, true, true],

@@ -411,7 +411,7 @@ mod tests {
 
     #[test]
     fn the_fused_host_pass_equals_the_tensor_ops() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         let device = Default::default();
         // Explicitly f32, so the host pass runs whatever the device's default type.
         let tensor = |seed: usize, scale: f32| {
@@ -437,7 +437,7 @@ mod tests {
 
     #[test]
     fn matches_pytorch_adamw_by_hand() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         // Two steps of torch.optim.AdamW(lr=0.1, weight_decay=0.01) on p = 1.0 with grads
         // 0.5 then -0.25, worked by hand:
         // t=1: p = 1 * (1 - 0.001) = 0.999; m = 0.05, v = 0.00025; m^ = 0.5, v^ = 0.25;
@@ -458,7 +458,7 @@ mod tests {
 
     #[test]
     fn paged_and_device_moments_give_identical_updates() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         let values: Vec<f32> = (0..100_000).map(|i| (i % 13) as f32 * 0.1).collect();
         let grads: Vec<f32> = (0..100_000).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect();
         let mut device = AdamW::<B>::new(false, 0);

@@ -918,7 +918,7 @@ mod tests {
 
     #[test]
     fn the_host_step_gives_burns_loss_and_gradients_for_every_student_weight() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         A::seed(&device, 11);
@@ -987,7 +987,7 @@ mod tests {
 
     #[test]
     fn student_gradients_match_finite_differences() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         type A = Autodiff<NdArray<f64>>;
         let device = Default::default();
         A::seed(&device, 3);
@@ -1089,7 +1089,7 @@ mod tests {
 
     #[test]
     fn cached_logits_follow_the_batch_layout() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         A::seed(&device, 4);

@@ -347,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_tiny_run_overfits_and_leaves_the_base_bit_identical() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let dir = tempfile::tempdir().unwrap();

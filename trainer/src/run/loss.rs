@@ -87,7 +87,6 @@ mod tests {
     use burn::backend::{Autodiff, NdArray};
     use burn::module::{Module, Param};
     use burn::tensor::backend::AutodiffBackend;
-    use burn::tensor::Distribution;
     use ft_adapters::LoraConfig;
     use ft_model::tiny::{tiny_config, write_hf_folder};
     use ft_model::{Linear, Pretrained, QuantFormat, QuantSpec};
@@ -99,15 +98,17 @@ mod tests {
         Tokenized::all_trained(ids.to_vec())
     }
 
-    /// A tiny model with rank-4 adapters on every target, B randomized so that every LoRA
-    /// parameter has a gradient.
+    /// A tiny model with rank-4 adapters on every target, B nonzero so that every LoRA
+    /// parameter has a gradient. The same model every time: the base is drawn under
+    /// `tiny_model`'s turn on burn's global seed, the adapters are a fixed function of their
+    /// position (a draw here could interleave with another test's seed on a parallel thread).
     fn adapted<B: AutodiffBackend + QuantBackend>(device: &B::Device) -> LlamaForCausalLM<B> {
-        B::seed(device, 5);
-        let model = LlamaForCausalLM::<B>::init_random(&tiny_config(), device).no_grad();
+        let model = ft_model::tiny::tiny_model::<B>(&tiny_config(), 5).no_grad();
         with_adapters(model, device)
     }
 
-    /// `model` with rank-4 adapters on every target, B drawn at random.
+    /// `model` with rank-4 adapters on every target, A and B fixed pseudo-random values
+    /// (A about PEFT's kaiming range, B about 0.1).
     fn with_adapters<B: AutodiffBackend + QuantBackend>(
         mut model: LlamaForCausalLM<B>,
         device: &B::Device,
@@ -116,20 +117,23 @@ mod tests {
         model
             .add_lora(&LoraConfig::new(4, 8.0), &targets, None)
             .unwrap();
-        for (_, lora) in model.loras_mut() {
-            let shape = lora.lora_b.dims();
-            lora.lora_b = Param::from_tensor(Tensor::random(
-                shape,
-                Distribution::Normal(0.0, 0.1),
-                device,
-            ));
+        let fixed = |dims: [usize; 2], salt: usize, scale: f64| {
+            let v: Vec<f64> = (0..dims[0] * dims[1])
+                .map(|i| ((i * 7919 + salt * 104_729) % 201) as f64 / 100.0 - 1.0)
+                .map(|x| x * scale)
+                .collect();
+            Param::from_tensor(Tensor::from_data(TensorData::new(v, dims), device))
+        };
+        for (k, (_, lora)) in model.loras_mut().into_iter().enumerate() {
+            lora.lora_a = fixed(lora.lora_a.dims(), 2 * k, 0.17);
+            lora.lora_b = fixed(lora.lora_b.dims(), 2 * k + 1, 0.17);
         }
         model
     }
 
     #[test]
     fn lora_gradients_match_finite_differences() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         type A = Autodiff<NdArray<f64>>;
         let device = Default::default();
         let model = adapted::<A>(&device);
@@ -206,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_packed_base_gives_the_lora_gradients_of_its_dense_copy() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let dir = tempfile::tempdir().unwrap();
@@ -256,7 +260,7 @@ mod tests {
 
     #[test]
     fn padding_to_a_bucket_changes_neither_the_loss_nor_the_gradients() {
-        crate::f64_tensors();
+        let _turn = crate::f64_tensors();
         type A = Autodiff<NdArray<f32>>;
         let device = Default::default();
         let model = adapted::<A>(&device);
