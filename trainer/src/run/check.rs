@@ -13,8 +13,9 @@ use crate::run::setup::{check_lora_shape, read_sources, tokenize_data};
 /// What a check could not cover, one line each (empty when it covered everything).
 pub fn check(loaded: &LoadedRecipe) -> Result<Vec<String>> {
     let r = &loaded.recipe;
-    read_sources(loaded)?;
     let Some(path) = ft_model::source::resolve_local(&r.model.source) else {
+        // No tokenizer to hand: the data is read and parsed only.
+        read_sources(loaded)?;
         return Ok(vec![format!(
             "model.source {} is not fetched yet: lora.layers, lora.r and the examples' \
              tokens are checked when `ft train` fetches it",
