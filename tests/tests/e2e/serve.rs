@@ -383,7 +383,7 @@ fn until_closed(mut stream: std::net::TcpStream, limit: Duration) -> (String, Du
 }
 
 #[test]
-fn slow_silent_and_surplus_clients_are_cut_off_and_the_server_stays_up() {
+fn slow_and_silent_clients_are_cut_off_and_the_server_stays_up() {
     use std::io::Write;
     use std::net::TcpStream;
     let dir = tempfile::tempdir().unwrap();
@@ -395,28 +395,23 @@ fn slow_silent_and_surplus_clients_are_cut_off_and_the_server_stays_up() {
         "1",
         "--body-timeout",
         "1",
-        "--max-connections",
-        "3",
     ]);
     let addr = server.url.trim_start_matches("http://").to_string();
     let connect = || TcpStream::connect(&addr).expect("connect");
-    let patience = Duration::from_secs(10);
+    // A client held open would be cut only by this read timeout; one closed by the server
+    // is closed within a second or two of its deadline, however loaded this machine is.
+    let patience = Duration::from_secs(30);
+    let promptly = Duration::from_secs(15);
 
     // Nothing sent, and partial headers: closed once the header deadline passes.
     let (_, waited) = until_closed(connect(), patience);
-    assert!(
-        waited < Duration::from_secs(5),
-        "silent client held {waited:?}"
-    );
+    assert!(waited < promptly, "silent client held {waited:?}");
     let mut partial = connect();
     partial
         .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
     let (_, waited) = until_closed(partial, patience);
-    assert!(
-        waited < Duration::from_secs(5),
-        "partial headers held {waited:?}"
-    );
+    assert!(waited < promptly, "partial headers held {waited:?}");
 
     // A declared body that never comes: 408.
     let mut bodiless = connect();
@@ -429,26 +424,54 @@ fn slow_silent_and_surplus_clients_are_cut_off_and_the_server_stays_up() {
         answer.contains("\"error\""),
         "an OpenAI error object: {answer}"
     );
-    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert!(waited < promptly, "{waited:?}");
 
-    // Past the connection limit: 503 at once, not a hang; once the idle ones are dropped the
-    // server answers again.
-    let held: Vec<TcpStream> = (0..3).map(|_| connect()).collect();
-    std::thread::sleep(Duration::from_millis(200));
-    let (answer, waited) = until_closed(connect(), patience);
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    assert!(waited < Duration::from_secs(1), "{waited:?}");
-    std::thread::sleep(Duration::from_secs(2));
-    drop(held);
-    assert!(
-        server.get("/health").contains("ok"),
-        "the server answers again"
-    );
     let (status, answer) = server.post(
         "/v1/completions",
         &completion(gguf.to_str().unwrap(), "hi", 2),
     );
-    assert_eq!(status, 200, "{answer}");
+    assert_eq!(status, 200, "the server still answers: {answer}");
+}
+
+#[test]
+fn connections_past_the_limit_get_503_at_once_and_are_served_once_others_close() {
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    // A header deadline far longer than the test, so the held connections keep their slots
+    // however slowly this machine runs.
+    let server = Server::start(&[
+        "--model",
+        gguf.to_str().unwrap(),
+        "--header-timeout",
+        "600",
+        "--max-connections",
+        "3",
+    ]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let connect = || TcpStream::connect(&addr).expect("connect");
+    let patience = Duration::from_secs(30);
+
+    // The listener accepts in the order the connections were made, so the fourth meets
+    // three slots taken.
+    let held: Vec<TcpStream> = (0..3).map(|_| connect()).collect();
+    let (answer, waited) = until_closed(connect(), patience);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("--max-connections"), "{answer}");
+    assert!(waited < patience, "refused at once, not held: {waited:?}");
+
+    drop(held);
+    let start = Instant::now();
+    let health = loop {
+        match ureq::get(&format!("{}/health", server.url)).call() {
+            Ok(r) => break r.into_string().expect("body"),
+            Err(ureq::Error::Status(503, _)) if start.elapsed() < patience => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("GET /health once the held connections closed: {e}"),
+        }
+    };
+    assert!(health.contains("ok"), "{health}");
 }
 
 /// The cells of the table row `ft bench serve` prints after its header, by column name.
