@@ -321,6 +321,23 @@ pub enum RecipeCommand {
     /// Print the shapes of the run's micro-batches (tokenizes the data, loads no weights):
     /// on CUDA each distinct [rows, tokens per row] compiles its kernels once.
     Plan(PlanArgs),
+    /// Write the recipe as an axolotl or torchtune config, with its data as ft trains it, for
+    /// runs on many GPUs; lists what does not translate.
+    Export(ExportArgs),
+}
+
+/// `ft recipe export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The recipe and its overrides.
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
+    /// The trainer: axolotl or torchtune.
+    #[arg(long)]
+    pub to: ft_trainer::export::Target,
+    /// The folder to write (default: RECIPE-STEM.TRAINER in the current folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// `ft recipe plan`.

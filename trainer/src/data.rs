@@ -179,26 +179,17 @@ pub struct Encoder<'a> {
 }
 
 impl Encoder<'_> {
-    /// Tokenizes one record; returns it and whether it was truncated.
-    pub fn encode(&self, record: &Record) -> Result<(Tokenized, bool), DataError> {
-        let mut t = Tokenized {
-            ids: Vec::new(),
-            train: Vec::new(),
-        };
-        let mut push = |text: &str, train: bool| -> Result<(), DataError> {
-            let ids = self
-                .tokenizer
-                .encode(text)
-                .map_err(|e| DataError(e.to_string()))?;
-            t.train.extend(std::iter::repeat_n(train, ids.len()));
-            t.ids.extend(ids);
-            Ok(())
-        };
+    /// The texts a record is trained as, in order, each with whether its tokens carry the
+    /// loss: a completion's prompt and completion, a conversation as its chat template renders
+    /// it turn by turn. Each piece is tokenized on its own; [`Self::encode`] then appends the
+    /// EOS to text and completion records.
+    pub fn pieces(&self, record: &Record) -> Result<Vec<(String, bool)>, DataError> {
+        let mut pieces = Vec::new();
         match record {
-            Record::Text(text) => push(text, true)?,
+            Record::Text(text) => pieces.push((text.clone(), true)),
             Record::Completion { prompt, completion } => {
-                push(prompt, self.train_on_prompt)?;
-                push(completion, true)?;
+                pieces.push((prompt.clone(), self.train_on_prompt));
+                pieces.push((completion.clone(), true));
             }
             Record::Chat(messages) => {
                 let template = self.template.ok_or_else(|| {
@@ -224,18 +215,39 @@ impl Encoder<'_> {
                     let opener = render(&messages[..k], true)?;
                     let through = render(&messages[..=k], false)?;
                     let prompt = opener.strip_prefix(done.as_str()).unwrap_or(&opener);
-                    push(prompt, self.train_on_prompt)?;
+                    pieces.push((prompt.to_string(), self.train_on_prompt));
                     let answer = through.strip_prefix(opener.as_str()).unwrap_or(&through);
-                    push(answer, true)?;
+                    pieces.push((answer.to_string(), true));
                     done = through;
                 }
             }
         }
-        if !matches!(record, Record::Chat(_)) {
-            if let Some(eos) = self.eos {
-                t.ids.push(eos);
-                t.train.push(true);
-            }
+        Ok(pieces)
+    }
+
+    /// The EOS appended to text and completion records (none to chat records, whose template
+    /// ends each turn).
+    pub fn eos_after(&self, record: &Record) -> Option<u32> {
+        self.eos.filter(|_| !matches!(record, Record::Chat(_)))
+    }
+
+    /// Tokenizes one record; returns it and whether it was truncated.
+    pub fn encode(&self, record: &Record) -> Result<(Tokenized, bool), DataError> {
+        let mut t = Tokenized {
+            ids: Vec::new(),
+            train: Vec::new(),
+        };
+        for (text, train) in self.pieces(record)? {
+            let ids = self
+                .tokenizer
+                .encode(&text)
+                .map_err(|e| DataError(e.to_string()))?;
+            t.train.extend(std::iter::repeat_n(train, ids.len()));
+            t.ids.extend(ids);
+        }
+        if let Some(eos) = self.eos_after(record) {
+            t.ids.push(eos);
+            t.train.push(true);
         }
         let truncated = t.ids.len() > self.max_seq_len;
         t.ids.truncate(self.max_seq_len);

@@ -5,7 +5,8 @@
 //! into the run's order of micro-batches. One step loop ([`run`]) fine-tunes LoRA adapters on
 //! the labels or distills a teacher into a student, with AdamW or paged AdamW ([`optim`]),
 //! write atomic checkpoints that resume bit for bit ([`checkpoint`]) and metrics to JSONL and
-//! TensorBoard ([`metrics`]); [`memory`] accounts for the bytes a run holds.
+//! TensorBoard ([`metrics`]); [`memory`] accounts for the bytes a run holds; [`export`]
+//! writes a recipe as an axolotl or torchtune config with its data.
 //!
 //! Uses ft-eval (exact match before and after, the bundled tasks), ft-distill, ft-serve
 //! (on-policy sampling), ft-model and ft-adapters; must not import ft-quant (ft-model
@@ -15,6 +16,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod memory;
 pub mod metrics;
 pub mod optim;

@@ -40,6 +40,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Recipe(RecipeCommand::Check(args)) => recipe::check(args),
         Command::Recipe(RecipeCommand::Show(args)) => recipe::show(args),
         Command::Recipe(RecipeCommand::Plan(args)) => recipe::plan(args),
+        Command::Recipe(RecipeCommand::Export(args)) => recipe::export(args),
         Command::Eval(args) => eval::run(args),
         Command::Data(DataCommand::Tasks(args)) => data::tasks(args),
         Command::Adapters(AdaptersCommand::Add(args)) => adapters::add(args),

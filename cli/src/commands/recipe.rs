@@ -1,8 +1,8 @@
-//! `ft recipe check`, `ft recipe show` and `ft recipe plan`.
+//! `ft recipe check`, `ft recipe show`, `ft recipe plan` and `ft recipe export`.
 
 use std::collections::BTreeMap;
 
-use crate::args::{PlanArgs, RecipeArgs};
+use crate::args::{ExportArgs, PlanArgs, RecipeArgs};
 use crate::device::DeviceSpec;
 use crate::error::{usage, UsageError};
 use ft_trainer::plan::Layout;
@@ -28,6 +28,26 @@ pub fn check(args: RecipeArgs) -> anyhow::Result<()> {
 /// `ft recipe show`: the effective recipe as TOML.
 pub fn show(args: RecipeArgs) -> anyhow::Result<()> {
     print!("{}", load(&args)?.recipe.to_toml());
+    Ok(())
+}
+
+/// `ft recipe export`: the recipe as another trainer's config and data files; prints what
+/// it wrote and what did not translate. A distillation recipe is a usage error.
+pub fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let loaded = load(&args.recipe)?;
+    let exported = ft_trainer::export::export(&loaded, args.to)?;
+    let out = args.out.unwrap_or_else(|| {
+        let stem = args.recipe.recipe.file_stem().unwrap_or_default();
+        std::path::PathBuf::from(format!("{}.{}", stem.to_string_lossy(), args.to))
+    });
+    exported.write(&out)?;
+    for (file, _) in &exported.files {
+        println!("wrote {}", out.join(file).display());
+    }
+    println!("\nnot translated:");
+    for line in &exported.untranslated {
+        println!("- {line}");
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@ mod bad_input;
 mod bench_train;
 mod distill;
 mod eval;
+mod export;
 mod hub;
 mod inference_weights;
 mod quant;

@@ -87,33 +87,14 @@ pub(crate) fn tokenize_data(
                 val.extend(encode(&v).at(&key)?);
             }
             None => {
-                // A seeded share of the training examples is held out.
-                let n_val =
-                    ((all.len() as f64 * d.val_fraction).round() as usize).min(all.len() - 1);
-                let mut order: Vec<usize> = (0..all.len()).collect();
-                shuffle(&mut order, loaded.recipe.train.seed ^ 0x7A1);
-                let held: std::collections::HashSet<usize> =
-                    order[..n_val].iter().copied().collect();
-                for (i, t) in all.into_iter().enumerate() {
-                    if held.contains(&i) {
-                        val.push(t);
-                    } else {
-                        train.push(t);
-                    }
-                }
+                let (kept, held) = hold_out(all, d.val_fraction, loaded.recipe.train.seed);
+                train.extend(kept);
+                val.extend(held);
             }
         }
         vals.push(val);
     }
-    // The sources' validation examples take turns, so that `data.val_limit` samples them all.
-    let longest = vals.iter().map(Vec::len).max().unwrap_or(0);
-    let mut iters: Vec<_> = vals.into_iter().map(Vec::into_iter).collect();
-    let mut val = Vec::new();
-    for _ in 0..longest {
-        for it in iters.iter_mut() {
-            val.extend(it.next());
-        }
-    }
+    let val = take_turns(vals, usize::MAX);
     if truncated > 0 {
         tracing::info!(
             "{truncated} examples were truncated to data.max_seq_len = {}",
@@ -126,6 +107,41 @@ pub(crate) fn tokenize_data(
         truncated,
         task,
     })
+}
+
+/// Splits a source's examples into (trained, held out for validation): a seeded `fraction`
+/// of them (at least one stays to train), in their order.
+pub(crate) fn hold_out<T>(all: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    let n_val = ((all.len() as f64 * fraction).round() as usize).min(all.len().saturating_sub(1));
+    let mut order: Vec<usize> = (0..all.len()).collect();
+    shuffle(&mut order, seed ^ 0x7A1);
+    let held: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
+    let (mut kept, mut out) = (Vec::new(), Vec::new());
+    for (i, t) in all.into_iter().enumerate() {
+        if held.contains(&i) {
+            out.push(t);
+        } else {
+            kept.push(t);
+        }
+    }
+    (kept, out)
+}
+
+/// The sources' validation examples taking turns, one from each in order, up to `limit`:
+/// the order `data.val_limit` cuts, so that it samples every source.
+pub(crate) fn take_turns<T>(vals: Vec<Vec<T>>, limit: usize) -> Vec<T> {
+    let longest = vals.iter().map(Vec::len).max().unwrap_or(0);
+    let mut iters: Vec<_> = vals.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::new();
+    for _ in 0..longest {
+        for it in iters.iter_mut() {
+            if out.len() == limit {
+                return out;
+            }
+            out.extend(it.next());
+        }
+    }
+    out
 }
 
 /// The quantization a recipe asks for (`None`: f32 as loaded).
