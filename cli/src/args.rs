@@ -388,6 +388,10 @@ pub struct EvalArgs {
     /// List the registered tasks, one a line (name, metric, what it asks), and exit.
     #[arg(long)]
     pub list_tasks: bool,
+    /// Draw report.md and the plots of DIR/report.json again (after an upgrade of ft), without
+    /// measuring anything, and exit.
+    #[arg(long, value_name = "DIR")]
+    pub redraw: Option<PathBuf>,
     /// Base weight storages, comma-separated: f32, bf16, q8, q4 (the inference kernels) or
     /// nf4, fp4, nf4+dq, fp4+dq, int8, int8-block, q8_0, q4_0, q4_1 (default: as `ft
     /// generate` loads the model, q4 for the default model; not with `--server`).

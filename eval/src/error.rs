@@ -39,6 +39,14 @@ pub enum EvalError {
     /// The model or its tokenizer failed.
     #[error(transparent)]
     Model(#[from] ft_model::ModelError),
+    /// A report's JSON could not be read back.
+    #[error("{}: not a report written by `ft eval`: {message}", path.display())]
+    Report {
+        /// The `report.json`.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
     /// A report could not be serialized.
     #[error("serializing the report: {0}")]
     Json(#[from] serde_json::Error),

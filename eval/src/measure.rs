@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use crate::client::{Client, ClientError, Streamed};
 use crate::load_bench::percentile;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::metric::{self, Score};
@@ -120,7 +120,7 @@ pub fn run_pass(
 }
 
 /// One example's answer in the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Answer {
     /// What came back, and whether it was right.
@@ -138,7 +138,7 @@ pub enum Answer {
 }
 
 /// A report row: one model × quantization × decoding × concurrency on one task.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// The task.
     pub task: String,
@@ -172,7 +172,7 @@ pub struct Row {
 }
 
 /// Latency and throughput of one pass.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Timing {
     /// Time to first token, median and 99th percentile, ms.
     pub ttft_p50_ms: f64,
@@ -196,7 +196,7 @@ pub struct Timing {
 }
 
 /// What serving costs at a price per hour, from measured throughput.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Cost {
     /// The price given, USD per hour.
     pub usd_per_hour: f64,

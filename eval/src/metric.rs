@@ -64,7 +64,7 @@ pub fn is_right(answer: &str, expected: &Expected) -> bool {
 }
 
 /// A task's score over the answers that came back.
-#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Score {
     /// Fraction right (accuracy) or perplexity; `None` when nothing was scored.
     pub value: Option<f64>,

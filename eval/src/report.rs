@@ -2,22 +2,21 @@
 //! against the base), `report.json` (every row and answer) and, per task, a plot of quality
 //! against latency and one of throughput against concurrency, as SVG and PNG.
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{write_atomic, EvalError};
 use crate::measure::Row;
-use crate::plot::{Chart, Lines, Scatter};
+use crate::plot::{Chart, Key, Lines, Scatter};
 use crate::task::{EvalTask, Metric};
 
 /// The name rows of the base model carry.
 pub const BASE: &str = "base";
 
 /// Everything one `ft eval` measured.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     /// The base model.
     pub base_model: String,
@@ -34,7 +33,7 @@ pub struct Report {
 }
 
 /// A task as the report names it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct TaskInfo {
     /// Its name.
     pub name: String,
@@ -231,8 +230,28 @@ impl Report {
         t
     }
 
+    /// The report `write` left in `dir` (its `report.json`), to draw again.
+    pub fn read(dir: &Path) -> Result<Self, EvalError> {
+        let path = dir.join("report.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| EvalError::io(&path, e))?;
+        serde_json::from_str(&text).map_err(|e| EvalError::Report {
+            path: path.clone(),
+            message: e.to_string(),
+        })
+    }
+
     /// Writes `report.md`, `report.json` and the plots into `dir`; returns the files written.
     pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
+        let mut files = self.draw(dir)?;
+        let json = dir.join("report.json");
+        write_atomic(&json, serde_json::to_string_pretty(self)?.as_bytes())?;
+        files.push(json);
+        Ok(files)
+    }
+
+    /// Writes `report.md` and the plots into `dir` (not `report.json`, which a report read
+    /// back leaves as it was); returns the files written.
+    pub fn draw(&self, dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
         std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
         let mut files = Vec::new();
         for task in &self.tasks {
@@ -240,10 +259,7 @@ impl Report {
         }
         let md = dir.join("report.md");
         write_atomic(&md, self.markdown().as_bytes())?;
-        let json = dir.join("report.json");
-        write_atomic(&json, serde_json::to_string_pretty(self)?.as_bytes())?;
         files.push(md);
-        files.push(json);
         Ok(files)
     }
 
@@ -257,7 +273,12 @@ impl Report {
         let Some(lowest) = timed.iter().filter_map(|r| r.concurrency).min() else {
             return Ok(Vec::new());
         };
-        let label = |r: &Row| format!("{} {} {}", r.model, r.quant, r.decoding);
+        let key = |r: &Row| Key {
+            model: r.model.clone(),
+            storage: r.quant.clone(),
+            decoding: r.decoding.clone(),
+        };
+        let headings = ["model", "storage", "decoding"];
         let scatter = Scatter {
             title: format!("{}: {} against latency", task.name, task.metric.name()),
             x_desc: format!("median latency (s), {lowest} stream(s)"),
@@ -265,26 +286,34 @@ impl Report {
             points: timed
                 .iter()
                 .filter(|r| r.concurrency == Some(lowest))
-                .filter_map(|r| Some((r.timing?.latency_p50_s, r.score.value?, label(r))))
+                .filter_map(|r| Some((r.timing?.latency_p50_s, r.score.value?, key(r))))
                 .collect(),
+            headings,
             x_from_zero: true,
         };
-        let names: BTreeSet<String> = timed.iter().map(|r| label(r)).collect();
+        // In the order of the rows, so the legend lists the base first.
+        let mut keys: Vec<Key> = Vec::new();
+        for r in &timed {
+            if !keys.contains(&key(r)) {
+                keys.push(key(r));
+            }
+        }
         let lines = Lines {
             title: format!("{}: throughput against concurrency", task.name),
             x_desc: "concurrent streams".into(),
             y_desc: "output tokens/s".into(),
-            series: names
+            series: keys
                 .into_iter()
-                .map(|name| {
+                .map(|k| {
                     let points = timed
                         .iter()
-                        .filter(|r| label(r) == name)
+                        .filter(|r| key(r) == k)
                         .filter_map(|r| Some((r.concurrency? as f64, r.timing?.tokens_per_s)))
                         .collect();
-                    (name, points)
+                    (k, points)
                 })
                 .collect(),
+            headings,
         };
         let quality = dir.join(format!("{}-quality-latency", task.name));
         let throughput = dir.join(format!("{}-throughput", task.name));

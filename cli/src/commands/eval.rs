@@ -51,6 +51,13 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Some(dir) = &args.redraw {
+        let report = ft_eval::report::Report::read(dir).map_err(|e| UsageError(e.to_string()))?;
+        for file in report.draw(dir)? {
+            println!("wrote {}", file.display());
+        }
+        return Ok(());
+    }
     if args.tasks.is_empty() {
         return Err(usage(
             "--tasks",

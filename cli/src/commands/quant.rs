@@ -19,7 +19,7 @@ use crate::args::{QuantCompareArgs, QuantMeasureArgs, QuantSaveArgs};
 use crate::commands::report::record;
 use crate::device::{dispatch, Job};
 use crate::error::usage;
-use ft_eval::plot::{Chart, Scatter};
+use ft_eval::plot::{Chart, Key, Scatter};
 use ft_eval::rss::peak_rss_bytes;
 
 /// Genesis 1-3 (King James Version, public domain): the default text to score.
@@ -195,7 +195,7 @@ fn render(rows: &[(Measurement, Vec<u32>)]) -> String {
     out
 }
 
-/// Perplexity against weight bytes, one labelled point per format.
+/// Perplexity against weight bytes, one point per format (its colour in the legend).
 fn plot(rows: &[(Measurement, Vec<u32>)], path: &Path) -> anyhow::Result<()> {
     Scatter {
         title: "Perplexity against linear weight size".into(),
@@ -207,10 +207,14 @@ fn plot(rows: &[(Measurement, Vec<u32>)], path: &Path) -> anyhow::Result<()> {
                 (
                     m.linear_bytes as f64 / (1 << 20) as f64,
                     m.perplexity,
-                    m.spec.clone(),
+                    Key {
+                        model: m.spec.clone(),
+                        ..Key::default()
+                    },
                 )
             })
             .collect(),
+        headings: ["format", "", ""],
         x_from_zero: true,
     }
     .save_svg(path)?;

@@ -188,6 +188,35 @@ fn a_tiny_eval_reports_every_setting_with_plots_and_registry_metrics() {
         !out.join("ppl-throughput.svg").exists(),
         "perplexity has no timings to plot"
     );
+    // Points and lines are told apart by a legend beside the plot, not by labels on them.
+    let svg = std::fs::read_to_string(out.join("pick-throughput.svg")).unwrap();
+    for entry in ["model", "storage", "decoding", "one", "q8", "beam2"] {
+        assert!(
+            svg.contains(&format!(">\n{entry}\n</text>")),
+            "{entry} not in the legend"
+        );
+    }
+    assert!(!svg.contains("one q8 beam2"), "no label per line");
+
+    // The report draws again from its report.json alone, which stays as it was.
+    let json = std::fs::read(out.join("report.json")).unwrap();
+    for f in [
+        "report.md",
+        "pick-quality-latency.svg",
+        "pick-throughput.png",
+    ] {
+        std::fs::remove_file(out.join(f)).unwrap();
+    }
+    let redraw = ft(&["eval", "--redraw", out.to_str().unwrap()]);
+    assert_eq!(redraw.code, 0, "{}", redraw.stderr);
+    assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), md);
+    assert!(out.join("pick-quality-latency.svg").exists());
+    assert!(out.join("pick-throughput.png").exists());
+    assert_eq!(std::fs::read(out.join("report.json")).unwrap(), json);
+    std::fs::write(out.join("report.json"), "{\"rows\": 3}").unwrap();
+    let bad = ft(&["eval", "--redraw", out.to_str().unwrap()]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("report.json"), "{}", bad.stderr);
 
     let shown = ft(&[
         "adapters",
