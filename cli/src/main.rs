@@ -28,8 +28,21 @@ mod load;
 use args::Cli;
 use error::UsageError;
 
+/// Keeps the panic hook silent for panics a library catches and reports as an error (a
+/// malformed Parquet file's), so the user sees that error alone; any other panic prints as
+/// usual.
+fn quiet_caught_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !ft_trainer::data::tables::catching() {
+            default(info);
+        }
+    }));
+}
+
 fn main() -> ExitCode {
     init_logging();
+    quiet_caught_panics();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

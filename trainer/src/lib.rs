@@ -1,8 +1,8 @@
 //! ft-trainer: training from a recipe.
 //!
-//! A recipe ([`recipe`]) names the base, the data ([`data`]: JSONL layouts, chat templates,
-//! mixtures, packing), the adapter or student and the schedule ([`schedule`]); [`plan`] turns it
-//! into the run's order of micro-batches. One step loop ([`run`]) fine-tunes LoRA adapters on
+//! A recipe ([`recipe`]) names the base, the data ([`data`]: JSONL, CSV, Parquet or a Hub
+//! dataset in four layouts, chat templates, mixtures, packing), the adapter or student and
+//! the schedule ([`schedule`]); [`plan`] turns it into the run's order of micro-batches. One step loop ([`run`]) fine-tunes LoRA adapters on
 //! the labels or distills a teacher into a student, with AdamW or paged AdamW ([`optim`]),
 //! write atomic checkpoints that resume bit for bit ([`checkpoint`]) and metrics to JSONL and
 //! TensorBoard ([`metrics`]); [`memory`] accounts for the bytes a run holds; [`export`]

@@ -3,6 +3,7 @@
 //! and every error names the file, the line, the key and what was expected. `--set
 //! section.key=value` overrides any key after the file is read.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ft_adapters::LoraConfig;
@@ -221,12 +222,16 @@ pub enum DivergenceKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MixSource {
-    /// Training JSONL (relative to the recipe file).
+    /// Training data (relative to the recipe file): JSONL, CSV, Parquet, or
+    /// `hf:datasets/OWNER/NAME[@REV][#SPLIT]`.
     pub train: PathBuf,
-    /// Validation JSONL; when absent, `data.val_fraction` of `train` is held out.
+    /// Validation data, likewise; when absent, `data.val_fraction` of `train` is held out.
     pub val: Option<PathBuf>,
     /// `text`, `completion`, `alpaca` or `chat`.
     pub format: Format,
+    /// The format's fields -> the columns (or JSON keys) that hold them.
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
 }
 
 /// `[data]`.
@@ -236,12 +241,17 @@ pub struct DataSection {
     /// A bundled task (`ft eval --list-tasks`): its train split trains, its test split is
     /// scored by exact match. Replaces `train` and `format`.
     pub task: Option<String>,
-    /// Training JSONL (relative paths are relative to the recipe file).
+    /// Training data (relative paths are relative to the recipe file): JSONL, CSV (a header
+    /// row), Parquet, or `hf:datasets/OWNER/NAME[@REV][#SPLIT]` from the Hugging Face cache.
     pub train: Option<PathBuf>,
-    /// Validation JSONL; when absent, `val_fraction` of the training examples is held out.
+    /// Validation data, likewise; when absent, `val_fraction` of the training examples is
+    /// held out.
     pub val: Option<PathBuf>,
     /// `text`, `completion`, `alpaca` or `chat`.
     pub format: Format,
+    /// The format's fields -> the columns (or JSON keys) that hold them, e.g.
+    /// `{ prompt = "question", completion = "answer" }`.
+    pub columns: BTreeMap<String, String>,
     /// Several datasets trained together, each in its own layout (instead of `train`).
     pub mix: Vec<MixSource>,
     /// Longer examples are truncated (and counted).
@@ -263,6 +273,7 @@ impl Default for DataSection {
             train: None,
             val: None,
             format: Format::Completion,
+            columns: BTreeMap::new(),
             mix: Vec::new(),
             max_seq_len: 256,
             packing: false,
@@ -782,6 +793,10 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
             "expected a JSONL file (or data.task = a bundled task, or data.mix)".into(),
         );
     }
+    check_columns("data.columns", r.data.format, &r.data.columns)?;
+    for (i, m) in r.data.mix.iter().enumerate() {
+        check_columns(&format!("data.mix[{i}].columns"), m.format, &m.columns)?;
+    }
     if !r.data.mix.is_empty() && (r.data.train.is_some() || r.data.task.is_some()) {
         return fail(
             "data.mix",
@@ -904,6 +919,32 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
 }
 
 /// The `[distill]` checks.
+/// `columns` may map only the fields of `format`, each to a non-empty column name.
+fn check_columns(
+    key: &str,
+    format: Format,
+    columns: &BTreeMap<String, String>,
+) -> Result<(), (String, String)> {
+    for (field, column) in columns {
+        if !format.fields().contains(&field.as_str()) {
+            return Err((
+                key.to_string(),
+                format!(
+                    "expected fields of the {format:?} format ({}), got {field:?}",
+                    format.fields().join(", ")
+                ),
+            ));
+        }
+        if column.is_empty() {
+            return Err((
+                key.to_string(),
+                format!("expected a column name for {field}, got \"\""),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_distill(d: &DistillSection) -> Result<(), (String, String)> {
     let fail = |key: &str, what: String| Err((key.to_string(), what));
     if let StudentLayers::Named(name) = &d.init {

@@ -5,6 +5,7 @@
 //! and `FT_FUZZ_SEED` change a run's size and seed.
 
 mod adapter;
+mod data;
 mod gguf;
 mod http;
 mod recipe;

@@ -836,7 +836,7 @@ fn eval_text<B: Backend>(
                 path.display()
             ))
         })?;
-    let records = data::parse_jsonl(&text, format, &name)?;
+    let records = data::parse_jsonl(&text, format, &Default::default(), &name)?;
     let encoder = Encoder {
         tokenizer: &model.tokenizer,
         template: model.chat_template.as_ref(),

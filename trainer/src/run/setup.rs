@@ -273,30 +273,45 @@ pub(crate) fn read_sources(
                 tasks::names()
             ))
         })?;
-        let records = data::parse_jsonl(t.train, data::Format::Completion, name)?;
+        let records =
+            data::parse_jsonl(t.train, data::Format::Completion, &Default::default(), name)?;
         sources.push((records, None, "data.task".into()));
         task = Some(t);
     } else if let Some(train) = &d.train {
-        let records = data::read_jsonl(&loaded.resolve(train), d.format).at("data.train")?;
+        let read = |p: &PathBuf, key: &str| {
+            data::read(&source_path(loaded, p), d.format, &d.columns).at(key)
+        };
+        let records = read(train, "data.train")?;
         let val = match &d.val {
-            Some(v) => Some(data::read_jsonl(&loaded.resolve(v), d.format).at("data.val")?),
+            Some(v) => Some(read(v, "data.val")?),
             None => None,
         };
         sources.push((records, val, "data.train".into()));
     }
     for (i, m) in d.mix.iter().enumerate() {
         let key = format!("data.mix[{i}]");
-        let records = data::read_jsonl(&loaded.resolve(&m.train), m.format)
-            .at_with(|| format!("{key}.train"))?;
+        let read = |p: &PathBuf, part: &str| {
+            data::read(&source_path(loaded, p), m.format, &m.columns)
+                .at_with(|| format!("{key}.{part}"))
+        };
+        let records = read(&m.train, "train")?;
         let val = match &m.val {
-            Some(v) => Some(
-                data::read_jsonl(&loaded.resolve(v), m.format).at_with(|| format!("{key}.val"))?,
-            ),
+            Some(v) => Some(read(v, "val")?),
             None => None,
         };
         sources.push((records, val, key));
     }
     Ok((sources, task))
+}
+
+/// A data path as written in the recipe, resolved against its folder unless it names a
+/// dataset on the Hub.
+fn source_path(loaded: &LoadedRecipe, p: &Path) -> PathBuf {
+    if p.to_str().is_some_and(|s| s.starts_with(data::hub::PREFIX)) {
+        p.to_path_buf()
+    } else {
+        loaded.resolve(p)
+    }
 }
 
 /// What [`read_sources`] reads: (training records, validation records, the key in errors).

@@ -1,5 +1,6 @@
-//! Training data: JSONL records in four formats, turned into token ids with a loss mask, then
-//! into padded or packed micro-batches.
+//! Training data: records in four formats, from JSONL, CSV or Parquet files or a dataset on
+//! the Hugging Face Hub ([`hub`]), their columns mapped onto the format's fields; turned into
+//! token ids with a loss mask, then into padded or packed micro-batches.
 //!
 //! - `text`: `{"text": ...}`, every token trained.
 //! - `completion`: `{"prompt": ..., "completion": ...}`, the completion trained.
@@ -11,11 +12,16 @@
 //! EOS ends every text, completion and alpaca example (a chat template ends turns itself).
 //! Prompt tokens are masked out of the loss unless `train_on_prompt`.
 
+pub mod hub;
+pub mod tables;
+
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use ft_model::chat::{ChatTemplate, Message};
 use ft_model::TextTokenizer;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// The record layout of a JSONL file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,44 +99,71 @@ fn alpaca_prompt(instruction: &str, input: &str) -> String {
 #[error("{0}")]
 pub struct DataError(pub String);
 
-/// Parses JSONL `text` (named `file` in errors) in `format`.
-pub fn parse_jsonl(text: &str, format: Format, file: &str) -> Result<Vec<Record>, DataError> {
+impl Format {
+    /// The fields of a record, as columns are mapped onto them (`data.columns`).
+    pub fn fields(self) -> &'static [&'static str] {
+        match self {
+            Self::Text => &["text"],
+            Self::Completion => &["prompt", "completion"],
+            Self::Alpaca => &["instruction", "input", "output"],
+            Self::Chat => &["messages"],
+        }
+    }
+}
+
+/// The record of one JSON object in `format`; `at` (file and line or row) names it in errors.
+fn record(value: Value, format: Format, at: &str) -> Result<Record, DataError> {
+    let bad = |e: serde_json::Error| DataError(format!("{at}: not a {format:?} record: {e}"));
+    Ok(match format {
+        Format::Text => Record::Text(serde_json::from_value::<TextRow>(value).map_err(bad)?.text),
+        Format::Completion => {
+            let r: CompletionRow = serde_json::from_value(value).map_err(bad)?;
+            Record::Completion {
+                prompt: r.prompt,
+                completion: r.completion,
+            }
+        }
+        Format::Alpaca => {
+            let r: AlpacaRow = serde_json::from_value(value).map_err(bad)?;
+            Record::Completion {
+                prompt: alpaca_prompt(&r.instruction, &r.input),
+                completion: r.output,
+            }
+        }
+        Format::Chat => {
+            let r: ChatRow = serde_json::from_value(value).map_err(bad)?;
+            if !r.messages.iter().any(|m| m.role == "assistant") {
+                return Err(DataError(format!(
+                    "{at}: a chat record needs at least one assistant message"
+                )));
+            }
+            Record::Chat(r.messages)
+        }
+    })
+}
+
+/// Parses JSONL `text` (named `file` in errors) in `format`, each object's keys renamed by
+/// `columns` (field -> key) first.
+pub fn parse_jsonl(
+    text: &str,
+    format: Format,
+    columns: &BTreeMap<String, String>,
+    file: &str,
+) -> Result<Vec<Record>, DataError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |e: serde_json::Error| {
-            DataError(format!("{file}:{}: not a {format:?} record: {e}", i + 1))
+        let at = format!("{file}:{}", i + 1);
+        let value: Value = serde_json::from_str(line)
+            .map_err(|e| DataError(format!("{at}: not a {format:?} record: {e}")))?;
+        let value = if columns.is_empty() {
+            value
+        } else {
+            project(&value, format, columns, &at)?
         };
-        let record = match format {
-            Format::Text => Record::Text(serde_json::from_str::<TextRow>(line).map_err(bad)?.text),
-            Format::Completion => {
-                let r: CompletionRow = serde_json::from_str(line).map_err(bad)?;
-                Record::Completion {
-                    prompt: r.prompt,
-                    completion: r.completion,
-                }
-            }
-            Format::Alpaca => {
-                let r: AlpacaRow = serde_json::from_str(line).map_err(bad)?;
-                Record::Completion {
-                    prompt: alpaca_prompt(&r.instruction, &r.input),
-                    completion: r.output,
-                }
-            }
-            Format::Chat => {
-                let r: ChatRow = serde_json::from_str(line).map_err(bad)?;
-                if !r.messages.iter().any(|m| m.role == "assistant") {
-                    return Err(DataError(format!(
-                        "{file}:{}: a chat record needs at least one assistant message",
-                        i + 1
-                    )));
-                }
-                Record::Chat(r.messages)
-            }
-        };
-        out.push(record);
+        out.push(record(value, format, &at)?);
     }
     if out.is_empty() {
         return Err(DataError(format!("{file}: no records")));
@@ -138,11 +171,117 @@ pub fn parse_jsonl(text: &str, format: Format, file: &str) -> Result<Vec<Record>
     Ok(out)
 }
 
-/// Reads a JSONL file in `format`.
-pub fn read_jsonl(path: &Path, format: Format) -> Result<Vec<Record>, DataError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| DataError(format!("{}: {e}", path.display())))?;
-    parse_jsonl(&text, format, &path.display().to_string())
+/// The fields of `format` taken from a row's columns (`columns` maps a field to its column;
+/// unmapped fields are columns of their own name): text fields as strings (numbers and
+/// booleans as their text), a conversation as a list (or its JSON in a string, as CSV holds
+/// it). Other columns are left out.
+fn project(
+    row: &Value,
+    format: Format,
+    columns: &BTreeMap<String, String>,
+    at: &str,
+) -> Result<Value, DataError> {
+    let Some(cells) = row.as_object() else {
+        return Err(DataError(format!("{at}: not an object: {row}")));
+    };
+    let mut out = serde_json::Map::new();
+    for &field in format.fields() {
+        let column = columns.get(field).map_or(field, String::as_str);
+        let named = if column == field {
+            format!("column {column:?}")
+        } else {
+            format!("column {column:?} (data.columns: {field} = {column:?})")
+        };
+        let Some(cell) = cells.get(column) else {
+            if field == "input" {
+                continue;
+            }
+            let have: Vec<&str> = cells.keys().map(String::as_str).collect();
+            return Err(DataError(format!(
+                "{at}: no {named} for the {format:?} field {field}; the columns are {}",
+                have.join(", ")
+            )));
+        };
+        let value = match (field, cell) {
+            ("messages", Value::Array(_)) => cell.clone(),
+            ("messages", Value::String(json)) => serde_json::from_str(json).map_err(|e| {
+                DataError(format!("{at}: {named}: not a JSON list of messages: {e}"))
+            })?,
+            (_, Value::String(_)) => cell.clone(),
+            (_, Value::Number(n)) => Value::String(n.to_string()),
+            (_, Value::Bool(b)) => Value::String(b.to_string()),
+            (_, Value::Null) if field == "input" => Value::String(String::new()),
+            (_, other) => {
+                return Err(DataError(format!(
+                    "{at}: {named}: expected {}, got {other}",
+                    if field == "messages" {
+                        "a list of messages"
+                    } else {
+                        "text"
+                    }
+                )))
+            }
+        };
+        out.insert(field.to_string(), value);
+    }
+    Ok(Value::Object(out))
+}
+
+/// The records of rows read from a table (`file` names it in errors, each row by its number
+/// from 1).
+fn table_records(
+    rows: Vec<Value>,
+    format: Format,
+    columns: &BTreeMap<String, String>,
+    file: &str,
+) -> Result<Vec<Record>, DataError> {
+    let records = rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let at = format!("{file}: row {}", i + 1);
+            record(project(row, format, columns, &at)?, format, &at)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if records.is_empty() {
+        return Err(DataError(format!("{file}: no records")));
+    }
+    Ok(records)
+}
+
+/// The records of a data source in `format`: `hf:datasets/OWNER/NAME[@REV][#SPLIT]`, or a
+/// file read by its extension (`.parquet`, `.csv`, else JSONL), `columns` mapping the format's
+/// fields to the source's columns. `path` is the file as resolved (relative paths against
+/// the recipe's folder); a Hub source is given as written.
+pub fn read(
+    path: &Path,
+    format: Format,
+    columns: &BTreeMap<String, String>,
+) -> Result<Vec<Record>, DataError> {
+    let name = path.display().to_string();
+    if let Some(dataset) = path.to_str().and_then(hub::HubDataset::parse) {
+        let dataset = dataset?;
+        let mut records = Vec::new();
+        for file in dataset.files()? {
+            let rows = tables::parquet_rows(&file)?;
+            records.extend(table_records(
+                rows,
+                format,
+                columns,
+                &file.display().to_string(),
+            )?);
+        }
+        return Ok(records);
+    }
+    match path.extension().and_then(|x| x.to_str()) {
+        Some("parquet") => table_records(tables::parquet_rows(path)?, format, columns, &name),
+        Some("csv") => table_records(tables::csv_rows(path)?, format, columns, &name),
+        _ => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| DataError(format!("{name}: {e}")))?;
+            parse_jsonl(&text, format, columns, &name)
+        }
+    }
 }
 
 /// Token ids with, for each, whether the model is trained to predict it.
@@ -405,11 +544,83 @@ mod tests {
     }
 
     #[test]
+    fn columns_map_onto_fields_and_name_what_is_missing() {
+        let columns: BTreeMap<String, String> = [("prompt", "question"), ("completion", "answer")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into();
+        let r = parse_jsonl(
+            "{\"question\": \"1+1?\", \"answer\": 2, \"id\": 7}",
+            Format::Completion,
+            &columns,
+            "q.jsonl",
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            [Record::Completion {
+                prompt: "1+1?".into(),
+                completion: "2".into()
+            }]
+        );
+        let e = parse_jsonl(
+            "{\"question\": \"x\"}",
+            Format::Completion,
+            &columns,
+            "q.jsonl",
+        )
+        .unwrap_err();
+        assert!(
+            e.0.starts_with(
+                "q.jsonl:1: no column \"answer\" (data.columns: completion = \"answer\")"
+            ),
+            "{}",
+            e.0
+        );
+        let rows = vec![serde_json::json!({"question": "x", "answer": null})];
+        let e = table_records(rows, Format::Completion, &columns, "t.parquet").unwrap_err();
+        assert!(
+            e.0.starts_with("t.parquet: row 1: column \"answer\""),
+            "{}",
+            e.0
+        );
+        assert!(e.0.ends_with("expected text, got null"), "{}", e.0);
+        // A conversation kept as JSON text in a CSV cell.
+        let rows = vec![serde_json::json!({
+            "messages": "[{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]"
+        })];
+        let r = table_records(rows, Format::Chat, &BTreeMap::new(), "c.csv").unwrap();
+        assert!(matches!(&r[0], Record::Chat(m) if m.len() == 2));
+    }
+
+    #[test]
+    fn parquet_and_csv_files_are_read_by_their_extension() {
+        let dir = tempfile::tempdir().unwrap();
+        let parquet = dir.path().join("t.parquet");
+        tables::tests::write_parquet(
+            &parquet,
+            &[("question", vec!["a?", "b?"]), ("answer", vec!["A", "B"])],
+        );
+        let columns: BTreeMap<String, String> = [("prompt", "question"), ("completion", "answer")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into();
+        let r = read(&parquet, Format::Completion, &columns).unwrap();
+        assert_eq!(r.len(), 2);
+        let csv = dir.path().join("t.csv");
+        std::fs::write(&csv, "text\nhello\nworld\n").unwrap();
+        let r = read(&csv, Format::Text, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            r,
+            [Record::Text("hello".into()), Record::Text("world".into())]
+        );
+    }
+
+    #[test]
     fn each_format_parses_and_bad_lines_name_file_and_line() {
         let _turn = crate::f64_tensors();
         let r = parse_jsonl(
             "{\"text\": \"hi\"}\n\n{\"text\": \"yo\"}\n",
             Format::Text,
+            &BTreeMap::new(),
             "a.jsonl",
         )
         .unwrap();
@@ -420,6 +631,7 @@ mod tests {
         let r = parse_jsonl(
             "{\"instruction\": \"Add\", \"input\": \"1 2\", \"output\": \"3\"}",
             Format::Alpaca,
+            &BTreeMap::new(),
             "a",
         )
         .unwrap();
@@ -431,6 +643,7 @@ mod tests {
         let e = parse_jsonl(
             "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 1}\n",
             Format::Completion,
+            &BTreeMap::new(),
             "c.jsonl",
         )
         .unwrap_err();
@@ -442,6 +655,7 @@ mod tests {
         let e = parse_jsonl(
             "{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}",
             Format::Chat,
+            &BTreeMap::new(),
             "d.jsonl",
         )
         .unwrap_err();
