@@ -42,6 +42,9 @@ pub enum Command {
     /// Check or print a recipe.
     #[command(subcommand)]
     Recipe(RecipeCommand),
+    /// Scaling laws: fit Chinchilla's law to runs, plan a compute-optimal run.
+    #[command(subcommand)]
+    Scaling(ScalingCommand),
     /// Score a model (with an adapter) on bundled tasks by exact match.
     Eval(EvalArgs),
     /// Bundled data.
@@ -324,6 +327,51 @@ pub enum RecipeCommand {
     /// Write the recipe as an axolotl or torchtune config, with its data as ft trains it, for
     /// runs on many GPUs; lists what does not translate.
     Export(ExportArgs),
+}
+
+/// `ft scaling ...`.
+#[derive(Debug, Subcommand)]
+pub enum ScalingCommand {
+    /// Fit L(N, D) = E + A / N^alpha + B / D^beta to runs (Chinchilla's approach 3, as Epoch
+    /// AI refits it), with bootstrap intervals.
+    Fit(ScalingFitArgs),
+    /// The compute-optimal size and tokens, and the predicted loss, for a budget.
+    Plan(ScalingPlanArgs),
+}
+
+/// `ft scaling fit`.
+#[derive(Debug, Args)]
+pub struct ScalingFitArgs {
+    /// A CSV file with a header row and columns `params`, `tokens` and `loss`.
+    pub runs: PathBuf,
+    /// Print the fit as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Bootstrap resamples for the intervals (0: none).
+    #[arg(long, default_value_t = 400)]
+    pub bootstrap: usize,
+    /// Seed of the resampling.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// `ft scaling plan`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("budget").required(true).args(["compute", "params", "tokens"])))]
+pub struct ScalingPlanArgs {
+    /// Training compute in FLOPs (C = 6 N D).
+    #[arg(long)]
+    pub compute: Option<f64>,
+    /// A model size: the tokens that make it compute-optimal.
+    #[arg(long)]
+    pub params: Option<f64>,
+    /// A token budget: the size for which it is compute-optimal.
+    #[arg(long)]
+    pub tokens: Option<f64>,
+    /// The law: chinchilla (Hoffmann et al.'s), epoch (Epoch AI's refit) or a JSON file that
+    /// `ft scaling fit --json` wrote.
+    #[arg(long, default_value = "epoch")]
+    pub law: String,
 }
 
 /// `ft recipe export`.

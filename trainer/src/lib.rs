@@ -6,7 +6,8 @@
 //! the labels or distills a teacher into a student, with AdamW or paged AdamW ([`optim`]),
 //! write atomic checkpoints that resume bit for bit ([`checkpoint`]) and metrics to JSONL and
 //! TensorBoard ([`metrics`]); [`memory`] accounts for the bytes a run holds; [`export`]
-//! writes a recipe as an axolotl or torchtune config with its data.
+//! writes a recipe as an axolotl or torchtune config with its data; [`scaling`] fits
+//! Chinchilla's law to runs and plans compute-optimal ones.
 //!
 //! Uses ft-eval (exact match before and after, the bundled tasks), ft-distill, ft-serve
 //! (on-policy sampling), ft-model and ft-adapters; must not import ft-quant (ft-model
@@ -23,6 +24,7 @@ pub mod optim;
 pub mod plan;
 pub mod recipe;
 pub mod run;
+pub mod scaling;
 pub mod schedule;
 
 /// Makes f64 the default float type of the NdArray device, and runs the calling test alone

@@ -14,12 +14,14 @@ mod perplexity;
 mod quant;
 mod recipe;
 mod report;
+mod scaling;
 mod serve;
 mod tokenize;
 mod train;
 
 use crate::args::{
     AdaptersCommand, BenchCommand, Command, DataCommand, QuantCommand, RecipeCommand,
+    ScalingCommand,
 };
 
 /// Runs one parsed command.
@@ -41,6 +43,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Recipe(RecipeCommand::Show(args)) => recipe::show(args),
         Command::Recipe(RecipeCommand::Plan(args)) => recipe::plan(args),
         Command::Recipe(RecipeCommand::Export(args)) => recipe::export(args),
+        Command::Scaling(ScalingCommand::Fit(args)) => scaling::fit(args),
+        Command::Scaling(ScalingCommand::Plan(args)) => scaling::plan(args),
         Command::Eval(args) => eval::run(args),
         Command::Data(DataCommand::Tasks(args)) => data::tasks(args),
         Command::Adapters(AdaptersCommand::Add(args)) => adapters::add(args),

@@ -12,6 +12,7 @@ mod inference_weights;
 mod quant;
 mod reference;
 mod registry;
+mod scaling;
 mod serve;
 mod tiny_models;
 mod train;
