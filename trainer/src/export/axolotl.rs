@@ -56,9 +56,7 @@ pub(super) fn export(job: Job) -> Result<Exported> {
         );
         set("load_in_8bit", json!(true));
     }
-    // bf16 compute (or a bf16 base) is axolotl's bf16; else the run stays in f32.
-    let bf16 = r.quant.compute_dtype == "bf16" || r.quant.base == "bf16";
-    set("bf16", json!(bf16));
+    set("bf16", json!(job.bf16));
     set("fp16", json!(false));
     set("tf32", json!(false));
 

@@ -98,6 +98,8 @@ struct Job<'a> {
     text: TextSide,
     /// The longest example ft trains: `data.max_seq_len` within the model's context.
     seq_len: usize,
+    /// Whether the run computes in bf16 (`quant.compute_dtype`, or a bf16 base); else f32.
+    bf16: bool,
     sources: Vec<Source>,
     untranslated: Vec<String>,
 }
@@ -154,6 +156,7 @@ pub fn export(loaded: &LoadedRecipe, target: Target) -> Result<Exported> {
         model,
         text,
         seq_len,
+        bf16: r.quant.compute_dtype == "bf16" || r.quant.base == "bf16",
         sources,
         untranslated,
     };

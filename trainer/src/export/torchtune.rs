@@ -202,7 +202,6 @@ pub(super) fn export(job: Job) -> Result<Exported> {
             "train.resume: ft's checkpoints are its own; torchtune resumes from its own".into(),
         );
     }
-    let bf16 = r.quant.compute_dtype == "bf16" || r.quant.base == "bf16";
     let logger = if r.output.loggers.iter().any(|l| l == "tensorboard") {
         "torchtune.training.metric_logging.TensorBoardLogger"
     } else {
@@ -261,7 +260,7 @@ pub(super) fn export(job: Job) -> Result<Exported> {
     set("log_peak_memory_stats", json!(false));
     set("compile", json!(false));
     set("device", json!("cuda"));
-    set("dtype", json!(if bf16 { "bf16" } else { "fp32" }));
+    set("dtype", json!(if job.bf16 { "bf16" } else { "fp32" }));
     set("enable_activation_checkpointing", json!(false));
     set(
         "profiler",
