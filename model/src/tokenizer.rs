@@ -127,9 +127,19 @@ impl TextTokenizer {
 
     /// Token ids of `text`, special tokens such as `<|im_start|>` parsed, no BOS added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.encode_with(text, false)
+    }
+
+    /// Token ids of `text`, with the tokens the tokenizer's post-processor adds around a
+    /// text (a BOS, for models that have one) when `add_special_tokens`.
+    pub fn encode_with(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, ModelError> {
         let enc = self
             .inner
-            .encode(text, false)
+            .encode(text, add_special_tokens)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }

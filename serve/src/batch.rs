@@ -125,7 +125,7 @@ fn record(
                     out[i].push(token);
                 }
             }
-            Event::Finished { .. } => {}
+            Event::Prompt { .. } | Event::Finished { .. } => {}
             Event::Failed { error, .. } => return Err(error),
         }
     }

@@ -27,7 +27,10 @@ pub struct BeamStep {
 /// log softmax of one row of logits.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+    // Summed in f64: a running f32 sum over a 49152-token vocabulary drops the smallest
+    // terms and reads about 1e-5 low.
+    let sum: f64 = logits.iter().map(|l| f64::from((l - max).exp())).sum();
+    let log_sum = sum.ln() as f32 + max;
     logits.iter().map(|l| l - log_sum).collect()
 }
 

@@ -102,6 +102,12 @@ struct Active {
     hit_stop_string: bool,
     /// The prefix cache's name for its adapter registration (`None`: the base).
     cache_key: Option<String>,
+    /// The prompt's log-probabilities so far, when the request asked for them.
+    prompt_scores: Vec<TokenLogprob>,
+    /// Whether the prompt's log-probabilities are sent (or were not asked for).
+    prompt_scored: bool,
+    /// The stop token that ended it, with its log-probabilities if asked for.
+    stop_token: Option<(u32, Option<TokenLogprob>)>,
 }
 
 impl Active {
@@ -118,21 +124,40 @@ struct Work {
     len: usize,
 }
 
+/// The rows of logits one share of a step has.
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    /// Its first row in the step's logits.
+    first: usize,
+    /// How many.
+    count: usize,
+    /// The sequence position the first row is the output of.
+    position: usize,
+    /// Whether its last row gives the sequence's next token (all its tokens are computed).
+    next: bool,
+}
+
 /// The logits of one step: a row of the vocabulary for each share of the step whose
-/// sequence has all its tokens computed, read in place rather than copied out per row (16
-/// rows are 3 MB at SmolLM2's vocabulary).
+/// sequence has all its tokens computed, and one for every position of a prompt being
+/// scored, read in place rather than copied out per row (16 rows are 3 MB at SmolLM2's
+/// vocabulary).
 struct StepLogits {
     logits: Vec<f32>,
     vocab: usize,
-    /// Per share of the step (in its order), its row, if it has one.
-    row_of: Vec<Option<usize>>,
+    /// Per share of the step (in its order), its rows, if it has any.
+    rows: Vec<Option<Rows>>,
 }
 
 impl StepLogits {
-    /// Share `w`'s logits, or `None` for a prompt chunk before the last.
+    /// Row `i` of the step.
+    fn at(&self, i: usize) -> &[f32] {
+        &self.logits[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// Share `w`'s next-token logits, or `None` for a prompt chunk before the last.
     fn row(&self, w: usize) -> Option<&[f32]> {
-        let i = self.row_of[w]?;
-        Some(&self.logits[i * self.vocab..(i + 1) * self.vocab])
+        let r = self.rows[w].filter(|r| r.next)?;
+        Some(self.at(r.first + r.count - 1))
     }
 }
 
@@ -242,6 +267,11 @@ impl<B: QuantBackend> Engine<B> {
                 "prompt token {bad} is outside the vocabulary (0..{vocab})"
             )));
         }
+        if p.beams > 1 && (p.max_tokens == 0 || p.prompt_logprobs.is_some()) {
+            return Err(EngineError::BadRequest(
+                "beam search needs max_tokens of at least 1 and scores no prompt".into(),
+            ));
+        }
         if p.beams == 0 || p.beams > self.config.max_batch_tokens {
             return Err(EngineError::BadRequest(format!(
                 "beams: {} is not in 1..={} (the tokens one step runs)",
@@ -292,6 +322,9 @@ impl<B: QuantBackend> Engine<B> {
             finished_beams: Vec::new(),
             holds_adapter: false,
             hit_stop_string: false,
+            prompt_scores: Vec::new(),
+            prompt_scored: p.prompt_logprobs.is_none(),
+            stop_token: None,
             request,
         });
         Ok(id)
@@ -323,6 +356,7 @@ impl<B: QuantBackend> Engine<B> {
             return events;
         }
         let logits = self.forward(&work);
+        self.score_prompts(&work, &logits, &mut events);
         self.sample(&work, &logits, &mut events);
         events
     }
@@ -355,7 +389,8 @@ impl<B: QuantBackend> Engine<B> {
             let Some(mut active) = self.waiting.pop_front() else {
                 break;
             };
-            if self.config.prefix_cache {
+            // A prompt being scored needs the logits of every position: computed whole.
+            if self.config.prefix_cache && active.prompt_scored {
                 active.seqs[0].reuse_prefix(&mut self.blocks);
             }
             self.running.push(active);
@@ -464,7 +499,7 @@ impl<B: QuantBackend> Engine<B> {
     }
 
     /// Runs the step's ragged forward; returns the logits of every sequence whose tokens
-    /// are now all computed.
+    /// are now all computed, and of every position of the prompts being scored.
     fn forward(&mut self, work: &[Work]) -> StepLogits {
         let at: Vec<usize> = work
             .iter()
@@ -477,9 +512,11 @@ impl<B: QuantBackend> Engine<B> {
         let mut ids = Vec::new();
         let mut segments = Vec::with_capacity(work.len());
         let mut tables = Vec::with_capacity(work.len());
-        // Logits only for the sequences that will have all their tokens computed.
+        // Logits only for the sequences that will have all their tokens computed, and for the
+        // prompts being scored.
         let mut wanted = Vec::new();
-        for (row, &w) in order.iter().enumerate() {
+        let mut rows = vec![None; work.len()];
+        for &w in &order {
             let active = &self.running[at[w]];
             let (s, len) = (&active.seqs[work[w].seq], work[w].len);
             let adapter = active.request.adapter.as_deref().map(|n| {
@@ -488,6 +525,23 @@ impl<B: QuantBackend> Engine<B> {
                     names.len() - 1
                 })
             });
+            let next = s.computed + len == s.tokens.len();
+            let from = if !active.prompt_scored && s.computed < active.prompt_len {
+                0
+            } else if next {
+                len - 1
+            } else {
+                len
+            };
+            if from < len {
+                rows[w] = Some(Rows {
+                    first: wanted.len(),
+                    count: len - from,
+                    position: s.computed + from,
+                    next,
+                });
+                wanted.extend((from..len).map(|j| ids.len() + j));
+            }
             ids.extend_from_slice(&s.tokens[s.computed..s.computed + len]);
             segments.push(Segment {
                 start: s.computed,
@@ -495,16 +549,12 @@ impl<B: QuantBackend> Engine<B> {
                 adapter,
             });
             tables.push(s.table.as_slice());
-            if s.computed + len == s.tokens.len() {
-                wanted.push((row, w));
-            }
         }
         let adapters: Vec<&ServedAdapter<B>> =
             names.iter().filter_map(|n| self.adapters.get(n)).collect();
-        let rows: Vec<usize> = wanted.iter().map(|&(row, _)| row).collect();
         let logits = self
             .runner
-            .logits(&self.model, &ids, &segments, &adapters, tables, &rows);
+            .logits(&self.model, &ids, &segments, &adapters, tables, &wanted);
 
         for &w in &order {
             let active = &mut self.running[at[w]];
@@ -517,14 +567,49 @@ impl<B: QuantBackend> Engine<B> {
             s.computed += work[w].len;
             s.seal_full_blocks(&mut self.blocks, self.config.prefix_cache);
         }
-        let mut row_of = vec![None; work.len()];
-        for (i, &(_, w)) in wanted.iter().enumerate() {
-            row_of[w] = Some(i);
-        }
         StepLogits {
             vocab: logits.len().checked_div(wanted.len()).unwrap_or(0),
             logits,
-            row_of,
+            rows,
+        }
+    }
+
+    /// Scores the prompt positions this step computed for requests that asked for
+    /// `prompt_logprobs`, and sends the scores once their prompt is whole. A preempted
+    /// request recomputes positions already scored; they are skipped.
+    fn score_prompts(&mut self, work: &[Work], logits: &StepLogits, events: &mut Vec<Event>) {
+        for (w, share) in work.iter().zip(&logits.rows) {
+            let Some(rows) = share else { continue };
+            let Some(a) = self.running.iter_mut().find(|a| a.id == w.id) else {
+                continue;
+            };
+            let Some(k) = a
+                .request
+                .params
+                .prompt_logprobs
+                .filter(|_| !a.prompt_scored)
+            else {
+                continue;
+            };
+            for j in 0..rows.count {
+                let p = rows.position + j;
+                if p + 1 >= a.prompt_len || p != a.prompt_scores.len() {
+                    continue;
+                }
+                let lp = beam::log_softmax(logits.at(rows.first + j));
+                let token = a.request.prompt[p + 1] as usize;
+                a.prompt_scores.push(TokenLogprob {
+                    logprob: lp[token],
+                    top: beam::top_k(&lp, k),
+                });
+            }
+            if a.seqs[0].computed >= a.prompt_len {
+                a.prompt_scored = true;
+                events.push(Event::Prompt {
+                    id: a.id,
+                    logprobs: std::mem::take(&mut a.prompt_scores),
+                });
+            }
         }
     }
 
@@ -568,6 +653,7 @@ impl<B: QuantBackend> Engine<B> {
                     text,
                     prompt_tokens: a.prompt_len,
                     completion_tokens: a.generated,
+                    stop_token: a.stop_token.take(),
                 });
                 a.seqs.iter_mut().for_each(|s| s.release(&mut self.blocks));
                 self.retire(a);
@@ -584,11 +670,11 @@ impl<B: QuantBackend> Engine<B> {
     ) -> Option<FinishReason> {
         let context = self.model.max_position_embeddings;
         let a = &mut self.running[r];
+        if a.request.params.max_tokens == 0 {
+            return Some(FinishReason::Length);
+        }
         let token = a.sampler.sample(row);
         let params = &a.request.params;
-        if params.stop_ids.contains(&token) {
-            return Some(FinishReason::Stop);
-        }
         let logprob = params.logprobs.map(|k| {
             let lp = beam::log_softmax(row);
             TokenLogprob {
@@ -596,6 +682,10 @@ impl<B: QuantBackend> Engine<B> {
                 top: beam::top_k(&lp, k),
             }
         });
+        if params.stop_ids.contains(&token) {
+            a.stop_token = Some((token, logprob));
+            return Some(FinishReason::Stop);
+        }
         a.seqs[0].tokens.push(token);
         a.generated += 1;
         self.stats.generated_tokens += 1;

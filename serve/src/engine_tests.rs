@@ -63,7 +63,16 @@ fn detokenize() -> Detokenize {
 
 /// An engine with adapters "a" and "b" written to `dir`.
 fn engine(config: EngineConfig, dir: &Path) -> Engine<B> {
-    let mut e = Engine::new(model(), detokenize(), config);
+    engine_on(config, dir, Runner::new)
+}
+
+/// Makes a forward for a model with room for some blocks of some size.
+type MakeRunner = fn(&LlamaForCausalLM<B>, usize, usize) -> Runner<B>;
+
+/// [`engine`] over the forward `runner` makes.
+fn engine_on(config: EngineConfig, dir: &Path, runner: MakeRunner) -> Engine<B> {
+    let forward = runner(&model(), config.kv_blocks, config.block_size);
+    let mut e = Engine::with_runner(model(), detokenize(), config, forward);
     for (name, seed) in [("a", 1), ("b", 40)] {
         let path = dir.join(name);
         peft(seed).write(&path).unwrap();
@@ -107,6 +116,7 @@ fn drain(e: &mut Engine<B>) -> HashMap<RequestId, (Vec<u32>, FinishReason)> {
                     out.insert(id, (tokens.remove(&id).unwrap_or_default(), reason));
                 }
                 Event::Failed { error, .. } => panic!("{error}"),
+                Event::Prompt { .. } => {}
             }
         }
     }
@@ -326,6 +336,7 @@ fn stop_strings_logprobs_and_lengths() {
                     finish = Some((reason, completion_tokens));
                 }
                 Event::Failed { error, .. } => panic!("{error}"),
+                Event::Prompt { .. } => panic!("no prompt scores were asked for"),
             }
             let _ = id;
         }
@@ -339,6 +350,102 @@ fn stop_strings_logprobs_and_lengths() {
         assert_eq!(lp.top.len(), 3);
         assert_eq!(lp.top[0].0, token, "greedy picks the most likely");
         assert!((lp.top[0].1 - lp.logprob).abs() < 1e-6 && lp.logprob <= 0.0);
+    }
+}
+
+/// log p(prompt[i + 1] | prompt[..=i]) for every i, from one forward of the whole prompt
+/// through the model with the adapter merged.
+fn whole_forward_scores(prompt: &[u32], adapter: Option<&str>) -> Vec<f32> {
+    let mut m = model();
+    if let Some(name) = adapter {
+        let seed = if name == "a" { 1 } else { 40 };
+        m.attach_adapter(&peft(seed), Path::new(name)).unwrap();
+    }
+    let n = prompt.len();
+    let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &Default::default());
+    let logits = m.forward(ids, None).into_data().into_vec::<f32>().unwrap();
+    let vocab = logits.len() / n;
+    (0..n - 1)
+        .map(|i| beam::log_softmax(&logits[i * vocab..(i + 1) * vocab])[prompt[i + 1] as usize])
+        .collect()
+}
+
+#[test]
+fn prompt_scores_equal_one_whole_forward_however_the_prompt_is_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt: Vec<u32> = (1..30).chain([200]).collect();
+    let runners: [MakeRunner; 2] = [Runner::new, Runner::burn];
+    for adapter in [None, Some("b")] {
+        let want = whole_forward_scores(&prompt, adapter);
+        let tokens = alone(&prompt, adapter, 3);
+        // Whole in one step; then 8 tokens a step beside another request, after an earlier
+        // request left the same prompt's blocks in the prefix cache. The host forward keeps
+        // keys and values in f16 (1e-5 here without the adapter; up to 6.4e-3 at one position
+        // with its large random weights, 1e-5 at the rest); burn's computes as the whole
+        // forward does.
+        for (runner, max_batch_tokens, warm, tolerance) in [
+            (runners[0], 256, false, 1e-2),
+            (runners[0], 8, true, 1e-2),
+            (runners[1], 8, true, 1e-4),
+        ] {
+            let config = EngineConfig {
+                block_size: 4,
+                max_batch_tokens,
+                ..Default::default()
+            };
+            let mut e = engine_on(config, dir.path(), runner);
+            if warm {
+                e.submit(greedy(prompt.clone(), adapter, 2)).unwrap();
+                drain(&mut e);
+            }
+            let mut scored = greedy(prompt.clone(), adapter, 3);
+            scored.params.prompt_logprobs = Some(2);
+            let id = e.submit(scored).unwrap();
+            e.submit(greedy((40..60).collect(), Some("a"), 4)).unwrap();
+            let mut only = greedy(prompt.clone(), adapter, 0);
+            only.params.prompt_logprobs = Some(0);
+            let only = e.submit(only).unwrap();
+            let mut scores: HashMap<RequestId, Vec<TokenLogprob>> = HashMap::new();
+            let mut got: HashMap<RequestId, Vec<u32>> = HashMap::new();
+            let mut ends = HashMap::new();
+            while e.has_work() {
+                for ev in e.step() {
+                    match ev {
+                        Event::Prompt { id, logprobs } => {
+                            assert!(!got.contains_key(&id), "scores come before tokens");
+                            assert!(scores.insert(id, logprobs).is_none(), "scores sent once");
+                        }
+                        Event::Token { id, token, .. } => got.entry(id).or_default().push(token),
+                        Event::Finished {
+                            id,
+                            reason,
+                            completion_tokens,
+                            ..
+                        } => {
+                            ends.insert(id, (reason, completion_tokens));
+                        }
+                        Event::Failed { error, .. } => panic!("{error}"),
+                    }
+                }
+            }
+            assert_eq!(scores.len(), 2, "only the requests that asked are scored");
+            let s = &scores[&id];
+            assert_eq!(s.len(), prompt.len() - 1);
+            for (i, (lp, w)) in s.iter().zip(&want).enumerate() {
+                let off = (lp.logprob - w).abs();
+                assert!(off < tolerance, "position {i}: {} {w}", lp.logprob);
+                assert_eq!(lp.top.len(), 2);
+                assert!(lp.top[0].1 >= lp.top[1].1 && lp.top[0].1 >= lp.logprob);
+            }
+            for (a, b) in s.iter().zip(&scores[&only]) {
+                assert!((a.logprob - b.logprob).abs() < 1e-5 && b.top.is_empty());
+            }
+            assert_eq!(got[&id], tokens);
+            assert!(!got.contains_key(&only));
+            assert_eq!(ends[&only], (FinishReason::Length, 0));
+            assert_eq!(e.stats().blocks_used, 0, "every block came back");
+        }
     }
 }
 
@@ -420,7 +527,7 @@ fn a_thousand_requests_with_random_cancellations_leak_nothing() {
                     finished += 1;
                 }
                 Event::Failed { error, .. } => panic!("{error}"),
-                Event::Token { .. } => {}
+                Event::Token { .. } | Event::Prompt { .. } => {}
             }
         }
     }

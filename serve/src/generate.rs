@@ -74,9 +74,10 @@ impl<B: QuantBackend> SequenceCache<B> {
             len: ids.len(),
             adapter: None,
         };
+        let last = ids.len() - 1;
         let logits = self
             .runner
-            .logits(model, ids, &[segment], &[], vec![&self.table], &[0]);
+            .logits(model, ids, &[segment], &[], vec![&self.table], &[last]);
         self.stored += ids.len();
         logits
     }

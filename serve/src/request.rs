@@ -9,7 +9,7 @@ pub type RequestId = u64;
 /// How to continue one prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {
-    /// New tokens at most.
+    /// New tokens at most; 0 only computes the prompt (for its `prompt_logprobs`).
     pub max_tokens: usize,
     /// Temperature, top-k, top-p and seed (ignored by beam search).
     pub sampling: SamplingParams,
@@ -22,6 +22,11 @@ pub struct GenerationParams {
     /// Log-probabilities of this many most likely tokens at each step, besides the chosen
     /// token's; `None` reports none.
     pub logprobs: Option<usize>,
+    /// The log-probability of every prompt token after the first, with this many most likely
+    /// alternatives at each position (the legacy OpenAI API's `echo` with `logprobs`, which
+    /// evaluation harnesses score answers with); `None` reports none. Such a prompt is
+    /// computed whole, never taken from the prefix cache.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for GenerationParams {
@@ -33,6 +38,7 @@ impl Default for GenerationParams {
             stop_ids: Vec::new(),
             stop_strings: Vec::new(),
             logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -91,6 +97,15 @@ pub enum Event {
         /// Its log-probabilities, if the request asked for them.
         logprob: Option<TokenLogprob>,
     },
+    /// The prompt of request `id` is computed: the log-probability of each prompt token
+    /// after the first given those before it, in order (sent once, before any token, when
+    /// the request asked for `prompt_logprobs`).
+    Prompt {
+        /// The request.
+        id: RequestId,
+        /// One per prompt token after the first.
+        logprobs: Vec<TokenLogprob>,
+    },
     /// Request `id` ended; `text` is the rest of its text that was held back.
     Finished {
         /// The request.
@@ -103,6 +118,9 @@ pub enum Event {
         prompt_tokens: usize,
         /// Generated tokens.
         completion_tokens: usize,
+        /// The stop token that ended it, if one did, with its log-probabilities when they
+        /// were asked for: not part of the text, but reported as the OpenAI API reports it.
+        stop_token: Option<(u32, Option<TokenLogprob>)>,
     },
     /// Request `id` failed (its adapter was unloaded, or could not be read, before it ran);
     /// it holds nothing any more.
@@ -118,7 +136,10 @@ impl Event {
     /// The request the event belongs to.
     pub fn id(&self) -> RequestId {
         match self {
-            Self::Token { id, .. } | Self::Finished { id, .. } | Self::Failed { id, .. } => *id,
+            Self::Token { id, .. }
+            | Self::Prompt { id, .. }
+            | Self::Finished { id, .. }
+            | Self::Failed { id, .. } => *id,
         }
     }
 }

@@ -2,7 +2,6 @@
 //! ([`HostDecoder`]) over host blocks where the model allows it (the CPU backend with weights
 //! the kernels read), else burn's ragged forward over pooled tensors (any backend).
 
-use burn::tensor::{Int, Tensor, TensorData};
 use ft_model::forward::host::{HostDecoder, Workspace};
 use ft_model::forward::ragged::{Segment, ServedAdapter};
 use ft_model::{LlamaForCausalLM, QuantBackend};
@@ -74,8 +73,7 @@ impl<B: QuantBackend> Runner<B> {
 
     /// One step: segment i continues the sequence whose blocks are `tables[i]` with its new
     /// tokens in `ids` (see [`LlamaForCausalLM::forward_ragged`]); returns the next-token
-    /// logits after the last token of each segment in `wanted`, one row of the vocabulary
-    /// each.
+    /// logits after each row `wanted` of `ids`, one row of the vocabulary each.
     pub fn logits(
         &mut self,
         model: &LlamaForCausalLM<B>,
@@ -85,43 +83,32 @@ impl<B: QuantBackend> Runner<B> {
         tables: Vec<&[usize]>,
         wanted: &[usize],
     ) -> Vec<f32> {
-        let mut last = Vec::with_capacity(segments.len());
-        let mut at = 0;
-        for s in segments {
-            assert!(s.len > 0, "a segment has new tokens");
-            at += s.len;
-            last.push(at - 1);
-        }
+        assert!(
+            segments.iter().all(|s| s.len > 0),
+            "a segment has new tokens"
+        );
         match self {
             Self::Host {
                 decoder,
                 pool,
                 workspace,
-            } => {
-                let rows: Vec<usize> = wanted.iter().map(|&i| last[i]).collect();
-                decoder.logits(
-                    ids,
-                    segments,
-                    adapters,
-                    pool.view(&tables),
-                    &rows,
-                    workspace,
-                )
-            }
+            } => decoder.logits(
+                ids,
+                segments,
+                adapters,
+                pool.view(&tables),
+                wanted,
+                workspace,
+            ),
             Self::Burn { pool } => {
                 let starts = segments.iter().map(|s| s.start).collect();
                 let lens = segments.iter().map(|s| s.len).collect();
                 let mut kv = pool.step(tables, starts, lens);
-                let hidden = model.forward_ragged(ids, segments, adapters, &mut kv); // [segments, e]
+                let hidden = model.forward_ragged(ids, segments, adapters, &mut kv, wanted);
                 if wanted.is_empty() {
                     return Vec::new();
                 }
-                let rows: Vec<i64> = wanted.iter().map(|&i| i as i64).collect();
-                let rows = Tensor::<B, 1, Int>::from_data(
-                    TensorData::new(rows, [wanted.len()]),
-                    &hidden.device(),
-                );
-                model.host_logits(hidden.select(0, rows))
+                model.host_logits(hidden)
             }
         }
     }

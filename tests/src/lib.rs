@@ -147,6 +147,14 @@ pub fn tiny() -> LlamaConfig {
     tiny_config()
 }
 
+/// `$FT_HOME`, else `~/.cache/ft`, as ft finds it.
+pub fn ft_home() -> PathBuf {
+    match std::env::var_os("FT_HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/ft"),
+    }
+}
+
 /// A running `ft serve`, stopped when dropped.
 pub struct Server {
     child: std::process::Child,

@@ -233,7 +233,8 @@ impl<B: QuantBackend> DecodeBatch<B> {
 }
 
 impl<B: QuantBackend> LlamaForCausalLM<B> {
-    /// Final hidden states of the last new token of each segment, `[segments, e]`.
+    /// Final hidden states of the rows `wanted` of the flattened batch, `[wanted.len(), e]`
+    /// (a segment's last row gives its next token; every row of a prompt scores the prompt).
     ///
     /// `ids` holds the segments' new tokens one after the other; each segment continues its
     /// own sequence in `kv` with its own adapter from `adapters`. A sequence's result is what
@@ -244,6 +245,7 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
         segments: &[Segment],
         adapters: &[&ServedAdapter<B>],
         kv: &mut impl KvStore<B>,
+        wanted: &[usize],
     ) -> Tensor<B, 2> {
         let device = self.device();
         let n = ids.len();
@@ -359,14 +361,14 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
             x = x1 + rows.project(&m.down_proj, l, 6, gate * up);
         }
         let e = x.dims()[2];
-        let last: Vec<i64> = segments
-            .iter()
-            .zip(&offsets)
-            .map(|(s, o)| (o + s.len - 1) as i64)
-            .collect();
-        let last = Tensor::<B, 1, Int>::from_data(TensorData::new(last, [segments.len()]), &device);
-        let hidden = x.reshape([n, e]).select(0, last);
+        assert!(wanted.iter().all(|&r| r < n), "wanted rows of the batch");
+        let rows: Vec<i64> = wanted.iter().map(|&r| r as i64).collect();
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [wanted.len()]), &device);
+        let hidden = x.reshape([n, e]).select(0, rows);
         let [s, _] = hidden.dims();
+        if s == 0 {
+            return hidden; // the step only stored keys and values
+        }
         self.model
             .norm
             .forward(hidden.reshape([1, s, e]))
@@ -444,7 +446,8 @@ mod tests {
             })
             .collect();
         let ids: Vec<u32> = prompts.concat();
-        let first = base.forward_ragged(&ids, &segments, &refs, &mut store);
+        let lasts = [4, 6, 10]; // the last row of each prompt
+        let first = base.forward_ragged(&ids, &segments, &refs, &mut store, &lasts);
         // Then one decode step each, in another order.
         let step_ids = [17u32, 18, 19];
         store.1 = vec![2, 0, 1];
@@ -457,7 +460,7 @@ mod tests {
                 adapter: which[i],
             })
             .collect();
-        let second = base.forward_ragged(&step_ids, &step, &refs, &mut store);
+        let second = base.forward_ragged(&step_ids, &step, &refs, &mut store, &[0, 1, 2]);
 
         for i in 0..3 {
             let mut alone = base.clone();

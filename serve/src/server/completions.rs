@@ -19,11 +19,12 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::openai::{
-    logprobs_json, ChatRequest, CompletionRequest, Endpoint, Reply, Sampling, TokenOut, Usage,
+    logprobs_json, ChatRequest, Choice, CompletionRequest, Endpoint, Prompt, Reply, Sampling,
+    TokenOut, Usage,
 };
 use super::worker::Command;
 use super::{ApiError, AppState};
-use crate::request::{Event, FinishReason, Request};
+use crate::request::{Event, FinishReason, Request, TokenLogprob};
 
 /// A JSON body, or a 400 saying what is wrong with it.
 pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -37,22 +38,39 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
     let span = tracing::info_span!("request", endpoint = "/v1/completions");
     let run = async {
         let req: CompletionRequest = parse(&body)?;
-        let text = req.prompt_text().map_err(ApiError::bad_request)?;
-        let prompt = state
-            .tokenizer
-            .encode(&text)
-            .map_err(|e| ApiError::bad_request(format!("prompt: {e}")))?;
-        start(
-            &state,
-            Endpoint::Completions,
-            &req.model,
-            prompt,
-            &req.sampling,
-            req.logprobs,
-            16,
-            arrival,
-        )
-        .await
+        let prompts = req.prompts().map_err(ApiError::bad_request)?;
+        let many = prompts.len() > 1;
+        let mut submitted = Vec::with_capacity(prompts.len());
+        for (i, prompt) in prompts.into_iter().enumerate() {
+            let field = if many {
+                format!("prompt[{i}]")
+            } else {
+                "prompt".into()
+            };
+            let bad = |e: &dyn std::fmt::Display| ApiError::bad_request(format!("{field}: {e}"));
+            let (tokens, text) = match prompt {
+                Prompt::Text(text) => (state.tokenizer.encode(&text).map_err(|e| bad(&e))?, text),
+                Prompt::Ids(ids) if req.echo => {
+                    let text = state.tokenizer.decode(&ids).map_err(|e| bad(&e))?;
+                    (ids, text)
+                }
+                Prompt::Ids(ids) => (ids, String::new()),
+            };
+            let echo = req.echo.then(|| Echo {
+                text,
+                tokens: tokens.clone(),
+            });
+            let submit = Submit {
+                endpoint: Endpoint::Completions,
+                model: &req.model,
+                sampling: &req.sampling,
+                logprobs: req.logprobs,
+                prompt_logprobs: req.prompt_logprobs(),
+                default_max: 16,
+            };
+            submitted.push(submit.send(&state, tokens, echo, arrival).await?);
+        }
+        answer(submitted, req.sampling.stream, req.sampling.include_usage()).await
     };
     finish_response(&state, run.instrument(span).await)
 }
@@ -110,17 +128,20 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Res
         } else {
             None
         };
-        // Chat defaults to the rest of the context, as vLLM does.
-        let default_max = state.context.saturating_sub(prompt.len()).max(1);
-        start(
-            &state,
-            Endpoint::Chat,
-            &req.model,
-            prompt,
-            &req.sampling,
+        let submit = Submit {
+            endpoint: Endpoint::Chat,
+            model: &req.model,
+            sampling: &req.sampling,
             logprobs,
-            default_max,
-            arrival,
+            prompt_logprobs: None,
+            // Chat defaults to the rest of the context, as vLLM does.
+            default_max: state.context.saturating_sub(prompt.len()).max(1),
+        };
+        let submitted = submit.send(&state, prompt, None, arrival).await?;
+        answer(
+            vec![submitted],
+            req.sampling.stream,
+            req.sampling.include_usage(),
         )
         .await
     };
@@ -143,62 +164,102 @@ fn count(state: &AppState, status: u16) {
     }
 }
 
-/// Submits the request and answers it, streamed or whole.
-#[allow(clippy::too_many_arguments)]
-async fn start(
-    state: &Arc<AppState>,
+/// An echoed prompt: its text and its tokens.
+struct Echo {
+    text: String,
+    tokens: Vec<u32>,
+}
+
+/// What one prompt of a request asks the engine for.
+struct Submit<'a> {
     endpoint: Endpoint,
-    model: &str,
-    prompt: Vec<u32>,
-    sampling: &Sampling,
+    model: &'a str,
+    sampling: &'a Sampling,
     logprobs: Option<usize>,
+    prompt_logprobs: Option<usize>,
     default_max: usize,
-    arrival: Instant,
-) -> Result<Response, ApiError> {
-    let seed = state.seeds.fetch_add(1, Ordering::Relaxed);
-    let params = sampling
-        .params(default_max, logprobs, &state.tokenizer.eos_ids, seed)
-        .map_err(ApiError::bad_request)?;
-    let adapter = (model != state.config.model_id).then(|| model.to_string());
-    let (reply, answer) = oneshot::channel();
-    state.send(Command::Submit {
-        request: Request {
-            prompt,
-            adapter,
-            params,
-        },
-        reply,
-    })?;
-    let events = answer
-        .await
-        .map_err(|_| ApiError::internal("the engine has stopped"))??;
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let prefix = match endpoint {
-        Endpoint::Completions => "cmpl",
-        Endpoint::Chat => "chatcmpl",
-    };
-    let reply = Reply {
-        endpoint,
-        id: format!("{prefix}-{created:x}{seed:x}"),
-        model: model.to_string(),
-        created,
-    };
-    let progress = Progress {
-        state: state.clone(),
-        events,
-        arrival,
-        first: None,
-        last: None,
-        tokens: 0,
-        logprobs: logprobs.is_some(),
-    };
-    if sampling.stream {
-        Ok(stream(progress, reply, sampling.include_usage()))
-    } else {
-        whole(progress, reply).await
+}
+
+impl Submit<'_> {
+    /// Submits `prompt` to the engine; its events and what its responses share.
+    async fn send(
+        &self,
+        state: &Arc<AppState>,
+        prompt: Vec<u32>,
+        echo: Option<Echo>,
+        arrival: Instant,
+    ) -> Result<(Progress, Reply), ApiError> {
+        let seed = state.seeds.fetch_add(1, Ordering::Relaxed);
+        let params = self
+            .sampling
+            .params(
+                self.default_max,
+                self.logprobs,
+                self.prompt_logprobs,
+                &state.tokenizer.eos_ids,
+                seed,
+            )
+            .map_err(ApiError::bad_request)?;
+        let adapter = (self.model != state.config.model_id).then(|| self.model.to_string());
+        let (reply, answer) = oneshot::channel();
+        state.send(Command::Submit {
+            request: Request {
+                prompt,
+                adapter,
+                params,
+            },
+            reply,
+        })?;
+        let events = answer
+            .await
+            .map_err(|_| ApiError::internal("the engine has stopped"))??;
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let prefix = match self.endpoint {
+            Endpoint::Completions => "cmpl",
+            Endpoint::Chat => "chatcmpl",
+        };
+        let reply = Reply {
+            endpoint: self.endpoint,
+            id: format!("{prefix}-{created:x}{seed:x}"),
+            model: self.model.to_string(),
+            created,
+        };
+        let progress = Progress {
+            state: state.clone(),
+            events,
+            arrival,
+            first: None,
+            last: None,
+            tokens: 0,
+            logprobs: self.logprobs.is_some(),
+            endpoint: self.endpoint,
+            echo,
+        };
+        Ok((progress, reply))
     }
+}
+
+/// Answers the submitted prompts: streamed (one prompt), or whole with a choice each, in
+/// order. All of them run in the engine at once; the first failure is the answer.
+async fn answer(
+    submitted: Vec<(Progress, Reply)>,
+    stream_it: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let mut submitted = submitted.into_iter();
+    let Some((first, reply)) = submitted.next() else {
+        return Err(ApiError::internal("no prompt was submitted"));
+    };
+    if stream_it {
+        return Ok(stream(first, reply, include_usage));
+    }
+    let mut choices = vec![whole(first).await?];
+    for (progress, _) in submitted {
+        choices.push(whole(progress).await?);
+    }
+    Ok(Json(reply.whole(&choices)).into_response())
 }
 
 /// A request's events as they arrive, with its timings.
@@ -210,18 +271,38 @@ struct Progress {
     last: Option<Instant>,
     tokens: usize,
     logprobs: bool,
+    endpoint: Endpoint,
+    /// The prompt, when it is sent back before the completion.
+    echo: Option<Echo>,
 }
 
 /// What one event means for the response.
 enum Step {
+    /// The echoed prompt's text, and its tokens' log-probabilities when asked for.
+    Prompt(String, Vec<TokenOut>),
     Text(String, Option<TokenOut>),
-    End(String, FinishReason, Usage),
+    /// The rest of the text, why it ended, the usage, and the stop token for the
+    /// log-probabilities.
+    End(String, FinishReason, Usage, Option<TokenOut>),
     Failed(ApiError),
 }
 
 impl Progress {
     async fn next(&mut self) -> Step {
         match self.events.recv().await {
+            Some(Event::Prompt { logprobs, .. }) => {
+                let Some(echo) = &self.echo else {
+                    return Step::Failed(ApiError::internal(
+                        "prompt scores that were not asked for",
+                    ));
+                };
+                let outs = if self.logprobs {
+                    self.prompt_tokens(&echo.tokens, logprobs)
+                } else {
+                    Vec::new()
+                };
+                Step::Prompt(echo.text.clone(), outs)
+            }
             Some(Event::Token {
                 token,
                 text,
@@ -234,14 +315,9 @@ impl Progress {
                 }
                 self.last = Some(now);
                 self.tokens += 1;
-                let out = logprob.filter(|_| self.logprobs).map(|lp| {
-                    let piece = |id: u32| self.state.tokenizer.decode(&[id]).unwrap_or_default();
-                    TokenOut {
-                        piece: piece(token),
-                        top_pieces: lp.top.iter().map(|&(id, _)| piece(id)).collect(),
-                        logprob: lp,
-                    }
-                });
+                let out = logprob
+                    .filter(|_| self.logprobs)
+                    .map(|lp| self.token_out(token, Some(lp)));
                 Step::Text(text, out)
             }
             Some(Event::Finished {
@@ -249,9 +325,15 @@ impl Progress {
                 text,
                 prompt_tokens,
                 completion_tokens,
+                stop_token,
                 ..
             }) => {
                 self.record(200);
+                // The legacy completions API lists the stop token among the log-probabilities
+                // (not in the text), and lm-eval counts on it: its scores drop the last entry.
+                let stop = stop_token
+                    .filter(|_| self.logprobs && self.endpoint == Endpoint::Completions)
+                    .and_then(|(token, lp)| lp.map(|lp| self.token_out(token, Some(lp))));
                 Step::End(
                     text,
                     reason,
@@ -259,11 +341,35 @@ impl Progress {
                         prompt: prompt_tokens,
                         completion: completion_tokens,
                     },
+                    stop,
                 )
             }
             Some(Event::Failed { error, .. }) => Step::Failed(error.into()),
             None => Step::Failed(ApiError::internal("the engine dropped the request")),
         }
+    }
+
+    /// A token with its text and its alternatives' texts.
+    fn token_out(&self, token: u32, logprob: Option<TokenLogprob>) -> TokenOut {
+        let piece = |id: u32| self.state.tokenizer.decode(&[id]).unwrap_or_default();
+        TokenOut {
+            piece: piece(token),
+            top_pieces: logprob
+                .iter()
+                .flat_map(|lp| lp.top.iter().map(|&(id, _)| piece(id)))
+                .collect(),
+            logprob,
+        }
+    }
+
+    /// The prompt's tokens with their scores (the first has none).
+    fn prompt_tokens(&self, tokens: &[u32], scores: Vec<TokenLogprob>) -> Vec<TokenOut> {
+        let scores = std::iter::once(None).chain(scores.into_iter().map(Some));
+        tokens
+            .iter()
+            .zip(scores)
+            .map(|(&t, lp)| self.token_out(t, lp))
+            .collect()
     }
 
     /// Timings of a finished request into the metrics.
@@ -286,21 +392,32 @@ impl Progress {
     }
 }
 
-async fn whole(mut progress: Progress, reply: Reply) -> Result<Response, ApiError> {
+/// Waits for one prompt's whole choice.
+async fn whole(mut progress: Progress) -> Result<Choice, ApiError> {
     let mut text = String::new();
     let mut tokens = Vec::new();
     loop {
         match progress.next().await {
+            Step::Prompt(t, lps) => {
+                text.push_str(&t);
+                tokens.extend(lps);
+            }
             Step::Text(t, lp) => {
                 text.push_str(&t);
                 tokens.extend(lp);
             }
-            Step::End(t, reason, usage) => {
+            Step::End(t, finish, usage, stop) => {
                 text.push_str(&t);
+                tokens.extend(stop);
                 let logprobs = progress
                     .logprobs
-                    .then(|| logprobs_json(reply.endpoint, &tokens));
-                return Ok(Json(reply.whole(&text, logprobs, reason, usage)).into_response());
+                    .then(|| logprobs_json(progress.endpoint, &tokens));
+                return Ok(Choice {
+                    text,
+                    logprobs,
+                    finish,
+                    usage,
+                });
             }
             Step::Failed(error) => return Err(error),
         }
@@ -315,17 +432,25 @@ fn stream(progress: Progress, reply: Reply, include_usage: bool) -> Response {
             let (mut progress, reply, first) = state?;
             let data = |v: Value| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
             match progress.next().await {
+                Step::Prompt(t, lps) => {
+                    let logprobs = progress
+                        .logprobs
+                        .then(|| logprobs_json(reply.endpoint, &lps));
+                    let chunk = reply.chunk(Some(&t), first, logprobs, None);
+                    Some((vec![data(chunk)], Some((progress, reply, false))))
+                }
                 Step::Text(t, lp) => {
                     let logprobs = lp.map(|t| logprobs_json(reply.endpoint, &[t]));
                     let chunk = reply.chunk(Some(&t), first, logprobs, None);
                     Some((vec![data(chunk)], Some((progress, reply, false))))
                 }
-                Step::End(t, reason, usage) => {
+                Step::End(t, reason, usage, stop) => {
                     let mut out = Vec::new();
                     if !t.is_empty() {
                         out.push(data(reply.chunk(Some(&t), first, None, None)));
                     }
-                    out.push(data(reply.chunk(None, false, None, Some(reason))));
+                    let stop = stop.map(|t| logprobs_json(reply.endpoint, &[t]));
+                    out.push(data(reply.chunk(None, false, stop, Some(reason))));
                     if include_usage {
                         out.push(data(reply.usage_chunk(usage)));
                     }

@@ -1,7 +1,8 @@
-//! The OpenAI-compatible HTTP server (as vLLM and LoRAX serve): `/v1/completions` and
-//! `/v1/chat/completions` (streamed by server-sent events on request), `/v1/models`, adapter
-//! load and unload (vLLM's `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`), `/health`
-//! and `/metrics`. A request's `model` names the base or an adapter. Errors are OpenAI error
+//! The OpenAI-compatible HTTP server (as vLLM and LoRAX serve): `/v1/completions` (with the
+//! legacy `echo` that scores a prompt) and `/v1/chat/completions` (streamed by server-sent
+//! events on request), `/v1/models`, adapter load and unload (vLLM's `/v1/load_lora_adapter`,
+//! `/v1/unload_lora_adapter`), vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`,
+//! `/health` and `/metrics`. A request's `model` names the base or an adapter. Errors are OpenAI error
 //! objects: 400 for a malformed or out-of-range request, 401 without the API key, 404 for an
 //! unknown model, 408 for a body that does not arrive in time, 413 for one too large, 429 when
 //! the queue is full, 503 past the connection limit ([`connections`]).
@@ -11,6 +12,7 @@ mod completions;
 mod connections;
 pub mod metrics;
 pub mod openai;
+mod tokenize;
 pub mod worker;
 
 pub use admin::registry_adapter;
@@ -206,6 +208,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(admin::models))
         .route("/v1/load_lora_adapter", post(admin::load_adapter))
         .route("/v1/unload_lora_adapter", post(admin::unload_adapter))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::info))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(v1)

@@ -66,11 +66,13 @@ pub struct Sampling {
 pub struct CompletionRequest {
     /// The base model's id or an adapter's name.
     pub model: String,
-    /// The prompt (one string).
-    pub prompt: OneOrMany,
+    /// A string, a list of strings, a list of token ids or a list of such lists; read by
+    /// [`CompletionRequest::prompts`].
+    pub prompt: Value,
     /// Log-probabilities of the top N tokens (0 to 20) besides the chosen one.
     pub logprobs: Option<usize>,
-    /// Not supported: must be false.
+    /// Return the prompt before the completion, and with `logprobs` the log-probability of
+    /// each prompt token (the legacy API's way to score a text; `max_tokens` may then be 0).
     #[serde(default)]
     pub echo: bool,
     /// Sampling.
@@ -146,30 +148,72 @@ pub struct ChatRequest {
 /// A request's fault, for a 400.
 pub type Invalid = String;
 
+/// One prompt of a completions request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Text to tokenize.
+    Text(String),
+    /// Token ids, as evaluation harnesses send them.
+    Ids(Vec<u32>),
+}
+
+/// Prompts one request may carry at most (each is a request of the engine).
+pub const MAX_PROMPTS: usize = 256;
+
 impl CompletionRequest {
-    /// The prompt text (exactly one).
-    pub fn prompt_text(&self) -> Result<String, Invalid> {
-        let mut prompts = self.prompt.clone().into_vec();
-        if prompts.len() != 1 {
+    /// The prompts: one string, a list of strings, a list of token ids, or a list of lists of
+    /// token ids, as the OpenAI API takes them.
+    pub fn prompts(&self) -> Result<Vec<Prompt>, Invalid> {
+        const SHAPE: &str = "prompt: must be a string, a list of strings, a list of token ids \
+                             or a list of lists of token ids";
+        let ids = |v: &Value| -> Option<Vec<u32>> {
+            v.as_array()?
+                .iter()
+                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+                .collect()
+        };
+        let prompts = match &self.prompt {
+            Value::String(s) => vec![Prompt::Text(s.clone())],
+            Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+                vec![Prompt::Ids(ids(&self.prompt).ok_or(SHAPE)?)]
+            }
+            Value::Array(items) => items
+                .iter()
+                .map(|item| match item {
+                    Value::String(s) => Ok(Prompt::Text(s.clone())),
+                    other => ids(other).map(Prompt::Ids).ok_or(SHAPE),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(SHAPE.into()),
+        };
+        if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
             return Err(format!(
-                "prompt: exactly one prompt is supported per request, got {}",
+                "prompt: {} prompts; one request takes 1 to {MAX_PROMPTS}",
                 prompts.len()
             ));
         }
-        if self.echo {
-            return Err("echo: not supported".into());
+        if self.sampling.stream && prompts.len() > 1 {
+            return Err("prompt: a streamed request takes one prompt".into());
         }
-        Ok(prompts.remove(0))
+        Ok(prompts)
+    }
+
+    /// How many alternatives to score each prompt token with: with `echo` the prompt is
+    /// scored (its log-probabilities are sent when `logprobs` asks for them).
+    pub fn prompt_logprobs(&self) -> Option<usize> {
+        self.echo.then(|| self.logprobs.unwrap_or(0))
     }
 }
 
 impl Sampling {
     /// The engine's parameters: `default_max` when max_tokens is absent, `logprobs` top-N,
-    /// `eos` as the stop ids unless `ignore_eos`.
+    /// `eos` as the stop ids unless `ignore_eos`; `prompt_logprobs` scores the prompt, and
+    /// then max_tokens may be 0.
     pub fn params(
         &self,
         default_max: usize,
         logprobs: Option<usize>,
+        prompt_logprobs: Option<usize>,
         eos: &[u32],
         seed: u64,
     ) -> Result<GenerationParams, Invalid> {
@@ -177,8 +221,8 @@ impl Sampling {
             .max_completion_tokens
             .or(self.max_tokens)
             .unwrap_or(default_max);
-        if max_tokens == 0 {
-            return Err("max_tokens: must be at least 1".into());
+        if max_tokens == 0 && prompt_logprobs.is_none() {
+            return Err("max_tokens: must be at least 1 (0 only with echo)".into());
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
@@ -200,7 +244,7 @@ impl Sampling {
             return Err(format!("logprobs: {k} is more than 20"));
         }
         let beams = if self.use_beam_search {
-            if logprobs.is_some() {
+            if logprobs.is_some() || prompt_logprobs.is_some() {
                 return Err("logprobs: not available with beam search".into());
             }
             match self.best_of {
@@ -237,6 +281,7 @@ impl Sampling {
                 .map(OneOrMany::into_vec)
                 .unwrap_or_default(),
             logprobs,
+            prompt_logprobs,
         })
     }
 
@@ -279,13 +324,14 @@ pub enum Endpoint {
     Chat,
 }
 
-/// One generated token with its text, for log-probabilities.
+/// One token with its text, for log-probabilities.
 #[derive(Debug, Clone)]
 pub struct TokenOut {
     /// The token's own text.
     pub piece: String,
-    /// Its log-probabilities.
-    pub logprob: TokenLogprob,
+    /// Its log-probabilities; `None` for an echoed prompt's first token, which nothing
+    /// before it predicts.
+    pub logprob: Option<TokenLogprob>,
     /// The alternatives' texts, in `logprob.top` order.
     pub top_pieces: Vec<String>,
 }
@@ -302,26 +348,43 @@ pub fn logprobs_json(endpoint: Endpoint, tokens: &[TokenOut]) -> Value {
             }
             json!({
                 "tokens": tokens.iter().map(|t| &t.piece).collect::<Vec<_>>(),
-                "token_logprobs": tokens.iter().map(|t| t.logprob.logprob).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter()
+                    .map(|t| t.logprob.as_ref().map(|l| l.logprob))
+                    .collect::<Vec<_>>(),
                 "top_logprobs": tokens.iter().map(|t| {
-                    t.top_pieces.iter().zip(&t.logprob.top)
-                        .map(|(p, (_, lp))| (p.clone(), json!(lp)))
-                        .collect::<serde_json::Map<_, _>>()
+                    t.logprob.as_ref().map(|l| {
+                        t.top_pieces.iter().zip(&l.top)
+                            .map(|(p, (_, lp))| (p.clone(), json!(lp)))
+                            .collect::<serde_json::Map<_, _>>()
+                    })
                 }).collect::<Vec<_>>(),
                 "text_offset": offsets,
             })
         }
         Endpoint::Chat => json!({
-            "content": tokens.iter().map(|t| json!({
+            "content": tokens.iter().filter_map(|t| t.logprob.as_ref().map(|l| json!({
                 "token": t.piece,
-                "logprob": t.logprob.logprob,
+                "logprob": l.logprob,
                 "bytes": t.piece.as_bytes(),
-                "top_logprobs": t.top_pieces.iter().zip(&t.logprob.top).map(|(p, (_, lp))| json!({
+                "top_logprobs": t.top_pieces.iter().zip(&l.top).map(|(p, (_, lp))| json!({
                     "token": p, "logprob": lp, "bytes": p.as_bytes(),
                 })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
+            }))).collect::<Vec<_>>(),
         }),
     }
+}
+
+/// One finished choice of a whole response.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    /// Its text (after the echoed prompt, if any).
+    pub text: String,
+    /// The `logprobs` object, if asked for.
+    pub logprobs: Option<Value>,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Its token counts.
+    pub usage: Usage,
 }
 
 /// What every response to one request shares.
@@ -346,31 +409,37 @@ impl Reply {
         }
     }
 
-    /// A whole (non-streamed) response.
-    pub fn whole(
-        &self,
-        text: &str,
-        logprobs: Option<Value>,
-        finish: FinishReason,
-        usage: Usage,
-    ) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Completions => json!({
-                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.as_str(),
-            }),
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish.as_str(),
-            }),
-        };
+    /// A whole (non-streamed) response: one choice per prompt, in order, and their usage
+    /// summed.
+    pub fn whole(&self, choices: &[Choice]) -> Value {
+        let mut usage = Usage::default();
+        let choices: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                usage.prompt += c.usage.prompt;
+                usage.completion += c.usage.completion;
+                let finish = c.finish.as_str();
+                match self.endpoint {
+                    Endpoint::Completions => json!({
+                        "index": index, "text": c.text, "logprobs": c.logprobs,
+                        "finish_reason": finish,
+                    }),
+                    Endpoint::Chat => json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": c.logprobs,
+                        "finish_reason": finish,
+                    }),
+                }
+            })
+            .collect();
         json!({
             "id": self.id,
             "object": self.object(false),
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage.json(),
         })
     }
@@ -435,7 +504,7 @@ mod tests {
 
     #[test]
     fn out_of_range_fields_are_named() {
-        let err = |v| sampling(v).params(16, None, &[2], 0).unwrap_err();
+        let err = |v| sampling(v).params(16, None, None, &[2], 0).unwrap_err();
         assert!(err(json!({"temperature": 3.0})).starts_with("temperature:"));
         assert!(err(json!({"top_p": 0.0})).starts_with("top_p:"));
         assert!(err(json!({"max_tokens": 0})).starts_with("max_tokens:"));
@@ -443,15 +512,47 @@ mod tests {
         assert!(err(json!({"top_k": -3})).starts_with("top_k:"));
         assert!(err(json!({"use_beam_search": true})).starts_with("best_of:"));
         let e = sampling(json!({}))
-            .params(16, Some(21), &[2], 0)
+            .params(16, Some(21), None, &[2], 0)
             .unwrap_err();
         assert!(e.starts_with("logprobs:"));
+        let scored = sampling(json!({"max_tokens": 0}))
+            .params(16, Some(1), Some(1), &[2], 0)
+            .unwrap();
+        assert_eq!((scored.max_tokens, scored.prompt_logprobs), (0, Some(1)));
+    }
+
+    #[test]
+    fn prompts_come_as_text_token_ids_or_lists_of_either() {
+        let prompts = |v: Value| {
+            let mut r = json!({"model": "m"});
+            r["prompt"] = v;
+            serde_json::from_value::<CompletionRequest>(r)
+                .unwrap()
+                .prompts()
+        };
+        assert_eq!(prompts(json!("hi")), Ok(vec![Prompt::Text("hi".into())]));
+        assert_eq!(prompts(json!([1, 2])), Ok(vec![Prompt::Ids(vec![1, 2])]));
+        assert_eq!(
+            prompts(json!([[1], "a"])),
+            Ok(vec![Prompt::Ids(vec![1]), Prompt::Text("a".into())])
+        );
+        for bad in [
+            json!(3),
+            json!([]),
+            json!([1, -2]),
+            json!([[1], [4294967296u64]]),
+            json!([{"a": 1}]),
+            json!([1, "a"]),
+        ] {
+            let e = prompts(bad.clone()).unwrap_err();
+            assert!(e.starts_with("prompt:"), "{bad}: {e}");
+        }
     }
 
     #[test]
     fn defaults_and_extensions() {
         let p = sampling(json!({"stop": "\n", "ignore_eos": true, "seed": 4}))
-            .params(16, None, &[2], 0)
+            .params(16, None, None, &[2], 0)
             .unwrap();
         assert_eq!(
             (p.max_tokens, p.sampling.temperature, p.sampling.seed),
@@ -461,7 +562,7 @@ mod tests {
         assert!(p.stop_ids.is_empty());
         let p =
             sampling(json!({"use_beam_search": true, "best_of": 3, "max_completion_tokens": 5}))
-                .params(16, None, &[2], 0)
+                .params(16, None, None, &[2], 0)
                 .unwrap();
         assert_eq!((p.beams, p.max_tokens, p.stop_ids.clone()), (3, 5, vec![2]));
     }

@@ -97,7 +97,7 @@ pub fn run<B: QuantBackend>(
         if engine.has_work() {
             for event in engine.step() {
                 let id = event.id();
-                let last = !matches!(event, Event::Token { .. });
+                let last = matches!(event, Event::Finished { .. } | Event::Failed { .. });
                 let delivered = channels.get(&id).is_some_and(|tx| tx.send(event).is_ok());
                 if !delivered {
                     engine.cancel(id);

@@ -246,14 +246,6 @@ fn a_distillation_recipe_does_not_export() {
     );
 }
 
-/// `$FT_HOME`, else `~/.cache/ft`, as ft finds it.
-fn ft_home() -> PathBuf {
-    match std::env::var_os("FT_HOME").filter(|h| !h.is_empty()) {
-        Some(h) => PathBuf::from(h),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/ft"),
-    }
-}
-
 /// `pip install --target site ARGS` with the PEFT environment's interpreter.
 fn pip(python: &Path, site: &Path, args: &[&str]) {
     let status = std::process::Command::new(python)
@@ -275,12 +267,12 @@ fn pip(python: &Path, site: &Path, args: &[&str]) {
 #[test]
 #[ignore = "needs the PEFT environment ($FT_HOME/venvs/peft, made by `ft bench train --vs-peft`); installs axolotl 0.18.0 beside it"]
 fn axolotl_validates_the_config_and_both_trainers_get_fts_tokens() {
-    let python = ft_home().join("venvs/peft/bin/python");
+    let python = ft_tests::ft_home().join("venvs/peft/bin/python");
     assert!(
         python.exists(),
         "run `ft bench train recipes/lora.toml --vs-peft` once first"
     );
-    let site = ft_home().join("venvs/export-site");
+    let site = ft_tests::ft_home().join("venvs/export-site");
     if !site.join("axolotl").exists() {
         // axolotl's own pins would replace torch; what its schema and strategies import is
         // enough.

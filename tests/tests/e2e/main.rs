@@ -9,6 +9,7 @@ mod eval;
 mod export;
 mod hub;
 mod inference_weights;
+mod lm_eval;
 mod quant;
 mod reference;
 mod registry;

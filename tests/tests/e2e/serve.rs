@@ -214,7 +214,12 @@ fn bad_requests_get_their_status_and_an_openai_error() {
             400,
             "logprobs",
         ),
-        (json!({"model": model, "prompt": ["a", "b"]}), 400, "prompt"),
+        (
+            json!({"model": model, "prompt": ["a", "b"], "stream": true}),
+            400,
+            "prompt",
+        ),
+        (json!({"model": model, "prompt": [1.5]}), 400, "prompt"),
         (json!({"model": model}), 400, "prompt"),
         (json!({"model": "nope", "prompt": "hi"}), 404, "nope"),
     ];
@@ -244,7 +249,7 @@ fn bad_requests_get_their_status_and_an_openai_error() {
     assert_eq!(status, 200);
     let metrics = server.get("/metrics");
     assert!(
-        metrics.contains("ft_http_requests_total{status=\"400\"} 11"),
+        metrics.contains("ft_http_requests_total{status=\"400\"} 12"),
         "{metrics}"
     );
 

@@ -79,6 +79,16 @@ fn seeds(dir: &Path) -> Vec<Vec<u8>> {
                    "best_of": 2, "temperature": 0}),
         ),
         (
+            "/v1/completions",
+            json!({"model": "a", "prompt": [[5, 6, 7], "y"], "max_tokens": 0, "echo": true,
+                   "logprobs": 1}),
+        ),
+        (
+            "/tokenize",
+            json!({"prompt": "Hello", "add_special_tokens": false, "return_token_strs": true}),
+        ),
+        ("/detokenize", json!({"tokens": [5, 6, 7]})),
+        (
             "/v1/chat/completions",
             json!({"model": "tiny", "messages": messages, "max_completion_tokens": 4,
                    "temperature": 0, "logprobs": true, "top_logprobs": 2}),
