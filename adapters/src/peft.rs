@@ -23,7 +23,7 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The largest adapter weights file read.
-const MAX_WEIGHTS_BYTES: u64 = 16 << 30;
+pub const MAX_WEIGHTS_BYTES: u64 = 16 << 30;
 
 /// The largest rank read.
 const MAX_RANK: usize = 65_536;
@@ -39,7 +39,7 @@ pub fn read_files(dir: &Path) -> Result<(Vec<u8>, Vec<u8>), AdapterError> {
 
 /// The bytes of `path`, which must be a regular file (not a FIFO, which would block, nor a
 /// device such as `/dev/zero`, which never ends) of at most `limit` bytes.
-fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, AdapterError> {
+pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, AdapterError> {
     let meta = std::fs::metadata(path).map_err(|e| AdapterError::io(path, e))?;
     if !meta.is_file() {
         return Err(fault(path, "is not a regular file"));

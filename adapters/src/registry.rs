@@ -180,6 +180,31 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Renames the filled `staging` folder to `dest`. When another export made `dest` first (two
+/// servers resolving the same new version), its files are replaced atomically instead; either
+/// way no staging folder is left behind.
+fn publish(
+    staging: tempfile::TempDir,
+    files: &[(PathBuf, Vec<u8>)],
+    dest: &Path,
+) -> Result<(), AdapterError> {
+    match std::fs::rename(staging.path(), dest) {
+        Ok(()) => {
+            // Its path is `dest` now: nothing is left to remove.
+            let _ = staging.keep();
+            Ok(())
+        }
+        Err(_) if dest.is_dir() => {
+            for (rel, bytes) in files {
+                let path = dest.join(rel);
+                write_atomic(&path, bytes).map_err(|e| AdapterError::io(&path, e))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(AdapterError::io(dest, e)),
+    }
+}
+
 impl Registry {
     /// Opens (creating if needed) the registry in `dir`.
     pub fn open(dir: &Path) -> Result<Self, AdapterError> {
@@ -503,11 +528,11 @@ impl Registry {
             .prefix(".export-")
             .tempdir_in(parent)
             .map_err(|e| AdapterError::io(parent, e))?;
-        for (rel, bytes) in files {
+        for (rel, bytes) in &files {
             let path = staging.path().join(rel);
-            write_atomic(&path, &bytes).map_err(|e| AdapterError::io(&path, e))?;
+            write_atomic(&path, bytes).map_err(|e| AdapterError::io(&path, e))?;
         }
-        std::fs::rename(staging.keep(), dest).map_err(|e| AdapterError::io(dest, e))
+        publish(staging, &files, dest)
     }
 
     /// The content of blob `hex`, verified against its name.
@@ -962,6 +987,28 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(".export-"))
             .collect();
         assert!(left.is_empty(), "no staging folder left behind");
+    }
+
+    #[test]
+    fn an_export_that_loses_the_race_to_its_folder_writes_into_it_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("served");
+        // Another export made the folder (with an older file) after this one checked.
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("a.txt"), b"old").unwrap();
+        let staging = tempfile::Builder::new()
+            .prefix(".export-")
+            .tempdir_in(dir.path())
+            .unwrap();
+        std::fs::write(staging.path().join("a.txt"), b"new").unwrap();
+        let files = vec![(PathBuf::from("a.txt"), b"new".to_vec())];
+        publish(staging, &files, &dest).unwrap();
+        assert_eq!(std::fs::read(dest.join("a.txt")).unwrap(), b"new");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["served"], "no staging folder left behind");
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub fn report(e: &anyhow::Error) -> String {
 }
 
 /// `text` with the user information of every URL in it (`user:password@`) replaced by `***@`.
-fn hide_credentials(text: &str) -> String {
+pub fn hide_credentials(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("://") {

@@ -29,12 +29,12 @@ use args::Cli;
 use error::UsageError;
 
 /// Keeps the panic hook silent for panics a library catches and reports as an error (a
-/// malformed Parquet file's), so the user sees that error alone; any other panic prints as
-/// usual.
+/// malformed Parquet file's, a malformed tokenizer's), so the user sees that error alone; any
+/// other panic prints as usual.
 fn quiet_caught_panics() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if !ft_trainer::data::tables::catching() {
+        if !ft_model::caught::catching() {
             default(info);
         }
     }));

@@ -109,7 +109,7 @@ pub struct HfConfig {
 impl HfConfig {
     /// Reads and validates `config.json`, returning the runtime config.
     pub fn load(path: &Path) -> Result<LlamaConfig, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let text = crate::text_file::read(path, crate::text_file::MAX_CONFIG_BYTES)?;
         let hf: HfConfig = serde_json::from_str(&text)
             .map_err(|e| ModelError::format(path, format!("invalid config: {e}")))?;
         hf.into_config(path)

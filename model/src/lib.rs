@@ -5,13 +5,15 @@
 //! [`forward::ragged`], or in plain Rust on the CPU, [`forward::host`]), its configuration
 //! ([`config`]), the KV cache ([`cache`]), the checkpoint formats read and written
 //! ([`formats`]: GGUF, HF safetensors, bitsandbytes), the tokenizer and chat template, model
-//! sources ([`source`]) and perplexity. Builds on ft-quant
+//! sources ([`source`]), bounded reads of the JSON beside the weights ([`text_file`]), other
+//! crates' reader panics made errors ([`caught`]) and perplexity. Builds on ft-quant
 //! (block formats) and ft-adapters (LoRA layers); must not import ft-distill, ft-serve or
 //! ft-trainer.
 #![warn(missing_docs)]
 
 pub mod adapter;
 pub mod cache;
+pub mod caught;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -22,6 +24,7 @@ pub mod params;
 pub mod perplexity;
 pub mod pretrained;
 pub mod source;
+pub mod text_file;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;

@@ -134,12 +134,16 @@ impl TextSide {
     /// Refuses a tokenizer that makes ids the embedding has no row for (every such id would
     /// index past the embedding in the forward).
     fn checked(self, path: &Path) -> Result<Self, ModelError> {
-        let (tokens, rows) = (self.tokenizer.vocab_size(), self.config.vocab_size);
-        if tokens > rows {
+        // Ids need not be dense: the largest, not the count, must have a row.
+        let (bound, rows) = (self.tokenizer.id_bound(), self.config.vocab_size);
+        if bound > rows {
             return Err(ModelError::Unsupported {
                 path: path.to_path_buf(),
                 what: format!(
-                    "the tokenizer has {tokens} tokens, more than the embedding's {rows} rows"
+                    "the tokenizer has {} tokens with ids up to {}, past the embedding's {rows} \
+                     rows",
+                    self.tokenizer.vocab_size(),
+                    bound - 1
                 ),
             });
         }
@@ -256,7 +260,7 @@ impl<B: Backend> Pretrained<B> {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, ModelError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let text = crate::text_file::read(path, crate::text_file::MAX_CONFIG_BYTES)?;
     serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("invalid JSON: {e}")))
 }
 

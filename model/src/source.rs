@@ -294,7 +294,7 @@ fn resolve_hf(source: &str, spec: &str) -> Result<PathBuf, ModelError> {
     }
     match repo.get("model.safetensors.index.json") {
         Ok(index) => {
-            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let text = crate::text_file::read(&index, crate::text_file::MAX_CONFIG_BYTES)?;
             let json: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ModelError::format(&index, e.to_string()))?;
             let mut shards: Vec<&str> = json["weight_map"]

@@ -36,6 +36,32 @@ impl std::fmt::Debug for TextTokenizer {
 const TOKEN_TYPE_CONTROL: u64 = 3;
 const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 
+/// The longest added (special or user-defined) token read. The `tokenizers` crate matches
+/// added tokens with an Aho-Corasick automaton whose dense form grows with the tokens'
+/// length times the alphabet: one crafted token of 300 KB took it minutes to build. Real
+/// added tokens are a few dozen bytes.
+const MAX_ADDED_TOKEN_BYTES: usize = 1024;
+
+/// Refuses an added token longer than [`MAX_ADDED_TOKEN_BYTES`].
+fn check_added_tokens<'a>(
+    path: &Path,
+    contents: impl Iterator<Item = &'a str>,
+) -> Result<(), ModelError> {
+    for (i, content) in contents.enumerate() {
+        if content.len() > MAX_ADDED_TOKEN_BYTES {
+            return Err(ModelError::format(
+                path,
+                format!(
+                    "added token {i} is {} bytes long; ft reads added tokens of at most \
+                     {MAX_ADDED_TOKEN_BYTES} bytes",
+                    content.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Split regexes of the pre-tokenizers llama.cpp names in `tokenizer.ggml.pre`.
 pub(crate) const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 pub(crate) const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -48,7 +74,14 @@ impl TextTokenizer {
         bos_token: Option<String>,
         eos_token: Option<String>,
     ) -> Result<Self, ModelError> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let text = crate::text_file::read(path, crate::text_file::MAX_TOKENIZER_BYTES)?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::format(path, format!("invalid tokenizer: {e}")))?;
+        let added = json["added_tokens"].as_array().into_iter().flatten();
+        let contents = added.map(|t| t["content"].as_str().unwrap_or_default());
+        check_added_tokens(path, contents)?;
+        let inner = crate::caught::catch(|| tokenizers::Tokenizer::from_str(&text))
+            .map_err(|why| ModelError::format(path, format!("invalid tokenizer: {why}")))?
             .map_err(|e| ModelError::format(path, format!("invalid tokenizer: {e}")))?;
         Ok(Self {
             inner,
@@ -91,6 +124,11 @@ impl TextTokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
+        let added = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED);
+        check_added_tokens(path, added.map(|(token, _)| token.as_str()))?;
         let pre = gguf
             .metadata
             .get("tokenizer.ggml.pre")
@@ -161,6 +199,13 @@ impl TextTokenizer {
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// One past the largest id the tokenizer can make (its vocabulary's ids need not be
+    /// dense: an added token may take any id).
+    pub fn id_bound(&self) -> usize {
+        let vocab = self.inner.get_vocab(true);
+        vocab.values().max().map_or(0, |&id| id as usize + 1)
     }
 
     /// The id of a token's exact text.

@@ -6,7 +6,8 @@
 //! target's bound or a time over [`MAX_SECONDS`] is a failure, recorded once per distinct place
 //! with the input that caused it (written under `target/fuzz/`). An input that would take the
 //! heap past [`HEAP_CAP`] is written out and the process aborted before the machine runs out of
-//! memory.
+//! memory; one still running after [`HANG_SECONDS`] is named by a watchdog thread and the
+//! process aborted, so that a hang fails the run instead of stalling it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, RefCell};
@@ -20,6 +21,38 @@ use serde_json::Value;
 
 /// The longest one input may take before it counts as a hang.
 pub const MAX_SECONDS: f64 = 10.0;
+
+/// An input still running after this long is taken for a hang: the watchdog names it and
+/// aborts the run, which then fails instead of waiting forever.
+const HANG_SECONDS: u64 = 120;
+
+/// The input a fuzzing run is on (its index and bytes) and since when, for its watchdog.
+type Current = std::sync::Arc<std::sync::Mutex<Option<(Instant, u64, Vec<u8>)>>>;
+
+/// Watches `current` from a thread of its own until `done`: an input past [`HANG_SECONDS`] is
+/// written out and the process aborted, naming its target, run seed and index.
+fn watchdog(name: String, seed: u64, current: Current, done: std::sync::mpsc::Receiver<()>) {
+    std::thread::spawn(move || loop {
+        if done.recv_timeout(Duration::from_secs(1)).is_ok() {
+            return;
+        }
+        let Ok(c) = current.lock() else { continue };
+        let Some((since, index, input)) = c.as_ref() else {
+            continue;
+        };
+        if since.elapsed() > Duration::from_secs(HANG_SECONDS) {
+            let path = out_dir().join(format!("{name}-{index}.bin"));
+            let _ = std::fs::create_dir_all(out_dir());
+            let _ = std::fs::write(&path, input);
+            eprintln!(
+                "fuzz {name}: input {index} of run seed {seed} ({}) has run over \
+                 {HANG_SECONDS} s: a hang",
+                path.display()
+            );
+            std::process::abort();
+        }
+    });
+}
 
 /// The largest input a run makes.
 pub const MAX_INPUT: usize = 8 << 20;
@@ -539,6 +572,9 @@ pub fn fuzz(target: &Target, inputs: u64, seed: u64) -> Report {
         refusals: BTreeMap::new(),
     };
     let mut seen: BTreeMap<String, ()> = BTreeMap::new();
+    let current = Current::default();
+    let (done, watched) = std::sync::mpsc::channel();
+    watchdog(target.name.to_string(), seed, current.clone(), watched);
     for index in 0..inputs {
         let mut rng = Rng::for_input(target.name, seed, index);
         let mut input = target.seeds[rng.below(target.seeds.len())].clone();
@@ -550,6 +586,9 @@ pub fn fuzz(target: &Target, inputs: u64, seed: u64) -> Report {
             if next.len() <= MAX_INPUT {
                 input = next;
             }
+        }
+        if let Ok(mut c) = current.lock() {
+            *c = Some((Instant::now(), index, input.clone()));
         }
         let (result, heap, time) = run_one(target, &input);
         report.max_heap = report.max_heap.max(heap);
@@ -603,6 +642,7 @@ pub fn fuzz(target: &Target, inputs: u64, seed: u64) -> Report {
             });
         }
     }
+    let _ = done.send(());
     report
 }
 

@@ -1052,6 +1052,28 @@ mod tests {
     }
 
     #[test]
+    fn a_recipe_file_past_a_mebibyte_is_refused_without_reading_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        let mut text = MINIMAL.to_string();
+        text.push_str(&format!("# {}\n", "x".repeat(2 << 20)));
+        std::fs::write(&big, text).unwrap();
+        let e = LoadedRecipe::load(&big, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("big.toml") && e.contains("larger than 1024 KiB"),
+            "{e}"
+        );
+        #[cfg(unix)]
+        {
+            // A file with no end: read up to the limit, then refused.
+            let endless = dir.path().join("endless.toml");
+            std::os::unix::fs::symlink("/dev/zero", &endless).unwrap();
+            let e = LoadedRecipe::load(&endless, &[]).unwrap_err().to_string();
+            assert!(e.contains("larger than 1024 KiB"), "{e}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_name_the_key_and_line() {
         let e = err(
             "[data]\ntask = \"dates\"\n\n[train]\nlr = 1e-3\nlrr = 2\n",

@@ -165,7 +165,10 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
     } else {
         args.adapters.clone()
     };
-    let label = args.label.clone().unwrap_or(url.clone());
+    let label = args
+        .label
+        .clone()
+        .unwrap_or_else(|| crate::error::hide_credentials(&url));
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -275,7 +278,10 @@ fn soak(
         .iter()
         .map(|s| s.rss_bytes)
         .fold(f64::NAN, f64::max);
-    let label = args.label.clone().unwrap_or(spec.url.clone());
+    let label = args
+        .label
+        .clone()
+        .unwrap_or_else(|| crate::error::hide_credentials(&spec.url));
     let table = format!(
         "| server | seconds | streams | sent | completed | cancelled | slow | errors | KV blocks held at the end | RSS warm MiB | RSS end MiB | RSS peak MiB |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n\

@@ -130,11 +130,20 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// fails as "corrupted" instead of trying to allocate terabytes.
 const MAX_ITEMS: u64 = 1 << 28;
 
+/// Memory the metadata may take in all: four times the file's length and 64 MiB. A value
+/// takes more memory than file (an array item of one byte becomes a 32-byte value), so a
+/// crafted file of byte arrays could otherwise ask for 32 times its length.
+fn metadata_budget(file_len: usize) -> usize {
+    file_len.saturating_mul(4).saturating_add(64 << 20)
+}
+
 /// A bounds-checked little-endian cursor over the mapped bytes.
 struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Memory the metadata parsed so far takes.
+    spent: usize,
 }
 
 impl<'a> Cursor<'a> {
@@ -193,7 +202,22 @@ impl<'a> Cursor<'a> {
             .map_err(|_| self.fault(format!("corrupted: {what} is not UTF-8")))
     }
 
+    /// Counts `bytes` more of the metadata's memory against [`metadata_budget`].
+    fn spend(&mut self, bytes: usize, key: &str) -> Result<(), ModelError> {
+        self.spent = self.spent.saturating_add(bytes);
+        let budget = metadata_budget(self.bytes.len());
+        if self.spent > budget {
+            return Err(self.fault(format!(
+                "corrupted: the metadata up to {key} would take more than {budget} bytes of \
+                 memory for a file of {} bytes",
+                self.bytes.len()
+            )));
+        }
+        Ok(())
+    }
+
     fn value(&mut self, ty: u32, key: &str) -> Result<GgufValue, ModelError> {
+        self.spend(std::mem::size_of::<GgufValue>(), key)?;
         Ok(match ty {
             0 => GgufValue::U8(self.array::<1>(key)?[0]),
             1 => GgufValue::I8(self.array::<1>(key)?[0] as i8),
@@ -207,7 +231,11 @@ impl<'a> Cursor<'a> {
                 1 => GgufValue::Bool(true),
                 b => return Err(self.fault(format!("corrupted: bool {key} has byte {b}"))),
             },
-            8 => GgufValue::String(self.string(key)?),
+            8 => {
+                let s = self.string(key)?;
+                self.spend(s.len(), key)?;
+                GgufValue::String(s)
+            }
             9 => {
                 let elem = self.u32(key)?;
                 if elem == 9 {
@@ -241,6 +269,7 @@ impl GgufFile {
             bytes: &mmap,
             pos: 0,
             path,
+            spent: 0,
         };
         let magic = c.array::<4>("magic")?;
         if &magic != MAGIC {
@@ -672,6 +701,15 @@ mod tests {
         array.extend(8u32.to_le_bytes());
         array.extend((1u64 << 27).to_le_bytes());
         refused(&crafted(0, 1, &array), "truncated");
+        // 3 million one-byte items, all present: 96 MB as values, over the budget of a 3 MB
+        // file (76 MB), refused before it is spent.
+        let n = 3_000_000u64;
+        let mut bytes = string("general.bytes");
+        bytes.extend(9u32.to_le_bytes());
+        bytes.extend(0u32.to_le_bytes());
+        bytes.extend(n.to_le_bytes());
+        bytes.resize(bytes.len() + n as usize, 7);
+        refused(&crafted(0, 1, &bytes), "bytes of memory");
     }
 
     #[test]

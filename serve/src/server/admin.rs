@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
-use ft_adapters::peft::{CONFIG_FILE, WEIGHTS_FILE};
+use ft_adapters::peft::{read_bounded, CONFIG_FILE, MAX_WEIGHTS_BYTES, WEIGHTS_FILE};
 use ft_adapters::registry::{parse_ref, safe_relative, sha256_hex, Registry};
 use ft_adapters::AdapterError;
 use serde::Deserialize;
@@ -159,7 +159,8 @@ pub fn registry_adapter(root: &Path, reference: &str) -> Result<PathBuf, Adapter
     let mut intact = true;
     for (file, hex) in &record.files {
         let path = dir.join(safe_relative(file)?);
-        intact &= std::fs::read(&path).is_ok_and(|bytes| sha256_hex(&bytes) == *hex);
+        // Read as the engine will read it: a regular file of bounded size.
+        intact &= read_bounded(&path, MAX_WEIGHTS_BYTES).is_ok_and(|b| sha256_hex(&b) == *hex);
     }
     if !intact {
         registry.export(&record, &dir)?;

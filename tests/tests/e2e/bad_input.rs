@@ -247,7 +247,38 @@ fn a_tokenizer_larger_than_the_embedding_is_refused_before_any_forward() {
         serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     json["vocab_size"] = serde_json::json!(16);
     std::fs::write(&config, json.to_string()).unwrap();
-    gen(folder.to_str().unwrap()).fails_with(1, &["more than the embedding's 16 rows"]);
+    gen(folder.to_str().unwrap()).fails_with(1, &["past the embedding's 16 rows"]);
+}
+
+/// Found by fuzzing HF folders: a token whose id is past the embedding (the vocabulary's size
+/// alone was checked, and the forward indexed past the embedding); a `tokenizer.json` on
+/// which the `tokenizers` crate panics inside its deserializer; and an added token of 300 KB,
+/// for which that crate spent minutes building its matcher.
+#[test]
+fn a_tokenizer_id_past_the_embedding_or_a_tokenizer_its_crate_panics_on_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, _) = tiny_model(dir.path(), &tiny());
+    let path = folder.join("tokenizer.json");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&original).unwrap();
+    // As many tokens as the embedding has rows, one of them far past it.
+    json["model"]["vocab"]["<|im_start|>"] = serde_json::json!(4_000_000_000u64);
+    std::fs::write(&path, json.to_string()).unwrap();
+    gen(folder.to_str().unwrap()).fails_with(1, &["ids up to 4000000000", "embedding's 259"]);
+
+    let broken = original.replacen("\"type\":\"ByteLevel\"", "\"t\u{0}e\":\"ByteLevel\"", 1);
+    assert_ne!(broken, original);
+    std::fs::write(&path, broken).unwrap();
+    let run = gen(folder.to_str().unwrap());
+    run.fails_with(1, &["tokenizer.json", "invalid tokenizer"]);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+
+    let mut json: serde_json::Value = serde_json::from_str(&original).unwrap();
+    json["added_tokens"][2]["content"] = serde_json::json!("x".repeat(300_000));
+    std::fs::write(&path, json.to_string()).unwrap();
+    let started = std::time::Instant::now();
+    gen(folder.to_str().unwrap()).fails_with(1, &["added token 2 is 300000 bytes long"]);
+    assert!(started.elapsed().as_secs() < 30, "{:?}", started.elapsed());
 }
 
 #[test]

@@ -418,6 +418,17 @@ fn slow_and_silent_clients_are_cut_off_and_the_server_stays_up() {
     let (_, waited) = until_closed(partial, patience);
     assert!(waited < promptly, "partial headers held {waited:?}");
 
+    // A connection kept alive after its answer, then idle: closed at the header deadline.
+    let mut idle = connect();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (answer, waited) = until_closed(idle, patience);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        waited < promptly,
+        "an idle kept-alive connection held {waited:?}"
+    );
+
     // A declared body that never comes: 408.
     let mut bodiless = connect();
     bodiless
@@ -430,6 +441,26 @@ fn slow_and_silent_clients_are_cut_off_and_the_server_stays_up() {
         "an OpenAI error object: {answer}"
     );
     assert!(waited < promptly, "{waited:?}");
+
+    // A body over the 2 MiB limit: 413, as an OpenAI error object, whatever it holds.
+    let mut large = connect();
+    let body = vec![b' '; 3 << 20];
+    write!(
+        large,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut writer = large.try_clone().unwrap();
+    // The server answers before it has read it all: the rest may be refused.
+    std::thread::spawn(move || writer.write_all(&body));
+    let (answer, _) = until_closed(large, patience);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("\"type\":\"invalid_request_error\""),
+        "an OpenAI error object: {answer}"
+    );
 
     let (status, answer) = server.post(
         "/v1/completions",
@@ -498,11 +529,13 @@ fn bench_serve_measures_rows_and_a_soak_ends_with_no_block_held() {
     let dir = tempfile::tempdir().unwrap();
     let (_, gguf) = tiny_model(dir.path(), &tiny());
     let server = Server::start(&["--model", gguf.to_str().unwrap()]);
+    // A password in the URL is used, never printed (the table names the server by its URL).
+    let with_password = server.url.replacen("://", "://me:s3cret@", 1);
     let rows = ft(&[
         "bench",
         "serve",
         "--url",
-        &server.url,
+        &with_password,
         "--concurrency",
         "2",
         "--requests",
@@ -520,6 +553,11 @@ fn bench_serve_measures_rows_and_a_soak_ends_with_no_block_held() {
     assert_eq!(
         (row["requests"].as_str(), row["errors"].as_str()),
         ("6", "0"),
+        "{}",
+        rows.stdout
+    );
+    assert!(
+        !rows.stdout.contains("s3cret") && rows.stdout.contains("://***@"),
         "{}",
         rows.stdout
     );

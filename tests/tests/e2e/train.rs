@@ -206,10 +206,19 @@ fn resuming_with_a_changed_rank_or_alpha_is_a_usage_error() {
     let run = f.path("run");
     assert_eq!(f.train(&run, &[]).code, 0);
     let from = run.to_str().unwrap();
+    let files = ["adapter_config.json", "adapter_model.safetensors"];
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(run.join(f)).unwrap())
+        .collect();
     for (set, key) in [("lora.r=4", "lora.r"), ("lora.alpha=32", "lora.alpha")] {
         let resumed = f.train(&run, &["--resume", from, "--set", set]);
         assert_eq!(resumed.code, 2, "{set}: {}", resumed.stderr);
         assert!(resumed.stderr.contains(key), "{set}: {}", resumed.stderr);
+        for (file, was) in files.iter().zip(&before) {
+            let now = std::fs::read(run.join(file)).unwrap();
+            assert!(now == *was, "{set}: {file} was rewritten");
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! Training data files: Parquet (the `parquet` crate's reader behind ft's rows) and CSV, read
-//! into records with a column mapping as `ft train` reads `data.train`.
+//! Training data files: JSONL, Parquet (the `parquet` crate's reader behind ft's rows) and
+//! CSV, read into records with a column mapping as `ft train` reads `data.train`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -102,13 +102,28 @@ fn parquet_files_never_panic() {
     fuzz_file("parquet", "parquet", seeds, QUICK);
 }
 
-#[test]
-fn csv_files_never_panic() {
-    let seeds = vec![
+fn csv_seeds() -> Vec<Vec<u8>> {
+    vec![
         b"question,answer\n1 plus one is, 2\n\"a, b\",\"c\"\"d\"\n".to_vec(),
         b"answer,question,id\n 3,2 plus one is,7\n".to_vec(),
-    ];
-    fuzz_file("csv", "csv", seeds, QUICK);
+    ]
+}
+
+fn jsonl_seeds() -> Vec<Vec<u8>> {
+    vec![
+        b"{\"question\": \"1 plus one is\", \"answer\": \" 2\"}\n{\"question\": \"a\\nb\", \"answer\": \"\\u00e9\", \"id\": [1, {}]}\n".to_vec(),
+        b"\n{\"answer\": \" 3\", \"question\": \"2 plus one is\"}".to_vec(),
+    ]
+}
+
+#[test]
+fn csv_files_never_panic() {
+    fuzz_file("csv", "csv", csv_seeds(), QUICK);
+}
+
+#[test]
+fn jsonl_files_never_panic() {
+    fuzz_file("jsonl", "jsonl", jsonl_seeds(), QUICK);
 }
 
 #[test]
@@ -125,6 +140,11 @@ fn parquet_files_never_panic_long() {
 #[test]
 #[ignore = "the long run: 100,000 inputs"]
 fn csv_files_never_panic_long() {
-    let seeds = vec![b"question,answer\n1 plus one is, 2\n".to_vec()];
-    fuzz_file("csv", "csv", seeds, LONG);
+    fuzz_file("csv", "csv", csv_seeds(), LONG);
+}
+
+#[test]
+#[ignore = "the long run: 100,000 inputs"]
+fn jsonl_files_never_panic_long() {
+    fuzz_file("jsonl", "jsonl", jsonl_seeds(), LONG);
 }

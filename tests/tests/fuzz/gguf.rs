@@ -154,6 +154,12 @@ const EDGES: [u64; 12] = [
 /// Loads the file as `ft generate` does and generates two tokens from a chat prompt.
 fn run(path: &Path, input: &[u8]) -> Outcome {
     std::fs::write(path, input).expect("write the input");
+    load_and_generate(path)
+}
+
+/// Loads the model at `path` (a GGUF file or an HF folder) as `ft generate` does and
+/// generates two tokens from a chat prompt.
+pub(crate) fn load_and_generate(path: &Path) -> Outcome {
     let device = Default::default();
     let loaded = match Pretrained::<B>::load(path, None, &device) {
         Ok(p) => p,

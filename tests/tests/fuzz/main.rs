@@ -7,6 +7,7 @@
 mod adapter;
 mod data;
 mod gguf;
+mod hf;
 mod http;
 mod recipe;
 

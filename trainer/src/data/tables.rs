@@ -4,7 +4,6 @@
 //! library writes: strings, numbers, and lists of structs for conversations), read with the
 //! `csv` and `parquet` crates.
 
-use std::cell::Cell;
 use std::fs::File;
 use std::path::Path;
 
@@ -47,30 +46,12 @@ pub fn csv_rows(path: &Path) -> Result<Vec<Value>, DataError> {
 /// panics in its bit unpacking, column-chunk offsets and dictionary decoding); such a file is
 /// an error naming it, like any other that is not Parquet.
 pub fn parquet_rows(path: &Path) -> Result<Vec<Value>, DataError> {
-    CATCHING.with(|c| c.set(true));
-    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_parquet(path)));
-    CATCHING.with(|c| c.set(false));
-    read.unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+    ft_model::caught::catch(|| read_parquet(path)).unwrap_or_else(|why| {
         Err(DataError(format!(
             "{}: not a Parquet file ft can read (its reader failed: {why})",
             path.display()
         )))
     })
-}
-
-thread_local! {
-    static CATCHING: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Whether this thread is inside a read whose panics are caught and reported as errors: a
-/// program's panic hook can stay quiet then, the panic being no crash.
-pub fn catching() -> bool {
-    CATCHING.with(Cell::get)
 }
 
 fn read_parquet(path: &Path) -> Result<Vec<Value>, DataError> {
@@ -152,7 +133,10 @@ pub(crate) mod tests {
                 err.contains("not a Parquet file ft can read") && err.contains(why),
                 "{err}"
             );
-            assert!(!catching(), "the flag is cleared after the read");
+            assert!(
+                !ft_model::caught::catching(),
+                "the flag is cleared after the read"
+            );
         }
     }
 
