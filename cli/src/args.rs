@@ -353,6 +353,10 @@ pub struct ScalingFitArgs {
     /// Seed of the resampling.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Write the figures (loss against compute with the law's curves, fitted against
+    /// observed) into this folder, as SVG and PNG.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 /// `ft scaling plan`.
@@ -372,6 +376,17 @@ pub struct ScalingPlanArgs {
     /// `ft scaling fit --json` wrote.
     #[arg(long, default_value = "epoch")]
     pub law: String,
+    /// Tokens the model will serve (2N FLOPs each): adds the run of the same loss that
+    /// minimises training plus inference compute.
+    #[arg(long)]
+    pub inference_tokens: Option<f64>,
+    /// Sustained FLOP/s of one GPU, for GPU-hours (default: an H100 at 40% of its 989 TFLOP/s
+    /// in bf16).
+    #[arg(long, default_value_t = 4e14)]
+    pub gpu_flops: f64,
+    /// Price of one GPU-hour.
+    #[arg(long, default_value_t = 2.0)]
+    pub price_per_gpu_hour: f64,
 }
 
 /// `ft recipe export`.

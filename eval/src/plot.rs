@@ -422,6 +422,72 @@ impl Chart for Lines {
     }
 }
 
+/// Points and lines on one plot, e.g. runs with the curves of a law fitted to them: each
+/// point a marker, each series a line without markers drawn over them and clipped to the
+/// points' frame, told apart by their [`Key`]s in a legend beside the plot (lines solid or
+/// dashed by the key's third part).
+pub struct Overlay {
+    /// Title above the chart.
+    pub title: String,
+    /// X axis label.
+    pub x_desc: String,
+    /// Y axis label.
+    pub y_desc: String,
+    /// `(x, y, what it is)`.
+    pub points: Vec<(f64, f64, Key)>,
+    /// `(what it is, points)`, drawn as lines.
+    pub series: Vec<(Key, Vec<(f64, f64)>)>,
+    /// The legend's headings of the key's three parts (an empty one is left out).
+    pub headings: [&'static str; 3],
+}
+
+impl Chart for Overlay {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), Box<dyn Error>>
+    where
+        DB::ErrorType: 'static,
+    {
+        root.fill(&WHITE)?;
+        let (plot, side) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
+        let keys = self.points.iter().map(|p| &p.2);
+        let styles = Styles::of(keys.chain(self.series.iter().map(|s| &s.0)));
+        // The frame is the points'; lines alone set it only when there are no points.
+        let framing: Vec<(f64, f64)> = if self.points.is_empty() {
+            self.series
+                .iter()
+                .flat_map(|s| s.1.iter().copied())
+                .collect()
+        } else {
+            self.points.iter().map(|p| (p.0, p.1)).collect()
+        };
+        let x_range = padded(framing.iter().map(|p| p.0), 1e-3);
+        let y_range = padded(framing.iter().map(|p| p.1), 1e-3);
+        let mut chart = axes(
+            &plot,
+            &self.title,
+            &self.x_desc,
+            &self.y_desc,
+            x_range.clone(),
+            y_range.clone(),
+        )?;
+        for (x, y, key) in &self.points {
+            let at = chart.backend_coord(&(*x, *y));
+            draw_marker(&plot, at, styles.marker(key), styles.color(key), true)?;
+        }
+        // Lines are clipped to the frame: plotters would draw them past the axes.
+        let inside = |p: &(f64, f64)| x_range.contains(&p.0) && y_range.contains(&p.1);
+        for (key, points) in &self.series {
+            let style = styles.color(key).stroke_width(2);
+            let shown = points.iter().copied().filter(inside);
+            if styles.plain(key) {
+                chart.draw_series(LineSeries::new(shown, style))?;
+            } else {
+                chart.draw_series(DashedLineSeries::new(shown, 8, 5, style))?;
+            }
+        }
+        legend(&side, &styles, self.headings, DecodingSample::Line)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,11 +548,20 @@ mod tests {
             headings: ["model", "storage", "decoding"],
         };
         lines.save(&dir.path().join("l")).unwrap();
-        for f in ["s.svg", "l.svg"] {
+        let overlay = Overlay {
+            title: "t".into(),
+            x_desc: "x".into(),
+            y_desc: "y".into(),
+            points: vec![(1.0, 2.0, key("runs", "", ""))],
+            series: vec![(key("law", "", ""), vec![(0.0, 3.0), (2.0, 1.0), (9.0, 0.0)])],
+            headings: ["", "", ""],
+        };
+        overlay.save(&dir.path().join("o")).unwrap();
+        for f in ["s.svg", "l.svg", "o.svg"] {
             let svg = std::fs::read_to_string(dir.path().join(f)).unwrap();
             assert!(svg.starts_with("<svg") && svg.contains("<text"), "{f}");
         }
-        for f in ["s.png", "l.png"] {
+        for f in ["s.png", "l.png", "o.png"] {
             let png = std::fs::read(dir.path().join(f)).unwrap();
             assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{f}");
             assert!(png.len() > 2000, "{f} has drawing in it");

@@ -1,4 +1,4 @@
-//! `ft scaling fit` and `ft scaling plan`.
+//! `ft scaling fit` (with its figures) and `ft scaling plan`.
 
 use ft_trainer::scaling::fit::{self, Options};
 use ft_trainer::scaling::{Law, CHINCHILLA, EPOCH};
@@ -17,6 +17,9 @@ pub fn fit(args: ScalingFitArgs) -> anyhow::Result<()> {
     };
     let f = fit::fit(&runs, options)
         .map_err(|e| UsageError(format!("{}: {e}", args.runs.display())))?;
+    if let Some(dir) = &args.plot {
+        ft_trainer::scaling::plot::save(&f, &runs, dir)?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&f)?);
         return Ok(());
@@ -46,6 +49,29 @@ pub fn fit(args: ScalingFitArgs) -> anyhow::Result<()> {
          log-loss residuals: RMS {:.4}, largest {:.4}",
         f.tokens_per_param, f.rms_log_residual, f.max_log_residual
     );
+    if let Some(fr) = f.frontier {
+        println!(
+            "\napproach 1 ({} runs on the efficient frontier): N_opt = {:.3e} C^{:.3}, \
+             D_opt = {:.3e} C^{:.3}",
+            fr.runs,
+            fr.params.coefficient,
+            fr.params.exponent,
+            fr.tokens.coefficient,
+            fr.tokens.exponent
+        );
+    }
+    if let Some(k) = f.kaplan {
+        println!(
+            "Kaplan: L(N) = ({:.3e} / N)^{:.4} over {} sizes, L(D) = ({:.3e} / D)^{:.4} over {} \
+             budgets",
+            k.params.scale,
+            k.params.exponent,
+            k.params.groups,
+            k.tokens.scale,
+            k.tokens.exponent,
+            k.tokens.groups
+        );
+    }
     Ok(())
 }
 
@@ -87,15 +113,43 @@ pub fn plan(args: ScalingPlanArgs) -> anyhow::Result<()> {
             ))
         }
     };
-    println!("| params | tokens | tokens/param | compute (FLOPs) | predicted loss |");
-    println!("|---|---|---|---|---|");
+    let gpu_flops = positive("--gpu-flops", args.gpu_flops)?;
+    let price = positive("--price-per-gpu-hour", args.price_per_gpu_hour)?;
+    let served = match args.inference_tokens {
+        Some(t) if t.is_finite() && t >= 0.0 => t,
+        Some(t) => return Err(usage("--inference-tokens", "a number of tokens", t)),
+        None => 0.0,
+    };
+    let mut rows = vec![("compute-optimal", a)];
+    if args.inference_tokens.is_some() {
+        let lean = law
+            .optimum_with_inference(a.loss, served)
+            .ok_or_else(|| UsageError(format!("the loss {} is below the law's E", a.loss)))?;
+        rows.push(("least training + inference", lean));
+    }
     println!(
-        "| {:.3e} | {:.3e} | {:.1} | {:.3e} | {:.4} |",
-        a.params,
-        a.tokens,
-        a.tokens / a.params,
-        a.flops,
-        a.loss
+        "| run | params | tokens | tokens/param | training FLOPs | inference FLOPs | GPU-hours | \
+         cost | predicted loss |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, r) in rows {
+        let inference = 2.0 * r.params * served;
+        let hours = (r.flops + inference) / gpu_flops / 3600.0;
+        println!(
+            "| {name} | {:.3e} | {:.3e} | {:.1} | {:.3e} | {:.3e} | {:.3e} | {:.3e} | {:.4} |",
+            r.params,
+            r.tokens,
+            r.tokens / r.params,
+            r.flops,
+            inference,
+            hours,
+            hours * price,
+            r.loss
+        );
+    }
+    println!(
+        "\nGPU-hours at {gpu_flops:.3e} FLOP/s a GPU, cost at {price} a GPU-hour; inference at 2N \
+         FLOPs a token for {served:.3e} tokens."
     );
     Ok(())
 }

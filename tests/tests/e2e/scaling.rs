@@ -56,7 +56,31 @@ fn the_chinchilla_points_fit_to_epochs_law_and_plan_twenty_tokens_a_parameter() 
         "{json}"
     );
     assert_eq!(json["intervals"].as_array().unwrap().len(), 5);
-    let table = ft(&["scaling", "fit", runs.to_str().unwrap(), "--bootstrap", "0"]);
+    // Approach 1 on the same points: Hoffmann et al.'s a = b = 0.50.
+    let a1 = json["frontier"]["params"]["exponent"].as_f64().unwrap();
+    let b1 = json["frontier"]["tokens"]["exponent"].as_f64().unwrap();
+    assert!(
+        (a1 - 0.5).abs() < 0.03 && (a1 + b1 - 1.0).abs() < 1e-9,
+        "{json}"
+    );
+    let kaplan = json["kaplan"]["params"]["exponent"].as_f64().unwrap();
+    assert!((0.03..0.15).contains(&kaplan), "{json}");
+    let figures = dir.path().join("figures");
+    let table = ft(&[
+        "scaling",
+        "fit",
+        runs.to_str().unwrap(),
+        "--bootstrap",
+        "0",
+        "--plot",
+        figures.to_str().unwrap(),
+    ]);
+    for name in ["loss-against-compute", "fitted-against-observed"] {
+        for ext in ["svg", "png"] {
+            let file = figures.join(format!("{name}.{ext}"));
+            assert!(std::fs::metadata(&file).unwrap().len() > 2000, "{file:?}");
+        }
+    }
     assert_eq!(table.code, 0, "{}", table.stderr);
     assert!(table.stdout.contains("| alpha | 0.347"), "{}", table.stdout);
 
@@ -68,11 +92,41 @@ fn the_chinchilla_points_fit_to_epochs_law_and_plan_twenty_tokens_a_parameter() 
         let plan = ft(&["scaling", "plan", "--compute", "5.76e23", "--law", law]);
         assert_eq!(plan.code, 0, "{}", plan.stderr);
         let row = plan.stdout.lines().nth(2).unwrap();
-        let ratio: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
+        let ratio: f64 = row.split('|').nth(4).unwrap().trim().parse().unwrap();
         assert!((17.0..24.0).contains(&ratio), "{law}: {row}");
     }
     let plan = ft(&["scaling", "plan", "--params", "7e10", "--law", "chinchilla"]);
     assert_eq!(plan.code, 0, "{}", plan.stderr);
+    // Serving 20 trillion tokens: a smaller model of the same loss, trained on more tokens,
+    // costs less in all.
+    let plan = ft(&[
+        "scaling",
+        "plan",
+        "--compute",
+        "5.76e23",
+        "--inference-tokens",
+        "2e13",
+    ]);
+    assert_eq!(plan.code, 0, "{}", plan.stderr);
+    let cell = |row: usize, col: usize| -> f64 {
+        let line = plan.stdout.lines().nth(row).unwrap();
+        line.split('|').nth(col).unwrap().trim().parse().unwrap()
+    };
+    assert!(
+        cell(3, 2) < cell(2, 2) && cell(3, 3) > cell(2, 3),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        cell(3, 7) < cell(2, 7),
+        "fewer GPU-hours in all: {}",
+        plan.stdout
+    );
+    assert!(
+        (cell(3, 9) - cell(2, 9)).abs() < 1e-4,
+        "the same loss: {}",
+        plan.stdout
+    );
 
     // Bad input: usage errors that say what is wrong.
     std::fs::write(dir.path().join("bad.csv"), "params,loss\n1e6,3\n").unwrap();

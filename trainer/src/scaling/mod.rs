@@ -1,9 +1,13 @@
 //! Scaling laws: Chinchilla's parametric law `L(N, D) = E + A / N^alpha + B / D^beta` (Hoffmann
 //! et al. 2022, approach 3), fitted to runs ([`fit`]) as Epoch AI's replication fits it
-//! (Besiroglu et al. 2024), and the compute-optimal size and data it implies ([`Law::optimum`]).
+//! (Besiroglu et al. 2024); approach 1's frontier and Kaplan's power laws ([`power`]); and the
+//! compute-optimal size and data the law implies ([`Law::optimum`]), with inference counted
+//! ([`Law::optimum_with_inference`]).
 
 pub mod fit;
 mod lbfgs;
+pub mod plot;
+pub mod power;
 
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +94,47 @@ impl Law {
         self.allocation(s / tokens, tokens)
     }
 
+    /// The run that reaches `loss` at the least training plus inference compute when the
+    /// model then serves `inference_tokens` tokens at 2N FLOPs a token (Sardana et al. 2024,
+    /// "Beyond Chinchilla-Optimal"): smaller than the compute-optimal model of that loss and
+    /// trained on more tokens. `None` when the loss is at or below E, which no run reaches.
+    pub fn optimum_with_inference(&self, loss: f64, inference_tokens: f64) -> Option<Allocation> {
+        let spare = loss - self.e;
+        if !(spare > 0.0 && inference_tokens >= 0.0) {
+            return None;
+        }
+        // The tokens that bring N parameters to `loss`: finite only past N_min, where the
+        // size term alone leaves nothing for data.
+        let tokens =
+            |n: f64| (self.b / (spare - self.a / n.powf(self.alpha))).powf(1.0 / self.beta);
+        let total = |u: f64| {
+            let n = u.exp();
+            let d = tokens(n);
+            if d.is_finite() && d > 0.0 {
+                6.0 * n * d + 2.0 * n * inference_tokens
+            } else {
+                f64::INFINITY
+            }
+        };
+        let low = (self.a / spare).powf(1.0 / self.alpha).ln();
+        // A grid over 30 e-folds above N_min, then golden-section search around its best.
+        let steps = 3000;
+        let at = |i: usize| low + 1e-9 + 30.0 * i as f64 / steps as f64;
+        let best = (0..=steps).min_by(|&i, &j| total(at(i)).total_cmp(&total(at(j))))?;
+        let (mut a, mut b) = (at(best.saturating_sub(1)), at((best + 1).min(steps)));
+        let phi = (5f64.sqrt() - 1.0) / 2.0;
+        for _ in 0..100 {
+            let (c, d) = (b - phi * (b - a), a + phi * (b - a));
+            if total(c) < total(d) {
+                b = d;
+            } else {
+                a = c;
+            }
+        }
+        let n = ((a + b) / 2.0).exp();
+        Some(self.allocation(n, tokens(n)))
+    }
+
     fn allocation(&self, params: f64, tokens: f64) -> Allocation {
         Allocation {
             params,
@@ -127,6 +172,43 @@ mod tests {
                 assert!((by_d.params / opt.params - 1.0).abs() < 1e-9);
             }
         }
+    }
+
+    /// With no inference the least-compute run of a loss is the compute-optimal one; with
+    /// inference it is smaller and trained longer, at the same loss, and a search over sizes
+    /// finds no cheaper one.
+    #[test]
+    fn serving_tokens_make_the_cheapest_run_of_a_loss_smaller_and_longer() {
+        let chin = EPOCH.optimum(5.76e23);
+        let alone = EPOCH.optimum_with_inference(chin.loss, 0.0).unwrap();
+        assert!(
+            (alone.params / chin.params - 1.0).abs() < 1e-4,
+            "{alone:?} {chin:?}"
+        );
+        assert!((alone.tokens / chin.tokens - 1.0).abs() < 1e-4);
+        let served = 2e13;
+        let lean = EPOCH.optimum_with_inference(chin.loss, served).unwrap();
+        assert!(
+            lean.params < chin.params && lean.tokens > chin.tokens,
+            "{lean:?}"
+        );
+        assert!((lean.loss - chin.loss).abs() < 1e-9);
+        let cost = |a: &Allocation| a.flops + 2.0 * a.params * served;
+        for i in 1..2000 {
+            let n = lean.params * 10f64.powf(-1.0 + 2.0 * i as f64 / 2000.0);
+            let spare = chin.loss - EPOCH.e - EPOCH.a / n.powf(EPOCH.alpha);
+            if spare <= 0.0 {
+                continue;
+            }
+            let d = (EPOCH.b / spare).powf(1.0 / EPOCH.beta);
+            let other = 6.0 * n * d + 2.0 * n * served;
+            assert!(
+                other >= cost(&lean) * (1.0 - 1e-9),
+                "{n}: {other} < {}",
+                cost(&lean)
+            );
+        }
+        assert_eq!(EPOCH.optimum_with_inference(EPOCH.e, 1.0), None);
     }
 
     #[test]
