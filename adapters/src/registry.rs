@@ -194,7 +194,13 @@ fn publish(
             let _ = staging.keep();
             Ok(())
         }
-        Err(_) if dest.is_dir() => {
+        Err(e)
+            if dest.is_dir()
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty
+                ) =>
+        {
             for (rel, bytes) in files {
                 let path = dest.join(rel);
                 write_atomic(&path, bytes).map_err(|e| AdapterError::io(&path, e))?;

@@ -11,9 +11,9 @@ thread_local! {
 
 /// Runs `read`; a panic inside it comes back as its message.
 pub fn catch<T>(read: impl FnOnce() -> T) -> Result<T, String> {
-    CATCHING.with(|c| c.set(true));
+    let outer = CATCHING.with(|c| c.replace(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
-    CATCHING.with(|c| c.set(false));
+    CATCHING.with(|c| c.set(outer));
     result.map_err(|panic| {
         panic
             .downcast_ref::<&str>()

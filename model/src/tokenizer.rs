@@ -140,7 +140,9 @@ impl TextTokenizer {
                 what,
             }
         })?;
-        let inner = tokenizers::Tokenizer::from_str(&spec.to_string())
+        let spec = spec.to_string();
+        let inner = crate::caught::catch(|| tokenizers::Tokenizer::from_str(&spec))
+            .map_err(|why| ModelError::format(path, format!("tokenizer metadata: {why}")))?
             .map_err(|e| ModelError::format(path, format!("tokenizer metadata: {e}")))?;
         let token = |key: &str| {
             gguf.metadata

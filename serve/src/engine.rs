@@ -85,6 +85,10 @@ pub struct EngineStats {
     pub adapter_loads: u64,
 }
 
+/// Prompt positions one request scores in a step at most: each is a row of logits over the
+/// vocabulary (128 rows of a 151,936-token vocabulary are 78 MB).
+const MAX_SCORED_ROWS: usize = 128;
+
 /// A request the engine holds.
 struct Active {
     id: RequestId,
@@ -422,11 +426,13 @@ impl<B: QuantBackend> Engine<B> {
                     r += 1;
                     continue;
                 }
-                let lens: Vec<usize> = active
-                    .seqs
-                    .iter()
-                    .map(|s| s.pending().min(budget))
-                    .collect();
+                // A prompt being scored wants a row of logits per token: a few at a time.
+                let cap = if active.prompt_scored {
+                    budget
+                } else {
+                    budget.min(MAX_SCORED_ROWS)
+                };
+                let lens: Vec<usize> = active.seqs.iter().map(|s| s.pending().min(cap)).collect();
                 let mut ok = true;
                 for (s, &len) in lens.iter().enumerate() {
                     if !self.reserve(r, s, len) {

@@ -384,14 +384,18 @@ fn prompt_scores_equal_one_whole_forward_however_the_prompt_is_run() {
         // keys and values in f16 (1e-5 here without the adapter; up to 6.4e-3 at one position
         // with its large random weights, 1e-5 at the rest); burn's computes as the whole
         // forward does.
-        for (runner, max_batch_tokens, warm, tolerance) in [
-            (runners[0], 256, false, 1e-2),
-            (runners[0], 8, true, 1e-2),
-            (runners[1], 8, true, 1e-4),
+        // Last, a cache of 12 blocks that cannot hold the three requests at once: the latest
+        // is preempted and recomputed, its scores neither lost nor sent twice.
+        for (runner, max_batch_tokens, warm, tolerance, kv_blocks) in [
+            (runners[0], 256, false, 1e-2, 512),
+            (runners[0], 8, true, 1e-2, 512),
+            (runners[1], 8, true, 1e-4, 512),
+            (runners[0], 8, false, 1e-2, 12),
         ] {
             let config = EngineConfig {
                 block_size: 4,
                 max_batch_tokens,
+                kv_blocks,
                 ..Default::default()
             };
             let mut e = engine_on(config, dir.path(), runner);
@@ -445,6 +449,7 @@ fn prompt_scores_equal_one_whole_forward_however_the_prompt_is_run() {
             assert!(!got.contains_key(&only));
             assert_eq!(ends[&only], (FinishReason::Length, 0));
             assert_eq!(e.stats().blocks_used, 0, "every block came back");
+            assert_eq!(e.stats().preemptions > 0, kv_blocks == 12);
         }
     }
 }

@@ -104,11 +104,9 @@ impl<B: QuantBackend> Runner<B> {
                 let starts = segments.iter().map(|s| s.start).collect();
                 let lens = segments.iter().map(|s| s.len).collect();
                 let mut kv = pool.step(tables, starts, lens);
-                let hidden = model.forward_ragged(ids, segments, adapters, &mut kv, wanted);
-                if wanted.is_empty() {
-                    return Vec::new();
-                }
-                model.host_logits(hidden)
+                model
+                    .forward_ragged(ids, segments, adapters, &mut kv, wanted)
+                    .map_or_else(Vec::new, |hidden| model.host_logits(hidden))
             }
         }
     }

@@ -33,7 +33,11 @@ type Current = std::sync::Arc<std::sync::Mutex<Option<(Instant, u64, Vec<u8>)>>>
 /// written out and the process aborted, naming its target, run seed and index.
 fn watchdog(name: String, seed: u64, current: Current, done: std::sync::mpsc::Receiver<()>) {
     std::thread::spawn(move || loop {
-        if done.recv_timeout(Duration::from_secs(1)).is_ok() {
+        // Done, or the run unwound and dropped its end of the channel.
+        if !matches!(
+            done.recv_timeout(Duration::from_secs(1)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        ) {
             return;
         }
         let Ok(c) = current.lock() else { continue };

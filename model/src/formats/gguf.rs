@@ -242,8 +242,12 @@ impl<'a> Cursor<'a> {
                     return Err(self.fault(format!("nested arrays in {key} are not supported")));
                 }
                 let n = self.count(key)?;
-                // Every item takes at least a byte of the file: reserve no more than remain.
-                let mut items = Vec::with_capacity(n.min(self.remaining() as u64) as usize);
+                // Every item takes at least a byte of the file, and a value's memory of the
+                // budget: reserve no more than either allows.
+                let left = metadata_budget(self.bytes.len()).saturating_sub(self.spent)
+                    / std::mem::size_of::<GgufValue>();
+                let cap = n.min(self.remaining() as u64).min(left as u64);
+                let mut items = Vec::with_capacity(cap as usize);
                 for _ in 0..n {
                     items.push(self.value(elem, key)?);
                 }

@@ -234,7 +234,9 @@ impl<B: QuantBackend> DecodeBatch<B> {
 
 impl<B: QuantBackend> LlamaForCausalLM<B> {
     /// Final hidden states of the rows `wanted` of the flattened batch, `[wanted.len(), e]`
-    /// (a segment's last row gives its next token; every row of a prompt scores the prompt).
+    /// (a segment's last row gives its next token; every row of a prompt scores the prompt);
+    /// `None` when none is wanted (a step of prompt chunks that only stores keys and values:
+    /// no zero-row tensor reaches a backend).
     ///
     /// `ids` holds the segments' new tokens one after the other; each segment continues its
     /// own sequence in `kv` with its own adapter from `adapters`. A sequence's result is what
@@ -246,7 +248,7 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
         adapters: &[&ServedAdapter<B>],
         kv: &mut impl KvStore<B>,
         wanted: &[usize],
-    ) -> Tensor<B, 2> {
+    ) -> Option<Tensor<B, 2>> {
         let device = self.device();
         let n = ids.len();
         debug_assert_eq!(n, segments.iter().map(|s| s.len).sum::<usize>());
@@ -362,17 +364,19 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
         }
         let e = x.dims()[2];
         assert!(wanted.iter().all(|&r| r < n), "wanted rows of the batch");
-        let rows: Vec<i64> = wanted.iter().map(|&r| r as i64).collect();
-        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [wanted.len()]), &device);
-        let hidden = x.reshape([n, e]).select(0, rows);
-        let [s, _] = hidden.dims();
-        if s == 0 {
-            return hidden; // the step only stored keys and values
+        if wanted.is_empty() {
+            return None;
         }
-        self.model
-            .norm
-            .forward(hidden.reshape([1, s, e]))
-            .reshape([s, e])
+        let s = wanted.len();
+        let rows: Vec<i64> = wanted.iter().map(|&r| r as i64).collect();
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [s]), &device);
+        let hidden = x.reshape([n, e]).select(0, rows);
+        Some(
+            self.model
+                .norm
+                .forward(hidden.reshape([1, s, e]))
+                .reshape([s, e]),
+        )
     }
 }
 
@@ -447,7 +451,9 @@ mod tests {
             .collect();
         let ids: Vec<u32> = prompts.concat();
         let lasts = [4, 6, 10]; // the last row of each prompt
-        let first = base.forward_ragged(&ids, &segments, &refs, &mut store, &lasts);
+        let first = base
+            .forward_ragged(&ids, &segments, &refs, &mut store, &lasts)
+            .unwrap();
         // Then one decode step each, in another order.
         let step_ids = [17u32, 18, 19];
         store.1 = vec![2, 0, 1];
@@ -460,7 +466,9 @@ mod tests {
                 adapter: which[i],
             })
             .collect();
-        let second = base.forward_ragged(&step_ids, &step, &refs, &mut store, &[0, 1, 2]);
+        let second = base
+            .forward_ragged(&step_ids, &step, &refs, &mut store, &[0, 1, 2])
+            .unwrap();
 
         for i in 0..3 {
             let mut alone = base.clone();

@@ -24,6 +24,7 @@ use super::openai::{
 };
 use super::worker::Command;
 use super::{ApiError, AppState};
+use crate::error::EngineError;
 use crate::request::{Event, FinishReason, Request, TokenLogprob};
 
 /// A JSON body, or a 400 saying what is wrong with it.
@@ -40,7 +41,7 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
         let req: CompletionRequest = parse(&body)?;
         let prompts = req.prompts().map_err(ApiError::bad_request)?;
         let many = prompts.len() > 1;
-        let mut submitted = Vec::with_capacity(prompts.len());
+        let mut sent = Vec::with_capacity(prompts.len());
         for (i, prompt) in prompts.into_iter().enumerate() {
             let field = if many {
                 format!("prompt[{i}]")
@@ -68,7 +69,13 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
                 prompt_logprobs: req.prompt_logprobs(),
                 default_max: 16,
             };
-            submitted.push(submit.send(&state, tokens, echo, arrival).await?);
+            sent.push(submit.send(&state, tokens, echo, arrival)?);
+        }
+        // All are queued before any is waited for; a refusal drops the rest, which the
+        // engine then cancels.
+        let mut submitted = Vec::with_capacity(sent.len());
+        for s in sent {
+            submitted.push(s.accepted().await?);
         }
         answer(submitted, req.sampling.stream, req.sampling.include_usage()).await
     };
@@ -137,7 +144,10 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Res
             // Chat defaults to the rest of the context, as vLLM does.
             default_max: state.context.saturating_sub(prompt.len()).max(1),
         };
-        let submitted = submit.send(&state, prompt, None, arrival).await?;
+        let submitted = submit
+            .send(&state, prompt, None, arrival)?
+            .accepted()
+            .await?;
         answer(
             vec![submitted],
             req.sampling.stream,
@@ -181,14 +191,15 @@ struct Submit<'a> {
 }
 
 impl Submit<'_> {
-    /// Submits `prompt` to the engine; its events and what its responses share.
-    async fn send(
+    /// Sends `prompt` to the engine without waiting for its answer, so that every prompt of a
+    /// request is queued before the engine's next step.
+    fn send(
         &self,
         state: &Arc<AppState>,
         prompt: Vec<u32>,
         echo: Option<Echo>,
         arrival: Instant,
-    ) -> Result<(Progress, Reply), ApiError> {
+    ) -> Result<Sent, ApiError> {
         let seed = state.seeds.fetch_add(1, Ordering::Relaxed);
         let params = self
             .sampling
@@ -196,6 +207,7 @@ impl Submit<'_> {
                 self.default_max,
                 self.logprobs,
                 self.prompt_logprobs,
+                echo.is_some(),
                 &state.tokenizer.eos_ids,
                 seed,
             )
@@ -210,9 +222,6 @@ impl Submit<'_> {
             },
             reply,
         })?;
-        let events = answer
-            .await
-            .map_err(|_| ApiError::internal("the engine has stopped"))??;
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -226,18 +235,52 @@ impl Submit<'_> {
             model: self.model.to_string(),
             created,
         };
-        let progress = Progress {
+        Ok(Sent {
+            answer,
+            reply,
             state: state.clone(),
-            events,
             arrival,
+            logprobs: self.logprobs.is_some(),
+            scored: self.prompt_logprobs.is_some(),
+            endpoint: self.endpoint,
+            echo,
+        })
+    }
+}
+
+/// A prompt sent to the engine, waiting for it to be accepted.
+struct Sent {
+    answer: oneshot::Receiver<Result<mpsc::UnboundedReceiver<Event>, EngineError>>,
+    reply: Reply,
+    state: Arc<AppState>,
+    arrival: Instant,
+    logprobs: bool,
+    scored: bool,
+    endpoint: Endpoint,
+    echo: Option<Echo>,
+}
+
+impl Sent {
+    /// Its events once the engine accepted it, and what its responses share; or why not.
+    async fn accepted(self) -> Result<(Progress, Reply), ApiError> {
+        let events = self
+            .answer
+            .await
+            .map_err(|_| ApiError::internal("the engine has stopped"))??;
+        let progress = Progress {
+            state: self.state,
+            events,
+            arrival: self.arrival,
             first: None,
             last: None,
             tokens: 0,
-            logprobs: self.logprobs.is_some(),
+            logprobs: self.logprobs,
             endpoint: self.endpoint,
-            echo,
+            // Unscored, the echo is sent at once; scored, with the engine's scores.
+            echo_sent: self.scored,
+            echo: self.echo,
         };
-        Ok((progress, reply))
+        Ok((progress, self.reply))
     }
 }
 
@@ -274,6 +317,8 @@ struct Progress {
     endpoint: Endpoint,
     /// The prompt, when it is sent back before the completion.
     echo: Option<Echo>,
+    /// Whether the echo went out (or comes with the engine's prompt scores).
+    echo_sent: bool,
 }
 
 /// What one event means for the response.
@@ -289,6 +334,10 @@ enum Step {
 
 impl Progress {
     async fn next(&mut self) -> Step {
+        if let (Some(echo), false) = (&self.echo, self.echo_sent) {
+            self.echo_sent = true;
+            return Step::Prompt(echo.text.clone(), Vec::new());
+        }
         match self.events.recv().await {
             Some(Event::Prompt { logprobs, .. }) => {
                 let Some(echo) = &self.echo else {

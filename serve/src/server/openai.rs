@@ -198,22 +198,23 @@ impl CompletionRequest {
         Ok(prompts)
     }
 
-    /// How many alternatives to score each prompt token with: with `echo` the prompt is
-    /// scored (its log-probabilities are sent when `logprobs` asks for them).
+    /// How many alternatives to score each prompt token with: with `echo` and `logprobs`
+    /// the prompt is scored; `echo` alone only sends it back.
     pub fn prompt_logprobs(&self) -> Option<usize> {
-        self.echo.then(|| self.logprobs.unwrap_or(0))
+        self.logprobs.filter(|_| self.echo)
     }
 }
 
 impl Sampling {
     /// The engine's parameters: `default_max` when max_tokens is absent, `logprobs` top-N,
-    /// `eos` as the stop ids unless `ignore_eos`; `prompt_logprobs` scores the prompt, and
-    /// then max_tokens may be 0.
+    /// `eos` as the stop ids unless `ignore_eos`; `prompt_logprobs` scores the prompt; with
+    /// `echo` max_tokens may be 0.
     pub fn params(
         &self,
         default_max: usize,
         logprobs: Option<usize>,
         prompt_logprobs: Option<usize>,
+        echo: bool,
         eos: &[u32],
         seed: u64,
     ) -> Result<GenerationParams, Invalid> {
@@ -221,7 +222,7 @@ impl Sampling {
             .max_completion_tokens
             .or(self.max_tokens)
             .unwrap_or(default_max);
-        if max_tokens == 0 && prompt_logprobs.is_none() {
+        if max_tokens == 0 && !echo {
             return Err("max_tokens: must be at least 1 (0 only with echo)".into());
         }
         let temperature = self.temperature.unwrap_or(1.0);
@@ -504,7 +505,11 @@ mod tests {
 
     #[test]
     fn out_of_range_fields_are_named() {
-        let err = |v| sampling(v).params(16, None, None, &[2], 0).unwrap_err();
+        let err = |v| {
+            sampling(v)
+                .params(16, None, None, false, &[2], 0)
+                .unwrap_err()
+        };
         assert!(err(json!({"temperature": 3.0})).starts_with("temperature:"));
         assert!(err(json!({"top_p": 0.0})).starts_with("top_p:"));
         assert!(err(json!({"max_tokens": 0})).starts_with("max_tokens:"));
@@ -512,11 +517,11 @@ mod tests {
         assert!(err(json!({"top_k": -3})).starts_with("top_k:"));
         assert!(err(json!({"use_beam_search": true})).starts_with("best_of:"));
         let e = sampling(json!({}))
-            .params(16, Some(21), None, &[2], 0)
+            .params(16, Some(21), None, false, &[2], 0)
             .unwrap_err();
         assert!(e.starts_with("logprobs:"));
         let scored = sampling(json!({"max_tokens": 0}))
-            .params(16, Some(1), Some(1), &[2], 0)
+            .params(16, Some(1), Some(1), true, &[2], 0)
             .unwrap();
         assert_eq!((scored.max_tokens, scored.prompt_logprobs), (0, Some(1)));
     }
@@ -552,7 +557,7 @@ mod tests {
     #[test]
     fn defaults_and_extensions() {
         let p = sampling(json!({"stop": "\n", "ignore_eos": true, "seed": 4}))
-            .params(16, None, None, &[2], 0)
+            .params(16, None, None, false, &[2], 0)
             .unwrap();
         assert_eq!(
             (p.max_tokens, p.sampling.temperature, p.sampling.seed),
@@ -562,7 +567,7 @@ mod tests {
         assert!(p.stop_ids.is_empty());
         let p =
             sampling(json!({"use_beam_search": true, "best_of": 3, "max_completion_tokens": 5}))
-                .params(16, None, None, &[2], 0)
+                .params(16, None, None, false, &[2], 0)
                 .unwrap();
         assert_eq!((p.beams, p.max_tokens, p.stop_ids.clone()), (3, 5, vec![2]));
     }

@@ -66,7 +66,7 @@ pub(super) async fn detokenize(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let req: Detokenize = parse(&body)?;
-    let vocab = state.tokenizer.vocab_size();
+    let vocab = state.tokenizer.id_bound();
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::bad_request(format!(
             "tokens: {bad} is outside the vocabulary (0..{vocab})"

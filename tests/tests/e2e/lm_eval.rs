@@ -140,6 +140,15 @@ fn echoed_prompts_are_scored_as_ft_perplexity_scores_them() {
     assert_eq!(tokens.len(), tokenize(&server, ends).len() + 1);
     assert_eq!(tokens.last().unwrap(), "<|im_end|>");
 
+    // Echo alone sends the prompt back, unscored.
+    let (status, answer) = server.post(
+        "/v1/completions",
+        &json!({"model": base, "prompt": TEXTS[0], "echo": true, "max_tokens": 0}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["text"], TEXTS[0]);
+    assert!(answer["choices"][0]["logprobs"].is_null(), "{answer}");
+
     // Streamed: the echo comes first, with its scores.
     let resp = ureq::post(&format!("{}/v1/completions", server.url))
         .send_json(

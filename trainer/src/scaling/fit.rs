@@ -431,8 +431,7 @@ mod tests {
             .map(|&c| c as f64 / datasets as f64)
             .collect();
         eprintln!("coverage of E, A, B, alpha, beta: {rates:?}");
-        let mean = rates.iter().sum::<f64>() / rates.len() as f64;
-        assert!((0.8..=1.0).contains(&mean), "{rates:?}");
+        assert!(rates.iter().all(|&r| r >= 0.8), "{rates:?}");
     }
 
     #[test]

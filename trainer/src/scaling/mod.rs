@@ -116,10 +116,14 @@ impl Law {
                 f64::INFINITY
             }
         };
+        // The optimum lies between N_min, below which no data reaches the loss, and the
+        // compute-optimal size of that loss, N^alpha = A (alpha + beta) / (beta spare):
+        // serving only adds cost that grows with N. A grid over that bracket, then a
+        // golden-section search around its best point.
         let low = (self.a / spare).powf(1.0 / self.alpha).ln();
-        // A grid over 30 e-folds above N_min, then golden-section search around its best.
+        let high = (self.a * (self.alpha + self.beta) / (self.beta * spare)).ln() / self.alpha;
         let steps = 3000;
-        let at = |i: usize| low + 1e-9 + 30.0 * i as f64 / steps as f64;
+        let at = |i: usize| low + (high - low) * (1e-9 + i as f64 / steps as f64);
         let best = (0..=steps).min_by(|&i, &j| total(at(i)).total_cmp(&total(at(j))))?;
         let (mut a, mut b) = (at(best.saturating_sub(1)), at((best + 1).min(steps)));
         let phi = (5f64.sqrt() - 1.0) / 2.0;

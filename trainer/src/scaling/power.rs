@@ -66,6 +66,11 @@ pub fn frontier(runs: &[Point]) -> Option<Frontier> {
             on.push(p);
         }
     }
+    // One size (or one budget) along the frontier is no law of compute.
+    let distinct = |key: fn(&&Point) -> f64| on.iter().any(|p| key(p) != key(&on[0]));
+    if !(distinct(|p| p.params) && distinct(|p| p.tokens)) {
+        return None;
+    }
     let flops = |p: &Point| 6.0 * p.params * p.tokens;
     let params: Vec<(f64, f64)> = on.iter().map(|p| (flops(p), p.params)).collect();
     let tokens: Vec<(f64, f64)> = on.iter().map(|p| (flops(p), p.tokens)).collect();
@@ -106,7 +111,8 @@ pub fn kaplan(runs: &[Point]) -> Option<KaplanLaws> {
 }
 
 /// One of Kaplan's laws, of the variable `key` reads, over the lowest loss in each
-/// twentieth of a decade of it; `None` with fewer than two groups.
+/// twentieth of a decade of it; `None` with fewer than two groups, or when the loss does not
+/// fall as the variable grows (no law of that form).
 fn kaplan_law(runs: &[Point], key: fn(&Point) -> f64) -> Option<Kaplan> {
     let mut lowest: std::collections::BTreeMap<i64, (f64, f64)> = Default::default();
     for p in runs {
@@ -120,6 +126,9 @@ fn kaplan_law(runs: &[Point], key: fn(&Point) -> f64) -> Option<Kaplan> {
     // ln L = alpha ln X_c - alpha ln X.
     let fit = log_linear(&points)?;
     let exponent = -fit.exponent;
+    if exponent.is_nan() || exponent <= 0.0 {
+        return None;
+    }
     Some(Kaplan {
         scale: fit.coefficient.powf(1.0 / exponent),
         exponent,
@@ -188,5 +197,16 @@ mod tests {
         assert!((k.exponent - an).abs() < 1e-6, "{k:?}");
         assert!((k.scale / nc - 1.0).abs() < 1e-4, "{k:?}");
         assert!(kaplan_law(&runs[..2], |p| p.params).is_none());
+        // Loss rising with size: no law of Kaplan's form; one size: no frontier.
+        let rising: Vec<Point> = runs
+            .iter()
+            .map(|p| Point {
+                loss: 1.0 / p.loss,
+                ..*p
+            })
+            .collect();
+        assert!(kaplan_law(&rising, |p| p.params).is_none());
+        let one_size: Vec<Point> = runs.iter().filter(|p| p.params == 1e6).copied().collect();
+        assert!(frontier(&one_size).is_none());
     }
 }
