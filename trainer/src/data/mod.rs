@@ -713,9 +713,8 @@ mod tests {
         assert_eq!(t.decode(&trained).unwrap(), "yo<|im_end|>\na<|im_end|>\n");
     }
 
-    #[test]
-    fn padded_and_packed_batches_lay_out_targets_segments_and_positions() {
-        let _turn = crate::f64_tensors();
+    /// A document of three tokens whose first is context, and one of two, all trained.
+    fn two_documents() -> (Tokenized, Tokenized) {
         let a = Tokenized {
             ids: vec![1, 2, 3],
             train: vec![false, true, true],
@@ -724,6 +723,13 @@ mod tests {
             ids: vec![4, 5],
             train: vec![true, true],
         };
+        (a, b)
+    }
+
+    #[test]
+    fn padded_and_packed_batches_lay_out_targets_segments_and_positions() {
+        let _turn = crate::f64_tensors();
+        let (a, b) = two_documents();
         let padded = Batch::new(&[vec![&a], vec![&b]], 0);
         assert_eq!((padded.b, padded.s), (2, 3));
         assert_eq!(padded.ids, vec![1, 2, 3, 4, 5, 0]);
@@ -763,14 +769,7 @@ mod tests {
     #[test]
     fn a_bucketed_batch_only_adds_padding() {
         let _turn = crate::f64_tensors();
-        let a = Tokenized {
-            ids: vec![1, 2, 3],
-            train: vec![false, true, true],
-        };
-        let b = Tokenized {
-            ids: vec![4, 5],
-            train: vec![true, true],
-        };
+        let (a, b) = two_documents();
         let rows = [vec![&a], vec![&b]];
         let tight = Batch::new(&rows, 0);
         let wide = Batch::with_buckets(&rows, 0, &[2, 8, 16]);
