@@ -139,4 +139,14 @@ fn the_chinchilla_points_fit_to_epochs_law_and_plan_twenty_tokens_a_parameter() 
     ft(&["scaling", "plan", "--compute=-1"])
         .fails_with(2, &["--compute: expected a positive number"]);
     ft(&["scaling", "plan", "--tokens", "1e9", "--law", "nope.json"]).fails_with(2, &["--law"]);
+    ft(&[
+        "scaling",
+        "plan",
+        "--compute",
+        "1e20",
+        "--inference-tokens=-5",
+    ])
+    .fails_with(2, &["--inference-tokens"]);
+    ft(&["scaling", "plan", "--compute", "1e20", "--gpu-flops", "0"])
+        .fails_with(2, &["--gpu-flops: expected a positive number"]);
 }
