@@ -381,7 +381,18 @@ impl<B: Backend> LlamaForCausalLM<B> {
         Ok(model)
     }
 
-    /// A randomly initialized model (for tests and students trained from scratch).
+    /// A random model drawn from `seed`, the same one for the same seed. burn's generator is
+    /// global: draws from a seed take turns here, so that none draws from another's seed
+    /// (tests run on parallel threads).
+    pub fn init_seeded(config: &LlamaConfig, seed: u64, device: &B::Device) -> Self {
+        static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        B::seed(device, seed);
+        Self::init_random(config, device)
+    }
+
+    /// A randomly initialized model from burn's generator as it stands (for tests and
+    /// students trained from scratch).
     pub fn init_random(config: &LlamaConfig, device: &B::Device) -> Self {
         let mut w = RandomWeights::<B> {
             device: device.clone(),

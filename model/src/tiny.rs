@@ -25,15 +25,10 @@ pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_en
 /// ChatML, the template of SmolLM2 and Qwen2 instruct models.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// A random model of `config` from `seed`, the same one every time. burn's seed is global:
-/// tests on parallel threads that seed and then draw weights take turns here, so that none
-/// draws from another's seed.
+/// A random model of `config` from `seed`, the same one every time
+/// ([`LlamaForCausalLM::init_seeded`]).
 pub fn tiny_model<B: Backend>(config: &LlamaConfig, seed: u64) -> LlamaForCausalLM<B> {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
-    let device = B::Device::default();
-    B::seed(&device, seed);
-    LlamaForCausalLM::init_random(config, &device)
+    LlamaForCausalLM::init_seeded(config, seed, &B::Device::default())
 }
 
 /// A model of `config` whose every weight is a fixed function of its name and position (norms

@@ -46,6 +46,18 @@ pub enum TrainError {
         /// What went wrong there.
         cause: Box<TrainError>,
     },
+    /// A sweep's run that failed in its own process (its log says why).
+    #[error("run {name} failed ({status}); its output is in {}", log.display())]
+    Run {
+        /// The run's name.
+        name: String,
+        /// How its process ended.
+        status: String,
+        /// Its log.
+        log: PathBuf,
+        /// The process ended with a usage error (exit code 2): the run's input is at fault.
+        usage: bool,
+    },
     /// The recipe itself.
     #[error(transparent)]
     Recipe(#[from] RecipeError),
@@ -98,6 +110,7 @@ impl TrainError {
         match self {
             // The data files the recipe names are the user's input as much as the recipe.
             Self::Usage { .. } | Self::Data(_) => true,
+            Self::Run { usage, .. } => *usage,
             Self::At { cause, .. } => cause.is_usage(),
             _ => false,
         }

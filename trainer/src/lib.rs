@@ -2,12 +2,14 @@
 //!
 //! A recipe ([`recipe`]) names the base, the data ([`data`]: JSONL, CSV, Parquet or a Hub
 //! dataset in four layouts, chat templates, mixtures, packing), the adapter or student and
-//! the schedule ([`schedule`]); [`plan`] turns it into the run's order of micro-batches. One step loop ([`run`]) fine-tunes LoRA adapters on
-//! the labels or distills a teacher into a student, with AdamW or paged AdamW ([`optim`]),
+//! the schedule ([`schedule`]); [`plan`] turns it into the run's order of micro-batches. One
+//! step loop ([`run`]) fine-tunes LoRA adapters on the labels, trains a model from scratch or
+//! distills a teacher into a student, with AdamW or paged AdamW ([`optim`]),
 //! write atomic checkpoints that resume bit for bit ([`checkpoint`]) and metrics to JSONL and
 //! TensorBoard ([`metrics`]); [`memory`] accounts for the bytes a run holds; [`export`]
-//! writes a recipe as an axolotl or torchtune config with its data; [`scaling`] fits
-//! Chinchilla's law to runs and plans compute-optimal ones.
+//! writes a recipe as an axolotl or torchtune config with its data; [`scaling`] sweeps models
+//! trained from scratch over sizes and budgets, fits Chinchilla's law to the runs and plans
+//! compute-optimal ones.
 //!
 //! Uses ft-eval (exact match before and after, the bundled tasks), ft-distill, ft-serve
 //! (on-policy sampling), ft-model and ft-adapters; must not import ft-quant (ft-model

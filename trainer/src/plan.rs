@@ -55,16 +55,37 @@ impl Plan {
                 plan.buckets
             );
         }
-        plan.total_steps = r.train.max_steps.unwrap_or_else(|| {
-            let per_epoch = plan
-                .epoch_rows(train, 0)
-                .len()
-                .div_ceil(plan.micro_batch_size);
-            (per_epoch * r.train.epochs)
-                .div_ceil(r.train.grad_accum)
-                .max(1)
-        });
+        plan.total_steps = match (r.train.max_steps, r.train.max_tokens) {
+            (Some(steps), _) => steps,
+            (None, Some(tokens)) => plan.steps_for_tokens(train, tokens),
+            (None, None) => {
+                let per_epoch = plan
+                    .epoch_rows(train, 0)
+                    .len()
+                    .div_ceil(plan.micro_batch_size);
+                (per_epoch * r.train.epochs)
+                    .div_ceil(r.train.grad_accum)
+                    .max(1)
+            }
+        };
         plan
+    }
+
+    /// The optimizer steps after which at least `tokens` non-padding tokens have been trained
+    /// (the stream as the run will draw it, epochs repeating as needed).
+    fn steps_for_tokens(&self, train: &[Tokenized], tokens: usize) -> usize {
+        if train.iter().all(|t| t.ids.is_empty()) {
+            return 1;
+        }
+        let mut cursor = self.cursor(0, 0);
+        let (mut steps, mut seen) = (0, 0);
+        while seen < tokens {
+            for _ in 0..self.grad_accum {
+                seen += cursor.next_batch(train, 0).real_tokens;
+            }
+            steps += 1;
+        }
+        steps
     }
 
     /// The lengths micro-batches are padded up to (empty: each to its longest row).
@@ -248,6 +269,27 @@ mod tests {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         let r = recipe::parse(text, &sets, "r.toml").unwrap();
         (Plan::new(&r, &examples()), r)
+    }
+
+    /// `train.max_tokens` ends the run at the first step whose tokens reach it, past the end
+    /// of an epoch (the 45 examples hold about 1,400 tokens).
+    #[test]
+    fn max_tokens_takes_the_steps_that_train_that_many_tokens() {
+        let train = examples();
+        let text = "[data]\ntask = \"dates\"\nmax_seq_len = 64\n[train]\nmicro_batch_size = 4\n\
+                    grad_accum = 2\nmax_tokens = 3000\n";
+        let r = recipe::parse(text, &[], "r.toml").unwrap();
+        let plan = Plan::new(&r, &train);
+        let mut cursor = plan.cursor(0, 0);
+        let mut step = || -> usize {
+            (0..2)
+                .map(|_| cursor.next_batch(&train, 0).real_tokens)
+                .sum()
+        };
+        let before: usize = (1..plan.total_steps).map(|_| step()).sum();
+        assert!(before < 3000, "{before}");
+        assert!(before + step() >= 3000);
+        assert!(cursor.position().0 >= 2, "it ran past the first epoch");
     }
 
     #[test]

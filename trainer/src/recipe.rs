@@ -47,6 +47,25 @@ pub struct ModelSection {
     pub source: String,
     /// `cpu` or `cuda[:N]`.
     pub device: String,
+    /// `pretrained`: the source's weights. `random`: a new model of the architecture below,
+    /// drawn from `train.seed` and trained in full; the source then gives only its tokenizer
+    /// (the vocabulary), its RMSNorm epsilon and its RoPE base.
+    pub init: ModelInit,
+    /// The architecture of a model trained from scratch (`init = "random"` only): its width,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden_size: Option<usize>,
+    /// its decoder layers,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_hidden_layers: Option<usize>,
+    /// its query heads,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_attention_heads: Option<usize>,
+    /// its key/value heads (the query heads when absent),
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// and the width of its SwiGLU MLP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<usize>,
 }
 
 impl Default for ModelSection {
@@ -54,7 +73,117 @@ impl Default for ModelSection {
         Self {
             source: DEFAULT_MODEL.into(),
             device: "cpu".into(),
+            init: ModelInit::Pretrained,
+            hidden_size: None,
+            num_hidden_layers: None,
+            num_attention_heads: None,
+            num_key_value_heads: None,
+            intermediate_size: None,
         }
+    }
+}
+
+/// `model.init`: where a run's weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelInit {
+    /// The source's trained weights.
+    Pretrained,
+    /// Drawn at random (a model trained from scratch).
+    Random,
+}
+
+/// The shape of a model trained from scratch, as `[model]` gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Architecture {
+    /// Width.
+    pub hidden_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// SwiGLU width.
+    pub intermediate_size: usize,
+}
+
+impl ModelSection {
+    /// The architecture of a model trained from scratch, `None` when the run starts from the
+    /// source's weights. Validation has checked that every size is given and consistent.
+    pub fn architecture(&self) -> Option<Architecture> {
+        if self.init != ModelInit::Random {
+            return None;
+        }
+        let heads = self.num_attention_heads?;
+        Some(Architecture {
+            hidden_size: self.hidden_size?,
+            num_hidden_layers: self.num_hidden_layers?,
+            num_attention_heads: heads,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(heads),
+            intermediate_size: self.intermediate_size?,
+        })
+    }
+
+    /// The `[model]` checks of the architecture keys.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let sizes = [
+            ("model.hidden_size", self.hidden_size),
+            ("model.num_hidden_layers", self.num_hidden_layers),
+            ("model.num_attention_heads", self.num_attention_heads),
+            ("model.num_key_value_heads", self.num_key_value_heads),
+            ("model.intermediate_size", self.intermediate_size),
+        ];
+        if self.init == ModelInit::Pretrained {
+            if let Some((key, _)) = sizes.iter().find(|(_, v)| v.is_some()) {
+                return Err((
+                    key.to_string(),
+                    "an architecture is given only with model.init = \"random\" (a pretrained \
+                     model has its own)"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        for (key, value) in sizes {
+            match value {
+                Some(0) => return Err((key.into(), "expected at least 1, got 0".into())),
+                None if key != "model.num_key_value_heads" => {
+                    return Err((
+                        key.into(),
+                        "expected a size: model.init = \"random\" needs hidden_size, \
+                         num_hidden_layers, num_attention_heads and intermediate_size"
+                            .into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let Some(a) = self.architecture() else {
+            return Ok(());
+        };
+        if a.hidden_size % a.num_attention_heads != 0
+            || (a.hidden_size / a.num_attention_heads) % 2 != 0
+        {
+            return Err((
+                "model.num_attention_heads".into(),
+                format!(
+                    "expected a divisor of hidden_size ({}) leaving an even head width (RoPE \
+                     rotates pairs), got {}",
+                    a.hidden_size, a.num_attention_heads
+                ),
+            ));
+        }
+        if a.num_attention_heads % a.num_key_value_heads != 0 {
+            return Err((
+                "model.num_key_value_heads".into(),
+                format!(
+                    "expected a divisor of num_attention_heads ({}), got {}",
+                    a.num_attention_heads, a.num_key_value_heads
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -288,9 +417,12 @@ impl Default for DataSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
-    /// Optimizer steps; when absent, `epochs` over the training data.
+    /// Optimizer steps; when absent, `max_tokens` or `epochs` decide.
     pub max_steps: Option<usize>,
-    /// Passes over the training data when `max_steps` is absent.
+    /// Without `max_steps`: the steps it takes to train on this many (non-padding) tokens,
+    /// epochs repeating as needed (a scaling run's `D`).
+    pub max_tokens: Option<usize>,
+    /// Passes over the training data when `max_steps` and `max_tokens` are absent.
     pub epochs: usize,
     /// Examples (or packed rows) per forward.
     pub micro_batch_size: usize,
@@ -333,6 +465,7 @@ impl Default for TrainSection {
     fn default() -> Self {
         Self {
             max_steps: None,
+            max_tokens: None,
             epochs: 1,
             micro_batch_size: 8,
             grad_accum: 1,
@@ -603,8 +736,8 @@ impl LoadedRecipe {
 /// Recipes are a few KiB; a file over this is refused before it is read.
 pub const MAX_RECIPE_BYTES: u64 = 1 << 20;
 
-/// The text of the recipe at `path`, read up to [`MAX_RECIPE_BYTES`].
-fn read_recipe(path: &Path) -> Result<String, RecipeError> {
+/// The text of the recipe (or sweep) at `path`, read up to [`MAX_RECIPE_BYTES`].
+pub(crate) fn read_recipe(path: &Path) -> Result<String, RecipeError> {
     use std::io::Read;
     let fail = |e: &dyn std::fmt::Display| RecipeError(format!("{}: {e}", path.display()));
     let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
@@ -730,6 +863,35 @@ fn non_negative(x: f64) -> bool {
 /// Range checks serde cannot express: `(section.key, what was expected and found)`.
 fn validate(r: &Recipe) -> Result<(), (String, String)> {
     let fail = |key: &str, what: String| Err((key.to_string(), what));
+    r.model.validate()?;
+    if r.model.init == ModelInit::Random {
+        if r.distill.is_some() {
+            return fail(
+                "model.init",
+                "a model trained from scratch has no teacher: leave out [distill] or set \
+                 model.init = \"pretrained\""
+                    .into(),
+            );
+        }
+        if r.quant.base != "none" {
+            return fail(
+                "quant.base",
+                format!(
+                    "a model trained from scratch trains every weight in f32: expected none, got \
+                     {:?}",
+                    r.quant.base
+                ),
+            );
+        }
+        if r.output.registry.is_some() {
+            return fail(
+                "output.registry",
+                "the registry holds adapters; a model trained from scratch is written as a \
+                 model folder (leave output.registry out)"
+                    .into(),
+            );
+        }
+    }
     let inference_only = r
         .quant
         .base
@@ -830,7 +992,17 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
     if r.train.max_steps == Some(0) {
         return fail("train.max_steps", "expected at least 1, got 0".into());
     }
-    if r.train.max_steps.is_none() && r.train.epochs == 0 {
+    match (r.train.max_steps, r.train.max_tokens) {
+        (_, Some(0)) => return fail("train.max_tokens", "expected at least 1, got 0".into()),
+        (Some(_), Some(_)) => {
+            return fail(
+                "train.max_tokens",
+                "give train.max_steps or train.max_tokens, not both".into(),
+            )
+        }
+        _ => {}
+    }
+    if r.train.max_steps.is_none() && r.train.max_tokens.is_none() && r.train.epochs == 0 {
         return fail("train.epochs", "expected at least 1, got 0".into());
     }
     if r.train.micro_batch_size == 0 {
@@ -1267,5 +1439,70 @@ mod tests {
         assert_eq!(e, "--set train.lr: expected section.key=value");
         let e = err(MINIMAL, &["train.max_steps=0"]);
         assert_eq!(e, "--set train.max_steps=0: expected at least 1, got 0");
+    }
+
+    #[test]
+    fn a_model_from_scratch_needs_a_whole_consistent_architecture_and_nothing_pretrained() {
+        const SCRATCH: &str = "[model]\ninit = \"random\"\nhidden_size = 64\n\
+            num_hidden_layers = 2\nnum_attention_heads = 4\nintermediate_size = 128\n\
+            [data]\ntask = \"dates\"\n[train]\nmax_tokens = 1000\n";
+        let r = parse(SCRATCH, &[], "r.toml").unwrap();
+        let a = r.model.architecture().unwrap();
+        assert_eq!((a.hidden_size, a.num_key_value_heads), (64, 4));
+        assert_eq!(r.train.max_tokens, Some(1000));
+        assert_eq!(parse(&r.to_toml(), &[], "again.toml").unwrap(), r);
+        assert_eq!(
+            parse(MINIMAL, &[], "r.toml").unwrap().model.architecture(),
+            None
+        );
+        for (sets, needle) in [
+            (
+                &["model.init=\"pretrained\""][..],
+                "an architecture is given only with",
+            ),
+            (&["model.init=\"scratch\""], "model.init"),
+            (
+                &["model.num_attention_heads=3"],
+                "expected a divisor of hidden_size (64)",
+            ),
+            (
+                &["model.num_attention_heads=64"],
+                "leaving an even head width",
+            ),
+            (
+                &["model.num_key_value_heads=3"],
+                "expected a divisor of num_attention_heads (4)",
+            ),
+            (&["model.num_hidden_layers=0"], "expected at least 1, got 0"),
+            (
+                &["quant.base=\"nf4\""],
+                "a model trained from scratch trains every weight in f32",
+            ),
+            (&["output.registry=\"reg\""], "the registry holds adapters"),
+            (
+                &["train.max_steps=10"],
+                "give train.max_steps or train.max_tokens",
+            ),
+            (
+                &["train.max_tokens=0"],
+                "--set train.max_tokens=0: expected at least 1, got 0",
+            ),
+        ] {
+            let e = err(SCRATCH, sets);
+            assert!(e.contains(needle), "{sets:?}: {e}");
+        }
+        let e = err(
+            "[model]\ninit = \"random\"\nhidden_size = 64\n[data]\ntask = \"dates\"\n",
+            &[],
+        );
+        assert!(
+            e.contains("model.num_hidden_layers: expected a size"),
+            "{e}"
+        );
+        let e = err(&format!("{SCRATCH}[distill]\nalpha = 1.0\n"), &[]);
+        assert!(
+            e.contains("model.init: a model trained from scratch has no teacher"),
+            "{e}"
+        );
     }
 }

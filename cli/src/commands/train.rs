@@ -6,7 +6,7 @@ use ft_model::QuantBackend;
 use crate::args::{RecipeArgs, TrainArgs};
 use crate::device::{dispatch, DeviceSpec, Job};
 use crate::error::usage;
-use ft_trainer::recipe::LoadedRecipe;
+use ft_trainer::recipe::{LoadedRecipe, ModelInit};
 
 /// Runs `ft train`.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
@@ -27,11 +27,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .parse()
         .map_err(|e: String| usage("model.device", "cpu, cuda or cuda:N", e))?;
     let out = loaded.recipe.output.dir.clone();
-    let distill = loaded.recipe.distill.is_some();
+    let (distill, scratch) = (
+        loaded.recipe.distill.is_some(),
+        loaded.recipe.model.init == ModelInit::Random,
+    );
     let summary = dispatch(device, TrainJob(loaded))?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     if distill {
         println!("distillation run written to {}", out.display());
+    } else if scratch {
+        println!("model written to {}", out.join("model").display());
     } else {
         println!("adapter written to {}", out.display());
     }
@@ -45,7 +50,9 @@ impl Job for TrainJob {
     type Output = serde_json::Value;
 
     fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<Self::Output> {
-        Ok(if self.0.recipe.distill.is_some() {
+        Ok(if self.0.recipe.model.init == ModelInit::Random {
+            serde_json::to_value(ft_trainer::run::pretrain::<Autodiff<B>>(&self.0, &device)?)?
+        } else if self.0.recipe.distill.is_some() {
             serde_json::to_value(ft_trainer::run::distill::<Autodiff<B>>(&self.0, &device)?)?
         } else {
             serde_json::to_value(ft_trainer::run::train::<Autodiff<B>>(&self.0, &device)?.summary)?

@@ -249,7 +249,7 @@ fn recipe_errors_name_the_key_the_line_and_the_expectation() {
         run.stderr.trim().replace(path.to_str().unwrap(), "r.toml")
     };
     let ok = "[data]\ntask = \"dates\"\n";
-    assert_eq!(check("[data]\ntask = \"dates\"\n[train]\nlearning_rate = 0.1\n", &[]), "error: r.toml:4: train.learning_rate: unknown field `learning_rate`, expected one of `max_steps`, `epochs`, `micro_batch_size`, `grad_accum`, `length_buckets`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `engine`, `eval_every`, `save_every`, `resume`");
+    assert_eq!(check("[data]\ntask = \"dates\"\n[train]\nlearning_rate = 0.1\n", &[]), "error: r.toml:4: train.learning_rate: unknown field `learning_rate`, expected one of `max_steps`, `max_tokens`, `epochs`, `micro_batch_size`, `grad_accum`, `length_buckets`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `engine`, `eval_every`, `save_every`, `resume`");
     assert_eq!(
         check("[data]\ntask = \"dates\"\n[lora]\nr = \"sixteen\"\n", &[]),
         "error: r.toml:4: lora.r: invalid type: string \"sixteen\", expected usize"
@@ -290,7 +290,7 @@ fn recipe_errors_name_the_key_the_line_and_the_expectation() {
         check(ok, &["train.lr=-2"]),
         "error: --set train.lr=-2: expected a number > 0, got -2"
     );
-    assert_eq!(check(ok, &["train.steps=2"]), "error: --set train.steps=2: unknown field `steps`, expected one of `max_steps`, `epochs`, `micro_batch_size`, `grad_accum`, `length_buckets`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `engine`, `eval_every`, `save_every`, `resume`");
+    assert_eq!(check(ok, &["train.steps=2"]), "error: --set train.steps=2: unknown field `steps`, expected one of `max_steps`, `max_tokens`, `epochs`, `micro_batch_size`, `grad_accum`, `length_buckets`, `lr`, `scheduler`, `warmup_steps`, `weight_decay`, `max_grad_norm`, `optimizer`, `betas`, `eps`, `page_min_elements`, `seed`, `engine`, `eval_every`, `save_every`, `resume`");
     let path = dir.path().join("r.toml");
     std::fs::write(&path, ok).unwrap();
     let out = format!("output.dir={}", dir.path().join("run").display());
@@ -412,7 +412,13 @@ fn every_shipped_recipe_checks() {
     for entry in std::fs::read_dir(&recipes).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let run = ft(&["recipe", "check", path.to_str().unwrap()]);
+            // A sweep (`[[size]]`s around a `[recipe]`) is checked run by run.
+            let file = path.to_str().unwrap();
+            let run = if std::fs::read_to_string(&path).unwrap().contains("[[size]]") {
+                ft(&["scaling", "sweep", "--dry-run", file])
+            } else {
+                ft(&["recipe", "check", file])
+            };
             assert_eq!(run.code, 0, "{}: {}", path.display(), run.stderr);
             n += 1;
         }

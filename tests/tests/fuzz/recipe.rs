@@ -18,6 +18,8 @@ fn seeds() -> Vec<Vec<u8>> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .map(|p| std::fs::read(p).expect("a recipe"))
+        // A sweep file is its own parser's seed (`sweep.rs`).
+        .filter(|text| !String::from_utf8_lossy(text).contains("[[size]]"))
         .collect();
     seeds.sort();
     seeds

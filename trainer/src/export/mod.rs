@@ -114,6 +114,13 @@ pub fn export(loaded: &LoadedRecipe, target: Target) -> Result<Exported> {
             got: "a distillation recipe (train its student with `ft train`)".into(),
         });
     }
+    if r.model.init == crate::recipe::ModelInit::Random {
+        return Err(TrainError::Usage {
+            key: "model.init".into(),
+            expected: format!("a fine-tuning recipe ({target} fine-tunes a pretrained model)"),
+            got: "\"random\" (train a model from scratch with `ft train`)".into(),
+        });
+    }
     let path = ft_model::source::resolve(&r.model.source).at("model.source")?;
     let text = TextSide::load(&path).at("model.source")?;
     let mut untranslated = Vec::new();

@@ -206,7 +206,11 @@ where
         pad,
         trainables: Trainables::Lora,
     };
-    let mut objective = CrossEntropy::<B> { recipe: r, host };
+    let mut objective = CrossEntropy::<B> {
+        recipe: r,
+        host,
+        whole: None,
+    };
     run_steps(
         &run,
         &plan,
@@ -277,13 +281,16 @@ where
 }
 
 /// Cross-entropy of the labels: the summed next-token NLL of a batch's trained tokens.
-struct CrossEntropy<'a, B: AutodiffBackend + QuantBackend>
+pub(crate) struct CrossEntropy<'a, B: AutodiffBackend + QuantBackend>
 where
     B::InnerBackend: QuantBackend,
 {
-    recipe: &'a Recipe,
+    pub recipe: &'a Recipe,
     /// The host step, when the run's steps run there.
-    host: Option<HostStep<B::InnerBackend>>,
+    pub host: Option<HostStep<B::InnerBackend>>,
+    /// The container of a model trained in full, which a checkpoint writes whole (as
+    /// `model/`); `None`: the run trains adapters, which a checkpoint writes as PEFT files.
+    pub whole: Option<&'a mut Pretrained<B>>,
 }
 
 impl<B> Objective<B> for CrossEntropy<'_, B>
@@ -308,7 +315,13 @@ where
     fn end_step(&mut self, _: &mut TrainerState) {}
 
     fn save(&mut self, model: &LlamaForCausalLM<B>, dir: &Path) -> Result<()> {
-        Ok(model.to_peft(peft_config(self.recipe, model)).write(dir)?)
+        match &mut self.whole {
+            Some(container) => {
+                container.model = model.clone();
+                Ok(container.save_hf(&dir.join("model"))?)
+            }
+            None => Ok(model.to_peft(peft_config(self.recipe, model)).write(dir)?),
+        }
     }
 
     fn host(&self) -> Option<&HostStep<B::InnerBackend>> {

@@ -306,7 +306,7 @@ pub(crate) fn read_sources(
 
 /// A data path as written in the recipe, resolved against its folder unless it names a
 /// dataset on the Hub.
-fn source_path(loaded: &LoadedRecipe, p: &Path) -> PathBuf {
+pub(crate) fn source_path(loaded: &LoadedRecipe, p: &Path) -> PathBuf {
     if p.to_str().is_some_and(|s| s.starts_with(data::hub::PREFIX)) {
         p.to_path_buf()
     } else {
