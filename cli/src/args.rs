@@ -337,6 +337,22 @@ pub enum ScalingCommand {
     Fit(ScalingFitArgs),
     /// The compute-optimal size and tokens, and the predicted loss, for a budget.
     Plan(ScalingPlanArgs),
+    /// Train a grid of models from scratch (sizes x token budgets, or IsoFLOP profiles), each
+    /// in its own process, into OUT/runs.csv; finished runs are never redone.
+    Sweep(ScalingSweepArgs),
+}
+
+/// `ft scaling sweep`.
+#[derive(Debug, Args)]
+pub struct ScalingSweepArgs {
+    /// The sweep file (`recipes/scaling.toml`).
+    pub sweep: PathBuf,
+    /// Where the runs go, instead of the file's `out`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Check the sweep and print its runs without training any.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `ft scaling fit`.

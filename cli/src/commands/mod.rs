@@ -45,6 +45,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Recipe(RecipeCommand::Export(args)) => recipe::export(args),
         Command::Scaling(ScalingCommand::Fit(args)) => scaling::fit(args),
         Command::Scaling(ScalingCommand::Plan(args)) => scaling::plan(args),
+        Command::Scaling(ScalingCommand::Sweep(args)) => scaling::sweep(args),
         Command::Eval(args) => eval::run(args),
         Command::Data(DataCommand::Tasks(args)) => data::tasks(args),
         Command::Adapters(AdaptersCommand::Add(args)) => adapters::add(args),

@@ -1,10 +1,73 @@
-//! `ft scaling fit` (with its figures) and `ft scaling plan`.
+//! `ft scaling sweep`, `ft scaling fit` (with its figures) and `ft scaling plan`.
 
 use ft_trainer::scaling::fit::{self, Options};
+use ft_trainer::scaling::sweep;
 use ft_trainer::scaling::{Law, CHINCHILLA, EPOCH};
 
-use crate::args::{ScalingFitArgs, ScalingPlanArgs};
+use crate::args::{ScalingFitArgs, ScalingPlanArgs, ScalingSweepArgs};
 use crate::error::{usage, UsageError};
+
+/// `ft scaling sweep`: trains the runs not yet finished, then prints every run's row. A bad
+/// sweep file is a usage error; a run that fails stops the sweep (finished runs stay).
+pub fn sweep(args: ScalingSweepArgs) -> anyhow::Result<()> {
+    let plan = sweep::plan(&args.sweep, args.out.as_deref())
+        .and_then(|plan| sweep::check(&plan).map(|()| plan))
+        .map_err(|e| UsageError(e.to_string()))?;
+    if args.dry_run {
+        println!(
+            "| run | width | layers | heads | kv heads | MLP | tokens | lr | fitted |\n\
+             |---|---|---|---|---|---|---|---|---|"
+        );
+        for run in &plan.runs {
+            let (m, t) = (&run.recipe.model, &run.recipe.train);
+            let a = m
+                .architecture()
+                .ok_or_else(|| anyhow::anyhow!("no architecture"))?;
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {:.3e} | {} |",
+                run.name,
+                a.hidden_size,
+                a.num_hidden_layers,
+                a.num_attention_heads,
+                a.num_key_value_heads,
+                a.intermediate_size,
+                t.max_tokens.unwrap_or_default(),
+                t.lr,
+                if run.held_out { "no (held out)" } else { "yes" }
+            );
+        }
+        println!("\n{} runs into {}", plan.runs.len(), plan.out.display());
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let rows = sweep::run(&plan, &exe)?;
+    println!(
+        "| run | params | non-embedding | tokens | FLOPs (counted) | FLOPs (6ND) | held-out loss | \
+         fitted |\n|---|---|---|---|---|---|---|---|"
+    );
+    for r in &rows {
+        let s = &r.summary;
+        println!(
+            "| {} | {} | {} | {} | {:.3e} | {:.3e} | {:.4} | {} |",
+            r.name,
+            s.params,
+            s.non_embedding_params,
+            s.tokens,
+            s.flops,
+            s.flops_6nd,
+            s.val_loss,
+            if r.held_out { "no (held out)" } else { "yes" }
+        );
+    }
+    let csv = plan.out.join("runs.csv");
+    println!(
+        "\n{} runs in {}; fit them with `ft scaling fit {}`",
+        rows.len(),
+        csv.display(),
+        csv.display()
+    );
+    Ok(())
+}
 
 /// `ft scaling fit`: the law with its intervals, the tokens per parameter at the optimum and
 /// the residuals, as a table or JSON. A bad file is a usage error.
@@ -15,8 +78,9 @@ pub fn fit(args: ScalingFitArgs) -> anyhow::Result<()> {
         seed: args.seed,
         ..Options::default()
     };
-    let f = fit::fit(&runs, options)
+    let mut f = fit::fit(&runs.fitted, options)
         .map_err(|e| UsageError(format!("{}: {e}", args.runs.display())))?;
+    f.predict(&runs.fitted, &runs.held_out);
     if let Some(dir) = &args.plot {
         ft_trainer::scaling::plot::save(&f, &runs, dir)?;
     }
@@ -71,6 +135,23 @@ pub fn fit(args: ScalingFitArgs) -> anyhow::Result<()> {
             k.tokens.exponent,
             k.tokens.groups
         );
+    }
+    if !f.held_out.is_empty() {
+        println!(
+            "\nheld-out runs (not fitted):\n\n| params | tokens | compute / largest fitted | \
+             observed loss | predicted loss | error |\n|---|---|---|---|---|---|"
+        );
+        for p in &f.held_out {
+            println!(
+                "| {:.3e} | {:.3e} | {:.2}x | {:.4} | {:.4} | {:+.2}% |",
+                p.params,
+                p.tokens,
+                p.compute_ratio,
+                p.observed,
+                p.predicted,
+                100.0 * p.relative_error
+            );
+        }
     }
     Ok(())
 }

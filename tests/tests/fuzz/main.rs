@@ -10,6 +10,7 @@ mod gguf;
 mod hf;
 mod http;
 mod recipe;
+mod sweep;
 
 use ft_tests::fuzz::Counting;
 

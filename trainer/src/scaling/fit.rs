@@ -78,11 +78,64 @@ pub struct Fit {
     pub frontier: Option<super::power::Frontier>,
     /// Kaplan's `L(N)` and `L(D)`.
     pub kaplan: Option<super::power::KaplanLaws>,
+    /// The law's predictions of the held-out runs ([`Fit::predict`]).
+    pub held_out: Vec<Prediction>,
 }
 
-/// Reads `params`, `tokens` and `loss` (other columns, `flops` among them, are ignored) from a
-/// CSV file with a header row.
-pub fn read_csv(path: &Path) -> Result<Vec<Point>, FitError> {
+/// The law's loss for a run it was not fitted to, beside the loss the run reached.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Prediction {
+    /// Parameters N.
+    pub params: f64,
+    /// Training tokens D.
+    pub tokens: f64,
+    /// The run's compute (6ND) over the largest compute of the fitted runs.
+    pub compute_ratio: f64,
+    /// The loss the run reached.
+    pub observed: f64,
+    /// The law's loss.
+    pub predicted: f64,
+    /// `predicted / observed - 1`.
+    pub relative_error: f64,
+}
+
+impl Fit {
+    /// Predicts each held-out run from the law (into [`Fit::held_out`]); `fitted` are the
+    /// runs the law was fitted to, whose largest compute the ratios are taken against.
+    pub fn predict(&mut self, fitted: &[Point], held_out: &[Point]) {
+        let flops = |p: &Point| 6.0 * p.params * p.tokens;
+        let largest = fitted.iter().map(flops).fold(0.0, f64::max);
+        self.held_out = held_out
+            .iter()
+            .map(|p| {
+                let predicted = self.law.loss(p.params, p.tokens);
+                Prediction {
+                    params: p.params,
+                    tokens: p.tokens,
+                    compute_ratio: flops(p) / largest,
+                    observed: p.loss,
+                    predicted,
+                    relative_error: predicted / p.loss - 1.0,
+                }
+            })
+            .collect();
+    }
+}
+
+/// The runs of a CSV file: those to fit, and those held out to test the fit's predictions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Runs {
+    /// Runs the law is fitted to.
+    pub fitted: Vec<Point>,
+    /// Runs marked `held_out` (`ft scaling sweep` marks its `[[held_out]]` runs): predicted,
+    /// never fitted.
+    pub held_out: Vec<Point>,
+}
+
+/// Reads `params`, `tokens` and `loss` from a CSV file with a header row; a row whose optional
+/// `held_out` column is `true` or `1` is held out. Other columns, `flops` among them, are
+/// ignored.
+pub fn read_csv(path: &Path) -> Result<Runs, FitError> {
     let file = path.display();
     let mut reader = csv::Reader::from_path(path).map_err(|e| FitError(format!("{file}: {e}")))?;
     let header: Vec<String> = reader
@@ -100,7 +153,8 @@ pub fn read_csv(path: &Path) -> Result<Vec<Point>, FitError> {
         })
     };
     let (n, d, l) = (column("params")?, column("tokens")?, column("loss")?);
-    let mut points = Vec::new();
+    let held = column("held_out").ok();
+    let mut runs = Runs::default();
     for (i, record) in reader.records().enumerate() {
         let row = i + 1;
         let record = record.map_err(|e| FitError(format!("{file}: row {row}: {e}")))?;
@@ -114,13 +168,34 @@ pub fn read_csv(path: &Path) -> Result<Vec<Point>, FitError> {
                 ))),
             }
         };
-        points.push(Point {
+        let point = Point {
             params: value(n)?,
             tokens: value(d)?,
             loss: value(l)?,
+        };
+        let cell = held.map(|k| {
+            record
+                .get(k)
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
         });
+        let held_out = match cell.as_deref() {
+            None | Some("" | "0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(other) => {
+                return Err(FitError(format!(
+                    "{file}: row {row}: held_out: expected true, false, 1 or 0, got {other:?}"
+                )))
+            }
+        };
+        if held_out {
+            runs.held_out.push(point);
+        } else {
+            runs.fitted.push(point);
+        }
     }
-    Ok(points)
+    Ok(runs)
 }
 
 /// The parameters in log space: a, b, e, alpha, beta.
@@ -237,6 +312,7 @@ pub fn fit(runs: &[Point], options: Options) -> Result<Fit, FitError> {
         tokens_per_param: opt.tokens / opt.params,
         frontier: super::power::frontier(runs),
         kaplan: super::power::kaplan(runs),
+        held_out: Vec::new(),
     })
 }
 
@@ -447,6 +523,17 @@ mod tests {
             e.contains("row 2: tokens: expected a positive number, got \"-1\""),
             "{e}"
         );
+        std::fs::write(
+            &path,
+            "params,tokens,loss,held_out\n1e6,2e7,3.0,false\n2e6,2e7,2.9,true\n1e6,4e7,2.8,\n",
+        )
+        .unwrap();
+        let runs = read_csv(&path).unwrap();
+        assert_eq!((runs.fitted.len(), runs.held_out.len()), (2, 1));
+        assert_eq!(runs.held_out[0].params, 2e6);
+        std::fs::write(&path, "params,tokens,loss,held_out\n1e6,2e7,3.0,maybe\n").unwrap();
+        let e = read_csv(&path).unwrap_err().to_string();
+        assert!(e.contains("row 1: held_out: expected"), "{e}");
         let runs = synthetic(EPOCH, |_| 0.0);
         let e = fit(&runs[..5], Options::default()).unwrap_err().to_string();
         assert!(e.contains("at least 6 runs"), "{e}");

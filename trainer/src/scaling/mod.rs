@@ -2,12 +2,15 @@
 //! et al. 2022, approach 3), fitted to runs ([`fit`]) as Epoch AI's replication fits it
 //! (Besiroglu et al. 2024); approach 1's frontier and Kaplan's power laws ([`power`]); and the
 //! compute-optimal size and data the law implies ([`Law::optimum`]), with inference counted
-//! ([`Law::optimum_with_inference`]).
+//! ([`Law::optimum_with_inference`]); the runs themselves, models trained from scratch over a
+//! grid ([`sweep`]), with their parameters and FLOPs counted ([`count`]).
 
+pub mod count;
 pub mod fit;
 mod lbfgs;
 pub mod plot;
 pub mod power;
+pub mod sweep;
 
 use serde::{Deserialize, Serialize};
 
