@@ -123,6 +123,20 @@ pub struct ServeArgs {
     /// Turn the prefix cache off.
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Keep the response cache in this Redis (redis://HOST:PORT[/DB]), which several servers
+    /// can share, instead of in memory.
+    #[arg(long, value_name = "URL", conflicts_with = "no_cache")]
+    pub cache: Option<String>,
+    /// Bytes of answers the in-memory response cache holds (least recently used out first).
+    #[arg(long, default_value_t = 256 << 20, conflicts_with_all = ["no_cache", "cache"])]
+    pub cache_bytes: usize,
+    /// Seconds an answer stays in the response cache (0: until evicted).
+    #[arg(long, default_value_t = 3600)]
+    pub cache_ttl: u64,
+    /// Answer every request with the model: no response cache. (The cache answers only
+    /// requests whose answer their inputs fix: temperature 0, a seed, or beam search.)
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// `ft publish`.
@@ -773,6 +787,41 @@ pub enum BenchCommand {
     Distill(BenchDistillArgs),
     /// Load-test an OpenAI-compatible server: throughput, TTFT and time per output token.
     Serve(BenchServeArgs),
+    /// Serve a workload with repeated prompts with no response cache, the in-memory one and
+    /// Redis: requests/s against no cache, and the latency of hits.
+    Cache(BenchCacheArgs),
+}
+
+/// `ft bench cache`.
+#[derive(Debug, Args)]
+pub struct BenchCacheArgs {
+    /// The base model served.
+    #[command(flatten)]
+    pub base: BaseModelArgs,
+    /// Also measure a Redis response cache at this URL (redis://HOST:PORT).
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Concurrent streams, one row per store each.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub concurrency: Vec<usize>,
+    /// Requests per row.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: u64,
+    /// The share of requests that repeat an earlier request of the row (0 to 1).
+    #[arg(long, default_value_t = 0.5)]
+    pub repeat: f64,
+    /// Prompt length, in words (about one token each).
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Tokens to generate per request (greedy; the end-of-sequence token is ignored).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: u64,
+    /// Seed of the prompts (default: from the clock, so that a shared Redis holds none).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Append the table, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 /// `ft bench serve`.

@@ -100,6 +100,15 @@ impl<B: Backend> AdapterCache<B> {
         self.known.get(name).map(|(_, g, _)| *g)
     }
 
+    /// The sha256 of each known adapter's registered files, by name: a name registered
+    /// again with other files gets another.
+    pub fn fingerprints(&self) -> BTreeMap<String, [u8; 32]> {
+        self.known
+            .iter()
+            .map(|(name, (_, _, sha))| (name.clone(), *sha))
+            .collect()
+    }
+
     /// Whether `name` is known.
     pub fn contains(&self, name: &str) -> bool {
         self.known.contains_key(name)

@@ -5,7 +5,8 @@
 //! ([`blocks`], [`kv_pool`]) with prefix caching, continuous batching of requests that each
 //! use their own adapter ([`adapter_cache`]), sampling, beam search ([`beam`]) and stop
 //! strings ([`text_stream`]), behind the OpenAI-compatible HTTP [`server`], whose metrics
-//! include the process's resident memory ([`rss`]).
+//! include the process's resident memory ([`rss`]) and which answers repeated deterministic
+//! requests from a [`response_cache`] in memory or Redis.
 //!
 //! Uses ft-model and ft-adapters; must not import ft-quant (ft-model re-exports what serving
 //! needs), ft-distill, ft-eval or ft-trainer.
@@ -20,6 +21,7 @@ pub mod error;
 pub mod generate;
 pub mod kv_pool;
 pub mod request;
+pub mod response_cache;
 pub mod rss;
 pub mod runner;
 pub mod sampling;

@@ -11,6 +11,7 @@ use ft_eval::client::Client;
 use ft_eval::load_bench::{self, percentile, LoadSpec};
 use ft_eval::soak::SoakSpec;
 use ft_model::QuantBackend;
+use ft_serve::response_cache::{file_fingerprint, CacheConfig, CacheStore};
 use ft_serve::server::{self, Limits, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
 
@@ -78,6 +79,7 @@ impl Job for ServeArgs {
             prefix_cache: !self.no_prefix_cache,
             max_adapters: self.max_adapters as usize,
         };
+        let cache = self.response_cache(&pretrained.path, &format!("{device:?}"))?;
         let tokenizer = pretrained.tokenizer.clone();
         let detokenizer = pretrained.tokenizer.clone();
         let mut engine = Engine::new(
@@ -131,6 +133,7 @@ impl Job for ServeArgs {
                 body_timeout: Duration::from_secs(self.body_timeout),
                 ..Limits::default()
             },
+            cache,
         };
         server::serve(
             engine,
@@ -140,6 +143,46 @@ impl Job for ServeArgs {
             listener,
         )?;
         Ok(())
+    }
+}
+
+impl ServeArgs {
+    /// The response cache the flags ask for, keyed by the sha256 of the model at `path` and
+    /// how it is served (storage and `device`).
+    fn response_cache(
+        &self,
+        path: &std::path::Path,
+        device: &str,
+    ) -> anyhow::Result<Option<CacheConfig>> {
+        if self.no_cache {
+            return Ok(None);
+        }
+        let store = match &self.cache {
+            Some(url) if url.starts_with("redis://") || url.starts_with("redis+unix://") => {
+                CacheStore::Redis { url: url.clone() }
+            }
+            Some(url) => {
+                return Err(UsageError(format!(
+                    "--cache {}: expected redis://HOST:PORT[/DB]",
+                    crate::error::hide_credentials(url)
+                ))
+                .into())
+            }
+            None => CacheStore::Memory {
+                bytes: self.cache_bytes,
+            },
+        };
+        let serving = format!(
+            "weights {:?} quant {:?} double-quant {} device {device}",
+            self.base.weights, self.base.quant, self.base.double_quant
+        );
+        let model = file_fingerprint(path, &serving)
+            .with_context(|| format!("--model {}: reading it for the cache key", path.display()))?;
+        Ok(Some(CacheConfig {
+            store,
+            ttl: (self.cache_ttl > 0).then(|| Duration::from_secs(self.cache_ttl)),
+            model,
+        }))
     }
 }
 
@@ -192,6 +235,7 @@ pub fn bench(args: BenchServeArgs) -> anyhow::Result<()> {
             max_tokens: args.max_tokens as usize,
             api_key: args.api_key.clone(),
             timeout: Duration::from_secs(args.timeout),
+            repeat: 0.0,
         };
         let r = load_bench::run(&spec);
         let ms = |v: &[f64], p| percentile(v, p) * 1e3;

@@ -30,7 +30,7 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResp
     let text = state
         .metrics
         .lock()
-        .map(|m| m.render(&live))
+        .map(|m| m.render(&live, state.cache.as_deref()))
         .unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -1,6 +1,7 @@
 //! `/v1/completions` and `/v1/chat/completions`: tokenize, submit to the engine, and answer
 //! with one JSON body or a stream of server-sent events. Time to first token, time per output
-//! token and latency go into the metrics.
+//! token and latency go into the metrics. A request the response cache may answer is looked
+//! up first and its fresh answer stored ([`super::cached`]).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -9,15 +10,16 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::header;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use ft_model::chat::Message;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use super::cached::{mark, Lookup};
 use super::openai::{
     logprobs_json, ChatRequest, Choice, CompletionRequest, Endpoint, Prompt, Reply, Sampling,
     TokenOut, Usage,
@@ -26,6 +28,7 @@ use super::worker::Command;
 use super::{ApiError, AppState};
 use crate::error::EngineError;
 use crate::request::{Event, FinishReason, Request, TokenLogprob};
+use crate::response_cache::Cached;
 
 /// A JSON body, or a 400 saying what is wrong with it.
 pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -39,6 +42,10 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
     let span = tracing::info_span!("request", endpoint = "/v1/completions");
     let run = async {
         let req: CompletionRequest = parse(&body)?;
+        let lookup = Lookup::new(&state, "/v1/completions", &req.model, &req.sampling, &body);
+        if let Some(hit) = hit(&lookup, arrival).await {
+            return Ok(hit);
+        }
         let prompts = req.prompts().map_err(ApiError::bad_request)?;
         let many = prompts.len() > 1;
         let mut sent = Vec::with_capacity(prompts.len());
@@ -77,7 +84,13 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
         for s in sent {
             submitted.push(s.accepted().await?);
         }
-        answer(submitted, req.sampling.stream, req.sampling.include_usage()).await
+        answer(
+            submitted,
+            req.sampling.stream,
+            req.sampling.include_usage(),
+            lookup,
+        )
+        .await
     };
     finish_response(&state, run.instrument(span).await)
 }
@@ -88,6 +101,16 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let span = tracing::info_span!("request", endpoint = "/v1/chat/completions");
     let run = async {
         let req: ChatRequest = parse(&body)?;
+        let lookup = Lookup::new(
+            &state,
+            "/v1/chat/completions",
+            &req.model,
+            &req.sampling,
+            &body,
+        );
+        if let Some(hit) = hit(&lookup, arrival).await {
+            return Ok(hit);
+        }
         if req.messages.is_empty() {
             return Err(ApiError::bad_request(
                 "messages: at least one message is needed",
@@ -152,10 +175,16 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Res
             vec![submitted],
             req.sampling.stream,
             req.sampling.include_usage(),
+            lookup,
         )
         .await
     };
     finish_response(&state, run.instrument(span).await)
+}
+
+/// The cached answer, when there is a lookup and it finds one.
+async fn hit(lookup: &Option<Lookup>, arrival: Instant) -> Option<Response> {
+    lookup.as_ref()?.hit(arrival).await
 }
 
 fn finish_response(state: &AppState, result: Result<Response, ApiError>) -> Response {
@@ -290,19 +319,30 @@ async fn answer(
     submitted: Vec<(Progress, Reply)>,
     stream_it: bool,
     include_usage: bool,
+    lookup: Option<Lookup>,
 ) -> Result<Response, ApiError> {
     let mut submitted = submitted.into_iter();
     let Some((first, reply)) = submitted.next() else {
         return Err(ApiError::internal("no prompt was submitted"));
     };
-    if stream_it {
-        return Ok(stream(first, reply, include_usage));
+    let cached = lookup.is_some();
+    let mut response = if stream_it {
+        stream(first, reply, include_usage, lookup)
+    } else {
+        let mut choices = vec![whole(first).await?];
+        for (progress, _) in submitted {
+            choices.push(whole(progress).await?);
+        }
+        let body = reply.whole(&choices).to_string();
+        if let Some(lookup) = lookup {
+            lookup.store(Cached::Whole(body.clone())).await;
+        }
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    };
+    if cached {
+        mark(&mut response, "miss");
     }
-    let mut choices = vec![whole(first).await?];
-    for (progress, _) in submitted {
-        choices.push(whole(progress).await?);
-    }
-    Ok(Json(reply.whole(&choices)).into_response())
+    Ok(response)
 }
 
 /// A request's events as they arrive, with its timings.
@@ -474,48 +514,69 @@ async fn whole(mut progress: Progress) -> Result<Choice, ApiError> {
 }
 
 /// The response as server-sent events, ending with `data: [DONE]`. Dropping the stream (the
-/// client went away) drops the event channel, and the engine cancels the request.
-fn stream(progress: Progress, reply: Reply, include_usage: bool) -> Response {
-    let events =
-        futures_util::stream::unfold(Some((progress, reply, true)), move |state| async move {
-            let (mut progress, reply, first) = state?;
-            let data = |v: Value| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
-            match progress.next().await {
-                Step::Prompt(t, lps) => {
-                    let logprobs = progress
-                        .logprobs
-                        .then(|| logprobs_json(reply.endpoint, &lps));
-                    let chunk = reply.chunk(Some(&t), first, logprobs, None);
-                    Some((vec![data(chunk)], Some((progress, reply, false))))
-                }
-                Step::Text(t, lp) => {
-                    let logprobs = lp.map(|t| logprobs_json(reply.endpoint, &[t]));
-                    let chunk = reply.chunk(Some(&t), first, logprobs, None);
-                    Some((vec![data(chunk)], Some((progress, reply, false))))
-                }
-                Step::End(t, reason, usage, stop) => {
-                    let mut out = Vec::new();
-                    if !t.is_empty() {
-                        out.push(data(reply.chunk(Some(&t), first, None, None)));
-                    }
-                    let stop = stop.map(|t| logprobs_json(reply.endpoint, &[t]));
-                    out.push(data(reply.chunk(None, false, stop, Some(reason))));
-                    if include_usage {
-                        out.push(data(reply.usage_chunk(usage)));
-                    }
-                    out.push(Ok(SseEvent::default().data("[DONE]")));
-                    Some((out, None))
-                }
-                Step::Failed(error) => {
-                    progress.record(error.status.as_u16());
-                    let err = super::openai::error_json(&error.message, error.kind, None);
-                    Some((
-                        vec![data(err), Ok(SseEvent::default().data("[DONE]"))],
-                        None,
-                    ))
-                }
+/// client went away) drops the event channel, and the engine cancels the request. With a
+/// cache lookup, the events are kept and stored once the stream ends well, before its last
+/// events are sent.
+fn stream(
+    progress: Progress,
+    reply: Reply,
+    include_usage: bool,
+    lookup: Option<Lookup>,
+) -> Response {
+    let recording = lookup.map(|l| (l, Vec::new()));
+    let start = Some((progress, reply, true, recording));
+    let events = futures_util::stream::unfold(start, move |state| async move {
+        let (mut progress, reply, first, mut recording) = state?;
+        let (data, more) = match progress.next().await {
+            Step::Prompt(t, lps) => {
+                let logprobs = progress
+                    .logprobs
+                    .then(|| logprobs_json(reply.endpoint, &lps));
+                (vec![reply.chunk(Some(&t), first, logprobs, None)], true)
             }
-        });
+            Step::Text(t, lp) => {
+                let logprobs = lp.map(|t| logprobs_json(reply.endpoint, &[t]));
+                (vec![reply.chunk(Some(&t), first, logprobs, None)], true)
+            }
+            Step::End(t, reason, usage, stop) => {
+                let mut out = Vec::new();
+                if !t.is_empty() {
+                    out.push(reply.chunk(Some(&t), first, None, None));
+                }
+                let stop = stop.map(|t| logprobs_json(reply.endpoint, &[t]));
+                out.push(reply.chunk(None, false, stop, Some(reason)));
+                if include_usage {
+                    out.push(reply.usage_chunk(usage));
+                }
+                (out, false)
+            }
+            Step::Failed(error) => {
+                progress.record(error.status.as_u16());
+                // A failed stream is never stored.
+                recording = None;
+                let err = super::openai::error_json(&error.message, error.kind, None);
+                (vec![err], false)
+            }
+        };
+        let mut data: Vec<String> = data.iter().map(Value::to_string).collect();
+        if !more {
+            data.push("[DONE]".into());
+        }
+        if let Some((_, kept)) = &mut recording {
+            kept.extend(data.iter().cloned());
+        }
+        let events: Vec<Result<SseEvent, Infallible>> = data
+            .into_iter()
+            .map(|d| Ok(SseEvent::default().data(d)))
+            .collect();
+        if more {
+            return Some((events, Some((progress, reply, false, recording))));
+        }
+        if let Some((lookup, kept)) = recording {
+            lookup.store(Cached::Events(kept)).await;
+        }
+        Some((events, None))
+    });
     let flat = futures_util::StreamExt::flat_map(events, futures_util::stream::iter);
     Sse::new(flat)
         .keep_alive(KeepAlive::default())

@@ -1,10 +1,13 @@
 //! `/metrics` in the Prometheus text format: the engine's queue, running requests, KV
 //! blocks and throughput as gauges, token and request counters, and histograms of time to
-//! first token, time per output token and request latency.
+//! first token, time per output token and request latency; the response cache's hits,
+//! misses, failures and the latency of its answers.
 
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
 
 use super::worker::Live;
+use crate::response_cache::ResponseCache;
 
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 14] = [
@@ -50,13 +53,15 @@ pub struct Metrics {
     pub tpot: Histogram,
     /// Seconds from arrival to the end.
     pub latency: Histogram,
+    /// Seconds from arrival to the answer, of requests the response cache answered.
+    pub cache_hit: Histogram,
     /// Finished requests by HTTP status.
     pub requests: std::collections::BTreeMap<u16, u64>,
 }
 
 impl Metrics {
-    /// The exposition text.
-    pub fn render(&self, live: &Live) -> String {
+    /// The exposition text, with the response cache's counters when there is one.
+    pub fn render(&self, live: &Live, cache: Option<&ResponseCache>) -> String {
         let s = &live.stats;
         let mut out = String::new();
         let gauges = [
@@ -165,8 +170,56 @@ impl Metrics {
             "ft_request_latency_seconds",
             "Request latency, end to end.",
         );
+        if let Some(cache) = cache {
+            write_cache(&mut out, cache);
+            self.cache_hit.write(
+                &mut out,
+                "ft_response_cache_hit_seconds",
+                "Latency of requests the response cache answered.",
+            );
+        }
         out
     }
+}
+
+/// The response cache's counters and, in memory, its bytes.
+fn write_cache(out: &mut String, cache: &ResponseCache) {
+    let s = cache.stats();
+    let counters = [
+        (
+            "ft_response_cache_hits_total",
+            "Requests answered from the response cache.",
+            &s.hits,
+        ),
+        (
+            "ft_response_cache_misses_total",
+            "Cacheable requests the response cache did not hold.",
+            &s.misses,
+        ),
+        (
+            "ft_response_cache_stores_total",
+            "Answers stored in the response cache.",
+            &s.stores,
+        ),
+        (
+            "ft_response_cache_errors_total",
+            "Reads and writes the cache's store failed (each failed read is also a miss).",
+            &s.errors,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let v = v.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    }
+    let name = "ft_response_cache_bytes";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Bytes of answers the in-memory cache holds.\n# TYPE {name} gauge\n{name} {}",
+        cache.bytes()
+    );
 }
 
 #[cfg(test)]

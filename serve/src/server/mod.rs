@@ -2,12 +2,15 @@
 //! legacy `echo` that scores a prompt) and `/v1/chat/completions` (streamed by server-sent
 //! events on request), `/v1/models`, adapter load and unload (vLLM's `/v1/load_lora_adapter`,
 //! `/v1/unload_lora_adapter`), vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`,
-//! `/health` and `/metrics`. A request's `model` names the base or an adapter. Errors are OpenAI error
+//! `/health` and `/metrics`. A request's `model` names the base or an adapter. A repeated
+//! request whose answer its inputs fix is answered from the response cache when one is
+//! configured ([`crate::response_cache`]; header `x-ft-cache: hit`, `miss`). Errors are OpenAI error
 //! objects: 400 for a malformed or out-of-range request, 401 without the API key, 404 for an
 //! unknown model, 408 for a body that does not arrive in time, 413 for one too large, 429 when
 //! the queue is full, 503 past the connection limit ([`connections`]).
 
 mod admin;
+mod cached;
 mod completions;
 mod connections;
 pub mod metrics;
@@ -34,8 +37,9 @@ use ft_model::{QuantBackend, TextTokenizer};
 
 use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::response_cache::{CacheConfig, ResponseCache};
 use metrics::Metrics;
-use worker::{Command, Live};
+use worker::{AdapterPrints, Command, Live};
 
 /// How the server is reached and what it may load.
 #[derive(Debug, Clone, Default)]
@@ -50,6 +54,8 @@ pub struct ServerConfig {
     pub registry: Option<PathBuf>,
     /// Connections at once, and the deadlines of a request's headers and body.
     pub limits: Limits,
+    /// The response cache, if any.
+    pub cache: Option<CacheConfig>,
 }
 
 /// What every handler shares.
@@ -63,6 +69,9 @@ pub(crate) struct AppState {
     live: Arc<Mutex<Live>>,
     metrics: Mutex<Metrics>,
     seeds: AtomicU64,
+    cache: Option<Arc<ResponseCache>>,
+    /// The adapters' fingerprints, for cache keys.
+    prints: AdapterPrints,
 }
 
 impl AppState {
@@ -164,13 +173,29 @@ fn serve_until<B: QuantBackend>(
         .model()
         .max_position_embeddings
         .min(engine.capacity_tokens());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let cache = match &config.cache {
+        Some(c) => Some(
+            runtime
+                .block_on(ResponseCache::open(c))
+                .map_err(std::io::Error::other)?,
+        ),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel();
     let live = Arc::new(Mutex::new(Live::default()));
+    let prints: AdapterPrints = Arc::new(Mutex::new(engine.adapters().fingerprints()));
     let worker_live = live.clone();
+    let worker_prints = prints.clone();
     let worker = std::thread::Builder::new()
         .name("ft-engine".into())
         .spawn(move || {
-            ft_model::kernels::on_kernel_thread(move || worker::run(engine, rx, worker_live))
+            ft_model::kernels::on_kernel_thread(move || {
+                worker::run(engine, rx, worker_live, worker_prints)
+            })
         })?;
     let state = Arc::new(AppState {
         commands: Mutex::new(tx),
@@ -181,11 +206,9 @@ fn serve_until<B: QuantBackend>(
         live,
         metrics: Mutex::new(Metrics::default()),
         seeds: AtomicU64::new(0x5eed),
+        cache,
+        prints,
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     runtime.block_on(async move {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;

@@ -2,7 +2,7 @@
 //! steps while there is work, routes each event to its request's channel, and cancels a
 //! request whose channel was dropped (the client went away), which frees its blocks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -56,11 +56,17 @@ pub struct Live {
     pub tokens_per_s: f64,
 }
 
-/// Runs `engine` until every command sender is gone, publishing its counters into `live`.
+/// The sha256 of each servable adapter's files, by name, as the engine thread last published
+/// them: the response cache keys answers by them without a round trip to the engine.
+pub type AdapterPrints = Arc<Mutex<BTreeMap<String, [u8; 32]>>>;
+
+/// Runs `engine` until every command sender is gone, publishing its counters into `live` and
+/// its adapters' fingerprints into `prints` after each load and unload.
 pub fn run<B: QuantBackend>(
     mut engine: Engine<B>,
     commands: Receiver<Command>,
     live: Arc<Mutex<Live>>,
+    prints: AdapterPrints,
 ) {
     let mut channels: HashMap<u64, tmpsc::UnboundedSender<Event>> = HashMap::new();
     let mut window: Vec<(Instant, u64)> = Vec::new();
@@ -79,9 +85,9 @@ pub fn run<B: QuantBackend>(
             }
         };
         if let Some(c) = first {
-            handle(&mut engine, &mut channels, c);
+            handle(&mut engine, &mut channels, &prints, c);
             while let Ok(c) = commands.try_recv() {
-                handle(&mut engine, &mut channels, c);
+                handle(&mut engine, &mut channels, &prints, c);
             }
         }
         // Clients that went away: their requests stop now.
@@ -127,8 +133,14 @@ pub fn run<B: QuantBackend>(
 fn handle<B: QuantBackend>(
     engine: &mut Engine<B>,
     channels: &mut HashMap<u64, tmpsc::UnboundedSender<Event>>,
+    prints: &AdapterPrints,
     command: Command,
 ) {
+    let publish = |engine: &Engine<B>| {
+        if let Ok(mut p) = prints.lock() {
+            *p = engine.adapters().fingerprints();
+        }
+    };
     match command {
         Command::Submit { request, reply } => {
             let answer = engine.submit(request).map(|id| {
@@ -139,10 +151,14 @@ fn handle<B: QuantBackend>(
             let _ = reply.send(answer);
         }
         Command::Load { name, dir, reply } => {
-            let _ = reply.send(engine.register_adapter(&name, dir));
+            let done = engine.register_adapter(&name, dir);
+            publish(engine);
+            let _ = reply.send(done);
         }
         Command::Unload { name, reply } => {
-            let _ = reply.send(engine.unregister_adapter(&name));
+            let done = engine.unregister_adapter(&name);
+            publish(engine);
+            let _ = reply.send(done);
         }
         Command::Adapters { reply } => {
             let _ = reply.send(engine.adapters().names());

@@ -3,6 +3,7 @@
 mod adapters;
 mod bad_input;
 mod bench_train;
+mod cache;
 mod data_files;
 mod distill;
 mod eval;

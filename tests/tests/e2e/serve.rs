@@ -71,6 +71,8 @@ fn the_default_model_serves_mixed_adapter_batches_as_each_request_alone() {
         &beta,
         "--served-model-name",
         "base",
+        // Every answer from the engine: the batches are what is tested.
+        "--no-cache",
     ]);
     let prompts = [
         "The capital of France is",
@@ -289,6 +291,8 @@ fn adapters_load_and_unload_at_run_time_from_allowed_folders_and_the_registry() 
         registry.to_str().unwrap(),
         "--max-adapters",
         "1",
+        // Every answer from the engine: adapter reloads are what is tested.
+        "--no-cache",
     ]);
     let load = |name: &str, path: &Path| {
         server.post(

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ft_model::tiny::{tiny_adapter, tiny_config, tiny_model};
 use ft_model::Pretrained;
+use ft_serve::response_cache::{CacheConfig, CacheStore};
 use ft_serve::server::{Background, Limits, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
 use ft_tests::fuzz::{budget, fuzz, mutate_json_document, Outcome, Rng, Target};
@@ -42,6 +43,12 @@ fn server(dir: &Path) -> Background {
     let config = ServerConfig {
         model_id: "tiny".into(),
         allowed_adapter_dirs: vec![dir.to_path_buf()],
+        // Deterministic requests go through the response cache's lookup, store and replay.
+        cache: Some(CacheConfig {
+            store: CacheStore::Memory { bytes: 1 << 20 },
+            ttl: None,
+            model: [0; 32],
+        }),
         ..Default::default()
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("a port");
