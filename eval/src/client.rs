@@ -41,6 +41,8 @@ pub struct Streamed {
     pub tpot: Option<f64>,
     /// Seconds from sending to the end of the stream.
     pub latency: f64,
+    /// Whether the server's response cache answered (its `x-ft-cache: hit` header).
+    pub cached: bool,
 }
 
 /// How a client reads a stream: at full speed, slowly, or hanging up part way.
@@ -132,6 +134,7 @@ impl Client {
             .set("Content-Type", "application/json")
             .send_string(&body.to_string())
             .map_err(|e| self.error(e))?;
+        let cached = resp.header("x-ft-cache") == Some("hit");
         let mut text = String::new();
         let mut finish_reason = None;
         let mut first = None;
@@ -203,6 +206,7 @@ impl Client {
             ttft: (first_text.unwrap_or(first) - start).as_secs_f64(),
             tpot,
             latency: start.elapsed().as_secs_f64(),
+            cached,
         }))
     }
 

@@ -1,6 +1,7 @@
 //! A load generator for any OpenAI-compatible server (ours, llama.cpp's, vLLM): N streams
 //! send streamed completions back to back and time each token's arrival, for throughput,
-//! time to first token (TTFT) and time per output token (TPOT) percentiles.
+//! time to first token (TTFT) and time per output token (TPOT) percentiles. A share of the
+//! requests can repeat earlier ones, to measure a response cache.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -34,6 +35,8 @@ pub struct LoadSpec {
     pub api_key: Option<String>,
     /// Per request.
     pub timeout: Duration,
+    /// The share of requests (0 to 1) that repeat an earlier request of the same measurement.
+    pub repeat: f64,
 }
 
 /// What one measurement saw.
@@ -55,6 +58,8 @@ pub struct LoadResult {
     pub tpot: Vec<f64>,
     /// Seconds end to end, per completed request.
     pub latency: Vec<f64>,
+    /// Seconds end to end of the requests the server's response cache answered.
+    pub hit_latency: Vec<f64>,
 }
 
 impl LoadResult {
@@ -111,15 +116,33 @@ pub fn prompt(seed: u64, i: usize, len: usize, shared: usize) -> String {
     out.join(" ")
 }
 
+/// The request that request `i` sends: itself, or, for a `repeat` share of the requests
+/// spread evenly (exactly the first `n * repeat` of any `n`, rounded down), an earlier
+/// request's drawn from `seed` (followed back to one that is not a repeat).
+pub fn original(seed: u64, i: usize, repeat: f64) -> usize {
+    let repeats = |n: usize| (n as f64 * repeat).floor() as usize;
+    let mut i = i;
+    while i > 0 && repeats(i + 1) > repeats(i) {
+        let mut h = (i as u64 ^ seed.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^= h >> 31;
+        h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h ^= h >> 29;
+        i = (h % i as u64) as usize;
+    }
+    i
+}
+
 /// One streamed request's timings.
 struct Timed {
     ttft: f64,
     tpot: Option<f64>,
     latency: f64,
     tokens: usize,
+    cached: bool,
 }
 
 fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, ClientError> {
+    let i = original(spec.seed, i, spec.repeat);
     let body = json!({
         "model": spec.models[i % spec.models.len()],
         "prompt": prompt(spec.seed, i, spec.prompt_len, spec.shared_prefix),
@@ -136,6 +159,7 @@ fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, ClientError>
         tpot: s.tpot,
         latency: s.latency,
         tokens: s.tokens,
+        cached: s.cached,
     })
 }
 
@@ -165,6 +189,9 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
                             r.ttft.push(t.ttft);
                             r.tpot.extend(t.tpot);
                             r.latency.push(t.latency);
+                            if t.cached {
+                                r.hit_latency.push(t.latency);
+                            }
                         }
                         Err(e) => r.errors.push(e.to_string()),
                     }
@@ -180,6 +207,21 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_asked_share_of_requests_repeat_an_earlier_one() {
+        let n = 4000;
+        let repeats = (0..n).filter(|&i| original(7, i, 0.5) != i).count();
+        assert_eq!(repeats, n / 2);
+        let a_third = (0..n).filter(|&i| original(7, i, 0.3) != i).count();
+        assert_eq!(a_third, 1200);
+        for i in 0..n {
+            let o = original(7, i, 0.5);
+            assert!(o <= i);
+            assert_eq!(original(7, o, 0.5), o, "an original is not itself a repeat");
+        }
+        assert!((0..n).all(|i| original(7, i, 0.0) == i));
+    }
 
     #[test]
     fn prompts_share_exactly_their_prefix() {

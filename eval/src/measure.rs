@@ -344,6 +344,7 @@ mod tests {
                 ttft: 0.1,
                 tpot: Some(0.05),
                 latency: 0.15,
+                cached: false,
             })
         };
         let pass = Pass {

@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bench;
+mod bench_cache;
 mod bench_distill;
 mod bench_train;
 mod bench_train_peft;
@@ -34,6 +35,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Train(args)) => bench_train::run(args),
         Command::Bench(BenchCommand::Distill(args)) => bench_distill::run(args),
         Command::Bench(BenchCommand::Serve(args)) => serve::bench(args),
+        Command::Bench(BenchCommand::Cache(args)) => bench_cache::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Quant(QuantCommand::Compare(args)) => quant::compare(args),
         Command::Quant(QuantCommand::Measure(args)) => quant::measure(args),
