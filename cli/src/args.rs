@@ -804,10 +804,14 @@ pub struct BenchCacheArgs {
     /// Concurrent streams, one row per store each.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     pub concurrency: Vec<usize>,
-    /// Requests per row.
+    /// Requests per run.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub requests: u64,
-    /// The share of requests that repeat an earlier request of the row (0 to 1).
+    /// Runs per concurrency, each measuring every store in turn; a row gives the median
+    /// requests/s and the median of the runs' ratios to no cache.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub runs: u64,
+    /// The share of requests that repeat an earlier request of the run (0 to 1).
     #[arg(long, default_value_t = 0.5)]
     pub repeat: f64,
     /// Prompt length, in words (about one token each).

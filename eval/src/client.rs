@@ -41,8 +41,9 @@ pub struct Streamed {
     pub tpot: Option<f64>,
     /// Seconds from sending to the end of the stream.
     pub latency: f64,
-    /// Whether the server's response cache answered (its `x-ft-cache: hit` header).
-    pub cached: bool,
+    /// What the server's response cache said (its `x-ft-cache` header: `hit`, `miss`,
+    /// `coalesced`), if it has one.
+    pub cache: Option<String>,
 }
 
 /// How a client reads a stream: at full speed, slowly, or hanging up part way.
@@ -134,7 +135,7 @@ impl Client {
             .set("Content-Type", "application/json")
             .send_string(&body.to_string())
             .map_err(|e| self.error(e))?;
-        let cached = resp.header("x-ft-cache") == Some("hit");
+        let cache = resp.header("x-ft-cache").map(String::from);
         let mut text = String::new();
         let mut finish_reason = None;
         let mut first = None;
@@ -206,7 +207,7 @@ impl Client {
             ttft: (first_text.unwrap_or(first) - start).as_secs_f64(),
             tpot,
             latency: start.elapsed().as_secs_f64(),
-            cached,
+            cache,
         }))
     }
 

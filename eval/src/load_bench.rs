@@ -58,8 +58,10 @@ pub struct LoadResult {
     pub tpot: Vec<f64>,
     /// Seconds end to end, per completed request.
     pub latency: Vec<f64>,
-    /// Seconds end to end of the requests the server's response cache answered.
+    /// Seconds end to end of the requests the server's response cache answered at once.
     pub hit_latency: Vec<f64>,
+    /// Requests the response cache answered after waiting for the same request in flight.
+    pub coalesced: usize,
 }
 
 impl LoadResult {
@@ -138,7 +140,7 @@ struct Timed {
     tpot: Option<f64>,
     latency: f64,
     tokens: usize,
-    cached: bool,
+    cache: Option<String>,
 }
 
 fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, ClientError> {
@@ -159,7 +161,7 @@ fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, ClientError>
         tpot: s.tpot,
         latency: s.latency,
         tokens: s.tokens,
-        cached: s.cached,
+        cache: s.cache,
     })
 }
 
@@ -189,8 +191,10 @@ pub fn run(spec: &LoadSpec) -> LoadResult {
                             r.ttft.push(t.ttft);
                             r.tpot.extend(t.tpot);
                             r.latency.push(t.latency);
-                            if t.cached {
-                                r.hit_latency.push(t.latency);
+                            match t.cache.as_deref() {
+                                Some("hit") => r.hit_latency.push(t.latency),
+                                Some("coalesced") => r.coalesced += 1,
+                                _ => {}
                             }
                         }
                         Err(e) => r.errors.push(e.to_string()),

@@ -344,7 +344,7 @@ mod tests {
                 ttft: 0.1,
                 tpot: Some(0.05),
                 latency: 0.15,
-                cached: false,
+                cache: None,
             })
         };
         let pass = Pass {

@@ -1,6 +1,7 @@
 //! `ft bench cache`: one workload in which a share of the requests repeat earlier ones, sent
 //! to the same model served with no response cache, with the in-memory cache and with a
-//! Redis one; requests/s against no cache in the same run, and how fast hits come back.
+//! Redis one; requests/s against no cache in the same run, and how fast hits come back
+//! (a repeat that arrives while its first is still answered waits for it: "coalesced").
 
 use std::net::TcpListener;
 use std::time::Duration;
@@ -60,53 +61,72 @@ impl Job for BenchCacheArgs {
             stores.push(("redis".into(), Some(CacheStore::Redis { url: url.clone() })));
         }
         let mut table = String::from(
-            "| cache | streams | requests | hits | req/s | vs no cache | latency p50 ms | hit p50 ms | hit p99 ms |\n|---|---|---|---|---|---|---|---|---|\n",
+            "| cache | streams | requests | hits | coalesced | req/s (median) | vs no cache (median) | latency p50 ms | hit p50 ms | hit p99 ms |\n|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for (row, &concurrency) in self.concurrency.iter().enumerate() {
-            let mut plain = None;
-            for (name, store) in &stores {
-                let spec = LoadSpec {
-                    url: String::new(),
-                    models: vec![MODEL_ID.into()],
-                    concurrency,
-                    requests: self.requests as usize,
-                    prompt_len: self.prompt_len,
-                    shared_prefix: 0,
-                    seed: seed.wrapping_add(row as u64),
-                    max_tokens: self.max_tokens as usize,
-                    api_key: None,
-                    timeout: Duration::from_secs(600),
-                    repeat: self.repeat,
-                };
-                let r = self.measure::<B>(&device, store.clone(), spec)?;
-                for e in r.errors.iter().take(3) {
-                    eprintln!("ft bench cache: {name}, {concurrency} streams: {e}");
+            // Each run measures every store in turn on prompts of its own, so that noise on
+            // a shared machine falls on all of them and a Redis keeps nothing for the next.
+            let mut results: Vec<Vec<load_bench::LoadResult>> = vec![Vec::new(); stores.len()];
+            for run in 0..self.runs {
+                for ((name, store), kept) in stores.iter().zip(&mut results) {
+                    let spec = LoadSpec {
+                        url: String::new(),
+                        models: vec![MODEL_ID.into()],
+                        concurrency,
+                        requests: self.requests as usize,
+                        prompt_len: self.prompt_len,
+                        shared_prefix: 0,
+                        seed: seed.wrapping_add((row as u64) << 16 | run),
+                        max_tokens: self.max_tokens as usize,
+                        api_key: None,
+                        timeout: Duration::from_secs(600),
+                        repeat: self.repeat,
+                    };
+                    let r = self.measure::<B>(&device, store.clone(), spec)?;
+                    for e in r.errors.iter().take(3) {
+                        eprintln!("ft bench cache: {name}, {concurrency} streams: {e}");
+                    }
+                    kept.push(r);
                 }
-                let rate = r.requests_per_s();
-                let against = *plain.get_or_insert(rate);
+            }
+            let plain: Vec<f64> = results[0].iter().map(|r| r.requests_per_s()).collect();
+            for ((name, _), runs) in stores.iter().zip(&results) {
+                let rates: Vec<f64> = runs.iter().map(|r| r.requests_per_s()).collect();
+                let ratios: Vec<f64> = rates
+                    .iter()
+                    .zip(&plain)
+                    .map(|(r, p)| r / p.max(1e-9))
+                    .collect();
+                let all = |f: fn(&load_bench::LoadResult) -> &Vec<f64>| -> Vec<f64> {
+                    runs.iter().flat_map(|r| f(r).iter().copied()).collect()
+                };
+                let (latency, hit) = (all(|r| &r.latency), all(|r| &r.hit_latency));
                 let ms = |v: &[f64], p| percentile(v, p) * 1e3;
-                let hits = |v: &[f64], p| {
-                    if v.is_empty() {
+                let hits = |p| {
+                    if hit.is_empty() {
                         "-".to_string()
                     } else {
-                        format!("{:.2}", ms(v, p))
+                        format!("{:.2}", ms(&hit, p))
                     }
                 };
                 table.push_str(&format!(
-                    "| {name} | {concurrency} | {} | {} | {rate:.2} | {:.2}x | {:.0} | {} | {} |\n",
-                    r.completed,
-                    r.hit_latency.len(),
-                    rate / against.max(1e-9),
-                    ms(&r.latency, 50.0),
-                    hits(&r.hit_latency, 50.0),
-                    hits(&r.hit_latency, 99.0),
+                    "| {name} | {concurrency} | {} | {} | {} | {:.2} | {:.2}x | {:.0} | {} | {} |\n",
+                    runs.iter().map(|r| r.completed).sum::<usize>(),
+                    hit.len(),
+                    runs.iter().map(|r| r.coalesced).sum::<usize>(),
+                    percentile(&rates, 50.0),
+                    percentile(&ratios, 50.0),
+                    ms(&latency, 50.0),
+                    hits(50.0),
+                    hits(99.0),
                 ));
             }
         }
         print!("{table}");
         println!(
-            "\nmodel {}, {} requests a row, {:.0}% repeating an earlier one, prompts of {} words (seed {seed}), {} tokens each, greedy, streamed",
+            "\nmodel {}, {} runs of {} requests a row, {:.0}% repeating an earlier one, prompts of {} words (seed {seed}), {} tokens each, greedy, streamed",
             self.base.model,
+            self.runs,
             self.requests,
             self.repeat * 100.0,
             self.prompt_len,

@@ -4,15 +4,19 @@
 //! weights and the storage they are served in, the adapter's files, and every field of the
 //! request body. The store is in memory (least recently used out past a byte budget) or a
 //! Redis that several servers can share; a Redis that cannot be reached is a miss, never an
-//! error.
+//! error. A request that arrives while the same request is being answered waits for that
+//! answer instead of generating it again ([`Flight`]).
 
 mod key;
 mod memory;
 mod redis_store;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +92,8 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     /// Answers stored.
     pub stores: AtomicU64,
+    /// Requests that waited for the same request in flight instead of generating.
+    pub coalesced: AtomicU64,
     /// Reads and writes the store failed (Redis away); each read counted as a miss too.
     pub errors: AtomicU64,
 }
@@ -103,6 +109,32 @@ pub struct ResponseCache {
     ttl: Option<Duration>,
     model: [u8; 32],
     stats: CacheStats,
+    /// Keys being answered now; each channel closes when its answer is stored or abandoned.
+    in_flight: Mutex<HashMap<Key, watch::Receiver<()>>>,
+}
+
+/// What a request that missed does: answer it (and release the waiters when done), or wait
+/// for the same request in flight.
+pub enum Claim {
+    /// Nobody is answering this key: answer it, holding the flight until stored.
+    Answer(Flight),
+    /// Someone is: this closes when they stored the answer or gave up.
+    Wait(watch::Receiver<()>),
+}
+
+/// A key being answered; dropping it releases the requests that wait for it.
+pub struct Flight {
+    cache: Arc<ResponseCache>,
+    key: Key,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.cache.in_flight.lock() {
+            f.remove(&self.key);
+        }
+    }
 }
 
 impl std::fmt::Debug for ResponseCache {
@@ -130,6 +162,7 @@ impl ResponseCache {
             ttl: config.ttl,
             model: config.model,
             stats: CacheStats::default(),
+            in_flight: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -151,9 +184,9 @@ impl ResponseCache {
         }
     }
 
-    /// The answer stored under `key`, counting a hit or a miss.
+    /// The answer stored under `key`, if any (counted by [`Self::count`]).
     pub async fn get(&self, key: &Key) -> Option<Arc<Cached>> {
-        let found = match &self.store {
+        match &self.store {
             Store::Memory(m) => m.lock().ok().and_then(|mut m| m.get(key, self.ttl)),
             Store::Redis(r) => match r.get(key).await {
                 Ok(found) => found.map(Arc::new),
@@ -163,14 +196,41 @@ impl ResponseCache {
                     None
                 }
             },
-        };
-        let counter = if found.is_some() {
+        }
+    }
+
+    /// Counts one request as a hit or a miss.
+    pub fn count(&self, hit: bool) {
+        let counter = if hit {
             &self.stats.hits
         } else {
             &self.stats.misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        found
+    }
+
+    /// Claims `key` for a request that missed: the first answers it, the others wait.
+    pub fn claim(self: &Arc<Self>, key: &Key) -> Claim {
+        let Ok(mut f) = self.in_flight.lock() else {
+            // A poisoned map only loses coalescing: answer without a flight's waiters.
+            let (done, _) = watch::channel(());
+            return Claim::Answer(Flight {
+                cache: self.clone(),
+                key: Key([0; 32]),
+                _done: done,
+            });
+        };
+        if let Some(waiting) = f.get(key) {
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+            return Claim::Wait(waiting.clone());
+        }
+        let (done, waiting) = watch::channel(());
+        f.insert(*key, waiting);
+        Claim::Answer(Flight {
+            cache: self.clone(),
+            key: *key,
+            _done: done,
+        })
     }
 
     /// Stores `value` under `key`; a store that fails is counted and logged, and the answer

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -13,17 +13,22 @@ use serde_json::Value;
 
 use super::openai::Sampling;
 use super::AppState;
-use crate::response_cache::{Cached, Key, KeyParts, ResponseCache};
+use crate::response_cache::{Cached, Claim, Flight, Key, KeyParts, ResponseCache};
+
+/// The longest a request waits for the same request in flight before answering it itself.
+const WAIT_FOR_FLIGHT: Duration = Duration::from_secs(60);
 
 /// The header that says whether the cache answered.
 pub(super) const CACHE_HEADER: &str = "x-ft-cache";
 
-/// A request the cache may answer: its key, and the adapter version the key was made with.
+/// A request the cache may answer: its key, the adapter version the key was made with, and,
+/// once it missed, its claim on the key while it is answered.
 pub(super) struct Lookup {
     cache: Arc<ResponseCache>,
     key: Key,
     adapter: Option<(String, [u8; 32])>,
     state: Arc<AppState>,
+    flight: Option<Flight>,
 }
 
 /// Whether `sampling` fixes the answer: greedy (temperature 0), beam search, or a seed the
@@ -65,17 +70,47 @@ impl Lookup {
             key,
             adapter,
             state: state.clone(),
+            flight: None,
         })
     }
 
-    /// The stored answer, replayed, counting the hit's time in the metrics.
-    pub(super) async fn hit(&self, arrival: Instant) -> Option<Response> {
-        let cached = self.cache.get(&self.key).await?;
+    /// The stored answer, replayed, counting the hit's time in the metrics. A miss while the
+    /// same request is in flight waits for its answer; a miss with none in flight claims the
+    /// key, so that the same requests arriving meanwhile wait for this one.
+    pub(super) async fn hit(&mut self, arrival: Instant) -> Option<Response> {
+        if let Some(found) = self.cache.get(&self.key).await {
+            return Some(self.replay(&found, arrival, false));
+        }
+        match self.cache.claim(&self.key) {
+            Claim::Answer(flight) => self.flight = Some(flight),
+            Claim::Wait(mut done) => {
+                // Closed when the answer is stored or its request gave up.
+                let _ = tokio::time::timeout(WAIT_FOR_FLIGHT, done.changed()).await;
+                if let Some(found) = self.cache.get(&self.key).await {
+                    return Some(self.replay(&found, arrival, true));
+                }
+                if let Claim::Answer(flight) = self.cache.claim(&self.key) {
+                    self.flight = Some(flight);
+                }
+            }
+        }
+        self.cache.count(false);
+        None
+    }
+
+    /// `found` as the response, marked `hit`, or `coalesced` when it `waited` for the same
+    /// request in flight (whose wait is not a hit's latency).
+    fn replay(&self, found: &Cached, arrival: Instant, waited: bool) -> Response {
+        self.cache.count(true);
         if let Ok(mut m) = self.state.metrics.lock() {
             *m.requests.entry(200).or_default() += 1;
-            m.cache_hit.observe(arrival.elapsed().as_secs_f64());
+            if !waited {
+                m.cache_hit.observe(arrival.elapsed().as_secs_f64());
+            }
         }
-        Some(replay(&cached))
+        let mut response = replay(found);
+        mark(&mut response, if waited { "coalesced" } else { "hit" });
+        response
     }
 
     /// Stores `answer` unless the adapter the key names was replaced meanwhile (the answer
@@ -98,7 +133,7 @@ impl Lookup {
 
 /// A cached answer as a response: the same body, or the same events.
 fn replay(cached: &Cached) -> Response {
-    let mut response = match cached {
+    match cached {
         Cached::Whole(body) => {
             ([(header::CONTENT_TYPE, "application/json")], body.clone()).into_response()
         }
@@ -111,9 +146,7 @@ fn replay(cached: &Cached) -> Response {
                 .keep_alive(KeepAlive::default())
                 .into_response()
         }
-    };
-    mark(&mut response, "hit");
-    response
+    }
 }
 
 /// Sets the cache header to `value`.

@@ -42,8 +42,8 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
     let span = tracing::info_span!("request", endpoint = "/v1/completions");
     let run = async {
         let req: CompletionRequest = parse(&body)?;
-        let lookup = Lookup::new(&state, "/v1/completions", &req.model, &req.sampling, &body);
-        if let Some(hit) = hit(&lookup, arrival).await {
+        let mut lookup = Lookup::new(&state, "/v1/completions", &req.model, &req.sampling, &body);
+        if let Some(hit) = hit(&mut lookup, arrival).await {
             return Ok(hit);
         }
         let prompts = req.prompts().map_err(ApiError::bad_request)?;
@@ -101,14 +101,14 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let span = tracing::info_span!("request", endpoint = "/v1/chat/completions");
     let run = async {
         let req: ChatRequest = parse(&body)?;
-        let lookup = Lookup::new(
+        let mut lookup = Lookup::new(
             &state,
             "/v1/chat/completions",
             &req.model,
             &req.sampling,
             &body,
         );
-        if let Some(hit) = hit(&lookup, arrival).await {
+        if let Some(hit) = hit(&mut lookup, arrival).await {
             return Ok(hit);
         }
         if req.messages.is_empty() {
@@ -183,8 +183,8 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Res
 }
 
 /// The cached answer, when there is a lookup and it finds one.
-async fn hit(lookup: &Option<Lookup>, arrival: Instant) -> Option<Response> {
-    lookup.as_ref()?.hit(arrival).await
+async fn hit(lookup: &mut Option<Lookup>, arrival: Instant) -> Option<Response> {
+    lookup.as_mut()?.hit(arrival).await
 }
 
 fn finish_response(state: &AppState, result: Result<Response, ApiError>) -> Response {

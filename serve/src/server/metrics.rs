@@ -53,7 +53,8 @@ pub struct Metrics {
     pub tpot: Histogram,
     /// Seconds from arrival to the end.
     pub latency: Histogram,
-    /// Seconds from arrival to the answer, of requests the response cache answered.
+    /// Seconds from arrival to the answer, of requests the response cache answered at once
+    /// (not those that waited for the same request in flight).
     pub cache_hit: Histogram,
     /// Finished requests by HTTP status.
     pub requests: std::collections::BTreeMap<u16, u64>,
@@ -175,7 +176,7 @@ impl Metrics {
             self.cache_hit.write(
                 &mut out,
                 "ft_response_cache_hit_seconds",
-                "Latency of requests the response cache answered.",
+                "Latency of requests the response cache answered at once.",
             );
         }
         out
@@ -200,6 +201,11 @@ fn write_cache(out: &mut String, cache: &ResponseCache) {
             "ft_response_cache_stores_total",
             "Answers stored in the response cache.",
             &s.stores,
+        ),
+        (
+            "ft_response_cache_coalesced_total",
+            "Requests that waited for the same request in flight instead of generating it.",
+            &s.coalesced,
         ),
         (
             "ft_response_cache_errors_total",

@@ -4,7 +4,8 @@
 //! `/v1/unload_lora_adapter`), vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`,
 //! `/health` and `/metrics`. A request's `model` names the base or an adapter. A repeated
 //! request whose answer its inputs fix is answered from the response cache when one is
-//! configured ([`crate::response_cache`]; header `x-ft-cache: hit`, `miss`). Errors are OpenAI error
+//! configured ([`crate::response_cache`]; header `x-ft-cache`: `hit`, `miss`, or
+//! `coalesced` when it waited for the same request in flight). Errors are OpenAI error
 //! objects: 400 for a malformed or out-of-range request, 401 without the API key, 404 for an
 //! unknown model, 408 for a body that does not arrive in time, 413 for one too large, 429 when
 //! the queue is full, 503 past the connection limit ([`connections`]).

@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 #[derive(Debug, PartialEq)]
 struct Answer {
     status: u16,
-    /// The `x-ft-cache` header: `hit`, `miss`, or absent when the cache was not asked.
+    /// The `x-ft-cache` header: `hit`, `miss`, `coalesced`, or absent when the cache was not
+    /// asked.
     cache: Option<String>,
     body: String,
 }
@@ -138,6 +139,41 @@ fn repeated_deterministic_requests_are_answered_byte_for_byte_and_what_changes_t
         let a = post(&plain, "/v1/completions", &base);
         assert_eq!((a.status, a.cache), (200, None));
     }
+}
+
+#[test]
+fn identical_requests_in_flight_are_answered_once() {
+    // The default model, so that the first answer takes long enough for the others to arrive.
+    let server = Server::start(&["--served-model-name", "base"]);
+    let body = json!({"model": "base", "prompt": "Once upon a time", "max_tokens": 24,
+                      "temperature": 0, "ignore_eos": true});
+    let start = std::sync::Barrier::new(6);
+    let answers: Vec<Answer> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    post(&server, "/v1/completions", &body)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let misses = answers
+        .iter()
+        .filter(|a| a.cache.as_deref() == Some("miss"))
+        .count();
+    assert_eq!(misses, 1, "{answers:?}");
+    assert!(answers
+        .iter()
+        .all(|a| a.status == 200 && a.body == answers[0].body));
+    assert!(server.metric("ft_response_cache_coalesced_total") >= 1.0);
+    assert_eq!(server.metric("ft_response_cache_misses_total"), 1.0);
+    assert_eq!(
+        server.metric("ft_generation_tokens_total"),
+        24.0,
+        "one generation"
+    );
 }
 
 /// A `redis-server` on a free port, shut down when dropped.
