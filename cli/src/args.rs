@@ -130,8 +130,8 @@ pub struct ServeArgs {
     /// Bytes of answers the in-memory response cache holds (least recently used out first).
     #[arg(long, default_value_t = 256 << 20, conflicts_with_all = ["no_cache", "cache"])]
     pub cache_bytes: usize,
-    /// Seconds an answer stays in the response cache (0: until evicted).
-    #[arg(long, default_value_t = 3600)]
+    /// Seconds an answer stays in the response cache (0: until evicted; at most ten years).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=315_360_000))]
     pub cache_ttl: u64,
     /// Answer every request with the model: no response cache. (The cache answers only
     /// requests whose answer their inputs fix: temperature 0, a seed, or beam search.)

@@ -100,12 +100,13 @@ impl<B: Backend> AdapterCache<B> {
         self.known.get(name).map(|(_, g, _)| *g)
     }
 
-    /// The sha256 of each known adapter's registered files, by name: a name registered
-    /// again with other files gets another.
-    pub fn fingerprints(&self) -> BTreeMap<String, [u8; 32]> {
+    /// The sha256 of each known adapter's registered files and its registration number, by
+    /// name: a name registered again gets another number, and another sha256 if its files
+    /// differ.
+    pub fn fingerprints(&self) -> BTreeMap<String, ([u8; 32], u64)> {
         self.known
             .iter()
-            .map(|(name, (_, _, sha))| (name.clone(), *sha))
+            .map(|(name, (_, generation, sha))| (name.clone(), (*sha, *generation)))
             .collect()
     }
 

@@ -9,12 +9,13 @@ use std::time::Duration;
 use anyhow::Context;
 use ft_eval::load_bench::{self, percentile, LoadSpec};
 use ft_model::QuantBackend;
-use ft_serve::response_cache::{file_fingerprint, CacheConfig, CacheStore};
+use ft_serve::response_cache::{CacheConfig, CacheStore};
 use ft_serve::server::{Background, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
 
 use crate::args::BenchCacheArgs;
 use crate::commands::report::record;
+use crate::commands::serve::model_fingerprint;
 use crate::device::{dispatch, Job};
 use crate::error::UsageError;
 
@@ -153,8 +154,7 @@ impl BenchCacheArgs {
             Some(store) => Some(CacheConfig {
                 store,
                 ttl: None,
-                model: file_fingerprint(&pretrained.path, &format!("{:?}", self.base.quant()))
-                    .with_context(|| format!("--model {}", pretrained.path.display()))?,
+                model: model_fingerprint(&self.base, &pretrained.path, &format!("{device:?}"))?,
             }),
             None => None,
         };

@@ -15,7 +15,7 @@ use ft_serve::response_cache::{file_fingerprint, CacheConfig, CacheStore};
 use ft_serve::server::{self, Limits, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
 
-use crate::args::{BenchServeArgs, ServeArgs};
+use crate::args::{BaseModelArgs, BenchServeArgs, ServeArgs};
 use crate::commands::report::record;
 use crate::device::{dispatch, Job};
 use crate::error::UsageError;
@@ -172,18 +172,28 @@ impl ServeArgs {
                 bytes: self.cache_bytes,
             },
         };
-        let serving = format!(
-            "weights {:?} quant {:?} double-quant {} device {device}",
-            self.base.weights, self.base.quant, self.base.double_quant
-        );
-        let model = file_fingerprint(path, &serving)
-            .with_context(|| format!("--model {}: reading it for the cache key", path.display()))?;
+        let model = model_fingerprint(&self.base, path, device)?;
         Ok(Some(CacheConfig {
             store,
             ttl: (self.cache_ttl > 0).then(|| Duration::from_secs(self.cache_ttl)),
             model,
         }))
     }
+}
+
+/// The response cache's key for the model at `path` served as `base` asks on `device`: the
+/// sha256 of its files and of its storage flags.
+pub(crate) fn model_fingerprint(
+    base: &BaseModelArgs,
+    path: &std::path::Path,
+    device: &str,
+) -> anyhow::Result<[u8; 32]> {
+    let serving = format!(
+        "weights {:?} quant {:?} double-quant {} device {device}",
+        base.weights, base.quant, base.double_quant
+    );
+    file_fingerprint(path, &serving)
+        .with_context(|| format!("--model {}: reading it for the cache key", path.display()))
 }
 
 /// Runs `ft bench serve`: one row per concurrency.

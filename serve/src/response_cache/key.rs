@@ -27,6 +27,9 @@ pub struct KeyParts<'a> {
     pub model: &'a [u8; 32],
     /// The adapter's files' sha256, or `None` for the base.
     pub adapter: Option<&'a [u8; 32]>,
+    /// Tokens a request may hold (prompt and output): a chat request without `max_tokens`
+    /// generates up to it.
+    pub context: usize,
     /// The request body, parsed.
     pub body: &'a Value,
 }
@@ -35,7 +38,10 @@ impl KeyParts<'_> {
     /// The key: the same for the same parts whatever the order of the body's fields.
     pub fn key(&self) -> Key {
         let mut h = Sha256::new();
-        h.update(b"ft response cache 1\0");
+        // Another version of ft may answer or format differently.
+        h.update(b"ft response cache 1 ");
+        h.update(env!("CARGO_PKG_VERSION").as_bytes());
+        h.update([0]);
         h.update(self.route.as_bytes());
         h.update([0]);
         h.update(self.model);
@@ -46,6 +52,7 @@ impl KeyParts<'_> {
             }
             None => h.update([0]),
         }
+        h.update((self.context as u64).to_le_bytes());
         canonical(self.body, &mut h);
         Key(h.finalize().into())
     }
@@ -89,9 +96,10 @@ fn canonical(v: &Value, h: &mut Sha256) {
     }
 }
 
-/// The sha256 of a model's files (a file, or the regular files directly inside a folder,
-/// by name) and of `serving`, which says how they are served (storage, device): the same
-/// weights served as q4 and as f32 answer differently.
+/// The sha256 of a model's files (a file, or the files directly inside a folder, by name,
+/// links followed: a Hub download is a folder of links) and of `serving`, which says how
+/// they are served (storage, device): the same weights served as q4 and as f32 answer
+/// differently. A folder with no file is an error.
 pub fn file_fingerprint(path: &Path, serving: &str) -> std::io::Result<[u8; 32]> {
     let mut h = Sha256::new();
     h.update(serving.as_bytes());
@@ -99,10 +107,16 @@ pub fn file_fingerprint(path: &Path, serving: &str) -> std::io::Result<[u8; 32]>
     let files = if path.is_dir() {
         let mut files: Vec<_> = std::fs::read_dir(path)?
             .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .map(|e| e.path())
+            .filter(|p| p.is_file())
             .collect();
         files.sort();
+        if files.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "{} holds no file",
+                path.display()
+            )));
+        }
         files
     } else {
         vec![path.to_path_buf()]
@@ -134,6 +148,7 @@ mod tests {
             route,
             model: &[7; 32],
             adapter,
+            context: 2048,
             body: &body,
         }
         .key()
@@ -174,9 +189,16 @@ mod tests {
             route: "/v1/completions",
             model: &[8; 32],
             adapter: None,
+            context: 2048,
             body: &json!({"prompt": "hi", "seed": 1}),
         };
         assert_ne!(model.key(), a, "another model");
+        let context = KeyParts {
+            model: &[7; 32],
+            context: 1024,
+            ..model
+        };
+        assert_ne!(context.key(), a, "another context");
         assert_ne!(
             key("/v1/completions", Some(&[1; 32]), json!({})),
             key("/v1/completions", Some(&[2; 32]), json!({})),
@@ -206,5 +228,17 @@ mod tests {
         let folder = file_fingerprint(dir.path(), "q4").unwrap();
         std::fs::write(dir.path().join("tokenizer.json"), b"{}").unwrap();
         assert_ne!(folder, file_fingerprint(dir.path(), "q4").unwrap());
+
+        // A folder of links (as a Hub download is) hashes what they point at.
+        let blobs = tempfile::tempdir().unwrap();
+        let links = tempfile::tempdir().unwrap();
+        std::fs::write(blobs.path().join("blob"), b"weights one").unwrap();
+        std::os::unix::fs::symlink(blobs.path().join("blob"), links.path().join("model.gguf"))
+            .unwrap();
+        let one = file_fingerprint(links.path(), "q4").unwrap();
+        std::fs::write(blobs.path().join("blob"), b"weights two").unwrap();
+        assert_ne!(one, file_fingerprint(links.path(), "q4").unwrap());
+        let empty = tempfile::tempdir().unwrap();
+        assert!(file_fingerprint(empty.path(), "q4").is_err());
     }
 }

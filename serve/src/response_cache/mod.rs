@@ -92,7 +92,7 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     /// Answers stored.
     pub stores: AtomicU64,
-    /// Requests that waited for the same request in flight instead of generating.
+    /// Hits that waited for the same request in flight instead of generating it.
     pub coalesced: AtomicU64,
     /// Reads and writes the store failed (Redis away); each read counted as a miss too.
     pub errors: AtomicU64,
@@ -199,14 +199,18 @@ impl ResponseCache {
         }
     }
 
-    /// Counts one request as a hit or a miss.
-    pub fn count(&self, hit: bool) {
+    /// Counts one request as a hit (one that `waited` for the same request in flight also
+    /// as coalesced) or a miss.
+    pub fn count(&self, hit: bool, waited: bool) {
         let counter = if hit {
             &self.stats.hits
         } else {
             &self.stats.misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if hit && waited {
+            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Claims `key` for a request that missed: the first answers it, the others wait.
@@ -221,7 +225,6 @@ impl ResponseCache {
             });
         };
         if let Some(waiting) = f.get(key) {
-            self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
             return Claim::Wait(waiting.clone());
         }
         let (done, waiting) = watch::channel(());

@@ -26,7 +26,8 @@ pub(super) const CACHE_HEADER: &str = "x-ft-cache";
 pub(super) struct Lookup {
     cache: Arc<ResponseCache>,
     key: Key,
-    adapter: Option<(String, [u8; 32])>,
+    /// The adapter's name, and its files' sha256 and registration number.
+    adapter: Option<(String, ([u8; 32], u64))>,
     state: Arc<AppState>,
     flight: Option<Flight>,
 }
@@ -61,7 +62,8 @@ impl Lookup {
         let key = KeyParts {
             route,
             model: cache.model(),
-            adapter: adapter.as_ref().map(|(_, p)| p),
+            adapter: adapter.as_ref().map(|(_, (sha, _))| sha),
+            context: state.context,
             body: &body,
         }
         .key();
@@ -82,7 +84,13 @@ impl Lookup {
             return Some(self.replay(&found, arrival, false));
         }
         match self.cache.claim(&self.key) {
-            Claim::Answer(flight) => self.flight = Some(flight),
+            Claim::Answer(flight) => {
+                // The first answer may have been stored between the read and the claim.
+                if let Some(found) = self.cache.get(&self.key).await {
+                    return Some(self.replay(&found, arrival, false));
+                }
+                self.flight = Some(flight);
+            }
             Claim::Wait(mut done) => {
                 // Closed when the answer is stored or its request gave up.
                 let _ = tokio::time::timeout(WAIT_FOR_FLIGHT, done.changed()).await;
@@ -94,14 +102,14 @@ impl Lookup {
                 }
             }
         }
-        self.cache.count(false);
+        self.cache.count(false, false);
         None
     }
 
     /// `found` as the response, marked `hit`, or `coalesced` when it `waited` for the same
     /// request in flight (whose wait is not a hit's latency).
     fn replay(&self, found: &Cached, arrival: Instant, waited: bool) -> Response {
-        self.cache.count(true);
+        self.cache.count(true, waited);
         if let Ok(mut m) = self.state.metrics.lock() {
             *m.requests.entry(200).or_default() += 1;
             if !waited {

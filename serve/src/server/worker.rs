@@ -56,9 +56,10 @@ pub struct Live {
     pub tokens_per_s: f64,
 }
 
-/// The sha256 of each servable adapter's files, by name, as the engine thread last published
-/// them: the response cache keys answers by them without a round trip to the engine.
-pub type AdapterPrints = Arc<Mutex<BTreeMap<String, [u8; 32]>>>;
+/// The sha256 of each servable adapter's files and its registration number, by name, as the
+/// engine thread last published them: the response cache keys answers by the sha256 without
+/// a round trip to the engine, and stores an answer only if the registration is unchanged.
+pub type AdapterPrints = Arc<Mutex<BTreeMap<String, ([u8; 32], u64)>>>;
 
 /// Runs `engine` until every command sender is gone, publishing its counters into `live` and
 /// its adapters' fingerprints into `prints` after each load and unload.
