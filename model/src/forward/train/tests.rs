@@ -98,9 +98,8 @@ fn adapted<B: Backend>(mut model: LlamaForCausalLM<B>, dropout: f64) -> LlamaFor
 }
 
 fn tiny(config: &LlamaConfig) -> LlamaForCausalLM<A> {
-    let device = Default::default();
-    A::seed(&device, 5);
-    let mut model = LlamaForCausalLM::<A>::init_random(config, &device).no_grad();
+    // Drawn under the shared seed lock: tests on other threads reseed burn's global generator.
+    let mut model = LlamaForCausalLM::<A>::init_seeded(config, 5, &Default::default()).no_grad();
     // Larger embeddings than the initialization's, so the loss is not flat.
     model.model.embed_tokens =
         Param::from_tensor(model.model.embed_tokens.val() * 20.0).set_require_grad(false);
@@ -177,6 +176,13 @@ fn relative(a: &[f32], b: &[f32]) -> f64 {
     diff as f64 / size.max(1e-30) as f64
 }
 
+/// The largest relative difference (over the largest magnitude) allowed between the host
+/// step's gradients and burn's: both f32, summed in other orders, and the host's softmax
+/// through the vector exp. Below 1e-4 on AVX-512 machines; on an AVX2-only one the key
+/// projections' gradients (through the softmax's backward) differ by up to 2.4e-4. A wrong
+/// gradient is off by far more.
+const GRAD_TOL: f64 = 5e-4;
+
 fn assert_same(host: &StepGrads, (loss, grads): &(f64, Vec<(String, AdapterGrads)>), tol: f64) {
     assert!(
         (host.loss - loss).abs() <= tol * loss.abs(),
@@ -200,7 +206,7 @@ fn loss_and_adapter_gradients_equal_burns_autodiff() {
     let model = tiny(&tiny_config());
     let host = host_step(&model, 0.25, 1);
     assert_eq!(host.grads.len(), 2 * 7, "every adapter has gradients");
-    assert_same(&host, &burn_step(&model, 0.25), 1e-4);
+    assert_same(&host, &burn_step(&model, 0.25), GRAD_TOL);
     // The forward alone (validation) gives the same loss.
     let trainer = HostTrainer::new(&model.valid()).expect("host tensors");
     let r = real();
@@ -248,7 +254,7 @@ fn a_packed_base_gives_the_gradients_of_its_dequantized_copy() {
     let want = (host_dense.loss, host_dense.grads);
     assert_same(&host_packed, &want, 1e-5);
     // And both equal burn's autodiff of the dequantized copy.
-    assert_same(&host_step(&dense, 1.0, 3), &burn_step(&dense, 1.0), 1e-4);
+    assert_same(&host_step(&dense, 1.0, 3), &burn_step(&dense, 1.0), GRAD_TOL);
 }
 
 #[test]
@@ -375,13 +381,11 @@ fn burn_dense_grads(model: &mut LlamaForCausalLM<A>, scale: f32) -> (f64, Vec<(S
 #[test]
 fn full_parameter_gradients_equal_burns_autodiff_for_every_dense_weight() {
     for tied in [true, false] {
-        let device = Default::default();
-        A::seed(&device, 7);
         let config = LlamaConfig {
             tie_word_embeddings: tied,
             ..tiny_config()
         };
-        let mut model = LlamaForCausalLM::<A>::init_random(&config, &device);
+        let mut model = LlamaForCausalLM::<A>::init_seeded(&config, 7, &Default::default());
         model.model.embed_tokens = Param::from_tensor(Tensor::from_inner(
             model.model.embed_tokens.val().inner() * 20.0,
         ));
@@ -417,7 +421,7 @@ fn full_parameter_gradients_equal_burns_autodiff_for_every_dense_weight() {
                 .unwrap_or_else(|| panic!("no gradient for {name}"));
             assert_eq!(mine.shape[0] * mine.shape[1], g.len(), "{name}");
             let rel = relative(&mine.values, g);
-            assert!(rel <= 1e-4, "tied {tied}, {name}: {rel:e}");
+            assert!(rel <= GRAD_TOL, "tied {tied}, {name}: {rel:e}");
         }
     }
 }
