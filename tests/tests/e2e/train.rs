@@ -469,8 +469,9 @@ fn a_fresh_run_replaces_the_checkpoints_of_an_earlier_one() {
 /// different generators. The first losses agree to about 1e-6 relative. Past step 7 the loss
 /// nears 0.02 and the run amplifies any rounding: two burn runs whose log-sum-exp alone is
 /// summed differently (f32 in blocks, f64), the same to 5e-7 for six steps, are 1.25e-3 apart
-/// at step 15. So within 1e-3 through the warmup's 10 steps (3.5e-4 measured), within 5e-3 to
-/// step 20 (1.4e-3 at step 15).
+/// at step 15. So within 1e-3 through step 7 (1.3e-4 measured on an AVX2-only machine), and
+/// within 1e-2 to step 20, where the rounding has been amplified (on AVX-512, 3.5e-4 at step
+/// 10 and 1.4e-3 at step 15; on AVX2 only, 1.1e-3 at step 10 and 4.7e-3 at step 15).
 #[test]
 fn the_main_recipe_on_the_host_kernels_follows_burns_losses() {
     let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/qlora.toml");
@@ -496,12 +497,14 @@ fn the_main_recipe_on_the_host_kernels_follows_burns_losses() {
     };
     let (host, burn) = (run("host"), run("burn"));
     assert_eq!(host.len(), 20);
-    for ((step, h, _), (_, b, _)) in host.iter().zip(&burn) {
-        let tolerance = if *step <= 10 { 1e-3 } else { 5e-3 };
-        assert!(
-            (h - b).abs() <= tolerance * b.abs(),
-            "step {step}: host {h}, burn {b}"
-        );
+    let apart: Vec<(u64, f64)> = host
+        .iter()
+        .zip(&burn)
+        .map(|((step, h, _), (_, b, _))| (*step, (h - b).abs() / b.abs()))
+        .collect();
+    for &(step, rel) in &apart {
+        let tolerance = if step <= 7 { 1e-3 } else { 1e-2 };
+        assert!(rel <= tolerance, "step {step}: relative gaps {apart:?}");
     }
 }
 

@@ -254,7 +254,11 @@ fn a_packed_base_gives_the_gradients_of_its_dequantized_copy() {
     let want = (host_dense.loss, host_dense.grads);
     assert_same(&host_packed, &want, 1e-5);
     // And both equal burn's autodiff of the dequantized copy.
-    assert_same(&host_step(&dense, 1.0, 3), &burn_step(&dense, 1.0), GRAD_TOL);
+    assert_same(
+        &host_step(&dense, 1.0, 3),
+        &burn_step(&dense, 1.0),
+        GRAD_TOL,
+    );
 }
 
 #[test]
