@@ -29,6 +29,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Perplexity of a text file (non-overlapping windows, each from an empty cache).
     Perplexity(PerplexityArgs),
+    /// Shorten a prompt: drop the context words a small model finds least informative,
+    /// keeping the instruction and the question.
+    Compress(CompressArgs),
     /// Benchmarks that print a table.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -518,6 +521,18 @@ pub struct EvalArgs {
     /// Most tokens per answer (default: each task's own).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_tokens: Option<u64>,
+    /// Solved examples from each task's training split before every prompt (few-shot; the
+    /// same seeded draw for every example).
+    #[arg(long, default_value_t = 0)]
+    pub shots: u64,
+    /// Also measure the few-shot prompts with their demonstrations compressed to these
+    /// fractions of their tokens, comma-separated, each in (0, 1); each example's own prompt
+    /// (instruction and question) is kept whole (needs --shots).
+    #[arg(long, value_delimiter = ',')]
+    pub compress: Vec<f64>,
+    /// The model that scores words for --compress (default: --model).
+    #[arg(long)]
+    pub compress_model: Option<String>,
     /// The report folder: report.md, report.json and the plots.
     #[arg(long, default_value = "eval-report")]
     pub out: PathBuf,
@@ -771,6 +786,30 @@ pub struct PerplexityArgs {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(2..))]
     pub window: u64,
     /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ft compress`.
+#[derive(Debug, Args)]
+pub struct CompressArgs {
+    /// The model that scores the words (a small one is enough: the default model, a
+    /// distilled student).
+    #[command(flatten)]
+    pub model: BaseModelArgs,
+    /// The fraction of the prompt's tokens to keep, in (0, 1].
+    #[arg(long)]
+    pub rate: f64,
+    /// Text before the context, kept whole.
+    #[arg(long, default_value = "")]
+    pub instruction: String,
+    /// Text after the context, kept whole.
+    #[arg(long, default_value = "")]
+    pub question: String,
+    /// The context to shorten: a text file, or `-` for standard input.
+    #[arg(default_value = "-")]
+    pub context: PathBuf,
+    /// Print one JSON object (the prompt, its tokens before and after, words dropped).
     #[arg(long)]
     pub json: bool,
 }

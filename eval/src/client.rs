@@ -44,6 +44,8 @@ pub struct Streamed {
     /// What the server's response cache said (its `x-ft-cache` header: `hit`, `miss`,
     /// `coalesced`), if it has one.
     pub cache: Option<String>,
+    /// Prompt tokens, as the server's usage counted them.
+    pub prompt_tokens: Option<usize>,
 }
 
 /// How a client reads a stream: at full speed, slowly, or hanging up part way.
@@ -143,6 +145,7 @@ impl Client {
         let mut last = start;
         let mut chunks = 0;
         let mut usage = None;
+        let mut prompt_tokens = None;
         let mut done = false;
         let mut events = 0;
         for line in BufReader::new(resp.into_reader()).lines() {
@@ -167,6 +170,9 @@ impl Client {
             }
             if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
                 usage = Some(u as usize);
+            }
+            if let Some(u) = v["usage"]["prompt_tokens"].as_u64() {
+                prompt_tokens = Some(u as usize);
             }
             // The first choice only (index 0), as requests ask for one.
             let Some(choice) = v["choices"]
@@ -208,6 +214,7 @@ impl Client {
             tpot,
             latency: start.elapsed().as_secs_f64(),
             cache,
+            prompt_tokens,
         }))
     }
 
@@ -316,7 +323,7 @@ mod tests {
              data: {\"choices\":[{\"text\":\" 19\",\"finish_reason\":null}]}\n\n\
              data: {\"choices\":[{\"text\":\"76\",\"finish_reason\":null}]}\n\n\
              data: {\"choices\":[{\"text\":\"\",\"finish_reason\":\"stop\"}]}\n\n\
-             data: {\"choices\":[],\"usage\":{\"completion_tokens\":3}}\n\n\
+             data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3}}\n\n\
              data: [DONE]\n\n",
             Duration::ZERO,
         );
@@ -324,7 +331,7 @@ mod tests {
         let s = c.stream_completion(&serde_json::json!({})).unwrap();
         assert_eq!(s.text, " 1976");
         assert_eq!(s.finish_reason.as_deref(), Some("stop"));
-        assert_eq!(s.tokens, 3);
+        assert_eq!((s.tokens, s.prompt_tokens), (3, Some(9)));
         assert!(s.tpot.is_some() && s.ttft <= s.latency);
     }
 

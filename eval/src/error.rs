@@ -100,6 +100,19 @@ pub enum EvalError {
         /// Its tokens.
         tokens: usize,
     },
+    /// Few-shot prompts asked of a task without enough solved examples.
+    #[error(
+        "--shots {shots}: task {task} has {have} solved example(s) to draw from{}",
+        if *have == 0 { " (a task file names them with `train = \"FILE.jsonl\"`)" } else { "" }
+    )]
+    Shots {
+        /// The task.
+        task: String,
+        /// Examples asked for.
+        shots: usize,
+        /// Examples the task has.
+        have: usize,
+    },
     /// The in-process server could not start or stop.
     #[error("{doing}")]
     InProcess {
@@ -172,7 +185,10 @@ impl EvalError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::NotListed { .. } | Self::PerplexityNeedsModel { .. } | Self::TooShort { .. }
+            Self::NotListed { .. }
+                | Self::PerplexityNeedsModel { .. }
+                | Self::TooShort { .. }
+                | Self::Shots { .. }
         )
     }
 }

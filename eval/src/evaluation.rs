@@ -69,7 +69,8 @@ pub enum Serving<S> {
 pub struct Evaluation<S> {
     /// The base model, as the report names it.
     pub base_model: String,
-    /// The tasks, each with the examples and answer length to use.
+    /// The tasks, each with the examples and answer length to use; a task may come several
+    /// times with other prompts ([`crate::prompting::variants`]).
     pub tasks: Vec<EvalTask>,
     /// The adapters compared with the base (the base is always measured), names unique and
     /// none [`BASE`].
@@ -182,7 +183,14 @@ impl<S> Evaluation<S> {
             },
             date: ft_adapters::registry::now_rfc3339(),
             usd_per_hour: self.usd_per_hour,
-            tasks: self.tasks.iter().map(TaskInfo::of).collect(),
+            // A task measured with several prompt variants is one section of the report.
+            tasks: self
+                .tasks
+                .iter()
+                .enumerate()
+                .filter(|(i, t)| !self.tasks[..*i].iter().any(|o| o.name == t.name))
+                .map(|(_, t)| TaskInfo::of(t))
+                .collect(),
             rows,
         })
     }
@@ -329,6 +337,7 @@ impl<S> Evaluation<S> {
                     first_error: None,
                     timing: None,
                     cost: None,
+                    prompting: None,
                     answers: Vec::new(),
                 };
                 on_row(&row);
@@ -365,6 +374,7 @@ impl<S> Evaluation<S> {
                             "quant": r.quant,
                             "decoding": r.decoding,
                             "concurrency": r.concurrency,
+                            "prompting": r.prompting,
                             "latency_p50_s": r.timing.map(|t| t.latency_p50_s),
                             "tokens_per_s": r.timing.map(|t| t.tokens_per_s),
                             "usd_per_m_tokens": r.cost.map(|c| c.usd_per_m_tokens),

@@ -7,7 +7,8 @@
 //! and writes a report ([`report`]) with plots ([`plot`]). [`greedy`] is the in-process exact
 //! match that training runs before and after; [`load_bench`] is the load generator of `ft
 //! bench serve`, [`soak`] its long run with cancelling and slow clients, [`decode_bench`] the
-//! measurement of `ft bench generate`, and [`peers`] drive the other engines measured beside
+//! measurement of `ft bench generate`, [`prompting`] builds few-shot prompts and
+//! [`compress`] shortens them, and [`peers`] drive the other engines measured beside
 //! ft (llama.cpp, PEFT); [`rss`] (the server's own, re-exported) reads the process's resident
 //! memory for every benchmark table.
 //!
@@ -16,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod compress;
 pub mod decode_bench;
 pub mod error;
 pub mod evaluation;
@@ -25,6 +27,7 @@ pub mod measure;
 pub mod metric;
 pub mod peers;
 pub mod plot;
+pub mod prompting;
 pub mod report;
 pub mod soak;
 pub mod task;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::metric::{self, Score};
-use crate::task::{EvalTask, Metric};
+use crate::task::{EvalTask, Metric, Prompting};
 
 /// How answers are decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +167,9 @@ pub struct Row {
     pub timing: Option<Timing>,
     /// Cost at the given price (absent without a price).
     pub cost: Option<Cost>,
+    /// How the prompts were built, when not as the task wrote them (few-shot, compressed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompting: Option<Prompting>,
     /// Every example's answer.
     pub answers: Vec<Answer>,
 }
@@ -193,6 +196,10 @@ pub struct Timing {
     pub tokens_per_s: f64,
     /// Output tokens of the answered requests.
     pub output_tokens: usize,
+    /// Mean prompt tokens per answered request, as the server counted them (absent where it
+    /// did not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<f64>,
 }
 
 /// What serving costs at a price per hour, from measured throughput.
@@ -242,6 +249,7 @@ pub fn summarize(
     let mut first_error = None;
     let (mut ttft, mut tpot, mut latency) = (Vec::new(), Vec::new(), Vec::new());
     let mut output_tokens = 0;
+    let mut prompt_tokens = Some(0);
     let mut answers = Vec::with_capacity(pass.outcomes.len());
     for (item, outcome) in task.items.iter().zip(&pass.outcomes) {
         match outcome {
@@ -253,6 +261,7 @@ pub fn summarize(
                 tpot.extend(s.tpot);
                 latency.push(s.latency);
                 output_tokens += s.tokens;
+                prompt_tokens = prompt_tokens.zip(s.prompt_tokens).map(|(a, b)| a + b);
                 answers.push(Answer::Answered {
                     answer: s.text.clone(),
                     right: ok,
@@ -281,6 +290,7 @@ pub fn summarize(
         requests_per_s: scored as f64 / wall,
         tokens_per_s: output_tokens as f64 / wall,
         output_tokens,
+        prompt_tokens: prompt_tokens.map(|n| n as f64 / scored as f64),
     });
     Row {
         task: task.name.clone(),
@@ -301,6 +311,7 @@ pub fn summarize(
             .filter(|_| errors + timeouts == 0)
             .and_then(|(t, p)| Cost::of(t, p)),
         timing,
+        prompting: task.prompting,
         answers,
     }
 }
@@ -335,6 +346,8 @@ mod tests {
                 .to_vec(),
             max_tokens: 4,
             stop: vec![],
+            train: vec![],
+            prompting: None,
         };
         let answer = |text: &str| {
             Ok(Streamed {
@@ -345,6 +358,7 @@ mod tests {
                 tpot: Some(0.05),
                 latency: 0.15,
                 cache: None,
+                prompt_tokens: Some(7),
             })
         };
         let pass = Pass {
@@ -374,6 +388,7 @@ mod tests {
             (t.output_tokens, t.tokens_per_s, t.requests_per_s),
             (4, 2.0, 1.0)
         );
+        assert_eq!(t.prompt_tokens, Some(7.0), "per answered request");
         assert!(row.cost.is_none(), "a pass with failures is not priced");
         let c = Cost::of(&t, 3.6).unwrap();
         // 3.6 USD/h is 0.001 USD/s: 2 tokens/s cost 500 USD per million, 1 request/s 1 USD per 1000.

@@ -54,6 +54,16 @@ impl TaskInfo {
     }
 }
 
+/// The largest loss of score (2 points of accuracy) a compressed prompt may cost and still
+/// count as keeping the whole prompt's quality.
+pub const COMPRESSION_TOLERANCE: f64 = 0.02;
+
+/// How a row's prompts were built.
+fn prompt(r: &Row) -> String {
+    r.prompting
+        .map_or_else(|| "as written".into(), |p| p.to_string())
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
 }
@@ -133,6 +143,7 @@ impl Report {
                 );
             }
             md += &self.deltas(task);
+            md += &self.compression(task);
             if self.rows_of(&task.name).any(|r| r.timing.is_some()) {
                 let _ = write!(
                     md,
@@ -146,14 +157,14 @@ impl Report {
 
     fn task_table(&self, task: &TaskInfo) -> String {
         let mut t = format!(
-            "| model | quant | decoding | streams | {} | scored | errors | timeouts | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | latency p50 s | latency p99 s | req/s | output tok/s | USD / 1M tok | USD / 1k req |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "| model | quant | decoding | streams | {} | scored | errors | timeouts | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | latency p50 s | latency p99 s | req/s | output tok/s | USD / 1M tok | USD / 1k req | prompt | prompt tok/req |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
             task.metric.name()
         );
         for r in self.rows_of(&task.name) {
             let tm = r.timing;
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.model,
                 r.quant,
                 r.decoding,
@@ -171,6 +182,8 @@ impl Report {
                 opt(tm.map(|t| t.tokens_per_s), 1),
                 opt(r.cost.map(|c| c.usd_per_m_tokens), 3),
                 opt(r.cost.map(|c| c.usd_per_k_requests), 4),
+                prompt(r),
+                opt(tm.and_then(|t| t.prompt_tokens), 1),
             );
         }
         if let Some(e) = self
@@ -196,12 +209,13 @@ impl Report {
                     && b.quant == r.quant
                     && b.decoding == r.decoding
                     && b.concurrency == r.concurrency
+                    && b.prompting == r.prompting
             }) else {
                 continue;
             };
             if t.is_empty() {
                 t = format!(
-                    "\nAgainst the base (same quant, decoding and streams):\n\n| model | quant | decoding | streams | {} change | latency p50 ratio | tok/s ratio |\n|---|---|---|---|---|---|---|\n",
+                    "\nAgainst the base (same quant, decoding, streams and prompt):\n\n| model | quant | decoding | streams | {} change | latency p50 ratio | tok/s ratio | prompt |\n|---|---|---|---|---|---|---|---|\n",
                     task.metric.name()
                 );
             }
@@ -217,7 +231,7 @@ impl Report {
             };
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.model,
                 r.quant,
                 r.decoding,
@@ -225,6 +239,89 @@ impl Report {
                 change,
                 ratio(|t| t.latency_p50_s),
                 ratio(|t| t.tokens_per_s),
+                prompt(r),
+            );
+        }
+        t
+    }
+
+    /// Each compressed-prompt row against the same setting with the whole prompt: the score
+    /// given up for the prompt tokens saved, and per setting the lowest rate that loses at
+    /// most [`COMPRESSION_TOLERANCE`].
+    fn compression(&self, task: &TaskInfo) -> String {
+        let mut t = String::new();
+        let mut lowest: Vec<(&Row, &Row)> = Vec::new();
+        for r in self.rows_of(&task.name) {
+            let Some(rate) = r.prompting.and_then(|p| p.rate) else {
+                continue;
+            };
+            let Some(whole) = self.rows_of(&task.name).find(|w| {
+                w.model == r.model
+                    && w.quant == r.quant
+                    && w.decoding == r.decoding
+                    && w.concurrency == r.concurrency
+                    && w.prompting.is_some_and(|p| p.rate.is_none())
+                    && w.prompting.map(|p| p.shots) == r.prompting.map(|p| p.shots)
+            }) else {
+                continue;
+            };
+            if t.is_empty() {
+                t = format!(
+                    "\nCompressed prompts against the whole prompt (same model, quant, decoding and streams):\n\n| model | quant | decoding | streams | prompt | prompt tok/req | of the whole | {} | change |\n|---|---|---|---|---|---|---|---|---|\n",
+                    task.metric.name()
+                );
+            }
+            let tokens = |row: &Row| row.timing.and_then(|t| t.prompt_tokens);
+            let kept = match (tokens(r), tokens(whole)) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "-".into(),
+            };
+            let change = r.score.value.zip(whole.score.value).map(|(a, b)| a - b);
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.model,
+                r.quant,
+                r.decoding,
+                r.concurrency.map_or_else(|| "-".into(), |c| c.to_string()),
+                prompt(r),
+                opt(tokens(r), 1),
+                kept,
+                opt(r.score.value, 3),
+                change.map_or_else(|| "-".into(), |c| format!("{c:+.3}")),
+            );
+            let complete = r.errors + r.timeouts + whole.errors + whole.timeouts == 0;
+            let close = complete
+                && change.is_some_and(|c| {
+                    if task.metric.higher_is_better() {
+                        c >= -COMPRESSION_TOLERANCE
+                    } else {
+                        c <= COMPRESSION_TOLERANCE
+                    }
+                });
+            if close {
+                match lowest.iter_mut().find(|(w, _)| std::ptr::eq(*w, whole)) {
+                    Some(entry) if entry.1.prompting.and_then(|p| p.rate) > Some(rate) => {
+                        entry.1 = r
+                    }
+                    Some(_) => {}
+                    None => lowest.push((whole, r)),
+                }
+            }
+        }
+        for (whole, r) in lowest {
+            let _ = writeln!(
+                t,
+                "\n{} {} {} x{}: within {COMPRESSION_TOLERANCE} of the whole prompt's {} {} down to {} ({} prompt tokens per request against {}).",
+                r.model,
+                r.quant,
+                r.decoding,
+                r.concurrency.map_or_else(|| "-".into(), |c| c.to_string()),
+                task.metric.name(),
+                opt(whole.score.value, 3),
+                prompt(r),
+                opt(r.timing.and_then(|t| t.prompt_tokens), 1),
+                opt(whole.timing.and_then(|t| t.prompt_tokens), 1),
             );
         }
         t
@@ -276,7 +373,10 @@ impl Report {
         let key = |r: &Row| Key {
             model: r.model.clone(),
             storage: r.quant.clone(),
-            decoding: r.decoding.clone(),
+            decoding: match r.prompting {
+                Some(p) => format!("{}, {p}", r.decoding),
+                None => r.decoding.clone(),
+            },
         };
         let headings = ["model", "storage", "decoding"];
         let scatter = Scatter {
@@ -331,6 +431,7 @@ mod tests {
     use super::*;
     use crate::measure::Timing;
     use crate::metric::Score;
+    use crate::task::Prompting;
 
     fn row(model: &str, metric: Metric, value: f64, latency: f64) -> Row {
         Row {
@@ -359,8 +460,10 @@ mod tests {
                 requests_per_s: 1.0 / latency,
                 tokens_per_s: 8.0 / latency,
                 output_tokens: 80,
+                prompt_tokens: Some(100.0),
             }),
             cost: None,
+            prompting: None,
             answers: Vec::new(),
         }
     }
@@ -432,12 +535,41 @@ mod tests {
         );
         let md = r.markdown();
         assert!(
-            md.contains("| a | q8 | greedy | 1 | +0.500 | 1.50x | 0.67x |"),
+            md.contains("| a | q8 | greedy | 1 | +0.500 | 1.50x | 0.67x | as written |"),
             "{md}"
         );
         assert!(
             md.contains("| base | q8 | greedy | 1 | 0.250 | 10 | 0 | 0 | 10 | 20 | 5.0 | 0.20 |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn compressed_prompts_are_compared_with_the_whole_and_the_lowest_close_rate_named() {
+        let with = |rate: Option<f64>, value: f64, tokens: f64| {
+            let mut r = row(BASE, Metric::ExactMatch, value, 0.2);
+            r.prompting = Some(Prompting { shots: 4, rate });
+            if let Some(t) = r.timing.as_mut() {
+                t.prompt_tokens = Some(tokens);
+            }
+            r
+        };
+        let (r, _) = report(
+            Metric::ExactMatch,
+            vec![
+                with(None, 0.60, 120.0),
+                with(Some(0.8), 0.61, 96.0),
+                with(Some(0.5), 0.59, 60.0),
+                with(Some(0.3), 0.40, 36.0),
+            ],
+        );
+        let md = r.markdown();
+        for needle in [
+            "| base | q8 | greedy | 1 | 4-shot, compressed to 0.5 | 60.0 | 0.50 | 0.590 | -0.010 |",
+            "| base | q8 | greedy | 1 | 4-shot, compressed to 0.3 | 36.0 | 0.30 | 0.400 | -0.200 |",
+            "base q8 greedy x1: within 0.02 of the whole prompt's exact_match 0.600 down to 4-shot, compressed to 0.5 (60.0 prompt tokens per request against 120.0).",
+        ] {
+            assert!(md.contains(needle), "{needle:?} not in\n{md}");
+        }
     }
 }

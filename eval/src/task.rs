@@ -8,6 +8,7 @@
 //! data = "capitals.jsonl"              # relative to this file
 //! max_tokens = 16                      # optional: answer length (default 24)
 //! stop = ["\n"]                        # optional: stop strings (default one newline)
+//! train = "capitals-train.jsonl"       # optional: solved examples for `ft eval --shots`
 //! ```
 //!
 //! Lines of `data` are `{"prompt", "completion"}` for exact match, `{"prompt", "choices",
@@ -77,6 +78,26 @@ pub struct Item {
     pub expected: Expected,
 }
 
+/// How a task's prompts were built from its examples as written: solved examples before each
+/// one (few-shot), and the fraction of the prompt's tokens kept by compression.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prompting {
+    /// Solved examples before each prompt.
+    pub shots: usize,
+    /// The fraction of the prompt's tokens compression was asked to keep (`None`: whole).
+    pub rate: Option<f64>,
+}
+
+impl std::fmt::Display for Prompting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-shot", self.shots)?;
+        match self.rate {
+            Some(r) => write!(f, ", compressed to {r}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A task ready to run.
 #[derive(Debug, Clone)]
 pub struct EvalTask {
@@ -92,6 +113,28 @@ pub struct EvalTask {
     pub max_tokens: usize,
     /// Strings that end an answer.
     pub stop: Vec<String>,
+    /// Solved examples few-shot prompts draw from (never the held-out ones).
+    pub train: Vec<Item>,
+    /// How the prompts were built, when not as written.
+    pub prompting: Option<Prompting>,
+}
+
+impl Item {
+    /// The prompt followed by its right answer: a solved example for a few-shot prompt
+    /// (`None` for perplexity texts).
+    pub fn solved(&self) -> Option<String> {
+        let answer = match &self.expected {
+            Expected::Answer(a) => a.clone(),
+            Expected::Choice { choices, answer } => {
+                let choice = choices.get(*answer)?;
+                let gap = !self.prompt.ends_with(char::is_whitespace)
+                    && !choice.starts_with(char::is_whitespace);
+                format!("{}{choice}", if gap { " " } else { "" })
+            }
+            Expected::Text(_) => return None,
+        };
+        Some(format!("{}{answer}", self.prompt))
+    }
 }
 
 /// A task file as written.
@@ -105,6 +148,7 @@ struct TaskFile {
     data: PathBuf,
     max_tokens: Option<usize>,
     stop: Option<Vec<String>>,
+    train: Option<PathBuf>,
 }
 
 /// A JSONL line, before its metric says which fields it needs (others, such as an id, are
@@ -183,20 +227,24 @@ pub fn resolve(spec: &str, dirs: &[PathBuf]) -> Result<EvalTask, TaskError> {
 
 /// A bundled task: exact match over its committed held-out split, one line per answer.
 pub fn bundled(t: &tasks::Task) -> EvalTask {
-    EvalTask {
-        name: t.name.to_string(),
-        about: t.about.to_string(),
-        metric: Metric::ExactMatch,
-        items: t
-            .test_examples()
+    let items = |examples: Vec<tasks::Example>| {
+        examples
             .into_iter()
             .map(|e| Item {
                 prompt: e.prompt,
                 expected: Expected::Answer(e.completion),
             })
-            .collect(),
+            .collect()
+    };
+    EvalTask {
+        name: t.name.to_string(),
+        about: t.about.to_string(),
+        metric: Metric::ExactMatch,
+        items: items(t.test_examples()),
         max_tokens: DEFAULT_MAX_TOKENS,
         stop: vec!["\n".into()],
+        train: items(t.train_examples()),
+        prompting: None,
     }
 }
 
@@ -220,25 +268,18 @@ pub fn load(file: &Path) -> Result<EvalTask, TaskError> {
     if spec.max_tokens == Some(0) {
         return Err(at(&"max_tokens: must be at least 1"));
     }
-    let data = file
-        .parent()
-        .map_or_else(|| spec.data.clone(), |d| d.join(&spec.data));
-    let jsonl =
-        std::fs::read_to_string(&data).map_err(|e| at(&format!("data {}: {e}", data.display())))?;
-    let mut items = Vec::new();
-    for (i, raw) in jsonl.lines().enumerate() {
-        if raw.trim().is_empty() {
-            continue;
+    let relative = |p: &Path| file.parent().map_or_else(|| p.to_path_buf(), |d| d.join(p));
+    let items = examples(&relative(&spec.data), spec.metric, "data").map_err(|e| at(&e))?;
+    let train = match &spec.train {
+        Some(p) if spec.metric == Metric::Perplexity => {
+            return Err(at(&format!(
+                "train: {}: a perplexity task has no answers to show",
+                p.display()
+            )))
         }
-        let line_at = |e: &dyn std::fmt::Display| {
-            TaskError::Invalid(format!("{} line {}: {e}", data.display(), i + 1))
-        };
-        let line: Line = serde_json::from_str(raw).map_err(|e| line_at(&e))?;
-        items.push(item(spec.metric, line).map_err(|e| line_at(&e))?);
-    }
-    if items.is_empty() {
-        return Err(at(&format!("data {}: no examples", data.display())));
-    }
+        Some(p) => examples(&relative(p), spec.metric, "train").map_err(|e| at(&e))?,
+        None => Vec::new(),
+    };
     Ok(EvalTask {
         name: spec.name,
         about: spec.about,
@@ -246,7 +287,29 @@ pub fn load(file: &Path) -> Result<EvalTask, TaskError> {
         items,
         max_tokens: spec.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         stop: spec.stop.unwrap_or_else(|| vec!["\n".into()]),
+        train,
+        prompting: None,
     })
+}
+
+/// The examples of the JSONL file `path` (the task file's field `field`) under `metric`; an
+/// error names the field, the file and the line.
+fn examples(path: &Path, metric: Metric, field: &str) -> Result<Vec<Item>, String> {
+    let jsonl =
+        std::fs::read_to_string(path).map_err(|e| format!("{field} {}: {e}", path.display()))?;
+    let mut items = Vec::new();
+    for (i, raw) in jsonl.lines().enumerate() {
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let line_at = |e: &dyn std::fmt::Display| format!("{} line {}: {e}", path.display(), i + 1);
+        let line: Line = serde_json::from_str(raw).map_err(|e| line_at(&e))?;
+        items.push(item(metric, line).map_err(|e| line_at(&e))?);
+    }
+    if items.is_empty() {
+        return Err(format!("{field} {}: no examples", path.display()));
+    }
+    Ok(items)
 }
 
 /// The example a line holds under `metric`, or which field it lacks.

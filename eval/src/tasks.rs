@@ -103,11 +103,21 @@ impl Task {
 
     /// The held-out examples.
     pub fn test_examples(&self) -> Vec<Example> {
-        self.test
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        parse(self.test)
     }
+
+    /// The training examples (few-shot demonstrations are drawn from these).
+    pub fn train_examples(&self) -> Vec<Example> {
+        parse(self.train)
+    }
+}
+
+/// The examples of a committed JSONL split.
+fn parse(jsonl: &str) -> Vec<Example> {
+    jsonl
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// SplitMix64 (Steele et al. 2014): a tiny generator whose output never changes with crate

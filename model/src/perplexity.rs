@@ -1,6 +1,7 @@
 //! Perplexity under the reference protocol: tokenize the whole text with no BOS, cut it into
 //! non-overlapping windows of W tokens, run each window from an empty cache, score tokens
-//! 1..len-1 of each window; perplexity = exp(mean NLL).
+//! 1..len-1 of each window; perplexity = exp(mean NLL). The same windows give each token's
+//! log-probability ([`token_log_probs`]), the self-information prompt compression ranks by.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -46,14 +47,10 @@ pub fn perplexity_with_predictions<B: QuantBackend>(
         if chunk.len() < 2 {
             continue;
         }
-        let n = chunk.len();
-        let (top1, logp) = match &host {
-            Some(host) => host_window(host, chunk),
-            None => burn_window(model, chunk, device),
-        };
+        let (top1, logp) = window_scores(host.as_ref(), model, chunk, device);
         predictions.extend(top1);
-        nll -= logp;
-        scored += n - 1;
+        nll -= logp.iter().sum::<f64>();
+        scored += chunk.len() - 1;
     }
     let result = Perplexity {
         perplexity: (nll / scored.max(1) as f64).exp(),
@@ -61,6 +58,40 @@ pub fn perplexity_with_predictions<B: QuantBackend>(
         scored,
     };
     (result, predictions)
+}
+
+/// The log-probability of every token of `ids` given the tokens before it in its window of
+/// `window` tokens; `None` for each window's first token, which has no context.
+pub fn token_log_probs<B: QuantBackend>(
+    model: &LlamaForCausalLM<B>,
+    ids: &[u32],
+    window: usize,
+    device: &B::Device,
+) -> Vec<Option<f64>> {
+    let host = HostDecoder::new(model);
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(window.max(2)) {
+        out.push(None);
+        if chunk.len() >= 2 {
+            let (_, logp) = window_scores(host.as_ref(), model, chunk, device);
+            out.extend(logp.into_iter().map(Some));
+        }
+    }
+    out
+}
+
+/// One window's top-1 predictions and per-token log-likelihoods (tokens 1..), through the
+/// host forward where the model has one, else burn's.
+fn window_scores<B: QuantBackend>(
+    host: Option<&HostDecoder<B>>,
+    model: &LlamaForCausalLM<B>,
+    chunk: &[u32],
+    device: &B::Device,
+) -> (Vec<u32>, Vec<f64>) {
+    match host {
+        Some(host) => host_window(host, chunk),
+        None => burn_window(model, chunk, device),
+    }
 }
 
 /// The index of the largest logit and log softmax(logits)[target], max-shifted.
@@ -74,19 +105,19 @@ fn log_prob(logits: &[f32], target: usize) -> (usize, f64) {
     (top, (logits[target] - max) as f64 - total.ln())
 }
 
-/// Top-1 predictions and the summed log-likelihood of tokens 1.. of one window, through the
+/// Top-1 predictions and the log-likelihood of each of tokens 1.. of one window, through the
 /// host forward.
-fn host_window<B: QuantBackend>(host: &HostDecoder<B>, chunk: &[u32]) -> (Vec<u32>, f64) {
+fn host_window<B: QuantBackend>(host: &HostDecoder<B>, chunk: &[u32]) -> (Vec<u32>, Vec<f64>) {
     let logits = host.sequence_logits(chunk);
     let vocab = logits.len() / chunk.len();
-    let mut top1 = Vec::with_capacity(chunk.len() - 1);
-    let mut total = 0.0;
-    for (row, &target) in logits.chunks(vocab).zip(&chunk[1..]) {
-        let (top, logp) = log_prob(row, target as usize);
-        top1.push(top as u32);
-        total += logp;
-    }
-    (top1, total)
+    chunk[1..]
+        .iter()
+        .zip(logits.chunks(vocab))
+        .map(|(&target, row)| {
+            let (top, logp) = log_prob(row, target as usize);
+            (top as u32, logp)
+        })
+        .unzip()
 }
 
 /// [`host_window`] through burn's forward.
@@ -94,7 +125,7 @@ fn burn_window<B: QuantBackend>(
     model: &LlamaForCausalLM<B>,
     chunk: &[u32],
     device: &B::Device,
-) -> (Vec<u32>, f64) {
+) -> (Vec<u32>, Vec<f64>) {
     let n = chunk.len();
     let input: Vec<i64> = chunk.iter().map(|&t| t as i64).collect();
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [1, n]), device);
@@ -117,7 +148,7 @@ fn burn_window<B: QuantBackend>(
         .unwrap_or_default();
     (
         top1.into_iter().map(|t| t as u32).collect(),
-        values.iter().map(|&v| v as f64).sum(),
+        values.iter().map(|&v| v as f64).collect(),
     )
 }
 
@@ -140,9 +171,28 @@ mod tests {
         let (top_host, logp_host) = host_window(&host, &chunk);
         let (top_burn, logp_burn) = burn_window(&model, &chunk, &Default::default());
         assert_eq!(top_host, top_burn);
+        let (sum_host, sum_burn): (f64, f64) = (logp_host.iter().sum(), logp_burn.iter().sum());
         assert!(
-            (logp_host - logp_burn).abs() < 1e-3,
-            "{logp_host} vs {logp_burn}"
+            (sum_host - sum_burn).abs() < 1e-3,
+            "{sum_host} vs {sum_burn}"
+        );
+    }
+
+    #[test]
+    fn token_log_probs_are_the_perplexity_windows_token_by_token() {
+        let model = LlamaForCausalLM::<B>::init_seeded(&tiny_config(), 9, &Default::default());
+        let ids: Vec<u32> = (0..45).map(|i| (i * 53 % 250) as u32).collect();
+        let logp = token_log_probs(&model, &ids, 20, &Default::default());
+        assert_eq!(logp.len(), ids.len());
+        let firsts: Vec<usize> = (0..ids.len()).filter(|&i| logp[i].is_none()).collect();
+        assert_eq!(firsts, [0, 20, 40], "each window's first token is unscored");
+        let sum: f64 = logp.iter().flatten().sum();
+        let p = perplexity(&model, &ids, 20, &Default::default());
+        assert_eq!(p.scored, 42);
+        let expected = -(p.perplexity.ln()) * p.scored as f64;
+        assert!(
+            (sum - expected).abs() < 1e-6 * expected.abs().max(1.0),
+            "{sum} vs {expected}"
         );
     }
 }

@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use ft_adapters::registry::{parse_ref, validate_name};
 use ft_adapters::Registry;
+use ft_eval::compress::Compressor;
 use ft_eval::evaluation::{Adapter, Evaluation, Serving, Storage};
 use ft_eval::measure::Row;
+use ft_eval::prompting::variants;
 use ft_eval::report::BASE;
 use ft_eval::task::{self, EvalTask, Metric, TaskError};
 use ft_eval::EvalError;
@@ -82,6 +84,33 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
         }
         tasks.push(t);
     }
+    if let Some(r) = args.compress.iter().find(|r| !(**r > 0.0 && **r < 1.0)) {
+        return Err(usage(
+            "--compress",
+            "fractions of the prompt's tokens to keep, each in (0, 1)",
+            r,
+        ));
+    }
+    if !args.compress.is_empty() && args.shots == 0 {
+        return Err(UsageError(
+            "--compress: needs --shots N: the demonstrations are what is compressed, the \
+             instruction and question are kept"
+                .into(),
+        )
+        .into());
+    }
+    dedup(&mut args.compress);
+    let prompts = Prompts {
+        shots: args.shots as usize,
+        rates: args.compress.clone(),
+        compressor: (!args.compress.is_empty()).then(|| BaseModelArgs {
+            model: args
+                .compress_model
+                .clone()
+                .unwrap_or_else(|| args.model.clone()),
+            ..base_model(&args, None, None, false)
+        }),
+    };
     if let Some(p) = args
         .price_per_hour
         .filter(|p| !(p.is_finite() && *p >= 0.0))
@@ -122,6 +151,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
         args.device,
         EvalJob {
             evaluation,
+            prompts,
             out: args.out,
         },
     )
@@ -262,16 +292,45 @@ fn adapters(args: &EvalArgs) -> anyhow::Result<Vec<Adapter>> {
     Ok(out)
 }
 
+/// How prompts are built: `shots` demonstrations, compressed to each of `rates` by the
+/// `compressor` model.
+struct Prompts {
+    shots: usize,
+    rates: Vec<f64>,
+    compressor: Option<BaseModelArgs>,
+}
+
 /// A checked `ft eval` and its report folder.
 struct EvalJob {
     evaluation: Evaluation<BaseModelArgs>,
+    prompts: Prompts,
     out: PathBuf,
 }
 
 impl Job for EvalJob {
     type Output = ();
 
-    fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: QuantBackend>(mut self, device: B::Device) -> anyhow::Result<()> {
+        if self.prompts.shots > 0 {
+            let model = match &self.prompts.compressor {
+                Some(m) => Some(m.load::<B>(&device).context("--compress-model")?),
+                None => None,
+            };
+            let compressor = model.as_ref().map(|m| Compressor::of(m, &device));
+            let mut tasks = Vec::new();
+            for t in &self.evaluation.tasks {
+                tasks.extend(
+                    variants(
+                        t,
+                        self.prompts.shots,
+                        &self.prompts.rates,
+                        compressor.as_ref(),
+                    )
+                    .map_err(cli_error)?,
+                );
+            }
+            self.evaluation.tasks = tasks;
+        }
         let report = self
             .evaluation
             .run(
@@ -306,13 +365,15 @@ fn cli_error(e: EvalError) -> anyhow::Error {
 /// One line per row on stderr while the evaluation runs.
 fn progress(row: &Row) {
     eprintln!(
-        "ft eval: {} {} {} {} x{}: {} {} of {} answered{}{}",
+        "ft eval: {} {} {} {} x{}{}: {} {} of {} answered{}{}",
         row.task,
         row.model,
         row.quant,
         row.decoding,
         row.concurrency
             .map_or_else(|| "-".into(), |c| c.to_string()),
+        row.prompting
+            .map_or_else(String::new, |p| format!(" ({p})")),
         row.metric.name(),
         row.score
             .value

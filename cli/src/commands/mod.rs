@@ -6,6 +6,7 @@ mod bench_cache;
 mod bench_distill;
 mod bench_train;
 mod bench_train_peft;
+mod compress;
 mod data;
 mod eval;
 mod generate;
@@ -31,6 +32,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Perplexity(args) => perplexity::run(args),
+        Command::Compress(args) => compress::run(args),
         Command::Bench(BenchCommand::Generate(args)) => bench::generate(args),
         Command::Bench(BenchCommand::Train(args)) => bench_train::run(args),
         Command::Bench(BenchCommand::Distill(args)) => bench_distill::run(args),

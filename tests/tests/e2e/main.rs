@@ -4,6 +4,7 @@ mod adapters;
 mod bad_input;
 mod bench_train;
 mod cache;
+mod compress;
 mod data_files;
 mod distill;
 mod eval;

@@ -1,0 +1,172 @@
+//! How prompts are built from a task's examples when not as written: few-shot, as
+//! lm-evaluation-harness's `num_fewshot` does (solved examples from the training split before
+//! each held-out prompt), and those demonstrations compressed ([`crate::compress`]). One
+//! seeded draw of demonstrations serves every example of a run, so they are one shared
+//! context: compression shortens it once, and a server's prefix cache can reuse it.
+
+use std::ops::Range;
+
+use ft_model::QuantBackend;
+
+use crate::compress::{Compressor, Parts, SEPARATOR};
+use crate::error::EvalError;
+use crate::task::{EvalTask, Metric, Prompting};
+use crate::tasks::SplitMix64;
+
+/// The seed of the demonstrations' draw: the same examples in every run.
+pub const SEED: u64 = 0x5407;
+
+/// `shots` solved examples of `task`'s training split, drawn with [`SEED`], joined as a
+/// few-shot context, and the byte ranges of their answers in it.
+pub fn demonstrations(
+    task: &EvalTask,
+    shots: usize,
+) -> Result<(String, Vec<Range<usize>>), EvalError> {
+    let solved: Vec<(String, usize)> = task
+        .train
+        .iter()
+        .filter_map(|i| Some((i.solved()?, i.prompt.len())))
+        .collect();
+    if solved.len() < shots {
+        return Err(EvalError::Shots {
+            task: task.name.clone(),
+            shots,
+            have: solved.len(),
+        });
+    }
+    // The first `shots` places of a seeded Fisher-Yates shuffle.
+    let mut order: Vec<usize> = (0..solved.len()).collect();
+    let mut rng = SplitMix64(SEED);
+    for i in 0..shots {
+        let j = i + rng.below(order.len() - i);
+        order.swap(i, j);
+    }
+    let mut context = String::new();
+    let mut answers = Vec::with_capacity(shots);
+    for &i in &order[..shots] {
+        if !context.is_empty() {
+            context.push_str(SEPARATOR);
+        }
+        let (text, prompt_len) = &solved[i];
+        answers.push(context.len() + prompt_len..context.len() + text.len());
+        context.push_str(text);
+    }
+    Ok((context, answers))
+}
+
+/// The prompt variants of `task` to measure: with `shots` demonstrations before each prompt,
+/// whole and then with the demonstrations compressed to each of `rates` of their tokens by
+/// `compressor` (each example's own prompt is kept whole). A task without prompts to
+/// build on (perplexity), or `shots` 0, comes back as written.
+pub fn variants<B: QuantBackend>(
+    task: &EvalTask,
+    shots: usize,
+    rates: &[f64],
+    compressor: Option<&Compressor<'_, B>>,
+) -> Result<Vec<EvalTask>, EvalError> {
+    let mut out = vec![few_shot(task, shots)?];
+    if shots == 0 || task.metric == Metric::Perplexity {
+        return Ok(out);
+    }
+    let (context, answers) = demonstrations(task, shots)?;
+    for &rate in rates {
+        let Some(compressor) = compressor else { break };
+        // A demonstration is shown with its answer or not at all.
+        let parts = Parts {
+            instruction: "",
+            context: &context,
+            pinned: &answers,
+            question: "",
+        };
+        let compressed = compressor.compress(parts, rate)?;
+        tracing::info!(
+            task = %task.name, rate, before = compressed.tokens_before,
+            after = compressed.tokens_after, "demonstrations compressed"
+        );
+        out.push(with_context(task, &compressed.context, shots, Some(rate)));
+    }
+    Ok(out)
+}
+
+/// `task` with `shots` demonstrations before each prompt; as written for `shots` 0 or a task
+/// without prompts to build on (perplexity).
+pub fn few_shot(task: &EvalTask, shots: usize) -> Result<EvalTask, EvalError> {
+    if shots == 0 || task.metric == Metric::Perplexity {
+        return Ok(task.clone());
+    }
+    let (context, _) = demonstrations(task, shots)?;
+    Ok(with_context(task, &context, shots, None))
+}
+
+/// `task` with `context` before each prompt.
+fn with_context(task: &EvalTask, context: &str, shots: usize, rate: Option<f64>) -> EvalTask {
+    let mut t = task.clone();
+    for item in &mut t.items {
+        item.prompt = Parts {
+            instruction: "",
+            context,
+            pinned: &[],
+            question: &item.prompt,
+        }
+        .join();
+    }
+    t.prompting = Some(Prompting { shots, rate });
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::{self, Expected};
+
+    #[test]
+    fn demonstrations_are_solved_training_examples_drawn_the_same_every_time() {
+        let task = task::resolve("dates", &[]).unwrap();
+        let (context, answers) = demonstrations(&task, 3).unwrap();
+        assert_eq!(demonstrations(&task, 3).unwrap().0, context);
+        let shown: Vec<&str> = context.split(SEPARATOR).collect();
+        assert_eq!(shown.len(), 3);
+        for (s, a) in shown.iter().zip(&answers) {
+            assert!(
+                s.ends_with(&context[a.clone()]),
+                "{s:?} ends with its answer"
+            );
+            assert!(
+                context[a.clone()].starts_with(' '),
+                "the completion, as written"
+            );
+        }
+        for s in shown {
+            let item = task
+                .train
+                .iter()
+                .find(|i| s.starts_with(&i.prompt))
+                .expect("a training prompt");
+            let Expected::Answer(a) = &item.expected else {
+                panic!("exact match")
+            };
+            assert_eq!(s, format!("{}{a}", item.prompt), "solved");
+            assert!(
+                task.items.iter().all(|t| t.prompt != item.prompt),
+                "never a held-out example"
+            );
+        }
+        let few = variants::<burn::backend::NdArray>(&task, 3, &[], None).unwrap();
+        assert_eq!(few.len(), 1);
+        assert_eq!(
+            few[0].items[0].prompt,
+            format!("{context}{SEPARATOR}{}", task.items[0].prompt)
+        );
+        assert_eq!(
+            few[0].prompting,
+            Some(Prompting {
+                shots: 3,
+                rate: None
+            })
+        );
+        let mut none = task.clone();
+        none.train.clear();
+        let err = demonstrations(&none, 2).unwrap_err().to_string();
+        assert!(err.contains("--shots 2: task dates has 0"), "{err}");
+    }
+}
