@@ -50,6 +50,9 @@ pub enum Command {
     Scaling(ScalingCommand),
     /// Score a model (with an adapter) on bundled tasks by exact match.
     Eval(EvalArgs),
+    /// FrugalGPT cascades: fit the stages and thresholds to a budget, measure the curve.
+    #[command(subcommand)]
+    Cascade(CascadeCommand),
     /// Bundled data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -788,6 +791,85 @@ pub struct PerplexityArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `ft cascade ...`.
+#[derive(Debug, Subcommand)]
+pub enum CascadeCommand {
+    /// Answer a task's development split with every stage, fit each stage's scorer and the
+    /// stages and thresholds of highest accuracy within the budget; write the fitted cascade.
+    Fit(CascadeFitArgs),
+    /// Measure a fitted cascade on the task's held-out split at every budget, each stage
+    /// alone beside it: a table and a plot of accuracy against cost.
+    Eval(CascadeEvalArgs),
+}
+
+/// What every cascade command shares: where the stages' base and adapters come from.
+#[derive(Debug, Args)]
+pub struct CascadeModelArgs {
+    /// The base model every stage answers with (default: the one the cascade was fitted
+    /// with, else the default model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// cpu, or cuda[:N] in a build with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// The adapter registry the stages' `adapter` names resolve in.
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
+    /// A folder whose `*.toml` task files are registered by name (repeatable).
+    #[arg(long = "task-dir")]
+    pub task_dirs: Vec<PathBuf>,
+    /// The machine's price in USD per hour: a stage without a `price` costs its machine
+    /// time at it.
+    #[arg(long)]
+    pub price_per_hour: Option<f64>,
+    /// Seconds a request may take before it counts as failed.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+}
+
+/// `ft cascade fit`.
+#[derive(Debug, Args)]
+pub struct CascadeFitArgs {
+    /// The cascade file (`[[stage]]` tables, cheapest first).
+    pub cascade: PathBuf,
+    /// The task: a registered name or a task TOML file.
+    #[arg(long)]
+    pub task: String,
+    /// Mean cost per request the cascade may spend: USD per 1,000 requests, or N% of what
+    /// the most accurate stage costs on the development split.
+    #[arg(long)]
+    pub budget: String,
+    /// Examples of the development split.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=5000))]
+    pub dev_size: u64,
+    /// The fitted cascade; its development answers go beside it (`.dev.json`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The model, registry and prices.
+    #[command(flatten)]
+    pub common: CascadeModelArgs,
+}
+
+/// `ft cascade eval`.
+#[derive(Debug, Args)]
+pub struct CascadeEvalArgs {
+    /// The fitted cascade (`ft cascade fit --out`).
+    pub cascade: PathBuf,
+    /// Budgets, USD per 1,000 requests, comma-separated (default: 13 from the cheapest
+    /// stage's cost to all stages' together, and each stage's own).
+    #[arg(long, value_delimiter = ',')]
+    pub budgets: Vec<f64>,
+    /// Only the first N held-out examples.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+    /// The report folder: curve.md, curve.json and the plot.
+    #[arg(long, default_value = "cascade-report")]
+    pub out: PathBuf,
+    /// The model, registry and prices.
+    #[command(flatten)]
+    pub common: CascadeModelArgs,
 }
 
 /// `ft compress`.

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::cascade::features::{parse as parse_logprobs, TokenScore};
+
 /// Why a request got no answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ClientError {
@@ -46,6 +48,8 @@ pub struct Streamed {
     pub cache: Option<String>,
     /// Prompt tokens, as the server's usage counted them.
     pub prompt_tokens: Option<usize>,
+    /// Each generated token's log-probabilities, when the request asked for `logprobs`.
+    pub logprobs: Vec<TokenScore>,
 }
 
 /// How a client reads a stream: at full speed, slowly, or hanging up part way.
@@ -146,6 +150,7 @@ impl Client {
         let mut chunks = 0;
         let mut usage = None;
         let mut prompt_tokens = None;
+        let mut logprobs = Vec::new();
         let mut done = false;
         let mut events = 0;
         for line in BufReader::new(resp.into_reader()).lines() {
@@ -186,6 +191,7 @@ impl Client {
             if let Some(reason) = choice["finish_reason"].as_str() {
                 finish_reason = Some(reason.to_string());
             }
+            logprobs.extend(parse_logprobs(&choice["logprobs"]));
             let piece = choice["text"].as_str().unwrap_or("");
             if !piece.is_empty() {
                 text.push_str(piece);
@@ -215,6 +221,7 @@ impl Client {
             latency: start.elapsed().as_secs_f64(),
             cache,
             prompt_tokens,
+            logprobs,
         }))
     }
 

@@ -100,6 +100,25 @@ pub enum EvalError {
         /// Its tokens.
         tokens: usize,
     },
+    /// No cascade fits the budget.
+    #[error(
+        "--budget: {budget_per_k} USD per 1,000 requests is below the cheapest stage's \
+         {cheapest_per_k:.6} on the development split"
+    )]
+    Budget {
+        /// The budget, USD per 1,000 requests.
+        budget_per_k: f64,
+        /// The cheapest stage's mean cost, USD per 1,000 requests.
+        cheapest_per_k: f64,
+    },
+    /// A cascade file is wrong; the message names the field.
+    #[error("{}: {message}", path.display())]
+    Cascade {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// Few-shot prompts asked of a task without enough solved examples.
     #[error(
         "--shots {shots}: task {task} has {have} solved example(s) to draw from{}",
@@ -189,6 +208,8 @@ impl EvalError {
                 | Self::PerplexityNeedsModel { .. }
                 | Self::TooShort { .. }
                 | Self::Shots { .. }
+                | Self::Cascade { .. }
+                | Self::Budget { .. }
         )
     }
 }

@@ -246,46 +246,7 @@ impl<S> Evaluation<S> {
     /// Our engine over the base `p` with every adapter registered, serving on a free local
     /// port.
     fn start_server<B: QuantBackend>(&self, p: Pretrained<B>) -> Result<Background, EvalError> {
-        let block_size = 16;
-        let config = EngineConfig {
-            block_size,
-            kv_blocks: KV_TOKENS / block_size,
-            max_batch_tokens: 512,
-            max_running: 64,
-            max_waiting: 100_000,
-            // Every setting sends the same prompts again: a prefix cache would time the later
-            // ones on cached prompts.
-            prefix_cache: false,
-            max_adapters: self.adapters.len().max(1),
-        };
-        let detokenizer = p.tokenizer.clone();
-        let mut engine = Engine::new(
-            p.model,
-            Box::new(move |ids: &[u32]| detokenizer.decode(ids).unwrap_or_default()),
-            config,
-        );
-        for a in &self.adapters {
-            if let Some(dir) = &a.dir {
-                engine
-                    .register_adapter(&a.name, dir.clone())
-                    .map_err(|e| EvalError::adapter(&a.name, dir, e))?;
-            }
-        }
-        let listener =
-            TcpListener::bind(("127.0.0.1", 0)).map_err(|source| EvalError::InProcess {
-                doing: "binding a local port",
-                source,
-            })?;
-        let config = ServerConfig {
-            model_id: BASE.into(),
-            ..Default::default()
-        };
-        Background::start(engine, p.tokenizer, p.chat_template, config, listener).map_err(
-            |source| EvalError::InProcess {
-                doing: "starting the in-process server",
-                source,
-            },
-        )
+        serve_in_process(p, &self.adapters)
     }
 
     /// Perplexity of the base and each adapter over the texts of `tasks` (each text scored in
@@ -395,4 +356,52 @@ impl<S> Evaluation<S> {
         }
         Ok(())
     }
+}
+
+/// Our engine over the base `p` with `adapters` registered, behind its HTTP server on a free
+/// local port, prefix cache off (a run sends the same prompts again in each setting, and a
+/// prefix cache would time the later ones on cached prompts).
+pub(crate) fn serve_in_process<B: QuantBackend>(
+    p: Pretrained<B>,
+    adapters: &[Adapter],
+) -> Result<Background, EvalError> {
+    let block_size = 16;
+    let config = EngineConfig {
+        block_size,
+        kv_blocks: KV_TOKENS / block_size,
+        max_batch_tokens: 512,
+        max_running: 64,
+        max_waiting: 100_000,
+        // Every setting sends the same prompts again: a prefix cache would time the later
+        // ones on cached prompts.
+        prefix_cache: false,
+        max_adapters: adapters.len().max(1),
+    };
+    let detokenizer = p.tokenizer.clone();
+    let mut engine = Engine::new(
+        p.model,
+        Box::new(move |ids: &[u32]| detokenizer.decode(ids).unwrap_or_default()),
+        config,
+    );
+    for a in adapters {
+        if let Some(dir) = &a.dir {
+            engine
+                .register_adapter(&a.name, dir.clone())
+                .map_err(|e| EvalError::adapter(&a.name, dir, e))?;
+        }
+    }
+    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|source| EvalError::InProcess {
+        doing: "binding a local port",
+        source,
+    })?;
+    let config = ServerConfig {
+        model_id: BASE.into(),
+        ..Default::default()
+    };
+    Background::start(engine, p.tokenizer, p.chat_template, config, listener).map_err(|source| {
+        EvalError::InProcess {
+            doing: "starting the in-process server",
+            source,
+        }
+    })
 }

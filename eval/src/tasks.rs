@@ -77,28 +77,48 @@ pub struct Example {
 impl Task {
     /// Regenerates the splits from the task's seed: `(train, test)` as JSONL text.
     pub fn generate(&self) -> (String, String) {
+        let (train, test, _) = self.draw(0);
+        let lines = |examples: Vec<Example>| {
+            examples
+                .iter()
+                .map(|e| serde_json::to_string(e).unwrap_or_default() + "\n")
+                .collect()
+        };
+        (lines(train), lines(test))
+    }
+
+    /// `n` more examples drawn after the committed splits from the same generator: in
+    /// neither of them, so neither the held-out score nor an adapter trained on the training
+    /// split sees them (a development split, to fit on). Fewer where the task's prompts run
+    /// out.
+    pub fn dev_examples(&self, n: usize) -> Vec<Example> {
+        self.draw(n).2
+    }
+
+    /// The training, held-out and `dev` further examples, each prompt new.
+    fn draw(&self, dev: usize) -> (Vec<Example>, Vec<Example>, Vec<Example>) {
         let seed = self
             .name
             .bytes()
             .fold(0x5EED_u64, |h, b| h.wrapping_mul(31) ^ b as u64);
         let mut rng = SplitMix64(seed);
         let mut seen = HashSet::new();
+        // A generator whose prompts run out gives fewer than asked, never a hang.
         let mut draw = |n: usize| {
-            let mut out = String::new();
-            let mut count = 0;
-            while count < n {
+            let mut out = Vec::with_capacity(n);
+            let mut tries = 0;
+            while out.len() < n && tries < 100 * n {
+                tries += 1;
                 let e = (self.generate)(&mut rng);
                 if seen.insert(e.prompt.clone()) {
-                    out.push_str(&serde_json::to_string(&e).unwrap_or_default());
-                    out.push('\n');
-                    count += 1;
+                    out.push(e);
                 }
             }
             out
         };
         let test = draw(TEST);
         let train = draw(TRAIN);
-        (train, test)
+        (train, test, draw(dev))
     }
 
     /// The held-out examples.
@@ -237,6 +257,26 @@ fn sort(rng: &mut SplitMix64) -> Example {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dev_examples_are_new_and_the_same_every_time() {
+        for task in TASKS {
+            let dev = task.dev_examples(300);
+            assert_eq!(dev.len(), 300, "{}", task.name);
+            assert_eq!(dev, task.dev_examples(300));
+            let committed: HashSet<String> = task
+                .train_examples()
+                .into_iter()
+                .chain(task.test_examples())
+                .map(|e| e.prompt)
+                .collect();
+            assert!(
+                dev.iter().all(|e| !committed.contains(&e.prompt)),
+                "{}",
+                task.name
+            );
+        }
+    }
 
     #[test]
     fn committed_data_is_what_the_generators_make() {

@@ -19,6 +19,7 @@ use ft_model::{QuantBackend, QuantFormat};
 use ft_serve::server::registry_adapter;
 
 use crate::args::{BaseModelArgs, EvalArgs, InferenceWeights};
+use crate::device::DeviceSpec;
 use crate::device::{dispatch, Job};
 use crate::error::{usage, UsageError};
 
@@ -193,12 +194,30 @@ fn default_storage(args: &EvalArgs) -> anyhow::Result<Storage<BaseModelArgs>> {
 /// A `--quant` entry: an inference-kernel storage (f32, bf16, q8, q4) or any storage format,
 /// a 4-bit one optionally double-quantized (`nf4+dq`).
 fn storage(args: &EvalArgs, s: &str) -> anyhow::Result<Storage<BaseModelArgs>> {
+    Ok(Storage {
+        label: s.into(),
+        spec: stored_as(&args.model, args.device, s, "--quant")?,
+    })
+}
+
+/// `model` on `device` with its block linears stored as `s` says (as `ft eval --quant`
+/// names storages); an unknown name is a usage error of `flag`.
+pub(crate) fn stored_as(
+    model: &str,
+    device: DeviceSpec,
+    s: &str,
+    flag: &str,
+) -> anyhow::Result<BaseModelArgs> {
     use clap::ValueEnum;
+    let base = |weights, quant, double_quant| BaseModelArgs {
+        model: model.to_string(),
+        device,
+        quant,
+        weights,
+        double_quant,
+    };
     if let Ok(w) = InferenceWeights::from_str(s, false) {
-        return Ok(Storage {
-            label: s.into(),
-            spec: base_model(args, Some(w), None, false),
-        });
+        return Ok(base(Some(w), None, false));
     }
     let (name, double_quant) = match s.strip_suffix("+dq") {
         Some(name) => (name, true),
@@ -210,16 +229,13 @@ fn storage(args: &EvalArgs, s: &str) -> anyhow::Result<Storage<BaseModelArgs>> {
         .filter(|f| !double_quant || matches!(f, QuantFormat::Nf4 | QuantFormat::Fp4))
         .ok_or_else(|| {
             usage(
-                "--quant",
+                flag,
                 "f32, bf16, q8, q4 or a storage format (nf4, fp4, nf4+dq, fp4+dq, int8, \
                  int8-block, q8_0, q4_0, q4_1)",
                 s,
             )
         })?;
-    Ok(Storage {
-        label: s.into(),
-        spec: base_model(args, None, Some(format), double_quant),
-    })
+    Ok(base(None, Some(format), double_quant))
 }
 
 /// The adapters of `--adapters`, resolved.

@@ -6,6 +6,7 @@ mod bench_cache;
 mod bench_distill;
 mod bench_train;
 mod bench_train_peft;
+mod cascade;
 mod compress;
 mod data;
 mod eval;
@@ -22,8 +23,8 @@ mod tokenize;
 mod train;
 
 use crate::args::{
-    AdaptersCommand, BenchCommand, Command, DataCommand, QuantCommand, RecipeCommand,
-    ScalingCommand,
+    AdaptersCommand, BenchCommand, CascadeCommand, Command, DataCommand, QuantCommand,
+    RecipeCommand, ScalingCommand,
 };
 
 /// Runs one parsed command.
@@ -51,6 +52,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Scaling(ScalingCommand::Plan(args)) => scaling::plan(args),
         Command::Scaling(ScalingCommand::Sweep(args)) => scaling::sweep(args),
         Command::Eval(args) => eval::run(args),
+        Command::Cascade(CascadeCommand::Fit(args)) => cascade::fit(args),
+        Command::Cascade(CascadeCommand::Eval(args)) => cascade::eval(args),
         Command::Data(DataCommand::Tasks(args)) => data::tasks(args),
         Command::Adapters(AdaptersCommand::Add(args)) => adapters::add(args),
         Command::Adapters(AdaptersCommand::List(args)) => adapters::list(args),

@@ -4,6 +4,7 @@ mod adapters;
 mod bad_input;
 mod bench_train;
 mod cache;
+mod cascade;
 mod compress;
 mod data_files;
 mod distill;

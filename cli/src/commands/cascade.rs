@@ -1,0 +1,317 @@
+//! `ft cascade fit` and `ft cascade eval`: a cascade's stages answer a task's development
+//! split, the fit writes the stages and thresholds of highest accuracy within the budget, and
+//! the evaluation draws held-out accuracy against cost at every budget.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use ft_adapters::registry::parse_ref;
+use ft_eval::cascade::collect::{collect, StageOutcomes};
+use ft_eval::cascade::config::Cascade;
+use ft_eval::cascade::{dev_split, plan};
+use ft_eval::task::{self, EvalTask, TaskError};
+use ft_eval::EvalError;
+use ft_model::source::DEFAULT_MODEL;
+use ft_model::QuantBackend;
+use ft_serve::server::registry_adapter;
+
+use crate::args::{BaseModelArgs, CascadeEvalArgs, CascadeFitArgs, CascadeModelArgs};
+use crate::commands::eval::stored_as;
+use crate::device::{dispatch, Job};
+use crate::error::{usage, UsageError};
+
+/// An error of the library, a usage error (exit 2) where a flag or file is at fault.
+fn cli_error(e: EvalError) -> anyhow::Error {
+    if e.is_usage() {
+        UsageError(e.to_string()).into()
+    } else {
+        e.into()
+    }
+}
+
+/// The task `spec` names, its errors as usage errors.
+fn resolve_task(spec: &str, dirs: &[PathBuf]) -> anyhow::Result<EvalTask> {
+    task::resolve(spec, dirs).map_err(|e| match e {
+        TaskError::Unknown { .. } => UsageError(format!("--task: {e}")).into(),
+        TaskError::Invalid(m) => UsageError(m).into(),
+    })
+}
+
+/// Each stage's adapter folder: a PEFT folder as given, else a registry reference.
+fn adapter_dirs(
+    cascade: &Cascade,
+    file: &Path,
+    registry: Option<&Path>,
+) -> anyhow::Result<Vec<Option<PathBuf>>> {
+    cascade
+        .stages
+        .iter()
+        .map(|s| {
+            let Some(spec) = &s.adapter else {
+                return Ok(None);
+            };
+            let bad = |why: String| UsageError(format!("{}: stage {}: adapter: {why}", file.display(), s.name));
+            let dir = PathBuf::from(spec);
+            if dir.join("adapter_config.json").is_file() {
+                return Ok(Some(dir));
+            }
+            let Some(root) = registry else {
+                return Err(bad(format!(
+                    "{spec} is neither a PEFT adapter folder nor, without --registry, a registry name"
+                ))
+                .into());
+            };
+            parse_ref(spec).map_err(|e| bad(e.to_string()))?;
+            registry_adapter(root, spec)
+                .map(Some)
+                .map_err(|e| bad(e.to_string()).into())
+        })
+        .collect()
+}
+
+/// Checks the flags every cascade command shares against `cascade`.
+fn check_prices(cascade: &Cascade, file: &Path, common: &CascadeModelArgs) -> anyhow::Result<()> {
+    if let Some(p) = common
+        .price_per_hour
+        .filter(|p| !(p.is_finite() && *p >= 0.0))
+    {
+        return Err(usage("--price-per-hour", "a price of 0 or more", p));
+    }
+    if common.price_per_hour.is_none() {
+        if let Some(s) = cascade.stages.iter().find(|s| s.price.is_none()) {
+            return Err(UsageError(format!(
+                "{}: stage {} has no price: give it `price = {{ input = .., output = .. }}` \
+                 (USD per 1M tokens) or pass --price-per-hour to price its machine time",
+                file.display(),
+                s.name
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Where `ft cascade fit` leaves the development answers of the cascade it writes to `out`.
+fn dev_file(out: &Path) -> PathBuf {
+    out.with_extension("dev.json")
+}
+
+/// The stages' answers to `task`, each stage's base loaded in its storage.
+struct Collect {
+    cascade: Cascade,
+    adapters: Vec<Option<PathBuf>>,
+    task: EvalTask,
+    model: String,
+    common: CascadeModelArgs,
+}
+
+impl Job for Collect {
+    type Output = Vec<StageOutcomes>;
+
+    fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<Self::Output> {
+        let (model, device_spec) = (self.model.clone(), self.common.device);
+        let load = |quant: Option<&str>| -> anyhow::Result<_> {
+            let base = match quant {
+                Some(q) => stored_as(&model, device_spec, q, "stage quant")?,
+                None => BaseModelArgs {
+                    model: model.clone(),
+                    device: device_spec,
+                    quant: None,
+                    weights: None,
+                    double_quant: false,
+                },
+            };
+            base.load::<B>(&device)
+        };
+        collect(
+            &self.cascade,
+            &self.adapters,
+            &self.task,
+            self.common.price_per_hour,
+            Duration::from_secs(self.common.timeout),
+            |q| {
+                load(q)
+                    .map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(format!("{e:#}")))
+            },
+            |s| {
+                eprintln!(
+                    "ft cascade: {} on {} examples: accuracy {:.3}, {:.4} USD / 1k requests",
+                    s.stage,
+                    s.outcomes.len(),
+                    s.accuracy(),
+                    s.mean_cost() * 1e3
+                )
+            },
+        )
+        .map_err(cli_error)
+    }
+}
+
+/// Every stage's answers to `task`'s examples with the base `model` on `common.device`.
+fn answers(
+    cascade: &Cascade,
+    file: &Path,
+    task: EvalTask,
+    model: String,
+    common: CascadeModelArgs,
+) -> anyhow::Result<Vec<StageOutcomes>> {
+    let adapters = adapter_dirs(cascade, file, common.registry.as_deref())?;
+    dispatch(
+        common.device,
+        Collect {
+            cascade: cascade.clone(),
+            adapters,
+            task,
+            model,
+            common,
+        },
+    )
+}
+
+/// Runs `ft cascade fit`.
+pub fn fit(args: CascadeFitArgs) -> anyhow::Result<()> {
+    let cascade = Cascade::read(&args.cascade).map_err(cli_error)?;
+    check_prices(&cascade, &args.cascade, &args.common)?;
+    let budget = parse_budget(&args.budget)?;
+    let task = resolve_task(&args.task, &args.common.task_dirs)?;
+    let dev = dev_split(&task, args.dev_size as usize).map_err(cli_error)?;
+    let model = args
+        .common
+        .model
+        .clone()
+        .unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let outcomes = answers(&cascade, &args.cascade, dev, model.clone(), args.common)?;
+    let budget = match budget {
+        Budget::PerK(usd) => usd / 1e3,
+        Budget::ShareOfBest(share) => {
+            let best = outcomes
+                .iter()
+                .min_by(|a, b| {
+                    b.accuracy()
+                        .total_cmp(&a.accuracy())
+                        .then(a.mean_cost().total_cmp(&b.mean_cost()))
+                })
+                .map_or(0.0, StageOutcomes::mean_cost);
+            best * share
+        }
+    };
+    let fitted = plan::fit(&cascade, &model, &task.name, &outcomes, budget).map_err(cli_error)?;
+    fitted.write(&args.out).map_err(cli_error)?;
+    let dev_path = dev_file(&args.out);
+    ft_adapters::atomic::write_atomic(&dev_path, serde_json::to_string(&outcomes)?.as_bytes())
+        .with_context(|| format!("writing {}", dev_path.display()))?;
+    if let Some(f) = &fitted.fit {
+        println!(
+            "fitted {} on {} development examples of {}: {} at {:.4} USD / 1k requests \
+             (budget {:.4}), accuracy {:.3}",
+            args.cascade.display(),
+            f.dev_examples,
+            f.task,
+            f.chain.join(" > "),
+            f.dev_cost_per_k,
+            f.budget_per_k,
+            f.dev_accuracy
+        );
+    }
+    eprintln!(
+        "ft cascade: wrote {} and {}",
+        args.out.display(),
+        dev_path.display()
+    );
+    Ok(())
+}
+
+/// Runs `ft cascade eval`.
+pub fn eval(args: CascadeEvalArgs) -> anyhow::Result<()> {
+    let cascade = Cascade::read(&args.cascade).map_err(cli_error)?;
+    let Some(fit) = cascade.fit.clone() else {
+        return Err(UsageError(format!(
+            "{}: not fitted: run `ft cascade fit` first",
+            args.cascade.display()
+        ))
+        .into());
+    };
+    check_prices(&cascade, &args.cascade, &args.common)?;
+    if let Some(b) = args.budgets.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
+        return Err(usage(
+            "--budgets",
+            "USD per 1,000 requests, each above 0",
+            b,
+        ));
+    }
+    let dev_path = dev_file(&args.cascade);
+    let dev: Vec<StageOutcomes> = serde_json::from_str(
+        &std::fs::read_to_string(&dev_path)
+            .with_context(|| format!("{} (written by `ft cascade fit`)", dev_path.display()))?,
+    )
+    .with_context(|| format!("{}", dev_path.display()))?;
+    if dev.len() != cascade.stages.len() {
+        return Err(UsageError(format!(
+            "{}: answers of {} stages, the cascade has {}: fit it again",
+            dev_path.display(),
+            dev.len(),
+            cascade.stages.len()
+        ))
+        .into());
+    }
+    let mut task = resolve_task(&fit.task, &args.common.task_dirs)?;
+    if let Some(n) = args.limit {
+        task.items.truncate(n as usize);
+    }
+    let model = args
+        .common
+        .model
+        .clone()
+        .unwrap_or_else(|| fit.model.clone());
+    let test = answers(&cascade, &args.cascade, task, model, args.common)?;
+    let budgets = if args.budgets.is_empty() {
+        plan::budgets(&dev)
+    } else {
+        args.budgets.iter().map(|b| b / 1e3).collect()
+    };
+    let curve = plan::curve(&cascade, &fit.task, &dev, &test, &budgets).map_err(cli_error)?;
+    let files = curve.write(&args.out).map_err(cli_error)?;
+    print!("{}", curve.markdown());
+    eprintln!(
+        "ft cascade: wrote {}",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// A `--budget`: USD per 1,000 requests, or a share of the most accurate stage's cost.
+enum Budget {
+    PerK(f64),
+    ShareOfBest(f64),
+}
+
+fn parse_budget(s: &str) -> anyhow::Result<Budget> {
+    let bad = || {
+        usage(
+            "--budget",
+            "USD per 1,000 requests (above 0), or N% (above 0)",
+            s,
+        )
+    };
+    match s.strip_suffix('%') {
+        Some(p) => p
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|p| p.is_finite() && *p > 0.0)
+            .map(|p| Budget::ShareOfBest(p / 100.0))
+            .ok_or_else(bad),
+        None => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|p| p.is_finite() && *p > 0.0)
+            .map(Budget::PerK)
+            .ok_or_else(bad),
+    }
+}
