@@ -103,8 +103,9 @@ impl<'a, B: QuantBackend> Compressor<'a, B> {
         }
     }
 
-    /// `parts` compressed to at most `rate` of its tokens (0 < rate <= 1), or as near as
-    /// dropping the whole context comes.
+    /// `parts` compressed toward `rate` of its tokens (0 < rate <= 1): words go until the
+    /// tokens they hold (each word tokenized on its own) make up the excess, or until only
+    /// words that go with their whole paragraph (pinned, or not scored) are left.
     pub fn compress(&self, parts: Parts<'_>, rate: f64) -> Result<Compressed, EvalError> {
         if !(rate > 0.0 && rate <= 1.0) {
             return Err(EvalError::Example(format!(
@@ -135,7 +136,9 @@ impl<'a, B: QuantBackend> Compressor<'a, B> {
             .into_iter()
             .zip(&words)
             .map(|(span, word)| {
-                if word.trim_end().contains(SEPARATOR) {
+                // A blank line (two line breaks in the spaces before the word) starts a paragraph.
+                let space = &word[..word.len() - word.trim_start().len()];
+                if space.matches('\n').count() >= 2 {
                     segment += 1;
                 }
                 // The word's own characters, as byte offsets in `parts.context`.
@@ -262,30 +265,44 @@ fn to_drop(words: &[Scored], excess: usize) -> Vec<bool> {
     drop
 }
 
-/// The kept words in order; a dropped word leaves its line breaks, and no more than one
-/// blank line stays in a row.
+/// The kept words in order. A dropped word leaves its line breaks (no more than one blank
+/// line in a row), and a line that lost its first words starts at its first kept word; what
+/// is kept stays as written.
 fn rebuild(words: &[&str], drop: &[bool]) -> String {
     let mut out = String::new();
+    let mut after_drop = false;
+    let line_break = |out: &mut String| {
+        if !out.ends_with("\n\n") {
+            out.push('\n');
+        }
+    };
     for (w, &dropped) in words.iter().zip(drop) {
+        let space = &w[..w.len() - w.trim_start().len()];
         if dropped {
-            out.extend(w.chars().filter(|&c| c == '\n'));
-        } else {
+            for _ in space.matches('\n') {
+                line_break(&mut out);
+            }
+            after_drop = true;
+            continue;
+        }
+        if !after_drop {
             out.push_str(w);
+            continue;
         }
-    }
-    let mut tidy = String::with_capacity(out.len());
-    let mut breaks = 0;
-    for c in out.chars() {
-        breaks = if c == '\n' { breaks + 1 } else { 0 };
-        if breaks <= 2 {
-            tidy.push(c);
+        match space.rfind('\n') {
+            Some(last) => {
+                for _ in space.matches('\n') {
+                    line_break(&mut out);
+                }
+                out.push_str(&space[last + 1..]);
+            }
+            None if !(out.is_empty() || out.ends_with('\n')) => out.push_str(space),
+            None => {}
         }
+        out.push_str(w.trim_start());
+        after_drop = false;
     }
-    // A line that lost its first words starts with the space before the first kept one.
-    tidy.split('\n')
-        .map(str::trim_start)
-        .collect::<Vec<_>>()
-        .join("\n")
+    out
 }
 
 #[cfg(test)]
@@ -447,6 +464,12 @@ mod tests {
         assert_eq!(rebuild(&w, &drop), "a\nd\n\ng");
         let all = [true; 7];
         assert_eq!(rebuild(&w, &all), "\n\n");
+        // What is kept stays as written: indentation, blank lines.
+        let code = "fn f() {\n    x\n\n\n}";
+        let w = words(code);
+        assert_eq!(rebuild(&w, &vec![false; w.len()]), code);
+        let drop: Vec<bool> = (0..w.len()).map(|i| i == 1).collect();
+        assert_eq!(rebuild(&w, &drop), "fn {\n    x\n\n\n}");
     }
 
     #[test]

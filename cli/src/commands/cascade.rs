@@ -10,32 +10,55 @@ use ft_adapters::registry::parse_ref;
 use ft_eval::cascade::collect::{collect, StageOutcomes};
 use ft_eval::cascade::config::Cascade;
 use ft_eval::cascade::{dev_split, plan};
-use ft_eval::task::{self, EvalTask, TaskError};
-use ft_eval::EvalError;
+use ft_eval::prompting::few_shot;
+use ft_eval::task::{self, EvalTask};
 use ft_model::source::DEFAULT_MODEL;
 use ft_model::QuantBackend;
 use ft_serve::server::registry_adapter;
 
 use crate::args::{BaseModelArgs, CascadeEvalArgs, CascadeFitArgs, CascadeModelArgs};
-use crate::commands::eval::stored_as;
+use crate::commands::eval::{cli_error, stored_as, task_error};
 use crate::device::{dispatch, Job};
 use crate::error::{usage, UsageError};
 
-/// An error of the library, a usage error (exit 2) where a flag or file is at fault.
-fn cli_error(e: EvalError) -> anyhow::Error {
-    if e.is_usage() {
-        UsageError(e.to_string()).into()
-    } else {
-        e.into()
+/// The task `spec` names, its errors as usage errors.
+fn resolve_task(spec: &str, dirs: &[PathBuf]) -> anyhow::Result<EvalTask> {
+    task::resolve(spec, dirs).map_err(|e| task_error("--task", e))
+}
+
+/// How `ft cascade eval` finds the task again: its name, or a task file's absolute path.
+fn task_spec(spec: &str) -> String {
+    let path = Path::new(spec);
+    match path.extension().is_some_and(|x| x == "toml") {
+        true => std::fs::canonicalize(path)
+            .map_or_else(|_| spec.to_string(), |p| p.display().to_string()),
+        false => spec.to_string(),
     }
 }
 
-/// The task `spec` names, its errors as usage errors.
-fn resolve_task(spec: &str, dirs: &[PathBuf]) -> anyhow::Result<EvalTask> {
-    task::resolve(spec, dirs).map_err(|e| match e {
-        TaskError::Unknown { .. } => UsageError(format!("--task: {e}")).into(),
-        TaskError::Invalid(m) => UsageError(m).into(),
-    })
+/// Checks each stage's storage and few-shot examples against `task` before any stage runs,
+/// an error naming the file and the stage.
+fn check_stages(
+    cascade: &Cascade,
+    file: &Path,
+    task: &EvalTask,
+    model: &str,
+    common: &CascadeModelArgs,
+) -> anyhow::Result<()> {
+    for s in &cascade.stages {
+        let at = |field: &str, e: &dyn std::fmt::Display| {
+            UsageError(format!(
+                "{}: stage {}: {field}: {e}",
+                file.display(),
+                s.name
+            ))
+        };
+        if let Some(q) = &s.quant {
+            stored_as(model, common.device, q, "quant").map_err(|e| at("quant", &e))?;
+        }
+        few_shot(task, s.shots).map_err(|e| at("shots", &e))?;
+    }
+    Ok(())
 }
 
 /// Each stage's adapter folder: a PEFT folder as given, else a registry reference.
@@ -181,7 +204,12 @@ pub fn fit(args: CascadeFitArgs) -> anyhow::Result<()> {
         .model
         .clone()
         .unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    check_stages(&cascade, &args.cascade, &dev, &model, &args.common)?;
     let outcomes = answers(&cascade, &args.cascade, dev, model.clone(), args.common)?;
+    // Written first: a budget the stages cannot meet leaves the answers to fit again with.
+    let dev_path = dev_file(&args.out);
+    ft_adapters::atomic::write_atomic(&dev_path, serde_json::to_string(&outcomes)?.as_bytes())
+        .with_context(|| format!("writing {}", dev_path.display()))?;
     let budget = match budget {
         Budget::PerK(usd) => usd / 1e3,
         Budget::ShareOfBest(share) => {
@@ -196,11 +224,9 @@ pub fn fit(args: CascadeFitArgs) -> anyhow::Result<()> {
             best * share
         }
     };
-    let fitted = plan::fit(&cascade, &model, &task.name, &outcomes, budget).map_err(cli_error)?;
+    let fitted = plan::fit(&cascade, &model, &task_spec(&args.task), &outcomes, budget)
+        .map_err(cli_error)?;
     fitted.write(&args.out).map_err(cli_error)?;
-    let dev_path = dev_file(&args.out);
-    ft_adapters::atomic::write_atomic(&dev_path, serde_json::to_string(&outcomes)?.as_bytes())
-        .with_context(|| format!("writing {}", dev_path.display()))?;
     if let Some(f) = &fitted.fit {
         println!(
             "fitted {} on {} development examples of {}: {} at {:.4} USD / 1k requests \
@@ -246,12 +272,14 @@ pub fn eval(args: CascadeEvalArgs) -> anyhow::Result<()> {
             .with_context(|| format!("{} (written by `ft cascade fit`)", dev_path.display()))?,
     )
     .with_context(|| format!("{}", dev_path.display()))?;
-    if dev.len() != cascade.stages.len() {
+    let answered: Vec<&str> = dev.iter().map(|s| s.stage.as_str()).collect();
+    let stages: Vec<&str> = cascade.stages.iter().map(|s| s.name.as_str()).collect();
+    if answered != stages {
         return Err(UsageError(format!(
-            "{}: answers of {} stages, the cascade has {}: fit it again",
+            "{}: answers of the stages {}, the cascade's are {}: fit it again",
             dev_path.display(),
-            dev.len(),
-            cascade.stages.len()
+            answered.join(", "),
+            stages.join(", ")
         ))
         .into());
     }
@@ -264,13 +292,14 @@ pub fn eval(args: CascadeEvalArgs) -> anyhow::Result<()> {
         .model
         .clone()
         .unwrap_or_else(|| fit.model.clone());
+    check_stages(&cascade, &args.cascade, &task, &model, &args.common)?;
     let test = answers(&cascade, &args.cascade, task, model, args.common)?;
     let budgets = if args.budgets.is_empty() {
         plan::budgets(&dev)
     } else {
         args.budgets.iter().map(|b| b / 1e3).collect()
     };
-    let curve = plan::curve(&cascade, &fit.task, &dev, &test, &budgets).map_err(cli_error)?;
+    let curve = plan::curve(&cascade, &fit, &dev, &test, &budgets);
     let files = curve.write(&args.out).map_err(cli_error)?;
     print!("{}", curve.markdown());
     eprintln!(

@@ -44,10 +44,7 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
     if let Some(q) = args.quant.as_mut() {
         dedup(q);
     }
-    let task_error = |e: TaskError| match e {
-        TaskError::Unknown { .. } => UsageError(format!("--tasks: {e}")).into(),
-        TaskError::Invalid(m) => anyhow::Error::from(UsageError(m)),
-    };
+    let task_error = |e| task_error("--tasks", e);
     if args.list_tasks {
         for t in task::registered(&args.task_dirs).map_err(task_error)? {
             println!("{}\t{}\t{}", t.name, t.metric.name(), t.about);
@@ -369,8 +366,16 @@ impl Job for EvalJob {
     }
 }
 
+/// A task that could not be found (`flag` named it) or read, as a usage error.
+pub(crate) fn task_error(flag: &str, e: TaskError) -> anyhow::Error {
+    match e {
+        TaskError::Unknown { .. } => UsageError(format!("{flag}: {e}")).into(),
+        TaskError::Invalid(m) => UsageError(m).into(),
+    }
+}
+
 /// An evaluation's error, a usage error (exit code 2) where a flag's value was unusable.
-fn cli_error(e: EvalError) -> anyhow::Error {
+pub(crate) fn cli_error(e: EvalError) -> anyhow::Error {
     if e.is_usage() {
         UsageError(e.to_string()).into()
     } else {

@@ -178,6 +178,7 @@ fn answer(
         ) {
             b.extend(f.clone());
         }
+        let start = std::time::Instant::now();
         match client.stream_completion(&b) {
             Ok(s) => {
                 cost += match (stage.price, usd_per_hour) {
@@ -188,13 +189,17 @@ fn answer(
                 answers.push(s);
             }
             Err(e) => {
+                // A failure costs the time it took, where time is the price.
+                if stage.price.is_none() {
+                    cost += start.elapsed().as_secs_f64() * usd_per_hour.unwrap_or(0.0) / 3600.0;
+                }
                 return Outcome {
                     answer: String::new(),
                     right: false,
                     features: vec![None; crate::cascade::features::NAMES.len()],
                     cost,
                     error: Some(e.to_string()),
-                }
+                };
             }
         }
     }

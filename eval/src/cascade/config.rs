@@ -20,9 +20,13 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cascade::features::NAMES;
 use crate::cascade::scorer::Logistic;
 use crate::error::EvalError;
 use crate::measure::Decoding;
+
+/// The most stages a cascade holds: the search tries every ordered subset of them.
+pub const MAX_STAGES: usize = 6;
 
 /// How a stage decodes: one request, or several sampled ones and their majority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,10 +167,23 @@ impl Cascade {
             path: path.to_path_buf(),
             message: m,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| at(e.to_string()))?;
         let c: Cascade = toml::from_str(&text).map_err(|e| at(e.to_string()))?;
-        if c.stages.is_empty() {
-            return Err(at("stage: a cascade needs at least one [[stage]]".into()));
+        if c.stages.is_empty() || c.stages.len() > MAX_STAGES {
+            return Err(at(format!(
+                "stage: a cascade has 1 to {MAX_STAGES} [[stage]] tables, not {}",
+                c.stages.len()
+            )));
+        }
+        if let Some(name) = c
+            .fit
+            .iter()
+            .flat_map(|f| &f.chain)
+            .find(|n| !c.stages.iter().any(|s| &&s.name == n))
+        {
+            return Err(at(format!(
+                "fit: chain: no stage is called {name:?}: fit again"
+            )));
         }
         for (i, s) in c.stages.iter().enumerate() {
             if s.name.is_empty() || c.stages[..i].iter().any(|o| o.name == s.name) {
@@ -174,6 +191,13 @@ impl Cascade {
                     "stage {}: name: {:?} must be non-empty and unique",
                     i + 1,
                     s.name
+                )));
+            }
+            if s.scorer.as_ref().is_some_and(|sc| sc.features != NAMES) {
+                return Err(at(format!(
+                    "stage {}: scorer: its features are not {}: fit again",
+                    s.name,
+                    NAMES.join(", ")
                 )));
             }
             if let Some(p) = s.price {
@@ -224,7 +248,11 @@ mod tests {
         assert_eq!(Cascade::read(&out).unwrap(), c);
 
         for (text, needle) in [
-            ("", "at least one"),
+            ("", "1 to 6"),
+            (
+                "[[stage]]\nname = \"a\"\n[fit]\nmodel = \"m\"\ntask = \"t\"\ndev_examples = 1\nbudget_per_k = 1.0\nchain = [\"b\"]\ndev_accuracy = 1.0\ndev_cost_per_k = 1.0\n",
+                "no stage is called \"b\"",
+            ),
             (
                 "[[stage]]\nname = \"a\"\n[[stage]]\nname = \"a\"\n",
                 "unique",

@@ -36,7 +36,8 @@ pub fn dev_split(task: &EvalTask, n: usize) -> Result<EvalTask, EvalError> {
                 let j = i + rng.below(pool.len() - i);
                 pool.swap(i, j);
             }
-            pool.truncate(n);
+            // The rest stay the demonstrations a few-shot stage draws from.
+            dev.train = pool.split_off(n.min(pool.len()));
             pool
         }
     };

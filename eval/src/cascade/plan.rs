@@ -181,15 +181,15 @@ pub fn budgets(dev: &[StageOutcomes]) -> Vec<f64> {
     out
 }
 
-/// `fitted` (its stages' scorers) measured on `test` at each of `budgets` (USD per request),
-/// each budget's chain and thresholds searched on `dev`.
+/// `fitted` (its stages' scorers; `fit`, what its fit chose) measured on `test` at each of
+/// `budgets` (USD per request), each budget's chain and thresholds searched on `dev`.
 pub fn curve(
     fitted: &Cascade,
-    task: &str,
+    fit: &Fit,
     dev: &[StageOutcomes],
     test: &[StageOutcomes],
     budgets: &[f64],
-) -> Result<Curve, EvalError> {
+) -> Curve {
     let dev_table = table(dev, &dev_scores(dev));
     let test_scores: Vec<Vec<f64>> = fitted
         .stages
@@ -224,10 +224,6 @@ pub fn curve(
         .iter()
         .filter_map(|&b| Some(point(&search(&dev_table, b, GRID)?, b)))
         .collect();
-    let fit = fitted.fit.as_ref().ok_or_else(|| EvalError::Cascade {
-        path: PathBuf::from(task),
-        message: "not fitted: run `ft cascade fit` first".into(),
-    })?;
     let chain: Vec<usize> = fit
         .chain
         .iter()
@@ -243,8 +239,8 @@ pub fn curve(
         accuracy: fit.dev_accuracy,
         cost: fit.dev_cost_per_k / 1e3,
     };
-    Ok(Curve {
-        task: task.to_string(),
+    Curve {
+        task: fit.task.clone(),
         examples: test.first().map_or(0, |s| s.outcomes.len()),
         singles: test
             .iter()
@@ -256,7 +252,7 @@ pub fn curve(
             .collect(),
         points,
         fitted: point(&fitted_plan, fit.budget_per_k / 1e3),
-    })
+    }
 }
 
 impl Curve {
@@ -463,7 +459,7 @@ mod tests {
         assert!(fitted.stages[0].threshold.is_some() && fitted.stages[1].threshold.is_none());
 
         let test = outcomes(40);
-        let c = curve(&fitted, "t", &dev, &test, &budgets(&dev)).unwrap();
+        let c = curve(&fitted, f, &dev, &test, &budgets(&dev));
         assert_eq!(c.singles.len(), 2);
         assert_eq!(c.fitted.accuracy, 1.0);
         assert_eq!(c.fitted.answered_by, [20, 20]);

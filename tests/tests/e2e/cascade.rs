@@ -56,6 +56,8 @@ fn a_cascade_is_fitted_to_a_budget_and_drawn_against_cost() {
     let cascade = dir.path().join("cascade.toml");
     std::fs::write(&cascade, CASCADE).unwrap();
     let fitted = dir.path().join("fitted.toml");
+    // The task by its file: `eval` finds it again without --task-dir.
+    let task_file = tasks.join("sums.toml");
     let fit = |budget: &str| {
         ft(&[
             "cascade",
@@ -63,10 +65,8 @@ fn a_cascade_is_fitted_to_a_budget_and_drawn_against_cost() {
             cascade.to_str().unwrap(),
             "--model",
             gguf.to_str().unwrap(),
-            "--task-dir",
-            tasks.to_str().unwrap(),
             "--task",
-            "sums",
+            task_file.to_str().unwrap(),
             "--dev-size",
             "10",
             "--budget",
@@ -102,7 +102,10 @@ fn a_cascade_is_fitted_to_a_budget_and_drawn_against_cost() {
     let text = std::fs::read_to_string(&fitted).unwrap();
     let file: toml::Value = toml::from_str(&text).unwrap();
     let fit_table = &file["fit"];
-    assert_eq!(fit_table["task"].as_str(), Some("sums"));
+    assert!(
+        fit_table["task"].as_str().unwrap().ends_with("sums.toml"),
+        "{text}"
+    );
     assert_eq!(fit_table["dev_examples"].as_integer(), Some(10));
     let dev_accuracy = fit_table["dev_accuracy"].as_float().unwrap();
     assert!(dev_accuracy >= 0.5, "greedy alone is right on half: {text}");
@@ -117,8 +120,6 @@ fn a_cascade_is_fitted_to_a_budget_and_drawn_against_cost() {
         fitted.to_str().unwrap(),
         "--model",
         gguf.to_str().unwrap(),
-        "--task-dir",
-        tasks.to_str().unwrap(),
         "--budgets",
         "0.001,0.01,1000",
         "--out",
@@ -155,6 +156,8 @@ fn a_cascade_is_fitted_to_a_budget_and_drawn_against_cost() {
     fit("0.000001").fails_with(2, &["--budget", "below the cheapest stage"]);
     fit("half").fails_with(2, &["--budget"]);
     ft(&["cascade", "eval", cascade.to_str().unwrap()]).fails_with(2, &["not fitted"]);
+    let missing = dir.path().join("missing.toml");
+    ft(&["cascade", "eval", missing.to_str().unwrap()]).fails_with(2, &["missing.toml"]);
     let bad = dir.path().join("bad.toml");
     for (text, needles) in [
         (
@@ -164,6 +167,14 @@ fn a_cascade_is_fitted_to_a_budget_and_drawn_against_cost() {
         (
             "[[stage]]\nname = \"a\"\ndecoding = \"sc1\"\n",
             &["bad.toml", "scN"][..],
+        ),
+        (
+            "[[stage]]\nname = \"a\"\nquant = \"q5\"\nprice = { input = 1.0, output = 1.0 }\n",
+            &["bad.toml: stage a: quant", "q5"][..],
+        ),
+        (
+            "[[stage]]\nname = \"a\"\nshots = 5000\nprice = { input = 1.0, output = 1.0 }\n",
+            &["bad.toml: stage a: shots", "solved example"][..],
         ),
     ] {
         std::fs::write(&bad, text).unwrap();
