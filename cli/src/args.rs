@@ -143,6 +143,13 @@ pub struct ServeArgs {
     /// requests whose answer their inputs fix: temperature 0, a seed, or beam search.)
     #[arg(long)]
     pub no_cache: bool,
+    /// Serve a fitted cascade (`ft cascade fit`'s file) as the model NAME (repeatable).
+    #[arg(long = "cascade", value_name = "NAME=FILE")]
+    pub cascades: Vec<String>,
+    /// The machine's price in USD per hour: a cascade's stage without a `price` costs its
+    /// time at it.
+    #[arg(long)]
+    pub price_per_hour: Option<f64>,
 }
 
 /// `ft publish`.

@@ -5,39 +5,8 @@
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
+use ft_serve::cascade::features::{parse_logprobs, TokenScore};
 use serde_json::Value;
-
-/// One generated token's log-probability and its top alternatives'.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenScore {
-    /// log p(the token).
-    pub logprob: f64,
-    /// log p of the most likely tokens.
-    pub top: Vec<f64>,
-}
-
-/// The token scores of a `/v1/completions` choice's `logprobs` object (`token_logprobs` and
-/// `top_logprobs`); entries without a log-probability are skipped.
-pub fn parse_logprobs(logprobs: &Value) -> Vec<TokenScore> {
-    let Some(lps) = logprobs["token_logprobs"].as_array() else {
-        return Vec::new();
-    };
-    let tops = logprobs["top_logprobs"].as_array();
-    lps.iter()
-        .enumerate()
-        .filter_map(|(i, lp)| {
-            let top = tops
-                .and_then(|t| t.get(i))
-                .and_then(Value::as_object)
-                .map(|m| m.values().filter_map(Value::as_f64).collect())
-                .unwrap_or_default();
-            Some(TokenScore {
-                logprob: lp.as_f64()?,
-                top,
-            })
-        })
-        .collect()
-}
 
 /// Why a request got no answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -313,8 +282,6 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
-    use serde_json::json;
-
     use super::*;
 
     /// A server that answers each connection with `reply` after `delay`.
@@ -353,22 +320,6 @@ mod tests {
                 Ok(n) => got.extend_from_slice(&buf[..n]),
             }
         }
-    }
-
-    #[test]
-    fn a_completions_logprobs_object_gives_each_tokens_scores() {
-        let v = json!({
-            "tokens": [" 1", "9", "\n"],
-            "token_logprobs": [-0.1, -2.0, -0.5],
-            "top_logprobs": [{" 1": -0.1, " 2": -2.5}, {"9": -2.0, "8": -0.3}, null],
-            "text_offset": [0, 2, 3],
-        });
-        let t = parse_logprobs(&v);
-        assert_eq!(t.len(), 3);
-        assert_eq!(t[1].logprob, -2.0);
-        assert_eq!(t[0].top.len(), 2);
-        assert!(t[2].top.is_empty());
-        assert!(parse_logprobs(&json!(null)).is_empty());
     }
 
     #[test]

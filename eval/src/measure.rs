@@ -28,7 +28,7 @@ pub enum Decoding {
 
 impl Decoding {
     /// The request fields that select it, `seed` for sampling.
-    pub(crate) fn fields(self, seed: u64) -> Value {
+    pub fn fields(self, seed: u64) -> Value {
         match self {
             Self::Greedy => json!({"temperature": 0.0}),
             Self::Sample => json!({"temperature": 0.7, "top_p": 0.95, "seed": seed}),

@@ -98,6 +98,20 @@ pub fn few_shot(task: &EvalTask, shots: usize) -> Result<EvalTask, EvalError> {
     Ok(with_context(task, &context, shots, None))
 }
 
+/// What [`few_shot`] puts before each of `task`'s prompts (the prompt follows with its
+/// leading whitespace dropped): the demonstrations and their separator, or nothing. A
+/// served cascade's stage gives it to every request, as its fit did.
+pub fn context(task: &EvalTask, shots: usize) -> Result<String, EvalError> {
+    if shots == 0 || task.metric == Metric::Perplexity {
+        return Ok(String::new());
+    }
+    let (context, _) = demonstrations(task, shots)?;
+    Ok(match context.trim() {
+        "" => String::new(),
+        c => format!("{c}{SEPARATOR}"),
+    })
+}
+
 /// `task` with `context` before each prompt.
 fn with_context(task: &EvalTask, context: &str, shots: usize, rate: Option<f64>) -> EvalTask {
     let mut t = task.clone();
@@ -164,6 +178,11 @@ mod tests {
                 rate: None
             })
         );
+        let before = super::context(&task, 3).unwrap();
+        for (few, item) in few[0].items.iter().zip(&task.items) {
+            assert_eq!(few.prompt, format!("{before}{}", item.prompt.trim_start()));
+        }
+        assert_eq!(super::context(&task, 0).unwrap(), "");
         let mut none = task.clone();
         none.train.clear();
         let err = demonstrations(&none, 2).unwrap_err().to_string();

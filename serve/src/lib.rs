@@ -6,7 +6,8 @@
 //! use their own adapter ([`adapter_cache`]), sampling, beam search ([`beam`]) and stop
 //! strings ([`text_stream`]), behind the OpenAI-compatible HTTP [`server`], whose metrics
 //! include the process's resident memory ([`rss`]) and which answers repeated deterministic
-//! requests from a [`response_cache`] in memory or Redis.
+//! requests from a [`response_cache`] in memory or Redis, and serves FrugalGPT [`cascade`]s
+//! as models.
 //!
 //! Uses ft-model and ft-adapters; must not import ft-quant (ft-model re-exports what serving
 //! needs), ft-distill, ft-eval or ft-trainer.
@@ -16,6 +17,7 @@ pub mod adapter_cache;
 pub mod batch;
 pub mod beam;
 pub mod blocks;
+pub mod cascade;
 pub mod engine;
 pub mod error;
 pub mod generate;

@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ft_adapters::registry::parse_ref;
-use ft_eval::cascade::collect::{collect, StageOutcomes};
-use ft_eval::cascade::config::Cascade;
+use ft_eval::cascade::collect::{collect, StageOutcomes, TOP_LOGPROBS};
+use ft_eval::cascade::config::{Cascade, StageDecoding};
 use ft_eval::cascade::{dev_split, plan};
-use ft_eval::prompting::few_shot;
+use ft_eval::measure::Decoding;
+use ft_eval::prompting::{self, few_shot};
 use ft_eval::task::{self, EvalTask};
 use ft_model::source::DEFAULT_MODEL;
 use ft_model::QuantBackend;
+use ft_serve::cascade as served;
 use ft_serve::server::registry_adapter;
 
 use crate::args::{BaseModelArgs, CascadeEvalArgs, CascadeFitArgs, CascadeModelArgs};
@@ -57,6 +59,7 @@ fn check_stages(
             stored_as(model, common.device, q, "quant").map_err(|e| at("quant", &e))?;
         }
         few_shot(task, s.shots).map_err(|e| at("shots", &e))?;
+        Cascade::api_key(s).map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
     }
     Ok(())
 }
@@ -113,6 +116,164 @@ fn check_prices(cascade: &Cascade, file: &Path, common: &CascadeModelArgs) -> an
         }
     }
     Ok(())
+}
+
+/// What `ft serve` needs to serve a cascade beside its base model.
+pub(crate) struct ServeContext<'a> {
+    /// The base as the server loads it (model and storage).
+    pub base: &'a BaseModelArgs,
+    /// The base's name in requests.
+    pub model_id: &'a str,
+    /// The adapter registry, for stages naming a registry adapter.
+    pub registry: Option<&'a Path>,
+    /// USD per hour, for stages without a price.
+    pub price_per_hour: Option<f64>,
+}
+
+/// `ft serve --cascade NAME=FILE`: the fitted cascade's chain as the server runs it, and the
+/// adapters its stages need registered (name and folder). Each stage on this server must use
+/// the storage the server holds; one on another storage is served there and named by `url`.
+pub(crate) fn served(
+    spec: &str,
+    ctx: &ServeContext<'_>,
+) -> anyhow::Result<(served::Cascade, Vec<(String, PathBuf)>)> {
+    let flag = format!("--cascade {spec}");
+    let (name, file) = spec
+        .split_once('=')
+        .ok_or_else(|| UsageError(format!("{flag}: expected NAME=FILE")))?;
+    ft_adapters::registry::validate_name(name).map_err(|e| UsageError(format!("{flag}: {e}")))?;
+    if name == ctx.model_id {
+        return Err(UsageError(format!("{flag}: {name:?} is the base model's name")).into());
+    }
+    let file = Path::new(file);
+    let cascade = Cascade::read(file).map_err(cli_error)?;
+    let Some(fit) = &cascade.fit else {
+        return Err(UsageError(format!(
+            "{}: not fitted: run `ft cascade fit` first",
+            file.display()
+        ))
+        .into());
+    };
+    let at = |stage: &str, e: &dyn std::fmt::Display| {
+        UsageError(format!("{}: stage {stage}: {e}", file.display()))
+    };
+    if fit.model != ctx.base.model {
+        tracing::warn!(
+            cascade = %file.display(), fitted = %fit.model, serving = %ctx.base.model,
+            "the cascade was fitted with another base model: its scorers may not hold"
+        );
+    }
+    let adapters = adapter_dirs(&cascade, file, ctx.registry)?;
+    let storage = |b: &BaseModelArgs| (b.weights, b.quant, b.double_quant);
+    let mut stages = Vec::new();
+    let mut register = Vec::new();
+    let mut task = None;
+    for (l, stage_name) in fit.chain.iter().enumerate() {
+        let i = cascade
+            .stages
+            .iter()
+            .position(|s| &s.name == stage_name)
+            .ok_or_else(|| at(stage_name, &"not in the file: fit again"))?;
+        let s = &cascade.stages[i];
+        let target = match (&s.url, &s.model) {
+            (Some(url), Some(model)) => served::Target::Remote {
+                url: url.clone(),
+                model: model.clone(),
+                api_key: Cascade::api_key(s)
+                    .map_err(|e| UsageError(format!("{}: {e}", file.display())))?,
+            },
+            _ => {
+                let wanted = match &s.quant {
+                    Some(q) => stored_as(&ctx.base.model, ctx.base.device, q, "quant")
+                        .map_err(|e| at(&s.name, &e))?,
+                    None => BaseModelArgs {
+                        model: ctx.base.model.clone(),
+                        device: ctx.base.device,
+                        quant: None,
+                        weights: None,
+                        double_quant: false,
+                    },
+                };
+                if storage(&wanted) != storage(ctx.base) {
+                    return Err(at(
+                        &s.name,
+                        &format!(
+                            "quant: it runs on the base stored as {}, and this server holds                              another storage: serve it with that storage, or serve the stage                              elsewhere and give it `url` and `model`",
+                            s.quant.as_deref().unwrap_or("the default")
+                        ),
+                    )
+                    .into());
+                }
+                let model = match adapters.get(i).cloned().flatten() {
+                    Some(dir) => {
+                        let adapter = format!("{name}-{}", s.name);
+                        ft_adapters::registry::validate_name(&adapter).map_err(|e| {
+                            at(&s.name, &format!("name: as an adapter {adapter:?}: {e}"))
+                        })?;
+                        register.push((adapter.clone(), dir));
+                        adapter
+                    }
+                    None => ctx.model_id.to_string(),
+                };
+                served::Target::Local { model }
+            }
+        };
+        let context = if s.shots == 0 {
+            String::new()
+        } else {
+            if task.is_none() {
+                task = Some(
+                    task::resolve(&fit.task, &[])
+                        .map_err(|e| UsageError(format!("{}: fit: task: {e}", file.display())))?,
+                );
+            }
+            let task = task.as_ref().ok_or_else(|| anyhow::anyhow!("no task"))?;
+            prompting::context(task, s.shots).map_err(|e| at(&s.name, &format!("shots: {e}")))?
+        };
+        let (decoding, samples) = match s.decoding {
+            StageDecoding::One(d) => (d, 1),
+            StageDecoding::SelfConsistency(n) => (Decoding::Sample, n),
+        };
+        let fields = decoding.fields(0).as_object().cloned().unwrap_or_default();
+        let last = l + 1 == fit.chain.len();
+        let accept = match (last, &s.scorer, s.threshold) {
+            (true, _, _) => None,
+            (false, Some(scorer), Some(threshold)) => Some((scorer.clone(), threshold)),
+            _ => return Err(at(&s.name, &"no scorer or threshold: fit again").into()),
+        };
+        let price = match (s.price, ctx.price_per_hour) {
+            (Some(p), _) => served::Price::PerToken {
+                input: p.input,
+                output: p.output,
+            },
+            (None, Some(h)) if h.is_finite() && h >= 0.0 => served::Price::PerHour(h),
+            (None, Some(h)) => return Err(usage("--price-per-hour", "a price of 0 or more", h)),
+            (None, None) => {
+                return Err(at(
+                    &s.name,
+                    &"price: none in the file: pass --price-per-hour to price its time",
+                )
+                .into())
+            }
+        };
+        stages.push(served::Stage {
+            name: s.name.clone(),
+            target,
+            context,
+            fields,
+            samples,
+            logprobs: (!matches!(decoding, Decoding::Beam(_))).then_some(TOP_LOGPROBS),
+            accept,
+            price,
+        });
+    }
+    Ok((
+        served::Cascade {
+            name: name.to_string(),
+            stages,
+        },
+        register,
+    ))
 }
 
 /// Where `ft cascade fit` leaves the development answers of the cascade it writes to `out`.

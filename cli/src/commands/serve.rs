@@ -16,6 +16,7 @@ use ft_serve::server::{self, Limits, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
 
 use crate::args::{BaseModelArgs, BenchServeArgs, ServeArgs};
+use crate::commands::cascade::{served, ServeContext};
 use crate::commands::report::record;
 use crate::device::{dispatch, Job};
 use crate::error::UsageError;
@@ -110,16 +111,47 @@ impl Job for ServeArgs {
                 .register_adapter(&name, dir.clone())
                 .with_context(|| format!("--adapter {name}={}", dir.display()))?;
         }
-        let names = engine.adapters().names();
         let model_id = self
             .served_model_name
             .clone()
             .unwrap_or(self.base.model.clone());
+        let mut cascades = Vec::new();
+        for spec in &self.cascades {
+            let ctx = ServeContext {
+                base: &self.base,
+                model_id: &model_id,
+                registry: self.registry.as_deref(),
+                price_per_hour: self.price_per_hour,
+            };
+            let (cascade, stage_adapters) = served(spec, &ctx)?;
+            let taken = engine.adapters().names();
+            if taken.contains(&cascade.name)
+                || cascades
+                    .iter()
+                    .any(|c: &ft_serve::cascade::Cascade| c.name == cascade.name)
+            {
+                return Err(UsageError(format!(
+                    "--cascade {spec}: {:?} already names an adapter or a cascade",
+                    cascade.name
+                ))
+                .into());
+            }
+            for (name, dir) in stage_adapters {
+                engine
+                    .register_adapter(&name, dir.clone())
+                    .with_context(|| {
+                        format!("--cascade {spec}: adapter {name}={}", dir.display())
+                    })?;
+            }
+            cascades.push(cascade);
+        }
+        let names = engine.adapters().names();
+        let cascade_names: Vec<&str> = cascades.iter().map(|c| c.name.as_str()).collect();
         let listener = TcpListener::bind((self.host.as_str(), self.port))
             .with_context(|| format!("--host {} --port {}", self.host, self.port))?;
         let addr = listener.local_addr()?;
         eprintln!(
-            "ft serve: listening on http://{addr} (model {model_id:?}, adapters {names:?}, KV cache {} tokens in blocks of {block_size})",
+            "ft serve: listening on http://{addr} (model {model_id:?}, adapters {names:?}, cascades {cascade_names:?}, KV cache {} tokens in blocks of {block_size})",
             kv_blocks * block_size
         );
         let config = ServerConfig {
@@ -134,6 +166,7 @@ impl Job for ServeArgs {
                 ..Limits::default()
             },
             cache,
+            cascades,
         };
         server::serve(
             engine,

@@ -1,18 +1,19 @@
 //! Every stage's answer to every example of a split, scored right or wrong, with its
 //! features and its cost: the table a cascade is fitted on (the development split) and
 //! measured on (the held-out split). Stages run through our engine behind its HTTP server in
-//! process, one server per base storage with the stages' adapters registered, one request
-//! at a time, so a stage's machine time per answer is its latency.
+//! process, one server per base storage with the stages' adapters registered, or on the
+//! server at their `url`; one request at a time, so a stage's machine time per answer is its
+//! latency.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ft_model::{Pretrained, QuantBackend};
+use ft_serve::cascade::features::{vote, Features, NAMES};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::cascade::config::{Cascade, Stage, StageDecoding};
-use crate::cascade::features::{vote, Features};
 use crate::client::{Client, Streamed};
 use crate::error::{BoxError, EvalError};
 use crate::evaluation::{serve_in_process, Adapter};
@@ -23,7 +24,7 @@ use crate::report::BASE;
 use crate::task::EvalTask;
 
 /// Top alternatives asked per generated token, for the entropy feature.
-const TOP_LOGPROBS: usize = 5;
+pub const TOP_LOGPROBS: usize = 5;
 
 /// One stage's outcome on one example.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,15 +79,34 @@ pub fn collect<B: QuantBackend, E: Into<BoxError>>(
     mut on_stage: impl FnMut(&StageOutcomes),
 ) -> Result<Vec<StageOutcomes>, EvalError> {
     let mut out: Vec<Option<StageOutcomes>> = vec![None; cascade.stages.len()];
+    let mut on_answers = |i: usize, stage: &Stage, client: &Client, model: &str| {
+        let table = answers(client, stage, model, task, usd_per_hour)?;
+        on_stage(&table);
+        out[i] = Some(table);
+        Ok::<_, EvalError>(())
+    };
+    for (i, stage) in cascade.stages.iter().enumerate() {
+        let (Some(url), Some(model)) = (&stage.url, &stage.model) else {
+            continue;
+        };
+        let key = Cascade::api_key(stage).map_err(|m| EvalError::Cascade {
+            path: PathBuf::from(url),
+            message: m,
+        })?;
+        on_answers(i, stage, &Client::new(url, key, timeout), model)?;
+    }
     let mut storages: Vec<Option<&str>> = Vec::new();
-    for s in &cascade.stages {
+    for s in cascade.stages.iter().filter(|s| s.url.is_none()) {
         if !storages.contains(&s.quant.as_deref()) {
             storages.push(s.quant.as_deref());
         }
     }
     for storage in storages {
         let here: Vec<usize> = (0..cascade.stages.len())
-            .filter(|&i| cascade.stages[i].quant.as_deref() == storage)
+            .filter(|&i| {
+                let s = &cascade.stages[i];
+                s.url.is_none() && s.quant.as_deref() == storage
+            })
             .collect();
         let registered: Vec<Adapter> = here
             .iter()
@@ -108,35 +128,7 @@ pub fn collect<B: QuantBackend, E: Into<BoxError>>(
             } else {
                 BASE.to_string()
             };
-            let prompts = few_shot(task, stage.shots)?;
-            // One unmeasured request: loading the adapter belongs to no example.
-            if let Some(first) = prompts.items.first() {
-                let _ = client.stream_completion(&json!({
-                    "model": model, "prompt": first.prompt, "max_tokens": 1,
-                }));
-            }
-            let outcomes = prompts
-                .items
-                .iter()
-                .enumerate()
-                .map(|(k, item)| {
-                    let body = json!({
-                        "model": model,
-                        "prompt": item.prompt,
-                        "max_tokens": task.max_tokens,
-                        "stop": task.stop,
-                    });
-                    let mut o = answer(&client, stage, body, k as u64, usd_per_hour);
-                    o.right = o.error.is_none() && metric::is_right(&o.answer, &item.expected);
-                    o
-                })
-                .collect();
-            let table = StageOutcomes {
-                stage: stage.name.clone(),
-                outcomes,
-            };
-            on_stage(&table);
-            out[i] = Some(table);
+            on_answers(i, stage, &client, &model)?;
         }
         server.stop().map_err(|source| EvalError::InProcess {
             doing: "stopping the in-process server",
@@ -144,6 +136,43 @@ pub fn collect<B: QuantBackend, E: Into<BoxError>>(
         })?;
     }
     Ok(out.into_iter().flatten().collect())
+}
+
+/// `stage`'s answers to `task`'s examples, asking `client` for `model`.
+fn answers(
+    client: &Client,
+    stage: &Stage,
+    model: &str,
+    task: &EvalTask,
+    usd_per_hour: Option<f64>,
+) -> Result<StageOutcomes, EvalError> {
+    let prompts = few_shot(task, stage.shots)?;
+    // One unmeasured request: loading the adapter belongs to no example.
+    if let Some(first) = prompts.items.first() {
+        let _ = client.stream_completion(&json!({
+            "model": model, "prompt": first.prompt, "max_tokens": 1,
+        }));
+    }
+    let outcomes = prompts
+        .items
+        .iter()
+        .enumerate()
+        .map(|(k, item)| {
+            let body = json!({
+                "model": model,
+                "prompt": item.prompt,
+                "max_tokens": task.max_tokens,
+                "stop": task.stop,
+            });
+            let mut o = answer(client, stage, body, k as u64, usd_per_hour);
+            o.right = o.error.is_none() && metric::is_right(&o.answer, &item.expected);
+            o
+        })
+        .collect();
+    Ok(StageOutcomes {
+        stage: stage.name.clone(),
+        outcomes,
+    })
 }
 
 /// The name stage `i`'s adapter is registered under.
@@ -196,7 +225,7 @@ fn answer(
                 return Outcome {
                     answer: String::new(),
                     right: false,
-                    features: vec![None; crate::cascade::features::NAMES.len()],
+                    features: vec![None; NAMES.len()],
                     cost,
                     error: Some(e.to_string()),
                 };

@@ -11,6 +11,11 @@
 //! quant = "q4"           # optional: the base's storage, as `ft eval --quant` names it
 //! decoding = "sc5"       # greedy (default), sample, beamN, or scN: N samples, majority vote
 //! price = { input = 0.05, output = 0.20 }   # optional: USD per 1M tokens; else measured
+//! [[stage]]
+//! name = "remote"
+//! url = "http://10.0.0.2:8000"   # optional: another OpenAI-compatible server answers
+//! model = "big"                  # the model it answers with (with `url` only)
+//! api_key_env = "BIG_KEY"        # optional: the variable holding its API key
 //! ```
 //!
 //! A stage without a price costs the machine time it took at `--price-per-hour`.
@@ -18,10 +23,10 @@
 use std::path::Path;
 use std::str::FromStr;
 
+use ft_serve::cascade::features::NAMES;
+use ft_serve::cascade::scorer::Logistic;
 use serde::{Deserialize, Serialize};
 
-use crate::cascade::features::NAMES;
-use crate::cascade::scorer::Logistic;
 use crate::error::EvalError;
 use crate::measure::Decoding;
 
@@ -111,6 +116,15 @@ pub struct Stage {
     /// The base weights' storage (`ft eval --quant` names); none for the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quant: Option<String>,
+    /// Another OpenAI-compatible server (`http://host:port`) that answers instead of ours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The model the server at `url` answers with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The environment variable holding the API key of the server at `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
     /// How it decodes.
     #[serde(default = "greedy")]
     pub decoding: StageDecoding,
@@ -200,6 +214,36 @@ impl Cascade {
                     NAMES.join(", ")
                 )));
             }
+            let remote = s.url.is_some();
+            match &s.url {
+                Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                    return Err(at(format!(
+                        "stage {}: url: expected http://HOST:PORT, got {url:?}",
+                        s.name
+                    )));
+                }
+                Some(_) if s.model.is_none() => {
+                    return Err(at(format!(
+                        "stage {}: model: a stage with a url names the model its server answers with",
+                        s.name
+                    )));
+                }
+                None if s.model.is_some() || s.api_key_env.is_some() => {
+                    return Err(at(format!(
+                        "stage {}: url: `model` and `api_key_env` go with a url (another server); \
+                         on this one a stage names its `adapter`",
+                        s.name
+                    )));
+                }
+                _ => {}
+            }
+            if remote && (s.adapter.is_some() || s.quant.is_some()) {
+                return Err(at(format!(
+                    "stage {}: url: a stage on another server has no `adapter` or `quant` here: \
+                     its `model` is what that server answers with",
+                    s.name
+                )));
+            }
             if let Some(p) = s.price {
                 if !(p.input >= 0.0
                     && p.output >= 0.0
@@ -214,6 +258,19 @@ impl Cascade {
             }
         }
         Ok(c)
+    }
+
+    /// The API key of stage `stage`'s server, from its `api_key_env`; an error names the
+    /// variable when it is unset.
+    pub fn api_key(stage: &Stage) -> Result<Option<String>, String> {
+        stage
+            .api_key_env
+            .as_ref()
+            .map(|var| {
+                std::env::var(var)
+                    .map_err(|_| format!("stage {}: api_key_env: ${var} is not set", stage.name))
+            })
+            .transpose()
     }
 
     /// Writes the cascade as TOML, atomically.
@@ -258,7 +315,17 @@ mod tests {
                 "unique",
             ),
             ("[[stage]]\nname = \"a\"\ndecoding = \"sc1\"\n", "scN"),
-            ("[[stage]]\nname = \"a\"\nmodel = \"x\"\n", "model"),
+            ("[[stage]]\nname = \"a\"\nmodel = \"x\"\n", "go with a url"),
+            ("[[stage]]\nname = \"a\"\nurl = \"http://h:1\"\n", "model: a stage with a url"),
+            (
+                "[[stage]]\nname = \"a\"\nurl = \"h:1\"\nmodel = \"m\"\n",
+                "expected http://HOST:PORT",
+            ),
+            (
+                "[[stage]]\nname = \"a\"\nurl = \"http://h:1\"\nmodel = \"m\"\nquant = \"q8\"\n",
+                "no `adapter` or `quant`",
+            ),
+            ("[[stage]]\nname = \"a\"\nmystery = 1\n", "mystery"),
             (
                 "[[stage]]\nname = \"a\"\nprice = { input = -1, output = 0 }\n",
                 "price",

@@ -1,11 +1,11 @@
 //! FrugalGPT cascades (Chen, Zaharia and Zou 2023): stages of rising cost ([`config`]), each
-//! answer kept or passed on by a learned [`scorer`] of its [`features`], with the stages and
+//! answer kept or passed on by a learned [`scorer`] of its features
+//! ([`ft_serve::cascade::features`], which serving computes the same way), with the stages and
 //! thresholds that maximise accuracy within a budget ([`search`]), fitted and measured on
 //! every stage's answers to a split ([`collect`], [`plan`]).
 
 pub mod collect;
 pub mod config;
-pub mod features;
 pub mod plan;
 pub mod scorer;
 pub mod search;

@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cascade::collect::StageOutcomes;
 use crate::cascade::config::{Cascade, Fit};
-use crate::cascade::features::NAMES;
-use crate::cascade::scorer::{out_of_fold, Logistic};
+use ft_serve::cascade::features::NAMES;
+
+use crate::cascade::scorer::{self, out_of_fold};
 use crate::cascade::search::{search, simulate, Plan, Table};
 use crate::error::{write_atomic, EvalError};
 use crate::plot::{Chart, Key, Overlay};
@@ -95,7 +96,7 @@ pub fn fit(
     let mut fitted = cascade.clone();
     for (i, (stage, outcomes)) in fitted.stages.iter_mut().zip(dev).enumerate() {
         let (x, y) = examples(outcomes);
-        stage.scorer = Some(Logistic::fit(&names(), &x, &y, L2));
+        stage.scorer = Some(scorer::fit(&names(), &x, &y, L2));
         stage.threshold = plan
             .chain
             .iter()
@@ -435,6 +436,9 @@ mod tests {
             name: name.into(),
             adapter: None,
             quant: None,
+            url: None,
+            model: None,
+            api_key_env: None,
             decoding: StageDecoding::One(Decoding::Greedy),
             shots: 0,
             price: None,

@@ -6,7 +6,7 @@
 //! and needs no accelerator. [`out_of_fold`] gives each development example a score from a
 //! model fitted without it, so thresholds are not tuned on scores the scorer has seen.
 
-use serde::{Deserialize, Serialize};
+use ft_serve::cascade::scorer::{sigmoid, Logistic};
 
 use crate::tasks::SplitMix64;
 
@@ -23,63 +23,23 @@ const RATE_CLAMP: f64 = 1e-3;
 /// The first retry is 1e-6; the larger ones only guard against a Hessian wrecked by rounding.
 const JITTERS: [f64; 5] = [0.0, 1e-6, 1e-4, 1e-2, 1.0];
 
-/// A logistic-regression scorer of "is this stage's answer right" from a feature vector.
+/// Fits `P(right | x) = sigmoid(bias + w . (x - mean) / scale)` to the rows of `x` and the
+/// labels `y`, with an L2 penalty `l2 / 2 * |w|^2` on the weights (not the bias).
 ///
-/// Features are standardised with the training split's mean and standard deviation, so the
-/// L2 penalty treats every feature alike whatever its units, and the serialized model carries
-/// everything needed to score a new item.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Logistic {
-    /// The features' names, in the order of every feature vector.
-    pub features: Vec<String>,
-    /// Each feature's mean on the training split.
-    pub mean: Vec<f64>,
-    /// Each feature's standard deviation on the training split; 1 for a constant feature.
-    pub scale: Vec<f64>,
-    /// One weight per standardised feature.
-    pub weights: Vec<f64>,
-    /// The intercept (the logit of an item whose features all sit at their means).
-    pub bias: f64,
+/// Newton's method (iteratively reweighted least squares) runs at most 50 steps and stops
+/// once no coefficient moves by 1e-8; each step solves its (d+1)x(d+1) system by Cholesky,
+/// with a small ridge when the Hessian is singular (a constant column, `l2 = 0`). A step
+/// that would lower the penalized likelihood is halved, so separable data, whose
+/// unpenalized optimum lies at infinity, leaves large but finite weights. All-right or
+/// all-wrong labels give zero weights and the logit of the clamped rate; no rows give
+/// score 0.5. A missing (NaN or infinite) feature counts as the column's mean.
+pub fn fit(features: &[String], x: &[Vec<f64>], y: &[bool], l2: f64) -> Logistic {
+    debug_assert_eq!(x.len(), y.len(), "one label per row");
+    let rows: Vec<usize> = (0..x.len().min(y.len())).collect();
+    fit_rows(features, x, y, &rows, l2)
 }
 
-impl Logistic {
-    /// Fits `P(right | x) = sigmoid(bias + w . (x - mean) / scale)` to the rows of `x` and the
-    /// labels `y`, with an L2 penalty `l2 / 2 * |w|^2` on the weights (not the bias).
-    ///
-    /// Newton's method (iteratively reweighted least squares) runs at most 50 steps and stops
-    /// once no coefficient moves by 1e-8; each step solves its (d+1)x(d+1) system by Cholesky,
-    /// with a small ridge when the Hessian is singular (a constant column, `l2 = 0`). A step
-    /// that would lower the penalized likelihood is halved, so separable data, whose
-    /// unpenalized optimum lies at infinity, leaves large but finite weights. All-right or
-    /// all-wrong labels give zero weights and the logit of the clamped rate; no rows give
-    /// score 0.5. A missing (NaN or infinite) feature counts as the column's mean.
-    pub fn fit(features: &[String], x: &[Vec<f64>], y: &[bool], l2: f64) -> Logistic {
-        debug_assert_eq!(x.len(), y.len(), "one label per row");
-        let rows: Vec<usize> = (0..x.len().min(y.len())).collect();
-        fit_rows(features, x, y, &rows, l2)
-    }
-
-    /// The probability that the answer with features `x` is right:
-    /// `sigmoid(bias + sum_j w_j (x_j - mean_j) / scale_j)`. A missing (NaN or infinite)
-    /// feature counts as its mean, i.e. contributes nothing.
-    pub fn score(&self, x: &[f64]) -> f64 {
-        debug_assert_eq!(x.len(), self.weights.len(), "one value per feature");
-        let mut logit = self.bias;
-        for (j, &w) in self.weights.iter().enumerate() {
-            let (Some(&v), Some(&mean), Some(&scale)) =
-                (x.get(j), self.mean.get(j), self.scale.get(j))
-            else {
-                continue;
-            };
-            if v.is_finite() {
-                logit += w * (v - mean) / scale;
-            }
-        }
-        sigmoid(logit)
-    }
-}
-
-/// [`Logistic::fit`] on the rows `rows` of `x` and `y`, so cross-fitting needs no copies.
+/// [`fit`] on the rows `rows` of `x` and `y`, so cross-fitting needs no copies.
 fn fit_rows(features: &[String], x: &[Vec<f64>], y: &[bool], rows: &[usize], l2: f64) -> Logistic {
     let d = features.len();
     let n = rows.len();
@@ -273,16 +233,6 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// `1 / (1 + e^-t)`, without overflow for large `|t|`.
-fn sigmoid(t: f64) -> f64 {
-    if t >= 0.0 {
-        1.0 / (1.0 + (-t).exp())
-    } else {
-        let e = t.exp();
-        e / (1.0 + e)
-    }
-}
-
 /// `log(1 + e^t)`, without overflow for large `|t|`.
 fn softplus(t: f64) -> f64 {
     t.max(0.0) + (-t.abs()).exp().ln_1p()
@@ -292,7 +242,7 @@ fn logit(p: f64) -> f64 {
     (p / (1.0 - p)).ln()
 }
 
-/// Out-of-fold scores: each item scored by a model fitted (with [`Logistic::fit`]) on the
+/// Out-of-fold scores: each item scored by a model fitted (with [`fit`]) on the
 /// other folds, so the cascade search sees scores as noisy as those of unseen test items
 /// rather than the optimistic in-sample ones.
 ///
@@ -312,7 +262,7 @@ pub fn out_of_fold(
     debug_assert_eq!(x.len(), y.len(), "one label per row");
     let n = x.len().min(y.len());
     if n <= 1 {
-        let model = Logistic::fit(features, &x[..n], &y[..n], l2);
+        let model = fit(features, &x[..n], &y[..n], l2);
         return x[..n].iter().map(|row| model.score(row)).collect();
     }
 
@@ -378,7 +328,7 @@ mod tests {
     #[test]
     fn fit_separates_noisy_data() {
         let (x, y) = noisy();
-        let model = Logistic::fit(&names(), &x, &y, 1e-3);
+        let model = fit(&names(), &x, &y, 1e-3);
         assert!(accuracy(&model, &x, &y) >= 0.9, "{model:?}");
         assert!(
             model.weights[0] > 0.0 && model.weights[1] > 0.0,
@@ -394,7 +344,7 @@ mod tests {
         let (x, _) = noisy();
         let y: Vec<bool> = x.iter().map(|row| row[0] > 0.0).collect();
         for l2 in [0.0, 1e-3] {
-            let model = Logistic::fit(&names(), &x, &y, l2);
+            let model = fit(&names(), &x, &y, l2);
             assert!(model.bias.is_finite(), "{model:?}");
             assert!(model.weights.iter().all(|w| w.is_finite()), "{model:?}");
             assert!(x.iter().all(|row| model.score(row).is_finite()));
@@ -405,15 +355,15 @@ mod tests {
     #[test]
     fn one_label_gives_the_clamped_rate() {
         let (x, _) = noisy();
-        let all_true = Logistic::fit(&names(), &x, &vec![true; x.len()], 0.0);
+        let all_true = fit(&names(), &x, &vec![true; x.len()], 0.0);
         assert_eq!(all_true.weights, vec![0.0, 0.0]);
         for row in &x {
             let s = all_true.score(row);
             assert!((s - 0.999).abs() < 1e-12, "{s}");
         }
-        let all_false = Logistic::fit(&names(), &x, &vec![false; x.len()], 0.0);
+        let all_false = fit(&names(), &x, &vec![false; x.len()], 0.0);
         assert!((all_false.score(&x[0]) - 0.001).abs() < 1e-12);
-        let empty = Logistic::fit(&names(), &[], &[], 0.0);
+        let empty = fit(&names(), &[], &[], 0.0);
         assert_eq!(empty.bias, 0.0);
         assert_eq!(empty.score(&[0.3, f64::NAN]), 0.5);
     }
@@ -425,7 +375,7 @@ mod tests {
         let x3: Vec<Vec<f64>> = x.iter().map(|row| vec![row[0], row[1], 0.1]).collect();
         let mut features = names();
         features.push("c".to_string());
-        let model = Logistic::fit(&features, &x3, &y, 0.0);
+        let model = fit(&features, &x3, &y, 0.0);
         assert_eq!(model.scale[2], 1.0);
         assert!(model.weights[2].abs() < 1e-9, "{model:?}");
         assert!(accuracy(&model, &x3, &y) >= 0.9);
@@ -438,7 +388,7 @@ mod tests {
     #[test]
     fn serde_round_trip_keeps_scores() {
         let (x, y) = noisy();
-        let model = Logistic::fit(&names(), &x, &y, 1e-2);
+        let model = fit(&names(), &x, &y, 1e-2);
         let json = serde_json::to_string(&model).expect("serialize");
         let back: Logistic = serde_json::from_str(&json).expect("deserialize");
         for row in &x {
@@ -449,7 +399,7 @@ mod tests {
     #[test]
     fn out_of_fold_holds_items_out() {
         let (x, y) = noisy();
-        let model = Logistic::fit(&names(), &x, &y, 1e-3);
+        let model = fit(&names(), &x, &y, 1e-3);
         let held_out = out_of_fold(&names(), &x, &y, 5, 11, 1e-3);
         assert_eq!(held_out.len(), x.len());
         let in_sample: Vec<f64> = x.iter().map(|row| model.score(row)).collect();

@@ -46,6 +46,7 @@ pub(super) async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Va
     let entry = |id: &str, parent: Option<&str>| json!({"id": id, "object": "model", "created": 0, "owned_by": "ft", "root": base, "parent": parent});
     let mut data = vec![entry(base, None)];
     data.extend(names.iter().map(|n| entry(n, Some(base))));
+    data.extend(state.config.cascades.iter().map(|c| entry(&c.name, None)));
     Ok(Json(json!({"object": "list", "data": data})))
 }
 

@@ -42,42 +42,14 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
     let span = tracing::info_span!("request", endpoint = "/v1/completions");
     let run = async {
         let req: CompletionRequest = parse(&body)?;
+        if let Some(cascade) = state.config.cascades.iter().find(|c| c.name == req.model) {
+            return super::cascade::complete(&state, cascade, &req, &body).await;
+        }
         let mut lookup = Lookup::new(&state, "/v1/completions", &req.model, &req.sampling, &body);
         if let Some(hit) = hit(&mut lookup, arrival).await {
             return Ok(hit);
         }
-        let prompts = req.prompts().map_err(ApiError::bad_request)?;
-        let many = prompts.len() > 1;
-        let mut sent = Vec::with_capacity(prompts.len());
-        for (i, prompt) in prompts.into_iter().enumerate() {
-            let field = if many {
-                format!("prompt[{i}]")
-            } else {
-                "prompt".into()
-            };
-            let bad = |e: &dyn std::fmt::Display| ApiError::bad_request(format!("{field}: {e}"));
-            let (tokens, text) = match prompt {
-                Prompt::Text(text) => (state.tokenizer.encode(&text).map_err(|e| bad(&e))?, text),
-                Prompt::Ids(ids) if req.echo => {
-                    let text = state.tokenizer.decode(&ids).map_err(|e| bad(&e))?;
-                    (ids, text)
-                }
-                Prompt::Ids(ids) => (ids, String::new()),
-            };
-            let echo = req.echo.then(|| Echo {
-                text,
-                tokens: tokens.clone(),
-            });
-            let submit = Submit {
-                endpoint: Endpoint::Completions,
-                model: &req.model,
-                sampling: &req.sampling,
-                logprobs: req.logprobs,
-                prompt_logprobs: req.prompt_logprobs(),
-                default_max: 16,
-            };
-            sent.push(submit.send(&state, tokens, echo, arrival)?);
-        }
+        let sent = send_all(&state, &req, arrival)?;
         // All are queued before any is waited for; a refusal drops the rest, which the
         // engine then cancels.
         let mut submitted = Vec::with_capacity(sent.len());
@@ -101,6 +73,12 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let span = tracing::info_span!("request", endpoint = "/v1/chat/completions");
     let run = async {
         let req: ChatRequest = parse(&body)?;
+        if state.config.cascades.iter().any(|c| c.name == req.model) {
+            return Err(ApiError::bad_request(format!(
+                "model: {:?} is a cascade, fitted on completion prompts: use /v1/completions",
+                req.model
+            )));
+        }
         let mut lookup = Lookup::new(
             &state,
             "/v1/chat/completions",
@@ -180,6 +158,65 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Res
         .await
     };
     finish_response(&state, run.instrument(span).await)
+}
+
+/// Queues every prompt of `req` with the engine, in order, without waiting for any.
+fn send_all(
+    state: &Arc<AppState>,
+    req: &CompletionRequest,
+    arrival: Instant,
+) -> Result<Vec<Sent>, ApiError> {
+    let prompts = req.prompts().map_err(ApiError::bad_request)?;
+    let many = prompts.len() > 1;
+    let mut sent = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.into_iter().enumerate() {
+        let field = if many {
+            format!("prompt[{i}]")
+        } else {
+            "prompt".into()
+        };
+        let bad = |e: &dyn std::fmt::Display| ApiError::bad_request(format!("{field}: {e}"));
+        let (tokens, text) = match prompt {
+            Prompt::Text(text) => (state.tokenizer.encode(&text).map_err(|e| bad(&e))?, text),
+            Prompt::Ids(ids) if req.echo => {
+                let text = state.tokenizer.decode(&ids).map_err(|e| bad(&e))?;
+                (ids, text)
+            }
+            Prompt::Ids(ids) => (ids, String::new()),
+        };
+        let echo = req.echo.then(|| Echo {
+            text,
+            tokens: tokens.clone(),
+        });
+        let submit = Submit {
+            endpoint: Endpoint::Completions,
+            model: &req.model,
+            sampling: &req.sampling,
+            logprobs: req.logprobs,
+            prompt_logprobs: req.prompt_logprobs(),
+            default_max: 16,
+        };
+        sent.push(submit.send(state, tokens, echo, arrival)?);
+    }
+    Ok(sent)
+}
+
+/// `req`'s whole completion body, not streamed and not cached: how a served cascade asks
+/// this server's base or adapters.
+pub(super) async fn whole_body(
+    state: &Arc<AppState>,
+    req: &CompletionRequest,
+    arrival: Instant,
+) -> Result<Value, ApiError> {
+    let mut choices = Vec::new();
+    let mut reply = None;
+    for s in send_all(state, req, arrival)? {
+        let (progress, r) = s.accepted().await?;
+        choices.push(whole(progress).await?);
+        reply.get_or_insert(r);
+    }
+    let reply = reply.ok_or_else(|| ApiError::internal("no prompt was submitted"))?;
+    Ok(reply.whole(&choices))
 }
 
 /// The cached answer, when there is a lookup and it finds one.

@@ -1,7 +1,8 @@
 //! `/metrics` in the Prometheus text format: the engine's queue, running requests, KV
 //! blocks and throughput as gauges, token and request counters, and histograms of time to
 //! first token, time per output token and request latency; the response cache's hits,
-//! misses, failures and the latency of its answers.
+//! misses, failures and the latency of its answers; each served cascade's stages: requests
+//! asked, answers kept and what they cost.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -58,6 +59,19 @@ pub struct Metrics {
     pub cache_hit: Histogram,
     /// Finished requests by HTTP status.
     pub requests: std::collections::BTreeMap<u16, u64>,
+    /// Per served cascade and stage (by name): what its stages did.
+    pub cascades: std::collections::BTreeMap<(String, String), StageCounts>,
+}
+
+/// What one stage of a served cascade did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageCounts {
+    /// Requests that reached the stage.
+    pub asked: u64,
+    /// Requests whose answer the stage gave.
+    pub answered: u64,
+    /// What the stage's requests cost, USD.
+    pub cost_usd: f64,
 }
 
 impl Metrics {
@@ -171,6 +185,7 @@ impl Metrics {
             "ft_request_latency_seconds",
             "Request latency, end to end.",
         );
+        self.write_cascades(&mut out);
         if let Some(cache) = cache {
             write_cache(&mut out, cache);
             self.cache_hit.write(
@@ -181,6 +196,53 @@ impl Metrics {
         }
         out
     }
+
+    /// Every served cascade's stages, labelled by cascade and stage.
+    fn write_cascades(&self, out: &mut String) {
+        if self.cascades.is_empty() {
+            return;
+        }
+        let families: [Family; 3] = [
+            (
+                "ft_cascade_requests_total",
+                "Requests that reached a cascade's stage.",
+                |c| c.asked as f64,
+            ),
+            (
+                "ft_cascade_answers_total",
+                "Requests a cascade's stage answered.",
+                |c| c.answered as f64,
+            ),
+            (
+                "ft_cascade_cost_usd_total",
+                "What a cascade's stage cost, USD (its price, or its time at the hourly price).",
+                |c| c.cost_usd,
+            ),
+        ];
+        for (name, help, value) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((cascade, stage), counts) in &self.cascades {
+                let _ = writeln!(
+                    out,
+                    "{name}{{cascade=\"{}\",stage=\"{}\"}} {}",
+                    label(cascade),
+                    label(stage),
+                    value(counts)
+                );
+            }
+        }
+    }
+}
+
+/// A labelled counter family: its name, its help, and its value from a stage's counts.
+type Family = (&'static str, &'static str, fn(&StageCounts) -> f64);
+
+/// `value` escaped as a Prometheus label value.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The response cache's counters and, in memory, its bytes.
@@ -243,5 +305,41 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"0.025\"} 1\n"));
         assert!(out.contains("x_bucket{le=\"5\"} 2\n"));
         assert!(out.contains("x_bucket{le=\"+Inf\"} 2\nx_sum 3.02\nx_count 2\n"));
+    }
+
+    #[test]
+    fn cascade_stages_are_labelled_counters() {
+        let mut m = Metrics::default();
+        m.cascades.insert(
+            ("units".into(), "cheap \"q4\"".into()),
+            StageCounts {
+                asked: 3,
+                answered: 2,
+                cost_usd: 0.5,
+            },
+        );
+        let out = m.render(&Live::default(), None);
+        assert!(
+            out.contains("# TYPE ft_cascade_answers_total counter\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "ft_cascade_requests_total{cascade=\"units\",stage=\"cheap \\\"q4\\\"\"} 3\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "ft_cascade_answers_total{cascade=\"units\",stage=\"cheap \\\"q4\\\"\"} 2\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "ft_cascade_cost_usd_total{cascade=\"units\",stage=\"cheap \\\"q4\\\"\"} 0.5\n"
+            ),
+            "{out}"
+        );
     }
 }

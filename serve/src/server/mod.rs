@@ -5,13 +5,16 @@
 //! `/health` and `/metrics`. A request's `model` names the base or an adapter. A repeated
 //! request whose answer its inputs fix is answered from the response cache when one is
 //! configured ([`crate::response_cache`]; header `x-ft-cache`: `hit`, `miss`, or
-//! `coalesced` when it waited for the same request in flight). Errors are OpenAI error
+//! `coalesced` when it waited for the same request in flight). A request to a served
+//! cascade's name is answered by its stages in turn ([`cascade`]; header `x-ft-stage`). Errors are OpenAI error
 //! objects: 400 for a malformed or out-of-range request, 401 without the API key, 404 for an
 //! unknown model, 408 for a body that does not arrive in time, 413 for one too large, 429 when
-//! the queue is full, 503 past the connection limit ([`connections`]).
+//! the queue is full, 502 when a cascade's stage on another server fails, 503 past the
+//! connection limit ([`connections`]).
 
 mod admin;
 mod cached;
+mod cascade;
 mod completions;
 mod connections;
 pub mod metrics;
@@ -57,6 +60,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// The response cache, if any.
     pub cache: Option<CacheConfig>,
+    /// Cascades served as models, by their names ([`crate::cascade`]).
+    pub cascades: Vec<crate::cascade::Cascade>,
 }
 
 /// What every handler shares.
@@ -198,6 +203,15 @@ fn serve_until<B: QuantBackend>(
                 worker::run(engine, rx, worker_live, worker_prints)
             })
         })?;
+    // Every cascade's stages are counted from 0, asked or not.
+    let mut counted = Metrics::default();
+    for c in &config.cascades {
+        for s in &c.stages {
+            counted
+                .cascades
+                .insert((c.name.clone(), s.name.clone()), Default::default());
+        }
+    }
     let state = Arc::new(AppState {
         commands: Mutex::new(tx),
         tokenizer,
@@ -205,7 +219,7 @@ fn serve_until<B: QuantBackend>(
         config,
         context,
         live,
-        metrics: Mutex::new(Metrics::default()),
+        metrics: Mutex::new(counted),
         seeds: AtomicU64::new(0x5eed),
         cache,
         prints,

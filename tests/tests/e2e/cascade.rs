@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use ft_tests::{ft, tiny, tiny_model};
+use ft_tests::{ft, tiny, tiny_model, Server};
 use serde_json::Value;
 
 /// A task whose every prompt is the same short sum (the tiny model's context is 64 byte
@@ -192,4 +192,213 @@ fn a_cascade_is_fitted_to_a_budget_and_drawn_against_cost() {
         ])
         .fails_with(2, needles);
     }
+}
+
+/// POSTs `body` to the server's `/v1/completions`: the status, the `x-ft-stage` header and
+/// the JSON answer.
+fn complete(server: &Server, body: &Value) -> (u16, Option<String>, Value) {
+    let answer = ureq::post(&format!("{}/v1/completions", server.url))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string());
+    let r = match answer {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST /v1/completions: {e}"),
+    };
+    let (status, stage) = (r.status(), r.header("x-ft-stage").map(str::to_string));
+    let text = r.into_string().unwrap();
+    (
+        status,
+        stage,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// The value of `name{cascade="sums",stage="stage"}` in the server's metrics.
+fn stage_metric(server: &Server, name: &str, stage: &str) -> f64 {
+    let text = server.get("/metrics");
+    let key = format!("{name}{{cascade=\"sums\",stage=\"{stage}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+}
+
+/// Sets, in the fitted cascade file `path`, the chain to `chain` and the first stage's
+/// threshold to `threshold`.
+fn edit(path: &Path, chain: &[&str], threshold: f64) {
+    let mut file: toml::Value = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    file["fit"]["chain"] = toml::Value::Array(chain.iter().map(|s| (*s).into()).collect());
+    let stages = file["stage"].as_array_mut().unwrap();
+    let first = stages[0].as_table_mut().unwrap();
+    first.insert("threshold".into(), threshold.into());
+    std::fs::write(path, toml::to_string(&file).unwrap()).unwrap();
+}
+
+#[test]
+fn a_fitted_cascade_is_served_as_a_model_that_names_its_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    let gguf = gguf.to_str().unwrap();
+    let tasks = dir.path().join("tasks");
+    write_task(&tasks, "x");
+    let task_file = tasks.join("sums.toml");
+    // A second server, for a stage on another machine; fitting asks it through its url.
+    let other = Server::start(&["--model", gguf, "--served-model-name", "remote-tiny"]);
+    let cascade = dir.path().join("cascade.toml");
+    std::fs::write(
+        &cascade,
+        format!(
+            "[[stage]]\nname = \"greedy\"\nprice = {{ input = 1.0, output = 2.0 }}\n\n\
+             [[stage]]\nname = \"sampled\"\ndecoding = \"sample\"\nshots = 2\nprice = {{ input = 2.0, output = 4.0 }}\n\n\
+             [[stage]]\nname = \"remote\"\nurl = \"{}\"\nmodel = \"remote-tiny\"\nprice = {{ input = 4.0, output = 8.0 }}\n",
+            other.url
+        ),
+    )
+    .unwrap();
+    let fitted = dir.path().join("fitted.toml");
+    let fit = ft(&[
+        "cascade",
+        "fit",
+        cascade.to_str().unwrap(),
+        "--model",
+        gguf,
+        "--task",
+        task_file.to_str().unwrap(),
+        "--dev-size",
+        "10",
+        "--budget",
+        "1000",
+        "--out",
+        fitted.to_str().unwrap(),
+    ]);
+    assert_eq!(fit.code, 0, "{}", fit.stderr);
+    let dev: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("fitted.dev.json")).unwrap())
+            .unwrap();
+    let remote = &dev[2]["outcomes"][0];
+    assert!(
+        remote["error"].is_null(),
+        "the remote stage answered: {remote}"
+    );
+    assert_eq!(
+        remote["answer"], dev[0]["outcomes"][0]["answer"],
+        "greedy, both"
+    );
+    let greedy = dev[0]["outcomes"][0]["answer"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let spec = format!("sums={}", fitted.display());
+
+    // The first stage never keeps its answer: the second answers, and both are paid for.
+    edit(&fitted, &["greedy", "sampled"], 2.0);
+    let server = Server::start(&["--model", gguf, "--cascade", &spec]);
+    let models = server.get("/v1/models");
+    assert!(models.contains("\"sums\""), "{models}");
+    let ask = serde_json::json!({"model": "sums", "prompt": "2+2=", "max_tokens": 2});
+    let (status, header, body) = complete(&server, &ask);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (header.as_deref(), &body["ft_stage"]),
+        (Some("sampled"), &Value::from("sampled"))
+    );
+    assert_eq!(body["model"], "sums");
+    assert!(body["choices"][0]["logprobs"].is_null(), "not asked for");
+    let usage = &body["usage"];
+    assert!(
+        usage["prompt_tokens"].as_u64().unwrap() > 8,
+        "both stages' prompts, the second with its demonstrations: {usage}"
+    );
+    assert_eq!(
+        stage_metric(&server, "ft_cascade_requests_total", "greedy"),
+        1.0
+    );
+    assert_eq!(
+        stage_metric(&server, "ft_cascade_answers_total", "greedy"),
+        0.0
+    );
+    assert_eq!(
+        stage_metric(&server, "ft_cascade_answers_total", "sampled"),
+        1.0
+    );
+    assert!(stage_metric(&server, "ft_cascade_cost_usd_total", "sampled") > 0.0);
+
+    // Streamed, the same answer comes as events naming the stage.
+    let streamed = ureq::post(&format!("{}/v1/completions", server.url))
+        .send_json(serde_json::json!({"model": "sums", "prompt": "2+2=", "max_tokens": 2, "stream": true, "stream_options": {"include_usage": true}}))
+        .unwrap();
+    assert_eq!(streamed.header("x-ft-stage"), Some("sampled"));
+    let events = streamed.into_string().unwrap();
+    assert!(
+        events.contains("\"ft_stage\":\"sampled\"") && events.contains("\"usage\""),
+        "{events}"
+    );
+    assert!(events.trim_end().ends_with("data: [DONE]"), "{events}");
+
+    for (body, needle) in [
+        (
+            serde_json::json!({"model": "sums", "prompt": ["a", "b"]}),
+            "one text prompt",
+        ),
+        (
+            serde_json::json!({"model": "sums", "prompt": "a", "n": 2}),
+            "one choice",
+        ),
+    ] {
+        let (status, _, answer) = complete(&server, &body);
+        assert_eq!(status, 400, "{answer}");
+        assert!(answer.to_string().contains(needle), "{answer}");
+    }
+    let (status, chat) = server.post(
+        "/v1/chat/completions",
+        &serde_json::json!({"model": "sums", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(status, 400);
+    assert!(chat.to_string().contains("use /v1/completions"), "{chat}");
+    drop(server);
+
+    // Kept at once: the first stage answers, as greedy decoding does.
+    edit(&fitted, &["greedy", "sampled"], 0.0);
+    let server = Server::start(&["--model", gguf, "--cascade", &spec]);
+    let (status, header, body) = complete(&server, &ask);
+    assert_eq!((status, header.as_deref()), (200, Some("greedy")), "{body}");
+    assert_eq!(body["choices"][0]["text"], greedy.as_str());
+    assert_eq!(
+        stage_metric(&server, "ft_cascade_requests_total", "sampled"),
+        0.0
+    );
+    drop(server);
+
+    // A stage on the other server answers through its url; once that server is gone, the
+    // cascade says which stage failed and where.
+    edit(&fitted, &["greedy", "remote"], 2.0);
+    let server = Server::start(&["--model", gguf, "--cascade", &spec]);
+    let (status, header, body) = complete(&server, &ask);
+    assert_eq!((status, header.as_deref()), (200, Some("remote")), "{body}");
+    assert_eq!(body["choices"][0]["text"], greedy.as_str());
+    let other_url = other.url.clone();
+    drop(other);
+    let (status, _, body) = complete(&server, &ask);
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.to_string().contains("stage remote") && body.to_string().contains(&other_url),
+        "{body}"
+    );
+    drop(server);
+
+    // Usage errors name the flag, the file and the stage.
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--model", gguf, "--port", "0"];
+        args.extend_from_slice(extra);
+        ft(&args)
+    };
+    serve(&["--cascade", "sums"]).fails_with(2, &["--cascade sums", "NAME=FILE"]);
+    serve(&["--cascade", &format!("sums={}", cascade.display())])
+        .fails_with(2, &["cascade.toml", "not fitted"]);
+    let mut file: toml::Value = toml::from_str(&std::fs::read_to_string(&fitted).unwrap()).unwrap();
+    let first = file["stage"][0].as_table_mut().unwrap();
+    first.insert("quant".into(), "q8".into());
+    std::fs::write(&fitted, toml::to_string(&file).unwrap()).unwrap();
+    serve(&["--cascade", &spec]).fails_with(2, &["fitted.toml", "stage greedy", "quant"]);
 }

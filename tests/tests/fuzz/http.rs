@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use ft_model::tiny::{tiny_adapter, tiny_config, tiny_model};
 use ft_model::Pretrained;
+use ft_serve::cascade::features::NAMES;
+use ft_serve::cascade::scorer::Logistic;
+use ft_serve::cascade::{self, Cascade, Price, Stage};
 use ft_serve::response_cache::{CacheConfig, CacheStore};
 use ft_serve::server::{Background, Limits, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
@@ -16,7 +19,7 @@ use serde_json::{json, Value};
 
 use crate::{B, LONG, QUICK};
 
-/// A server on the tiny model with adapter `a`, adapters loadable from `dir`.
+/// A server on the tiny model with adapter `a` and cascade `c`, adapters loadable from `dir`.
 fn server(dir: &Path) -> Background {
     let model = dir.join("tiny.gguf");
     ft_model::tiny::write_gguf(&tiny_model::<B>(&tiny_config(), 9), &tiny_config(), &model)
@@ -49,6 +52,7 @@ fn server(dir: &Path) -> Background {
             ttl: None,
             model: [0; 32],
         }),
+        cascades: vec![cascade()],
         ..Default::default()
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("a port");
@@ -60,6 +64,49 @@ fn server(dir: &Path) -> Background {
         listener,
     )
     .expect("start the server")
+}
+
+/// The cascade `c`: greedy on the base, whose answer is never kept, then a two-sample vote
+/// of adapter `a`.
+fn cascade() -> Cascade {
+    let features: Vec<String> = NAMES.iter().map(|n| n.to_string()).collect();
+    let d = features.len();
+    let never = Logistic {
+        features,
+        mean: vec![0.0; d],
+        scale: vec![1.0; d],
+        weights: vec![0.0; d],
+        bias: 0.0,
+    };
+    let price = Price::PerToken {
+        input: 1.0,
+        output: 2.0,
+    };
+    let stage = |name: &str, model: &str, fields: Value, samples, accept| Stage {
+        name: name.into(),
+        target: cascade::Target::Local {
+            model: model.into(),
+        },
+        context: "2+2=4\n\n".into(),
+        fields: fields.as_object().cloned().unwrap_or_default(),
+        samples,
+        logprobs: Some(5),
+        accept,
+        price,
+    };
+    Cascade {
+        name: "c".into(),
+        stages: vec![
+            stage(
+                "base",
+                "tiny",
+                json!({"temperature": 0.0}),
+                1,
+                Some((never, 0.6)),
+            ),
+            stage("vote", "a", json!({"temperature": 0.7, "seed": 0}), 2, None),
+        ],
+    }
 }
 
 /// Requests as `PATH\nBODY`.
@@ -89,6 +136,15 @@ fn seeds(dir: &Path) -> Vec<Vec<u8>> {
             "/v1/completions",
             json!({"model": "a", "prompt": [[5, 6, 7], "y"], "max_tokens": 0, "echo": true,
                    "logprobs": 1}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "c", "prompt": "1+1=", "max_tokens": 3, "stop": ["\n"]}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "c", "prompt": "3+3=", "max_completion_tokens": 2, "stream": true,
+                   "stream_options": {"include_usage": true}, "logprobs": 1}),
         ),
         (
             "/tokenize",

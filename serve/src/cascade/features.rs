@@ -2,10 +2,43 @@
 //! whether to accept it (FrugalGPT's scorer, from signals the serving path already returns):
 //! the answer tokens' log-probabilities (mean and least), the entropy of the model's top
 //! choices, the answer's and the prompt's length, whether it ended on its own, and, for
-//! self-consistency, how many samples agree. The token scores come from the client
-//! ([`crate::client::Streamed::logprobs`]).
+//! self-consistency, how many samples agree. The token scores are read from a completion's
+//! `logprobs` object ([`parse_logprobs`]), so the same features come from our engine and from
+//! any OpenAI-compatible server.
 
-use crate::client::TokenScore;
+use serde_json::Value;
+
+/// One generated token's log-probability and its top alternatives'.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenScore {
+    /// log p(the token).
+    pub logprob: f64,
+    /// log p of the most likely tokens.
+    pub top: Vec<f64>,
+}
+
+/// The token scores of a `/v1/completions` choice's `logprobs` object (`token_logprobs` and
+/// `top_logprobs`); entries without a log-probability are skipped.
+pub fn parse_logprobs(logprobs: &Value) -> Vec<TokenScore> {
+    let Some(lps) = logprobs["token_logprobs"].as_array() else {
+        return Vec::new();
+    };
+    let tops = logprobs["top_logprobs"].as_array();
+    lps.iter()
+        .enumerate()
+        .filter_map(|(i, lp)| {
+            let top = tops
+                .and_then(|t| t.get(i))
+                .and_then(Value::as_object)
+                .map(|m| m.values().filter_map(Value::as_f64).collect())
+                .unwrap_or_default();
+            Some(TokenScore {
+                logprob: lp.as_f64()?,
+                top,
+            })
+        })
+        .collect()
+}
 
 /// The features' names, in the order of [`Features::vector`].
 pub const NAMES: [&str; 7] = [
@@ -97,11 +130,11 @@ impl Features {
 }
 
 /// Self-consistency's vote: the index of the first answer of the most common one (answers
-/// compared after whitespace normalization) and the share of answers that agree with it.
+/// compared word by word, whitespace aside) and the share of answers that agree with it.
 pub fn vote(answers: &[String]) -> (usize, f64) {
-    let norm: Vec<String> = answers
+    let norm: Vec<Vec<&str>> = answers
         .iter()
-        .map(|a| crate::metric::normalize(a))
+        .map(|a| a.split_whitespace().collect())
         .collect();
     let mut best = (0, 0);
     for (i, a) in norm.iter().enumerate() {
@@ -116,6 +149,23 @@ pub fn vote(answers: &[String]) -> (usize, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_completions_logprobs_object_gives_each_tokens_scores() {
+        let v = json!({
+            "tokens": [" 1", "9", "\n"],
+            "token_logprobs": [-0.1, -2.0, -0.5],
+            "top_logprobs": [{" 1": -0.1, " 2": -2.5}, {"9": -2.0, "8": -0.3}, null],
+            "text_offset": [0, 2, 3],
+        });
+        let t = parse_logprobs(&v);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[1].logprob, -2.0);
+        assert_eq!(t[0].top.len(), 2);
+        assert!(t[2].top.is_empty());
+        assert!(parse_logprobs(&json!(null)).is_empty());
+    }
 
     #[test]
     fn entropy_of_the_top_choices_counts_the_mass_they_leave() {
