@@ -53,6 +53,9 @@ pub enum Command {
     /// FrugalGPT cascades: fit the stages and thresholds to a budget, measure the curve.
     #[command(subcommand)]
     Cascade(CascadeCommand),
+    /// OpenAI Batch API files: run one with no server.
+    #[command(subcommand)]
+    Batch(BatchCommand),
     /// Bundled data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -67,22 +70,30 @@ pub enum Command {
     Serve(ServeArgs),
 }
 
-/// `ft serve`.
+/// The models a server answers with: the base by its name, and adapters.
 #[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// The base model.
-    #[command(flatten)]
-    pub base: BaseModelArgs,
+pub struct ServedModelArgs {
     /// The base model's name in requests and /v1/models (default: --model as given).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// An adapter to serve, NAME=PEFT_FOLDER (repeatable).
     #[arg(long = "adapter", value_name = "NAME=PATH")]
     pub adapters: Vec<String>,
-    /// Serve every adapter of this registry by name (its latest version), and let
-    /// /v1/load_lora_adapter load `registry:NAME[:VERSION]`.
+    /// Serve every adapter of this registry by name (its latest version); `ft serve` also
+    /// lets /v1/load_lora_adapter load `registry:NAME[:VERSION]`.
     #[arg(long)]
     pub registry: Option<PathBuf>,
+}
+
+/// `ft serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The base model.
+    #[command(flatten)]
+    pub base: BaseModelArgs,
+    /// What requests may name.
+    #[command(flatten)]
+    pub models: ServedModelArgs,
     /// A folder /v1/load_lora_adapter may load adapters from (repeatable).
     #[arg(long = "allowed-adapter-dir", value_name = "DIR")]
     pub allowed_adapter_dirs: Vec<PathBuf>,
@@ -833,6 +844,38 @@ pub struct CascadeModelArgs {
     pub price_per_hour: Option<f64>,
     /// Seconds a request may take before it counts as failed.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+}
+
+/// `ft batch ...`.
+#[derive(Debug, Subcommand)]
+pub enum BatchCommand {
+    /// Answer a batch file (OpenAI's JSONL of `{custom_id, method, url, body}` requests) with
+    /// the model here and no server, as vLLM's `run-batch`: one output line per request, in
+    /// input order. A run stopped part way resumes without asking again what it answered.
+    Run(BatchRunArgs),
+}
+
+/// `ft batch run`.
+#[derive(Debug, Args)]
+pub struct BatchRunArgs {
+    /// The requests, one JSON object a line.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// The answers, one JSON object a line (written once all are answered; until then a
+    /// journal, OUTPUT.partial, keeps them).
+    #[arg(long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub base: BaseModelArgs,
+    /// What requests may name.
+    #[command(flatten)]
+    pub models: ServedModelArgs,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub concurrency: u64,
+    /// Seconds one request may take.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
 }
 

@@ -7,7 +7,7 @@
 //! strings ([`text_stream`]), behind the OpenAI-compatible HTTP [`server`], whose metrics
 //! include the process's resident memory ([`rss`]) and which answers repeated deterministic
 //! requests from a [`response_cache`] in memory or Redis, and serves FrugalGPT [`cascade`]s
-//! as models.
+//! as models; OpenAI Batch API files ([`batches`]) run against it.
 //!
 //! Uses ft-model and ft-adapters; must not import ft-quant (ft-model re-exports what serving
 //! needs), ft-distill, ft-eval or ft-trainer.
@@ -15,6 +15,7 @@
 
 pub mod adapter_cache;
 pub mod batch;
+pub mod batches;
 pub mod beam;
 pub mod blocks;
 pub mod cascade;

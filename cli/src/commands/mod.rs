@@ -1,6 +1,7 @@
 //! One module per subcommand; each validates its flags and calls into the library crates.
 
 mod adapters;
+mod batch;
 mod bench;
 mod bench_cache;
 mod bench_distill;
@@ -23,8 +24,8 @@ mod tokenize;
 mod train;
 
 use crate::args::{
-    AdaptersCommand, BenchCommand, CascadeCommand, Command, DataCommand, QuantCommand,
-    RecipeCommand, ScalingCommand,
+    AdaptersCommand, BatchCommand, BenchCommand, CascadeCommand, Command, DataCommand,
+    QuantCommand, RecipeCommand, ScalingCommand,
 };
 
 /// Runs one parsed command.
@@ -52,6 +53,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Scaling(ScalingCommand::Plan(args)) => scaling::plan(args),
         Command::Scaling(ScalingCommand::Sweep(args)) => scaling::sweep(args),
         Command::Eval(args) => eval::run(args),
+        Command::Batch(BatchCommand::Run(args)) => batch::run(args),
         Command::Cascade(CascadeCommand::Fit(args)) => cascade::fit(args),
         Command::Cascade(CascadeCommand::Eval(args)) => cascade::eval(args),
         Command::Data(DataCommand::Tasks(args)) => data::tasks(args),

@@ -27,7 +27,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// `NAME=PATH` of `--adapter`.
-fn parse_adapter(spec: &str) -> anyhow::Result<(String, PathBuf)> {
+pub(crate) fn parse_adapter(spec: &str) -> anyhow::Result<(String, PathBuf)> {
     let (name, path) = spec
         .split_once('=')
         .ok_or_else(|| UsageError(format!("--adapter {spec:?}: expected NAME=PATH")))?;
@@ -41,6 +41,7 @@ impl Job for ServeArgs {
 
     fn run<B: QuantBackend>(self, device: B::Device) -> anyhow::Result<()> {
         let adapters: Vec<(String, PathBuf)> = self
+            .models
             .adapters
             .iter()
             .map(|a| parse_adapter(a))
@@ -88,30 +89,9 @@ impl Job for ServeArgs {
             Box::new(move |ids: &[u32]| detokenizer.decode(ids).unwrap_or_default()),
             config,
         );
-        if let Some(root) = &self.registry {
-            let registry =
-                Registry::open(root).with_context(|| format!("--registry {}", root.display()))?;
-            // Each name at its latest version.
-            let mut latest: std::collections::BTreeMap<String, u32> = Default::default();
-            for r in registry.list()? {
-                let v = latest.entry(r.name).or_default();
-                *v = (*v).max(r.version);
-            }
-            for (name, version) in latest {
-                let reference = format!("{name}:{version}");
-                let dir = server::registry_adapter(root, &reference)
-                    .map_err(|e| anyhow::anyhow!("--registry {}: {e}", root.display()))?;
-                engine.register_adapter(&name, dir).with_context(|| {
-                    format!("--registry {}: adapter {reference}", root.display())
-                })?;
-            }
-        }
-        for (name, dir) in adapters {
-            engine
-                .register_adapter(&name, dir.clone())
-                .with_context(|| format!("--adapter {name}={}", dir.display()))?;
-        }
+        register_adapters(&mut engine, self.models.registry.as_deref(), adapters)?;
         let model_id = self
+            .models
             .served_model_name
             .clone()
             .unwrap_or(self.base.model.clone());
@@ -120,7 +100,7 @@ impl Job for ServeArgs {
             let ctx = ServeContext {
                 base: &self.base,
                 model_id: &model_id,
-                registry: self.registry.as_deref(),
+                registry: self.models.registry.as_deref(),
                 price_per_hour: self.price_per_hour,
             };
             let (cascade, stage_adapters) = served(spec, &ctx)?;
@@ -158,7 +138,7 @@ impl Job for ServeArgs {
             model_id,
             api_key: self.api_key.clone(),
             allowed_adapter_dirs: self.allowed_adapter_dirs.clone(),
-            registry: self.registry.clone(),
+            registry: self.models.registry.clone(),
             limits: Limits {
                 max_connections: self.max_connections as usize,
                 header_timeout: Duration::from_secs(self.header_timeout),
@@ -177,6 +157,38 @@ impl Job for ServeArgs {
         )?;
         Ok(())
     }
+}
+
+/// Registers with `engine` every adapter of `registry` under its name (its newest version),
+/// then `adapters` (`--adapter NAME=PATH`).
+pub(crate) fn register_adapters<B: QuantBackend>(
+    engine: &mut Engine<B>,
+    registry: Option<&std::path::Path>,
+    adapters: Vec<(String, PathBuf)>,
+) -> anyhow::Result<()> {
+    if let Some(root) = registry {
+        let reg = Registry::open(root).with_context(|| format!("--registry {}", root.display()))?;
+        // Each name at its latest version.
+        let mut latest: std::collections::BTreeMap<String, u32> = Default::default();
+        for r in reg.list()? {
+            let v = latest.entry(r.name).or_default();
+            *v = (*v).max(r.version);
+        }
+        for (name, version) in latest {
+            let reference = format!("{name}:{version}");
+            let dir = server::registry_adapter(root, &reference)
+                .map_err(|e| anyhow::anyhow!("--registry {}: {e}", root.display()))?;
+            engine
+                .register_adapter(&name, dir)
+                .with_context(|| format!("--registry {}: adapter {reference}", root.display()))?;
+        }
+    }
+    for (name, dir) in adapters {
+        engine
+            .register_adapter(&name, dir.clone())
+            .with_context(|| format!("--adapter {name}={}", dir.display()))?;
+    }
+    Ok(())
 }
 
 impl ServeArgs {

@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bad_input;
+mod batch;
 mod bench_train;
 mod cache;
 mod cascade;

@@ -5,6 +5,7 @@
 //! and `FT_FUZZ_SEED` change a run's size and seed.
 
 mod adapter;
+mod batch;
 mod data;
 mod gguf;
 mod hf;

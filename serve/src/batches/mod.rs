@@ -1,0 +1,45 @@
+//! OpenAI's Batch API: a file of requests in, a file of answers out, in the same order
+//! ([`input`] checks the requests, [`output`] shapes the answers), and [`offline`], which runs
+//! such a file against a server (ours in process, as vLLM's `run-batch` does), each finished
+//! answer kept in a journal so that a run stopped part way resumes without asking again.
+
+pub mod input;
+pub mod offline;
+pub mod output;
+
+use std::path::PathBuf;
+
+pub use input::{Line, LineError};
+
+/// Why a batch did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The input file is malformed; every fault found, with its line.
+    #[error("{}", input::describe(.0))]
+    Invalid(Vec<LineError>),
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The journal of a stopped run does not belong to this input.
+    #[error("{}: {message}", path.display())]
+    Journal {
+        /// The journal.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl BatchError {
+    fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
