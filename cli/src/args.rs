@@ -154,6 +154,13 @@ pub struct ServeArgs {
     /// requests whose answer their inputs fix: temperature 0, a seed, or beam search.)
     #[arg(long)]
     pub no_cache: bool,
+    /// Where the Files and Batch API keep files and batches, across restarts (default:
+    /// $FT_HOME/serve).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Requests of one batch in the engine at once (default: --max-running, every row).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_max_rows: Option<u64>,
     /// Serve a fitted cascade (`ft cascade fit`'s file) as the model NAME (repeatable).
     #[arg(long = "cascade", value_name = "NAME=FILE")]
     pub cascades: Vec<String>,

@@ -12,7 +12,7 @@ use ft_eval::load_bench::{self, percentile, LoadSpec};
 use ft_eval::soak::SoakSpec;
 use ft_model::QuantBackend;
 use ft_serve::response_cache::{file_fingerprint, CacheConfig, CacheStore};
-use ft_serve::server::{self, Limits, ServerConfig};
+use ft_serve::server::{self, BatchConfig, Limits, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
 
 use crate::args::{BaseModelArgs, BenchServeArgs, ServeArgs};
@@ -147,6 +147,7 @@ impl Job for ServeArgs {
             },
             cache,
             cascades,
+            batches: self.batch_config(),
         };
         server::serve(
             engine,
@@ -192,6 +193,27 @@ pub(crate) fn register_adapters<B: QuantBackend>(
 }
 
 impl ServeArgs {
+    /// The Batch API's state folder and rows; without `--state-dir`, none when the default
+    /// folder cannot be made (a read-only home), with a warning.
+    fn batch_config(&self) -> Option<BatchConfig> {
+        let max_rows = self.batch_max_rows.unwrap_or(self.max_running) as usize;
+        let state_dir = match &self.state_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = ft_model::source::ft_home().join("serve");
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "no Batch API: its state folder cannot be made (--state-dir names another)");
+                    return None;
+                }
+                dir
+            }
+        };
+        Some(BatchConfig {
+            state_dir,
+            max_rows,
+        })
+    }
+
     /// The response cache the flags ask for, keyed by the sha256 of the model at `path` and
     /// how it is served (storage and `device`).
     fn response_cache(

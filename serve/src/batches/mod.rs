@@ -6,6 +6,7 @@
 pub mod input;
 pub mod offline;
 pub mod output;
+pub mod store;
 
 use std::path::PathBuf;
 

@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 
 use super::ApiError;
+use crate::batches::input::MAX_BYTES;
 
 /// The bounds of the server's connections.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -126,7 +127,13 @@ pub(crate) async fn read_body(
     next: Next,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let read = axum::body::to_bytes(body, limits.max_body_bytes);
+    // A batch file may be larger than any request (with its multipart framing).
+    let limit = if parts.uri.path() == "/v1/files" {
+        limits.max_body_bytes.max(MAX_BYTES + (1 << 20))
+    } else {
+        limits.max_body_bytes
+    };
+    let read = axum::body::to_bytes(body, limit);
     match tokio::time::timeout(limits.body_timeout, read).await {
         Ok(Ok(bytes)) => {
             next.run(Request::from_parts(parts, Body::from(bytes)))
@@ -134,10 +141,7 @@ pub(crate) async fn read_body(
         }
         Ok(Err(_)) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the request body is larger than {} bytes, or was cut off",
-                limits.max_body_bytes
-            ),
+            format!("the request body is larger than {limit} bytes, or was cut off"),
             "invalid_request_error",
         )
         .into_response(),

@@ -2,7 +2,8 @@
 //! legacy `echo` that scores a prompt) and `/v1/chat/completions` (streamed by server-sent
 //! events on request), `/v1/models`, adapter load and unload (vLLM's `/v1/load_lora_adapter`,
 //! `/v1/unload_lora_adapter`), vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`,
-//! `/health` and `/metrics`. A request's `model` names the base or an adapter. A repeated
+//! `/health` and `/metrics`; OpenAI's Files and Batch API (`/v1/files`, `/v1/batches`:
+//! [`batch_api`]) when the server keeps a state folder. A request's `model` names the base or an adapter. A repeated
 //! request whose answer its inputs fix is answered from the response cache when one is
 //! configured ([`crate::response_cache`]; header `x-ft-cache`: `hit`, `miss`, or
 //! `coalesced` when it waited for the same request in flight). A request to a served
@@ -13,6 +14,8 @@
 //! connection limit ([`connections`]).
 
 mod admin;
+mod batch_api;
+mod batch_runner;
 mod cached;
 mod cascade;
 mod completions;
@@ -62,6 +65,17 @@ pub struct ServerConfig {
     pub cache: Option<CacheConfig>,
     /// Cascades served as models, by their names ([`crate::cascade`]).
     pub cascades: Vec<crate::cascade::Cascade>,
+    /// The Files and Batch API's state, if the server keeps one.
+    pub batches: Option<BatchConfig>,
+}
+
+/// Where the Batch API keeps its files and batches, and how much of the engine a batch uses.
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    /// The state folder (SQLite and file contents).
+    pub state_dir: PathBuf,
+    /// Requests of one batch in the engine at once.
+    pub max_rows: usize,
 }
 
 /// What every handler shares.
@@ -78,6 +92,8 @@ pub(crate) struct AppState {
     cache: Option<Arc<ResponseCache>>,
     /// The adapters' fingerprints, for cache keys.
     prints: AdapterPrints,
+    /// The Batch API's state.
+    batches: Option<Arc<batch_api::Batches>>,
 }
 
 impl AppState {
@@ -191,6 +207,12 @@ fn serve_until<B: QuantBackend>(
         ),
         None => None,
     };
+    let batches = match &config.batches {
+        Some(c) => Some(Arc::new(
+            batch_api::Batches::open(&c.state_dir, c.max_rows).map_err(std::io::Error::other)?,
+        )),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel();
     let live = Arc::new(Mutex::new(Live::default()));
     let prints: AdapterPrints = Arc::new(Mutex::new(engine.adapters().fingerprints()));
@@ -223,8 +245,18 @@ fn serve_until<B: QuantBackend>(
         seeds: AtomicU64::new(0x5eed),
         cache,
         prints,
+        batches,
     });
     runtime.block_on(async move {
+        // Batches a stop left unfinished go on where they were.
+        if let Some(b) = &state.batches {
+            let unfinished = b.store.batches().map_err(std::io::Error::other)?;
+            for o in unfinished {
+                if !batch_api::FINAL.contains(&o["status"].as_str().unwrap_or_default()) {
+                    batch_runner::spawn(&state, o["id"].as_str().unwrap_or_default());
+                }
+            }
+        }
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let limits = state.config.limits;
@@ -246,6 +278,20 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(admin::models))
         .route("/v1/load_lora_adapter", post(admin::load_adapter))
         .route("/v1/unload_lora_adapter", post(admin::unload_adapter))
+        .route(
+            "/v1/files",
+            post(batch_api::upload)
+                .get(batch_api::files)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(batch_api::file).delete(batch_api::delete),
+        )
+        .route("/v1/files/{id}/content", get(batch_api::content))
+        .route("/v1/batches", post(batch_api::create).get(batch_api::list))
+        .route("/v1/batches/{id}", get(batch_api::batch))
+        .route("/v1/batches/{id}/cancel", post(batch_api::cancel))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/tokenizer_info", get(tokenize::info))

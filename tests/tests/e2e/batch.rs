@@ -3,7 +3,7 @@
 //! while the other lines run, a malformed file refused with its line numbers, and a run
 //! stopped part way resumed from its journal without asking again.
 
-use ft_tests::{ft, tiny, tiny_model, write_adapter};
+use ft_tests::{ft, tiny, tiny_model, write_adapter, Server};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -190,4 +190,404 @@ fn a_batch_file_is_answered_line_by_line_in_order_and_resumes() {
         ],
     );
     run(&["--concurrency", "0"]).fails_with(2, &["--concurrency"]);
+}
+
+/// Uploads `bytes` as a batch file.
+fn upload(server: &Server, name: &str, bytes: &[u8]) -> Value {
+    let boundary = "ft-test-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let r = ureq::post(&format!("{}/v1/files", server.url))
+        .set(
+            "Content-Type",
+            &format!("multipart/form-data; boundary={boundary}"),
+        )
+        .send_bytes(&body)
+        .expect("upload");
+    r.into_json().unwrap()
+}
+
+/// Creates a batch of file `file` on `/v1/completions`.
+fn create(server: &Server, file: &Value) -> Value {
+    let (status, batch) = server.post(
+        "/v1/batches",
+        &json!({"input_file_id": file["id"], "endpoint": "/v1/completions",
+                "completion_window": "24h", "metadata": {"run": "test"}}),
+    );
+    assert_eq!(status, 200, "{batch}");
+    batch
+}
+
+/// Batch `id` once its status is one of `until` (at most 120 s).
+fn wait(server: &Server, id: &str, until: &[&str]) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let b: Value = serde_json::from_str(&server.get(&format!("/v1/batches/{id}"))).unwrap();
+        if until.contains(&b["status"].as_str().unwrap_or_default()) {
+            return b;
+        }
+        assert!(start.elapsed().as_secs() < 120, "still {b}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The lines of file `id`.
+fn content(server: &Server, id: &Value) -> Vec<Value> {
+    server
+        .get(&format!("/v1/files/{}/content", id.as_str().unwrap()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn requests(n: usize, max_tokens: usize) -> String {
+    (0..n)
+        .map(|i| {
+            line(
+                &format!("q{i}"),
+                "/v1/completions",
+                json!({"model": "tiny", "prompt": format!("n{i}"), "max_tokens": max_tokens,
+                       "ignore_eos": true, "temperature": 0}),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_batch_api_runs_files_through_its_states_and_loses_nothing_to_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    let gguf = gguf.to_str().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let start = |rows: &str| {
+        Server::start(&[
+            "--model",
+            gguf,
+            "--served-model-name",
+            "tiny",
+            "--state-dir",
+            state,
+            "--batch-max-rows",
+            rows,
+        ])
+    };
+    let server = start("8");
+
+    // A file whose third line the server refuses: its error goes to the error file, the
+    // others to the output file, each in input order.
+    let text = [
+        line(
+            "a",
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "ab", "max_tokens": 3}),
+        ),
+        line(
+            "b",
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "cd", "max_tokens": 2, "stream": true}),
+        ),
+        line(
+            "c",
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "x", "temperature": 3.0}),
+        ),
+        line(
+            "d",
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": ["e", "f"], "max_tokens": 1}),
+        ),
+    ]
+    .concat();
+    let file = upload(&server, "in.jsonl", text.as_bytes());
+    assert_eq!(
+        (file["object"].as_str(), file["purpose"].as_str()),
+        (Some("file"), Some("batch"))
+    );
+    assert_eq!(file["bytes"], text.len());
+    let batch = create(&server, &file);
+    assert_eq!(batch["status"], "validating");
+    assert_eq!(batch["metadata"]["run"], "test");
+    let done = wait(
+        &server,
+        batch["id"].as_str().unwrap(),
+        &["completed", "failed"],
+    );
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 4, "completed": 3, "failed": 1})
+    );
+    for at in ["in_progress_at", "finalizing_at", "completed_at"] {
+        assert!(done[at].as_u64().is_some(), "{at}: {done}");
+    }
+    let out = content(&server, &done["output_file_id"]);
+    let ids: Vec<&str> = out
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b", "d"]);
+    assert_eq!(out[0]["response"]["status_code"], 200);
+    assert_eq!(out[0]["response"]["body"]["usage"]["completion_tokens"], 3);
+    assert_eq!(
+        out[2]["response"]["body"]["choices"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let errors = content(&server, &done["error_file_id"]);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(
+        (
+            errors[0]["custom_id"].as_str(),
+            errors[0]["response"]["status_code"].as_u64()
+        ),
+        (Some("c"), Some(400))
+    );
+    let files = server.get("/v1/files");
+    assert!(
+        files.contains(done["output_file_id"].as_str().unwrap()),
+        "{files}"
+    );
+    let listed: Value = serde_json::from_str(&server.get("/v1/batches?limit=1")).unwrap();
+    assert_eq!(listed["data"][0]["id"], batch["id"]);
+
+    // A malformed file fails validation with every fault's line.
+    let bad = format!("{}not json\n{}", requests(1, 1), requests(1, 1));
+    let failed = create(&server, &upload(&server, "bad.jsonl", bad.as_bytes()));
+    let failed = wait(
+        &server,
+        failed["id"].as_str().unwrap(),
+        &["failed", "completed"],
+    );
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let data = failed["errors"]["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(
+        (data[0]["line"].as_u64(), data[0]["code"].as_str()),
+        (Some(2), Some("invalid_json_line"))
+    );
+    assert_eq!(
+        (data[1]["line"].as_u64(), data[1]["code"].as_str()),
+        (Some(3), Some("duplicate_custom_id"))
+    );
+    for (body, needle) in [
+        (
+            json!({"input_file_id": file["id"], "endpoint": "/v1/embeddings", "completion_window": "24h"}),
+            "endpoint",
+        ),
+        (
+            json!({"input_file_id": file["id"], "endpoint": "/v1/completions", "completion_window": "1h"}),
+            "completion_window",
+        ),
+    ] {
+        let (status, e) = server.post("/v1/batches", &body);
+        assert_eq!(status, 400, "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(needle),
+            "{e}"
+        );
+    }
+    let (status, _) = server.post(
+        "/v1/batches",
+        &json!({"input_file_id": "file-nothing", "endpoint": "/v1/completions", "completion_window": "24h"}),
+    );
+    assert_eq!(status, 404);
+    drop(server);
+
+    // Cancelled part way: what ran is kept, the rest is listed as cancelled.
+    let server = start("1");
+    let slow = create(
+        &server,
+        &upload(&server, "slow.jsonl", requests(200, 24).as_bytes()),
+    );
+    let id = slow["id"].as_str().unwrap().to_string();
+    wait(&server, &id, &["in_progress"]);
+    let (status, cancelling) = server.post(&format!("/v1/batches/{id}/cancel"), &json!({}));
+    assert_eq!(status, 200);
+    assert!(
+        ["cancelling", "completed"].contains(&cancelling["status"].as_str().unwrap()),
+        "{cancelling}"
+    );
+    let cancelled = wait(&server, &id, &["cancelled", "completed"]);
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let ran = cancelled["request_counts"]["completed"].as_u64().unwrap() as usize;
+    assert!(ran < 200, "{cancelled}");
+    let unasked = content(&server, &cancelled["error_file_id"]);
+    assert_eq!(ran + unasked.len(), 200);
+    assert!(unasked
+        .iter()
+        .all(|l| l["error"]["code"] == "batch_cancelled"));
+    drop(server);
+
+    // kill -9 ten times while a 500-line batch runs: after each restart it goes on, and in
+    // the end every line is answered once, in input order.
+    let server = start("2");
+    let big = create(
+        &server,
+        &upload(&server, "big.jsonl", requests(500, 8).as_bytes()),
+    );
+    let id = big["id"].as_str().unwrap().to_string();
+    // Each kill comes once the batch has answered 25 more lines since the last start.
+    let answered = |s: &Server| {
+        let b: Value = serde_json::from_str(&s.get(&format!("/v1/batches/{id}"))).unwrap();
+        b["request_counts"]["completed"].as_u64().unwrap_or(0)
+    };
+    let mut server = Some(server);
+    let mut cut = Vec::new();
+    for _ in 0..10 {
+        let s = server.take().unwrap();
+        let from = answered(&s);
+        let mut n = from;
+        while n < from + 25 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            n = answered(&s);
+        }
+        drop(s);
+        cut.push(n);
+        server = Some(start("2"));
+    }
+    assert!(
+        cut.iter().all(|&n| n < 500),
+        "every kill lands mid-batch: answered lines at each kill {cut:?}"
+    );
+    let server = server.unwrap();
+    let done = wait(
+        &server,
+        &id,
+        &["completed", "failed", "expired", "cancelled"],
+    );
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 500, "completed": 500, "failed": 0})
+    );
+    let out = content(&server, &done["output_file_id"]);
+    let ids: Vec<String> = out
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = (0..500).map(|i| format!("q{i}")).collect();
+    assert_eq!(ids, expected, "every line once, in input order");
+    assert!(done["error_file_id"].is_null(), "{done}");
+    let (status, deleted) = (
+        200,
+        server.get(&format!("/v1/files/{}", file["id"].as_str().unwrap())),
+    );
+    assert_eq!(status, 200);
+    assert!(deleted.contains("\"batch\""));
+    let gone = ureq::delete(&format!(
+        "{}/v1/files/{}",
+        server.url,
+        file["id"].as_str().unwrap()
+    ))
+    .call()
+    .unwrap()
+    .into_json::<Value>()
+    .unwrap();
+    assert_eq!(gone["deleted"], true);
+}
+
+/// The `openai` release the round trip runs.
+const OPENAI: &str = "3.63.0";
+
+/// The official `openai` client in `$FT_HOME/venvs/openai`, installed from PyPI the first
+/// time; `None` where there is no Python.
+fn openai_python() -> Option<std::path::PathBuf> {
+    use std::process::Command;
+    let venv = ft_tests::ft_home().join(format!("venvs/openai-{OPENAI}"));
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .ok()?;
+        assert!(made.success(), "python3 -m venv {}", venv.display());
+        let installed = Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .arg(format!("openai=={OPENAI}"))
+            .status()
+            .expect("pip");
+        assert!(installed.success(), "pip install openai=={OPENAI}");
+    }
+    Some(python)
+}
+
+/// Uploads a file, creates a batch, waits for it, reads its output and lists batches with
+/// the official client.
+const ROUND_TRIP: &str = r#"
+import json, sys, time
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+f = client.files.create(file=open(sys.argv[2], "rb"), purpose="batch")
+b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                          completion_window="24h", metadata={"job": "test"})
+while b.status not in ("completed", "failed", "expired", "cancelled"):
+    time.sleep(0.05)
+    b = client.batches.retrieve(b.id)
+out = client.files.content(b.output_file_id).text
+listed = client.batches.list(limit=5)
+print(json.dumps({"file": f.model_dump(), "batch": b.model_dump(), "output": out,
+                  "listed": [x.id for x in listed.data]}))
+"#;
+
+#[test]
+fn the_official_openai_client_runs_a_batch() {
+    let Some(python) = openai_python() else {
+        eprintln!("skipped: no python3 for the openai client");
+        return;
+    };
+    let server = Server::start(&["--served-model-name", "smollm2"]);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let ask = |q: &str| {
+        json!({"model": "smollm2", "max_tokens": 8, "temperature": 0,
+                               "messages": [{"role": "user", "content": q}]})
+    };
+    std::fs::write(
+        &input,
+        [
+            line("one", "/v1/chat/completions", ask("What is 2+2?")),
+            line("two", "/v1/chat/completions", ask("Name a colour.")),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let run = std::process::Command::new(python)
+        .args(["-c", ROUND_TRIP, &server.url, input.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let got: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(got["file"]["purpose"], "batch");
+    let batch = &got["batch"];
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(batch["request_counts"]["completed"], 2);
+    assert_eq!(batch["metadata"]["job"], "test");
+    assert!(got["listed"].as_array().unwrap().contains(&batch["id"]));
+    let lines: Vec<Value> = got["output"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["custom_id"], "one");
+    let answer = &lines[0]["response"]["body"]["choices"][0]["message"]["content"];
+    assert!(
+        answer.as_str().is_some_and(|a| !a.is_empty()),
+        "{}",
+        lines[0]
+    );
 }

@@ -12,7 +12,7 @@ use ft_serve::cascade::features::NAMES;
 use ft_serve::cascade::scorer::Logistic;
 use ft_serve::cascade::{self, Cascade, Price, Stage};
 use ft_serve::response_cache::{CacheConfig, CacheStore};
-use ft_serve::server::{Background, Limits, ServerConfig};
+use ft_serve::server::{Background, BatchConfig, Limits, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
 use ft_tests::fuzz::{budget, fuzz, mutate_json_document, Outcome, Rng, Target};
 use serde_json::{json, Value};
@@ -53,6 +53,10 @@ fn server(dir: &Path) -> Background {
             model: [0; 32],
         }),
         cascades: vec![cascade()],
+        batches: Some(BatchConfig {
+            state_dir: dir.join("state"),
+            max_rows: 2,
+        }),
         ..Default::default()
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("a port");
@@ -146,6 +150,13 @@ fn seeds(dir: &Path) -> Vec<Vec<u8>> {
             json!({"model": "c", "prompt": "3+3=", "max_completion_tokens": 2, "stream": true,
                    "stream_options": {"include_usage": true}, "logprobs": 1}),
         ),
+        (
+            "/v1/batches",
+            json!({"input_file_id": "file-0", "endpoint": "/v1/completions",
+                   "completion_window": "24h", "metadata": {"k": "v"}}),
+        ),
+        ("/v1/batches/batch_0/cancel", json!({})),
+        ("/v1/files", json!({"purpose": "batch"})),
         (
             "/tokenize",
             json!({"prompt": "Hello", "add_special_tokens": false, "return_token_strs": true}),
