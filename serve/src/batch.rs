@@ -15,7 +15,7 @@ use ft_model::{LlamaForCausalLM, QuantBackend};
 
 use crate::engine::{Engine, EngineConfig};
 use crate::error::EngineError;
-use crate::request::{Event, GenerationParams, Request, RequestId};
+use crate::request::{Event, GenerationParams, Priority, Request, RequestId};
 use crate::runner::Runner;
 use crate::sampling::SamplingParams;
 
@@ -99,6 +99,7 @@ fn greedy_on<B: QuantBackend>(
                     stop_ids: stop_ids.to_vec(),
                     ..GenerationParams::default()
                 },
+                priority: Priority::Interactive,
             };
             let id = engine
                 .submit(request)

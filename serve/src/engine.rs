@@ -17,7 +17,7 @@ use crate::adapter_cache::AdapterCache;
 use crate::beam::{self, Hypothesis};
 use crate::blocks::BlockManager;
 use crate::error::EngineError;
-use crate::request::{Event, FinishReason, Request, RequestId, TokenLogprob};
+use crate::request::{Event, FinishReason, Priority, Request, RequestId, TokenLogprob};
 use crate::runner::Runner;
 use crate::sampling::Sampler;
 use crate::sequence::Sequence;
@@ -365,24 +365,42 @@ impl<B: QuantBackend> Engine<B> {
         events
     }
 
-    /// Moves waiting requests to running while slots, blocks and adapters allow, in order.
+    /// Moves waiting requests to running while slots, blocks and adapters allow: interactive
+    /// ones first, each class in order. An interactive request with no room takes a running
+    /// batch request's (the latest admitted), which waits to be recomputed.
     fn admit(&mut self, events: &mut Vec<Event>) {
         let bs = self.config.block_size;
-        while self.running.len() < self.config.max_running {
-            let Some(front) = self.waiting.front_mut() else {
-                break;
-            };
-            let blocks_needed = front.seqs[0].tokens.len().div_ceil(bs);
-            if blocks_needed > self.blocks.available() {
-                break;
+        while let Some(i) = self
+            .waiting
+            .iter()
+            .position(|a| a.request.priority == Priority::Interactive)
+            .or_else(|| (!self.waiting.is_empty()).then_some(0))
+        {
+            let next = &self.waiting[i];
+            let blocks_needed = next.seqs[0].tokens.len().div_ceil(bs);
+            let no_room = self.running.len() >= self.config.max_running
+                || blocks_needed > self.blocks.available();
+            if no_room {
+                let batch = self
+                    .running
+                    .iter()
+                    .rposition(|a| a.request.priority == Priority::Batch);
+                match (next.request.priority, batch) {
+                    (Priority::Interactive, Some(victim)) => {
+                        self.preempt(victim);
+                        continue;
+                    }
+                    _ => break,
+                }
             }
-            if let (Some(name), false) = (front.request.adapter.clone(), front.holds_adapter) {
+            let next = &mut self.waiting[i];
+            if let (Some(name), false) = (next.request.adapter.clone(), next.holds_adapter) {
                 match self.adapters.acquire(&name, &self.model) {
-                    Ok(true) => front.holds_adapter = true,
+                    Ok(true) => next.holds_adapter = true,
                     Ok(false) => break,
                     Err(e) => {
-                        let id = front.id;
-                        if let Some(a) = self.waiting.pop_front() {
+                        let id = next.id;
+                        if let Some(a) = self.waiting.remove(i) {
                             self.retire(a);
                         }
                         events.push(Event::Failed { id, error: e });
@@ -390,7 +408,7 @@ impl<B: QuantBackend> Engine<B> {
                     }
                 }
             }
-            let Some(mut active) = self.waiting.pop_front() else {
+            let Some(mut active) = self.waiting.remove(i) else {
                 break;
             };
             // A prompt being scored needs the logits of every position: computed whole.
@@ -441,9 +459,17 @@ impl<B: QuantBackend> Engine<B> {
                     }
                 }
                 if !ok {
-                    // Preempt the latest request (possibly this one) and retry.
-                    let victim = self.running.len() - 1;
+                    // Preempt the latest batch request, else the latest request (possibly
+                    // this one), and retry.
+                    let victim = self
+                        .running
+                        .iter()
+                        .rposition(|a| a.request.priority == Priority::Batch)
+                        .unwrap_or(self.running.len() - 1);
                     self.preempt(victim);
+                    if victim < r {
+                        r -= 1;
+                    }
                     let running = &self.running;
                     work.retain(|w| {
                         let keep = running.iter().any(|a| a.id == w.id);

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::{generate, GenerationParams, SamplingParams};
+use crate::{generate, GenerationParams, Priority, SamplingParams};
 
 type B = NdArray<f32>;
 
@@ -101,6 +101,7 @@ fn greedy(prompt: Vec<u32>, adapter: Option<&str>, max_tokens: usize) -> Request
             stop_ids: vec![EOS],
             ..Default::default()
         },
+        priority: Priority::Interactive,
     }
 }
 
@@ -214,6 +215,64 @@ fn preempted_requests_are_recomputed_to_the_same_tokens() {
     assert!(e.stats().preemptions > 0, "the cache was too small for all");
     for (id, p, a) in ids {
         assert_eq!(out[&id].0, alone(&p, a, 12), "prompt {p:?}");
+    }
+    assert_eq!(e.stats().blocks_used, 0);
+}
+
+#[test]
+fn an_interactive_request_takes_a_batch_requests_row_within_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        block_size: 4,
+        kv_blocks: 64,
+        max_batch_tokens: 64,
+        max_running: 2,
+        ..Default::default()
+    };
+    let mut e = engine(config, dir.path());
+    let batch = |p: Vec<u32>| Request {
+        priority: Priority::Batch,
+        ..greedy(p, None, 20)
+    };
+    let queued: Vec<_> = prompts()
+        .into_iter()
+        .take(3)
+        .map(|(p, _)| (e.submit(batch(p.clone())).unwrap(), p))
+        .collect();
+    // Both rows hold batch requests, and one more batch request waits.
+    let mut early = e.step();
+    early.extend(e.step());
+    assert_eq!((e.stats().running, e.stats().waiting), (2, 1));
+    let prompt: Vec<u32> = (3..8).collect();
+    let interactive = e.submit(greedy(prompt.clone(), None, 6)).unwrap();
+    let first = e.step();
+    assert!(
+        first
+            .iter()
+            .any(|ev| matches!(ev, Event::Token { id, .. } if *id == interactive)),
+        "the interactive request ran in the next step: {first:?}"
+    );
+    assert_eq!(
+        e.stats().preemptions,
+        1,
+        "one batch request gave up its row"
+    );
+    // The batch requests come back and end as they would have alone.
+    early.extend(first);
+    let mut before: HashMap<RequestId, Vec<u32>> = HashMap::new();
+    for ev in early {
+        if let Event::Token { id, token, .. } = ev {
+            before.entry(id).or_default().push(token);
+        }
+    }
+    let mut out = drain(&mut e);
+    for (id, mut tokens) in before {
+        let (rest, _) = out.get_mut(&id).expect("finished later");
+        tokens.append(rest);
+        *rest = tokens;
+    }
+    for (id, p) in queued {
+        assert_eq!(out[&id].0, alone(&p, None, 20), "prompt {p:?}");
     }
     assert_eq!(e.stats().blocks_used, 0);
 }

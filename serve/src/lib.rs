@@ -36,5 +36,7 @@ pub use batch::greedy_batch;
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use error::EngineError;
 pub use generate::{generate, Generation};
-pub use request::{Event, FinishReason, GenerationParams, Request, RequestId, TokenLogprob};
+pub use request::{
+    Event, FinishReason, GenerationParams, Priority, Request, RequestId, TokenLogprob,
+};
 pub use sampling::{Sampler, SamplingParams};

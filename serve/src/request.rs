@@ -43,6 +43,17 @@ impl Default for GenerationParams {
     }
 }
 
+/// Which requests the engine serves first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Priority {
+    /// A client waits for it: admitted before any batch request, and a batch request gives
+    /// up its row when there is no other room.
+    #[default]
+    Interactive,
+    /// A batch job's: runs in the rows interactive requests leave free.
+    Batch,
+}
+
 /// One generation request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -52,6 +63,8 @@ pub struct Request {
     pub adapter: Option<String>,
     /// How to generate.
     pub params: GenerationParams,
+    /// Who is waiting for it.
+    pub priority: Priority,
 }
 
 /// The log-probability of a chosen token and of the most likely alternatives.

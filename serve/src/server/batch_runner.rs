@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::http::StatusCode;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -21,6 +20,7 @@ use super::AppState;
 use crate::batches::input::{self, Line, LineError};
 use crate::batches::output::{answered, succeeded, unanswered};
 use crate::batches::BatchError;
+use crate::request::Priority;
 
 /// How long a request the engine's full queue refused waits before it is sent again.
 const RETRY: Duration = Duration::from_millis(100);
@@ -156,8 +156,10 @@ async fn ask(
     let body = Bytes::from(Value::Object(body).to_string());
     loop {
         let response = match line.url.as_str() {
-            "/v1/chat/completions" => completions::chat(State(state.clone()), body.clone()).await,
-            _ => completions::completions(State(state.clone()), body.clone()).await,
+            "/v1/chat/completions" => {
+                completions::chat_at(state.clone(), body.clone(), Priority::Batch).await
+            }
+            _ => completions::complete(state.clone(), body.clone(), Priority::Batch).await,
         };
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS {

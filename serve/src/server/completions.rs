@@ -27,7 +27,7 @@ use super::openai::{
 use super::worker::Command;
 use super::{ApiError, AppState};
 use crate::error::EngineError;
-use crate::request::{Event, FinishReason, Request, TokenLogprob};
+use crate::request::{Event, FinishReason, Priority, Request, TokenLogprob};
 use crate::response_cache::Cached;
 
 /// A JSON body, or a 400 saying what is wrong with it.
@@ -38,6 +38,16 @@ pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 
 /// `POST /v1/completions`.
 pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    complete(state, body, Priority::Interactive).await
+}
+
+/// `POST /v1/chat/completions`.
+pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    chat_at(state, body, Priority::Interactive).await
+}
+
+/// A `/v1/completions` body answered at `priority` (a batch's requests at [`Priority::Batch`]).
+pub(super) async fn complete(state: Arc<AppState>, body: Bytes, priority: Priority) -> Response {
     let arrival = Instant::now();
     let span = tracing::info_span!("request", endpoint = "/v1/completions");
     let run = async {
@@ -49,7 +59,7 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
         if let Some(hit) = hit(&mut lookup, arrival).await {
             return Ok(hit);
         }
-        let sent = send_all(&state, &req, arrival)?;
+        let sent = send_all(&state, &req, arrival, priority)?;
         // All are queued before any is waited for; a refusal drops the rest, which the
         // engine then cancels.
         let mut submitted = Vec::with_capacity(sent.len());
@@ -67,8 +77,8 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, body: Bytes)
     finish_response(&state, run.instrument(span).await)
 }
 
-/// `POST /v1/chat/completions`.
-pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+/// A `/v1/chat/completions` body answered at `priority`.
+pub(super) async fn chat_at(state: Arc<AppState>, body: Bytes, priority: Priority) -> Response {
     let arrival = Instant::now();
     let span = tracing::info_span!("request", endpoint = "/v1/chat/completions");
     let run = async {
@@ -142,6 +152,7 @@ pub(super) async fn chat(State(state): State<Arc<AppState>>, body: Bytes) -> Res
             sampling: &req.sampling,
             logprobs,
             prompt_logprobs: None,
+            priority,
             // Chat defaults to the rest of the context, as vLLM does.
             default_max: state.context.saturating_sub(prompt.len()).max(1),
         };
@@ -165,6 +176,7 @@ fn send_all(
     state: &Arc<AppState>,
     req: &CompletionRequest,
     arrival: Instant,
+    priority: Priority,
 ) -> Result<Vec<Sent>, ApiError> {
     let prompts = req.prompts().map_err(ApiError::bad_request)?;
     let many = prompts.len() > 1;
@@ -194,6 +206,7 @@ fn send_all(
             sampling: &req.sampling,
             logprobs: req.logprobs,
             prompt_logprobs: req.prompt_logprobs(),
+            priority,
             default_max: 16,
         };
         sent.push(submit.send(state, tokens, echo, arrival)?);
@@ -210,7 +223,7 @@ pub(super) async fn whole_body(
 ) -> Result<Value, ApiError> {
     let mut choices = Vec::new();
     let mut reply = None;
-    for s in send_all(state, req, arrival)? {
+    for s in send_all(state, req, arrival, Priority::Interactive)? {
         let (progress, r) = s.accepted().await?;
         choices.push(whole(progress).await?);
         reply.get_or_insert(r);
@@ -253,6 +266,7 @@ struct Submit<'a> {
     sampling: &'a Sampling,
     logprobs: Option<usize>,
     prompt_logprobs: Option<usize>,
+    priority: Priority,
     default_max: usize,
 }
 
@@ -285,6 +299,7 @@ impl Submit<'_> {
                 prompt,
                 adapter,
                 params,
+                priority: self.priority,
             },
             reply,
         })?;
