@@ -53,7 +53,7 @@ pub enum Command {
     /// FrugalGPT cascades: fit the stages and thresholds to a budget, measure the curve.
     #[command(subcommand)]
     Cascade(CascadeCommand),
-    /// OpenAI Batch API files: run one with no server.
+    /// OpenAI Batch API files: run one with no server, or submit one to a server and follow it.
     #[command(subcommand)]
     Batch(BatchCommand),
     /// Bundled data.
@@ -861,6 +861,69 @@ pub enum BatchCommand {
     /// the model here and no server, as vLLM's `run-batch`: one output line per request, in
     /// input order. A run stopped part way resumes without asking again what it answered.
     Run(BatchRunArgs),
+    /// Upload a batch file to a server with the Batch API and create its batch; prints the
+    /// batch's id.
+    Submit(BatchSubmitArgs),
+    /// A batch's status and request counts; `--wait` until it ends.
+    Status(BatchStatusArgs),
+    /// Download a finished batch's output (and error) file.
+    Results(BatchResultsArgs),
+    /// Ask a batch to stop.
+    Cancel(BatchStatusArgs),
+}
+
+/// The server every `ft batch` client command talks to.
+#[derive(Debug, Args)]
+pub struct BatchServerArgs {
+    /// The server: http://host:port.
+    #[arg(long)]
+    pub url: String,
+    /// Bearer key for the server.
+    #[arg(long, env = "FT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+/// `ft batch submit`.
+#[derive(Debug, Args)]
+pub struct BatchSubmitArgs {
+    /// The requests, one JSON object a line (checked here first).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// The batch's endpoint (default: the url of the file's lines).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Metadata of the batch, KEY=VALUE (repeatable).
+    #[arg(long = "metadata", value_name = "KEY=VALUE")]
+    pub metadata: Vec<String>,
+    #[command(flatten)]
+    pub server: BatchServerArgs,
+}
+
+/// `ft batch status` and `ft batch cancel`.
+#[derive(Debug, Args)]
+pub struct BatchStatusArgs {
+    /// The batch's id.
+    pub batch: String,
+    /// Poll until the batch ends (completed, failed, expired or cancelled).
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub server: BatchServerArgs,
+}
+
+/// `ft batch results`.
+#[derive(Debug, Args)]
+pub struct BatchResultsArgs {
+    /// The batch's id.
+    pub batch: String,
+    /// Where its output file goes.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Where its error file goes, if it has one.
+    #[arg(long)]
+    pub errors: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: BatchServerArgs,
 }
 
 /// `ft batch run`.

@@ -1,6 +1,8 @@
 //! `ft batch run`: a file of OpenAI Batch API requests answered with no server to run, as
 //! vLLM's `run-batch` does: the base and adapters loaded here, served in process, every line
 //! asked, the answers written in input order. A run stopped part way resumes where it was.
+//! `ft batch submit|status|results|cancel`: the same file handed to any server with the Batch
+//! API, and followed there.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -8,12 +10,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ft_model::QuantBackend;
+use ft_serve::batches::client::Client;
 use ft_serve::batches::{input, offline, BatchError};
 use ft_serve::server::{Background, ServerConfig};
 use ft_serve::{Engine, EngineConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::args::BatchRunArgs;
+use crate::args::{
+    BatchResultsArgs, BatchRunArgs, BatchServerArgs, BatchStatusArgs, BatchSubmitArgs,
+};
 use crate::commands::serve::{parse_adapter, register_adapters};
 use crate::device::{dispatch, Job};
 use crate::error::UsageError;
@@ -143,4 +148,147 @@ fn report(output: &Path, s: &offline::Summary) {
         },
         output.display()
     );
+}
+
+/// How long one call to a Batch API may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn client(server: &BatchServerArgs) -> Client {
+    Client::new(&server.url, server.api_key.clone(), CALL_TIMEOUT)
+}
+
+/// Runs `ft batch submit`.
+pub fn submit(args: BatchSubmitArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&args.input)
+        .map_err(|e| UsageError(format!("--input {}: {e}", args.input.display())))?;
+    let lines = input::parse(&bytes, args.endpoint.as_deref()).map_err(|errors| {
+        UsageError(format!(
+            "--input {}: not a batch file:\n{}",
+            args.input.display(),
+            input::describe(&errors)
+        ))
+    })?;
+    let endpoint = match &args.endpoint {
+        Some(e) => e.clone(),
+        None => {
+            let first = lines[0].url.clone();
+            if let Some(other) = lines.iter().find(|l| l.url != first) {
+                return Err(UsageError(format!(
+                    "--input {}: line {} asks {} and line {} {}: one endpoint per batch",
+                    args.input.display(),
+                    lines[0].line,
+                    first,
+                    other.line,
+                    other.url
+                ))
+                .into());
+            }
+            first
+        }
+    };
+    let mut metadata = serde_json::Map::new();
+    for kv in &args.metadata {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| UsageError(format!("--metadata {kv}: expected KEY=VALUE")))?;
+        metadata.insert(k.to_string(), v.into());
+    }
+    let c = client(&args.server);
+    let name = args
+        .input
+        .file_name()
+        .map_or("batch.jsonl".into(), |n| n.to_string_lossy().into_owned());
+    let file = c.upload(&name, &bytes)?;
+    let file_id = file["id"].as_str().unwrap_or_default();
+    let batch = c.create(
+        file_id,
+        &endpoint,
+        (!metadata.is_empty()).then_some(serde_json::Value::Object(metadata)),
+    )?;
+    eprintln!(
+        "ft batch: {} requests in {file_id}, batch {} {}",
+        lines.len(),
+        batch["id"].as_str().unwrap_or_default(),
+        batch["status"].as_str().unwrap_or_default()
+    );
+    println!("{}", batch["id"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+/// One line of a batch's state.
+fn describe(b: &serde_json::Value) -> String {
+    let c = &b["request_counts"];
+    let mut line = format!(
+        "{} {}: {} of {} requests completed, {} failed",
+        b["id"].as_str().unwrap_or_default(),
+        b["status"].as_str().unwrap_or_default(),
+        c["completed"],
+        c["total"],
+        c["failed"]
+    );
+    for (key, what) in [("output_file_id", "output"), ("error_file_id", "errors")] {
+        if let Some(id) = b[key].as_str() {
+            line.push_str(&format!("; {what} {id}"));
+        }
+    }
+    if let Some(errors) = b["errors"]["data"].as_array() {
+        for e in errors {
+            line.push_str(&format!(
+                "\n  line {}: {}",
+                e["line"],
+                e["message"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    line
+}
+
+/// Runs `ft batch status`.
+pub fn status(args: BatchStatusArgs) -> anyhow::Result<()> {
+    let c = client(&args.server);
+    let mut b = c.batch(&args.batch)?;
+    while args.wait
+        && !["completed", "failed", "expired", "cancelled"]
+            .contains(&b["status"].as_str().unwrap_or_default())
+    {
+        std::thread::sleep(Duration::from_millis(500));
+        b = c.batch(&args.batch)?;
+    }
+    println!("{}", describe(&b));
+    Ok(())
+}
+
+/// Runs `ft batch cancel`.
+pub fn cancel(args: BatchStatusArgs) -> anyhow::Result<()> {
+    let b = client(&args.server).cancel(&args.batch)?;
+    println!("{}", describe(&b));
+    Ok(())
+}
+
+/// Runs `ft batch results`.
+pub fn results(args: BatchResultsArgs) -> anyhow::Result<()> {
+    let c = client(&args.server);
+    let b = c.batch(&args.batch)?;
+    let status = b["status"].as_str().unwrap_or_default();
+    if !["completed", "expired", "cancelled"].contains(&status) {
+        return Err(UsageError(format!(
+            "batch {} is {status}: its results come once it ends (ft batch status --wait)",
+            args.batch
+        ))
+        .into());
+    }
+    for (key, path) in [
+        ("output_file_id", Some(&args.output)),
+        ("error_file_id", args.errors.as_ref()),
+    ] {
+        let (Some(id), Some(path)) = (b[key].as_str(), path) else {
+            continue;
+        };
+        let bytes = c.content(id)?;
+        ft_adapters::atomic::write_atomic(path, &bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("ft batch: {id} to {}", path.display());
+    }
+    println!("{}", describe(&b));
+    Ok(())
 }

@@ -1,8 +1,10 @@
 //! OpenAI's Batch API: a file of requests in, a file of answers out, in the same order
-//! ([`input`] checks the requests, [`output`] shapes the answers), and [`offline`], which runs
+//! ([`input`] checks the requests, [`output`] shapes the answers); [`offline`], which runs
 //! such a file against a server (ours in process, as vLLM's `run-batch` does), each finished
-//! answer kept in a journal so that a run stopped part way resumes without asking again.
+//! answer kept in a journal so that a run stopped part way resumes without asking again; the
+//! server's state ([`store`]); and a [`client`] of any server with the API.
 
+pub mod client;
 pub mod input;
 pub mod offline;
 pub mod output;
@@ -25,6 +27,14 @@ pub enum BatchError {
         path: PathBuf,
         /// What failed.
         source: std::io::Error,
+    },
+    /// A server's Batch API refused or failed a call.
+    #[error("{url}: {message}")]
+    Http {
+        /// What was called.
+        url: String,
+        /// What it answered.
+        message: String,
     },
     /// The journal of a stopped run does not belong to this input.
     #[error("{}: {message}", path.display())]

@@ -591,3 +591,106 @@ fn the_official_openai_client_runs_a_batch() {
         lines[0]
     );
 }
+
+#[test]
+fn ft_batch_submits_follows_and_fetches_a_batch_on_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    let state = dir.path().join("state");
+    let server = Server::start(&[
+        "--model",
+        gguf.to_str().unwrap(),
+        "--served-model-name",
+        "tiny",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, requests(6, 3)).unwrap();
+    let url = server.url.as_str();
+    let submitted = ft(&[
+        "batch",
+        "submit",
+        "--url",
+        url,
+        "--input",
+        input.to_str().unwrap(),
+        "--metadata",
+        "who=test",
+    ]);
+    assert_eq!(submitted.code, 0, "{}", submitted.stderr);
+    let id = submitted.stdout.trim().to_string();
+    assert!(id.starts_with("batch_"), "{}", submitted.stdout);
+    let status = ft(&["batch", "status", &id, "--url", url, "--wait"]);
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    assert!(
+        status
+            .stdout
+            .contains("completed: 6 of 6 requests completed, 0 failed"),
+        "{}",
+        status.stdout
+    );
+    let output = dir.path().join("out.jsonl");
+    let results = ft(&[
+        "batch",
+        "results",
+        &id,
+        "--url",
+        url,
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_eq!(results.code, 0, "{}", results.stderr);
+    let ids: Vec<String> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["custom_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["q0", "q1", "q2", "q3", "q4", "q5"]);
+
+    // Mixed endpoints, a malformed file and an unknown batch are refused with their reason.
+    let mixed = dir.path().join("mixed.jsonl");
+    std::fs::write(
+        &mixed,
+        [
+            line("a", "/v1/completions", json!({})),
+            line("b", "/v1/chat/completions", json!({})),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    ft(&[
+        "batch",
+        "submit",
+        "--url",
+        url,
+        "--input",
+        mixed.to_str().unwrap(),
+    ])
+    .fails_with(
+        2,
+        &["mixed.jsonl", "line 1", "line 2", "one endpoint per batch"],
+    );
+    std::fs::write(&mixed, "{}\n").unwrap();
+    ft(&[
+        "batch",
+        "submit",
+        "--url",
+        url,
+        "--input",
+        mixed.to_str().unwrap(),
+    ])
+    .fails_with(2, &["line 1: custom_id"]);
+    let unknown = ft(&["batch", "status", "batch_nothing", "--url", url]);
+    assert_ne!(unknown.code, 0);
+    assert!(
+        unknown.stderr.contains("404") && unknown.stderr.contains("batch_nothing"),
+        "{}",
+        unknown.stderr
+    );
+}
