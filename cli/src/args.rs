@@ -1031,6 +1031,47 @@ pub enum BenchCommand {
     /// Serve a workload with repeated prompts with no response cache, the in-memory one and
     /// Redis: requests/s against no cache, and the latency of hits.
     Cache(BenchCacheArgs),
+    /// Answer a task's prompts interactively (1 stream, and the most streams within a TPOT
+    /// SLO) and as one batch: throughput and cost per 1,000 requests, and the TTFT a running
+    /// batch costs interactive requests.
+    Batch(BenchBatchArgs),
+}
+
+/// `ft bench batch`.
+#[derive(Debug, Args)]
+pub struct BenchBatchArgs {
+    /// The base model served.
+    #[command(flatten)]
+    pub base: BaseModelArgs,
+    /// The task whose held-out prompts are asked.
+    #[arg(long, default_value = "dates")]
+    pub task: String,
+    /// Requests per measurement.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=50_000))]
+    pub requests: u64,
+    /// The interactive SLO: p99 time per output token, in milliseconds.
+    #[arg(long, default_value_t = 100.0)]
+    pub slo_tpot_ms: f64,
+    /// Streams tried for the interactive rows, rising.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,4,8,16,32,64,128,256"
+    )]
+    pub concurrency: Vec<usize>,
+    /// The machine's price, USD per hour.
+    #[arg(long, default_value_t = 0.09)]
+    pub price_per_hour: f64,
+    /// Interactive requests timed for TTFT, on the idle server and beside a batch.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub probes: u64,
+    /// Requests of the batch in the engine at once (the server's `--batch-max-rows`; the
+    /// engine has 256 rows).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub batch_max_rows: u64,
+    /// Append the tables, with the command, machine and date, to this Markdown file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
 }
 
 /// `ft bench cache`.

@@ -111,6 +111,9 @@ pub enum EvalError {
         /// The cheapest stage's mean cost, USD per 1,000 requests.
         cheapest_per_k: f64,
     },
+    /// A server's Batch API failed a call.
+    #[error("the Batch API: {0}")]
+    Batch(String),
     /// A cascade file is wrong; the message names the field.
     #[error("{}: {message}", path.display())]
     Cascade {

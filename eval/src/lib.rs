@@ -8,7 +8,7 @@
 //! match that training runs before and after; [`load_bench`] is the load generator of `ft
 //! bench serve`, [`soak`] its long run with cancelling and slow clients, [`decode_bench`] the
 //! measurement of `ft bench generate`, [`prompting`] builds few-shot prompts and
-//! [`compress`] shortens them, [`cascade`] fits and measures FrugalGPT cascades, and [`peers`] drive the other engines measured beside
+//! [`compress`] shortens them, [`cascade`] fits and measures FrugalGPT cascades, [`batch_bench`] measures what the Batch API saves, and [`peers`] drive the other engines measured beside
 //! ft (llama.cpp, PEFT); [`rss`] (the server's own, re-exported) reads the process's resident
 //! memory for every benchmark table.
 //!
@@ -16,6 +16,7 @@
 //! is needed), ft-distill or ft-trainer.
 #![warn(missing_docs)]
 
+pub mod batch_bench;
 pub mod cascade;
 pub mod client;
 pub mod compress;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::client::{Client, ClientError};
 
@@ -143,16 +143,8 @@ struct Timed {
     cache: Option<String>,
 }
 
-fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, ClientError> {
-    let i = original(spec.seed, i, spec.repeat);
-    let body = json!({
-        "model": spec.models[i % spec.models.len()],
-        "prompt": prompt(spec.seed, i, spec.prompt_len, spec.shared_prefix),
-        "max_tokens": spec.max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": true,
-    });
-    let s = client.stream_completion(&body)?;
+fn one(client: &Client, body: &Value) -> Result<Timed, ClientError> {
+    let s = client.stream_completion(body)?;
     if s.tokens == 0 {
         return Err(ClientError::Failed("the stream carried no token".into()));
     }
@@ -167,22 +159,40 @@ fn one(client: &Client, spec: &LoadSpec, i: usize) -> Result<Timed, ClientError>
 
 /// Runs `spec`: `concurrency` streams take requests until `requests` are done.
 pub fn run(spec: &LoadSpec) -> LoadResult {
+    let bodies: Vec<Value> = (0..spec.requests)
+        .map(|i| {
+            let i = original(spec.seed, i, spec.repeat);
+            json!({
+                "model": spec.models[i % spec.models.len()],
+                "prompt": prompt(spec.seed, i, spec.prompt_len, spec.shared_prefix),
+                "max_tokens": spec.max_tokens,
+                "temperature": 0.0,
+                "ignore_eos": true,
+            })
+        })
+        .collect();
+    let client = Client::new(&spec.url, spec.api_key.clone(), spec.timeout);
+    run_bodies(&client, &bodies, spec.concurrency)
+}
+
+/// Streams `bodies` (completion requests) to `client`'s server, `concurrency` at a time.
+pub fn run_bodies(client: &Client, bodies: &[Value], concurrency: usize) -> LoadResult {
     let next = AtomicUsize::new(0);
     let result = Mutex::new(LoadResult {
-        concurrency: spec.concurrency,
+        concurrency,
         ..Default::default()
     });
     let start = Instant::now();
     std::thread::scope(|s| {
-        for _ in 0..spec.concurrency.max(1) {
+        for _ in 0..concurrency.max(1) {
             s.spawn(|| {
-                let client = Client::new(&spec.url, spec.api_key.clone(), spec.timeout);
+                let client = client.clone();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= spec.requests {
+                    let Some(body) = bodies.get(i) else {
                         break;
-                    }
-                    let outcome = one(&client, spec, i);
+                    };
+                    let outcome = one(&client, body);
                     let Ok(mut r) = result.lock() else { break };
                     match outcome {
                         Ok(t) => {

@@ -89,6 +89,10 @@ pub struct EngineStats {
 /// vocabulary (128 rows of a 151,936-token vocabulary are 78 MB).
 const MAX_SCORED_ROWS: usize = 128;
 
+/// Prompt tokens batch requests take in one step at most: a step of batch work stays short,
+/// so an interactive request that arrives during it waits little.
+const BATCH_PREFILL_TOKENS: usize = 128;
+
 /// A request the engine holds.
 struct Active {
     id: RequestId,
@@ -415,20 +419,44 @@ impl<B: QuantBackend> Engine<B> {
             if self.config.prefix_cache && active.prompt_scored {
                 active.seqs[0].reuse_prefix(&mut self.blocks);
             }
-            self.running.push(active);
+            // Interactive requests run ahead of batch ones, so each step's token budget
+            // goes to them first; the latest batch request stays last, the first to yield.
+            let at = match active.request.priority {
+                Priority::Interactive => self
+                    .running
+                    .iter()
+                    .position(|a| a.request.priority == Priority::Batch)
+                    .unwrap_or(self.running.len()),
+                Priority::Batch => self.running.len(),
+            };
+            self.running.insert(at, active);
         }
     }
 
     /// This step's work: every decoding sequence one token, then prompt chunks, within the
-    /// token budget; blocks are reserved for all of it, preempting when they run out.
+    /// token budget; blocks are reserved for all of it, preempting when they run out. While
+    /// an interactive request runs, batch requests sit the step out (they keep their blocks),
+    /// so the interactive ones step as fast as on an idle engine; batch prompts take at most
+    /// [`BATCH_PREFILL_TOKENS`] a step, so a step already under way when an interactive
+    /// request arrives is short.
     fn schedule(&mut self) -> Vec<Work> {
         let mut work: Vec<Work> = Vec::new();
         let mut budget = self.config.max_batch_tokens;
+        let mut batch_prefill = BATCH_PREFILL_TOKENS;
+        let interactive = self
+            .running
+            .iter()
+            .any(|a| a.request.priority == Priority::Interactive);
         for decoding in [true, false] {
             let mut r = 0;
             while r < self.running.len() {
                 let active = &self.running[r];
                 let id = active.id;
+                let batch = active.request.priority == Priority::Batch;
+                if batch && (interactive || (!decoding && batch_prefill == 0)) {
+                    r += 1;
+                    continue;
+                }
                 let is_decode = active
                     .seqs
                     .iter()
@@ -449,6 +477,11 @@ impl<B: QuantBackend> Engine<B> {
                     budget
                 } else {
                     budget.min(MAX_SCORED_ROWS)
+                };
+                let cap = if batch && !decoding {
+                    cap.min(batch_prefill)
+                } else {
+                    cap
                 };
                 let lens: Vec<usize> = active.seqs.iter().map(|s| s.pending().min(cap)).collect();
                 let mut ok = true;
@@ -483,6 +516,9 @@ impl<B: QuantBackend> Engine<B> {
                 for (s, &len) in lens.iter().enumerate() {
                     work.push(Work { id, seq: s, len });
                     budget -= len;
+                    if batch && !decoding {
+                        batch_prefill -= len;
+                    }
                 }
                 r += 1;
             }

@@ -3,6 +3,7 @@
 mod adapters;
 mod batch;
 mod bench;
+mod bench_batch;
 mod bench_cache;
 mod bench_distill;
 mod bench_train;
@@ -40,6 +41,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Distill(args)) => bench_distill::run(args),
         Command::Bench(BenchCommand::Serve(args)) => serve::bench(args),
         Command::Bench(BenchCommand::Cache(args)) => bench_cache::run(args),
+        Command::Bench(BenchCommand::Batch(args)) => bench_batch::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Quant(QuantCommand::Compare(args)) => quant::compare(args),
         Command::Quant(QuantCommand::Measure(args)) => quant::measure(args),
