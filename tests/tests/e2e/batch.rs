@@ -498,27 +498,41 @@ fn the_batch_api_runs_files_through_its_states_and_loses_nothing_to_kill_9() {
 /// The `openai` release the round trip runs.
 const OPENAI: &str = "3.63.0";
 
-/// The official `openai` client in `$FT_HOME/venvs/openai`, installed from PyPI the first
-/// time; `None` where there is no Python.
+/// The official `openai` client, installed from PyPI the first time into
+/// `$FT_HOME/python/openai-VERSION` (with `pip install --target`, which needs no virtual
+/// environment); `None` where there is no Python.
 fn openai_python() -> Option<std::path::PathBuf> {
     use std::process::Command;
-    let venv = ft_tests::ft_home().join(format!("venvs/openai-{OPENAI}"));
-    let python = venv.join("bin/python");
-    if !python.exists() {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .ok()?;
-        assert!(made.success(), "python3 -m venv {}", venv.display());
-        let installed = Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+    let dir = ft_tests::ft_home().join(format!("python/openai-{OPENAI}"));
+    if !dir.join("openai").exists() {
+        Command::new("python3").arg("--version").output().ok()?;
+        let part = dir.with_extension(format!("part-{}", std::process::id()));
+        let installed = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&part)
             .arg(format!("openai=={OPENAI}"))
+            // Debian marks its Python as managed by apt; a --target folder is ours.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
             .status()
-            .expect("pip");
-        assert!(installed.success(), "pip install openai=={OPENAI}");
+            .expect("python3 -m pip");
+        assert!(
+            installed.success(),
+            "pip install --target {} openai=={OPENAI}",
+            part.display()
+        );
+        if std::fs::rename(&part, &dir).is_err() {
+            // Another test process installed it first.
+            let _ = std::fs::remove_dir_all(&part);
+        }
     }
-    Some(python)
+    Some(dir)
 }
 
 /// Uploads a file, creates a batch, waits for it, reads its output and lists batches with
@@ -541,7 +555,7 @@ print(json.dumps({"file": f.model_dump(), "batch": b.model_dump(), "output": out
 
 #[test]
 fn the_official_openai_client_runs_a_batch() {
-    let Some(python) = openai_python() else {
+    let Some(openai) = openai_python() else {
         eprintln!("skipped: no python3 for the openai client");
         return;
     };
@@ -561,8 +575,9 @@ fn the_official_openai_client_runs_a_batch() {
         .concat(),
     )
     .unwrap();
-    let run = std::process::Command::new(python)
+    let run = std::process::Command::new("python3")
         .args(["-c", ROUND_TRIP, &server.url, input.to_str().unwrap()])
+        .env("PYTHONPATH", &openai)
         .output()
         .unwrap();
     assert!(
