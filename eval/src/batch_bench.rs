@@ -185,8 +185,14 @@ pub fn run(spec: &Spec, mut progress: impl FnMut(&str)) -> Result<BatchBench, Ev
     let client = Client::new(&spec.url, None, spec.timeout);
     let batches = BatchClient::new(&spec.url, None, spec.timeout);
     let asked = bodies(spec, 0, spec.requests);
+    let Some(first) = asked.first() else {
+        return Err(EvalError::Batch(format!(
+            "task {} has no held-out prompts to ask",
+            spec.task.name
+        )));
+    };
     // One unmeasured request: the first forward's setup belongs to no row.
-    let _ = client.stream_completion(&asked[0]);
+    let _ = client.stream_completion(first);
 
     let mut rows = Vec::new();
     let mut best: Option<Row> = None;

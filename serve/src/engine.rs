@@ -130,6 +130,8 @@ struct Work {
     id: RequestId,
     seq: usize,
     len: usize,
+    /// Prompt tokens of a batch request (counted against [`BATCH_PREFILL_TOKENS`]).
+    batch_prefill: bool,
 }
 
 /// The rows of logits one share of a step has.
@@ -309,8 +311,17 @@ impl<B: QuantBackend> Engine<B> {
                 return Err(EngineError::UnknownModel(name.clone()));
             }
         }
-        if self.waiting.len() >= self.config.max_waiting {
-            return Err(EngineError::QueueFull(self.waiting.len()));
+        // Batch requests never crowd interactive ones out of the queue.
+        let waiting = match request.priority {
+            Priority::Interactive => self
+                .waiting
+                .iter()
+                .filter(|a| a.request.priority == Priority::Interactive)
+                .count(),
+            Priority::Batch => self.waiting.len(),
+        };
+        if waiting >= self.config.max_waiting {
+            return Err(EngineError::QueueFull(waiting));
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -385,12 +396,23 @@ impl<B: QuantBackend> Engine<B> {
             let no_room = self.running.len() >= self.config.max_running
                 || blocks_needed > self.blocks.available();
             if no_room {
-                let batch = self
+                // A batch request gives up its row only when that can make room: a free slot,
+                // and enough blocks once every batch request's are back.
+                let batch_blocks: usize = self
                     .running
                     .iter()
-                    .rposition(|a| a.request.priority == Priority::Batch);
-                match (next.request.priority, batch) {
-                    (Priority::Interactive, Some(victim)) => {
+                    .filter(|a| a.request.priority == Priority::Batch)
+                    .flat_map(|a| &a.seqs)
+                    .map(|s| s.table.len())
+                    .sum();
+                let could_fit = blocks_needed <= self.blocks.available() + batch_blocks;
+                let victim = self.running.iter().rposition(|a| {
+                    a.request.priority == Priority::Batch
+                        && (self.running.len() >= self.config.max_running
+                            || a.seqs.iter().any(|s| !s.table.is_empty()))
+                });
+                match (next.request.priority, victim, could_fit) {
+                    (Priority::Interactive, Some(victim), true) => {
                         self.preempt(victim);
                         continue;
                     }
@@ -508,15 +530,24 @@ impl<B: QuantBackend> Engine<B> {
                         let keep = running.iter().any(|a| a.id == w.id);
                         if !keep {
                             budget += w.len; // the preempted request's share comes back
+                            if w.batch_prefill {
+                                batch_prefill += w.len;
+                            }
                         }
                         keep
                     });
                     continue;
                 }
                 for (s, &len) in lens.iter().enumerate() {
-                    work.push(Work { id, seq: s, len });
+                    let batch_prefill_work = batch && !decoding;
+                    work.push(Work {
+                        id,
+                        seq: s,
+                        len,
+                        batch_prefill: batch_prefill_work,
+                    });
                     budget -= len;
-                    if batch && !decoding {
+                    if batch_prefill_work {
                         batch_prefill -= len;
                     }
                 }

@@ -275,6 +275,22 @@ fn an_interactive_request_takes_a_batch_requests_row_within_one_step() {
         assert_eq!(out[&id].0, alone(&p, None, 20), "prompt {p:?}");
     }
     assert_eq!(e.stats().blocks_used, 0);
+
+    // Batch requests filling the queue never keep an interactive one out of it.
+    let config = EngineConfig {
+        max_running: 1,
+        max_waiting: 2,
+        ..Default::default()
+    };
+    let mut e = engine(config, dir.path());
+    for _ in 0..2 {
+        e.submit(batch(vec![3, 4])).unwrap();
+    }
+    assert!(matches!(
+        e.submit(batch(vec![3, 4])),
+        Err(EngineError::QueueFull(2))
+    ));
+    e.submit(greedy(vec![3, 4], None, 2)).unwrap();
 }
 
 /// Beam search by recomputing every beam from scratch: no cache, no forks.

@@ -73,6 +73,7 @@ impl Job for BenchBatchArgs {
             batches: Some(BatchConfig {
                 state_dir: state.path().to_path_buf(),
                 max_rows: self.batch_max_rows as usize,
+                required: true,
             }),
             ..ServerConfig::default()
         };

@@ -194,7 +194,8 @@ pub(crate) fn register_adapters<B: QuantBackend>(
 
 impl ServeArgs {
     /// The Batch API's state folder and rows; without `--state-dir`, none when the default
-    /// folder cannot be made (a read-only home), with a warning.
+    /// folder cannot be made (a read-only home), with a warning, and the server goes without
+    /// one when another server holds it.
     fn batch_config(&self) -> Option<BatchConfig> {
         let max_rows = self.batch_max_rows.unwrap_or(self.max_running) as usize;
         let state_dir = match &self.state_dir {
@@ -211,6 +212,8 @@ impl ServeArgs {
         Some(BatchConfig {
             state_dir,
             max_rows,
+            // The default folder may be another server's: then this one has no Batch API.
+            required: self.state_dir.is_some(),
         })
     }
 

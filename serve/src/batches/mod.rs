@@ -36,6 +36,12 @@ pub enum BatchError {
         /// What it answered.
         message: String,
     },
+    /// Another process holds the state folder.
+    #[error("{}: another ft serve holds this state folder (--state-dir names another)", path.display())]
+    Busy {
+        /// The folder.
+        path: PathBuf,
+    },
     /// The journal of a stopped run does not belong to this input.
     #[error("{}: {message}", path.display())]
     Journal {

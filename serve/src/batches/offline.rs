@@ -96,7 +96,12 @@ pub fn run(
         drop(tx);
         let mut done = resumed;
         for (i, line) in rx {
-            if let Err(e) = journal.append(&line) {
+            // A request that got no answer is not journaled: a resumed run asks it again.
+            let kept = match line["response"].is_null() {
+                true => Ok(()),
+                false => journal.append(&line),
+            };
+            if let Err(e) = kept {
                 stop.store(true, Ordering::Relaxed);
                 failure.get_or_insert(e);
                 continue;
@@ -137,10 +142,20 @@ fn ask(agent: &ureq::Agent, server: &Server, line: &Line, request_id: &str) -> V
     if let Some(key) = &server.api_key {
         request = request.set("Authorization", &format!("Bearer {key}"));
     }
-    let response = match request.send_json(Value::Object(body)) {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => return unanswered(&line.custom_id, request_id, "server_error", &e.to_string()),
+    let body = Value::Object(body);
+    let mut wait = Duration::from_millis(100);
+    let response = loop {
+        match request.clone().send_json(body.clone()) {
+            // A full queue or too many connections: asked again, up to a minute apart.
+            Err(ureq::Error::Status(429 | 503, _)) => {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(60));
+            }
+            Ok(r) | Err(ureq::Error::Status(_, r)) => break r,
+            Err(e) => {
+                return unanswered(&line.custom_id, request_id, "server_error", &e.to_string())
+            }
+        }
     };
     let status = response.status();
     match response.into_string() {
@@ -173,8 +188,19 @@ impl Journal {
         let mut done = HashMap::new();
         let mut kept = 0u64;
         if let Ok(f) = File::open(path) {
-            let mut lines = BufReader::new(f).lines();
-            let first = lines.next().and_then(Result::ok);
+            // Whole lines only: a line without its newline was cut short by a crash.
+            let mut reader = BufReader::new(f);
+            let mut lines = std::iter::from_fn(move || {
+                let mut line = Vec::new();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(_) if line.ends_with(b"\n") => {
+                        line.pop();
+                        Some(String::from_utf8(line).unwrap_or_default())
+                    }
+                    _ => None,
+                }
+            });
+            let first = lines.next();
             let first: Option<Value> =
                 first.map(|l| serde_json::from_str(&l).unwrap_or(Value::Null));
             // An empty journal (a crash before its header) is a new one.
@@ -192,7 +218,6 @@ impl Journal {
                 0
             };
             for l in lines {
-                let Ok(l) = l else { break };
                 let Ok(v) = serde_json::from_str::<Value>(&l) else {
                     break;
                 };
@@ -222,9 +247,11 @@ impl Journal {
         })
     }
 
-    /// Appends `line`, on disk before it returns.
+    /// Appends `line` in one write, on disk before it returns.
     fn append(&mut self, line: &Value) -> Result<(), BatchError> {
-        writeln!(self.file, "{line}")
+        let text = format!("{line}\n");
+        self.file
+            .write_all(text.as_bytes())
             .and_then(|()| self.file.sync_data())
             .map_err(|e| BatchError::io(&self.path, e))
     }

@@ -13,10 +13,13 @@ use serde_json::Value;
 
 use super::BatchError;
 
-/// The Batch API's state on disk.
+/// The Batch API's state on disk, held by one server at a time.
 pub struct Store {
     dir: PathBuf,
     db: Mutex<Connection>,
+    /// `lock`, locked while the store is open: a second server on the same folder would run
+    /// its unfinished batches again.
+    _lock: std::fs::File,
 }
 
 /// One line's answer, as recorded.
@@ -31,10 +34,27 @@ pub struct Recorded {
 }
 
 impl Store {
-    /// Opens (or creates) the state in `dir`.
+    /// Opens (or creates) the state in `dir`; [`BatchError::Busy`] when another process
+    /// holds it.
     pub fn open(dir: &Path) -> Result<Self, BatchError> {
         let files = dir.join("files");
         std::fs::create_dir_all(&files).map_err(|e| BatchError::io(&files, e))?;
+        let lock_path = dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| BatchError::io(&lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(BatchError::Busy {
+                    path: dir.to_path_buf(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(BatchError::io(&lock_path, e)),
+        }
         let path = dir.join("batches.sqlite3");
         let db = Connection::open(&path).map_err(|e| sql(&path, e))?;
         db.execute_batch(
@@ -53,6 +73,7 @@ impl Store {
         Ok(Self {
             dir: dir.to_path_buf(),
             db: Mutex::new(db),
+            _lock: lock,
         })
     }
 
@@ -260,5 +281,7 @@ mod tests {
         assert!(!store.delete_file("file-1").unwrap());
         assert_eq!(store.content("file-1").unwrap(), None);
         assert!(store.files().unwrap().is_empty());
+        let busy = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(busy, BatchError::Busy { .. }), "{busy}");
     }
 }

@@ -221,15 +221,24 @@ pub(super) async fn delete(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if !batches(&state)?.store.delete_file(&id)? {
+    let b = batches(&state)?;
+    if let Some(user) = b.store.batches()?.iter().find(|o| {
+        o["input_file_id"] == id.as_str()
+            && !FINAL.contains(&o["status"].as_str().unwrap_or_default())
+    }) {
+        return Err(ApiError::bad_request(format!(
+            "{id} is the input of batch {}, which has not ended",
+            user["id"].as_str().unwrap_or_default()
+        )));
+    }
+    if !b.store.delete_file(&id)? {
         return Err(not_found("file", &id));
     }
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }
 
-/// `POST /v1/batches`'s body.
+/// `POST /v1/batches`'s body; other fields (`output_expires_after`) are accepted and ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Create {
     input_file_id: String,
     endpoint: String,

@@ -24,6 +24,8 @@ use crate::request::Priority;
 
 /// How long a request the engine's full queue refused waits before it is sent again.
 const RETRY: Duration = Duration::from_millis(100);
+/// How long a batch whose state could not be written waits before it runs again.
+const AGAIN: Duration = Duration::from_secs(5);
 
 /// Runs batch `id` on the server's runtime unless its runner is already live.
 pub(super) fn spawn(state: &Arc<AppState>, id: &str) {
@@ -38,8 +40,10 @@ pub(super) fn spawn(state: &Arc<AppState>, id: &str) {
     let (state, id) = (state.clone(), id.to_string());
     tokio::spawn(async move {
         if let Some(b) = &state.batches {
-            if let Err(e) = drive(&state, b, &id).await {
-                tracing::error!(batch = %id, error = %e, "the batch stopped; it resumes when the server starts again");
+            // A failing store (a full disk) is tried again: what was committed stays.
+            while let Err(e) = drive(&state, b, &id).await {
+                tracing::error!(batch = %id, error = %e, "the batch stopped; trying again in {} s", AGAIN.as_secs());
+                tokio::time::sleep(AGAIN).await;
             }
             if let Ok(mut running) = b.running.lock() {
                 running.remove(&id);

@@ -21,6 +21,7 @@ use super::completions::whole_body;
 use super::openai::{CompletionRequest, Prompt};
 use super::{ApiError, AppState};
 use crate::cascade::{answer, Cascade, Reply, Stage, Target};
+use crate::request::Priority;
 
 /// How long a stage on another server may take to answer one request.
 const REMOTE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -34,6 +35,7 @@ pub(super) async fn complete(
     cascade: &Cascade,
     req: &CompletionRequest,
     body: &[u8],
+    priority: Priority,
 ) -> Result<Response, ApiError> {
     let prompt = match req.prompts().map_err(ApiError::bad_request)?.as_slice() {
         [Prompt::Text(text)] => text.clone(),
@@ -61,7 +63,7 @@ pub(super) async fn complete(
         let last = i + 1 == cascade.stages.len();
         let asked = (0..stage.samples).map(|_| {
             let seed = state.seeds.fetch_add(1, Ordering::Relaxed);
-            ask(state, stage, stage.body(&base, &prompt, seed))
+            ask(state, stage, stage.body(&base, &prompt, seed), priority)
         });
         let results = futures_util::future::join_all(asked).await;
         let mut cost = 0.0;
@@ -104,10 +106,15 @@ pub(super) async fn complete(
 }
 
 /// Stage `stage`'s reply to `body`, and the seconds it took.
-async fn ask(state: &Arc<AppState>, stage: &Stage, body: Value) -> (Result<Reply, ApiError>, f64) {
+async fn ask(
+    state: &Arc<AppState>,
+    stage: &Stage,
+    body: Value,
+    priority: Priority,
+) -> (Result<Reply, ApiError>, f64) {
     let start = Instant::now();
     let answered = match &stage.target {
-        Target::Local { .. } => local(state, body, start).await,
+        Target::Local { .. } => local(state, body, start, priority).await,
         Target::Remote { url, api_key, .. } => remote(url, api_key.clone(), body).await,
     };
     let reply = answered.and_then(|b| {
@@ -131,10 +138,15 @@ async fn ask(state: &Arc<AppState>, stage: &Stage, body: Value) -> (Result<Reply
 }
 
 /// A request to this server's base or adapters.
-async fn local(state: &Arc<AppState>, body: Value, arrival: Instant) -> Result<Value, ApiError> {
+async fn local(
+    state: &Arc<AppState>,
+    body: Value,
+    arrival: Instant,
+    priority: Priority,
+) -> Result<Value, ApiError> {
     let req: CompletionRequest = serde_json::from_value(body)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
-    whole_body(state, &req, arrival).await
+    whole_body(state, &req, arrival, priority).await
 }
 
 /// A request to another OpenAI-compatible server, its errors as 502 naming it.

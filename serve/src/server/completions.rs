@@ -53,7 +53,7 @@ pub(super) async fn complete(state: Arc<AppState>, body: Bytes, priority: Priori
     let run = async {
         let req: CompletionRequest = parse(&body)?;
         if let Some(cascade) = state.config.cascades.iter().find(|c| c.name == req.model) {
-            return super::cascade::complete(&state, cascade, &req, &body).await;
+            return super::cascade::complete(&state, cascade, &req, &body, priority).await;
         }
         let mut lookup = Lookup::new(&state, "/v1/completions", &req.model, &req.sampling, &body);
         if let Some(hit) = hit(&mut lookup, arrival).await {
@@ -220,10 +220,11 @@ pub(super) async fn whole_body(
     state: &Arc<AppState>,
     req: &CompletionRequest,
     arrival: Instant,
+    priority: Priority,
 ) -> Result<Value, ApiError> {
     let mut choices = Vec::new();
     let mut reply = None;
-    for s in send_all(state, req, arrival, Priority::Interactive)? {
+    for s in send_all(state, req, arrival, priority)? {
         let (progress, r) = s.accepted().await?;
         choices.push(whole(progress).await?);
         reply.get_or_insert(r);

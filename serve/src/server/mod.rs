@@ -76,6 +76,9 @@ pub struct BatchConfig {
     pub state_dir: PathBuf,
     /// Requests of one batch in the engine at once.
     pub max_rows: usize,
+    /// Whether a folder that cannot be opened (another server holds it) stops the server;
+    /// otherwise the server runs without the Batch API, with a warning.
+    pub required: bool,
 }
 
 /// What every handler shares.
@@ -208,9 +211,14 @@ fn serve_until<B: QuantBackend>(
         None => None,
     };
     let batches = match &config.batches {
-        Some(c) => Some(Arc::new(
-            batch_api::Batches::open(&c.state_dir, c.max_rows).map_err(std::io::Error::other)?,
-        )),
+        Some(c) => match batch_api::Batches::open(&c.state_dir, c.max_rows) {
+            Ok(b) => Some(Arc::new(b)),
+            Err(e) if !c.required => {
+                tracing::warn!(error = %e, "no Batch API on this server");
+                None
+            }
+            Err(e) => return Err(std::io::Error::other(e)),
+        },
         None => None,
     };
     let (tx, rx) = mpsc::channel();

@@ -404,12 +404,18 @@ fn the_batch_api_runs_files_through_its_states_and_loses_nothing_to_kill_9() {
 
     // Cancelled part way: what ran is kept, the rest is listed as cancelled.
     let server = start("1");
-    let slow = create(
-        &server,
-        &upload(&server, "slow.jsonl", requests(200, 24).as_bytes()),
-    );
+    let slow_file = upload(&server, "slow.jsonl", requests(200, 24).as_bytes());
+    let slow = create(&server, &slow_file);
     let id = slow["id"].as_str().unwrap().to_string();
     wait(&server, &id, &["in_progress"]);
+    // The input of a batch that has not ended stays.
+    let url = format!(
+        "{}/v1/files/{}",
+        server.url,
+        slow_file["id"].as_str().unwrap()
+    );
+    let kept = ureq::delete(&url).call();
+    assert!(matches!(kept, Err(ureq::Error::Status(400, _))), "{kept:?}");
     let (status, cancelling) = server.post(&format!("/v1/batches/{id}/cancel"), &json!({}));
     assert_eq!(status, 200);
     assert!(

@@ -56,6 +56,7 @@ fn server(dir: &Path) -> Background {
         batches: Some(BatchConfig {
             state_dir: dir.join("state"),
             max_rows: 2,
+            required: true,
         }),
         ..Default::default()
     };
