@@ -3,6 +3,7 @@
 //! while the other lines run, a malformed file refused with its line numbers, and a run
 //! stopped part way resumed from its journal without asking again.
 
+use ft_serve::batches::client::Client;
 use ft_tests::{ft, tiny, tiny_model, write_adapter, Server};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -194,23 +195,9 @@ fn a_batch_file_is_answered_line_by_line_in_order_and_resumes() {
 
 /// Uploads `bytes` as a batch file.
 fn upload(server: &Server, name: &str, bytes: &[u8]) -> Value {
-    let boundary = "ft-test-boundary";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
-         Content-Type: application/jsonl\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let r = ureq::post(&format!("{}/v1/files", server.url))
-        .set(
-            "Content-Type",
-            &format!("multipart/form-data; boundary={boundary}"),
-        )
-        .send_bytes(&body)
-        .expect("upload");
-    r.into_json().unwrap()
+    Client::new(&server.url, None, std::time::Duration::from_secs(60))
+        .upload(name, bytes)
+        .expect("upload")
 }
 
 /// Creates a batch of file `file` on `/v1/completions`.
@@ -714,4 +701,66 @@ fn ft_batch_submits_follows_and_fetches_a_batch_on_a_server() {
         "{}",
         unknown.stderr
     );
+}
+
+#[test]
+fn ft_bench_batch_prices_interactive_and_batch_answers_of_a_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &tiny());
+    // Short prompts: the tiny model holds 64 byte tokens.
+    let task = dir.path().join("sums.toml");
+    let lines: String = (0..12)
+        .map(|i| format!("{{\"prompt\":\"{i}+1=\",\"completion\":\"{}\"}}\n", i + 1))
+        .collect();
+    std::fs::write(dir.path().join("test.jsonl"), lines).unwrap();
+    std::fs::write(
+        &task,
+        "name = \"sums\"\nmetric = \"exact_match\"\ndata = \"test.jsonl\"\nmax_tokens = 4\n",
+    )
+    .unwrap();
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "batch",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--task",
+            task.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ft(&args)
+    };
+    let run = bench(&[
+        "--requests",
+        "8",
+        "--probes",
+        "2",
+        "--concurrency",
+        "1,2",
+        "--slo-tpot-ms",
+        "10000",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out = &run.stdout;
+    // One stream, and the faster of 1 and 2 (both within so loose an SLO) as the reference.
+    assert!(out.contains("| 1 | 8 | 0 |"), "{out}");
+    assert!(out.contains("| interactive (within SLO) |"), "{out}");
+    assert!(out.contains("| batch | 256 rows | 8 | 0 |"), "{out}");
+    assert!(
+        out.contains("| nothing | 2 | 0 |") && out.contains("| a batch | 2 | 0 |"),
+        "{out}"
+    );
+    bench(&["--slo-tpot-ms", "0"]).fails_with(2, &["--slo-tpot-ms"]);
+    bench(&["--concurrency", "0"]).fails_with(2, &["--concurrency"]);
+    bench(&["--price-per-hour=-1"]).fails_with(2, &["--price-per-hour"]);
+    let submit = |input: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["batch", "submit", "--url", "http://127.0.0.1:9", "--input"];
+        args.push(input.to_str().unwrap());
+        args.extend_from_slice(extra);
+        ft(&args)
+    };
+    submit(&task, &[]).fails_with(2, &["sums.toml", "line 1"]);
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, requests(1, 1)).unwrap();
+    submit(&input, &["--metadata", "x"]).fails_with(2, &["--metadata x", "KEY=VALUE"]);
 }
