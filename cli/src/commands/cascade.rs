@@ -59,7 +59,8 @@ fn check_stages(
             stored_as(model, common.device, q, "quant").map_err(|e| at("quant", &e))?;
         }
         few_shot(task, s.shots).map_err(|e| at("shots", &e))?;
-        Cascade::api_key(s).map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
+        s.api_key()
+            .map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
     }
     Ok(())
 }
@@ -179,7 +180,8 @@ pub(crate) fn served(
             (Some(url), Some(model)) => served::Target::Remote {
                 url: url.clone(),
                 model: model.clone(),
-                api_key: Cascade::api_key(s)
+                api_key: s
+                    .api_key()
                     .map_err(|e| UsageError(format!("{}: {e}", file.display())))?,
             },
             _ => {

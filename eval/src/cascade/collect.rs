@@ -89,7 +89,7 @@ pub fn collect<B: QuantBackend, E: Into<BoxError>>(
         let (Some(url), Some(model)) = (&stage.url, &stage.model) else {
             continue;
         };
-        let key = Cascade::api_key(stage).map_err(|m| EvalError::Cascade {
+        let key = stage.api_key().map_err(|m| EvalError::Cascade {
             path: PathBuf::from(url),
             message: m,
         })?;

@@ -142,6 +142,20 @@ pub struct Stage {
     pub scorer: Option<Logistic>,
 }
 
+impl Stage {
+    /// The API key of this stage's server, from its `api_key_env`; an error names the
+    /// variable when it is unset.
+    pub fn api_key(&self) -> Result<Option<String>, String> {
+        self.api_key_env
+            .as_ref()
+            .map(|var| {
+                std::env::var(var)
+                    .map_err(|_| format!("stage {}: api_key_env: ${var} is not set", self.name))
+            })
+            .transpose()
+    }
+}
+
 /// What a fit chose, and on what.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -258,19 +272,6 @@ impl Cascade {
             }
         }
         Ok(c)
-    }
-
-    /// The API key of stage `stage`'s server, from its `api_key_env`; an error names the
-    /// variable when it is unset.
-    pub fn api_key(stage: &Stage) -> Result<Option<String>, String> {
-        stage
-            .api_key_env
-            .as_ref()
-            .map(|var| {
-                std::env::var(var)
-                    .map_err(|_| format!("stage {}: api_key_env: ${var} is not set", stage.name))
-            })
-            .transpose()
     }
 
     /// Writes the cascade as TOML, atomically.

@@ -8,6 +8,15 @@ use ft_tests::{ft, tiny, tiny_model, write_adapter, Server};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+/// The JSON lines of the file at `path`.
+fn jsonl(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn line(id: &str, url: &str, body: Value) -> String {
     json!({"custom_id": id, "method": "POST", "url": url, "body": body}).to_string() + "\n"
 }
@@ -77,11 +86,7 @@ fn a_batch_file_is_answered_line_by_line_in_order_and_resumes() {
         "{}",
         first.stdout
     );
-    let lines: Vec<Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&output);
     let ids: Vec<&str> = lines
         .iter()
         .map(|l| l["custom_id"].as_str().unwrap())
@@ -152,11 +157,7 @@ fn a_batch_file_is_answered_line_by_line_in_order_and_resumes() {
         "{}",
         resumed.stdout
     );
-    let again: Vec<Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let again = jsonl(&output);
     assert_eq!(again.len(), 5);
     assert_eq!(again[0]["response"]["body"]["marker"], "from the journal");
     assert_eq!(
@@ -649,15 +650,9 @@ fn ft_batch_submits_follows_and_fetches_a_batch_on_a_server() {
         output.to_str().unwrap(),
     ]);
     assert_eq!(results.code, 0, "{}", results.stderr);
-    let ids: Vec<String> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["custom_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+    let ids: Vec<String> = jsonl(&output)
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids, ["q0", "q1", "q2", "q3", "q4", "q5"]);
 
