@@ -161,6 +161,10 @@ pub struct ServeArgs {
     /// Requests of one batch in the engine at once (default: --max-running, every row).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_max_rows: Option<u64>,
+    /// Tokens of batch requests one engine step runs at most: an interactive request waits
+    /// for the step under way, so this bounds what a running batch adds to its TTFT.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_step_tokens: u64,
     /// Serve a fitted cascade (`ft cascade fit`'s file) as the model NAME (repeatable).
     #[arg(long = "cascade", value_name = "NAME=FILE")]
     pub cascades: Vec<String>,
@@ -553,6 +557,11 @@ pub struct EvalArgs {
     /// same seeded draw for every example).
     #[arg(long, default_value_t = 0)]
     pub shots: u64,
+    /// Also ask K questions in one prompt, numbered, with the demonstrations grouped the
+    /// same way (batch prompting), for each K, comma-separated, each in 2..=32; the report
+    /// sets accuracy and tokens per question against one question a prompt.
+    #[arg(long, value_delimiter = ',', value_name = "K")]
+    pub batch_prompting: Vec<u64>,
     /// Also measure the few-shot prompts with their demonstrations compressed to these
     /// fractions of their tokens, comma-separated, each in (0, 1); each example's own prompt
     /// (instruction and question) is kept whole (needs --shots).
@@ -1069,6 +1078,10 @@ pub struct BenchBatchArgs {
     /// engine has 256 rows).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub batch_max_rows: u64,
+    /// Tokens of batch requests one engine step runs at most (the server's
+    /// `--batch-step-tokens`).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_step_tokens: u64,
     /// Append the tables, with the command, machine and date, to this Markdown file.
     #[arg(long)]
     pub record: Option<PathBuf>,

@@ -376,6 +376,7 @@ pub(crate) fn serve_in_process<B: QuantBackend>(
         // ones on cached prompts.
         prefix_cache: false,
         max_adapters: adapters.len().max(1),
+        ..EngineConfig::default()
     };
     let detokenizer = p.tokenizer.clone();
     let mut engine = Engine::new(

@@ -77,6 +77,8 @@ pub fn exact_match<B: QuantBackend>(
             Expected::Choice { choices, answer } => {
                 choices.get(*answer).cloned().unwrap_or_default()
             }
+            // Tasks are scored here as written, one question a prompt.
+            Expected::Batch { .. } => String::new(),
         };
         answers.push((item.prompt.clone(), expected, answer));
     }

@@ -7,8 +7,9 @@
 //! and writes a report ([`report`]) with plots ([`plot`]). [`greedy`] is the in-process exact
 //! match that training runs before and after; [`load_bench`] is the load generator of `ft
 //! bench serve`, [`soak`] its long run with cancelling and slow clients, [`decode_bench`] the
-//! measurement of `ft bench generate`, [`prompting`] builds few-shot prompts and
-//! [`compress`] shortens them, [`cascade`] fits and measures FrugalGPT cascades, [`batch_bench`] measures what the Batch API saves, and [`peers`] drive the other engines measured beside
+//! measurement of `ft bench generate`, [`prompting`] builds few-shot prompts,
+//! [`compress`] shortens them and [`batch_prompting`] asks several questions in one,
+//! [`cascade`] fits and measures FrugalGPT cascades, [`batch_bench`] measures what the Batch API saves, and [`peers`] drive the other engines measured beside
 //! ft (llama.cpp, PEFT); [`rss`] (the server's own, re-exported) reads the process's resident
 //! memory for every benchmark table.
 //!
@@ -17,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod batch_bench;
+pub mod batch_prompting;
 pub mod cascade;
 pub mod client;
 pub mod compress;

@@ -12,8 +12,9 @@ use crate::load_bench::percentile;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::batch_prompting::judge;
 use crate::metric::{self, Score};
-use crate::task::{EvalTask, Metric, Prompting};
+use crate::task::{EvalTask, Expected, Item, Metric, Prompting};
 
 /// How answers are decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,11 +156,11 @@ pub struct Row {
     pub metric: Metric,
     /// The score over the answers that came.
     pub score: Score,
-    /// Examples sent.
+    /// Examples (questions) sent.
     pub examples: usize,
-    /// Examples the server answered with an error.
+    /// Questions whose request the server answered with an error.
     pub errors: usize,
-    /// Examples the server did not answer in time.
+    /// Questions whose request the server did not answer in time.
     pub timeouts: usize,
     /// The first error's message, if any.
     pub first_error: Option<String>,
@@ -190,14 +191,14 @@ pub struct Timing {
     pub latency_p50_s: f64,
     /// Latency p99, s.
     pub latency_p99_s: f64,
-    /// Answered requests per second.
+    /// Answered requests per second (questions, where a prompt asks several).
     pub requests_per_s: f64,
     /// Output tokens per second over all streams.
     pub tokens_per_s: f64,
     /// Output tokens of the answered requests.
     pub output_tokens: usize,
-    /// Mean prompt tokens per answered request, as the server counted them (absent where it
-    /// did not say).
+    /// Mean prompt tokens per answered request (per question, where a prompt asks several),
+    /// as the server counted them (absent where it did not say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<f64>,
 }
@@ -238,7 +239,16 @@ pub struct Setting {
     pub concurrency: usize,
 }
 
-/// Scores and times `pass` of `task` into a row.
+/// The questions `item`'s prompt asks: several with batch prompting, else one.
+fn questions(item: &Item) -> usize {
+    match &item.expected {
+        Expected::Batch { answers, .. } => answers.len(),
+        _ => 1,
+    }
+}
+
+/// Scores and times `pass` of `task` into a row. Counts, rates and token means are per
+/// question: a batch-prompted request answers several, and each is scored on its own.
 pub fn summarize(
     task: &EvalTask,
     setting: &Setting,
@@ -252,30 +262,31 @@ pub fn summarize(
     let mut prompt_tokens = Some(0);
     let mut answers = Vec::with_capacity(pass.outcomes.len());
     for (item, outcome) in task.items.iter().zip(&pass.outcomes) {
+        let questions = questions(item);
         match outcome {
             Ok(s) => {
-                let ok = metric::is_right(&s.text, &item.expected);
-                scored += 1;
-                right += ok as usize;
+                for (answer, ok) in judge(&s.text, &item.expected) {
+                    scored += 1;
+                    right += ok as usize;
+                    answers.push(Answer::Answered { answer, right: ok });
+                }
                 ttft.push(s.ttft);
                 tpot.extend(s.tpot);
                 latency.push(s.latency);
                 output_tokens += s.tokens;
                 prompt_tokens = prompt_tokens.zip(s.prompt_tokens).map(|(a, b)| a + b);
-                answers.push(Answer::Answered {
-                    answer: s.text.clone(),
-                    right: ok,
-                });
             }
             Err(e) => {
                 match e {
-                    ClientError::Timeout(_) => timeouts += 1,
-                    _ => errors += 1,
+                    ClientError::Timeout(_) => timeouts += questions,
+                    _ => errors += questions,
                 }
                 first_error.get_or_insert_with(|| e.to_string());
-                answers.push(Answer::Failed {
-                    error: e.to_string(),
-                });
+                for _ in 0..questions {
+                    answers.push(Answer::Failed {
+                        error: e.to_string(),
+                    });
+                }
             }
         }
     }
@@ -300,7 +311,7 @@ pub fn summarize(
         concurrency: Some(setting.concurrency.clamp(1, task.items.len().max(1))),
         metric: task.metric,
         score: metric::accuracy(right, scored),
-        examples: task.items.len(),
+        examples: task.items.iter().map(questions).sum(),
         errors,
         timeouts,
         first_error,
@@ -321,7 +332,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::task::{Expected, Item};
 
     #[test]
     fn decodings_parse_and_print_back() {

@@ -51,7 +51,8 @@ pub fn chosen(answer: &str, choices: &[String]) -> Option<usize> {
     }
 }
 
-/// Whether a generated `answer` is right for `expected` (a text to score is never "right").
+/// Whether a generated `answer` is right for `expected` (a text to score is never "right";
+/// several questions are judged one by one with [`crate::batch_prompting::judge`]).
 pub fn is_right(answer: &str, expected: &Expected) -> bool {
     match expected {
         Expected::Answer(e) => exact_match(answer, e),
@@ -59,7 +60,7 @@ pub fn is_right(answer: &str, expected: &Expected) -> bool {
             choices,
             answer: right,
         } => chosen(answer, choices) == Some(*right),
-        Expected::Text(_) => false,
+        Expected::Text(_) | Expected::Batch { .. } => false,
     }
 }
 

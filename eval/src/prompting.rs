@@ -10,62 +10,72 @@ use ft_model::QuantBackend;
 
 use crate::compress::{Compressor, Parts, SEPARATOR};
 use crate::error::EvalError;
-use crate::task::{EvalTask, Metric, Prompting};
+use crate::task::{EvalTask, Item, Metric, Prompting};
 use crate::tasks::SplitMix64;
 
 /// The seed of the demonstrations' draw: the same examples in every run.
 pub const SEED: u64 = 0x5407;
 
-/// `shots` solved examples of `task`'s training split, drawn with [`SEED`], joined as a
-/// few-shot context, and the byte ranges of their answers in it.
-pub fn demonstrations(
-    task: &EvalTask,
-    shots: usize,
-) -> Result<(String, Vec<Range<usize>>), EvalError> {
-    let solved: Vec<(String, usize)> = task
-        .train
-        .iter()
-        .filter_map(|i| Some((i.solved()?, i.prompt.len())))
-        .collect();
-    if solved.len() < shots {
+/// `shots` solved examples of `task`'s training split, drawn with [`SEED`]: the first
+/// `shots` places of a seeded shuffle of those that have an answer.
+pub fn drawn(task: &EvalTask, shots: usize) -> Result<Vec<&Item>, EvalError> {
+    let solvable: Vec<&Item> = task.train.iter().filter(|i| i.solved().is_some()).collect();
+    if solvable.len() < shots {
         return Err(EvalError::Shots {
             task: task.name.clone(),
             shots,
-            have: solved.len(),
+            have: solvable.len(),
         });
     }
     // The first `shots` places of a seeded Fisher-Yates shuffle.
-    let mut order: Vec<usize> = (0..solved.len()).collect();
+    let mut order: Vec<usize> = (0..solvable.len()).collect();
     let mut rng = SplitMix64(SEED);
     for i in 0..shots {
         let j = i + rng.below(order.len() - i);
         order.swap(i, j);
     }
+    Ok(order[..shots].iter().map(|&i| solvable[i]).collect())
+}
+
+/// [`drawn`]'s examples joined as a few-shot context, and the byte ranges of their answers
+/// in it.
+pub fn demonstrations(
+    task: &EvalTask,
+    shots: usize,
+) -> Result<(String, Vec<Range<usize>>), EvalError> {
     let mut context = String::new();
     let mut answers = Vec::with_capacity(shots);
-    for &i in &order[..shots] {
+    for item in drawn(task, shots)? {
         if !context.is_empty() {
             context.push_str(SEPARATOR);
         }
-        let (text, prompt_len) = &solved[i];
-        answers.push(context.len() + prompt_len..context.len() + text.len());
-        context.push_str(text);
+        let text = item.solved().unwrap_or_default();
+        answers.push(context.len() + item.prompt.len()..context.len() + text.len());
+        context.push_str(&text);
     }
     Ok((context, answers))
 }
 
 /// The prompt variants of `task` to measure: with `shots` demonstrations before each prompt,
-/// whole and then with the demonstrations compressed to each of `rates` of their tokens by
-/// `compressor` (each example's own prompt is kept whole). A task without prompts to
-/// build on (perplexity), or `shots` 0, comes back as written.
+/// whole, then asking each of `per_prompt` questions in one prompt
+/// ([`crate::batch_prompting`]), then with the demonstrations compressed to each of `rates`
+/// of their tokens by `compressor` (each example's own prompt is kept whole). A task without
+/// prompts to build on (perplexity) comes back as written.
 pub fn variants<B: QuantBackend>(
     task: &EvalTask,
     shots: usize,
+    per_prompt: &[usize],
     rates: &[f64],
     compressor: Option<&Compressor<'_, B>>,
 ) -> Result<Vec<EvalTask>, EvalError> {
     let mut out = vec![few_shot(task, shots)?];
-    if shots == 0 || task.metric == Metric::Perplexity {
+    if task.metric == Metric::Perplexity {
+        return Ok(out);
+    }
+    for &k in per_prompt {
+        out.push(crate::batch_prompting::grouped(task, shots, k)?);
+    }
+    if shots == 0 {
         return Ok(out);
     }
     let (context, answers) = demonstrations(task, shots)?;
@@ -124,7 +134,11 @@ fn with_context(task: &EvalTask, context: &str, shots: usize, rate: Option<f64>)
         }
         .join();
     }
-    t.prompting = Some(Prompting { shots, rate });
+    t.prompting = Some(Prompting {
+        shots,
+        rate,
+        per_prompt: 1,
+    });
     t
 }
 
@@ -165,7 +179,7 @@ mod tests {
                 "never a held-out example"
             );
         }
-        let few = variants::<burn::backend::NdArray>(&task, 3, &[], None).unwrap();
+        let few = variants::<burn::backend::NdArray>(&task, 3, &[], &[], None).unwrap();
         assert_eq!(few.len(), 1);
         assert_eq!(
             few[0].items[0].prompt,
@@ -175,7 +189,8 @@ mod tests {
             few[0].prompting,
             Some(Prompting {
                 shots: 3,
-                rate: None
+                rate: None,
+                per_prompt: 1,
             })
         );
         let before = super::context(&task, 3).unwrap();

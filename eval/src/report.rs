@@ -64,6 +64,14 @@ fn prompt(r: &Row) -> String {
         .map_or_else(|| "as written".into(), |p| p.to_string())
 }
 
+/// A row's prompt and output tokens per answered question (absent where the server did not
+/// count prompt tokens).
+fn per_question(r: &Row) -> Option<(f64, f64)> {
+    let t = r.timing?;
+    let questions = r.score.scored.max(1) as f64;
+    Some((t.prompt_tokens?, t.output_tokens as f64 / questions))
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
 }
@@ -144,6 +152,7 @@ impl Report {
             }
             md += &self.deltas(task);
             md += &self.compression(task);
+            md += &self.batch_prompting(task);
             if self.rows_of(&task.name).any(|r| r.timing.is_some()) {
                 let _ = write!(
                     md,
@@ -260,7 +269,8 @@ impl Report {
                     && w.quant == r.quant
                     && w.decoding == r.decoding
                     && w.concurrency == r.concurrency
-                    && w.prompting.is_some_and(|p| p.rate.is_none())
+                    && w.prompting
+                        .is_some_and(|p| p.rate.is_none() && p.per_prompt == 1)
                     && w.prompting.map(|p| p.shots) == r.prompting.map(|p| p.shots)
             }) else {
                 continue;
@@ -322,6 +332,60 @@ impl Report {
                 prompt(r),
                 opt(r.timing.and_then(|t| t.prompt_tokens), 1),
                 opt(whole.timing.and_then(|t| t.prompt_tokens), 1),
+            );
+        }
+        t
+    }
+
+    /// Each batch-prompted row against the same setting with one question a prompt (and
+    /// the same demonstrations): the score the grouping costs for the tokens it saves, per
+    /// question.
+    fn batch_prompting(&self, task: &TaskInfo) -> String {
+        let shots = |r: &Row| r.prompting.map_or(0, |p| p.shots);
+        let per_prompt = |r: &Row| r.prompting.map_or(1, |p| p.per_prompt);
+        let mut t = String::new();
+        for r in self.rows_of(&task.name).filter(|r| per_prompt(r) > 1) {
+            let Some(one) = self.rows_of(&task.name).find(|w| {
+                w.model == r.model
+                    && w.quant == r.quant
+                    && w.decoding == r.decoding
+                    && w.concurrency == r.concurrency
+                    && shots(w) == shots(r)
+                    && per_prompt(w) == 1
+                    && w.prompting.is_none_or(|p| p.rate.is_none())
+            }) else {
+                continue;
+            };
+            if t.is_empty() {
+                t = format!(
+                    "\nBatch prompting against one question a prompt (same model, quant, decoding, streams and demonstrations; tokens per question):\n\n| model | quant | decoding | streams | questions a prompt | {} | change | prompt tok | output tok | all tok | of one a prompt |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+                    task.metric.name()
+                );
+            }
+            let change = r.score.value.zip(one.score.value).map(|(a, b)| a - b);
+            let complete = r.errors + r.timeouts + one.errors + one.timeouts == 0;
+            let (tokens, tokens_one) = (per_question(r), per_question(one));
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.model,
+                r.quant,
+                r.decoding,
+                r.concurrency.map_or_else(|| "-".into(), |c| c.to_string()),
+                per_prompt(r),
+                opt(r.score.value, 3),
+                change
+                    .filter(|_| complete)
+                    .map_or_else(|| "-".into(), |c| format!("{c:+.3}")),
+                opt(tokens.map(|t| t.0), 1),
+                opt(tokens.map(|t| t.1), 1),
+                opt(tokens.map(|t| t.0 + t.1), 1),
+                match (tokens, tokens_one) {
+                    (Some(a), Some(b)) if b.0 + b.1 > 0.0 => {
+                        format!("{:.2}x", (a.0 + a.1) / (b.0 + b.1))
+                    }
+                    _ => "-".into(),
+                },
             );
         }
         t
@@ -548,7 +612,11 @@ mod tests {
     fn compressed_prompts_are_compared_with_the_whole_and_the_lowest_close_rate_named() {
         let with = |rate: Option<f64>, value: f64, tokens: f64| {
             let mut r = row(BASE, Metric::ExactMatch, value, 0.2);
-            r.prompting = Some(Prompting { shots: 4, rate });
+            r.prompting = Some(Prompting {
+                shots: 4,
+                rate,
+                per_prompt: 1,
+            });
             if let Some(t) = r.timing.as_mut() {
                 t.prompt_tokens = Some(tokens);
             }

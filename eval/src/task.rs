@@ -67,6 +67,14 @@ pub enum Expected {
     },
     /// A text whose likelihood is scored.
     Text(String),
+    /// Several questions asked in one prompt ([`crate::batch_prompting`]): what each of
+    /// them expects, in order, and the strings that end each answer.
+    Batch {
+        /// Each question's expected answer.
+        answers: Vec<Expected>,
+        /// The task's stop strings, which cut each answer.
+        stop: Vec<String>,
+    },
 }
 
 /// One held-out example.
@@ -79,22 +87,37 @@ pub struct Item {
 }
 
 /// How a task's prompts were built from its examples as written: solved examples before each
-/// one (few-shot), and the fraction of the prompt's tokens kept by compression.
+/// one (few-shot), the fraction of the prompt's tokens kept by compression, and the questions
+/// asked in one prompt (batch prompting).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Prompting {
     /// Solved examples before each prompt.
     pub shots: usize,
     /// The fraction of the prompt's tokens compression was asked to keep (`None`: whole).
     pub rate: Option<f64>,
+    /// Questions asked in one prompt.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub per_prompt: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl std::fmt::Display for Prompting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}-shot", self.shots)?;
-        match self.rate {
-            Some(r) => write!(f, ", compressed to {r}"),
-            None => Ok(()),
+        if let Some(r) = self.rate {
+            write!(f, ", compressed to {r}")?;
         }
+        if self.per_prompt > 1 {
+            write!(f, ", {} questions a prompt", self.per_prompt)?;
+        }
+        Ok(())
     }
 }
 
@@ -131,7 +154,7 @@ impl Item {
                     && !choice.starts_with(char::is_whitespace);
                 format!("{}{choice}", if gap { " " } else { "" })
             }
-            Expected::Text(_) => return None,
+            Expected::Text(_) | Expected::Batch { .. } => return None,
         };
         Some(format!("{}{answer}", self.prompt))
     }

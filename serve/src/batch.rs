@@ -70,6 +70,8 @@ fn greedy_on<B: QuantBackend>(
         max_waiting: prompts.len(),
         prefix_cache: true,
         max_adapters: 1,
+        // Only interactive requests: the cap never applies.
+        batch_step_tokens: MAX_BATCH_TOKENS.max(batch_size),
     };
     ft_model::kernels::on_kernel_thread(|| {
         let runner = runner(model, config.kv_blocks, config.block_size);

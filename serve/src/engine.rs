@@ -40,6 +40,10 @@ pub struct EngineConfig {
     pub prefix_cache: bool,
     /// Adapters held in memory at most.
     pub max_adapters: usize,
+    /// Tokens of batch requests (decode rows plus prompt chunks) one step runs at most: an
+    /// interactive request that arrives while a step of batch work is under way waits for
+    /// it, so this bounds what a batch adds to its time to first token.
+    pub batch_step_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +56,7 @@ impl Default for EngineConfig {
             max_waiting: 256,
             prefix_cache: true,
             max_adapters: 8,
+            batch_step_tokens: 16,
         }
     }
 }
@@ -88,10 +93,6 @@ pub struct EngineStats {
 /// Prompt positions one request scores in a step at most: each is a row of logits over the
 /// vocabulary (128 rows of a 151,936-token vocabulary are 78 MB).
 const MAX_SCORED_ROWS: usize = 128;
-
-/// Prompt tokens batch requests take in one step at most: a step of batch work stays short,
-/// so an interactive request that arrives during it waits little.
-const BATCH_PREFILL_TOKENS: usize = 128;
 
 /// A request the engine holds.
 struct Active {
@@ -130,8 +131,8 @@ struct Work {
     id: RequestId,
     seq: usize,
     len: usize,
-    /// Prompt tokens of a batch request (counted against [`BATCH_PREFILL_TOKENS`]).
-    batch_prefill: bool,
+    /// Tokens of a batch request (counted against [`EngineConfig::batch_step_tokens`]).
+    batch: bool,
 }
 
 /// The rows of logits one share of a step has.
@@ -458,13 +459,13 @@ impl<B: QuantBackend> Engine<B> {
     /// This step's work: every decoding sequence one token, then prompt chunks, within the
     /// token budget; blocks are reserved for all of it, preempting when they run out. While
     /// an interactive request runs, batch requests sit the step out (they keep their blocks),
-    /// so the interactive ones step as fast as on an idle engine; batch prompts take at most
-    /// [`BATCH_PREFILL_TOKENS`] a step, so a step already under way when an interactive
-    /// request arrives is short.
+    /// so the interactive ones step as fast as on an idle engine; batch requests take at most
+    /// [`EngineConfig::batch_step_tokens`] a step, so a step already under way when an
+    /// interactive request arrives is short.
     fn schedule(&mut self) -> Vec<Work> {
         let mut work: Vec<Work> = Vec::new();
         let mut budget = self.config.max_batch_tokens;
-        let mut batch_prefill = BATCH_PREFILL_TOKENS;
+        let mut batch_budget = self.config.batch_step_tokens;
         let interactive = self
             .running
             .iter()
@@ -475,7 +476,7 @@ impl<B: QuantBackend> Engine<B> {
                 let active = &self.running[r];
                 let id = active.id;
                 let batch = active.request.priority == Priority::Batch;
-                if batch && (interactive || (!decoding && batch_prefill == 0)) {
+                if batch && (interactive || batch_budget == 0) {
                     r += 1;
                     continue;
                 }
@@ -489,8 +490,11 @@ impl<B: QuantBackend> Engine<B> {
                     continue;
                 }
                 // A request's sequences run together (the beams of one step): if they do not
-                // fit what is left of this step, they wait for the next.
-                if decoding && pending > budget {
+                // fit what is left of this step, they wait for the next. (A batch request
+                // with more beams than a step's batch tokens runs alone.)
+                let over_batch_budget =
+                    batch && pending > batch_budget && batch_budget < self.config.batch_step_tokens;
+                if decoding && (pending > budget || over_batch_budget) {
                     r += 1;
                     continue;
                 }
@@ -500,11 +504,7 @@ impl<B: QuantBackend> Engine<B> {
                 } else {
                     budget.min(MAX_SCORED_ROWS)
                 };
-                let cap = if batch && !decoding {
-                    cap.min(batch_prefill)
-                } else {
-                    cap
-                };
+                let cap = if batch { cap.min(batch_budget) } else { cap };
                 let lens: Vec<usize> = active.seqs.iter().map(|s| s.pending().min(cap)).collect();
                 let mut ok = true;
                 for (s, &len) in lens.iter().enumerate() {
@@ -530,8 +530,8 @@ impl<B: QuantBackend> Engine<B> {
                         let keep = running.iter().any(|a| a.id == w.id);
                         if !keep {
                             budget += w.len; // the preempted request's share comes back
-                            if w.batch_prefill {
-                                batch_prefill += w.len;
+                            if w.batch {
+                                batch_budget += w.len;
                             }
                         }
                         keep
@@ -539,16 +539,15 @@ impl<B: QuantBackend> Engine<B> {
                     continue;
                 }
                 for (s, &len) in lens.iter().enumerate() {
-                    let batch_prefill_work = batch && !decoding;
                     work.push(Work {
                         id,
                         seq: s,
                         len,
-                        batch_prefill: batch_prefill_work,
+                        batch,
                     });
                     budget -= len;
-                    if batch_prefill_work {
-                        batch_prefill -= len;
+                    if batch {
+                        batch_budget = batch_budget.saturating_sub(len);
                     }
                 }
                 r += 1;

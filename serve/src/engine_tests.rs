@@ -293,6 +293,50 @@ fn an_interactive_request_takes_a_batch_requests_row_within_one_step() {
     e.submit(greedy(vec![3, 4], None, 2)).unwrap();
 }
 
+#[test]
+fn a_step_runs_at_most_batch_step_tokens_of_batch_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        block_size: 4,
+        kv_blocks: 64,
+        max_batch_tokens: 64,
+        batch_step_tokens: 5,
+        ..Default::default()
+    };
+    let mut e = engine(config, dir.path());
+    let ids: Vec<_> = prompts()
+        .into_iter()
+        .map(|(p, a)| {
+            let request = Request {
+                priority: Priority::Batch,
+                ..greedy(p.clone(), a, 8)
+            };
+            (e.submit(request).unwrap(), p, a)
+        })
+        .collect();
+    // `step`, with the scheduled work looked at before it runs.
+    let mut events = Vec::new();
+    while e.has_work() {
+        e.admit(&mut events);
+        let work = e.schedule();
+        let tokens: usize = work.iter().map(|w| w.len).sum();
+        assert!(tokens <= 5, "{tokens} tokens of batch work in one step");
+        let logits = e.forward(&work);
+        e.score_prompts(&work, &logits, &mut events);
+        e.sample(&work, &logits, &mut events);
+    }
+    let mut out: HashMap<RequestId, Vec<u32>> = HashMap::new();
+    for ev in events {
+        if let Event::Token { id, token, .. } = ev {
+            out.entry(id).or_default().push(token);
+        }
+    }
+    for (id, p, a) in ids {
+        assert_eq!(out[&id], alone(&p, a, 8), "prompt {p:?}");
+    }
+    assert_eq!(e.stats().blocks_used, 0);
+}
+
 /// Beam search by recomputing every beam from scratch: no cache, no forks.
 fn reference_beams(prompt: &[u32], n: usize, max_tokens: usize) -> Vec<u32> {
     let m = model();

@@ -64,6 +64,7 @@ impl Job for BenchBatchArgs {
                 // The same prompts are asked in every row: a prefix cache would answer the
                 // later rows from the earlier ones.
                 prefix_cache: false,
+                batch_step_tokens: self.batch_step_tokens as usize,
                 ..EngineConfig::default()
             },
         );
@@ -106,8 +107,8 @@ impl Job for BenchBatchArgs {
         let table = bench.markdown(self.price_per_hour);
         print!("{table}");
         println!(
-            "\n{} requests of task {} ({} tokens at most each), SLO p99 TPOT {} ms, batch rows {}, {} USD per hour",
-            self.requests, self.task, spec.task.max_tokens, self.slo_tpot_ms, self.batch_max_rows, self.price_per_hour
+            "\n{} requests of task {} ({} tokens at most each), SLO p99 TPOT {} ms, batch rows {}, batch step tokens {}, {} USD per hour",
+            self.requests, self.task, spec.task.max_tokens, self.slo_tpot_ms, self.batch_max_rows, self.batch_step_tokens, self.price_per_hour
         );
         if let Some(file) = &self.record {
             record(file, "`ft bench batch`", &table)

@@ -98,8 +98,23 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
         .into());
     }
     dedup(&mut args.compress);
+    let max = ft_eval::batch_prompting::MAX_PER_PROMPT as u64;
+    if let Some(k) = args
+        .batch_prompting
+        .iter()
+        .find(|k| !(2..=max).contains(*k))
+    {
+        return Err(usage(
+            "--batch-prompting",
+            &format!("questions a prompt, each in 2..={max} (one a prompt is always measured)"),
+            k,
+        ));
+    }
+    args.batch_prompting.sort_unstable();
+    args.batch_prompting.dedup();
     let prompts = Prompts {
         shots: args.shots as usize,
+        per_prompt: args.batch_prompting.iter().map(|&k| k as usize).collect(),
         rates: args.compress.clone(),
         compressor: (!args.compress.is_empty()).then(|| BaseModelArgs {
             model: args
@@ -305,10 +320,11 @@ fn adapters(args: &EvalArgs) -> anyhow::Result<Vec<Adapter>> {
     Ok(out)
 }
 
-/// How prompts are built: `shots` demonstrations, compressed to each of `rates` by the
-/// `compressor` model.
+/// How prompts are built: `shots` demonstrations; each of `per_prompt` questions in one
+/// prompt; the demonstrations compressed to each of `rates` by the `compressor` model.
 struct Prompts {
     shots: usize,
+    per_prompt: Vec<usize>,
     rates: Vec<f64>,
     compressor: Option<BaseModelArgs>,
 }
@@ -324,7 +340,7 @@ impl Job for EvalJob {
     type Output = ();
 
     fn run<B: QuantBackend>(mut self, device: B::Device) -> anyhow::Result<()> {
-        if self.prompts.shots > 0 {
+        if self.prompts.shots > 0 || !self.prompts.per_prompt.is_empty() {
             let model = match &self.prompts.compressor {
                 Some(m) => Some(m.load::<B>(&device).context("--compress-model")?),
                 None => None,
@@ -336,6 +352,7 @@ impl Job for EvalJob {
                     variants(
                         t,
                         self.prompts.shots,
+                        &self.prompts.per_prompt,
                         &self.prompts.rates,
                         compressor.as_ref(),
                     )

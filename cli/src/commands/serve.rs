@@ -80,6 +80,7 @@ impl Job for ServeArgs {
             max_waiting: self.max_queue,
             prefix_cache: !self.no_prefix_cache,
             max_adapters: self.max_adapters as usize,
+            batch_step_tokens: self.batch_step_tokens as usize,
         };
         let cache = self.response_cache(&pretrained.path, &format!("{device:?}"))?;
         let tokenizer = pretrained.tokenizer.clone();

@@ -158,6 +158,35 @@ fn eval_measures_few_shot_prompts_whole_and_compressed() {
         assert!(md.contains(needle), "{needle:?} not in\n{md}");
     }
 
+    // Batch prompting: two sums a prompt (the tiny model's context holds no demonstrations
+    // besides), set against one a prompt.
+    let run = eval(&["--tasks", "sums", "--batch-prompting", "2"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows[0]["prompting"].is_null(), "as written: {}", rows[0]);
+    assert_eq!(
+        rows[1]["prompting"],
+        serde_json::json!({"shots": 0, "rate": null, "per_prompt": 2})
+    );
+    for r in rows {
+        assert_eq!(r["examples"], 3, "every question counted: {r}");
+        assert_eq!(r["answers"].as_array().unwrap().len(), 3, "{r}");
+        assert_eq!(r["score"]["scored"], 3, "{r}");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "| 0-shot, 2 questions a prompt |",
+        "Batch prompting against one question a prompt",
+    ] {
+        assert!(md.contains(needle), "{needle:?} not in\n{md}");
+    }
+    for bad in ["1", "33", "2,x"] {
+        eval(&["--tasks", "sums", "--batch-prompting", bad]).fails_with(2, &["--batch-prompting"]);
+    }
+
     eval(&["--tasks", "sums", "--compress", "0.5"]).fails_with(2, &["--compress: needs --shots"]);
     eval(&["--tasks", "sums", "--shots", "2", "--compress", "1"]).fails_with(2, &["--compress"]);
     eval(&["--tasks", "sums", "--shots", "9"])
