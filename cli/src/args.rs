@@ -618,6 +618,12 @@ pub enum QuantCommand {
     Compare(QuantCompareArgs),
     /// Store a quantized model (bitsandbytes layout) so later loads skip quantization.
     Save(QuantSaveArgs),
+    /// Quantize the projections with GPTQ on calibration text (a GGUF file, or an HF folder
+    /// for int3/int2).
+    Gptq(QuantGptqArgs),
+    /// Quantize the projections to the nearest grid point, as `gptq` writes them (the
+    /// baseline GPTQ is measured against).
+    Rtn(QuantPtqArgs),
     /// One format of `compare`, measured in its own process (prints JSON).
     #[command(hide = true)]
     Measure(QuantMeasureArgs),
@@ -675,6 +681,52 @@ pub struct QuantMeasureArgs {
     /// Where to write the top-1 predictions (JSON array).
     #[arg(long)]
     pub predictions: PathBuf,
+}
+
+/// The model, format and output of a post-training quantization (`ft quant rtn|gptq`).
+#[derive(Debug, Args)]
+pub struct QuantPtqArgs {
+    /// The model to quantize (its weights are read as f32).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// q4_0, q4_1 or q8_0 (ggml, groups of 32, written as a GGUF file with the embedding in
+    /// Q8_0), or int3, int2 (a scale and minimum per group, written dequantized as an f32
+    /// HF folder).
+    #[arg(long)]
+    pub format: String,
+    /// Weights per group of int3/int2 (default 64); the ggml formats hold 32.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub group: Option<u64>,
+    /// The GGUF file or HF folder to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `ft quant gptq`.
+#[derive(Debug, Args)]
+pub struct QuantGptqArgs {
+    /// Model, format and output.
+    #[command(flatten)]
+    pub ptq: QuantPtqArgs,
+    /// Calibration text: a text file, or JSONL with a "text" field (default: the bundled
+    /// Genesis 4 - Exodus 40, never the evaluation text).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub calib_samples: u64,
+    /// Tokens per calibration window (at most the model's context).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub calib_len: u64,
+    /// Seed of the windows' places in the text.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The fraction of the Hessian's mean diagonal added to its diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    pub damp: f64,
+    /// Quantize the inputs in order of decreasing Hessian diagonal (groups stay static).
+    #[arg(long)]
+    pub act_order: bool,
 }
 
 /// `ft quant save`.

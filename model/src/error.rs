@@ -104,6 +104,11 @@ pub enum ModelError {
         /// The model's maximum context.
         context: usize,
     },
+
+    // --- post-training quantization ---
+    /// Calibration or quantization of the projections failed.
+    #[error("{0}")]
+    Calibration(String),
 }
 
 impl ModelError {

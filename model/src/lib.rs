@@ -6,7 +6,8 @@
 //! ([`config`]), the KV cache ([`cache`]), the checkpoint formats read and written
 //! ([`formats`]: GGUF, HF safetensors, bitsandbytes), the tokenizer and chat template, model
 //! sources ([`source`]), bounded reads of the JSON beside the weights ([`text_file`]), other
-//! crates' reader panics made errors ([`caught`]) and perplexity. Builds on ft-quant
+//! crates' reader panics made errors ([`caught`]), perplexity, and post-training
+//! quantization of the projections ([`ptq`]: RTN, GPTQ on calibration text). Builds on ft-quant
 //! (block formats) and ft-adapters (LoRA layers); must not import ft-distill, ft-serve or
 //! ft-trainer.
 #![warn(missing_docs)]
@@ -23,6 +24,7 @@ pub mod load;
 pub mod params;
 pub mod perplexity;
 pub mod pretrained;
+pub mod ptq;
 pub mod source;
 pub mod text_file;
 pub mod tiny;

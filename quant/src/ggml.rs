@@ -48,6 +48,20 @@ impl GgmlType {
         })
     }
 
+    /// The GGUF type id (the inverse of [`Self::from_id`]).
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q8_0 => 8,
+            Self::Q4K => 12,
+            Self::Q6K => 14,
+            Self::Bf16 => 30,
+        }
+    }
+
     /// Elements per block.
     pub fn block_elements(self) -> usize {
         match self {

@@ -5,7 +5,8 @@
 //! quantized base for QLoRA ([`packed`]): bitsandbytes-compatible NF4 and FP4 ([`bnb4`]) with
 //! double quantization through the 8-bit dynamic map ([`dynamic8`]), int8 absmax ([`int8`])
 //! and bf16; and the base model's [`Linear`] layer that holds a weight dense or packed.
-//! [`device_packed`] keeps packed codes on a GPU and decodes them there; [`matvec`] multiplies
+//! [`gptq`] rounds a weight onto a format's grid with GPTQ's error feedback from calibration
+//! inputs. [`device_packed`] keeps packed codes on a GPU and decodes them there; [`matvec`] multiplies
 //! a few rows by GGUF-blocked, bf16 or f32 weights on the CPU without dequantizing them,
 //! [`gemm`] multiplies the hundreds of rows of a training step (a packed weight dequantized a
 //! tile of rows at a time), [`attention`] attends from a paged KV cache on the host, [`exp`]
@@ -23,6 +24,7 @@ pub mod dynamic8;
 pub mod exp;
 pub mod gemm;
 pub mod ggml;
+pub mod gptq;
 pub mod int8;
 pub mod linear;
 pub mod matvec;
@@ -62,4 +64,15 @@ pub enum QuantError {
         /// Number of elements asked for.
         elements: usize,
     },
+    /// A layer's inputs are not a whole number of the format's groups.
+    #[error("groups of {group} do not divide a layer's {inputs} inputs")]
+    Group {
+        /// Weights per group.
+        group: usize,
+        /// The layer's inputs.
+        inputs: usize,
+    },
+    /// Calibration data that cannot drive post-training quantization.
+    #[error("calibration: {0}")]
+    Calibration(String),
 }

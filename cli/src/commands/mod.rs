@@ -16,6 +16,7 @@ mod generate;
 mod hub;
 mod merge;
 mod perplexity;
+mod ptq;
 mod quant;
 mod recipe;
 mod report;
@@ -46,6 +47,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Quant(QuantCommand::Compare(args)) => quant::compare(args),
         Command::Quant(QuantCommand::Measure(args)) => quant::measure(args),
         Command::Quant(QuantCommand::Save(args)) => quant::save(args),
+        Command::Quant(QuantCommand::Gptq(args)) => ptq::gptq(args),
+        Command::Quant(QuantCommand::Rtn(args)) => ptq::rtn(args),
         Command::Train(args) => train::run(args),
         Command::Recipe(RecipeCommand::Check(args)) => recipe::check(args),
         Command::Recipe(RecipeCommand::Show(args)) => recipe::show(args),

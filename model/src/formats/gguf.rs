@@ -607,6 +607,12 @@ pub fn permute_rows(t: HostTensor, heads: usize) -> HostTensor {
     reorder_rows(t, heads, |hf, gguf| (gguf, hf))
 }
 
+/// [`permute_rows`] on a matrix of `rows` rows stored as ggml blocks (`bytes`, rows in
+/// order): the blocks of a row move with it.
+pub fn permute_block_rows(bytes: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    reorder(bytes, rows, heads, |hf, gguf| (gguf, hf))
+}
+
 /// Puts q/k rows from llama.cpp's interleaved order back into HF's half-split order:
 /// within each head of d rows, HF row i = GGUF row 2i and HF row i + d/2 = GGUF row 2i + 1.
 pub fn unpermute_rows(t: HostTensor, heads: usize) -> HostTensor {

@@ -1,8 +1,9 @@
 //! Writes a model as a GGUF file that llama.cpp loads: llama-family metadata, the byte-level
 //! BPE tokenizer (tokens, merges, token types, pre-tokenizer name, special ids, chat
 //! template), q/k rows permuted back into llama.cpp's interleaved order, 1-D tensors in f32
-//! and matrices in F32, F16 or Q8_0.
+//! and matrices in F32, F16 or Q8_0, or as the blocks a post-training quantization gave.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -12,10 +13,11 @@ use serde_json::Value;
 
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
-use crate::formats::gguf::{gguf_name, permute_rows, GgufValue};
+use crate::formats::gguf::{gguf_name, permute_block_rows, permute_rows, GgufValue};
 use crate::formats::gguf_write::GgufWriter;
 use crate::forward::llama::LlamaForCausalLM;
 use crate::pretrained::Pretrained;
+use crate::ptq::Quantized;
 use crate::tokenizer::{LLAMA3_SPLIT, QWEN2_SPLIT};
 
 /// The storage of the matrices of an exported GGUF.
@@ -142,6 +144,17 @@ pub fn write_pretrained_gguf<B: Backend>(
     ty: GgufExportType,
     path: &Path,
 ) -> Result<(), ModelError> {
+    write_pretrained_gguf_quantized(p, ty, &BTreeMap::new(), path)
+}
+
+/// Writes `p` as a GGUF file: the matrices named in `quantized` as their ggml blocks (a
+/// post-training quantization's codes, written as they are), the other matrices in `ty`.
+pub fn write_pretrained_gguf_quantized<B: Backend>(
+    p: &Pretrained<B>,
+    ty: GgufExportType,
+    quantized: &BTreeMap<String, Quantized>,
+    path: &Path,
+) -> Result<(), ModelError> {
     let tokenizer = GgufTokenizer::from_json(
         &p.tokenizer.to_json()?,
         p.tokenizer.eos_ids.first().copied(),
@@ -156,9 +169,29 @@ pub fn write_pretrained_gguf<B: Backend>(
         &p.config,
         &tokenizer,
         p.chat_template.as_ref().map(|t| t.source()),
-        ty,
+        Matrices { ty, quantized },
         path,
     )
+}
+
+/// How a GGUF file stores its matrices: those in `quantized` as their ggml blocks, the
+/// others in `ty`.
+#[derive(Debug, Clone, Copy)]
+pub struct Matrices<'a> {
+    /// The storage of the matrices not in `quantized`.
+    pub ty: GgufExportType,
+    /// Quantized matrices by parameter name.
+    pub quantized: &'a BTreeMap<String, Quantized>,
+}
+
+impl From<GgufExportType> for Matrices<'static> {
+    fn from(ty: GgufExportType) -> Self {
+        static NONE: BTreeMap<String, Quantized> = BTreeMap::new();
+        Self {
+            ty,
+            quantized: &NONE,
+        }
+    }
 }
 
 /// llama.cpp's architecture name for a model of `c`: `qwen2` for q/k/v biases, else `llama`.
@@ -171,15 +204,16 @@ pub fn architecture(c: &LlamaConfig) -> &'static str {
     }
 }
 
-/// Writes a model and its tokenizer as a GGUF file with matrices in `ty`.
-pub fn write_gguf<B: Backend>(
+/// Writes a model and its tokenizer as a GGUF file with its matrices as `matrices` says.
+pub fn write_gguf<'a, B: Backend>(
     model: &LlamaForCausalLM<B>,
     c: &LlamaConfig,
     tokenizer: &GgufTokenizer,
     chat_template: Option<&str>,
-    ty: GgufExportType,
+    matrices: impl Into<Matrices<'a>>,
     path: &Path,
 ) -> Result<(), ModelError> {
+    let Matrices { ty, quantized } = matrices.into();
     let arch = architecture(c);
     let key = |k: &str| format!("{arch}.{k}");
     let u32v = |v: usize| GgufValue::U32(v as u32);
@@ -227,6 +261,19 @@ pub fn write_gguf<B: Backend>(
     for (name, t) in model.named_tensors() {
         let gguf = gguf_name(&name)
             .ok_or_else(|| ModelError::format(path, format!("no GGUF name for {name}")))?;
+        if let Some((block_ty, bytes)) = quantized.get(&name).and_then(Quantized::ggml_blocks) {
+            let bytes = match (
+                arch,
+                name.contains("self_attn.q_proj."),
+                name.contains("self_attn.k_proj."),
+            ) {
+                ("llama", true, _) => permute_block_rows(&bytes, t.shape[0], c.num_attention_heads),
+                ("llama", _, true) => permute_block_rows(&bytes, t.shape[0], c.num_key_value_heads),
+                _ => bytes,
+            };
+            w.tensor(&gguf, t.shape.clone(), block_ty.id(), bytes);
+            continue;
+        }
         let t = match (
             arch,
             name.contains("self_attn.q_proj."),

@@ -208,6 +208,19 @@ impl<B: QuantBackend> Attention<B> {
         attend: &Attend<B>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
+        self.o_proj.forward(self.heads(x, attend, cache))
+    }
+
+    /// The attention heads' outputs, concatenated: what `o_proj` projects.
+    ///
+    /// # Shapes
+    /// - x: `[b, s, e]` -> `[b, s, h*d]`
+    pub fn heads(
+        &self,
+        x: Tensor<B, 3>,
+        attend: &Attend<B>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = heads_first(self.q_proj.forward(x.clone()), h, d); // [b, h, s, d]
         let k = heads_first(self.k_proj.forward(x.clone()), kv, d); // [b, kv, s, d]
@@ -219,8 +232,7 @@ impl<B: QuantBackend> Attention<B> {
             Some(slot) => LayerCache::append(slot, k, v), // [b, kv, t, d]
             None => (k, v),
         };
-        self.o_proj
-            .forward(grouped_attention(q, k, v, attend.mask.as_ref()))
+        grouped_attention(q, k, v, attend.mask.as_ref())
     }
 }
 
@@ -440,7 +452,7 @@ impl<B: QuantBackend> LlamaForCausalLM<B> {
     ///
     /// # Shapes
     /// - ids: `[b, s]` -> `[b, s, e]`
-    pub(crate) fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
         let e = self.model.embed_tokens.dims()[1];
         self.model

@@ -95,3 +95,115 @@ fn an_unknown_format_is_a_usage_error() {
     ])
     .fails_with(1, &["int8-block has no bitsandbytes layout"]);
 }
+
+/// `ft quant gptq` and `ft quant rtn` on a tiny model whose projections hold whole groups of
+/// 32: the files load where `--model` goes, and bad input is a one-line usage error.
+#[test]
+fn gptq_and_rtn_write_models_that_load_and_bad_input_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ft_model::LlamaConfig {
+        intermediate_size: 64,
+        ..tiny()
+    };
+    let (_, gguf) = tiny_model(dir.path(), &config);
+    let gguf = gguf.to_str().unwrap();
+    let calib = dir.path().join("calib.txt");
+    std::fs::write(
+        &calib,
+        "In the beginning was the word, and the word was with it. ".repeat(20),
+    )
+    .unwrap();
+    let calib = calib.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["quant"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--model", gguf]);
+        ft(&all)
+    };
+    let gptq = |format: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "gptq",
+            "--format",
+            format,
+            "--out",
+            out,
+            "--calib",
+            calib,
+            "--calib-samples",
+            "6",
+            "--calib-len",
+            "32",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let generate = |model: &str| {
+        let out = ft(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "abc",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ]);
+        assert_eq!(out.code, 0, "{model}: {}", out.stderr);
+        out.json()["ids"].as_array().unwrap().len()
+    };
+    for (format, file, extra) in [
+        ("q4_0", "gptq-q4_0.gguf", vec!["--act-order"]),
+        ("q8_0", "gptq-q8_0.gguf", vec![]),
+        ("int3", "gptq-int3", vec!["--group", "16"]),
+    ] {
+        let out = dir.path().join(file);
+        let done = gptq(format, out.to_str().unwrap(), &extra);
+        assert_eq!(done.code, 0, "{format}: {}", done.stderr);
+        assert!(
+            done.stdout.contains("with GPTQ on 6 windows of 32 tokens"),
+            "{}",
+            done.stdout
+        );
+        assert!(generate(out.to_str().unwrap()) > 0);
+    }
+    let rtn = dir.path().join("rtn-q4_1.gguf");
+    let done = run(&["rtn", "--format", "q4_1", "--out", rtn.to_str().unwrap()]);
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    assert!(generate(rtn.to_str().unwrap()) > 0);
+
+    let out = dir.path().join("bad.gguf");
+    let out = out.to_str().unwrap();
+    gptq("q4_0", out, &["--group", "16"]).fails_with(2, &["--group"]);
+    gptq("int3", out, &["--group", "24"]).fails_with(2, &["--group", "24"]);
+    gptq("q5_0", out, &[]).fails_with(2, &["--format"]);
+    run(&[
+        "gptq",
+        "--format",
+        "q4_0",
+        "--out",
+        out,
+        "--calib",
+        calib,
+        "--calib-len",
+        "100",
+    ])
+    .fails_with(2, &["--calib-len", "64"]);
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    run(&[
+        "gptq",
+        "--format",
+        "q4_0",
+        "--out",
+        out,
+        "--calib",
+        empty.to_str().unwrap(),
+        "--calib-len",
+        "32",
+    ])
+    .fails_with(2, &["--calib", "0 tokens"]);
+    assert!(
+        !std::path::Path::new(out).exists(),
+        "nothing written on a usage error"
+    );
+}

@@ -1,0 +1,163 @@
+//! `ft quant rtn | gptq`: the decoder's projections rounded onto a storage format's grid, to
+//! the nearest point or by GPTQ on calibration text, and written where `--model` loads them:
+//! a GGUF file for the ggml formats, an f32 HF folder (the grid's values) for int3/int2.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use ft_model::formats::gguf_export::{write_pretrained_gguf_quantized, GgufExportType};
+use ft_model::ptq::{self, calibration, Gptq, Grid, Method};
+use ft_model::{source, Pretrained, QuantFormat, QuantSpec};
+
+use crate::args::{QuantGptqArgs, QuantPtqArgs};
+use crate::error::{usage, UsageError};
+
+/// The bundled calibration text: Genesis 4 to Exodus 40 (the evaluation text, Genesis 1-3,
+/// is not in it).
+const CALIBRATION: &str = include_str!("../../../data/text/kjv-train.jsonl");
+
+/// Int3/int2 weights per group when `--group` is not given.
+const INT_GROUP: usize = 64;
+
+/// Runs `ft quant rtn`.
+pub fn rtn(args: QuantPtqArgs) -> anyhow::Result<()> {
+    let grid = grid(&args)?;
+    let mut p = load(&args.model)?;
+    check_groups(&p, grid)?;
+    let t0 = Instant::now();
+    let quantized = ptq::quantize(&mut p.model, grid, Method::Rtn, &[], |_, _| {})?;
+    write(&p, grid, &quantized, &args.out)?;
+    println!(
+        "rounded {} projections to {} in {:.1} s; wrote {}",
+        quantized.len(),
+        args.format,
+        t0.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Runs `ft quant gptq`.
+pub fn gptq(args: QuantGptqArgs) -> anyhow::Result<()> {
+    let grid = grid(&args.ptq)?;
+    if !(args.damp.is_finite() && args.damp > 0.0) {
+        return Err(usage("--damp", "a fraction above 0", args.damp));
+    }
+    let mut p = load(&args.ptq.model)?;
+    check_groups(&p, grid)?;
+    let context = p.config.max_position_embeddings;
+    if args.calib_len as usize > context {
+        return Err(usage(
+            "--calib-len",
+            &format!("at most the model's context of {context} tokens"),
+            args.calib_len,
+        ));
+    }
+    let text = match &args.calib {
+        Some(file) => {
+            let contents = std::fs::read_to_string(file)
+                .with_context(|| format!("--calib {}", file.display()))?;
+            let jsonl = file.extension().is_some_and(|e| e == "jsonl");
+            calibration::text_of(&contents, jsonl)
+                .with_context(|| format!("--calib {}", file.display()))?
+        }
+        None => calibration::text_of(CALIBRATION, true)?,
+    };
+    let samples = calibration::windows(
+        &p.tokenizer,
+        &text,
+        args.calib_samples as usize,
+        args.calib_len as usize,
+        context,
+        args.seed,
+    )
+    .map_err(|e| UsageError(format!("--calib: {e}")))?;
+    let method = Method::Gptq(Gptq {
+        damp: args.damp,
+        act_order: args.act_order,
+        ..Gptq::default()
+    });
+    let t0 = Instant::now();
+    let quantized = ptq::quantize(&mut p.model, grid, method, &samples, |done, of| {
+        eprintln!(
+            "ft quant gptq: layer {done} of {of} ({:.0} s)",
+            t0.elapsed().as_secs_f64()
+        );
+    })?;
+    let seconds = t0.elapsed().as_secs_f64();
+    write(&p, grid, &quantized, &args.ptq.out)?;
+    println!(
+        "quantized {} projections to {} with GPTQ on {} windows of {} tokens in {seconds:.1} s; wrote {}",
+        quantized.len(),
+        args.ptq.format,
+        samples.len(),
+        args.calib_len,
+        args.ptq.out.display()
+    );
+    Ok(())
+}
+
+/// The grid `--format` and `--group` name.
+fn grid(args: &QuantPtqArgs) -> anyhow::Result<Grid> {
+    let ggml = |grid: Grid| match args.group {
+        Some(g) if g != 32 => Err(usage(
+            "--group",
+            &format!("32, the only group {} holds", args.format),
+            g,
+        )),
+        _ => Ok(grid),
+    };
+    let group = args.group.map_or(INT_GROUP, |g| g as usize);
+    match args.format.as_str() {
+        "q4_0" => ggml(Grid::Q4_0),
+        "q4_1" => ggml(Grid::Q4_1),
+        "q8_0" => ggml(Grid::Q8_0),
+        "int3" => Ok(Grid::Int { bits: 3, group }),
+        "int2" => Ok(Grid::Int { bits: 2, group }),
+        other => Err(usage("--format", "q4_0, q4_1, q8_0, int3 or int2", other)),
+    }
+}
+
+/// The model with dense f32 projections.
+fn load(model: &str) -> anyhow::Result<Pretrained<crate::device::Cpu>> {
+    let path = source::resolve(model)?;
+    let spec = QuantSpec {
+        format: QuantFormat::F32,
+        double_quant: false,
+    };
+    Ok(Pretrained::load(&path, Some(spec), &Default::default())?)
+}
+
+/// Every projection's inputs must be a whole number of groups.
+fn check_groups(p: &Pretrained<crate::device::Cpu>, grid: Grid) -> anyhow::Result<()> {
+    let g = grid.group();
+    for (name, l) in p.model.linears() {
+        let inputs = l.base.shape()[1];
+        if inputs % g != 0 {
+            return Err(usage(
+                "--group",
+                &format!("a divisor of every projection's inputs ({name} has {inputs})"),
+                g,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the quantized model to `out`: a GGUF file with the projections' blocks (the
+/// embedding in Q8_0), or an f32 HF folder.
+fn write(
+    p: &Pretrained<crate::device::Cpu>,
+    grid: Grid,
+    quantized: &std::collections::BTreeMap<String, ptq::Quantized>,
+    out: &Path,
+) -> anyhow::Result<()> {
+    match grid {
+        Grid::Q4_0 | Grid::Q4_1 | Grid::Q8_0 => {
+            write_pretrained_gguf_quantized(p, GgufExportType::Q8_0, quantized, out)
+        }
+        Grid::Nf4 | Grid::Int { .. } => p.save_hf(out),
+    }
+    .with_context(|| format!("--out {}", out.display()))
+}
