@@ -690,13 +690,17 @@ pub struct QuantPtqArgs {
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// q4_0, q4_1 or q8_0 (ggml, groups of 32, written as a GGUF file with the embedding in
-    /// Q8_0), or int3, int2 (a scale and minimum per group, written dequantized as an f32
-    /// HF folder).
+    /// Q8_0); nf4 (bitsandbytes, blocks of 64, written as the HF folder `ft quant save`
+    /// writes, a QLoRA base); or int3, int2 (a scale and minimum per group, written
+    /// dequantized as an f32 HF folder).
     #[arg(long)]
     pub format: String,
-    /// Weights per group of int3/int2 (default 64); the ggml formats hold 32.
+    /// Weights per group of int3/int2 (default 64); the ggml formats hold 32, nf4 64.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub group: Option<u64>,
+    /// Double-quantize nf4's absmax values (QLoRA's 4.127 bits per weight).
+    #[arg(long)]
+    pub double_quant: bool,
     /// The GGUF file or HF folder to write.
     #[arg(long)]
     pub out: PathBuf,

@@ -174,7 +174,9 @@ pub fn dynamic_map() -> &'static [f32; 256] {
 }
 
 impl Absmax {
-    fn quantize(values: Vec<f32>, double: bool) -> Self {
+    /// `values` as stored: plain, or double-quantized (8-bit dynamic codes in blocks of 256
+    /// about their mean).
+    pub fn quantize(values: Vec<f32>, double: bool) -> Self {
         if !double {
             return Self::Plain(values);
         }

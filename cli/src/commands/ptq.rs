@@ -1,11 +1,13 @@
 //! `ft quant rtn | gptq`: the decoder's projections rounded onto a storage format's grid, to
 //! the nearest point or by GPTQ on calibration text, and written where `--model` loads them:
-//! a GGUF file for the ggml formats, an f32 HF folder (the grid's values) for int3/int2.
+//! a GGUF file for the ggml formats, bitsandbytes' HF folder for nf4 (a QLoRA base), an f32
+//! HF folder (the grid's values) for int3/int2.
 
-use std::path::Path;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::Context;
+use ft_model::formats::bnb_write::save_pretrained;
 use ft_model::formats::gguf_export::{write_pretrained_gguf_quantized, GgufExportType};
 use ft_model::ptq::{self, calibration, Gptq, Grid, Method};
 use ft_model::{source, Pretrained, QuantFormat, QuantSpec};
@@ -27,7 +29,7 @@ pub fn rtn(args: QuantPtqArgs) -> anyhow::Result<()> {
     check_groups(&p, grid)?;
     let t0 = Instant::now();
     let quantized = ptq::quantize(&mut p.model, grid, Method::Rtn, &[], |_, _| {})?;
-    write(&p, grid, &quantized, &args.out)?;
+    write(&mut p, &args, grid, &quantized)?;
     println!(
         "rounded {} projections to {} in {:.1} s; wrote {}",
         quantized.len(),
@@ -86,7 +88,7 @@ pub fn gptq(args: QuantGptqArgs) -> anyhow::Result<()> {
         );
     })?;
     let seconds = t0.elapsed().as_secs_f64();
-    write(&p, grid, &quantized, &args.ptq.out)?;
+    write(&mut p, &args.ptq, grid, &quantized)?;
     println!(
         "quantized {} projections to {} with GPTQ on {} windows of {} tokens in {seconds:.1} s; wrote {}",
         quantized.len(),
@@ -100,22 +102,30 @@ pub fn gptq(args: QuantGptqArgs) -> anyhow::Result<()> {
 
 /// The grid `--format` and `--group` name.
 fn grid(args: &QuantPtqArgs) -> anyhow::Result<Grid> {
-    let ggml = |grid: Grid| match args.group {
-        Some(g) if g != 32 => Err(usage(
+    let fixed = |grid: Grid| match args.group {
+        Some(g) if g as usize != grid.group() => Err(usage(
             "--group",
-            &format!("32, the only group {} holds", args.format),
+            &format!("{}, the only group {} holds", grid.group(), args.format),
             g,
         )),
         _ => Ok(grid),
     };
+    if args.double_quant && args.format != "nf4" {
+        return Err(usage("--double-quant", "--format nf4", &args.format));
+    }
     let group = args.group.map_or(INT_GROUP, |g| g as usize);
     match args.format.as_str() {
-        "q4_0" => ggml(Grid::Q4_0),
-        "q4_1" => ggml(Grid::Q4_1),
-        "q8_0" => ggml(Grid::Q8_0),
+        "q4_0" => fixed(Grid::Q4_0),
+        "q4_1" => fixed(Grid::Q4_1),
+        "q8_0" => fixed(Grid::Q8_0),
+        "nf4" => fixed(Grid::Nf4),
         "int3" => Ok(Grid::Int { bits: 3, group }),
         "int2" => Ok(Grid::Int { bits: 2, group }),
-        other => Err(usage("--format", "q4_0, q4_1, q8_0, int3 or int2", other)),
+        other => Err(usage(
+            "--format",
+            "q4_0, q4_1, q8_0, nf4, int3 or int2",
+            other,
+        )),
     }
 }
 
@@ -145,19 +155,28 @@ fn check_groups(p: &Pretrained<crate::device::Cpu>, grid: Grid) -> anyhow::Resul
     Ok(())
 }
 
-/// Writes the quantized model to `out`: a GGUF file with the projections' blocks (the
-/// embedding in Q8_0), or an f32 HF folder.
+/// Writes the quantized model to `--out`: a GGUF file with the projections' blocks (the
+/// embedding in Q8_0), bitsandbytes' NF4 folder, or an f32 HF folder.
 fn write(
-    p: &Pretrained<crate::device::Cpu>,
+    p: &mut Pretrained<crate::device::Cpu>,
+    args: &QuantPtqArgs,
     grid: Grid,
-    quantized: &std::collections::BTreeMap<String, ptq::Quantized>,
-    out: &Path,
+    quantized: &BTreeMap<String, ptq::Quantized>,
 ) -> anyhow::Result<()> {
+    let out = &args.out;
     match grid {
         Grid::Q4_0 | Grid::Q4_1 | Grid::Q8_0 => {
             write_pretrained_gguf_quantized(p, GgufExportType::Q8_0, quantized, out)
         }
-        Grid::Nf4 | Grid::Int { .. } => p.save_hf(out),
+        Grid::Nf4 => {
+            ptq::pack_nf4(&mut p.model, quantized, args.double_quant)?;
+            let spec = QuantSpec {
+                format: QuantFormat::Nf4,
+                double_quant: args.double_quant,
+            };
+            save_pretrained(p, spec, out)
+        }
+        Grid::Int { .. } => p.save_hf(out),
     }
     .with_context(|| format!("--out {}", out.display()))
 }

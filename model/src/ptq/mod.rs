@@ -106,6 +106,30 @@ pub fn quantize<B: QuantBackend>(
     Ok(out)
 }
 
+/// Stores each projection quantized onto the NF4 grid packed, as bitsandbytes does (with
+/// double quantization of the absmax values when `double_quant`), so the model saves as a
+/// QLoRA base ([`crate::formats::bnb_write::save_pretrained`]). Other grids stay as they are.
+pub fn pack_nf4<B: QuantBackend>(
+    model: &mut LlamaForCausalLM<B>,
+    quantized: &BTreeMap<String, Quantized>,
+    double_quant: bool,
+) -> Result<(), ModelError> {
+    for i in 0..model.model.layers.len() {
+        for name in NAMES {
+            let Some(packed) = quantized
+                .get(&format!("model.layers.{i}.{name}.weight"))
+                .and_then(|q| q.nf4(double_quant))
+            else {
+                continue;
+            };
+            let linear = projection(model, i, name)?;
+            let bias = linear.bias.take().map(|b| b.val());
+            *linear = Linear::packed(packed, bias);
+        }
+    }
+    Ok(())
+}
+
 /// The seven projections of a decoder layer, in the order GPTQ quantizes them.
 pub const NAMES: [&str; 7] = [
     "self_attn.q_proj",

@@ -26,8 +26,10 @@ use rayon::prelude::*;
 
 use half::f16;
 
+use crate::bnb4::FourBit;
 use crate::gemm::{matmul, Mat, MatMut};
 use crate::ggml::GgmlType;
+use crate::packed::{Absmax, PackedData, PackedWeight};
 use crate::QuantError;
 
 /// The Hessian of a linear layer's squared output error, summed from its calibration inputs.
@@ -151,6 +153,31 @@ impl Quantized {
             }
         }
         Some((ty, out))
+    }
+}
+
+impl Quantized {
+    /// The weight as bitsandbytes NF4 (for the NF4 grid): codes two a byte, the first in the
+    /// high nibble, one absmax per block of 64, double-quantized when `double_quant` (the
+    /// codes stay those chosen against the exact absmax).
+    pub fn nf4(&self, double_quant: bool) -> Option<PackedWeight> {
+        if self.grid != Grid::Nf4 {
+            return None;
+        }
+        let codes = self
+            .codes
+            .chunks(2)
+            .map(|pair| (pair[0] << 4) | pair.get(1).copied().unwrap_or(0))
+            .collect();
+        let absmax = self.fits.iter().map(|f| f.scale).collect();
+        Some(PackedWeight {
+            shape: [self.rows, self.cols],
+            data: PackedData::FourBit {
+                kind: FourBit::Nf4,
+                codes,
+                absmax: Absmax::quantize(absmax, double_quant),
+            },
+        })
     }
 }
 

@@ -287,3 +287,27 @@ fn ggml_blocks_decode_to_the_quantized_weights() {
     let nf4 = Quantized::rtn(Grid::Nf4, &w, rows, cols).unwrap();
     assert!(nf4.ggml_blocks().is_none());
 }
+
+#[test]
+fn nf4_packs_as_bitsandbytes_and_decodes_to_the_quantized_weights() {
+    let (rows, cols, samples) = (3, 128, 100);
+    let x = correlated(samples, cols, 7);
+    let h = hessian(&x, samples, cols);
+    let w = Rng(8).fill(rows * cols);
+    let q = Gptq::default()
+        .quantize(&w, rows, cols, &h, Grid::Nf4)
+        .unwrap();
+    assert_eq!(q.nf4(false).unwrap().dequantize(), q.dequantize());
+    // Double quantization stores the absmax values in 8 bits: close, not equal.
+    let dq = q.nf4(true).unwrap().dequantize();
+    let worst = dq
+        .iter()
+        .zip(q.dequantize())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 0.02, "{worst}");
+    assert!(Quantized::rtn(Grid::Q4_0, &w, rows, cols)
+        .unwrap()
+        .nf4(false)
+        .is_none());
+}

@@ -97,12 +97,15 @@ fn an_unknown_format_is_a_usage_error() {
 }
 
 /// `ft quant gptq` and `ft quant rtn` on a tiny model whose projections hold whole groups of
-/// 32: the files load where `--model` goes, and bad input is a one-line usage error.
+/// 64: the files load where `--model` goes, and bad input is a one-line usage error.
 #[test]
 fn gptq_and_rtn_write_models_that_load_and_bad_input_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
+    // Every projection's inputs a whole number of NF4's blocks of 64.
     let config = ft_model::LlamaConfig {
-        intermediate_size: 64,
+        hidden_size: 64,
+        intermediate_size: 128,
+        head_dim: 16,
         ..tiny()
     };
     let (_, gguf) = tiny_model(dir.path(), &config);
@@ -155,6 +158,7 @@ fn gptq_and_rtn_write_models_that_load_and_bad_input_is_a_usage_error() {
         ("q4_0", "gptq-q4_0.gguf", vec!["--act-order"]),
         ("q8_0", "gptq-q8_0.gguf", vec![]),
         ("int3", "gptq-int3", vec!["--group", "16"]),
+        ("nf4", "gptq-nf4", vec!["--double-quant"]),
     ] {
         let out = dir.path().join(file);
         let done = gptq(format, out.to_str().unwrap(), &extra);
@@ -166,6 +170,11 @@ fn gptq_and_rtn_write_models_that_load_and_bad_input_is_a_usage_error() {
         );
         assert!(generate(out.to_str().unwrap()) > 0);
     }
+    let config = std::fs::read_to_string(dir.path().join("gptq-nf4/config.json")).unwrap();
+    assert!(
+        config.contains("\"bnb_4bit_use_double_quant\":true"),
+        "{config}"
+    );
     let rtn = dir.path().join("rtn-q4_1.gguf");
     let done = run(&["rtn", "--format", "q4_1", "--out", rtn.to_str().unwrap()]);
     assert_eq!(done.code, 0, "{}", done.stderr);
@@ -176,6 +185,7 @@ fn gptq_and_rtn_write_models_that_load_and_bad_input_is_a_usage_error() {
     gptq("q4_0", out, &["--group", "16"]).fails_with(2, &["--group"]);
     gptq("int3", out, &["--group", "24"]).fails_with(2, &["--group", "24"]);
     gptq("q5_0", out, &[]).fails_with(2, &["--format"]);
+    gptq("q4_0", out, &["--double-quant"]).fails_with(2, &["--double-quant"]);
     run(&[
         "gptq",
         "--format",
