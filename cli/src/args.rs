@@ -717,10 +717,12 @@ pub struct QuantGptqArgs {
     #[arg(long)]
     pub calib: Option<PathBuf>,
     /// Calibration windows.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = ft_model::ptq::calibration::SAMPLES as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub calib_samples: u64,
     /// Tokens per calibration window (at most the model's context).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = ft_model::ptq::calibration::LEN as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub calib_len: u64,
     /// Seed of the windows' places in the text.
     #[arg(long, default_value_t = 0)]

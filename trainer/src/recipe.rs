@@ -195,6 +195,9 @@ pub struct QuantSection {
     pub base: String,
     /// Double-quantize the absmax values of nf4/fp4.
     pub double_quant: bool,
+    /// `rtn` (each weight to its block's nearest NF4 value, as bitsandbytes) or `gptq`
+    /// (GPTQ on the bundled calibration text, `nf4` only).
+    pub method: String,
     /// `f32` or `bf16`: the dtype of the matmuls with the packed base weights
     /// (bitsandbytes' `bnb_4bit_compute_dtype`); bf16 needs the CUDA backend.
     pub compute_dtype: String,
@@ -205,6 +208,7 @@ impl Default for QuantSection {
         Self {
             base: "none".into(),
             double_quant: false,
+            method: "rtn".into(),
             compute_dtype: "f32".into(),
         }
     }
@@ -908,6 +912,26 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
             ),
         );
     }
+    match r.quant.method.as_str() {
+        "rtn" => {}
+        "gptq" if r.quant.base == "nf4" && r.distill.is_none() => {}
+        "gptq" => {
+            return fail(
+                "quant.method",
+                format!(
+                    "gptq quantizes a fine-tuning run's base to nf4: expected quant.base = \"nf4\" \
+                     and no [distill], got quant.base = {:?}",
+                    r.quant.base
+                ),
+            )
+        }
+        other => {
+            return fail(
+                "quant.method",
+                format!("expected rtn or gptq, got {other:?}"),
+            )
+        }
+    }
     if !matches!(r.quant.compute_dtype.as_str(), "f32" | "bf16") {
         return fail(
             "quant.compute_dtype",
@@ -1211,6 +1235,38 @@ mod tests {
     fn err(text: &str, sets: &[&str]) -> String {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         parse(text, &sets, "r.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn gptq_is_a_method_of_an_nf4_fine_tuning_base() {
+        let r = parse(
+            MINIMAL,
+            &["quant.base=\"nf4\"".into(), "quant.method=\"gptq\"".into()],
+            "r.toml",
+        )
+        .unwrap();
+        assert_eq!(r.quant.method, "gptq");
+        assert_eq!(parse(MINIMAL, &[], "r.toml").unwrap().quant.method, "rtn");
+        for (sets, needle) in [
+            (
+                &["quant.method=\"gptq\""][..],
+                "expected quant.base = \"nf4\"",
+            ),
+            (
+                &["quant.base=\"int8\"", "quant.method=\"gptq\""],
+                "got quant.base = \"int8\"",
+            ),
+            (
+                &["quant.method=\"awq\""],
+                "expected rtn or gptq, got \"awq\"",
+            ),
+        ] {
+            let e = err(MINIMAL, sets);
+            assert!(
+                e.contains("quant.method") && e.contains(needle),
+                "{sets:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -15,10 +15,6 @@ use ft_model::{source, Pretrained, QuantFormat, QuantSpec};
 use crate::args::{QuantGptqArgs, QuantPtqArgs};
 use crate::error::{usage, UsageError};
 
-/// The bundled calibration text: Genesis 4 to Exodus 40 (the evaluation text, Genesis 1-3,
-/// is not in it).
-const CALIBRATION: &str = include_str!("../../../data/text/kjv-train.jsonl");
-
 /// Int3/int2 weights per group when `--group` is not given.
 const INT_GROUP: usize = 64;
 
@@ -64,7 +60,7 @@ pub fn gptq(args: QuantGptqArgs) -> anyhow::Result<()> {
             calibration::text_of(&contents, jsonl)
                 .with_context(|| format!("--calib {}", file.display()))?
         }
-        None => calibration::text_of(CALIBRATION, true)?,
+        None => calibration::text_of(calibration::BUNDLED, true)?,
     };
     let samples = calibration::windows(
         &p.tokenizer,

@@ -11,6 +11,7 @@ use burn::tensor::Tensor;
 use ft_adapters::registry::AddInfo;
 use ft_adapters::LoraConfig;
 use ft_eval::{exact_match, tasks, ExactMatch};
+use ft_model::ptq::{self, calibration, Gptq, Grid, Method};
 use ft_model::{LlamaForCausalLM, Pretrained, QuantBackend, QuantFormat, QuantSpec, TextTokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +90,42 @@ pub struct Trained<B: AutodiffBackend> {
     pub model: LlamaForCausalLM<B>,
 }
 
+/// Quantizes `model`'s projections to NF4 with GPTQ on the bundled calibration text (the
+/// defaults of `ft quant gptq`) and packs them as the QLoRA base.
+fn gptq_base<B: QuantBackend>(
+    model: &mut LlamaForCausalLM<B>,
+    pretrained: &Pretrained<B>,
+    double_quant: bool,
+) -> Result<()> {
+    let fail =
+        |e: ft_model::ModelError| TrainError::Invalid(format!("quant.method = \"gptq\": {e}"));
+    let text = calibration::text_of(calibration::BUNDLED, true).map_err(fail)?;
+    let samples = calibration::windows(
+        &pretrained.tokenizer,
+        &text,
+        calibration::SAMPLES,
+        calibration::LEN,
+        pretrained.config.max_position_embeddings,
+        0,
+    )
+    .map_err(fail)?;
+    let started = Instant::now();
+    let quantized = ptq::quantize(
+        model,
+        Grid::Nf4,
+        Method::Gptq(Gptq::default()),
+        &samples,
+        |_, _| {},
+    )
+    .map_err(fail)?;
+    ptq::pack_nf4(model, &quantized, double_quant).map_err(fail)?;
+    tracing::info!(
+        "quantized the base to NF4 with GPTQ in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Runs the recipe on backend `B` (an autodiff backend).
 pub fn train<B>(loaded: &LoadedRecipe, device: &B::Device) -> Result<Trained<B>>
 where
@@ -100,11 +137,17 @@ where
     let out = r.output.dir.clone();
     let resume = prepare::<B>(r)?;
     let quant = quant_spec(r)?;
-    let pretrained = Pretrained::<B>::from_source(&r.model.source, quant, device)
+    let gptq = r.quant.method == "gptq";
+    // GPTQ reads the weights in f32 and packs its own NF4 codes.
+    let load_as = if gptq { None } else { quant };
+    let pretrained = Pretrained::<B>::from_source(&r.model.source, load_as, device)
         .at_with(|| format!("model.source {}", r.model.source))?;
     let data = load_data(loaded, &pretrained)?;
     write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
     let mut model = pretrained.model.clone().no_grad();
+    if gptq {
+        gptq_base(&mut model, &pretrained, r.quant.double_quant)?;
+    }
     B::seed(device, r.train.seed);
     check_lora_shape(r, &pretrained.config)?;
     let lora = LoraConfig::from(&r.lora);
