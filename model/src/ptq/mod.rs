@@ -11,6 +11,7 @@ pub mod calibration;
 
 use std::collections::BTreeMap;
 
+use burn::module::Module;
 use burn::tensor::activation::silu;
 use burn::tensor::{Int, Tensor, TensorData};
 use ft_quant::gptq::Hessian;
@@ -170,12 +171,13 @@ fn dense<B: QuantBackend>(
     Ok((host_vec(linear.weight(device)), rows, cols))
 }
 
-/// Puts the quantized weight (dequantized) in the layer, keeping its bias.
+/// Puts the quantized weight (dequantized) in the layer, keeping its bias; frozen, so that on
+/// an autodiff backend the calibration forwards through it record nothing.
 fn replace<B: QuantBackend>(linear: &mut Linear<B>, q: &Quantized, device: &B::Device) {
     let weight = Tensor::from_data(
         TensorData::new(q.dequantize(), [q.rows, q.cols]).convert::<B::FloatElem>(),
         device,
     );
     let bias = linear.bias.take().map(|b| b.val());
-    *linear = Linear::dense(weight, bias);
+    *linear = Linear::dense(weight, bias).no_grad();
 }

@@ -217,3 +217,44 @@ fn gptq_and_rtn_write_models_that_load_and_bad_input_is_a_usage_error() {
         "nothing written on a usage error"
     );
 }
+
+/// `quant.method = "gptq"`: a fine-tuning run quantizes its base to NF4 with GPTQ on the
+/// bundled calibration text, then trains over it.
+#[test]
+fn a_recipe_trains_over_a_base_gptq_quantized_to_nf4() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ft_model::LlamaConfig {
+        hidden_size: 64,
+        intermediate_size: 128,
+        head_dim: 16,
+        ..tiny()
+    };
+    let (folder, _) = tiny_model(dir.path(), &config);
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            format!(
+                "{{\"prompt\": \"{i} plus one is\", \"completion\": \" {}\"}}",
+                i + 1
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("train.jsonl"), lines.join("\n")).unwrap();
+    let recipe = dir.path().join("recipe.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\nsource = {folder:?}\n\n[quant]\nbase = \"nf4\"\ndouble_quant = true\nmethod = \"gptq\"\n\n[lora]\nr = 4\nalpha = 8\ntargets = [\"q_proj\", \"down_proj\"]\n\n[data]\ntrain = \"train.jsonl\"\nformat = \"completion\"\nval_fraction = 0.25\n\n[train]\nmax_steps = 2\nmicro_batch_size = 2\neval_every = 0\nsave_every = 0\n\n[output]\ndir = \"run\"\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let set = format!("output.dir={out:?}");
+    let run = ft(&["train", recipe.to_str().unwrap(), "--set", &set]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("quantized the base to NF4 with GPTQ"),
+        "{}",
+        run.stdout
+    );
+    assert!(out.join("adapter_model.safetensors").exists());
+}

@@ -104,7 +104,7 @@ fn gptq_base<B: QuantBackend>(
         &pretrained.tokenizer,
         &text,
         calibration::SAMPLES,
-        calibration::LEN,
+        calibration::LEN.min(pretrained.config.max_position_embeddings),
         pretrained.config.max_position_embeddings,
         0,
     )
