@@ -96,19 +96,22 @@ fn an_unknown_format_is_a_usage_error() {
     .fails_with(1, &["int8-block has no bitsandbytes layout"]);
 }
 
+/// The tiny model with every projection's inputs a whole number of NF4's blocks of 64.
+fn whole_blocks() -> ft_model::LlamaConfig {
+    ft_model::LlamaConfig {
+        hidden_size: 64,
+        intermediate_size: 128,
+        head_dim: 16,
+        ..tiny()
+    }
+}
+
 /// `ft quant gptq` and `ft quant rtn` on a tiny model whose projections hold whole groups of
 /// 64: the files load where `--model` goes, and bad input is a one-line usage error.
 #[test]
 fn gptq_and_rtn_write_models_that_load_and_bad_input_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
-    // Every projection's inputs a whole number of NF4's blocks of 64.
-    let config = ft_model::LlamaConfig {
-        hidden_size: 64,
-        intermediate_size: 128,
-        head_dim: 16,
-        ..tiny()
-    };
-    let (_, gguf) = tiny_model(dir.path(), &config);
+    let (_, gguf) = tiny_model(dir.path(), &whole_blocks());
     let gguf = gguf.to_str().unwrap();
     let calib = dir.path().join("calib.txt");
     std::fs::write(
@@ -223,13 +226,7 @@ fn gptq_and_rtn_write_models_that_load_and_bad_input_is_a_usage_error() {
 #[test]
 fn a_recipe_trains_over_a_base_gptq_quantized_to_nf4() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ft_model::LlamaConfig {
-        hidden_size: 64,
-        intermediate_size: 128,
-        head_dim: 16,
-        ..tiny()
-    };
-    let (folder, _) = tiny_model(dir.path(), &config);
+    let (folder, _) = tiny_model(dir.path(), &whole_blocks());
     let lines: Vec<String> = (0..16)
         .map(|i| {
             format!(
