@@ -261,27 +261,27 @@ pub fn write_gguf<'a, B: Backend>(
     for (name, t) in model.named_tensors() {
         let gguf = gguf_name(&name)
             .ok_or_else(|| ModelError::format(path, format!("no GGUF name for {name}")))?;
-        if let Some((block_ty, bytes)) = quantized.get(&name).and_then(Quantized::ggml_blocks) {
-            let bytes = match (
-                arch,
-                name.contains("self_attn.q_proj."),
-                name.contains("self_attn.k_proj."),
-            ) {
-                ("llama", true, _) => permute_block_rows(&bytes, t.shape[0], c.num_attention_heads),
-                ("llama", _, true) => permute_block_rows(&bytes, t.shape[0], c.num_key_value_heads),
-                _ => bytes,
-            };
-            w.tensor(&gguf, t.shape.clone(), block_ty.id(), bytes);
-            continue;
-        }
-        let t = match (
+        // llama.cpp's llama layout interleaves the q/k rows of each head.
+        let heads = match (
             arch,
             name.contains("self_attn.q_proj."),
             name.contains("self_attn.k_proj."),
         ) {
-            ("llama", true, _) => permute_rows(t, c.num_attention_heads),
-            ("llama", _, true) => permute_rows(t, c.num_key_value_heads),
-            _ => t,
+            ("llama", true, _) => Some(c.num_attention_heads),
+            ("llama", _, true) => Some(c.num_key_value_heads),
+            _ => None,
+        };
+        if let Some((block_ty, bytes)) = quantized.get(&name).and_then(Quantized::ggml_blocks) {
+            let bytes = match heads {
+                Some(h) => permute_block_rows(&bytes, t.shape[0], h),
+                None => bytes,
+            };
+            w.tensor(&gguf, t.shape.clone(), block_ty.id(), bytes);
+            continue;
+        }
+        let t = match heads {
+            Some(h) => permute_rows(t, h),
+            None => t,
         };
         let matrix = t.shape.len() == 2;
         match ty {

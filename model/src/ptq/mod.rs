@@ -15,7 +15,7 @@ use burn::module::Module;
 use burn::tensor::activation::silu;
 use burn::tensor::{Int, Tensor, TensorData};
 use ft_quant::gptq::Hessian;
-pub use ft_quant::gptq::{Gptq, Grid, GroupFit, Quantized};
+pub use ft_quant::gptq::{Gptq, Grid, Quantized};
 use ft_quant::{Linear, QuantBackend, QuantFormat};
 
 use crate::error::ModelError;

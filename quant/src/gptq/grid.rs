@@ -106,17 +106,17 @@ impl Grid {
             Self::Q4_1 | Self::Int { .. } => code as f32 * fit.scale + fit.offset,
         }
     }
-
-    /// `x` rounded to the grid.
-    pub fn round(self, fit: GroupFit, x: f32) -> f32 {
-        self.decode(fit, self.encode(fit, x))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ggml::{dequantize, quantize_q4_1, quantize_q8_0, GgmlType};
+
+    /// `x` rounded to the grid.
+    fn round(grid: Grid, fit: GroupFit, x: f32) -> f32 {
+        grid.decode(fit, grid.encode(fit, x))
+    }
 
     fn weights(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
@@ -151,7 +151,7 @@ mod tests {
                         .iter()
                         .map(|p| (p - x).abs())
                         .fold(f32::MAX, f32::min);
-                    let got = (grid.round(fit, x) - x).abs();
+                    let got = (round(grid, fit, x) - x).abs();
                     assert!(
                         got <= best + 1e-6,
                         "{grid:?}: {x} off by {got}, best {best}"
@@ -176,7 +176,7 @@ mod tests {
             for (b, g) in w.chunks(32).enumerate() {
                 let fit = grid.fit(g);
                 for (j, &x) in g.iter().enumerate() {
-                    let gap = (grid.round(fit, x) - file[b * 32 + j]).abs();
+                    let gap = (round(grid, fit, x) - file[b * 32 + j]).abs();
                     assert!(gap <= fit.scale * 1.001, "{grid:?}: {gap} apart");
                     differ += (gap > 1e-6) as usize;
                 }

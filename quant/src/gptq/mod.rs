@@ -66,16 +66,6 @@ impl Hessian {
         self.samples += rows;
     }
 
-    /// Input vectors added.
-    pub fn samples(&self) -> usize {
-        self.samples
-    }
-
-    /// Inputs of the layer.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// `2 X^T X / n`, row-major.
     fn matrix(&self) -> Vec<f64> {
         let scale = 2.0 / self.samples.max(1) as f64;
