@@ -621,6 +621,9 @@ pub enum QuantCommand {
     /// Quantize the projections with GPTQ on calibration text (a GGUF file, or an HF folder
     /// for int3/int2).
     Gptq(QuantGptqArgs),
+    /// Scale each projection's inputs by AWQ's activation-aware search (folded into the op
+    /// before, clipping each group's range), then round to the nearest point or by GPTQ.
+    Awq(QuantAwqArgs),
     /// Quantize the projections to the nearest grid point, as `gptq` writes them (the
     /// baseline GPTQ is measured against).
     Rtn(QuantPtqArgs),
@@ -649,9 +652,33 @@ pub struct QuantCompareArgs {
     /// Text to score (default: Genesis 1-3, King James Version, built in).
     #[arg(long)]
     pub file: Option<PathBuf>,
+    /// A second held-out text to score (default: the bundled chat validation conversations,
+    /// one turn a line).
+    #[arg(long)]
+    pub second_file: Option<PathBuf>,
     /// Perplexity window in tokens.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(2..))]
     pub window: u64,
+    /// Post-training quantization formats (q4_0, q4_1, q8_0, nf4, int3, int2): each is
+    /// written by every method of `--methods` (`ft quant rtn|gptq|awq`, with their defaults)
+    /// and scored as written.
+    #[arg(long, value_delimiter = ',')]
+    pub ptq: Vec<String>,
+    /// Methods for `--ptq`: rtn, gptq, awq, awq+gptq.
+    #[arg(long, value_delimiter = ',', default_value = "rtn,gptq,awq,awq+gptq",
+          value_parser = ["rtn", "gptq", "awq", "awq+gptq"])]
+    pub methods: Vec<String>,
+    /// Calibration windows for the methods that take them (default: theirs).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub calib_samples: Option<u64>,
+    /// Tokens per calibration window (default: theirs).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub calib_len: Option<u64>,
+    /// Anchor the q4_0 rows to llama.cpp (llama-cpp-python): its own quantizer rounds an f16
+    /// GGUF of the model to Q4_0, and llama.cpp scores that file, the f16 file and every
+    /// q4_0 file of `--ptq` on the same token ids.
+    #[arg(long)]
+    pub vs_llama_cpp: bool,
     /// Folder for the Markdown table and the plot.
     #[arg(long, default_value = "quant-compare")]
     pub out: PathBuf,
@@ -669,12 +696,15 @@ pub struct QuantMeasureArgs {
     /// cpu, or cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
-    /// The format.
+    /// The format (default: as the model is stored).
     #[arg(long)]
-    pub spec: QuantSpec,
+    pub spec: Option<QuantSpec>,
     /// Text to score (default: the built-in Genesis text).
     #[arg(long)]
     pub file: Option<PathBuf>,
+    /// A second text to score.
+    #[arg(long)]
+    pub second_file: Option<PathBuf>,
     /// Perplexity window.
     #[arg(long, default_value_t = 256)]
     pub window: u64,
@@ -712,6 +742,41 @@ pub struct QuantGptqArgs {
     /// Model, format and output.
     #[command(flatten)]
     pub ptq: QuantPtqArgs,
+    /// Calibration text.
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// GPTQ's settings.
+    #[command(flatten)]
+    pub gptq: GptqArgs,
+}
+
+/// `ft quant awq`.
+#[derive(Debug, Args)]
+pub struct QuantAwqArgs {
+    /// Model, format and output.
+    #[command(flatten)]
+    pub ptq: QuantPtqArgs,
+    /// Calibration text.
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// How the scaled weights are rounded: rtn (to the nearest grid point) or gptq.
+    #[arg(long, default_value = "rtn", value_parser = ["rtn", "gptq"])]
+    pub then: String,
+    /// Values of alpha tried for each set of scales, evenly spaced on [0, 1).
+    #[arg(long, default_value_t = ft_model::ptq::awq::GRID_POINTS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub grid: u64,
+    /// Skip the search of each group's clipping range.
+    #[arg(long)]
+    pub no_clip: bool,
+    /// GPTQ's settings, with `--then gptq`.
+    #[command(flatten)]
+    pub gptq: GptqArgs,
+}
+
+/// Where the calibration windows come from (`ft quant gptq|awq`).
+#[derive(Debug, Args)]
+pub struct CalibArgs {
     /// Calibration text: a text file, or JSONL with a "text" field (default: the bundled
     /// Genesis 4 - Exodus 40, never the evaluation text).
     #[arg(long)]
@@ -727,6 +792,11 @@ pub struct QuantGptqArgs {
     /// Seed of the windows' places in the text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// GPTQ's settings.
+#[derive(Debug, Args)]
+pub struct GptqArgs {
     /// The fraction of the Hessian's mean diagonal added to its diagonal.
     #[arg(long, default_value_t = 0.01)]
     pub damp: f64,

@@ -6,7 +6,8 @@
 //! double quantization through the 8-bit dynamic map ([`dynamic8`]), int8 absmax ([`int8`])
 //! and bf16; and the base model's [`Linear`] layer that holds a weight dense or packed.
 //! [`gptq`] rounds a weight onto a format's grid with GPTQ's error feedback from calibration
-//! inputs. [`device_packed`] keeps packed codes on a GPU and decodes them there; [`matvec`] multiplies
+//! inputs; [`awq`] finds the per-input scales (and clipping ranges) that make a weight round
+//! with less output error. [`device_packed`] keeps packed codes on a GPU and decodes them there; [`matvec`] multiplies
 //! a few rows by GGUF-blocked, bf16 or f32 weights on the CPU without dequantizing them,
 //! [`gemm`] multiplies the hundreds of rows of a training step (a packed weight dequantized a
 //! tile of rows at a time), [`attention`] attends from a paged KV cache on the host, [`exp`]
@@ -17,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod awq;
 pub mod backend;
 pub mod bnb4;
 pub mod device_packed;
@@ -29,6 +31,8 @@ pub mod int8;
 pub mod linear;
 pub mod matvec;
 pub mod packed;
+#[cfg(test)]
+mod seeded;
 pub mod team;
 
 pub use backend::QuantBackend;

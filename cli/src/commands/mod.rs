@@ -48,6 +48,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Quant(QuantCommand::Measure(args)) => quant::measure(args),
         Command::Quant(QuantCommand::Save(args)) => quant::save(args),
         Command::Quant(QuantCommand::Gptq(args)) => ptq::gptq(args),
+        Command::Quant(QuantCommand::Awq(args)) => ptq::awq(args),
         Command::Quant(QuantCommand::Rtn(args)) => ptq::rtn(args),
         Command::Train(args) => train::run(args),
         Command::Recipe(RecipeCommand::Check(args)) => recipe::check(args),

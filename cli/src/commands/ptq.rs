@@ -1,7 +1,7 @@
-//! `ft quant rtn | gptq`: the decoder's projections rounded onto a storage format's grid, to
-//! the nearest point or by GPTQ on calibration text, and written where `--model` loads them:
-//! a GGUF file for the ggml formats, bitsandbytes' HF folder for nf4 (a QLoRA base), an f32
-//! HF folder (the grid's values) for int3/int2.
+//! `ft quant rtn | gptq | awq`: the decoder's projections rounded onto a storage format's grid,
+//! to the nearest point, by GPTQ, or after AWQ's scaling on calibration text, and written
+//! where `--model` loads them: a GGUF file for the ggml formats, bitsandbytes' HF folder for
+//! nf4 (a QLoRA base), an f32 HF folder (the grid's values) for int3/int2.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -9,10 +9,11 @@ use std::time::Instant;
 use anyhow::Context;
 use ft_model::formats::bnb_write::save_pretrained;
 use ft_model::formats::gguf_export::{write_pretrained_gguf_quantized, GgufExportType};
+use ft_model::ptq::awq::Awq;
 use ft_model::ptq::{self, calibration, Gptq, Grid, Method};
 use ft_model::{source, Pretrained, QuantFormat, QuantSpec};
 
-use crate::args::{QuantGptqArgs, QuantPtqArgs};
+use crate::args::{CalibArgs, GptqArgs, QuantAwqArgs, QuantGptqArgs, QuantPtqArgs};
 use crate::error::{usage, UsageError};
 
 /// Int3/int2 weights per group when `--group` is not given.
@@ -39,11 +40,93 @@ pub fn rtn(args: QuantPtqArgs) -> anyhow::Result<()> {
 /// Runs `ft quant gptq`.
 pub fn gptq(args: QuantGptqArgs) -> anyhow::Result<()> {
     let grid = grid(&args.ptq)?;
+    let method = gptq_method(&args.gptq)?;
+    let mut p = load(&args.ptq.model)?;
+    check_groups(&p, grid)?;
+    let samples = windows(&p, &args.calib)?;
+    let t0 = Instant::now();
+    let quantized = ptq::quantize(&mut p.model, grid, method, &samples, |done, of| {
+        layer_done("gptq", done, of, t0);
+    })?;
+    let seconds = t0.elapsed().as_secs_f64();
+    write(&mut p, &args.ptq, grid, &quantized)?;
+    println!(
+        "quantized {} projections to {} with GPTQ on {} windows of {} tokens in {seconds:.1} s; wrote {}",
+        quantized.len(),
+        args.ptq.format,
+        samples.len(),
+        args.calib.calib_len,
+        args.ptq.out.display()
+    );
+    Ok(())
+}
+
+/// Runs `ft quant awq`.
+pub fn awq(args: QuantAwqArgs) -> anyhow::Result<()> {
+    let grid = grid(&args.ptq)?;
+    let method = match args.then.as_str() {
+        "gptq" => gptq_method(&args.gptq)?,
+        _ => Method::Rtn,
+    };
+    let mut p = load(&args.ptq.model)?;
+    check_groups(&p, grid)?;
+    let samples = windows(&p, &args.calib)?;
+    let settings = Awq {
+        grid_points: args.grid as usize,
+        clip: !args.no_clip,
+    };
+    let t0 = Instant::now();
+    let report = ptq::awq::apply(&mut p.model, grid, settings, &samples, |done, of| {
+        layer_done("awq", done, of, t0);
+    })?;
+    let quantized = ptq::quantize(&mut p.model, grid, method, &samples, |done, of| {
+        if method != Method::Rtn {
+            layer_done("awq: gptq", done, of, t0);
+        }
+    })?;
+    let seconds = t0.elapsed().as_secs_f64();
+    write(&mut p, &args.ptq, grid, &quantized)?;
+    println!(
+        "AWQ scales (mean alpha {:.2}) left {:.1}% of round-to-nearest's output error on {} windows of {} tokens{}; quantized {} projections to {} ({}) in {seconds:.1} s; wrote {}",
+        report.mean_alpha,
+        100.0 * report.error / report.rtn_error.max(f64::MIN_POSITIVE),
+        samples.len(),
+        args.calib.calib_len,
+        if settings.clip {
+            format!(", clipping {:.1}% of groups", 100.0 * report.clipped)
+        } else {
+            String::new()
+        },
+        quantized.len(),
+        args.ptq.format,
+        args.then,
+        args.ptq.out.display()
+    );
+    Ok(())
+}
+
+/// GPTQ with the command's settings.
+fn gptq_method(args: &GptqArgs) -> anyhow::Result<Method> {
     if !(args.damp.is_finite() && args.damp > 0.0) {
         return Err(usage("--damp", "a fraction above 0", args.damp));
     }
-    let mut p = load(&args.ptq.model)?;
-    check_groups(&p, grid)?;
+    Ok(Method::Gptq(Gptq {
+        damp: args.damp,
+        act_order: args.act_order,
+        ..Gptq::default()
+    }))
+}
+
+/// Reports a layer done on stderr.
+fn layer_done(what: &str, done: usize, of: usize, t0: Instant) {
+    eprintln!(
+        "ft quant {what}: layer {done} of {of} ({:.0} s)",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// The calibration windows `--calib`, `--calib-samples`, `--calib-len` and `--seed` name.
+fn windows(p: &Pretrained<crate::device::Cpu>, args: &CalibArgs) -> anyhow::Result<Vec<Vec<u32>>> {
     let context = p.config.max_position_embeddings;
     if args.calib_len as usize > context {
         return Err(usage(
@@ -62,7 +145,7 @@ pub fn gptq(args: QuantGptqArgs) -> anyhow::Result<()> {
         }
         None => calibration::text_of(calibration::BUNDLED, true)?,
     };
-    let samples = calibration::windows(
+    Ok(calibration::windows(
         &p.tokenizer,
         &text,
         args.calib_samples as usize,
@@ -70,30 +153,7 @@ pub fn gptq(args: QuantGptqArgs) -> anyhow::Result<()> {
         context,
         args.seed,
     )
-    .map_err(|e| UsageError(format!("--calib: {e}")))?;
-    let method = Method::Gptq(Gptq {
-        damp: args.damp,
-        act_order: args.act_order,
-        ..Gptq::default()
-    });
-    let t0 = Instant::now();
-    let quantized = ptq::quantize(&mut p.model, grid, method, &samples, |done, of| {
-        eprintln!(
-            "ft quant gptq: layer {done} of {of} ({:.0} s)",
-            t0.elapsed().as_secs_f64()
-        );
-    })?;
-    let seconds = t0.elapsed().as_secs_f64();
-    write(&mut p, &args.ptq, grid, &quantized)?;
-    println!(
-        "quantized {} projections to {} with GPTQ on {} windows of {} tokens in {seconds:.1} s; wrote {}",
-        quantized.len(),
-        args.ptq.format,
-        samples.len(),
-        args.calib_len,
-        args.ptq.out.display()
-    );
-    Ok(())
+    .map_err(|e| UsageError(format!("--calib: {e}")))?)
 }
 
 /// The grid `--format` and `--group` name.

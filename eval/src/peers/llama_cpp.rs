@@ -1,6 +1,7 @@
 //! llama.cpp, through llama-cpp-python, decoding the same prompt ids from the same GGUF as ft:
 //! the peer of `ft bench generate --vs-llama-cpp`.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::process::Command;
 
@@ -34,14 +35,28 @@ pub fn decode(
     threads: usize,
     runs: u64,
 ) -> Result<LlamaCppDecode, EvalError> {
+    let stdout = run_llama_cpp(
+        SCRIPT,
+        &[
+            gguf.as_os_str().to_owned(),
+            serde_json::json!(prompt).to_string().into(),
+            n_new.to_string().into(),
+            threads.to_string().into(),
+            runs.to_string().into(),
+        ],
+    )?;
+    parse(&stdout, threads)
+}
+
+/// The interpreter that runs the llama.cpp scripts.
+const PYTHON: &str = "python3";
+
+/// Runs a llama-cpp-python `script` with `args` in a `python3` child process; its stdout.
+pub(crate) fn run_llama_cpp(script: &str, args: &[OsString]) -> Result<Vec<u8>, EvalError> {
     let out = Command::new(PYTHON)
         .arg("-c")
-        .arg(SCRIPT)
-        .arg(gguf)
-        .arg(serde_json::json!(prompt).to_string())
-        .arg(n_new.to_string())
-        .arg(threads.to_string())
-        .arg(runs.to_string())
+        .arg(script)
+        .args(args)
         .output()
         .map_err(|source| EvalError::PeerSpawn {
             program: PYTHON.into(),
@@ -53,11 +68,8 @@ pub fn decode(
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    parse(&out.stdout, threads)
+    Ok(out.stdout)
 }
-
-/// The interpreter that runs [`SCRIPT`].
-const PYTHON: &str = "python3";
 
 /// Reads the script's one JSON line; a missing version reads `?`.
 fn parse(stdout: &[u8], threads: usize) -> Result<LlamaCppDecode, EvalError> {

@@ -7,6 +7,7 @@
 //! the next layer's inputs are the outputs of this one, quantized. So every projection is
 //! quantized against the inputs it will see in the quantized model.
 
+pub mod awq;
 pub mod calibration;
 
 use std::collections::BTreeMap;

@@ -66,8 +66,39 @@ impl Hessian {
         self.samples += rows;
     }
 
+    /// Inputs per sample.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Input vectors added so far.
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// The Hessian of the same inputs divided channel by channel by `s` (input `j` becomes
+    /// `x_j / s_j`): what the inputs give once scales are folded into the op before them.
+    ///
+    /// # Panics
+    /// If `s` does not hold one scale per input.
+    pub fn scaled(&self, s: &[f32]) -> Self {
+        let n = self.cols;
+        assert_eq!(s.len(), n, "one scale per input");
+        let mut sum = self.sum.clone();
+        for (i, row) in sum.chunks_mut(n).enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v /= s[i] as f64 * s[j] as f64;
+            }
+        }
+        Self {
+            cols: n,
+            sum,
+            samples: self.samples,
+        }
+    }
+
     /// `2 X^T X / n`, row-major.
-    fn matrix(&self) -> Vec<f64> {
+    pub(crate) fn matrix(&self) -> Vec<f64> {
         let scale = 2.0 / self.samples.max(1) as f64;
         self.sum.iter().map(|v| v * scale).collect()
     }
@@ -172,7 +203,7 @@ impl Quantized {
 }
 
 /// The grid's group size, checked against the layer's inputs.
-fn group_of(grid: Grid, cols: usize) -> Result<usize, QuantError> {
+pub(crate) fn group_of(grid: Grid, cols: usize) -> Result<usize, QuantError> {
     let g = grid.group();
     if g == 0 || !cols.is_multiple_of(g) {
         return Err(QuantError::Group {

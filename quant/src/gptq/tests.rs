@@ -5,22 +5,7 @@
 
 use super::*;
 
-/// A seeded stream of values in [-1, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn fill(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.next()).collect()
-    }
-}
+use crate::seeded::Rng;
 
 /// `samples` inputs of `cols` correlated features: random mixtures of a few shared sources,
 /// some features much larger than others, one never active.

@@ -221,6 +221,137 @@ fn gptq_and_rtn_write_models_that_load_and_bad_input_is_a_usage_error() {
     );
 }
 
+/// `ft quant awq` on a tiny model: with clipping and RTN, with GPTQ after, without
+/// clipping; every file loads where `--model` goes, and bad input is a usage error.
+#[test]
+fn awq_writes_models_that_load_and_bad_input_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &whole_blocks());
+    let gguf = gguf.to_str().unwrap();
+    let awq = |format: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "quant",
+            "awq",
+            "--model",
+            gguf,
+            "--format",
+            format,
+            "--out",
+            out,
+            "--calib-samples",
+            "6",
+        ];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--calib-len") {
+            args.extend_from_slice(&["--calib-len", "32"]);
+        }
+        ft(&args)
+    };
+    for (format, file, extra, says) in [
+        ("q4_0", "awq-q4_0.gguf", vec![], "(rtn)"),
+        (
+            "nf4",
+            "awq-gptq-nf4",
+            vec!["--then", "gptq", "--double-quant"],
+            "(gptq)",
+        ),
+        (
+            "int3",
+            "awq-int3",
+            vec!["--no-clip", "--group", "16"],
+            "(rtn)",
+        ),
+    ] {
+        let out = dir.path().join(file);
+        let done = awq(format, out.to_str().unwrap(), &extra);
+        assert_eq!(done.code, 0, "{format}: {}", done.stderr);
+        assert!(
+            done.stdout.contains("AWQ scales") && done.stdout.contains(says),
+            "{}",
+            done.stdout
+        );
+        assert_eq!(
+            done.stdout.contains("clipping"),
+            !extra.contains(&"--no-clip"),
+            "{}",
+            done.stdout
+        );
+        let generated = ft(&[
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt",
+            "abc",
+            "--max-new-tokens",
+            "4",
+        ]);
+        assert_eq!(generated.code, 0, "{format}: {}", generated.stderr);
+    }
+    let out = dir.path().join("bad.gguf");
+    let out = out.to_str().unwrap();
+    awq("q4_0", out, &["--then", "exact"]).fails_with(2, &["--then", "exact"]);
+    awq("q4_0", out, &["--grid", "0"]).fails_with(2, &["--grid"]);
+    awq("q4_0", out, &["--then", "gptq", "--damp", "0"]).fails_with(2, &["--damp"]);
+    awq("q4_0", out, &["--calib-len", "100"]).fails_with(2, &["--calib-len", "64"]);
+    assert!(!std::path::Path::new(out).exists());
+}
+
+/// `ft quant compare --ptq`: one row per format and method, each written by its command and
+/// scored as written, with the share of RTN's excess each method removes.
+#[test]
+fn compare_tabulates_the_methods_of_each_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny_model(dir.path(), &whole_blocks());
+    let text = dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "a small text to score, twice: a small text to score.",
+    )
+    .unwrap();
+    let out_dir = dir.path().join("report");
+    let out = ft(&[
+        "quant",
+        "compare",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--formats",
+        "f32",
+        "--ptq",
+        "q4_0,int3",
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "32",
+        "--file",
+        text.to_str().unwrap(),
+        "--second-file",
+        text.to_str().unwrap(),
+        "--window",
+        "32",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let table = std::fs::read_to_string(out_dir.join("quant-compare.md")).unwrap();
+    for row in [
+        "| f32 | - | ft |",
+        "| q4_0 | RTN | ft |",
+        "| q4_0 | GPTQ | ft |",
+        "| q4_0 | AWQ | ft |",
+        "| int3 | AWQ + GPTQ | ft |",
+        "RTN's excess removed",
+    ] {
+        assert!(table.contains(row), "{row}: {table}");
+    }
+    // The second text is the first here: both perplexities agree on every row.
+    for line in table.lines().filter(|l| l.starts_with("| q4_0 | GPTQ")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(cells[10], cells[13], "{line}");
+    }
+    ft(&["quant", "compare", "--ptq", "q5_0"]).fails_with(2, &["--ptq", "q5_0"]);
+    ft(&["quant", "compare", "--ptq", "q4_0", "--methods", "hqq"]).fails_with(2, &["hqq"]);
+}
+
 /// `quant.method = "gptq"`: a fine-tuning run quantizes its base to NF4 with GPTQ on the
 /// bundled calibration text, then trains over it.
 #[test]
