@@ -196,8 +196,11 @@ pub struct QuantSection {
     /// Double-quantize the absmax values of nf4/fp4.
     pub double_quant: bool,
     /// `rtn` (each weight to its block's nearest NF4 value, as bitsandbytes) or `gptq`
-    /// (GPTQ on the bundled calibration text, `nf4` only).
+    /// (GPTQ on calibration text, `nf4` only).
     pub method: String,
+    /// GPTQ's calibration text: `bundled` (Genesis 4 - Exodus 40, as `ft quant gptq`) or
+    /// `data` (the run's own training examples, tokenized as they train).
+    pub calib: String,
     /// `f32` or `bf16`: the dtype of the matmuls with the packed base weights
     /// (bitsandbytes' `bnb_4bit_compute_dtype`); bf16 needs the CUDA backend.
     pub compute_dtype: String,
@@ -209,6 +212,7 @@ impl Default for QuantSection {
             base: "none".into(),
             double_quant: false,
             method: "rtn".into(),
+            calib: "bundled".into(),
             compute_dtype: "f32".into(),
         }
     }
@@ -932,6 +936,22 @@ fn validate(r: &Recipe) -> Result<(), (String, String)> {
             )
         }
     }
+    match r.quant.calib.as_str() {
+        "bundled" => {}
+        "data" if r.quant.method == "gptq" => {}
+        "data" => {
+            return fail(
+                "quant.calib",
+                "calibration text is GPTQ's: expected quant.method = \"gptq\" with quant.calib = \"data\"".to_string(),
+            )
+        }
+        other => {
+            return fail(
+                "quant.calib",
+                format!("expected bundled or data, got {other:?}"),
+            )
+        }
+    }
     if !matches!(r.quant.compute_dtype.as_str(), "f32" | "bf16") {
         return fail(
             "quant.compute_dtype",
@@ -1235,6 +1255,29 @@ mod tests {
     fn err(text: &str, sets: &[&str]) -> String {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         parse(text, &sets, "r.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn gptq_calibrates_on_the_bundled_text_or_the_runs_data() {
+        let gptq = ["quant.base=\"nf4\"", "quant.method=\"gptq\""];
+        let sets = |extra: &str| -> Vec<String> {
+            gptq.iter()
+                .map(|s| s.to_string())
+                .chain([extra.to_string()])
+                .collect()
+        };
+        let r = parse(MINIMAL, &sets("quant.calib=\"data\""), "r.toml").unwrap();
+        assert_eq!(r.quant.calib, "data");
+        assert_eq!(
+            parse(MINIMAL, &[], "r.toml").unwrap().quant.calib,
+            "bundled"
+        );
+        let e = err(MINIMAL, &["quant.calib=\"data\""]);
+        assert!(e.contains("quant.calib") && e.contains("gptq"), "{e}");
+        let e = parse(MINIMAL, &sets("quant.calib=\"wiki\""), "r.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quant.calib") && e.contains("\"wiki\""), "{e}");
     }
 
     #[test]

@@ -56,7 +56,17 @@ pub fn windows(
             "--calib-len {len} is longer than the model's context of {context} tokens"
         )));
     }
-    let ids = tokenizer.encode(text)?;
+    windows_of(&tokenizer.encode(text)?, n, len, seed)
+}
+
+/// `n` windows of `len` tokens of `ids` (a text already tokenized, or examples end to end),
+/// starting at places drawn with `seed`.
+pub fn windows_of(
+    ids: &[u32],
+    n: usize,
+    len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>, ModelError> {
     if ids.len() < len {
         return Err(ModelError::Calibration(format!(
             "the calibration text has {} tokens, fewer than one window of {len}",

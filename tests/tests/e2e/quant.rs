@@ -353,7 +353,8 @@ fn compare_tabulates_the_methods_of_each_format() {
 }
 
 /// `quant.method = "gptq"`: a fine-tuning run quantizes its base to NF4 with GPTQ on the
-/// bundled calibration text, then trains over it.
+/// bundled calibration text, or (`quant.calib = "data"`) on its own training examples, then
+/// trains over it.
 #[test]
 fn a_recipe_trains_over_a_base_gptq_quantized_to_nf4() {
     let dir = tempfile::tempdir().unwrap();
@@ -375,14 +376,21 @@ fn a_recipe_trains_over_a_base_gptq_quantized_to_nf4() {
         ),
     )
     .unwrap();
-    let out = dir.path().join("run");
-    let set = format!("output.dir={out:?}");
-    let run = ft(&["train", recipe.to_str().unwrap(), "--set", &set]);
-    assert_eq!(run.code, 0, "{}", run.stderr);
-    assert!(
-        run.stdout.contains("quantized the base to NF4 with GPTQ"),
-        "{}",
-        run.stdout
-    );
-    assert!(out.join("adapter_model.safetensors").exists());
+    for calib in ["bundled", "data"] {
+        let out = dir.path().join(format!("run-{calib}"));
+        let set = format!("output.dir={out:?}");
+        let calib_set = format!("quant.calib=\"{calib}\"");
+        let run = ft(&[
+            "train",
+            recipe.to_str().unwrap(),
+            "--set",
+            &set,
+            "--set",
+            &calib_set,
+        ]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let said = format!("quantized the base to NF4 with GPTQ on {calib} calibration text");
+        assert!(run.stdout.contains(&said), "{}", run.stdout);
+        assert!(out.join("adapter_model.safetensors").exists());
+    }
 }

@@ -23,13 +23,13 @@ use super::setup::{
 use super::step_loop::{run_steps, Objective, Run};
 use super::trainables::Trainables;
 use crate::checkpoint::{self, TrainerState};
-use crate::data::Batch;
+use crate::data::{Batch, Tokenized};
 use crate::error::{write_atomic, At, Result, TrainError};
 use crate::memory::MemoryReport;
 use crate::metrics::Metrics;
 use crate::optim::{AdamW, StateBytes};
 use crate::plan::Plan;
-use crate::recipe::{Engine, LoadedRecipe, OptimizerKind, Recipe};
+use crate::recipe::{Engine, LoadedRecipe, OptimizerKind, QuantSection, Recipe};
 
 /// What a finished run reports in `summary.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -90,24 +90,33 @@ pub struct Trained<B: AutodiffBackend> {
     pub model: LlamaForCausalLM<B>,
 }
 
-/// Quantizes `model`'s projections to NF4 with GPTQ on the bundled calibration text (the
-/// defaults of `ft quant gptq`) and packs them as the QLoRA base.
+/// Quantizes `model`'s projections to NF4 with GPTQ (the defaults of `ft quant gptq`) on the
+/// bundled calibration text, or with `quant.calib = "data"` on the run's training examples
+/// end to end, and packs them as the QLoRA base.
 fn gptq_base<B: QuantBackend>(
     model: &mut LlamaForCausalLM<B>,
     pretrained: &Pretrained<B>,
-    double_quant: bool,
+    quant: &QuantSection,
+    train: &[Tokenized],
 ) -> Result<()> {
     let fail =
         |e: ft_model::ModelError| TrainError::Invalid(format!("quant.method = \"gptq\": {e}"));
-    let text = calibration::text_of(calibration::BUNDLED, true).map_err(fail)?;
-    let samples = calibration::windows(
-        &pretrained.tokenizer,
-        &text,
-        calibration::SAMPLES,
-        calibration::LEN.min(pretrained.config.max_position_embeddings),
-        pretrained.config.max_position_embeddings,
-        0,
-    )
+    let context = pretrained.config.max_position_embeddings;
+    let len = calibration::LEN.min(context);
+    let samples = if quant.calib == "data" {
+        let ids: Vec<u32> = train.iter().flat_map(|t| t.ids.iter().copied()).collect();
+        calibration::windows_of(&ids, calibration::SAMPLES, len, 0)
+    } else {
+        let text = calibration::text_of(calibration::BUNDLED, true).map_err(fail)?;
+        calibration::windows(
+            &pretrained.tokenizer,
+            &text,
+            calibration::SAMPLES,
+            len,
+            context,
+            0,
+        )
+    }
     .map_err(fail)?;
     let started = Instant::now();
     let quantized = ptq::quantize(
@@ -118,9 +127,10 @@ fn gptq_base<B: QuantBackend>(
         |_, _| {},
     )
     .map_err(fail)?;
-    ptq::pack_nf4(model, &quantized, double_quant).map_err(fail)?;
+    ptq::pack_nf4(model, &quantized, quant.double_quant).map_err(fail)?;
     tracing::info!(
-        "quantized the base to NF4 with GPTQ in {:.0} s",
+        "quantized the base to NF4 with GPTQ on {} calibration text in {:.0} s",
+        quant.calib,
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -146,7 +156,7 @@ where
     write_atomic(&out.join("recipe.toml"), r.to_toml().as_bytes())?;
     let mut model = pretrained.model.clone().no_grad();
     if gptq {
-        gptq_base(&mut model, &pretrained, r.quant.double_quant)?;
+        gptq_base(&mut model, &pretrained, &r.quant, &data.train)?;
     }
     B::seed(device, r.train.seed);
     check_lora_shape(r, &pretrained.config)?;
