@@ -153,6 +153,9 @@ impl Job for QuantMeasureArgs {
     }
 }
 
+/// The method of the rows quantized as they load.
+const LOAD_RTN: &str = "RTN at load";
+
 /// One row of the comparison.
 struct Row {
     /// The storage format.
@@ -392,8 +395,14 @@ fn render(rows: &[Row], notes: &[String]) -> String {
         let Some(base) = rows.iter().find(|r| r.scorer == row.scorer) else {
             continue;
         };
+        // The first file rounded to nearest of the same format and scorer (for llama.cpp's
+        // rows, its own quantizer's); a base rounded at load keeps its embedding in f32, unlike
+        // the files, so it is no baseline.
         let rtn = rows.iter().find(|r| {
-            r.scorer == row.scorer && r.format == row.format && r.method.starts_with("RTN")
+            r.scorer == row.scorer
+                && r.format == row.format
+                && r.method.starts_with("RTN")
+                && r.method != LOAD_RTN
         });
         let removed = match rtn {
             Some(rtn) if !row.method.starts_with("RTN") && rtn.perplexity > base.perplexity => {
@@ -432,7 +441,7 @@ fn render(rows: &[Row], notes: &[String]) -> String {
     }
     if let Some(base) = rows.first().and_then(|r| r.m.as_ref()) {
         out += &format!(
-            "\nLinear weights: the {} parameters of the block projections (embeddings and norms stay f32 at load, Q8_0 in the GGUF files ft writes). Perplexity over {} scored tokens; top-1 agreement with the unquantized model of the same scorer at the same positions; RTN's excess removed: the share of round-to-nearest's excess perplexity over the unquantized model that the method removes, format by format.\n",
+            "\nLinear weights: the {} parameters of the block projections (embeddings and norms stay f32 at load, Q8_0 in the GGUF files ft writes). Perplexity over {} scored tokens; top-1 agreement with the unquantized model of the same scorer at the same positions; RTN's excess removed: the share of round-to-nearest's excess perplexity over the unquantized model that the method removes, against the first file rounded to nearest of the same format and scorer (for llama.cpp's rows, llama.cpp's own Q4_0).\n",
             base.linear_params, base.scored
         );
     }

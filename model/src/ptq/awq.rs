@@ -8,9 +8,11 @@
 //! o_proj after v_proj (v's rows; only where every query head has its own value head, as
 //! AutoAWQ requires: with grouped heads one value row feeds several o_proj inputs), gate/up
 //! after `post_attention_layernorm`, and down_proj after up_proj (up's rows: SiLU(gate) * up
-//! is linear in up). Layers go in order, each searched on the inputs the already scaled (and
-//! the next layer's inputs are this layer's outputs before clipping (as AutoAWQ takes them,
-//! from the layer unquantized). The rounding itself is left to [`super::quantize`].
+//! is linear in up). Layers go in order; each is searched on the inputs the layers before it
+//! give, and passes on its outputs before clipping (AutoAWQ takes them from the layer
+//! unquantized). Clipping covers v, gate, up and down, and o_proj where its inputs were
+//! scaled (AutoAWQ clips o_proj with grouped heads too). The rounding itself is left to
+//! [`super::quantize`].
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
@@ -199,15 +201,33 @@ pub fn fold<B: QuantBackend>(
             attn.num_heads, attn.num_kv_heads
         )));
     }
+    // Every size is checked before anything changes, so an error leaves the layer as it was.
     for name in part.scaled() {
-        let linear = projection(model, i, name)?;
-        let (mut w, rows, cols) = dense(linear, &device)?;
+        let cols = projection(model, i, name)?.shape()[1];
         if scales.len() != cols {
             return Err(ModelError::Calibration(format!(
                 "{} scales for {name}'s {cols} inputs",
                 scales.len()
             )));
         }
+    }
+    let before = match part {
+        Part::Out => Some("self_attn.v_proj"),
+        Part::Down => Some("mlp.up_proj"),
+        Part::Qkv | Part::GateUp => None,
+    };
+    if let Some(name) = before {
+        let rows = projection(model, i, name)?.shape()[0];
+        if scales.len() != rows {
+            return Err(ModelError::Calibration(format!(
+                "{} scales for {name}'s {rows} outputs",
+                scales.len()
+            )));
+        }
+    }
+    for name in part.scaled() {
+        let linear = projection(model, i, name)?;
+        let (mut w, rows, cols) = dense(linear, &device)?;
         for row in w.chunks_mut(cols) {
             row.iter_mut().zip(scales).for_each(|(v, s)| *v *= s);
         }
@@ -356,6 +376,9 @@ mod tests {
             }
             let after = logits(&model, &ids);
             close(&after, &before);
+            // Scales of the wrong size are refused before anything changes.
+            assert!(fold(&mut model, 0, Part::Down, &scales(e, 0)).is_err());
+            assert_eq!(logits(&model, &ids), after);
         }
     }
 

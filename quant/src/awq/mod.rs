@@ -1,5 +1,8 @@
 //! AWQ (Lin, Tang, Tang, Yang, Dang, Gan and Han 2023, "AWQ: Activation-aware Weight
-//! Quantization for LLM Compression and Acceleration"), as AutoAWQ searches it.
+//! Quantization for LLM Compression and Acceleration"): the paper's scale search, on the
+//! projections' own outputs. AutoAWQ differs in two ways: by default it divides by a power of
+//! the weights' mean too (`duo_scaling`), and it scores a candidate on the whole attention
+//! block's or MLP's output rather than the projections'.
 //!
 //! A few input channels carry most of a layer's activation; their weights matter most.
 //! Multiplying input column `j` of a weight by `s_j > 1` before rounding (and dividing the
@@ -97,7 +100,14 @@ pub fn search_scales(
 pub fn scales_for(mean_abs: &[f32], alpha: f32) -> Vec<f32> {
     let s: Vec<f32> = mean_abs
         .iter()
-        .map(|&m| m.max(0.0).powf(alpha).max(1e-4))
+        .map(|&m| {
+            let v = m.max(0.0).powf(alpha).max(1e-4);
+            if v.is_finite() {
+                v
+            } else {
+                1.0
+            }
+        })
         .collect();
     let max = s.iter().fold(f32::MIN, |a, &b| a.max(b));
     let min = s.iter().fold(f32::MAX, |a, &b| a.min(b));
