@@ -387,7 +387,7 @@ fn read_predictions(path: &Path) -> anyhow::Result<Vec<u32>> {
 
 fn render(rows: &[Row], notes: &[String]) -> String {
     let mut out = String::from(
-        "| format | method | scored by | linear weight MiB | bits/param | peak RSS MiB | load s | prefill tok/s | decode tok/s | perplexity | vs f32 | RTN's excess removed | perplexity, 2nd text | top-1 agreement | quantization s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| format | method | scored by | linear weight MiB | bits/param | bytes/param | peak RSS MiB | load s | prefill tok/s | decode tok/s | perplexity | vs f32 | RTN's excess removed | perplexity, 2nd text | top-1 agreement | quantization s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let dash = || "-".to_string();
     for row in rows {
@@ -421,12 +421,13 @@ fn render(rows: &[Row], notes: &[String]) -> String {
             .count();
         let m = row.m.as_ref();
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.4} | {:+.2}% | {} | {} | {:.2}% | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.4} | {:+.2}% | {} | {} | {:.2}% | {} |\n",
             row.format,
             row.method,
             row.scorer,
             m.map_or_else(dash, |m| format!("{:.1}", m.linear_bytes as f64 / (1 << 20) as f64)),
             m.map_or_else(dash, |m| format!("{:.3}", 8.0 * m.linear_bytes as f64 / m.linear_params.max(1) as f64)),
+            m.map_or_else(dash, |m| format!("{:.3}", m.linear_bytes as f64 / m.linear_params.max(1) as f64)),
             m.map_or_else(dash, |m| format!("{:.0}", m.peak_rss as f64 / (1 << 20) as f64)),
             m.map_or_else(dash, |m| format!("{:.2}", m.load_s)),
             m.map_or_else(dash, |m| format!("{:.1}", m.prefill_tokens_per_s)),

@@ -169,6 +169,14 @@ fn identical_requests_in_flight_are_answered_once() {
         .all(|a| a.status == 200 && a.body == answers[0].body));
     assert!(server.metric("ft_response_cache_coalesced_total") >= 1.0);
     assert_eq!(server.metric("ft_response_cache_misses_total"), 1.0);
+    // The engine counts a request's last token as it retires it, which can be just after the
+    // answer went out: wait for the count to reach one generation, then check it stays there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.metric("ft_generation_tokens_total") < 24.0 && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(
         server.metric("ft_generation_tokens_total"),
         24.0,
