@@ -22,7 +22,7 @@ use ft_quant::awq::{clip, search_scales};
 use ft_quant::gptq::{Grid, Hessian};
 use ft_quant::{Linear, QuantBackend};
 
-use super::{dense, projection};
+use super::{dense, projection, set_weight, to_tensor};
 use crate::error::ModelError;
 use crate::forward::host::host_vec;
 use crate::forward::llama::{Attend, LlamaForCausalLM, RmsNorm};
@@ -300,30 +300,6 @@ fn divide_rows<B: QuantBackend>(
     });
     *linear = Linear::dense(to_tensor(w, rows, cols, device), bias).no_grad();
     Ok(())
-}
-
-/// Replaces the projection's weight, keeping its bias; frozen.
-fn set_weight<B: QuantBackend>(
-    linear: &mut Linear<B>,
-    w: Vec<f32>,
-    rows: usize,
-    cols: usize,
-    device: &B::Device,
-) {
-    let bias = linear.bias.take().map(|b| b.val());
-    *linear = Linear::dense(to_tensor(w, rows, cols, device), bias).no_grad();
-}
-
-fn to_tensor<B: QuantBackend>(
-    w: Vec<f32>,
-    rows: usize,
-    cols: usize,
-    device: &B::Device,
-) -> Tensor<B, 2> {
-    Tensor::from_data(
-        TensorData::new(w, [rows, cols]).convert::<B::FloatElem>(),
-        device,
-    )
 }
 
 #[cfg(test)]

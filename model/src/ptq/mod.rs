@@ -175,10 +175,30 @@ fn dense<B: QuantBackend>(
 /// Puts the quantized weight (dequantized) in the layer, keeping its bias; frozen, so that on
 /// an autodiff backend the calibration forwards through it record nothing.
 fn replace<B: QuantBackend>(linear: &mut Linear<B>, q: &Quantized, device: &B::Device) {
-    let weight = Tensor::from_data(
-        TensorData::new(q.dequantize(), [q.rows, q.cols]).convert::<B::FloatElem>(),
-        device,
-    );
+    set_weight(linear, q.dequantize(), q.rows, q.cols, device);
+}
+
+/// Replaces the projection's weight (`rows x cols`, row-major), keeping its bias; frozen.
+fn set_weight<B: QuantBackend>(
+    linear: &mut Linear<B>,
+    w: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    device: &B::Device,
+) {
     let bias = linear.bias.take().map(|b| b.val());
-    *linear = Linear::dense(weight, bias).no_grad();
+    *linear = Linear::dense(to_tensor(w, rows, cols, device), bias).no_grad();
+}
+
+/// A row-major `rows x cols` weight as a tensor of the backend's float type.
+fn to_tensor<B: QuantBackend>(
+    w: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    Tensor::from_data(
+        TensorData::new(w, [rows, cols]).convert::<B::FloatElem>(),
+        device,
+    )
 }
